@@ -1,0 +1,59 @@
+"""phi_helpers: run Phi-3-vision and Phi-3.5-vision on current transformers, no trust_remote_code.
+
+    from phi_helpers import load_model, load_image, ask
+    model, processor = load_model()                 # device, dtype and attention picked for you
+    image = load_image("notebooks/images/chart.png")  # path, URL, bytes or PIL image
+    print(ask(model, processor, "Describe this chart.", images=[image]))
+
+The whole public API:
+    load_model(model_id, device, dtype, attn, num_crops) -> (model, processor)
+    load_image(src) -> PIL.Image                    path / http(s) URL / bytes / PIL image
+    build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
+    Chat                                            multi-turn conversation with images
+    ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, **generate_kwargs) -> str
+    extract_json(text) -> dict | list               JSON object inside a model answer
+    environment_report() -> dict                    versions, devices, flash-attn, memory needs
+    PhiHelpersError and its subclasses (phi_helpers.errors)
+
+Environment variable PHI_HELPERS_MODEL overrides the model id (a hub id, a local path, or `tiny` for a
+small random checkpoint used by tests and offline dry runs).
+
+Importing this package registers the native Phi-3-vision classes (model_type "phi3_v") with
+AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.
+"""
+
+from . import registration as _registration  # noqa: F401  (registers the Auto classes on import)
+from .errors import (
+    ContextLengthError,
+    FlashAttentionUnavailableError,
+    ImageAspectRatioError,
+    ImageDownloadTimeout,
+    ImageLoadError,
+    JSONExtractionError,
+    PhiHelpersError,
+    PromptImageMismatchError,
+)
+from .generation import ask
+from .images import load_image
+from .loading import load_model
+from .parsing import extract_json
+from .prompts import Chat, build_prompt
+from .report import environment_report
+
+__all__ = [
+    "load_model",
+    "load_image",
+    "build_prompt",
+    "Chat",
+    "ask",
+    "extract_json",
+    "environment_report",
+    "PhiHelpersError",
+    "PromptImageMismatchError",
+    "ImageLoadError",
+    "ImageDownloadTimeout",
+    "ImageAspectRatioError",
+    "ContextLengthError",
+    "FlashAttentionUnavailableError",
+    "JSONExtractionError",
+]

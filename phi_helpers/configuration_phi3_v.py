@@ -1,0 +1,104 @@
+"""Configuration of Phi-3-vision / Phi-3.5-vision (model_type "phi3_v") on transformers 5.
+
+The official config.json files are read unchanged. Three things need care on transformers 5
+(see docs/native-implementation.md):
+
+* ``rope_scaling: {"type": "su", ...}`` is the legacy name of LongRoPE and is renamed to ``longrope``
+  *before* transformers standardises the RoPE parameters (otherwise loading raises a KeyError).
+* ``"_attn_implementation": "flash_attention_2"`` stored in config.json is dropped, so the caller's
+  ``attn_implementation=`` (or the best available one) decides, and nothing forces flash-attn.
+* config.json has no vision config: the original code hard-codes CLIP ViT-L/14 at 336 px, which is the
+  default of ``vision_config`` here. Tiny test checkpoints store a small ``vision_config`` instead.
+"""
+
+from transformers import CLIPVisionConfig, Phi3Config
+from transformers.configuration_utils import SubConfigSpec
+
+# openai/clip-vit-large-patch14-336, as hard-coded by the original image embedding (spec §2).
+CLIP_VIT_L_14_336 = dict(
+    attention_dropout=0.0,
+    dropout=0.0,
+    hidden_act="quick_gelu",
+    hidden_size=1024,
+    image_size=336,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+    intermediate_size=4096,
+    layer_norm_eps=1e-5,
+    num_attention_heads=16,
+    num_channels=3,
+    num_hidden_layers=24,
+    patch_size=14,
+    projection_dim=768,
+)
+
+# Values of the official config.json (spec §1.1); used when a config omits them.
+DEFAULT_IMG_PROCESSOR = {
+    "image_dim_out": 1024,
+    "model_name": "openai/clip-vit-large-patch14-336",
+    "name": "clip_vision_model",
+    "num_img_tokens": 144,
+}
+DEFAULT_EMBD_LAYER = {
+    "embedding_cls": "image",
+    "hd_transform_order": "sub_glb",
+    "projection_cls": "mlp",
+    "use_hd_transform": True,
+    "with_learnable_separator": True,
+}
+
+
+class Phi3VConfig(Phi3Config):
+    r"""Phi3Config plus the image side of Phi-3-vision.
+
+    vision_config (`CLIPVisionConfig` or dict, defaults to CLIP ViT-L/14-336):
+        The vision tower. Its hidden size is `img_processor["image_dim_out"]`.
+    img_processor (dict): kept from the official config.json (`image_dim_out`, `num_img_tokens`, ...).
+    embd_layer (dict): kept from the official config.json (HD transform switches, all fixed).
+    image_token_id (int, defaults to 32044): the `<|image|>` token marking image positions in `input_ids`.
+    reset_cache_at_original_max (bool, optional): whether `generate` drops the KV cache once the
+        sequence grows past `original_max_position_embeddings` (4096) and re-encodes everything with
+        the long RoPE factors. Phi-3.5-vision does this, Phi-3-vision does not. When unset it is inferred
+        from the checkpoint: Phi-3.5-vision's config is the one whose `sliding_window` (262144) exceeds
+        `max_position_embeddings` (Phi-3-vision: 131072 = 131072).
+    """
+
+    model_type = "phi3_v"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336)
+    }
+
+    vision_config: dict | CLIPVisionConfig | None = None
+    img_processor: dict | None = None
+    embd_layer: dict | None = None
+    image_token_id: int = 32044
+    reset_cache_at_original_max: bool | None = None
+
+    def __post_init__(self, **kwargs):
+        # Trap 2: a stored "_attn_implementation" would beat from_pretrained(attn_implementation=...).
+        kwargs.pop("_attn_implementation", None)
+        self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
+        self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
+        if self.embd_layer["hd_transform_order"] != "sub_glb":
+            raise ValueError("Phi-3-vision only defines hd_transform_order='sub_glb'.")
+        if self.reset_cache_at_original_max is None:
+            self.reset_cache_at_original_max = bool(
+                self.sliding_window is not None and self.sliding_window > self.max_position_embeddings
+            )
+        super().__post_init__(**kwargs)
+        if self.vision_config.hidden_size != self.img_processor["image_dim_out"]:
+            raise ValueError(
+                f"vision_config.hidden_size ({self.vision_config.hidden_size}) must equal "
+                f"img_processor['image_dim_out'] ({self.img_processor['image_dim_out']})."
+            )
+
+    def convert_rope_params_to_dict(self, default_theta=10_000.0, ignore_keys=None, **kwargs):
+        # Trap 1: rename the legacy LongRoPE type "su" before transformers validates the parameters.
+        for rope in (kwargs.get("rope_scaling"), self.rope_parameters):
+            if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "su":
+                rope.pop("type", None)
+                rope["rope_type"] = "longrope"
+        return super().convert_rope_params_to_dict(default_theta=default_theta, ignore_keys=ignore_keys, **kwargs)
+
+
+__all__ = ["Phi3VConfig", "CLIP_VIT_L_14_336"]

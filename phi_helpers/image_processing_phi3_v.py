@@ -1,0 +1,204 @@
+"""Image processor of Phi-3-vision / Phi-3.5-vision: the "HD transform" (spec §4).
+
+One image becomes ``num_crops + 1`` tiles of 336x336 pixels:
+
+    input image ──resize (keep ratio, width = s·336)──pad height to a multiple of 336 with white──▶ HD canvas
+    HD canvas ──bicubic squash to 336x336──▶ global tile            (tile 0)
+    HD canvas ──cut into h_c x w_c tiles, row by row──▶ local tiles (tiles 1 … h_c·w_c)
+    zero tiles up to num_crops + 1                                  (ignored by the model)
+
+Portrait images are transposed first, processed as landscape, and transposed back, so their white
+padding ends up left and right. Every number here reproduces the original processor exactly: PIL
+bilinear resize, PIL white padding, uint8 / 255, (x - mean) / std in float32, torch bicubic interpolate.
+"""
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .errors import ImageAspectRatioError, ImageLoadError
+
+TILE = 336  # CLIP ViT-L/14-336 input size; every tile and the global image are TILE x TILE
+TOKENS_PER_TILE = 144  # 24x24 patches merged 2x2 -> 12x12
+TOKENS_PER_ROW = 12  # one separator (sub_GN) after each row of 12 merged patches
+
+
+def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
+    """Size arithmetic of the HD transform, without touching pixels.
+
+    Returns ``(resized_w, resized_h, canvas_w, canvas_h)`` in the *landscape* frame (width >= height;
+    portrait images are transposed before and after). The resized width is ``s·336`` with ``s`` the
+    largest integer such that ``s · ceil(s / ratio) <= num_crops``; the canvas pads the height up to a
+    multiple of 336.
+
+    >>> hd_canvas_size(1200, 675, 16)
+    (1680, 945, 1680, 1008)
+    """
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(f"The image is empty ({width}x{height} pixels). Check the file or URL.")
+    if num_crops < 1:
+        raise ValueError(f"num_crops must be at least 1, got {num_crops}.")
+    if width < height:
+        width, height = height, width
+    ratio = width / height
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    resized_w = scale * TILE
+    resized_h = int(resized_w / ratio)
+    if resized_h == 0:
+        raise ImageAspectRatioError(
+            f"An image of {width}x{height} pixels (aspect ratio {ratio:.0f}:1) is too elongated: resized to "
+            f"{resized_w} pixels wide it would be 0 pixels tall. Crop it into pieces, pad it to a less "
+            f"extreme shape, or raise num_crops (now {num_crops})."
+        )
+    canvas_h = math.ceil(resized_h / TILE) * TILE
+    return resized_w, resized_h, resized_w, canvas_h
+
+
+def num_image_tokens(canvas_h: int, canvas_w: int) -> int:
+    """Number of `<|image|>` positions for an HD canvas of canvas_h x canvas_w pixels (spec §4.6).
+
+    (h_c·w_c + 1)·144 local+global tokens, 1 separator between them (glb_GN), and (h_c + 1)·12
+    row separators (sub_GN), with h_c x w_c the tile grid.
+    """
+    h_c, w_c = canvas_h // TILE, canvas_w // TILE
+    return (h_c * w_c + 1) * TOKENS_PER_TILE + 1 + (h_c + 1) * TOKENS_PER_ROW
+
+
+def _to_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+        return Image.fromarray(image)
+    raise ImageLoadError(
+        f"Expected a PIL image (or an HxWxC uint8 numpy array), got {type(image).__name__}. "
+        "Use phi_helpers.load_image(...) to read paths, URLs and bytes."
+    )
+
+
+def flatten_images(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [item for element in images for item in flatten_images(element)]
+    return [images]
+
+
+class Phi3VImageProcessor(BaseImageProcessor):
+    r"""Turns images into Phi-3-vision's ``pixel_values``, ``image_sizes`` and ``num_img_tokens``.
+
+    Args:
+        num_crops (int): the most 336x336 tiles one image may use (16 in Phi-3-vision's
+            preprocessor_config.json, 4 in Phi-3.5-vision's). More tiles = more detail and more tokens.
+        image_mean, image_std: normalisation (OpenAI CLIP's).
+        do_convert_rgb (bool): kept from the checkpoint; images are always converted with PIL
+            ``.convert("RGB")`` as in the original (alpha is dropped; `phi_helpers.load_image` composites
+            transparency onto white before this).
+        num_img_tokens (int): kept from the checkpoint's preprocessor_config.json; unused.
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+
+    def __init__(
+        self,
+        num_crops: int = 1,
+        image_mean: list[float] = OPENAI_CLIP_MEAN,
+        image_std: list[float] = OPENAI_CLIP_STD,
+        do_convert_rgb: bool = True,
+        num_img_tokens: int = TOKENS_PER_TILE,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_crops = num_crops
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.do_convert_rgb = do_convert_rgb
+        self.num_img_tokens = num_img_tokens
+
+    # --- size arithmetic -------------------------------------------------------------------------
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int, num_crops: int | None = None) -> int:
+        """How many tokens an image of width x height pixels costs at this ``num_crops``."""
+        _, _, canvas_w, canvas_h = hd_canvas_size(width, height, num_crops or self.num_crops)
+        if width < height:
+            canvas_w, canvas_h = canvas_h, canvas_w
+        return num_image_tokens(canvas_h, canvas_w)
+
+    def calc_num_image_tokens(self, images, num_crops: int | None = None) -> list[int]:
+        """Token cost of each image in ``images`` (PIL images)."""
+        return [self.calc_num_image_tokens_from_image_size(*_to_pil(im).size, num_crops) for im in flatten_images(images)]
+
+    # --- pixels ----------------------------------------------------------------------------------
+
+    def hd_transform(self, image: Image.Image, num_crops: int) -> Image.Image:
+        """Resize (bilinear) and pad with white to the HD canvas; a PIL image in, a PIL image out."""
+        transposed = image.width < image.height
+        if transposed:
+            image = image.transpose(Image.Transpose.TRANSPOSE)
+        resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(image.width, image.height, num_crops)
+        image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+        top = (canvas_h - resized_h) // 2  # the rest of the padding goes to the bottom
+        canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
+        canvas.paste(image, (0, top))
+        if transposed:
+            canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+        return canvas
+
+    def normalize_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """uint8 HxWx3 -> float32 3xHxW, scaled to [0, 1] then (x - mean) / std."""
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        pixels = pixels.to(torch.float32).div(255)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
+        return (pixels - mean) / std
+
+    def _tiles(self, image: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int]]:
+        """One image -> (num_crops + 1, 3, 336, 336) tiles and its [canvas_h, canvas_w]."""
+        hd = self.normalize_to_tensor(self.hd_transform(image, num_crops))  # (3, H, W)
+        _, h, w = hd.shape
+        global_tile = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")
+        local_tiles = (
+            hd.reshape(3, h // TILE, TILE, w // TILE, TILE)  # (3, h_c, 336, w_c, 336)
+            .permute(1, 3, 0, 2, 4)  # (h_c, w_c, 3, 336, 336), row-major tile order
+            .reshape(-1, 3, TILE, TILE)
+        )
+        padding = torch.zeros(num_crops - local_tiles.shape[0], 3, TILE, TILE)
+        return torch.cat([global_tile, local_tiles, padding]), [h, w]
+
+    def preprocess(self, images, num_crops: int | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Process one image or a list of images.
+
+        Returns a BatchFeature with ``pixel_values`` (N, num_crops + 1, 3, 336, 336) float32,
+        ``image_sizes`` (N, 2) = [canvas_h, canvas_w] per image, and ``num_img_tokens`` (N,).
+        """
+        num_crops = num_crops or self.num_crops
+        tiles, sizes = [], []
+        for position, image in enumerate(flatten_images(images), start=1):
+            image = _to_pil(image)
+            try:  # the original converts unconditionally (a second .convert("RGB") after do_convert_rgb)
+                image = image.convert("RGB")
+            except (OSError, ValueError) as error:
+                raise ImageLoadError(f"Image {position} could not be decoded ({error}). Is the file complete?") from error
+            image_tiles, size = self._tiles(image, num_crops)
+            tiles.append(image_tiles)
+            sizes.append(size)
+        if not tiles:
+            raise ImageLoadError("No images were given to the image processor.")
+        data = {
+            "pixel_values": torch.stack(tiles),
+            "image_sizes": sizes,
+            "num_img_tokens": [num_image_tokens(h, w) for h, w in sizes],
+        }
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+__all__ = ["Phi3VImageProcessor", "hd_canvas_size", "num_image_tokens"]

@@ -1,0 +1,2 @@
+# placeholder: being written by the user-API helper
+load_image = None

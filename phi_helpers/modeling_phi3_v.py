@@ -1,0 +1,251 @@
+"""Phi-3-vision / Phi-3.5-vision on transformers 5 (spec §2, §3, §6).
+
+    pixel_values (N, K, 3, 336, 336) ──CLIP ViT-L/14, penultimate layer, CLS dropped──▶ (N·K, 576, 1024)
+        ──2x2 merge──▶ 12x12 cells of 4096 ──tile grid + sub_GN row ends, glb_GN, global grid──▶ (T, 4096)
+        ──Linear 4096→3072, GELU, Linear 3072→3072──▶ (T, 3072) written over the <|image|> positions
+    text + image embeddings ──Phi-3-mini decoder (32 layers, LongRoPE)──▶ logits
+
+The language model is transformers' own Phi3 (same weight names as the checkpoint); the vision tower is
+transformers' CLIPVisionModel kept at the original module path ``img_processor.vision_model``, so
+the official safetensors load unchanged: 592 tensors, nothing missing, nothing unexpected.
+"""
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+
+from .configuration_phi3_v import Phi3VConfig
+from .errors import PromptImageMismatchError
+
+
+class Phi3VCLIPVisionModel(CLIPVisionModel):
+    """transformers' CLIPVisionModel under our own name.
+
+    transformers 5 renames checkpoint keys of its own CLIPVisionModel (it strips ``vision_model.``);
+    keeping the keys exactly as the checkpoint has them is simpler, and a class defined outside
+    transformers gets no renaming.
+    """
+
+
+class Phi3VVisionTower(nn.Module):
+    """Holds the CLIP model as ``.vision_model``, the module path of the original checkpoint."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        self.vision_model = Phi3VCLIPVisionModel(config.vision_config)
+
+
+class Phi3VImageEmbedding(nn.Module):
+    """Image features for the ``<|image|>`` positions: CLIP + HD transform + projection (spec §3).
+
+    Attribute names are the checkpoint's (``img_processor``, ``glb_GN``, ``sub_GN``, ``img_projection``).
+    """
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        self.img_processor = Phi3VVisionTower(config)
+        self.layer_idx = config.img_processor.get("layer_idx", -2)  # penultimate CLIP layer
+        self.image_dim_out = config.img_processor["image_dim_out"]  # C = 1024
+        merged_dim = 4 * self.image_dim_out  # a 2x2 patch block concatenated
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, merged_dim))  # between local tiles and global image
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, merged_dim))  # ends every row of cells
+        self.img_projection = nn.Sequential(
+            nn.Linear(merged_dim, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
+        self.drop = nn.Dropout(config.embd_pdrop)
+        vision = config.vision_config
+        self.tile_size = vision.image_size  # 336
+        self.grid = vision.image_size // vision.patch_size  # 24 patches per side
+
+    def clip_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, K, 3, 336, 336) -> (N, K, 576, C): penultimate CLIP layer, CLS token dropped."""
+        num_images, num_tiles = pixel_values.shape[:2]
+        clip = self.img_processor.vision_model
+        pixels = pixel_values.flatten(0, 1).to(clip.dtype)  # every tile, zero padding tiles included
+        hidden = clip(pixels, output_hidden_states=True).hidden_states[self.layer_idx]
+        return hidden[:, 1:].reshape(num_images, num_tiles, self.grid * self.grid, self.image_dim_out)
+
+    def merge_2x2(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(t, 576, C) -> (t, 12, 12, 4C): cell (i, j) concatenates patches (2i, 2j), (2i, 2j+1),
+        (2i+1, 2j), (2i+1, 2j+1) of its tile, in this order."""
+        half, dim = self.grid // 2, self.image_dim_out
+        return (
+            tiles.reshape(-1, half, 2, half, 2, dim)  # (t, i, di, j, dj, C)
+            .permute(0, 1, 3, 2, 4, 5)  # (t, i, j, di, dj, C)
+            .reshape(-1, half, half, 4 * dim)
+        )
+
+    @staticmethod
+    def tile_grid(cells: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """(rows·cols, 12, 12, D) tiles in row-major order -> (1, rows·12, cols·12, D) canvas."""
+        _, half, _, dim = cells.shape
+        return cells.reshape(rows, cols, half, half, dim).permute(0, 2, 1, 3, 4).reshape(1, rows * half, cols * half, dim)
+
+    def add_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
+        """(n, R, W, 4C) -> (n, R·(W+1), 4C): sub_GN appended to every row, then flattened row-major."""
+        n, rows, _, dim = grid.shape
+        return torch.cat([grid, self.sub_GN.expand(n, rows, 1, dim)], dim=2).reshape(n, -1, dim)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """All images of a call -> (total image tokens, hidden_size), images in order.
+
+        Per image ("sub_glb" order): local canvas rows with separators, glb_GN, global image rows
+        with separators. All images are projected in one call, as in the original.
+        """
+        features = self.clip_features(pixel_values)  # (N, K, 576, C)
+        global_grids = self.add_row_separators(self.merge_2x2(features[:, 0]))  # (N, 12·13, 4C)
+        pieces = []
+        for i, (height, width) in enumerate(image_sizes.tolist()):
+            rows, cols = height // self.tile_size, width // self.tile_size
+            local = self.tile_grid(self.merge_2x2(features[i, 1 : 1 + rows * cols]), rows, cols)
+            pieces += [self.add_row_separators(local)[0], self.glb_GN[0], global_grids[i]]
+        projection = self.img_projection[0]
+        merged = torch.cat(pieces).to(projection.bias.device, projection.bias.dtype)
+        return self.img_projection(merged)
+
+
+class Phi3VModel(Phi3Model):
+    """Phi3Model whose token embeddings take image features at the ``<|image|>`` positions."""
+
+    config_class = Phi3VConfig
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where image features go: id 32044, or the original processor's negative ids -1, -2, ..."""
+        return (input_ids == self.config.image_token_id) | ((input_ids < 0) & (input_ids > -1_000_000_000))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, first_step=True) -> torch.Tensor:
+        """Token embeddings with image features scattered in, row-major over (batch, sequence)."""
+        positions = self.image_positions(input_ids)
+        # Out of place: the caller's input_ids (and generate's running sequence) stay untouched.
+        embeds = self.embed_tokens(input_ids.clamp(0, self.config.vocab_size - 1))
+        if pixel_values is None or image_sizes is None:
+            if first_step and positions.any():
+                raise PromptImageMismatchError(
+                    f"input_ids contain {int(positions.sum())} image positions but no pixel_values/image_sizes "
+                    "were given. Build the inputs with the processor and pass all of its outputs to the model."
+                )
+            return embeds
+        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        if features.shape[0] != int(positions.sum()):
+            raise PromptImageMismatchError(
+                f"The images produce {features.shape[0]} feature vectors but input_ids have "
+                f"{int(positions.sum())} image positions. Build input_ids and pixel_values with the same "
+                "processor call (same images, same num_crops)."
+            )
+        embeds = embeds.masked_scatter(positions[..., None], features.to(embeds.dtype))
+        return self.vision_embed_tokens.drop(embeds)
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        image_sizes=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if inputs_embeds is None and input_ids is not None:
+            first_step = past_key_values is None or past_key_values.get_seq_length() == 0
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, first_step)
+        return super().forward(
+            input_ids=None if inputs_embeds is not None else input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class Phi3VForCausalLM(Phi3ForCausalLM):
+    """Phi-3-vision with a language-model head; load it with ``AutoModelForCausalLM.from_pretrained``."""
+
+    config_class = Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3PreTrainedModel.__init__(self, config)  # skip Phi3ForCausalLM.__init__: no plain Phi3Model
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        image_sizes=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Like Phi3ForCausalLM.forward, plus ``pixel_values`` (N, K, 3, 336, 336) and ``image_sizes`` (N, 2).
+
+        Logits are float32, as in the original.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+        """Phi-3.5-vision re-encodes the whole sequence once it grows past 4096 tokens (long RoPE
+        factors from then on); the images must be re-encoded too, so they are kept for that step.
+        Phi-3-vision keeps its cache (its cached keys stay rotated with the short factors)."""
+        limit = self.config.original_max_position_embeddings
+        if not self.config.reset_cache_at_original_max:
+            return GenerationMixin.prepare_inputs_for_generation(
+                self, input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+            )
+        resets = (
+            past_key_values is not None
+            and input_ids.shape[1] > limit
+            and past_key_values.get_seq_length() <= limit
+        )
+        return super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration or resets, **kwargs
+        )
+
+
+__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VImageEmbedding"]

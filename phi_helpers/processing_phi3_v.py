@@ -1,0 +1,194 @@
+"""Processor of Phi-3-vision / Phi-3.5-vision: prompt text + images -> model inputs (spec §5).
+
+A prompt names its images with tags ``<|image_1|>``, ``<|image_2|>``, ... (plain text, not tokens).
+The processor splits the prompt at the tags, tokenizes each text chunk on its own (so *every* chunk
+starts with BOS, id 1, as in the original), and puts ``num_img_tokens`` copies of the ``<|image|>``
+token (id 32044) where each tag was. The model later overwrites those positions with image features.
+
+Differences from the original processor, on purpose (docs/native-implementation.md):
+* image positions use the real token id 32044 instead of negative ids -N, so outputs decode and
+  ``repetition_penalty`` works; the model still accepts negative ids;
+* a list of prompts, each with its own images, is batched with left padding;
+* bad tags raise PromptImageMismatchError instead of an assert or silently wrong features.
+"""
+
+import re
+
+import torch
+from transformers import BatchFeature, ProcessorMixin
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+from .errors import ContextLengthError, PromptImageMismatchError
+from .image_processing_phi3_v import flatten_images
+
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+IMAGE_TOKEN = "<|image|>"
+
+# The checkpoint's chat template, extended so that {"type": "image"} items (pipeline / multimodal
+# chat messages) become <|image_N|> tags numbered over the whole conversation. Plain string contents
+# render exactly as the tokenizer's own template.
+CHAT_TEMPLATE = (
+    "{% set image = namespace(count=0) %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{% set image.count = image.count + 1 %}"
+    "{{ '<|image_' + image.count|string + '|>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def _image_numbers(prompt: str) -> list[int]:
+    return [int(n) for n in IMAGE_TAG.findall(prompt)]
+
+
+def _check_tags(prompt: str, num_images: int, which: str) -> None:
+    """Tags must be <|image_1|> ... <|image_k|>, each once, in this order, with k = number of images."""
+    numbers = _image_numbers(prompt)
+    expected = list(range(1, len(numbers) + 1))
+    if numbers != expected:
+        raise PromptImageMismatchError(
+            f"{which}: image tags must be <|image_1|>, <|image_2|>, ... each once and in increasing order; "
+            f"found {['<|image_%d|>' % n for n in numbers]}. Number the images 1..N in the order you pass them."
+        )
+    if len(numbers) != num_images:
+        hint = (
+            "Add one <|image_N|> tag per image (phi_helpers.build_prompt does this)"
+            if len(numbers) < num_images
+            else "Pass one image per tag, in tag order"
+        )
+        raise PromptImageMismatchError(
+            f"{which} has {len(numbers)} image tag(s) but {num_images} image(s) were given. {hint}."
+        )
+
+
+class Phi3VProcessor(ProcessorMixin):
+    r"""Pairs the Phi-3 tokenizer with :class:`Phi3VImageProcessor`.
+
+    Call it like the original: ``processor(prompt, image)``, ``processor(prompt, [img1, img2])``, or
+    with a list of prompts and one list of images per prompt: ``processor([p1, p2], [[a], [b, c]])``.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs):
+        # tokenizer_config.json names "LlamaTokenizer", whose transformers-5 class rebuilds the
+        # normaliser and drops the "▁" (29871) before "\n". Load tokenizer.json as it is instead.
+        kwargs.pop("num_crops", None)
+        return TokenizersBackend.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    def __call__(
+        self,
+        text=None,
+        images=None,
+        padding_side: str = "left",
+        return_tensors="pt",
+        num_crops: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize prompt(s) and process their images.
+
+        Args:
+            text: a prompt, or a list of prompts.
+            images: for one prompt, an image or a list of images in tag order; for a list of prompts, a
+                list with one list of images per prompt (or one flat list, consumed in tag order).
+            padding_side: where batches are padded ("left", as generation needs).
+            num_crops: overrides ``image_processor.num_crops`` for this call.
+
+        Returns a BatchFeature with ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``
+        and ``image_sizes``.
+        """
+        if isinstance(images, str) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
+            text, images = images, text  # called as processor(images, text)
+        if kwargs.get("truncation"):
+            raise ValueError("Truncation would cut through image tokens; shorten the prompt instead.")
+        if text is None:
+            raise ValueError("The processor needs a prompt (text=...).")
+        prompts = [text] if isinstance(text, str) else list(text)
+        images_per_prompt = self._split_images(prompts, images)
+
+        image_inputs, tokens_per_image = {}, []
+        all_images = [image for group in images_per_prompt for image in group]
+        if all_images:
+            image_inputs = self.image_processor(all_images, num_crops=num_crops, return_tensors="pt")
+            tokens_per_image = image_inputs.pop("num_img_tokens").tolist()
+
+        sequences, offset = [], 0
+        for prompt, group in zip(prompts, images_per_prompt):
+            sequences.append(self._tokenize(prompt, tokens_per_image[offset : offset + len(group)]))
+            offset += len(group)
+        self._check_length(sequences)
+
+        input_ids, attention_mask = self._pad(sequences, padding_side)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _split_images(self, prompts: list[str], images) -> list[list]:
+        """Assign images to prompts and check every prompt's tags against its images."""
+        if len(prompts) == 1:
+            groups = [flatten_images(images)]
+        elif isinstance(images, (list, tuple)) and images and all(isinstance(g, (list, tuple)) for g in images):
+            groups = [flatten_images(group) for group in images]
+        else:  # one flat list for several prompts: hand out images in tag order
+            flat, groups = flatten_images(images), []
+            for prompt in prompts:
+                start = sum(len(group) for group in groups)
+                groups.append(flat[start : start + len(_image_numbers(prompt))])
+            if sum(len(group) for group in groups) != len(flat):
+                raise PromptImageMismatchError(
+                    f"The prompts have {sum(len(g) for g in groups)} image tags in total but {len(flat)} "
+                    "images were given; add a tag per image or pass one list of images per prompt."
+                )
+        if len(groups) != len(prompts):
+            raise PromptImageMismatchError(
+                f"Got {len(prompts)} prompts but {len(groups)} lists of images; pass one list per prompt."
+            )
+        for index, (prompt, group) in enumerate(zip(prompts, groups)):
+            _check_tags(prompt, len(group), "The prompt" if len(prompts) == 1 else f"Prompt {index}")
+        return groups
+
+    def _tokenize(self, prompt: str, tokens_per_image: list[int]) -> list[int]:
+        """Chunks between tags are tokenized separately (each starts with BOS); tags become image runs."""
+        chunks = IMAGE_TAG.split(prompt)[::2]  # split() also returns the captured numbers; drop them
+        ids = self.tokenizer(chunks[0]).input_ids
+        for count, chunk in zip(tokens_per_image, chunks[1:]):
+            ids += [self.image_token_id] * count + self.tokenizer(chunk).input_ids
+        return ids
+
+    def _check_length(self, sequences: list[list[int]]) -> None:
+        limit = self.tokenizer.model_max_length
+        longest = max(len(s) for s in sequences)
+        if longest > limit:
+            raise ContextLengthError(
+                f"The prompt is {longest} tokens (text + image tokens) but the model reads at most {limit}. "
+                "Use fewer or smaller images, a lower num_crops, or a shorter prompt/history."
+            )
+
+    def _pad(self, sequences: list[list[int]], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        length = max(len(s) for s in sequences)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, span] = 1
+        return input_ids, attention_mask
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
+
+__all__ = ["Phi3VProcessor", "CHAT_TEMPLATE"]
