@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from .configuration_phi3_v import Phi3VConfig
-from .errors import PromptImageMismatchError
+from .errors import FlashAttentionUnavailableError, PromptImageMismatchError
 
 
 class Phi3VCLIPVisionModel(CLIPVisionModel):
@@ -182,6 +182,16 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        try:
+            return super().get_correct_attn_implementation(requested_attention, is_init_check)
+        except ImportError as error:
+            raise FlashAttentionUnavailableError(
+                f"attn_implementation={requested_attention!r} is not usable here: {error} "
+                "Use attn_implementation='sdpa' (fast, works on CPU, MPS and every GPU), or on a CUDA machine "
+                "install flash-attn: pip install flash-attn --no-build-isolation"
+            ) from error
 
     def forward(
         self,

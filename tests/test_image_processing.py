@@ -1,0 +1,129 @@
+"""Image processor against the worked examples and formulas of the specification (§4)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from phi_helpers import ImageAspectRatioError, ImageLoadError
+from phi_helpers.image_processing_phi3_v import Phi3VImageProcessor, hd_canvas_size
+
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+WHITE = (1 - MEAN) / STD  # padding colour in normalised space ≈ (1.930336, 2.074884, 2.145897)
+
+
+def normalised(rgb) -> torch.Tensor:
+    return (torch.tensor(rgb, dtype=torch.float32) / 255 - MEAN) / STD
+
+
+# spec §4.7: (width, height, num_crops) -> (image_sizes [H, W], tokens, padding top/left, pixel_values dim 1)
+WORKED_EXAMPLES = [
+    ((1344, 1344, 16), ([1344, 1344], 2509, 17)),
+    ((1344, 1344, 4), ([672, 672], 757, 5)),
+    ((336, 336, 16), ([1344, 1344], 2509, 17)),
+    ((1200, 675, 16), ([1008, 1680], 2353, 17)),
+    ((640, 480, 16), ([1008, 1344], 1921, 17)),
+    ((640, 480, 4), ([672, 672], 757, 5)),
+    ((500, 1000, 16), ([1680, 1008], 2377, 17)),
+    ((10000, 100, 16), ([336, 5376], 2473, 17)),
+]
+
+
+@pytest.mark.parametrize(("size", "expected"), WORKED_EXAMPLES, ids=[f"{w}x{h}@{n}" for (w, h, n), _ in WORKED_EXAMPLES])
+def test_worked_examples(size, expected):
+    width, height, num_crops = size
+    image_sizes, tokens, tiles = expected
+    processor = Phi3VImageProcessor(num_crops=num_crops)
+    out = processor(Image.new("RGB", (width, height), (10, 120, 200)), return_tensors="pt")
+    assert out["image_sizes"].tolist() == [image_sizes]
+    assert out["num_img_tokens"].tolist() == [tokens]
+    assert tuple(out["pixel_values"].shape) == (1, tiles, 3, 336, 336)
+    assert out["pixel_values"].dtype == torch.float32
+    assert processor.calc_num_image_tokens_from_image_size(width, height) == tokens
+
+
+def test_canvas_arithmetic_matches_spec_padding():
+    # 1200x675 @16: scale 5 -> 1680x945, padded to 1008 tall: 31 rows on top, 32 below.
+    assert hd_canvas_size(1200, 675, 16) == (1680, 945, 1680, 1008)
+    assert hd_canvas_size(10000, 100, 16) == (5376, 53, 5376, 336)  # 141 top, 142 bottom
+
+
+def test_white_padding_top_and_bottom_in_normalised_space():
+    # 640x480 @4 -> resized 672x504, padded to 672x672: 84 white rows on top and 84 below.
+    red = (220, 20, 60)
+    out = Phi3VImageProcessor(num_crops=4)(Image.new("RGB", (640, 480), red))
+    tiles = out["pixel_values"][0]  # global, then the 2x2 grid row by row
+    top_left, bottom_left = tiles[1], tiles[3]
+    assert torch.allclose(top_left[:, :84, :], WHITE[:, None, None].expand(3, 84, 336), atol=1e-6)
+    assert torch.allclose(top_left[:, 84:, :], normalised(red)[:, None, None].expand(3, 252, 336), atol=1e-5)
+    assert torch.allclose(bottom_left[:, 336 - 84 :, :], WHITE[:, None, None].expand(3, 84, 336), atol=1e-6)
+    assert torch.allclose(WHITE, torch.tensor([1.930336, 2.074884, 2.145897]), atol=1e-5)
+
+
+def test_portrait_is_padded_left_and_right():
+    # 500x1000 @16 -> canvas 1008 wide: 84 white columns left and right, none on top.
+    blue = (30, 60, 200)
+    out = Phi3VImageProcessor(num_crops=16)(Image.new("RGB", (500, 1000), blue))
+    tiles = out["pixel_values"][0]
+    first, third = tiles[1], tiles[3]  # grid is 5 rows x 3 columns: tiles 1..3 form the top row
+    assert torch.allclose(first[:, :, :84], WHITE[:, None, None].expand(3, 336, 84), atol=1e-6)
+    assert torch.allclose(first[:, :, 84:], normalised(blue)[:, None, None].expand(3, 336, 252), atol=1e-5)
+    assert torch.allclose(third[:, :, 336 - 84 :], WHITE[:, None, None].expand(3, 336, 84), atol=1e-6)
+
+
+def test_padding_tiles_are_zero_and_global_is_a_squash():
+    # 672x336 @4: two tiles used (left red, right blue), tiles 3 and 4 are zero padding.
+    image = Image.new("RGB", (672, 336), (255, 0, 0))
+    image.paste((0, 0, 255), (336, 0, 672, 336))
+    tiles = Phi3VImageProcessor(num_crops=4)(image)["pixel_values"][0]
+    assert tiles.shape[0] == 5
+    assert torch.allclose(tiles[1], normalised((255, 0, 0))[:, None, None].expand(3, 336, 336), atol=1e-5)
+    assert torch.allclose(tiles[2], normalised((0, 0, 255))[:, None, None].expand(3, 336, 336), atol=1e-5)
+    assert torch.count_nonzero(tiles[3:]) == 0
+    # the global tile squashes the 672-wide canvas: left half red, right half blue
+    assert torch.allclose(tiles[0][:, :, :160], normalised((255, 0, 0))[:, None, None].expand(3, 336, 160), atol=1e-4)
+    assert torch.allclose(tiles[0][:, :, 176:], normalised((0, 0, 255))[:, None, None].expand(3, 336, 160), atol=1e-4)
+
+
+def test_small_hand_checked_image_is_upscaled_bilinearly():
+    # A 2x1 image (black, white) at num_crops=1: scale 1 -> resized to 336x168, padded to 336x336.
+    image = Image.new("RGB", (2, 1))
+    image.putpixel((1, 0), (255, 255, 255))
+    out = Phi3VImageProcessor(num_crops=1)(image)
+    tile = out["pixel_values"][0, 1]
+    assert out["image_sizes"].tolist() == [[336, 336]]
+    row = tile[0, 168]  # a row inside the resized band (rows 84..251)
+    assert row[0] == pytest.approx(float(normalised((0, 0, 0))[0]), abs=1e-5)  # left end stays black
+    assert row[-1] == pytest.approx(float(normalised((255, 255, 255))[0]), abs=1e-5)  # right end white
+    assert bool((row[1:] >= row[:-1] - 1e-6).all())  # bilinear: a monotone ramp in between
+    assert torch.allclose(tile[:, :84], WHITE[:, None, None].expand(3, 84, 336), atol=1e-6)
+
+
+def test_rgba_and_greyscale_are_converted_like_pil():
+    rgba = Image.new("RGBA", (336, 336), (10, 20, 30, 0))  # transparent: PIL keeps the stored colour
+    grey = Image.new("L", (336, 336), 128)
+    processor = Phi3VImageProcessor(num_crops=1)
+    assert torch.allclose(processor(rgba)["pixel_values"][0, 1, :, 0, 0], normalised((10, 20, 30)), atol=1e-5)
+    assert torch.allclose(processor(grey)["pixel_values"][0, 1, :, 0, 0], normalised((128, 128, 128)), atol=1e-5)
+
+
+def test_several_images_stack_in_order():
+    images = [Image.new("RGB", (640, 480), (255, 0, 0)), Image.new("RGB", (336, 672), (0, 255, 0))]
+    out = Phi3VImageProcessor(num_crops=4)(images)
+    assert out["pixel_values"].shape == (2, 5, 3, 336, 336)
+    assert out["image_sizes"].tolist() == [[672, 672], [672, 336]]
+    assert out["num_img_tokens"].tolist() == [757, 469]
+
+
+def test_extreme_aspect_ratio_is_a_clear_error():
+    with pytest.raises(ImageAspectRatioError, match="too elongated"):
+        Phi3VImageProcessor(num_crops=1)(Image.new("RGB", (2000, 1)))
+
+
+def test_unusable_inputs_are_clear_errors():
+    with pytest.raises(ImageLoadError, match="load_image"):
+        Phi3VImageProcessor()("not an image")
+    with pytest.raises(ImageLoadError, match="empty"):
+        hd_canvas_size(0, 10, 4)
+    with pytest.raises(ImageLoadError, match="No images"):
+        Phi3VImageProcessor()([])
