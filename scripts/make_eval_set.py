@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -132,28 +134,33 @@ SCHEMAS = {
 }
 
 
-def items() -> list[tuple[dict, Image.Image]]:
-    """(manifest entry, image) for every item, in manifest order."""
-    out = []
+def items() -> list[tuple[dict, Callable[[], Image.Image]]]:
+    """(manifest entry, function drawing its image) for every item, in manifest order."""
+    out: list[tuple[dict, Callable[[], Image.Image]]] = []
     for i, (line, size, ink, background) in enumerate(TEXT_LINES, start=1):
         entry = {"id": f"line_{i:02d}", "image": f"lines/line_{i:02d}.png", "task": "ocr", "expected": line}
-        out.append((entry, _draw.draw_text_line(line, size=size, fill=ink, background=background)))
+        out.append((entry, partial(_draw.draw_text_line, line, size=size, fill=ink, background=background)))
     for i, receipt in enumerate(RECEIPTS, start=1):
         entry = {"id": f"receipt_{i:02d}", "image": f"receipts/receipt_{i:02d}.png", "task": "extract",
                  "schema": "schemas/receipt.schema.json", "expected": receipt.expected()}
-        out.append((entry, _draw.draw_receipt(receipt)))
+        out.append((entry, partial(_draw.draw_receipt, receipt)))
     for i, person in enumerate(PASSPORTS, start=1):
         entry = {"id": f"passport_{i:02d}", "image": f"passports/passport_{i:02d}.png", "task": "extract",
                  "schema": "schemas/passport.schema.json", "expected": person.expected()}
-        out.append((entry, _draw.draw_passport(person)))
+        out.append((entry, partial(_draw.draw_passport, person)))
     return out
+
+
+def manifest_text() -> str:
+    """Contents of manifest.jsonl."""
+    return "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry, _ in items())
 
 
 def render(image: str) -> bytes:
     """PNG bytes of one item, by its manifest path (e.g. ``"receipts/receipt_01.png"``)."""
-    for entry, img in items():
+    for entry, draw in items():
         if entry["image"] == image:
-            return _draw.png_bytes(img, PALETTE_COLORS)
+            return _draw.png_bytes(draw(), PALETTE_COLORS)
     raise KeyError(f"No eval item {image!r}; items are: {[e['image'] for e, _ in items()]}.")
 
 
@@ -188,7 +195,7 @@ Paths are relative to this folder.
 
 ```
 {"id": "line_01", "image": "lines/line_01.png", "task": "ocr", "expected": "The quick brown fox ..."}
-{"id": "receipt_01", "image": "receipts/receipt_01.png", "task": "extract", "schema": "schemas/receipt.schema.json", "expected": {"merchant": "...", "date": "2024-11-02", "currency": "USD", "items": [...], "subtotal": 35.69, "tax": 2.59, "total": 38.28}}
+{"id": "receipt_01", "image": "receipts/receipt_01.png", "task": "extract", "schema": "schemas/receipt.schema.json", "expected": {"merchant": "...", "date": "2024-11-02", "currency": "USD", "items": [...], "subtotal": 37.69, "tax": 2.73, "total": 40.42}}
 ```
 
 Conventions of the expected answers:
@@ -205,15 +212,14 @@ Conventions of the expected answers:
 
 
 def main(out_dir: Path = EVAL_DIR) -> None:
-    manifest = []
-    for entry, img in items():
+    for entry, draw in items():
+        img = draw()
         size = _draw.save_png(img, out_dir / entry["image"], PALETTE_COLORS)
         print(f"{out_dir / entry['image']}  {img.width}x{img.height}  {size / 1024:.0f} KB")
-        manifest.append(json.dumps(entry, ensure_ascii=False))
     for name, schema in SCHEMAS.items():
         (out_dir / "schemas").mkdir(parents=True, exist_ok=True)
         (out_dir / "schemas" / name).write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "manifest.jsonl").write_text("\n".join(manifest) + "\n", encoding="utf-8")
+    (out_dir / "manifest.jsonl").write_text(manifest_text(), encoding="utf-8")
     (out_dir / "README.md").write_text(README, encoding="utf-8")
     print(out_dir / "manifest.jsonl")
 

@@ -248,7 +248,7 @@ def readme() -> str:
         f"  - {name}: {qty} x {price} = {r.line_total(qty, price)}" for name, qty, price in r.items
     )
     revenue = "\n".join(
-        f"  - {year}: " + ", ".join(f"{q} {v}" for q, v in values.items()) + f" (year total {sum(values.values())})"
+        f"- {year}: " + ", ".join(f"{q} {v}" for q, v in values.items()) + f" (year total {sum(values.values())})"
         for year, values in REVENUE.items()
     )
     diffs = "\n".join(f"  {i}. {diff}" for i, diff in enumerate(SCENE_DIFFERENCES, start=1))
@@ -280,6 +280,7 @@ Shop receipt, portrait.
 
 - Shop: {r.merchant}, {", ".join(r.address)}
 - Date: {r.printed_date} ({r.date}), time {r.time}
+- Items:
 {items}
 - Subtotal {r.subtotal}, tax {r.tax_percent} {r.tax}, **total {r.currency} {r.total}**, paid by {r.payment.lower()}
 
