@@ -40,3 +40,11 @@ class JSONExtractionError(PhiHelpersError, ValueError):
     def __init__(self, message: str, text: str):
         super().__init__(message)
         self.text = text
+
+
+class DeviceUnavailableError(PhiHelpersError, RuntimeError):
+    """The device asked for (``"cuda"``, ``"mps"``...) is not available on this machine."""
+
+
+class ModelLoadError(PhiHelpersError, OSError):
+    """The checkpoint could not be found, downloaded or read (wrong model id or path, no connection...)."""

@@ -1,2 +1,212 @@
-# placeholder: being written by the user-API helper
-load_image = None
+"""Load an image from wherever a learner has it: a path, a URL, raw bytes, a file object or PIL.
+
+    from phi_helpers import load_image
+    image = load_image("notebooks/images/chart.png")
+    image = load_image("https://example.com/photo.jpg")
+
+Whatever the source, you get back the same thing: a fully loaded RGB ``PIL.Image.Image`` that is
+upright (the EXIF orientation of phone photos is applied) and has no transparency (transparent
+pixels are painted onto white, which is what a person looking at the image sees). Anything that goes
+wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeout``) that names the source and says
+what to do.
+
+Note: this friendly conversion is done here, in the user-facing loader. The model's own image
+processor stays faithful to the original and would turn transparent pixels black instead.
+"""
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import requests
+import urllib3
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageDownloadTimeout, ImageLoadError
+
+_USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
+_CHUNK_SIZE = 64 * 1024
+# Errors Pillow raises for data it cannot decode (it is not consistent about which one).
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError)
+
+
+def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000) -> Image.Image:
+    """Return ``src`` as an upright, fully loaded RGB PIL image.
+
+    Args:
+        src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, the
+            image file's content as ``bytes``/``bytearray``, an open binary file object, or a PIL
+            image (a converted copy is returned; your image is not changed).
+        timeout: seconds to wait for a URL's server to answer, and for each piece of the download.
+        max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
+
+    Raises:
+        ImageLoadError: missing, empty or corrupt file, a failed download, a decompression bomb, or
+            an unsupported ``src`` type. The message says which source and what to do.
+        ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds.
+    """
+    if isinstance(src, Image.Image):
+        return _decode(lambda: src, "the PIL image you passed")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _from_bytes(bytes(src), f"the {len(src)} bytes you passed")
+    if isinstance(src, str) and _is_url(src):
+        return _from_bytes(_download(src, timeout=timeout, max_bytes=max_bytes), src)
+    if isinstance(src, (str, os.PathLike)):
+        return _from_path(Path(src))
+    if hasattr(src, "read"):
+        return _decode(lambda: Image.open(src), "the file object you passed")
+    raise ImageLoadError(
+        f"load_image() cannot read a {type(src).__name__}. Pass a file path, an http(s) URL, bytes, "
+        "an open binary file or a PIL image."
+    )
+
+
+def _is_url(text: str) -> bool:
+    """True for strings that look like a web address (any scheme), so paths and URLs are told apart."""
+    lowered = text.strip().lower()
+    if lowered.startswith(("http://", "https://")):
+        return True
+    if "://" in lowered:
+        scheme = lowered.split("://", 1)[0]
+        raise ImageLoadError(
+            f"Cannot load {text!r}: only http:// and https:// URLs are supported, not {scheme}://. "
+            "Download the file yourself and pass its path."
+        )
+    return False
+
+
+def _from_path(path: Path) -> Image.Image:
+    """Open a local file, with a specific message for each way a path can be wrong."""
+    path = path.expanduser()
+    if not path.exists():
+        raise ImageLoadError(
+            f"No file at '{path}'. Check the spelling; relative paths start from the current "
+            f"directory, which is '{Path.cwd()}'."
+        )
+    if path.is_dir():
+        raise ImageLoadError(f"'{path}' is a directory, not an image file. Pass the path of one image inside it.")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"'{path}' is empty (0 bytes). Re-save or re-download the image.")
+    with open(path, "rb") as file:  # closed on return: the decoded image does not need the file
+        return _decode(lambda: Image.open(file), f"'{path}'")
+
+
+def _from_bytes(data: bytes, source: str) -> Image.Image:
+    """Decode an image held in memory (bytes passed in, or a finished download)."""
+    if not data:
+        raise ImageLoadError(f"{source} is empty (0 bytes); there is no image to read.")
+    return _decode(lambda: Image.open(io.BytesIO(data)), source)
+
+
+def _decode(open_image, source: str) -> Image.Image:
+    """Call ``open_image()``, read all pixels, and normalise the result to upright RGB.
+
+    Pillow's decompression-bomb *warning* (an image between MAX_IMAGE_PIXELS and twice that) is
+    turned into an error too, so a hostile or absurdly large image is refused, not half-processed.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = open_image()
+            image.load()
+            return _to_rgb(_upright(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageLoadError(
+            f"Refusing to decode {source}: it has more pixels than Pillow allows "
+            f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}), which is how decompression-bomb "
+            f"attacks look ({error}). Use a smaller image; if you trust this file, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS first."
+        ) from None
+    except _DECODE_ERRORS as error:
+        raise ImageLoadError(
+            f"Could not read {source} as an image ({type(error).__name__}: {error}). The data may be "
+            "corrupt, truncated or not an image at all; open it in an image viewer, or re-save it as PNG/JPEG."
+        ) from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (phone photos are often stored sideways with such a tag)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # broken EXIF data should not stop an otherwise fine image
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Return an RGB copy of ``image``; transparent parts are composited onto a white background."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _download(url: str, *, timeout: float, max_bytes: int) -> bytes:
+    """Fetch ``url`` and return its body, stopping as soon as it grows beyond ``max_bytes``."""
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": _USER_AGENT}) as response:
+            _check_response(response, url, max_bytes)
+            return _read_capped(response, url, max_bytes)
+    except requests.RequestException as error:
+        if _is_timeout(error):
+            raise _timeout_error(url, timeout) from None
+        raise ImageLoadError(
+            f"Could not download {url} ({type(error).__name__}: {error}). Check the address and your "
+            "internet connection, or download the image yourself and pass its path."
+        ) from None
+
+
+def _is_timeout(error: requests.RequestException) -> bool:
+    """True for timeouts, including a read timeout in the middle of the body, which requests reports
+    as a ConnectionError wrapping urllib3's ReadTimeoutError."""
+    if isinstance(error, requests.Timeout):
+        return True
+    return any(isinstance(arg, urllib3.exceptions.TimeoutError) for arg in error.args)
+
+
+def _check_response(response: requests.Response, url: str, max_bytes: int) -> None:
+    """Refuse HTTP errors and bodies announced as too large before reading them."""
+    if response.status_code >= 400:
+        raise ImageLoadError(
+            f"Downloading {url} failed: HTTP {response.status_code} {response.reason or ''}".rstrip()
+            + ". Check that the address is right and the image is public (open it in a browser)."
+        )
+    announced = response.headers.get("Content-Length", "")
+    if announced.isdigit() and int(announced) > max_bytes:
+        raise _too_large_error(url, max_bytes, f"the server says it is {int(announced):,} bytes")
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type.startswith(("text/", "application/json")):
+        raise ImageLoadError(
+            f"{url} returned {content_type}, not an image: this is probably a web page that shows the "
+            "image. Right-click the image and copy the image address instead."
+        )
+
+
+def _read_capped(response: requests.Response, url: str, max_bytes: int) -> bytes:
+    """Read a streamed body piece by piece, refusing it once more than ``max_bytes`` have arrived."""
+    body = bytearray()
+    for chunk in response.iter_content(chunk_size=_CHUNK_SIZE):
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large_error(url, max_bytes, f"more than {max_bytes:,} bytes arrived")
+    return bytes(body)
+
+
+def _too_large_error(url: str, max_bytes: int, detail: str) -> ImageLoadError:
+    return ImageLoadError(
+        f"{url} is too large ({detail}; the limit is max_bytes={max_bytes:,}). Check that the link "
+        "points to an image, or pass a larger max_bytes if you really want this file."
+    )
+
+
+def _timeout_error(url: str, timeout: float) -> ImageDownloadTimeout:
+    return ImageDownloadTimeout(
+        f"{url} did not answer within {timeout} s. Try again, pass a larger timeout=..., or download "
+        "the image yourself and pass its path."
+    )
+
+
+__all__ = ["load_image"]

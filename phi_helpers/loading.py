@@ -1,2 +1,268 @@
-# placeholder: being written by the user-API helper
-load_model = None
+"""Load Phi-3-vision / Phi-3.5-vision with sensible settings for the machine you are on.
+
+    from phi_helpers import load_model
+    model, processor = load_model()     # prints one line saying what it chose and why
+
+Three choices are made for you, each by a small function you can call yourself:
+
+* ``pick_device``: the first available of CUDA GPU, Apple GPU (MPS), CPU;
+* ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU;
+* ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA, half precision), else sdpa.
+
+Set the environment variable ``PHI_HELPERS_MODEL`` to load another checkpoint (a hub id or a local
+folder) without editing notebooks. ``PHI_HELPERS_MODEL=tiny`` builds a tiny *random* model once, for
+CI and offline dry runs; its answers are meaningless.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers.utils import is_flash_attn_2_available
+
+from .errors import DeviceUnavailableError, FlashAttentionUnavailableError, ModelLoadError
+
+_DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
+_DEVICES = ("auto", "cuda", "mps", "cpu")
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+_DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
+_ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+_HALF = (torch.float16, torch.bfloat16)
+_TINY_DIR_NAME = "tiny-phi-3.5-vision"
+_TINY_FILES = (
+    "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"
+)
+_COMPLETE_MARKER = ".phi_helpers_complete"
+
+
+def load_model(
+    model_id="microsoft/Phi-3.5-vision-instruct",
+    device: str = "auto",
+    dtype="auto",
+    attn: str = "auto",
+    num_crops: int | None = None,
+):
+    """Load the model and its processor; return ``(model, processor)``.
+
+    Args:
+        model_id: a Hugging Face hub id or a local folder. ``$PHI_HELPERS_MODEL`` overrides it.
+        device: "auto", "cuda" (or "cuda:1"...), "mps" or "cpu".
+        dtype: "auto", "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32", or a torch dtype.
+        attn: "auto", "sdpa", "eager" or "flash_attention_2".
+        num_crops: image crops of 336x336 pixels (more = finer detail, more tokens). ``None`` keeps the
+            checkpoint's value (4 for Phi-3.5-vision, 16 for Phi-3-vision).
+
+    All choices are checked before anything is downloaded. Prints one line saying what was chosen.
+    """
+    device, device_reason = pick_device(device)
+    dtype, dtype_reason = pick_dtype(dtype, device)
+    attn, attn_reason = pick_attention(attn, device, dtype)
+    if num_crops is not None and (isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1):
+        raise ValueError(f"num_crops must be a whole number >= 1 (None: the checkpoint's value), got {num_crops!r}.")
+    source, label = _resolve_source(model_id)
+
+    processor_kwargs = {} if num_crops is None else {"num_crops": num_crops}
+    processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, attn_implementation=attn)
+    model = model.to(device).eval()
+
+    used_attn = getattr(model.config, "_attn_implementation", attn)
+    print(
+        f"Loaded {label} on {device} ({device_reason}) | {_dtype_name(dtype)} ({dtype_reason}) | "
+        f"attention: {used_attn} ({attn_reason}) | num_crops={processor.image_processor.num_crops}"
+    )
+    return model, processor
+
+
+def pick_device(device: str = "auto") -> tuple[str, str]:
+    """Return ``(device, reason)``. "auto" picks CUDA, then MPS, then CPU."""
+    name = str(device).strip().lower()
+    kind = name.split(":")[0]
+    if kind not in _DEVICES or (":" in name and (kind != "cuda" or not name.split(":")[1].isdigit())):
+        raise ValueError(f"Unknown device {device!r}. Choose one of {', '.join(map(repr, _DEVICES))} (or 'cuda:N').")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return "cuda", _gpu_name()
+        if _mps_available():
+            return "mps", "Apple GPU"
+        return "cpu", "no GPU found"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                "device='cuda' was asked for, but PyTorch sees no CUDA GPU. Use device='auto' or 'cpu', or "
+                "install a CUDA build of PyTorch on a machine with an NVIDIA GPU "
+                f"(this PyTorch is {torch.__version__})."
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"device={device!r} was asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist "
+                f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})."
+            )
+        return name, _gpu_name(index)
+    if kind == "mps" and not _mps_available():
+        raise DeviceUnavailableError(
+            "device='mps' was asked for, but the Apple GPU backend (MPS) is not available: it needs a Mac with "
+            "Apple silicon and a recent PyTorch. Use device='auto' or 'cpu'."
+        )
+    return kind, "asked for"
+
+
+def pick_dtype(dtype="auto", device: str = "cpu") -> tuple[torch.dtype, str]:
+    """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, *_HALF):
+            raise ValueError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
+        return dtype, "asked for"
+    name = str(dtype).strip().lower()
+    if name in _DTYPES:
+        return _DTYPES[name], "asked for"
+    if name != "auto":
+        raise ValueError(f"Unknown dtype {dtype!r}. {_DTYPE_CHOICES}")
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "GPU supports bf16"
+        return torch.float16, "GPU has no native bf16"
+    if device == "mps":
+        return torch.float16, "half precision on Apple GPU"
+    return torch.float32, "CPU default; dtype='bf16' halves the memory"
+
+
+def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """Return ``(attention implementation, reason)``. flash_attention_2 needs flash-attn, CUDA and fp16/bf16."""
+    name = str(attn).strip().lower()
+    if name not in _ATTENTIONS:
+        raise ValueError(f"Unknown attention {attn!r}. Choose one of {', '.join(map(repr, _ATTENTIONS))}.")
+    on_cuda = device.startswith("cuda")
+    if name == "flash_attention_2":
+        _check_flash_attention(on_cuda, dtype)
+        return name, "asked for"
+    if name != "auto":
+        return name, "asked for"
+    if not on_cuda:
+        return "sdpa", "flash-attn needs a CUDA GPU"
+    if dtype not in _HALF:
+        return "sdpa", "flash-attn needs fp16/bf16"
+    if not is_flash_attn_2_available():
+        return "sdpa", "flash-attn not installed"
+    return "flash_attention_2", "flash-attn installed"
+
+
+def _check_flash_attention(on_cuda: bool, dtype: torch.dtype) -> None:
+    """Raise a helpful error when flash_attention_2 was asked for but cannot work here."""
+    if not on_cuda:
+        raise FlashAttentionUnavailableError(
+            "attn='flash_attention_2' needs an NVIDIA GPU (device 'cuda'); it does not run on CPU or Apple GPUs. "
+            "Use attn='sdpa' (PyTorch's built-in fast attention) instead."
+        )
+    if not is_flash_attn_2_available():
+        raise FlashAttentionUnavailableError(
+            "attn='flash_attention_2' was asked for, but flash-attn is not installed (or too old). Install it with "
+            "`pip install flash-attn --no-build-isolation` (CUDA only; compiling can take a long time), "
+            "or use attn='sdpa'."
+        )
+    if dtype not in _HALF:
+        raise ValueError(
+            f"flash_attention_2 works only in bf16 or fp16, not {_dtype_name(dtype)}; pass dtype='bf16' or attn='sdpa'."
+        )
+
+
+def _gpu_name(index: int = 0) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _resolve_source(model_id) -> tuple[str, str]:
+    """Return ``(what to pass to from_pretrained, how to name it)``, applying $PHI_HELPERS_MODEL."""
+    override = os.environ.get("PHI_HELPERS_MODEL", "").strip()
+    if override.lower() == "tiny":
+        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny)"
+    if override:
+        return _check_source(override), f"{override} (from PHI_HELPERS_MODEL)"
+    return _check_source(os.fspath(model_id)), os.fspath(model_id)
+
+
+def _check_source(source: str) -> str:
+    """A source that looks like a folder must exist (the hub's own error for this is confusing)."""
+    looks_local = source.startswith((".", "/", "~", "\\")) or os.path.isabs(source) or source.count("/") > 1
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    if looks_local:
+        raise ModelLoadError(
+            f"No model folder at '{path}'. Check the path (relative paths start from '{Path.cwd()}'), or pass a "
+            f"hub id such as '{_DEFAULT_MODEL}'."
+        )
+    return source
+
+
+def _from_pretrained(auto_class, source: str, **kwargs):
+    """``auto_class.from_pretrained`` with download/lookup failures turned into a short ModelLoadError."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ModelLoadError(
+            f"Could not load '{source}': {error}\nCheck the model id (e.g. '{_DEFAULT_MODEL}') or folder, your "
+            "internet connection and free disk space. For an offline dry run set PHI_HELPERS_MODEL=tiny."
+        ) from None
+
+
+def _tiny_checkpoint() -> Path:
+    """Path of the cached tiny random checkpoint, built on first use (and rebuilt if incomplete).
+
+    Lives in ``$PHI_HELPERS_CACHE/tiny-phi-3.5-vision`` (default cache: ``~/.cache/phi_helpers``).
+    """
+    _print_tiny_notice()
+    cache = Path(os.environ.get("PHI_HELPERS_CACHE") or "~/.cache/phi_helpers").expanduser()
+    target = cache / _TINY_DIR_NAME
+    if _is_complete(target):
+        return target
+    from .testing import make_tiny_checkpoint  # imported here: only needed for the tiny model
+
+    building = cache / f".{_TINY_DIR_NAME}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    make_tiny_checkpoint(building, variant="phi-3.5-vision")
+    (building / _COMPLETE_MARKER).write_text("complete\n")
+    if target.exists() and not _is_complete(target):
+        shutil.rmtree(target)  # left over from an interrupted build
+    try:
+        building.rename(target)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(building, ignore_errors=True)
+        if not _is_complete(target):
+            raise
+    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    """True if a tiny checkpoint folder was written to the end (marker file and all files present)."""
+    return (folder / _COMPLETE_MARKER).is_file() and all((folder / name).is_file() for name in _TINY_FILES)
+
+
+def _print_tiny_notice() -> None:
+    """A notice nobody can miss: the tiny model is random and its answers mean nothing."""
+    lines = [
+        "PHI_HELPERS_MODEL=tiny: using a TINY RANDOM model, not Phi-3.5-vision.",
+        "Its answers are MEANINGLESS. This mode is for CI and offline dry runs.",
+        "Unset PHI_HELPERS_MODEL to load the real model.",
+    ]
+    width = max(len(line) for line in lines) + 4
+    border = "!" * (width + 2)
+    print("\n".join([border, *(f"!! {line:<{width - 3}}!!" for line in lines), border]))
+
+
+__all__ = ["load_model", "pick_device", "pick_dtype", "pick_attention"]

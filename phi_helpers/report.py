@@ -1,2 +1,150 @@
-# placeholder: being written by the user-API helper
-environment_report = None
+"""What is this machine, and can it run Phi-3(.5)-vision? One call answers both.
+
+    from phi_helpers import environment_report
+    info = environment_report()      # prints a table and returns the same facts as a dict
+
+Memory figures are in GiB (2**30 bytes), the unit ``nvidia-smi`` and most tools use for GPU memory.
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.utils import is_flash_attn_2_available
+
+# Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct have the same architecture and size.
+_MODEL_PARAMETERS = 4_146_621_440
+_BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
+_GIB = 2**30
+
+
+def environment_report(print_report: bool = True) -> dict:
+    """Collect versions, devices and memory facts; print them as a table unless ``print_report=False``.
+
+    Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
+    ``gpu_name``, ``gpu_memory_gib``, ``bf16_supported``, ``weights_gib`` ...).
+    """
+    report = {**_software(), **_devices(), **_host(), **_model_memory()}
+    if print_report:
+        print(_format(report))
+    return report
+
+
+def _software() -> dict:
+    """Versions and install locations of Python and the libraries phi_helpers needs."""
+    package_dir = Path(__file__).resolve().parent
+    try:
+        version = importlib.metadata.version("phi_helpers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed (imported from the source folder)"
+    return {
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "phi_helpers": version,
+        "phi_helpers_path": str(package_dir),
+    }
+
+
+def _devices() -> dict:
+    """CUDA GPU (name, memory, bf16), Apple MPS, and flash-attn availability."""
+    cuda = torch.cuda.is_available()
+    properties = torch.cuda.get_device_properties(0) if cuda else None
+    mps_backend = getattr(torch.backends, "mps", None)
+    return {
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "gpu_name": properties.name if cuda else None,
+        "gpu_memory_gib": round(properties.total_memory / _GIB, 1) if cuda else None,
+        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
+        "mps_available": bool(mps_backend is not None and mps_backend.is_available()),
+        "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
+        "flash_attn_available": is_flash_attn_2_available(),
+    }
+
+
+def _host() -> dict:
+    """Usable CPU cores and total RAM of this machine."""
+    if hasattr(os, "sched_getaffinity"):  # cores this process may use (containers often limit it)
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count()
+    ram = _total_ram_bytes()
+    return {"cpu_count": cpus, "ram_gib": round(ram / _GIB, 1) if ram else None}
+
+
+def _total_ram_bytes() -> int | None:
+    """Total RAM from /proc/meminfo (Linux) or sysconf (macOS and other Unix); None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # the file gives kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _model_memory() -> dict:
+    """Memory the model's weights need in each dtype (activations and the KV cache come on top)."""
+    return {
+        "model_parameters": _MODEL_PARAMETERS,
+        "weights_gib": {
+            dtype: round(_MODEL_PARAMETERS * size / _GIB, 1) for dtype, size in _BYTES_PER_PARAMETER.items()
+        },
+    }
+
+
+def _format(report: dict) -> str:
+    """The report as an aligned two-column text table."""
+    yes_no = {True: "yes", False: "no"}
+    gpu = f"{report['gpu_name']} ({report['gpu_memory_gib']} GiB)" if report["cuda_available"] else "none"
+    flash = "available" if report["flash_attn_available"] else (
+        "installed, but needs a CUDA GPU" if report["flash_attn_installed"] else "not installed (optional, CUDA only)"
+    )
+    rows = [
+        ("Python", f"{report['python']} ({report['python_executable']})"),
+        ("torch", report["torch"]),
+        ("transformers", report["transformers"]),
+        ("phi_helpers", f"{report['phi_helpers']} ({report['phi_helpers_path']})"),
+        ("CUDA available", f"yes (CUDA {report['cuda_version']})" if report["cuda_available"] else "no"),
+        ("GPU", gpu + (f", {report['gpu_count']} GPUs" if report["gpu_count"] > 1 else "")),
+        ("bf16 on GPU (native)", yes_no[report["bf16_supported"]]),
+        ("Apple MPS", yes_no[report["mps_available"]]),
+        ("flash-attn", flash),
+        ("CPU cores", str(report["cpu_count"])),
+        ("RAM", f"{report['ram_gib']} GiB" if report["ram_gib"] else "unknown"),
+    ]
+    for dtype, gib in report["weights_gib"].items():
+        rows.append((f"weights in {dtype}", f"{gib} GiB{_fits(report, gib)}"))
+    width = max(len(label) for label, _ in rows)
+    lines = ["phi_helpers environment report", "=" * 30]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    note = (
+        f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters. Activations, image tokens and the "
+        "KV cache need memory on top of the weights, more for long chats and many images."
+    )
+    lines += ["", textwrap.fill(note, width=90, initial_indent="Note: ", subsequent_indent="      ")]
+    return "\n".join(lines)
+
+
+def _fits(report: dict, gib: float) -> str:
+    """A hint whether weights of ``gib`` GiB fit into the GPU memory (or into RAM without a GPU)."""
+    memory, where = (report["gpu_memory_gib"], "GPU") if report["cuda_available"] else (report["ram_gib"], "RAM")
+    if not memory:
+        return ""
+    return f"  (fits in {where})" if gib < memory else f"  (does NOT fit in {where}: {memory} GiB)"
+
+
+__all__ = ["environment_report"]

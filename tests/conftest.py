@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny random checkpoint (built once per test session) and the model loaded from it."""
+
+import os
+
+import pytest
+
+from phi_helpers import load_model
+from phi_helpers.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Phi-3.5-vision checkpoint in the official layout (about 30 MB, a few seconds)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-phi-3.5-vision"), variant="phi-3.5-vision")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tiny_checkpoint):
+    """``load_model`` on the tiny checkpoint, on CPU; shared by all tests (do not modify it in place)."""
+    saved = os.environ.pop("PHI_HELPERS_MODEL", None)  # it would override the path
+    try:
+        return load_model(str(tiny_checkpoint), device="cpu")
+    finally:
+        if saved is not None:
+            os.environ["PHI_HELPERS_MODEL"] = saved

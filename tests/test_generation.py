@@ -1,0 +1,249 @@
+"""ask / stream_chunks on the tiny random model: prompts, stop tokens, streaming, Chat, errors."""
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt
+from phi_helpers import generation
+from phi_helpers.generation import stream_chunks
+
+SPECIAL_TOKENS = ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|image|>", "<s>", "</s>")
+
+
+@pytest.fixture
+def model_and_processor(tiny_model_and_processor):
+    return tiny_model_and_processor
+
+
+@pytest.fixture
+def image():
+    picture = Image.new("RGB", (120, 80), "red")
+    picture.paste((0, 0, 255), (60, 0, 120, 80))
+    return picture
+
+
+def record_generate(monkeypatch, model, reply_ids=None):
+    """Replace model.generate by a recorder. With ``reply_ids`` it returns prompt + those ids
+    (and feeds a streamer if one is given); without, it calls the real generate."""
+    calls = []
+    real_generate = model.generate
+
+    def fake_generate(**kwargs):
+        calls.append(kwargs)
+        if reply_ids is None:
+            output = real_generate(**kwargs)
+            calls[-1]["output"] = output
+            return output
+        output = torch.cat([kwargs["input_ids"], torch.tensor([reply_ids])], dim=1)
+        if kwargs.get("streamer") is not None:
+            kwargs["streamer"].put(kwargs["input_ids"])
+            for token in reply_ids:
+                kwargs["streamer"].put(torch.tensor([token]))
+            kwargs["streamer"].end()
+        return output
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    return calls
+
+
+def run_with_watchdog(function, seconds=30):
+    """Run ``function`` in a thread; fail (instead of hanging the suite) if it does not finish."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = function()
+        except BaseException as error:  # noqa: BLE001
+            result["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"did not finish within {seconds} s"
+    return result
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+
+def test_ask_returns_clean_text(model_and_processor, image):
+    model, processor = model_and_processor
+    answer = ask(model, processor, "What is in this picture?", images=image, max_new_tokens=12)
+    assert isinstance(answer, str) and answer
+    assert answer == answer.strip()
+    assert not any(token in answer for token in SPECIAL_TOKENS)
+    assert "What is in this picture?" not in answer
+
+
+def test_only_new_tokens_are_decoded_and_special_tokens_dropped(monkeypatch, model_and_processor, image):
+    model, processor = model_and_processor
+    words = processor.tokenizer.encode("Two squares.", add_special_tokens=False)
+    record_generate(monkeypatch, model, reply_ids=words + [32007, 32000])
+    assert ask(model, processor, "Describe.", images=[image]) == "Two squares."
+
+
+def test_greedy_by_default_and_stops_at_end_of_turn(monkeypatch, model_and_processor, image):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    ask(model, processor, "Describe.", images=image, max_new_tokens=7)
+    settings = calls[-1]
+    assert settings["do_sample"] is False
+    assert settings["max_new_tokens"] == 7
+    assert {32007, 32000, 2} <= set(settings["eos_token_id"])  # <|end|>, <|endoftext|>, config eos
+    assert settings["pixel_values"].dtype == model.dtype
+    assert settings["input_ids"].device == model.device
+    assert (settings["input_ids"] == 32044).sum() > 0  # the image's tokens are in the prompt
+
+
+def test_sampling_kwargs_switch_sampling_on_and_caller_settings_win(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    ask(model, processor, "Hi", temperature=0.7)
+    assert calls[-1]["do_sample"] is True and calls[-1]["temperature"] == 0.7
+    ask(model, processor, "Hi", temperature=0.0)  # the official sample code's way of saying "greedy"
+    assert calls[-1]["do_sample"] is False and "temperature" not in calls[-1]
+    ask(model, processor, "Hi", eos_token_id=[5], do_sample=False, top_k=3)
+    assert calls[-1]["eos_token_id"] == [5] and calls[-1]["do_sample"] is False
+
+
+def test_templated_prompt_is_used_as_is(monkeypatch, model_and_processor, image):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    prompt = build_prompt("Compare these.", num_images=2, system="Be brief.")
+    ask(model, processor, prompt, images=[image, image])
+    expected = processor(text=prompt, images=[image, image], return_tensors="pt")["input_ids"]
+    assert torch.equal(calls[-1]["input_ids"], expected)
+
+
+def test_images_from_paths_and_tag_mismatch(model_and_processor, image, tmp_path):
+    model, processor = model_and_processor
+    path = tmp_path / "picture.png"
+    image.save(path)
+    assert isinstance(ask(model, processor, "What?", images=[str(path)], max_new_tokens=3), str)
+    with pytest.raises(PromptImageMismatchError):
+        ask(model, processor, build_prompt("Compare.", num_images=1), images=[image, image])
+
+
+def test_bad_arguments(model_and_processor):
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ask(model, processor, "Hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="question"):
+        ask(model, processor, 42)
+
+
+# --- streaming --------------------------------------------------------------------------------------
+
+
+def test_stream_prints_and_returns_the_same_text_as_without_streaming(model_and_processor, image, capsys):
+    model, processor = model_and_processor
+    plain = ask(model, processor, "Describe the picture.", images=image, max_new_tokens=20)
+    capsys.readouterr()
+    streamed = ask(model, processor, "Describe the picture.", images=image, max_new_tokens=20, stream=True)
+    printed = capsys.readouterr().out
+    assert streamed == plain
+    assert printed.strip() == plain
+
+
+def test_stream_chunks_yields_pieces_that_join_to_the_answer(model_and_processor, image):
+    model, processor = model_and_processor
+    pieces = list(stream_chunks(model, processor, "Describe.", images=image, max_new_tokens=15))
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == ask(model, processor, "Describe.", images=image, max_new_tokens=15)
+
+
+def test_error_in_the_generation_thread_is_raised_in_the_caller(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+
+    def broken_generate(**kwargs):
+        raise RuntimeError("boom in generate")
+
+    monkeypatch.setattr(model, "generate", broken_generate)
+    chat = Chat().add_user("Hi")
+    result = run_with_watchdog(lambda: ask(model, processor, chat, stream=True))
+    assert isinstance(result.get("error"), RuntimeError) and "boom" in str(result["error"])
+    assert len(chat) == 1 and chat.messages[-1]["role"] == "user"  # the question is kept, no fake answer
+
+
+def test_interrupt_stops_generation_and_keeps_the_partial_answer(monkeypatch, model_and_processor, image, capsys):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model)  # the real generate, recorded
+    shown = []
+
+    def show_then_interrupt(text):
+        shown.append(text)
+        if len(shown) == 2:  # the user presses "interrupt" while the second piece is printed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "_show", show_then_interrupt)
+    chat = Chat().add_user("Describe.", images=image)
+    result = run_with_watchdog(lambda: ask(model, processor, chat, max_new_tokens=300, min_new_tokens=300, stream=True))
+    partial = result["value"]
+    assert partial == "".join(shown[:2]).strip() and partial
+    assert any("stopped" in text for text in shown[2:])  # a short note is printed
+    new_tokens = calls[-1]["output"].shape[1] - calls[-1]["input_ids"].shape[1]
+    assert new_tokens < 300  # generation really stopped (min_new_tokens forbids an early eos)
+    assert chat.messages[-1] == {"role": "assistant", "content": partial}
+
+
+def test_closing_the_generator_early_stops_the_thread(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model)
+    chunks = stream_chunks(model, processor, "Tell a story.", max_new_tokens=300, min_new_tokens=300)
+    first = next(chunks)
+    run_with_watchdog(chunks.close)
+    assert first
+    assert calls[-1]["output"].shape[1] - calls[-1]["input_ids"].shape[1] < 300
+
+
+# --- Chat -------------------------------------------------------------------------------------------
+
+
+def test_chat_gets_the_answer_appended_and_continues(model_and_processor, image):
+    model, processor = model_and_processor
+    chat = Chat(system="Be brief.").add_user("What is this?", images=image)
+    first = ask(model, processor, chat, max_new_tokens=8)
+    assert len(chat) == 2 and chat.messages[-1] == {"role": "assistant", "content": first}
+    chat.add_user("And this one?", images=image)
+    second = ask(model, processor, chat, max_new_tokens=8, stream=True)
+    assert len(chat) == 4 and chat.messages[-1]["content"] == second
+    assert "<|image_2|>" in chat.render()
+
+
+def test_chat_must_end_with_a_question_and_carries_its_own_images(model_and_processor, image):
+    model, processor = model_and_processor
+    chat = Chat().add_user("Hi").add_assistant("Hello")
+    with pytest.raises(ValueError, match="add_user"):
+        ask(model, processor, chat)
+    with pytest.raises(ValueError, match="own images"):
+        ask(model, processor, Chat().add_user("Hi"), images=image)
+
+
+# --- context length ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_length_error_keeps_the_users_turn(model_and_processor, image, stream):
+    model, processor = model_and_processor
+    chat = Chat().add_user("What is this?", images=image)
+    prompt_tokens = processor(text=chat.render(), images=chat.images, return_tensors="pt")["input_ids"].shape[1]
+    with pytest.raises(ContextLengthError) as info:
+        ask(model, processor, chat, max_new_tokens=1_000_000, stream=stream)
+    message = str(info.value)
+    assert f"The prompt is {prompt_tokens:,} tokens" in message
+    assert "1,000,000" in message and f"{model.config.max_position_embeddings:,}" in message
+    assert "num_crops" in message and "drop_images" in message
+    assert len(chat) == 1 and chat.messages[-1]["role"] == "user"
+
+
+def test_context_limit_is_prompt_plus_new_tokens(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+    record_generate(monkeypatch, model, reply_ids=[32007])
+    prompt_tokens = processor(text=build_prompt("Hi", num_images=0), return_tensors="pt")["input_ids"].shape[1]
+    monkeypatch.setattr(model.config, "max_position_embeddings", prompt_tokens + 5)
+    ask(model, processor, "Hi", max_new_tokens=5)  # exactly fills the context: allowed
+    with pytest.raises(ContextLengthError, match=f"{prompt_tokens + 6:,} in all"):
+        ask(model, processor, "Hi", max_new_tokens=6)

@@ -1,0 +1,231 @@
+"""load_model and its choices: device, dtype, attention, PHI_HELPERS_MODEL, errors before loading."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import phi_helpers.testing
+from phi_helpers import FlashAttentionUnavailableError, load_model
+from phi_helpers import loading
+from phi_helpers.errors import DeviceUnavailableError, ModelLoadError
+from phi_helpers.loading import pick_attention, pick_device, pick_dtype
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend there is one CUDA GPU with native bf16 (tests switch bf16 off where needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake H100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.fixture
+def no_env_model(monkeypatch):
+    monkeypatch.delenv("PHI_HELPERS_MODEL", raising=False)
+
+
+@pytest.fixture
+def forbid_loading(monkeypatch):
+    """Fail the test if anything is loaded: errors must come before any download."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained must not be called")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", refuse)
+
+
+# --- pick_device ------------------------------------------------------------------------------------
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, no_gpu):
+    assert pick_device("auto") == ("cpu", "no GPU found")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto")[0] == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake H100")
+    assert pick_device() == ("cuda", "Fake H100")
+
+
+def test_explicit_devices(fake_cuda, monkeypatch):
+    assert pick_device("CPU") == ("cpu", "asked for")
+    assert pick_device("cuda:0") == ("cuda:0", "Fake H100")
+    with pytest.raises(DeviceUnavailableError, match="only 1 CUDA GPU"):
+        pick_device("cuda:1")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailableError, match="MPS"):
+        pick_device("mps")
+
+
+def test_cuda_asked_for_on_a_machine_without_it(no_gpu):
+    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU.*device='auto' or 'cpu'"):
+        pick_device("cuda")
+
+
+@pytest.mark.parametrize("typo", ["gpu", "cuda:x", "cpu:0", ""])
+def test_device_typos_list_the_valid_choices(typo):
+    with pytest.raises(ValueError, match="'auto', 'cuda', 'mps', 'cpu'"):
+        pick_device(typo)
+
+
+# --- pick_dtype -------------------------------------------------------------------------------------
+
+
+def test_auto_dtype_per_device(fake_cuda, monkeypatch):
+    assert pick_dtype("auto", "cuda") == (torch.bfloat16, "GPU supports bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert pick_dtype("auto", "cuda:0")[0] == torch.float16  # emulated bf16 (T4, V100) does not count
+    assert pick_dtype("auto", "mps")[0] == torch.float16
+    assert pick_dtype("auto", "cpu")[0] == torch.float32
+
+
+@pytest.mark.parametrize(
+    "asked, expected",
+    [("bf16", torch.bfloat16), ("BFloat16", torch.bfloat16), ("fp16", torch.float16), ("float16", torch.float16),
+     ("fp32", torch.float32), ("float32", torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+def test_explicit_dtypes(asked, expected):
+    assert pick_dtype(asked, "cpu") == (expected, "asked for")
+
+
+@pytest.mark.parametrize("typo", ["int8", "bf61", torch.int8])
+def test_dtype_typos_list_the_valid_choices(typo):
+    with pytest.raises(ValueError, match="bf16"):
+        pick_dtype(typo, "cpu")
+
+
+# --- pick_attention ---------------------------------------------------------------------------------
+
+
+def test_auto_attention(monkeypatch):
+    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
+    assert pick_attention("auto", "cuda", torch.bfloat16) == ("flash_attention_2", "flash-attn installed")
+    assert pick_attention("auto", "cuda", torch.float32)[0] == "sdpa"
+    assert pick_attention("auto", "cpu", torch.bfloat16)[0] == "sdpa"
+    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: False)
+    assert pick_attention("auto", "cuda", torch.float16) == ("sdpa", "flash-attn not installed")
+
+
+def test_explicit_attention():
+    assert pick_attention("eager", "cpu", torch.float32) == ("eager", "asked for")
+    assert pick_attention("SDPA", "cuda", torch.float16) == ("sdpa", "asked for")
+    with pytest.raises(ValueError, match="'auto', 'sdpa', 'eager', 'flash_attention_2'"):
+        pick_attention("flash", "cuda", torch.float16)
+
+
+def test_flash_attention_asked_for_without_flash_attn(monkeypatch):
+    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: False)
+    with pytest.raises(FlashAttentionUnavailableError) as info:
+        pick_attention("flash_attention_2", "cuda", torch.bfloat16)
+    assert "pip install flash-attn --no-build-isolation" in str(info.value)
+    assert "attn='sdpa'" in str(info.value)
+    assert isinstance(info.value, ImportError)
+
+
+def test_flash_attention_needs_half_precision(monkeypatch):
+    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
+    assert pick_attention("flash_attention_2", "cuda", torch.float16)[0] == "flash_attention_2"
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        pick_attention("flash_attention_2", "cuda", torch.float32)
+
+
+# --- load_model: errors come before loading ---------------------------------------------------------
+
+
+def test_flash_attention_on_cpu_fails_before_loading(no_env_model, forbid_loading, no_gpu):
+    with pytest.raises(FlashAttentionUnavailableError, match="NVIDIA GPU"):
+        load_model("microsoft/Phi-3.5-vision-instruct", attn="flash_attention_2")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [({"device": "gpu"}, ValueError), ({"dtype": "half-float"}, ValueError), ({"attn": "fast"}, ValueError),
+     ({"num_crops": 0}, ValueError), ({"device": "cuda"}, DeviceUnavailableError)],
+)
+def test_bad_choices_fail_before_loading(no_env_model, forbid_loading, no_gpu, kwargs, error):
+    with pytest.raises(error):
+        load_model("microsoft/Phi-3.5-vision-instruct", **kwargs)
+
+
+def test_missing_local_folder_is_reported_clearly(no_env_model, forbid_loading, tmp_path):
+    with pytest.raises(ModelLoadError, match="No model folder at") as info:
+        load_model(tmp_path / "no-such-model", device="cpu")
+    assert isinstance(info.value, OSError)
+
+
+def test_hub_failures_become_a_short_model_load_error(no_env_model, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", offline)
+    with pytest.raises(ModelLoadError, match="(?s)couldn.t connect.*PHI_HELPERS_MODEL=tiny") as info:
+        load_model("someone/some-model", device="cpu")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+# --- load_model on the tiny checkpoint --------------------------------------------------------------
+
+
+def test_load_model_prints_one_line_with_its_choices(no_env_model, tiny_checkpoint, capsys):
+    model, processor = load_model(tiny_checkpoint, device="cpu", dtype="bf16", attn="eager", num_crops=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == [
+        f"Loaded {tiny_checkpoint} on cpu (asked for) | bfloat16 (asked for) | "
+        "attention: eager (asked for) | num_crops=2"
+    ]
+    assert model.dtype == torch.bfloat16
+    assert model.device.type == "cpu"
+    assert model.config._attn_implementation == "eager"  # beats "flash_attention_2" in config.json
+    assert not model.training
+    assert processor.image_processor.num_crops == 2
+
+
+def test_auto_choices_on_cpu_and_checkpoint_num_crops(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor  # loaded with device="cpu" and everything else "auto"
+    assert model.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
+    assert processor.image_processor.num_crops == 4  # Phi-3.5-vision's preprocessor_config.json
+
+
+def test_env_path_overrides_model_id(monkeypatch, tiny_checkpoint, capsys):
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))
+    model, _ = load_model("microsoft/Phi-3.5-vision-instruct", device="cpu")
+    assert model.config.name_or_path == str(tiny_checkpoint)
+    assert f"Loaded {tiny_checkpoint} (from PHI_HELPERS_MODEL) on cpu" in capsys.readouterr().out
+
+
+def test_env_tiny_builds_once_into_the_cache_and_warns_loudly(monkeypatch, tmp_path, capsys):
+    builds = []
+    real_make = phi_helpers.testing.make_tiny_checkpoint
+
+    def counting_make(path, **kwargs):
+        builds.append(path)
+        return real_make(path, **kwargs)
+
+    monkeypatch.setattr(phi_helpers.testing, "make_tiny_checkpoint", counting_make)
+    monkeypatch.setenv("PHI_HELPERS_MODEL", "tiny")
+    monkeypatch.setenv("PHI_HELPERS_CACHE", str(tmp_path))
+
+    model, processor = load_model(device="cpu")
+    output = capsys.readouterr().out
+    cached = tmp_path / "tiny-phi-3.5-vision"
+    assert model.config.name_or_path == str(cached)
+    assert len(builds) == 1
+    assert "RANDOM" in output and "MEANINGLESS" in output
+    assert sum(line.startswith("!!") for line in output.splitlines()) >= 4  # a box, not a single line
+    assert "Loaded tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny) on cpu" in output
+
+    assert loading._tiny_checkpoint() == cached
+    assert len(builds) == 1  # reused
+
+    (cached / "model.safetensors").unlink()  # an interrupted build / damaged cache
+    assert loading._tiny_checkpoint() == cached
+    assert len(builds) == 2 and (cached / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-phi-3.5-vision"]  # no temporary folders left

@@ -1,0 +1,179 @@
+"""build_prompt and Chat: the exact chat format of the checkpoints, image numbering, history edits."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from transformers import PreTrainedTokenizerFast
+
+from phi_helpers import Chat, ImageLoadError, build_prompt
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "phi_helpers" / "data" / "phi-3-vision-128k-instruct"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real Phi-3-vision tokenizer files, with the checkpoint's own chat template."""
+    return PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
+
+
+def template(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def colour(name: str) -> Image.Image:
+    return Image.new("RGB", (8, 8), name)
+
+
+def colours(images) -> list:
+    return [image.getpixel((0, 0)) for image in images]
+
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 128, 0), (0, 0, 255)
+
+# --- build_prompt -----------------------------------------------------------------------------------
+
+
+def test_build_prompt_matches_the_model_card_format():
+    assert build_prompt("What is shown in this image?") == (
+        "<|user|>\n<|image_1|>\nWhat is shown in this image?<|end|>\n<|assistant|>\n"
+    )
+    assert build_prompt("Compare.", num_images=2) == (
+        "<|user|>\n<|image_1|>\n<|image_2|>\nCompare.<|end|>\n<|assistant|>\n"
+    )
+    assert build_prompt("Hi", num_images=0, system="Be brief.") == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+    )
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 3])
+@pytest.mark.parametrize("system", [None, "You are a careful assistant."])
+def test_build_prompt_equals_the_checkpoint_chat_template(tokenizer, num_images, system):
+    question = "How many cats?\nCount carefully."
+    tags = "".join(f"<|image_{n}|>\n" for n in range(1, num_images + 1))
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": tags + question})
+    assert build_prompt(question, num_images=num_images, system=system) == template(tokenizer, messages)
+
+
+@pytest.mark.parametrize("question", ["", "   \n", None, 3])
+def test_build_prompt_rejects_empty_or_non_text_questions(question):
+    with pytest.raises(ValueError):
+        build_prompt(question)
+
+
+@pytest.mark.parametrize("num_images", [-1, 1.5, "2", True])
+def test_build_prompt_rejects_bad_image_counts(num_images):
+    with pytest.raises(ValueError, match="num_images"):
+        build_prompt("Hi", num_images=num_images)
+
+
+def test_question_with_its_own_image_tag_is_refused():
+    with pytest.raises(ValueError, match="adds and numbers the tags"):
+        build_prompt("<|image_1|>\nWhat is this?")
+
+
+# --- Chat -------------------------------------------------------------------------------------------
+
+
+def test_single_turn_chat_renders_like_build_prompt():
+    chat = Chat(system="Be brief.").add_user("What is this?", images=colour("red"))
+    assert chat.render() == build_prompt("What is this?", num_images=1, system="Be brief.")
+
+
+def test_images_are_numbered_over_the_whole_conversation(tmp_path):
+    path = tmp_path / "green.png"
+    colour("green").save(path)
+    chat = Chat()
+    chat.add_user("First two.", images=[colour("red"), str(path)])
+    chat.add_assistant("A red and a green square.")
+    chat.add_user("No image here.")
+    chat.add_assistant("OK.")
+    chat.add_user("And this?", images=colour("blue"))
+    assert [m["content"] for m in chat.messages] == [
+        "<|image_1|>\n<|image_2|>\nFirst two.",
+        "A red and a green square.",
+        "No image here.",
+        "OK.",
+        "<|image_3|>\nAnd this?",
+    ]
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert colours(chat.images) == [RED, GREEN, BLUE]
+    assert len(chat) == 5
+
+
+def test_render_equals_apply_chat_template_on_messages(tokenizer):
+    chat = Chat(system="You read charts.")
+    chat.add_user("Describe both.", images=[colour("red"), colour("blue")])
+    chat.add_assistant("Two squares.")
+    chat.add_user("Which is warmer?", images=colour("green"))
+    rendered = chat.render()
+    assert rendered == template(tokenizer, chat.messages)
+    assert rendered.endswith("Which is warmer?<|end|>\n<|assistant|>\n")
+    assert rendered.startswith("<|system|>\nYou read charts.<|end|>\n<|user|>\n<|image_1|>\n<|image_2|>\n")
+
+
+def test_after_an_answer_there_is_no_generation_prompt(tokenizer):
+    chat = Chat().add_user("Hi").add_assistant("Hello!")
+    assert chat.render() == template(tokenizer, chat.messages)
+    assert chat.render().endswith("Hello!<|end|>\n")
+
+
+def test_empty_chat_cannot_be_rendered_and_empty_question_is_refused():
+    chat = Chat()
+    with pytest.raises(ValueError, match="empty"):
+        chat.render()
+    with pytest.raises(ValueError, match="empty"):
+        chat.add_user("  ")
+    assert len(chat) == 0
+
+
+def test_a_failing_image_adds_nothing(tmp_path):
+    chat = Chat().add_user("Hi", images=colour("red"))
+    with pytest.raises(ImageLoadError):
+        chat.add_user("Two images", images=[colour("blue"), tmp_path / "missing.png"])
+    assert len(chat) == 1
+    assert colours(chat.images) == [RED]
+
+
+def test_drop_images_keeps_the_text_and_renumbers():
+    chat = Chat()
+    chat.add_user("One.", images=[colour("red"), colour("green")])
+    chat.add_assistant("Seen.")
+    chat.add_user("Two.", images=colour("blue"))
+    assert chat.drop_images(keep_last=2) == 1
+    assert [m["content"] for m in chat.messages] == ["<|image_1|>\nOne.", "Seen.", "<|image_2|>\nTwo."]
+    assert colours(chat.images) == [GREEN, BLUE]
+    assert chat.drop_images(keep_last=5) == 0
+    assert chat.drop_images() == 2
+    assert [m["content"] for m in chat.messages] == ["One.", "Seen.", "Two."]
+    assert chat.images == []
+
+
+def test_drop_images_rejects_negative_counts():
+    with pytest.raises(ValueError, match="keep_last"):
+        Chat().drop_images(keep_last=-1)
+
+
+def test_reset_forgets_turns_but_keeps_the_system_message():
+    chat = Chat(system="Be brief.").add_user("Hi", images=colour("red")).add_assistant("Hello")
+    chat.reset()
+    assert len(chat) == 0 and chat.images == []
+    assert chat.add_user("Again").render() == "<|system|>\nBe brief.<|end|>\n<|user|>\nAgain<|end|>\n<|assistant|>\n"
+
+
+def test_repr_shows_turns_and_image_numbers():
+    chat = Chat(system="Be brief.").add_user("What is this?", images=[colour("red"), colour("blue")])
+    chat.add_assistant("Two squares. " * 20)
+    text = repr(chat)
+    assert "turns=2" in text and "images=2" in text
+    assert "user: [image 1] [image 2] 'What is this?'" in text
+    assert "assistant: 'Two squares." in text and "...'" in text  # long answers are shortened
+    assert len(max(text.splitlines(), key=len)) < 100
+
+
+def test_messages_is_a_copy():
+    chat = Chat().add_user("Hi")
+    chat.messages[0]["content"] = "changed"
+    chat.messages.append({"role": "user", "content": "x"})
+    assert chat.messages == [{"role": "user", "content": "Hi"}]
