@@ -25,11 +25,13 @@ AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: do
 from . import registration as _registration  # noqa: F401  (registers the Auto classes on import)
 from .errors import (
     ContextLengthError,
+    DeviceUnavailableError,
     FlashAttentionUnavailableError,
     ImageAspectRatioError,
     ImageDownloadTimeout,
     ImageLoadError,
     JSONExtractionError,
+    ModelLoadError,
     PhiHelpersError,
     PromptImageMismatchError,
 )
@@ -56,4 +58,6 @@ __all__ = [
     "ContextLengthError",
     "FlashAttentionUnavailableError",
     "JSONExtractionError",
+    "DeviceUnavailableError",
+    "ModelLoadError",
 ]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.processing_utils import ImagesKwargs
 
 from .errors import ImageAspectRatioError, ImageLoadError
 
@@ -90,6 +91,13 @@ def flatten_images(images) -> list:
     return [images]
 
 
+class Phi3VImagesKwargs(ImagesKwargs, total=False):
+    """The keyword arguments this image processor understands beyond transformers' standard ones."""
+
+    num_crops: int
+    num_img_tokens: int
+
+
 class Phi3VImageProcessor(BaseImageProcessor):
     r"""Turns images into Phi-3-vision's ``pixel_values``, ``image_sizes`` and ``num_img_tokens``.
 
@@ -104,6 +112,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "image_sizes"]
+    valid_kwargs = Phi3VImagesKwargs
 
     def __init__(
         self,
