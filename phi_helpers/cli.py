@@ -1,0 +1,386 @@
+"""The command line: ``python -m phi_helpers predict ...`` and ``python -m phi_helpers eval ...``.
+
+Installed as the console script ``phi-helpers`` too. Run ``phi-helpers predict --help`` for the
+options and examples. What the commands do is in ``phi_helpers.batch`` (predict) and
+``phi_helpers.evaluation`` (eval); this module reads the arguments, checks them, loads the model
+and writes the results.
+
+Exit codes: 0 success; 1 a runtime error (missing file, unreadable image, bad URL, unwritable
+output, some items of a batch failed...); 2 a usage error (argparse: unknown task, vqa without
+--prompt...); 130 interrupted with Ctrl-C. Errors are one line on stderr starting with ``error:``;
+set ``PHI_HELPERS_DEBUG=1`` to get the full traceback instead.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .batch import (
+    TASKS,
+    JsonlWriter,
+    chunks,
+    collect_items,
+    done_keys,
+    error_message,
+    is_multi_input,
+    load_schema,
+    model_info,
+    predict,
+    predict_items,
+)
+from .errors import PhiHelpersError
+from .loading import load_model
+
+DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+class CLIError(PhiHelpersError):
+    """A problem with what was asked on the command line that is found while running (exit code 1)."""
+
+
+PREDICT_EXAMPLES = """\
+examples:
+  phi-helpers predict --image photo.jpg --task caption
+  phi-helpers predict --image https://example.com/chart.png --task vqa --prompt "What is the highest bar?"
+  phi-helpers predict --image receipt.png --task ocr --format json --output receipt.json
+  phi-helpers predict --image receipt.png --task extract --schema receipt.schema.json --format json
+  phi-helpers predict --image scans/ --task ocr --output scans.jsonl             # a folder
+  phi-helpers predict --image "scans/**/*.png" --task ocr --output scans.jsonl   # a glob (quote it)
+  phi-helpers predict --image report.pdf --task caption --output pages.jsonl     # every page of a PDF
+
+Folders, globs, PDFs and several --image values give one JSON line per image or PDF page in the
+--output file. Lines are written as soon as they are ready; running the same command again skips
+what is already done and retries the items that failed (their lines have an "error").
+"""
+
+EVAL_EXAMPLES = """\
+examples:
+  phi-helpers eval --data data/eval
+  phi-helpers eval --data data/eval --limit 3 --output report.json
+  PHI_HELPERS_MODEL=tiny phi-helpers eval --data data/eval --max-new-tokens 16   # offline dry run
+
+DIR/manifest.jsonl has one item per line: {"image": ..., "task": "ocr", "expected": "text"} or
+{"image": ..., "task": "extract", "schema": "schemas/x.schema.json", "expected": {...}}. OCR items
+are scored with the character error rate (lower is better), extraction items with per-field exact
+match (higher is better).
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="phi-helpers",
+        description="Run Phi-3-vision / Phi-3.5-vision from the command line (also: python -m phi_helpers).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict_parser(commands)
+    _add_eval_parser(commands)
+    return parser
+
+
+def _add_predict_parser(commands) -> None:
+    parser = commands.add_parser(
+        "predict",
+        help="caption, transcribe, question or extract JSON from images",
+        description="Run one task on an image, a folder of images, a glob pattern or a PDF.",
+        epilog=PREDICT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--image", required=True, nargs="+", metavar="PATH_OR_URL",
+        help="an image file or http(s) URL; or a folder, a glob pattern or a PDF (one result per image/page); "
+        "several values are allowed",
+    )
+    parser.add_argument(
+        "--task", required=True, choices=TASKS,
+        help="caption: describe the image; ocr: transcribe its text; vqa: answer --prompt; "
+        "extract: JSON that follows --schema",
+    )
+    parser.add_argument("--prompt", metavar="TEXT", help="the question (required for vqa); replaces the built-in instruction "
+                        "for caption and ocr; extra instructions for extract")
+    parser.add_argument("--schema", metavar="FILE.json", help="JSON Schema of the answer (required for --task extract)")
+    parser.add_argument("--output", metavar="FILE", help="write the result here (required for many images: JSON lines, "
+                        "appended); default: print it")
+    parser.add_argument("--format", choices=("txt", "json"), help="txt: the answer only (default for one image); "
+                        "json: the answer with its metadata (always used for many images)")
+    _add_model_options(parser)
+    parser.set_defaults(parser=parser)
+
+
+def _add_eval_parser(commands) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="score the model on a labelled set (character error rate, field exact match)",
+        description="Run the model on every item of DIR/manifest.jsonl and score the answers.",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="folder with manifest.jsonl (e.g. data/eval)")
+    parser.add_argument("--output", metavar="FILE", help="also write the full report (every answer and score) as JSON")
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of the manifest")
+    _add_model_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command: which model, where, and how much to generate."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="ID_OR_PATH", help=f"hub id or local folder; 'tiny' for a tiny random test model "
+                       f"(default: $PHI_HELPERS_MODEL, else {DEFAULT_MODEL})")
+    group.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="default: auto (CUDA, then MPS, then CPU)")
+    group.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       help="default: auto (bf16/fp16 on GPUs, fp32 on CPU)")
+    group.add_argument("--attn", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto",
+                       help="attention implementation (default: auto)")
+    group.add_argument("--num-crops", type=_positive_int, metavar="N", help="image crops of 336 px: more = finer detail, "
+                       "more tokens (default: the checkpoint's, 4 for Phi-3.5-vision)")
+    group.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                       help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
+    group.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                       help=f"images per generate call when there are many (default: {DEFAULT_BATCH_SIZE})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _check_predict_args(args) -> bool:
+    """Usage errors argparse cannot see by itself (exit code 2). Returns True for many-image input."""
+    predict_parser = args.parser  # set_defaults(parser=...): its .error() shows the predict usage line
+    if args.task == "vqa" and not (args.prompt and args.prompt.strip()):
+        predict_parser.error('--task vqa needs a question: add --prompt "..."')
+    if args.task == "extract" and not args.schema:
+        predict_parser.error("--task extract needs a JSON Schema: add --schema FILE.json")
+    if args.schema and args.task != "extract":
+        predict_parser.error("--schema is only used with --task extract")
+    many = len(args.image) > 1 or is_multi_input(args.image[0])
+    if many and not args.output:
+        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images "
+                             "(results are written as JSON lines)")
+    if many and args.format == "txt":
+        predict_parser.error("--format txt is for a single image; many images are always written as JSON lines")
+    return many
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: message + exit code 2 (SystemExit)
+    try:
+        if args.command == "predict":
+            return run_predict(args)
+        from .evaluation import run_eval_command  # imported here: only eval needs it
+
+        return run_eval_command(args, load=lambda: load_for_cli(args))
+    except KeyboardInterrupt:
+        print("error: interrupted (everything written so far is kept; run the same command again to go on)", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001  (one line, never a traceback; PHI_HELPERS_DEBUG=1 shows it)
+        if os.environ.get("PHI_HELPERS_DEBUG"):
+            raise
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return 1
+
+
+def load_for_cli(args):
+    """``load_model`` with the command-line choices.
+
+    An explicit ``--model`` wins over ``$PHI_HELPERS_MODEL``: load_model gives the variable priority,
+    so ``--model`` is passed through it (which also makes ``--model tiny`` work). load_model prints
+    what it chose; that goes to stderr, so that stdout holds only the answer.
+    """
+    with _environment("PHI_HELPERS_MODEL", args.model), contextlib.redirect_stdout(sys.stderr):
+        return load_model(DEFAULT_MODEL, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None):
+    """Set an environment variable for the duration of a ``with`` block (``None``: leave it alone)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+# ----------------------------------------------------------------------------------------------
+# predict
+# ----------------------------------------------------------------------------------------------
+
+
+def run_predict(args) -> int:
+    """The ``predict`` command: one image -> an answer; many images -> JSON lines."""
+    many = _check_predict_args(args)
+    schema = load_schema(args.schema) if args.task == "extract" else None
+    if many:
+        return run_batch(args, schema)
+    return run_single(args, schema)
+
+
+def task_options(args, schema) -> dict:
+    """Keyword arguments of ``batch.predict`` taken from the command line."""
+    return {"question": args.prompt, "schema": schema, "max_new_tokens": args.max_new_tokens}
+
+
+def run_single(args, schema) -> int:
+    """One image: everything is checked before the (slow) model loading; the answer is printed or written."""
+    (item,) = collect_items(args.image[0])
+    image = item.load()  # a missing file, unreadable image or bad URL fails here, before loading the model
+    if args.output:
+        check_output_path(Path(args.output))
+    model, processor = load_for_cli(args)
+    result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
+    record = make_record({"source": item.source, "image_size": list(image.size), **result}, args, model_info(model, processor))
+
+    if args.task == "extract" and not record["valid"]:
+        print(f"warning: the answer does not follow the schema: {'; '.join(record['errors'])}", file=sys.stderr)
+    text = json.dumps(record, indent=2, ensure_ascii=False) if args.format == "json" else answer_text(record)
+    if args.output:
+        write_atomically(Path(args.output), text + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def answer_text(record: dict) -> str:
+    """What ``--format txt`` prints: the answer; for extract the JSON (or the last raw answer if none parsed)."""
+    if record["task"] != "extract":
+        return record["answer"]
+    if record["answer"] is None:
+        return record["raw"][-1]
+    return json.dumps(record["answer"], indent=2, ensure_ascii=False)
+
+
+RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
+
+
+def make_record(result: dict, args, info: dict) -> dict:
+    """An output record in a fixed, readable order: where from, what task, the answer, then how it was made.
+
+    ``result`` is what ``predict`` / ``predict_items`` returned for one image; ``info`` is ``model_info``.
+    """
+    record = {key: result[key] for key in ("source", "page") if key in result}
+    record["task"] = args.task
+    if args.schema:
+        record["schema"] = args.schema
+    if "error" in result:
+        return {**record, "error": result["error"]}
+    record.update((key, result[key]) for key in RESULT_KEYS if key in result)
+    record.update(info)
+    record.update((key, value) for key, value in result.items() if key not in record)
+    return record
+
+
+def run_batch(args, schema) -> int:
+    """Many images: JSON lines appended to --output, batched generation, finished items skipped."""
+    items = [item for spec in args.image for item in collect_items(spec)]
+    output = Path(args.output)
+    check_output_path(output)
+    finished = done_keys(output)
+    todo = [item for item in items if item.key not in finished]
+    if len(todo) < len(items):
+        print(f"{len(items) - len(todo)} of {len(items)} items are already done in {output}; skipping them.", file=sys.stderr)
+    if not todo:
+        print("Nothing left to do.", file=sys.stderr)
+        return 0
+
+    model, processor = load_for_cli(args)
+    info = model_info(model, processor)
+    failed = 0
+    with JsonlWriter(output) as writer, progress_bar(len(todo), args.task) as bar:
+        for batch in chunks(todo, args.batch_size):
+            for record in predict_items(model, processor, batch, args.task, **task_options(args, schema)):
+                record = make_record(record, args, info)
+                writer.write(record)
+                if "error" in record:
+                    failed += 1
+                    bar.write(f"failed: {record['source']}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
+            bar.update(len(batch))
+
+    print(f"{len(todo) - failed} of {len(todo)} items done; results in {output}", file=sys.stderr)
+    if failed:
+        print(f'error: {failed} of {len(todo)} items failed (their lines in {output} have an "error"); '
+              "run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _page_suffix(record: dict) -> str:
+    return f" (page {record['page']})" if "page" in record else ""
+
+
+def progress_bar(total: int, description: str):
+    """A tqdm progress bar on stderr (stdout stays clean for results)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise CLIError("Many-image runs need the 'tqdm' package: pip install tqdm") from None
+    return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files
+# ----------------------------------------------------------------------------------------------
+
+
+def check_output_path(path: Path) -> None:
+    """Fail early (before loading the model) if ``path`` cannot be written."""
+    if path.is_dir():
+        raise CLIError(f"--output '{path}' is a folder; give a file name inside it, e.g. '{path / 'results.jsonl'}'.")
+    folder = path.parent
+    if not folder.is_dir():
+        raise CLIError(f"Cannot write '{path}': the folder '{folder}' does not exist. Create it first.")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIError(f"Cannot write '{path}': permission denied.")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it to ``path``.
+
+    The rename is atomic: ``path`` holds either its old content or the complete new one, never a
+    half-written file, even if the program is interrupted.
+    """
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

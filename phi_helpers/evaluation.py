@@ -1,0 +1,370 @@
+"""Score the model on a labelled set: ``python -m phi_helpers eval --data data/eval``.
+
+Two metrics, both small enough to read in a minute:
+
+* **Character error rate (CER)** for transcriptions: the Levenshtein distance between the answer
+  and the expected text (the fewest single-character insertions, deletions and substitutions that
+  turn one into the other) divided by the length of the expected text. 0 is perfect; it can go
+  above 1 when the answer is much longer than the reference. Runs of whitespace count as one space
+  (line breaks are a matter of layout, not of reading).
+* **Per-field exact match** for JSON extraction: each top-level field of the expected object is
+  right or wrong. Strings are compared ignoring case and extra whitespace, numbers by value
+  (``40.4`` equals ``40.40``, but the string ``"40.4"`` does not equal the number), lists and
+  objects element by element with the same rules. A missing field, or an answer that is no JSON,
+  counts as wrong. Reported per field and overall.
+
+    from phi_helpers.evaluation import character_error_rate, field_matches
+    character_error_rate("sitting", "kitten")   # 3 edits / 6 characters = 0.5
+    field_matches({"total": 40.4, "merchant": "ACME "}, {"total": 40.40, "merchant": "acme"})
+    # {'total': True, 'merchant': True}
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .batch import Item, load_schema, model_info, predict_items
+
+MANIFEST = "manifest.jsonl"
+EVAL_TASKS = ("ocr", "extract")
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def levenshtein(a: str, b: str) -> int:
+    """The edit distance between ``a`` and ``b`` (insertions, deletions, substitutions; each costs 1).
+
+    Dynamic programming, one row at a time: ``previous[j]`` is the distance between the first ``i-1``
+    characters of ``a`` and the first ``j`` characters of ``b``.
+    """
+    if len(a) < len(b):
+        a, b = b, a  # keep the rows short
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(
+                previous[j] + 1,  # delete char_a
+                current[j - 1] + 1,  # insert char_b
+                previous[j - 1] + (char_a != char_b),  # substitute (free if equal)
+            ))
+        previous = current
+    return previous[-1]
+
+
+def normalise_text(text: str) -> str:
+    """Collapse every run of whitespace (spaces, tabs, line breaks) into one space; strip the ends."""
+    return " ".join(str(text).split())
+
+
+def character_error_rate(hypothesis: str, reference: str) -> float:
+    """Levenshtein distance / reference length, after ``normalise_text`` on both.
+
+    An empty reference gives 0.0 for an empty answer and 1.0 for any other answer.
+    """
+    hypothesis, reference = normalise_text(hypothesis), normalise_text(reference)
+    if not reference:
+        return 0.0 if not hypothesis else 1.0
+    return levenshtein(hypothesis, reference) / len(reference)
+
+
+def normalise_value(value):
+    """A JSON value made comparable: strings case- and whitespace-insensitive, numbers by value."""
+    if isinstance(value, str):
+        return normalise_text(value).casefold()
+    if isinstance(value, bool):
+        return ("boolean", value)  # in Python True == 1: keep true and 1 apart
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return round(float(value), 6)
+    if isinstance(value, list):
+        return [normalise_value(element) for element in value]
+    if isinstance(value, dict):
+        return {key: normalise_value(element) for key, element in value.items()}
+    return value
+
+
+def field_matches(answer, expected: dict) -> dict[str, bool]:
+    """For each top-level field of ``expected``: does ``answer`` have the same value (normalised)?
+
+    ``answer`` may be anything the model produced; if it is not a JSON object every field is wrong.
+    """
+    if not isinstance(answer, dict):
+        return {field: False for field in expected}
+    return {
+        field: field in answer and normalise_value(answer[field]) == normalise_value(value)
+        for field, value in expected.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The labelled set
+# ----------------------------------------------------------------------------------------------
+
+
+def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
+    """The items of ``DIR/manifest.jsonl`` (the first ``limit`` of them), checked, with absolute paths.
+
+    Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
+    ``schema`` (a Path). Raises ValueError naming the line of the first malformed item.
+    """
+    data_dir = Path(data_dir)
+    manifest = data_dir / MANIFEST
+    if not data_dir.is_dir():
+        raise ValueError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
+    if not manifest.is_file():
+        raise ValueError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
+    entries = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        entries.append(_check_entry(line, data_dir, f"{manifest}, line {number}"))
+        if limit is not None and len(entries) == limit:
+            break
+    if not entries:
+        raise ValueError(f"{manifest} has no items.")
+    return entries
+
+
+def _check_entry(line: str, data_dir: Path, where: str) -> dict:
+    """One manifest line, parsed and checked; paths made relative to the manifest's folder."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON: {error.msg}.") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a JSON object.")
+    missing = [key for key in ("image", "task", "expected") if key not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}.")
+    if entry["task"] not in EVAL_TASKS:
+        raise ValueError(f"{where}: task must be one of {', '.join(EVAL_TASKS)}, not {entry['task']!r}.")
+    if entry["task"] == "ocr" and not isinstance(entry["expected"], str):
+        raise ValueError(f"{where}: an ocr item's expected answer must be a string.")
+    if entry["task"] == "extract":
+        if not isinstance(entry["expected"], dict):
+            raise ValueError(f"{where}: an extract item's expected answer must be a JSON object.")
+        if "schema" not in entry:
+            raise ValueError(f"{where}: an extract item needs a schema.")
+    checked = dict(entry, image=data_dir / entry["image"])
+    checked.setdefault("id", Path(entry["image"]).stem)
+    if "schema" in entry:
+        checked["schema"] = data_dir / entry["schema"]
+    return checked
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(model, processor, entries: list[dict], batch_size: int = 4, max_new_tokens: int = 512, progress=None) -> dict:
+    """Run the model on every entry, score the answers, and return the report (a JSON-ready dict).
+
+    Entries with the same task and schema that follow each other run together, ``batch_size`` at a
+    time. ``progress``, if given, is called with the number of entries finished after each batch.
+    """
+    schemas = {entry["schema"]: load_schema(entry["schema"]) for entry in entries if "schema" in entry}
+    start = time.perf_counter()
+    scored = []
+    for group in _batches(entries, batch_size):
+        task, schema_path = group[0]["task"], group[0].get("schema")
+        items = [Item(str(entry["image"])) for entry in group]
+        records = predict_items(
+            model, processor, items, task, schema=schemas.get(schema_path), max_new_tokens=max_new_tokens
+        )
+        scored.extend(score_entry(entry, record) for entry, record in zip(group, records))
+        if progress:
+            progress(len(group))
+    return {
+        **model_info(model, processor),
+        "items_evaluated": len(scored),
+        "total_seconds": round(time.perf_counter() - start, 3),
+        "summary": summarise(scored),
+        "items": scored,
+    }
+
+
+def _batches(entries: list[dict], size: int):
+    """Consecutive runs of entries with the same task and schema, at most ``size`` long."""
+    batch = []
+    for entry in entries:
+        if batch and (len(batch) == size or _kind(entry) != _kind(batch[0])):
+            yield batch
+            batch = []
+        batch.append(entry)
+    if batch:
+        yield batch
+
+
+def _kind(entry: dict) -> tuple:
+    return entry["task"], entry.get("schema")
+
+
+def score_entry(entry: dict, record: dict) -> dict:
+    """The report line of one item: its answer and its score. A failed item scores as an empty answer."""
+    line = {"id": entry["id"], "image": str(entry["image"]), "task": entry["task"]}
+    if "error" in record:
+        line["error"] = record["error"]
+    if entry["task"] == "ocr":
+        answer = record.get("answer") or ""
+        line.update(answer=answer, expected=entry["expected"], cer=round(character_error_rate(answer, entry["expected"]), 4))
+        line["edits"] = levenshtein(normalise_text(answer), normalise_text(entry["expected"]))
+        line["reference_chars"] = len(normalise_text(entry["expected"]))
+    else:
+        answer = record.get("answer")
+        line.update(
+            answer=answer,
+            expected=entry["expected"],
+            schema=_schema_name(entry["schema"]),
+            fields=field_matches(answer, entry["expected"]),
+            valid=record.get("valid", False),
+            errors=record.get("errors", []),
+            raw=record.get("raw", []),
+        )
+    return line
+
+
+def _schema_name(path) -> str:
+    """``schemas/receipt.schema.json`` -> ``receipt``: the prefix of its fields in the report."""
+    return Path(path).name.split(".")[0]
+
+
+def summarise(scored: list[dict]) -> dict:
+    """Totals over the items: CER for ocr, per-field and overall exact match for extract."""
+    summary = {}
+    ocr = [line for line in scored if line["task"] == "ocr"]
+    if ocr:
+        edits = sum(line["edits"] for line in ocr)
+        chars = sum(line["reference_chars"] for line in ocr)
+        summary["ocr"] = {
+            "items": len(ocr),
+            "cer": round(edits / chars, 4) if chars else 0.0,  # all edits / all reference characters
+            "mean_item_cer": round(sum(line["cer"] for line in ocr) / len(ocr), 4),
+        }
+    extract = [line for line in scored if line["task"] == "extract"]
+    if extract:
+        fields: dict[str, dict] = {}
+        for line in extract:
+            for field, right in line["fields"].items():
+                counts = fields.setdefault(f"{line['schema']}.{field}", {"correct": 0, "total": 0})
+                counts["correct"] += right
+                counts["total"] += 1
+        for counts in fields.values():
+            counts["accuracy"] = round(counts["correct"] / counts["total"], 4)
+        correct = sum(counts["correct"] for counts in fields.values())
+        total = sum(counts["total"] for counts in fields.values())
+        summary["extract"] = {
+            "items": len(extract),
+            "valid_answers": sum(bool(line["valid"]) for line in extract),
+            "all_fields_right": sum(all(line["fields"].values()) for line in extract),
+            "exact_match": round(correct / total, 4) if total else 0.0,
+            "fields_correct": correct,
+            "fields_total": total,
+            "fields": fields,
+        }
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The report as text
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[list], header: list[str]) -> str:
+    """Rows of cells as aligned columns (numbers right-aligned, text left-aligned)."""
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    numeric = [bool(rows) and all(_is_number(row[column]) for row in rows) for column in range(len(header))]
+    lines = []
+    for row in cells:
+        parts = [cell.rjust(width) if is_num else cell.ljust(width) for cell, width, is_num in zip(row, widths, numeric)]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_report(report: dict) -> str:
+    """The report as the text printed by ``eval``: one table of items, one of fields, a summary."""
+    item_rows = [[line["id"], line["task"], _item_score(line)] for line in report["items"]]
+    parts = [format_table(item_rows, ["item", "task", "score"])]
+    extract = report["summary"].get("extract")
+    if extract:
+        field_rows = [[name, c["correct"], c["total"], f"{c['accuracy']:.3f}"] for name, c in extract["fields"].items()]
+        field_rows.append(["overall", extract["fields_correct"], extract["fields_total"], f"{extract['exact_match']:.3f}"])
+        parts.append(format_table(field_rows, ["field", "correct", "total", "exact match"]))
+    parts.append(_summary_lines(report))
+    return "\n\n".join(parts)
+
+
+def _item_score(line: dict) -> str:
+    if line["task"] == "ocr":
+        score = f"CER {line['cer']:.3f}"
+    else:
+        right = sum(line["fields"].values())
+        score = f"{right}/{len(line['fields'])} fields" + ("" if line["valid"] else ", invalid JSON")
+    return score + (" (error)" if "error" in line else "")
+
+
+def _summary_lines(report: dict) -> str:
+    lines = [f"model: {report['model']} on {report['device']} ({report['dtype']}), "
+             f"{report['items_evaluated']} items in {report['total_seconds']:.1f} s"]
+    ocr, extract = report["summary"].get("ocr"), report["summary"].get("extract")
+    if ocr:
+        lines.append(f"ocr: character error rate {ocr['cer']:.3f} over {ocr['items']} items (lower is better)")
+    if extract:
+        lines.append(
+            f"extract: exact match {extract['exact_match']:.3f} over {extract['fields_total']} fields of "
+            f"{extract['items']} items; {extract['valid_answers']} of {extract['items']} answers valid (higher is better)"
+        )
+    failed = sum("error" in line for line in report["items"])
+    if failed:
+        lines.append(f"{failed} item(s) could not be run and count as wrong; see their \"error\" in the JSON report")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval command
+# ----------------------------------------------------------------------------------------------
+
+
+def run_eval_command(args, load) -> int:
+    """``phi-helpers eval``: check the set, load the model with ``load()``, run, print, write the report."""
+    from .cli import check_output_path, progress_bar, write_atomically  # shared with predict
+
+    entries = read_manifest(args.data, args.limit)
+    for schema in sorted({entry["schema"] for entry in entries if "schema" in entry}):
+        load_schema(schema)  # a broken schema fails now, not after loading the model
+    if args.output:
+        check_output_path(Path(args.output))
+    model, processor = load()
+    with progress_bar(len(entries), "eval") as bar:
+        report = evaluate(model, processor, entries, args.batch_size, args.max_new_tokens, progress=bar.update)
+    report["data"] = str(args.data)
+    print(format_report(report))
+    if args.output:
+        write_atomically(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+__all__ = [
+    "levenshtein",
+    "character_error_rate",
+    "normalise_text",
+    "normalise_value",
+    "field_matches",
+    "read_manifest",
+    "evaluate",
+    "summarise",
+    "format_report",
+    "run_eval_command",
+]

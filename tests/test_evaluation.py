@@ -1,0 +1,261 @@
+"""Metrics (CER, per-field exact match) and the ``eval`` command on the shipped set in data/eval."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import phi_helpers  # noqa: F401  (registers the native classes)
+from phi_helpers import batch, cli
+from phi_helpers.batch import Generation
+from phi_helpers.evaluation import (
+    character_error_rate,
+    field_matches,
+    format_table,
+    levenshtein,
+    normalise_value,
+    read_manifest,
+    summarise,
+)
+from phi_helpers.images import load_image
+from phi_helpers.testing import make_tiny_checkpoint
+
+EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "eval"
+needs_eval_set = pytest.mark.skipif(not (EVAL_SET / "manifest.jsonl").exists(), reason="data/eval is not generated")
+
+
+# ----------------------------------------------------------------------------------------------
+# Character error rate
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "a, b, distance",
+    [
+        ("kitten", "sitting", 3),
+        ("flaw", "lawn", 2),
+        ("", "abc", 3),
+        ("abc", "", 3),
+        ("abc", "abc", 0),
+        ("Saturday", "Sunday", 3),
+        ("ab", "ba", 2),  # a swap is two edits (no transpositions)
+    ],
+)
+def test_levenshtein_known_pairs(a, b, distance):
+    assert levenshtein(a, b) == distance
+    assert levenshtein(b, a) == distance
+
+
+def test_character_error_rate():
+    assert character_error_rate("kitten", "sitting") == pytest.approx(3 / 7)  # distance / reference length
+    assert character_error_rate("sitting", "kitten") == pytest.approx(3 / 6)
+    assert character_error_rate("The quick fox.", "The quick fox.") == 0.0
+    assert character_error_rate("The quick\n  fox. ", "The quick fox.") == 0.0  # whitespace runs are one space
+    assert character_error_rate("the quick fox.", "The quick fox.") == pytest.approx(1 / 14)  # case counts
+    assert character_error_rate("", "abcd") == 1.0
+    assert character_error_rate("abcdefgh", "abcd") == 1.0  # 4 insertions / 4 characters
+    assert character_error_rate("", "") == 0.0
+    assert character_error_rate("x", "") == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-field exact match
+# ----------------------------------------------------------------------------------------------
+
+
+def test_field_matches_normalises_strings_and_numbers():
+    expected = {"merchant": "Cafe Lumen", "total": 27.17, "quantity": 2, "date": "2024-06-07", "paid": True}
+    answer = {"merchant": "  CAFE   lumen ", "total": 27.170, "quantity": 2.0, "date": "2024-06-08", "paid": True}
+    assert field_matches(answer, expected) == {"merchant": True, "total": True, "quantity": True, "date": False, "paid": True}
+
+
+def test_field_matches_is_strict_about_types_and_missing_fields():
+    expected = {"total": 40.42, "sex": "M", "paid": True, "note": None}
+    assert field_matches({"total": "40.42", "paid": 1, "note": None}, expected) == {
+        "total": False,  # a string is not the number
+        "sex": False,  # missing
+        "paid": False,  # 1 is not true
+        "note": True,
+    }
+    assert field_matches(None, expected) == dict.fromkeys(expected, False)  # no JSON at all
+    assert field_matches(["a list"], expected) == dict.fromkeys(expected, False)
+
+
+def test_field_matches_compares_lists_and_objects_element_by_element():
+    items = [{"name": "Espresso", "amount": 4.2}, {"name": "Oat latte", "amount": 3.6}]
+    assert field_matches({"items": [{"name": "espresso", "amount": 4.20}, {"name": "OAT LATTE", "amount": 3.6}]}, {"items": items}) == {"items": True}
+    assert field_matches({"items": items[:1]}, {"items": items}) == {"items": False}
+    assert field_matches({"items": items[::-1]}, {"items": items}) == {"items": False}  # order matters
+    assert normalise_value({"a": [" X  y ", 1]}) == {"a": ["x y", 1.0]}
+
+
+def test_summary_per_field_and_overall():
+    scored = [
+        {"task": "ocr", "cer": 0.5, "edits": 5, "reference_chars": 10},
+        {"task": "ocr", "cer": 0.0, "edits": 0, "reference_chars": 30},
+        {"task": "extract", "schema": "receipt", "fields": {"total": True, "date": False}, "valid": True},
+        {"task": "extract", "schema": "receipt", "fields": {"total": True, "date": True}, "valid": False},
+        {"task": "extract", "schema": "passport", "fields": {"sex": False}, "valid": True},
+    ]
+    summary = summarise(scored)
+    assert summary["ocr"] == {"items": 2, "cer": 0.125, "mean_item_cer": 0.25}  # 5 edits / 40 chars; mean of 0.5, 0
+    extract = summary["extract"]
+    assert extract["fields"] == {
+        "receipt.total": {"correct": 2, "total": 2, "accuracy": 1.0},
+        "receipt.date": {"correct": 1, "total": 2, "accuracy": 0.5},
+        "passport.sex": {"correct": 0, "total": 1, "accuracy": 0.0},
+    }
+    assert extract["exact_match"] == 0.6 and (extract["fields_correct"], extract["fields_total"]) == (3, 5)
+    assert extract["valid_answers"] == 2 and extract["all_fields_right"] == 1
+
+
+def test_format_table_aligns_columns():
+    table = format_table([["receipt.total", 3, 3, "1.000"], ["sex", 10, 12, "0.833"]], ["field", "correct", "total", "exact"])
+    lines = table.splitlines()
+    assert lines[0] == "field          correct  total  exact"
+    assert lines[1] == "-------------  -------  -----  -----"
+    assert lines[2] == "receipt.total        3      3  1.000"
+    assert lines[3] == "sex                 10     12  0.833"
+
+
+# ----------------------------------------------------------------------------------------------
+# The manifest
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_eval_set
+def test_shipped_manifest_reads_and_limits():
+    entries = read_manifest(EVAL_SET)
+    assert {entry["task"] for entry in entries} == {"ocr", "extract"}
+    assert all(entry["image"].is_file() for entry in entries)
+    assert all(entry["schema"].is_file() for entry in entries if entry["task"] == "extract")
+    assert [entry["id"] for entry in read_manifest(EVAL_SET, limit=2)] == [entry["id"] for entry in entries[:2]]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"image": "a.png", "task": "ocr", "expected": "x"}', "{oops"], "line 2 is not valid JSON"),
+        (['{"image": "a.png", "task": "ocr"}'], "line 1 lacks expected"),
+        (['{"image": "a.png", "task": "caption", "expected": "x"}'], "task must be one of ocr, extract"),
+        (['{"image": "a.png", "task": "extract", "expected": {"a": 1}}'], "needs a schema"),
+        (["", "  "], "has no items"),
+    ],
+)
+def test_bad_manifests_name_the_line(tmp_path, lines, message):
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_manifest(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval command
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_and_processor(tmp_path_factory):
+    checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-eval"), variant="phi-3.5-vision", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(checkpoint, num_crops=1)
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch, model_and_processor):
+    """The eval command loads the cached tiny model (never the hub)."""
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(model_and_processor[0].name_or_path))
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: model_and_processor)
+
+
+def run(capsys, *argv):
+    try:
+        code = cli.main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """generate_batch answers every eval image with its expected answer (recognised by its pixels)."""
+    expected = {}
+    for entry in read_manifest(EVAL_SET):
+        answer = entry["expected"] if entry["task"] == "ocr" else json.dumps(entry["expected"])
+        expected[load_image(entry["image"]).tobytes()] = answer
+
+    def answer(model, processor, prompts, images, max_new_tokens=512):
+        return [Generation(expected[group[0].tobytes()], 100, 20, 0.1, 0.5, len(prompts)) for group in images]
+
+    monkeypatch.setattr(batch, "generate_batch", answer)
+
+
+@needs_eval_set
+def test_perfect_answers_score_cer_0_and_exact_match_1(capsys, tmp_path, oracle):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(capsys, "eval", "--data", EVAL_SET, "--output", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    entries = read_manifest(EVAL_SET)
+    assert report["items_evaluated"] == len(entries)
+    assert report["summary"]["ocr"]["cer"] == 0.0 and report["summary"]["ocr"]["mean_item_cer"] == 0.0
+    extract = report["summary"]["extract"]
+    assert extract["exact_match"] == 1.0 and extract["valid_answers"] == extract["items"]
+    assert all(field["accuracy"] == 1.0 for field in extract["fields"].values())
+    assert "receipt.total" in extract["fields"] and "passport.surname" in extract["fields"]
+    assert [item["id"] for item in report["items"]] == [entry["id"] for entry in entries]
+    # the printed table: one row per item, one per field, the summary
+    assert "line_01      ocr      CER 0.000" in out
+    assert "overall" in out and "character error rate 0.000" in out and "exact match 1.000" in out
+
+
+@needs_eval_set
+def test_wrong_answers_lower_the_scores(capsys, monkeypatch, tmp_path):
+    def answer(model, processor, prompts, images, max_new_tokens=512):
+        text = '{"merchant": "Northwind Hardware", "date": "2024-11-02", "currency": "USD", "total": 1}'
+        return [Generation(text if "JSON" in prompts[0] else "The quick brown fox", 1, 1, 0.1, 0.1, 1) for _ in prompts]
+
+    monkeypatch.setattr(batch, "generate_batch", answer)
+    report_path = tmp_path / "report.json"
+    assert run(capsys, "eval", "--data", EVAL_SET, "--limit", "4", "--output", report_path)[0] == 0
+    report = json.loads(report_path.read_text())
+    assert report["items"][0]["cer"] == pytest.approx(character_error_rate("The quick brown fox", report["items"][0]["expected"]), abs=1e-4)
+    receipt = report["items"][3]
+    assert receipt["valid"] is True  # schema-valid, but only 3 of 7 fields right
+    assert receipt["fields"] == {"merchant": True, "date": True, "currency": True, "items": False, "subtotal": False, "tax": False, "total": False}
+    assert report["summary"]["extract"]["exact_match"] == pytest.approx(3 / 7, abs=1e-4)
+
+
+@needs_eval_set
+def test_eval_runs_end_to_end_on_the_tiny_model(capsys, tmp_path):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(capsys, "eval", "--data", EVAL_SET, "--limit", "4", "--max-new-tokens", "4", "--output", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert [item["task"] for item in report["items"]] == ["ocr", "ocr", "ocr", "extract"]
+    assert report["summary"]["ocr"]["cer"] > 0  # random tokens are not the text
+    receipt = report["items"][3]
+    assert receipt["valid"] is False and len(receipt["raw"]) == 2 and not any(receipt["fields"].values())
+    assert report["model"] and report["device"] == "cpu"
+    assert "receipt.total" in out and "Traceback" not in err
+
+
+def test_eval_bad_data_is_a_one_line_error(capsys, tmp_path):
+    code, out, err = run(capsys, "eval", "--data", tmp_path / "nowhere")
+    assert code == 1 and out == "" and err.strip().splitlines()[-1].startswith("error: No folder at")
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}\n')
+    code, _, err = run(capsys, "eval", "--data", tmp_path)
+    assert code == 1 and "No schema file" in err.strip().splitlines()[-1]
+    code, _, err = run(capsys, "eval", "--data", tmp_path, "--limit", "0")
+    assert code == 2 and "expected a number >= 1" in err
+
+
+def test_eval_scores_an_unreadable_image_as_wrong(capsys, monkeypatch, tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"id": "gone", "image": "gone.png", "task": "ocr", "expected": "hello"}\n')
+    report_path = tmp_path / "report.json"
+    code, out, _ = run(capsys, "eval", "--data", tmp_path, "--output", report_path)
+    assert code == 0
+    item = json.loads(report_path.read_text())["items"][0]
+    assert item["cer"] == 1.0 and "No file" in item["error"] and "(error)" in out
