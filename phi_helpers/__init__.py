@@ -13,7 +13,7 @@ The whole public API:
     ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, **generate_kwargs) -> str
     extract_json(text) -> dict | list               JSON object inside a model answer
     environment_report() -> dict                    versions, devices, flash-attn, memory needs
-    PhiHelpersError and its subclasses (phi_helpers.errors)
+    PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do
 
 Environment variable PHI_HELPERS_MODEL overrides the model id (a hub id, a local path, or `tiny` for a
 small random checkpoint used by tests and offline dry runs).
@@ -42,22 +42,6 @@ from .parsing import extract_json
 from .prompts import Chat, build_prompt
 from .report import environment_report
 
-__all__ = [
-    "load_model",
-    "load_image",
-    "build_prompt",
-    "Chat",
-    "ask",
-    "extract_json",
-    "environment_report",
-    "PhiHelpersError",
-    "PromptImageMismatchError",
-    "ImageLoadError",
-    "ImageDownloadTimeout",
-    "ImageAspectRatioError",
-    "ContextLengthError",
-    "FlashAttentionUnavailableError",
-    "JSONExtractionError",
-    "DeviceUnavailableError",
-    "ModelLoadError",
-]
+# What help(phi_helpers) shows. The error classes above are importable from here too
+# (`from phi_helpers import ContextLengthError`); they are documented in phi_helpers.errors.
+__all__ = ["load_model", "load_image", "build_prompt", "Chat", "ask", "extract_json", "environment_report"]
