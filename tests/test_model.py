@@ -99,6 +99,14 @@ def test_auto_classes_load_without_remote_code(checkpoint, trust):
     assert type(processor).__name__ == "Phi3VProcessor" and processor.image_processor.num_crops == 2
 
 
+def test_auto_tokenizer_reproduces_the_reference_ids(checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    # transformers 5's LlamaTokenizer would drop the 29871 ("▁") before "\n"
+    assert tokenizer("<|user|>\n").input_ids == [1, 32010, 29871, 13]
+
+
 def test_weights_load_bit_equal_with_official_names(checkpoint, model):
     stored = load_file(checkpoint / "model.safetensors")
     state = model.state_dict()
