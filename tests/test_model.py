@@ -307,6 +307,9 @@ def test_pipeline_and_streaming(model, processor):
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     result = pipe(images=image, text=PROMPT, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_full_text=False)
     assert result[0]["generated_text"] == expected_text
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is shown in this image?"}]}]
+    reply = pipe(text=chat, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": expected_text}
 
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     import threading
