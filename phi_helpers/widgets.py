@@ -1,0 +1,243 @@
+"""A small chat box for Jupyter: attach an image, type a question, watch the answer stream in.
+
+    from phi_helpers.widgets import chat_box
+    chat_box(model, processor)            # the last line of a cell: the box appears below it
+
+or, to drive it from code as well (this is how it is tested, no browser needed)::
+
+    from phi_helpers.widgets import ChatBox
+    box = ChatBox(model, processor, max_new_tokens=256)
+    box                                   # shows the widget
+    box.upload(open("images/receipt.png", "rb").read(), name="receipt.png")
+    box.send("What is the total?")        # same as typing it and pressing Send
+    box.reset()                           # same as pressing Reset
+
+The buttons only call ``send``, ``upload`` and ``reset``. Problems (an unreadable file, a conversation
+too long for the context, ...) are written into the answer area as a short message, never a
+traceback, and a question that could not be answered stays in the text box so you can edit it and
+press Send again.
+
+Needs ``ipywidgets`` (``pip install ipywidgets``); JupyterLab 4 shows the widgets out of the box.
+"""
+
+import html
+import io
+
+from PIL import Image
+
+from .generation import stream_chunks
+from .images import load_image
+from .prompts import Chat
+
+try:
+    import ipywidgets as widgets
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "phi_helpers.widgets needs ipywidgets: `pip install ipywidgets` (then restart the kernel)."
+    ) from error
+
+THUMBNAIL_SIZE = 120  # pixels, the longer side of an attached image's preview
+
+
+def chat_box(model, processor, max_new_tokens: int = 256, system: str | None = None) -> widgets.Widget:
+    """Return the chat box widget (put it on the last line of a cell to show it).
+
+    Use :class:`ChatBox` instead if you also want to call ``send`` / ``upload`` / ``reset`` from code.
+    """
+    return ChatBox(model, processor, max_new_tokens=max_new_tokens, system=system).widget
+
+
+class ChatBox:
+    """The chat box's state and actions; ``.widget`` is what is displayed.
+
+    Args:
+        model, processor: what ``load_model()`` returned.
+        max_new_tokens: the longest answer, in tokens.
+        system: an optional system message for the conversation.
+        stream_fn: the function that streams an answer (default ``phi_helpers.stream_chunks``;
+            tests pass a fake with the same signature).
+
+    Attributes:
+        history: the answered turns, a list of ``(question, images, answer)``.
+        pending_images: images uploaded since the last question; they go with the next one.
+    """
+
+    def __init__(self, model, processor, max_new_tokens: int = 256, system: str | None = None, stream_fn=stream_chunks):
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.system = system
+        self._stream = stream_fn
+        self.history: list[tuple[str, list, str]] = []
+        self.pending_images: list[tuple[str, Image.Image]] = []
+        self._build_widgets()
+
+    # --- what the buttons do ---------------------------------------------------------------------
+
+    def upload(self, data: bytes, name: str = "image") -> bool:
+        """Attach an image (the file's bytes) to the next question. Returns False if it cannot be read."""
+        try:
+            image = load_image(data)
+        except Exception as error:  # noqa: BLE001  (any failure becomes a message, not a traceback)
+            self._write_error(f"Could not use the upload '{name}': {error}")
+            return False
+        self.pending_images.append((name, image))
+        self._show_pending()
+        return True
+
+    def send(self, text: str | None = None) -> str | None:
+        """Ask ``text`` (default: what is in the text box) with the attached images; stream the answer.
+
+        Returns the answer, or ``None`` if nothing was sent (empty question or an error: the message
+        is shown in the answer area and the question stays in the text box).
+        """
+        if text is not None:
+            self.text.value = text
+        question = self.text.value
+        if not question.strip():
+            self._write_error("Type a question first, then press Send.")
+            return None
+        images = [image for _, image in self.pending_images]
+        try:
+            chat = self._chat_with(question, images)
+        except Exception as error:  # noqa: BLE001
+            self._write_error(f"Not sent: {error}")
+            return None
+        self._write(f"You: {question}{_image_note([name for name, _ in self.pending_images])}\nPhi: ")
+        self._set_busy(True)
+        try:
+            answer = self._stream_answer(chat)
+        except Exception as error:  # noqa: BLE001
+            self._write_error(f"\nNot answered: {error}\nYour question is still in the text box; change it or press Send to retry.")
+            return None
+        finally:
+            self._set_busy(False)
+        self.history.append((question, images, answer))
+        self.pending_images = []
+        self._show_pending()
+        self.text.value = ""
+        return answer
+
+    def reset(self) -> None:
+        """Start a new conversation: forget the history and the attached images, clear the answer area."""
+        self.history = []
+        self.pending_images = []
+        self.output.outputs = ()
+        self._show_pending()
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    @property
+    def chat(self) -> Chat:
+        """The conversation so far as a ``phi_helpers.Chat`` (a fresh copy, built from ``history``)."""
+        chat = Chat(system=self.system)
+        for question, images, answer in self.history:
+            chat.add_user(question, images=images)
+            chat.add_assistant(answer)
+        return chat
+
+    def transcript(self) -> str:
+        """Everything written into the answer area, as plain text."""
+        return "".join(output.get("text", "") for output in self.output.outputs)
+
+    def _chat_with(self, question: str, images: list) -> Chat:
+        """The history plus the new question; the history itself changes only once an answer arrives."""
+        return self.chat.add_user(question, images=images)
+
+    def _stream_answer(self, chat: Chat) -> str:
+        """Write the answer piece by piece into the answer area and return it."""
+        pieces = []
+        chunks = self._stream(self.model, self.processor, chat, max_new_tokens=self.max_new_tokens)
+        try:
+            for piece in chunks:
+                pieces.append(piece)
+                self._write(piece)
+        except KeyboardInterrupt:  # the kernel's stop button: keep what was generated
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            self._write(" [stopped]")
+        self._write("\n\n")
+        return "".join(pieces).strip()
+
+    def _build_widgets(self) -> None:
+        self.uploader = widgets.FileUpload(accept="image/*", multiple=False, description="Attach image")
+        self.status = widgets.HTML(value=_pending_text([]))
+        self.preview = widgets.HBox([])
+        self.text = widgets.Textarea(
+            placeholder="Ask about the image, then press Send", rows=2, layout=widgets.Layout(width="100%")
+        )
+        self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.reset_button = widgets.Button(description="Reset", tooltip="Start a new conversation", icon="refresh")
+        self.output = widgets.Output(
+            layout=widgets.Layout(border="1px solid #ccc", padding="4px", max_height="400px", overflow="auto")
+        )
+        self.uploader.observe(self._on_upload, names="value")
+        self.send_button.on_click(lambda _button: self.send())
+        self.reset_button.on_click(lambda _button: self.reset())
+        self.widget = widgets.VBox([
+            widgets.HBox([self.uploader, self.status]),
+            self.preview,
+            self.text,
+            widgets.HBox([self.send_button, self.reset_button]),
+            self.output,
+        ])
+
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return  # our own clearing of the upload button below
+        for file in files:
+            self.upload(bytes(file["content"]), name=file.get("name", "image"))
+        self.uploader.value = ()
+
+    def _show_pending(self) -> None:
+        self.status.value = _pending_text([name for name, _ in self.pending_images])
+        self.preview.children = [
+            widgets.Image(value=_thumbnail_png(image), format="png") for _, image in self.pending_images
+        ]
+
+    def _set_busy(self, busy: bool) -> None:
+        self.send_button.disabled = busy
+        self.reset_button.disabled = busy
+        self.send_button.description = "Thinking..." if busy else "Send"
+
+    def _write(self, text: str) -> None:
+        self._append("stdout", text)
+
+    def _write_error(self, text: str) -> None:
+        self._append("stderr", text.rstrip("\n") + "\n")
+
+    def _append(self, stream: str, text: str) -> None:
+        """Add text to the answer area, merged into the last piece when it is the same kind."""
+        outputs = list(self.output.outputs)
+        if outputs and outputs[-1].get("output_type") == "stream" and outputs[-1].get("name") == stream:
+            outputs[-1] = {**outputs[-1], "text": outputs[-1]["text"] + text}
+        else:
+            outputs.append({"output_type": "stream", "name": stream, "text": text})
+        self.output.outputs = tuple(outputs)
+
+    def _repr_mimebundle_(self, **kwargs):
+        """Show the widget when a ChatBox is the last expression of a cell."""
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _pending_text(names: list[str]) -> str:
+    if not names:
+        return "<i>No image attached. Attach one to ask about it (it goes with your next question).</i>"
+    return f"Attached to your next question: {html.escape(', '.join(names))}"
+
+
+def _image_note(names: list[str]) -> str:
+    return f"  [with {', '.join(names)}]" if names else ""
+
+
+def _thumbnail_png(image: Image.Image) -> bytes:
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+__all__ = ["chat_box", "ChatBox"]

@@ -1,0 +1,147 @@
+"""The chat box of notebook 04, driven without a browser: send / upload / reset and error handling."""
+
+import datetime
+import io
+
+import ipywidgets
+import pytest
+from PIL import Image
+
+from phi_helpers import Chat, ContextLengthError
+from phi_helpers.widgets import ChatBox, chat_box
+
+
+def png_bytes(size=(64, 48), colour="red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class FakeStream:
+    """Stands in for stream_chunks: records what it was asked, yields fixed pieces (or raises)."""
+
+    def __init__(self, pieces=("The total ", "is 30.89."), error=None):
+        self.pieces = pieces
+        self.error = error
+        self.calls = []
+
+    def __call__(self, model, processor, chat, max_new_tokens=256):
+        self.calls.append({"prompt": chat.render(), "images": chat.images, "max_new_tokens": max_new_tokens})
+        if self.error is not None:
+            raise self.error
+        yield from self.pieces
+
+
+@pytest.fixture
+def fake():
+    return FakeStream()
+
+
+@pytest.fixture
+def box(fake):
+    return ChatBox(model=None, processor=None, max_new_tokens=32, stream_fn=fake)
+
+
+def test_chat_box_returns_a_widget(tiny_model_and_processor):
+    widget = chat_box(*tiny_model_and_processor)
+    assert isinstance(widget, ipywidgets.Widget)
+
+
+def test_send_streams_the_answer_and_clears_the_text_box(box, fake):
+    box.text.value = "What is the total?"
+    answer = box.send()
+    assert answer == "The total is 30.89."
+    assert box.text.value == ""
+    assert "You: What is the total?" in box.transcript()
+    assert "Phi: The total is 30.89." in box.transcript()
+    assert fake.calls[0]["max_new_tokens"] == 32
+    assert box.history == [("What is the total?", [], "The total is 30.89.")]
+
+
+def test_upload_goes_with_the_next_question_only(box, fake):
+    assert box.upload(png_bytes(), name="receipt.png")
+    assert "receipt.png" in box.status.value
+    assert len(box.preview.children) == 1
+    box.send("What is the total?")
+    assert "<|image_1|>" in fake.calls[0]["prompt"]
+    assert len(fake.calls[0]["images"]) == 1
+    assert box.pending_images == [] and box.preview.children == ()
+    box.send("Which item was the most expensive?")
+    second = fake.calls[1]["prompt"]
+    assert second.count("<|image_1|>") == 1 and "<|image_2|>" not in second  # history keeps the first image
+    assert second.count("<|assistant|>") == 2 and "The total is 30.89." in second
+    assert isinstance(box.chat, Chat) and len(box.chat) == 4
+
+
+def test_unreadable_upload_shows_a_message_not_a_traceback(box):
+    assert box.upload(b"this is not an image", name="notes.txt") is False
+    assert box.pending_images == []
+    text = box.transcript()
+    assert "Could not use the upload 'notes.txt'" in text
+    assert "Traceback" not in text
+
+
+def test_failed_send_keeps_the_text_and_the_history(fake):
+    failing = FakeStream(error=ContextLengthError("The prompt is 140,000 tokens ... Press Reset."))
+    box = ChatBox(None, None, stream_fn=failing)
+    box.upload(png_bytes())
+    answer = box.send("What is the total?")
+    assert answer is None
+    assert box.text.value == "What is the total?"  # still there to retry
+    assert box.history == []
+    assert len(box.pending_images) == 1  # the image stays attached too
+    text = box.transcript()
+    assert "Not answered: The prompt is 140,000 tokens" in text
+    assert "Traceback" not in text
+    assert box.send_button.disabled is False
+
+
+def test_empty_question_is_not_sent(box, fake):
+    assert box.send("   ") is None
+    assert fake.calls == []
+    assert "Type a question first" in box.transcript()
+
+
+def test_question_with_its_own_image_tag_is_refused_politely(box, fake):
+    assert box.send("<|image_1|> what is this?") is None
+    assert fake.calls == []
+    assert "Not sent:" in box.transcript()
+    assert box.text.value == "<|image_1|> what is this?"
+
+
+def test_reset_forgets_everything(box):
+    box.upload(png_bytes())
+    box.send("What is the total?")
+    box.upload(png_bytes(colour="blue"))
+    box.reset()
+    assert box.history == [] and box.pending_images == []
+    assert box.transcript() == ""
+    assert box.preview.children == ()
+
+
+def test_button_clicks_call_send_and_reset(box, fake):
+    box.text.value = "Hello?"
+    box.send_button.click()
+    assert len(box.history) == 1
+    box.reset_button.click()
+    assert box.history == []
+
+
+def test_upload_button_value_is_consumed(box):
+    box.uploader.value = ({"name": "red.png", "type": "image/png", "size": 1, "content": memoryview(png_bytes()),
+                           "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    assert [name for name, _ in box.pending_images] == ["red.png"]
+    assert box.uploader.value == ()
+
+
+def test_real_tiny_model_streams_and_reports_context_errors(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    box = ChatBox(model, processor, max_new_tokens=4)
+    box.upload(png_bytes())
+    answer = box.send("What is in this image?")
+    assert isinstance(answer, str) and box.text.value == ""
+    too_long = ChatBox(model, processor, max_new_tokens=model.config.max_position_embeddings)
+    too_long.upload(png_bytes())
+    assert too_long.send("What is in this image?") is None
+    assert "context" in too_long.transcript()
+    assert too_long.text.value == "What is in this image?"
