@@ -96,7 +96,8 @@ def _first_json_value(text: str) -> dict | list:
             text=text,
         )
     cut_off = ""
-    if best_error.pos >= len(text.rstrip()):  # the parser ran out of text
+    ran_out = best_error.pos >= len(text.rstrip())  # the parser ran out of text
+    if ran_out or best_error.msg.startswith("Unterminated string"):  # or a string never closes
         cut_off = " (the answer ends there: was it cut off by max_new_tokens?)"
     raise JSONExtractionError(
         f"The answer contains JSON-like text that does not parse: {best_error.msg} at line {best_error.lineno}, "

@@ -74,3 +74,8 @@ def test_fenced_scalar_is_not_an_object_or_array():
 def test_non_string_input():
     with pytest.raises(JSONExtractionError, match="string"):
         extract_json(None)
+
+
+def test_answer_cut_inside_a_string_is_flagged_as_cut_off():
+    with pytest.raises(JSONExtractionError, match="cut off by max_new_tokens"):
+        extract_json('{"surname": "LINDQVIST", "given_names": "NOOR EL')
