@@ -134,7 +134,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
 
     def calc_num_image_tokens_from_image_size(self, width: int, height: int, num_crops: int | None = None) -> int:
         """How many tokens an image of width x height pixels costs at this ``num_crops``."""
-        _, _, canvas_w, canvas_h = hd_canvas_size(width, height, num_crops or self.num_crops)
+        _, _, canvas_w, canvas_h = hd_canvas_size(width, height, self.num_crops if num_crops is None else num_crops)
         if width < height:
             canvas_w, canvas_h = canvas_h, canvas_w
         return num_image_tokens(canvas_h, canvas_w)
@@ -159,17 +159,18 @@ class Phi3VImageProcessor(BaseImageProcessor):
             canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
         return canvas
 
-    def normalize_to_tensor(self, image: Image.Image) -> torch.Tensor:
+    @staticmethod
+    def normalize_to_tensor(image: Image.Image, mean: list[float], std: list[float]) -> torch.Tensor:
         """uint8 HxWx3 -> float32 3xHxW, scaled to [0, 1] then (x - mean) / std."""
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         pixels = pixels.to(torch.float32).div(255)
-        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
+        mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         return (pixels - mean) / std
 
-    def _tiles(self, image: Image.Image, num_crops: int) -> tuple[torch.Tensor, list[int]]:
+    def _tiles(self, image: Image.Image, num_crops: int, mean, std) -> tuple[torch.Tensor, list[int]]:
         """One image -> (num_crops + 1, 3, 336, 336) tiles and its [canvas_h, canvas_w]."""
-        hd = self.normalize_to_tensor(self.hd_transform(image, num_crops))  # (3, H, W)
+        hd = self.normalize_to_tensor(self.hd_transform(image, num_crops), mean, std)  # (3, H, W)
         _, h, w = hd.shape
         global_tile = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")
         local_tiles = (
@@ -180,13 +181,17 @@ class Phi3VImageProcessor(BaseImageProcessor):
         padding = torch.zeros(num_crops - local_tiles.shape[0], 3, TILE, TILE)
         return torch.cat([global_tile, local_tiles, padding]), [h, w]
 
-    def preprocess(self, images, num_crops: int | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def preprocess(
+        self, images, num_crops: int | None = None, image_mean=None, image_std=None, return_tensors="pt", **kwargs
+    ) -> BatchFeature:
         """Process one image or a list of images.
 
         Returns a BatchFeature with ``pixel_values`` (N, num_crops + 1, 3, 336, 336) float32,
         ``image_sizes`` (N, 2) = [canvas_h, canvas_w] per image, and ``num_img_tokens`` (N,).
         """
-        num_crops = num_crops or self.num_crops
+        num_crops = self.num_crops if num_crops is None else num_crops
+        mean = self.image_mean if image_mean is None else list(image_mean)
+        std = self.image_std if image_std is None else list(image_std)
         tiles, sizes = [], []
         for position, image in enumerate(flatten_images(images), start=1):
             image = _to_pil(image)
@@ -194,7 +199,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
                 image = image.convert("RGB")
             except (OSError, ValueError) as error:
                 raise ImageLoadError(f"Image {position} could not be decoded ({error}). Is the file complete?") from error
-            image_tiles, size = self._tiles(image, num_crops)
+            image_tiles, size = self._tiles(image, num_crops, mean, std)
             tiles.append(image_tiles)
             sizes.append(size)
         if not tiles:

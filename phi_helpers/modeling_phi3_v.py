@@ -127,8 +127,10 @@ class Phi3VModel(Phi3Model):
         positions = self.image_positions(input_ids)
         # Out of place: the caller's input_ids (and generate's running sequence) stay untouched.
         embeds = self.embed_tokens(input_ids.clamp(0, self.config.vocab_size - 1))
+        if not positions.any():  # text only (or a decoding step): the vision tower does not run
+            return embeds
         if pixel_values is None or image_sizes is None:
-            if first_step and positions.any():
+            if first_step:
                 raise PromptImageMismatchError(
                     f"input_ids contain {int(positions.sum())} image positions but no pixel_values/image_sizes "
                     "were given. Build the inputs with the processor and pass all of its outputs to the model."

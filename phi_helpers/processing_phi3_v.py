@@ -74,10 +74,24 @@ class Phi3VProcessor(ProcessorMixin):
     with a list of prompts and one list of images per prompt: ``processor([p1, p2], [[a], [b, c]])``.
     """
 
+    special_image_token = IMAGE_TOKEN  # the original processor's name for it
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @property
+    def special_image_token_id(self) -> int:
+        return self.image_token_id
+
+    def calc_num_image_tokens(self, images, num_crops: int | None = None) -> list[int]:
+        """Token cost of each image (PIL images) at the image processor's num_crops."""
+        return self.image_processor.calc_num_image_tokens(images, num_crops)
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int, num_crops: int | None = None) -> int:
+        """Token cost of a width x height image at the image processor's num_crops."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height, num_crops)
 
     @classmethod
     def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs):
@@ -90,7 +104,7 @@ class Phi3VProcessor(ProcessorMixin):
         self,
         text=None,
         images=None,
-        padding_side: str = "left",
+        padding_side: str | None = None,
         return_tensors="pt",
         num_crops: int | None = None,
         **kwargs,
@@ -101,7 +115,8 @@ class Phi3VProcessor(ProcessorMixin):
             text: a prompt, or a list of prompts.
             images: for one prompt, an image or a list of images in tag order; for a list of prompts, a
                 list with one list of images per prompt (or one flat list, consumed in tag order).
-            padding_side: where batches are padded ("left", as generation needs).
+            padding_side: where batches are padded. Default: "left" (what generation needs) when there are
+                images; for text-only prompts the tokenizer's own side ("right"), as in the original.
             num_crops: overrides ``image_processor.num_crops`` for this call.
 
         Returns a BatchFeature with ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``
@@ -128,6 +143,8 @@ class Phi3VProcessor(ProcessorMixin):
             offset += len(group)
         self._check_length(sequences)
 
+        if padding_side is None:
+            padding_side = "left" if all_images else self.tokenizer.padding_side
         input_ids, attention_mask = self._pad(sequences, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
         return BatchFeature(data=data, tensor_type=return_tensors)

@@ -127,3 +127,11 @@ def test_unusable_inputs_are_clear_errors():
         hd_canvas_size(0, 10, 4)
     with pytest.raises(ImageLoadError, match="No images"):
         Phi3VImageProcessor()([])
+
+
+def test_num_crops_zero_is_refused_and_normalisation_can_be_overridden():
+    processor = Phi3VImageProcessor(num_crops=4)
+    with pytest.raises(ValueError, match="at least 1"):
+        processor(Image.new("RGB", (336, 336)), num_crops=0)
+    plain = processor(Image.new("RGB", (336, 336), (255, 255, 255)), image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    assert torch.allclose(plain["pixel_values"][0, 1], torch.ones(3, 336, 336))

@@ -213,6 +213,21 @@ def test_negative_image_ids_work_and_input_ids_are_not_modified(model, processor
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_pixel_values_without_image_positions_are_ignored_like_the_original(model, processor):
+    """The original passes pixel_values on every decoding step; with no image ids CLIP does not run."""
+    inputs = processor(PROMPT, picture(400, 300, 6))
+    text = processor("<|user|>\nHello<|end|>\n<|assistant|>\n")
+    calls = []
+    hook = model.model.vision_embed_tokens.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            with_pixels = model(**text, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).logits
+            without = model(**text).logits
+    finally:
+        hook.remove()
+    assert torch.equal(with_pixels, without) and not calls
+
+
 def test_mismatched_image_positions_are_a_clear_error(model, processor):
     inputs = processor(PROMPT, picture(400, 300, 5))
     with pytest.raises(PromptImageMismatchError, match="same processor call"):

@@ -129,3 +129,18 @@ def test_processor_chat_template_numbers_image_items(processor):
         "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\nA cat.<|end|>\n"
         "<|user|>\n<|image_2|>\nAnd this?<|end|>\n<|assistant|>\n"
     )
+
+
+def test_text_only_batches_pad_like_the_tokenizer_and_image_batches_left(processor):
+    texts = ["<|user|>\nHi<|end|>\n<|assistant|>\n", "<|user|>\nA longer question here<|end|>\n<|assistant|>\n"]
+    right = processor(texts)["attention_mask"][0].tolist()
+    assert right[0] == 1 and right[-1] == 0  # the original's tokenizer(texts, padding=...) pads right
+    assert processor(texts, padding_side="left")["attention_mask"][0].tolist()[0] == 0
+    with_images = processor(["<|image_1|>A", "<|image_1|>A longer question"], [[image()], [image()]])
+    assert with_images["attention_mask"][0].tolist()[0] == 0
+
+
+def test_original_processor_api(processor):
+    assert processor.special_image_token == "<|image|>" and processor.special_image_token_id == 32044
+    assert processor.calc_num_image_tokens_from_image_size(640, 480) == 757
+    assert processor.calc_num_image_tokens([image(), image(336, 672)]) == [757, 469]
