@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import ImageLoadError, JSONExtractionError, PhiHelpersError
-from .generation import _check_context, _generation_settings
+from .generation import check_context, generation_settings
 from .images import load_image
 from .parsing import extract_json
 from .prompts import Chat, build_prompt
@@ -359,11 +359,11 @@ def generate_batch(model, processor, prompts: list[str], images: list[list], max
     appends on the right, so every row's last prompt token must be in the last column).
     """
     inputs = processor(text=prompts, images=images, return_tensors="pt")
-    _check_context(model, processor, inputs["input_ids"], max(len(group) for group in images), max_new_tokens)
+    check_context(model, processor, inputs["input_ids"], max(len(group) for group in images), max_new_tokens)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    settings = _generation_settings(model, processor, max_new_tokens, {})
+    settings = generation_settings(model, processor, max_new_tokens, {})
     timer = FirstTokenTimer()
     start = time.perf_counter()
     with torch.inference_mode():

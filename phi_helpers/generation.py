@@ -7,7 +7,7 @@
 What ``ask`` does, step by step (each step is a small function below):
 1. ``_prepare``: turn the question (or Chat) into a prompt string and a list of PIL images.
 2. ``_encode``: run the processor, check that prompt + answer fit the context, move tensors to the model.
-3. ``_generation_settings``: greedy decoding, stop on ``<|end|>`` / ``<|endoftext|>``.
+3. ``generation_settings``: greedy decoding, stop on ``<|end|>`` / ``<|endoftext|>``.
 4. ``model.generate``, then decode only the new tokens.
 
 ``stream_chunks`` is the streaming version as a generator of text pieces; ``ask(stream=True)``
@@ -54,7 +54,7 @@ def ask(
         return _print_stream(stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, **generate_kwargs))
     prompt, image_list, chat = _prepare(prompt_or_chat, images)
     inputs = _encode(model, processor, prompt, image_list, max_new_tokens)
-    settings = _generation_settings(model, processor, max_new_tokens, generate_kwargs)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     answer = _decode_new_tokens(processor, output, inputs["input_ids"].shape[1])
@@ -72,7 +72,7 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
     """
     prompt, image_list, chat = _prepare(prompt_or_chat, images)
     inputs = _encode(model, processor, prompt, image_list, max_new_tokens)
-    settings = _generation_settings(model, processor, max_new_tokens, generate_kwargs)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
 
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
@@ -165,14 +165,14 @@ def _encode(model, processor, prompt: str, images: list, max_new_tokens: int):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
     inputs = processor(text=prompt, images=images or None, return_tensors="pt")
-    _check_context(model, processor, inputs["input_ids"], len(images), max_new_tokens)
+    check_context(model, processor, inputs["input_ids"], len(images), max_new_tokens)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
 
 
-def _check_context(model, processor, input_ids: torch.Tensor, num_images: int, max_new_tokens: int) -> None:
+def check_context(model, processor, input_ids: torch.Tensor, num_images: int, max_new_tokens: int) -> None:
     """Raise ContextLengthError when prompt + answer would not fit in the model's context window."""
     limit = model.config.max_position_embeddings
     prompt_tokens = input_ids.shape[1]
@@ -188,7 +188,7 @@ def _check_context(model, processor, input_ids: torch.Tensor, num_images: int, m
     )
 
 
-def _generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict) -> dict:
+def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict) -> dict:
     """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn."""
     settings = dict(generate_kwargs)
     if settings.get("temperature") == 0:  # "temperature 0" means greedy, as in the official sample code
