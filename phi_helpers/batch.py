@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import ImageLoadError, JSONExtractionError, PhiHelpersError
-from .generation import check_context, generation_settings
+from .generation import encode, generation_settings
 from .images import load_image
 from .parsing import extract_json
 from .prompts import Chat, build_prompt
@@ -358,11 +358,7 @@ def generate_batch(model, processor, prompts: list[str], images: list[list], max
     images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
     appends on the right, so every row's last prompt token must be in the last column).
     """
-    inputs = processor(text=prompts, images=images, return_tensors="pt")
-    check_context(model, processor, inputs["input_ids"], max(len(group) for group in images), max_new_tokens)
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = encode(model, processor, prompts, images, max_new_tokens)
     settings = generation_settings(model, processor, max_new_tokens, {})
     timer = FirstTokenTimer()
     start = time.perf_counter()

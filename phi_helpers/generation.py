@@ -6,7 +6,7 @@
 
 What ``ask`` does, step by step (each step is a small function below):
 1. ``_prepare``: turn the question (or Chat) into a prompt string and a list of PIL images.
-2. ``_encode``: run the processor, check that prompt + answer fit the context, move tensors to the model.
+2. ``encode``: run the processor, check that prompt + answer fit the context, move tensors to the model.
 3. ``generation_settings``: greedy decoding, stop on ``<|end|>`` / ``<|endoftext|>``.
 4. ``model.generate``, then decode only the new tokens.
 
@@ -53,7 +53,7 @@ def ask(
     if stream:
         return _print_stream(stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, **generate_kwargs))
     prompt, image_list, chat = _prepare(prompt_or_chat, images)
-    inputs = _encode(model, processor, prompt, image_list, max_new_tokens)
+    inputs = encode(model, processor, prompt, image_list, max_new_tokens)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
@@ -71,7 +71,7 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
     ``Chat``, the text generated so far is appended as the answer, unless generation failed.
     """
     prompt, image_list, chat = _prepare(prompt_or_chat, images)
-    inputs = _encode(model, processor, prompt, image_list, max_new_tokens)
+    inputs = encode(model, processor, prompt, image_list, max_new_tokens)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
 
     stop = _StopFlag()
@@ -160,19 +160,24 @@ def _prepare(prompt_or_chat, images) -> tuple[str, list, Chat | None]:
     return build_prompt(prompt_or_chat, num_images=len(image_list)), image_list, None
 
 
-def _encode(model, processor, prompt: str, images: list, max_new_tokens: int):
-    """Processor output on the model's device (pixel values in the model's dtype), length-checked."""
+def encode(model, processor, prompts, images: list, max_new_tokens: int):
+    """Processor output on the model's device (pixel values in the model's dtype), length-checked.
+
+    ``prompts`` is one prompt with ``images`` its list of images, or a list of prompts with ``images``
+    one list per prompt (a left-padded batch).
+    """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
-    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
-    check_context(model, processor, inputs["input_ids"], len(images), max_new_tokens)
+    inputs = processor(text=prompts, images=images or None, return_tensors="pt")
+    per_prompt = len(images) if isinstance(prompts, str) else max((len(group) for group in images), default=0)
+    _check_context(model, processor, inputs["input_ids"], per_prompt, max_new_tokens)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
 
 
-def check_context(model, processor, input_ids: torch.Tensor, num_images: int, max_new_tokens: int) -> None:
+def _check_context(model, processor, input_ids: torch.Tensor, num_images: int, max_new_tokens: int) -> None:
     """Raise ContextLengthError when prompt + answer would not fit in the model's context window."""
     limit = model.config.max_position_embeddings
     prompt_tokens = input_ids.shape[1]
