@@ -3,6 +3,8 @@
 import os
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
 
 from phi_helpers import load_model
 from phi_helpers.testing import make_tiny_checkpoint
@@ -23,3 +25,10 @@ def tiny_model_and_processor(tiny_checkpoint):
     finally:
         if saved is not None:
             os.environ["PHI_HELPERS_MODEL"] = saved
+
+
+@pytest.fixture(scope="session")
+def cli_model_and_processor(tiny_checkpoint):
+    """The tiny model in fp32 with a num_crops=1 processor (fewer image tokens: fast CLI tests)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=1)

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi_helpers  # noqa: F401  (registers the native classes)
+from cli_runner import run
 from phi_helpers import batch, cli
 from phi_helpers.batch import Generation
-from phi_helpers.testing import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num-crops", "1", "--max-new-tokens", "4"]  # keep every generation short
@@ -41,29 +40,17 @@ RECEIPT_SCHEMA = {
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-cli"), variant="phi-3.5-vision", seed=0)
-
-
-@pytest.fixture(scope="session")
-def model_and_processor(checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint, num_crops=1)
-    return model, processor
-
-
 @pytest.fixture(autouse=True)
-def tiny_model(monkeypatch, checkpoint, model_and_processor):
+def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
     """cli.load_model returns the cached tiny model; ``.calls`` counts how often it was asked for."""
-    monkeypatch.setenv("PHI_HELPERS_MODEL", str(checkpoint))  # never the hub, whatever happens
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))  # never the hub, whatever happens
 
     class Loader:
         calls = 0
 
         def __call__(self, *args, **kwargs):
             Loader.calls += 1
-            return model_and_processor
+            return cli_model_and_processor
 
     loader = Loader()
     monkeypatch.setattr(cli, "load_model", loader)
@@ -134,16 +121,6 @@ def schema_file(tmp_path) -> Path:
     return path
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """cli.main in this process: (exit code, stdout, stderr). Usage errors come back as code 2."""
-    try:
-        code = cli.main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -157,8 +134,8 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
         assert fragment in last, last
 
 
-def subprocess_env(checkpoint) -> dict:
-    return {**os.environ, "PHI_HELPERS_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def subprocess_env(tiny_checkpoint) -> dict:
+    return {**os.environ, "PHI_HELPERS_MODEL": str(tiny_checkpoint), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,28 +143,26 @@ def subprocess_env(checkpoint) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_module_help_shows_options_and_examples(checkpoint):
+def test_module_help_shows_options_and_examples(tiny_checkpoint):
     result = subprocess.run(
         [sys.executable, "-m", "phi_helpers", "predict", "--help"],
-        capture_output=True, text=True, env=subprocess_env(checkpoint), timeout=120,
+        capture_output=True, text=True, env=subprocess_env(tiny_checkpoint), timeout=120,
     )
     assert result.returncode == 0
     for text in ("--image", "--task", "--schema", "--batch-size", "--num-crops", "examples:", "phi-helpers predict"):
         assert text in result.stdout
 
 
-def test_module_predict_runs_for_real(checkpoint):
+def test_module_predict_runs_for_real(tiny_checkpoint):
     image = ROOT / "data" / "eval" / "lines" / "line_01.png"
-    if not image.exists():
-        image = picture(checkpoint / "probe.png")
     result = subprocess.run(
         [sys.executable, "-m", "phi_helpers", "predict", "--image", str(image), "--task", "caption", "--format", "json", *FAST],
-        capture_output=True, text=True, env=subprocess_env(checkpoint), timeout=300,
+        capture_output=True, text=True, env=subprocess_env(tiny_checkpoint), timeout=300,
     )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)  # stdout holds only the JSON (load_model's line went to stderr)
     assert set(METADATA) <= set(record)
-    assert record["model"] == str(checkpoint)
+    assert record["model"] == str(tiny_checkpoint)
     assert record["generated_tokens"] == 4 and record["prompt_tokens"] > 100
     assert 0 < record["seconds_to_first_token"] <= record["total_seconds"]
 

@@ -4,10 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi_helpers  # noqa: F401  (registers the native classes)
+from cli_runner import run
 from phi_helpers import batch, cli
 from phi_helpers.batch import Generation
 from phi_helpers.evaluation import (
@@ -20,7 +19,6 @@ from phi_helpers.evaluation import (
     summarise,
 )
 from phi_helpers.images import load_image
-from phi_helpers.testing import make_tiny_checkpoint
 
 EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "eval"
 needs_eval_set = pytest.mark.skipif(not (EVAL_SET / "manifest.jsonl").exists(), reason="data/eval is not generated")
@@ -155,27 +153,11 @@ def test_bad_manifests_name_the_line(tmp_path, lines, message):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def model_and_processor(tmp_path_factory):
-    checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-eval"), variant="phi-3.5-vision", seed=0)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(checkpoint, num_crops=1)
-
-
 @pytest.fixture(autouse=True)
-def tiny_model(monkeypatch, model_and_processor):
+def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
     """The eval command loads the cached tiny model (never the hub)."""
-    monkeypatch.setenv("PHI_HELPERS_MODEL", str(model_and_processor[0].name_or_path))
-    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: model_and_processor)
-
-
-def run(capsys, *argv):
-    try:
-        code = cli.main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: cli_model_and_processor)
 
 
 @pytest.fixture

@@ -25,18 +25,13 @@ for op in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.log, torch.erf):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny35"), variant="phi-3.5-vision", seed=0)
+def model(tiny_checkpoint):
+    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(checkpoint):
-    return AutoProcessor.from_pretrained(checkpoint)
+def processor(tiny_checkpoint):
+    return AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
 def picture(width, height, seed):
@@ -88,36 +83,36 @@ def test_real_config_traps():
 
 
 @pytest.mark.parametrize("trust", [None, False, True])
-def test_auto_classes_load_without_remote_code(checkpoint, trust):
+def test_auto_classes_load_without_remote_code(tiny_checkpoint, trust):
     kwargs = {} if trust is None else {"trust_remote_code": trust}
-    model, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, output_loading_info=True, **kwargs)
     assert type(model) is Phi3VForCausalLM
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.dtype == torch.bfloat16  # dtype="auto" is transformers 5's default: the stored bf16
     assert model.config._attn_implementation == "sdpa"  # best available without flash-attn
-    processor = AutoProcessor.from_pretrained(checkpoint, num_crops=2, **kwargs)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=2, **kwargs)
     assert type(processor).__name__ == "Phi3VProcessor" and processor.image_processor.num_crops == 2
 
 
-def test_auto_tokenizer_reproduces_the_reference_ids(checkpoint):
+def test_auto_tokenizer_reproduces_the_reference_ids(tiny_checkpoint):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     # transformers 5's LlamaTokenizer would drop the 29871 ("▁") before "\n"
     assert tokenizer("<|user|>\n").input_ids == [1, 32010, 29871, 13]
 
 
-def test_weights_load_bit_equal_with_official_names(checkpoint, model):
-    stored = load_file(checkpoint / "model.safetensors")
+def test_weights_load_bit_equal_with_official_names(tiny_checkpoint, model):
+    stored = load_file(tiny_checkpoint / "model.safetensors")
     state = model.state_dict()
     assert set(stored) == set(state)
     assert any(name.startswith("model.vision_embed_tokens.img_processor.vision_model.") for name in stored)
     assert all(torch.equal(stored[name].float(), state[name]) for name in stored)
 
 
-def test_flash_attention_request_without_flash_attn(checkpoint):
+def test_flash_attention_request_without_flash_attn(tiny_checkpoint):
     with pytest.raises(FlashAttentionUnavailableError, match="sdpa"):
-        AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="flash_attention_2")
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="flash_attention_2")
 
 
 # --- numerics ------------------------------------------------------------------------------------
@@ -138,11 +133,11 @@ def test_longrope_switch_and_attention_factor(model):
         assert torch.allclose(cos[0, 1, :48], expected, atol=1e-5), f"position {last}"
 
 
-def test_sdpa_and_eager_agree_in_language_model_and_vision_tower(checkpoint, processor):
+def test_sdpa_and_eager_agree_in_language_model_and_vision_tower(tiny_checkpoint, processor):
     inputs = processor(TWO_IMAGES, [picture(500, 400, 1), picture(300, 600, 2)])
     logits = {}
     for attn in ("sdpa", "eager"):
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation=attn)
         assert model.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation == attn
         with torch.no_grad():
             logits[attn] = model(**inputs).logits
