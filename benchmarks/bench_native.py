@@ -62,12 +62,12 @@ def measure(model, inputs, new_tokens: int, repeats: int, device: str) -> tuple[
 
     @torch.no_grad()
     def decode(prefilled):
-        cache, token, step_mask = prefilled.past_key_values, prefilled.logits[:, -1:].argmax(-1), mask
+        cache, token, step_mask = prefilled.cache, prefilled.logits[:, -1:].argmax(-1), mask
         step_positions = positions[:, -1:]
         for _ in range(new_tokens):
             step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
             step_positions = step_positions + 1
-            out = model(input_ids=token, attention_mask=step_mask, position_ids=step_positions, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, attention_mask=step_mask, position_ids=step_positions, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
 
     decode(prefill())  # warm-up

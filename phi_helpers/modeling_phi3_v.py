@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from .configuration_phi3_v import Phi3VConfig
@@ -146,6 +147,7 @@ class Phi3VModel(Phi3Model):
         embeds = embeds.masked_scatter(positions[..., None], features.to(embeds.dtype))
         return self.vision_embed_tokens.drop(embeds)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -153,19 +155,19 @@ class Phi3VModel(Phi3Model):
         image_sizes=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         **kwargs,
     ):
         if inputs_embeds is None and input_ids is not None:
-            first_step = past_key_values is None or past_key_values.get_seq_length() == 0
+            first_step = cache is None or cache.get_seq_length() == 0
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, first_step)
         return super().forward(
             input_ids=None if inputs_embeds is not None else input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -195,6 +197,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
                 "install flash-attn: pip install flash-attn --no-build-isolation"
             ) from error
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -202,7 +205,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         image_sizes=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -219,7 +222,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             image_sizes=image_sizes,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -236,27 +239,28 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):
         """Phi-3.5-vision re-encodes the whole sequence once it grows past 4096 tokens (long RoPE
         factors from then on); the images must be re-encoded too, so they are kept for that step.
         Phi-3-vision keeps its cache (its cached keys stay rotated with the short factors)."""
         limit = self.config.original_max_position_embeddings
         if not self.config.reset_cache_at_original_max:
             return GenerationMixin.prepare_inputs_for_generation(
-                self, input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+                self, input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
             )
         resets = (
-            past_key_values is not None
+            cache is not None
             and input_ids.shape[1] > limit
-            and past_key_values.get_seq_length() <= limit
+            and cache.get_seq_length() <= limit
         )
         return super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration or resets, **kwargs
+            input_ids, cache=cache, is_first_iteration=is_first_iteration or resets, **kwargs
         )
 
 

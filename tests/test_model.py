@@ -285,14 +285,14 @@ def test_only_phi35_resets_the_cache_past_4096(tmp_path, variant, resets):
     assert model.config.reset_cache_at_original_max is resets
     cache = type("FullCache", (), {"get_seq_length": lambda self: 4096})()
     step = model.prepare_inputs_for_generation(
-        torch.ones(1, 4097, dtype=torch.long), past_key_values=cache, next_sequence_length=1,
+        torch.ones(1, 4097, dtype=torch.long), cache=cache, next_sequence_length=1,
         pixel_values=torch.zeros(1), image_sizes=torch.zeros(1, 2), use_cache=True,
     )
     if resets:  # whole sequence again, images included
-        assert step.get("past_key_values") is None and step["input_ids"].shape[1] == 4097
+        assert step.get("cache") is None and step["input_ids"].shape[1] == 4097
         assert "pixel_values" in step and "image_sizes" in step
     else:  # one new token on top of the cache, no images
-        assert step["past_key_values"] is cache and step["input_ids"].shape[1] == 1
+        assert step["cache"] is cache and step["input_ids"].shape[1] == 1
         assert "pixel_values" not in step
 
 
