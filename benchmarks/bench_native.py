@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 import phi_helpers  # noqa: F401  (registers the classes)
-from phi_helpers.configuration_phi3_v import Phi3VConfig
-from phi_helpers.image_processing_phi3_v import Phi3VImageProcessor
-from phi_helpers.modeling_phi3_v import Phi3VForCausalLM
-from phi_helpers.processing_phi3_v import Phi3VProcessor
+from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
+from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
+from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
+from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES, tiny_config_dict
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 

@@ -22,7 +22,7 @@ Importing this package registers the native Phi-3-vision classes (model_type "ph
 AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.
 """
 
-from . import registration as _registration  # noqa: F401  (registers the Auto classes on import)
+from .models import phi3_v as _phi3_v  # noqa: F401  (registers the Auto classes on import)
 from .errors import (
     ContextLengthError,
     DeviceUnavailableError,
@@ -35,12 +35,12 @@ from .errors import (
     PhiHelpersError,
     PromptImageMismatchError,
 )
-from .generation import ask
-from .images import load_image
-from .loading import load_model
-from .parsing import extract_json
-from .prompts import Chat, build_prompt
-from .report import environment_report
+from .api.generation import ask
+from .api.images import load_image
+from .api.loading import load_model
+from .api.parsing import extract_json
+from .api.prompts import Chat, build_prompt
+from .api.report import environment_report
 
 # What help(phi_helpers) shows. The error classes above are importable from here too
 # (`from phi_helpers import ContextLengthError`); they are documented in phi_helpers.errors.

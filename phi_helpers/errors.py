@@ -48,3 +48,11 @@ class DeviceUnavailableError(PhiHelpersError, RuntimeError):
 
 class ModelLoadError(PhiHelpersError, OSError):
     """The checkpoint could not be found, downloaded or read (wrong model id or path, no connection...)."""
+
+
+class CommandLineError(PhiHelpersError, ValueError):
+    """What the command line asks for cannot be done (an unwritable --output...): exit code 1."""
+
+
+class MRZError(PhiHelpersError, ValueError):
+    """A machine-readable zone, or a field meant for one, is malformed."""

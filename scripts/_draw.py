@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/...`: make the phi_helpers package importable
     sys.path.insert(0, str(ROOT))
 
-from phi_helpers.mrz import make_td3  # noqa: E402
+from phi_helpers.tutorial.mrz import make_td3  # noqa: E402
 
 INK = (28, 28, 32)
 GREY = (110, 110, 118)

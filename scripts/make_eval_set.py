@@ -206,7 +206,7 @@ Conventions of the expected answers:
   `subtotal` + `tax`). Only `merchant`, `date`, `currency` and `total` are required by the schema.
 - Passports: names in capitals as printed (a hyphenated surname keeps its hyphen; the MRZ writes it
   with `<`), `passport_number` and `nationality` as in the MRZ, `sex` `M`/`F`/`X`. The MRZ of every
-  passport is valid (`phi_helpers.mrz.parse_td3`), and `phi_helpers.mrz.check_fields` compares an
+  passport is valid (`phi_helpers.tutorial.mrz.parse_td3`), and `phi_helpers.tutorial.mrz.check_fields` compares an
   answer with it.
 """
 

@@ -296,7 +296,7 @@ ICAO Doc 9303. The holder is fictitious; the portrait is a grey silhouette.
 - Place of birth {p.place_of_birth.upper()}
 - Date of issue {p.issue_date}, date of expiry {p.expiry_date}
 - Optional data (personal number) {p.optional_data}
-- Machine-readable zone (TD3, all check digits valid, see `phi_helpers.mrz.parse_td3`):
+- Machine-readable zone (TD3, all check digits valid, see `phi_helpers.tutorial.mrz.parse_td3`):
 
 ```
 {mrz[0]}

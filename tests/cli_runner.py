@@ -1,6 +1,6 @@
 """Run the command line in this process for tests: shared by test_cli.py and test_evaluation.py."""
 
-from phi_helpers import cli
+from phi_helpers.cli import app as cli
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -1,9 +1,9 @@
-"""The command line (phi_helpers.cli, phi_helpers.batch) on a tiny random checkpoint, offline, on CPU.
+"""The command line (phi_helpers.cli, phi_helpers.cli.tasks) on a tiny random checkpoint, offline, on CPU.
 
 Most tests call ``cli.main([...])`` in this process with ``load_model`` replaced by a session-wide
 cached tiny model (fast); a few run ``python -m phi_helpers`` / ``phi-helpers`` in a subprocess to
 check the real entry points. The tiny model answers random tokens, so tests that need particular
-answers replace ``batch.generate_batch`` (the one function that calls ``model.generate``).
+answers replace ``tasks.generate_batch`` (the one function that calls ``model.generate``).
 """
 
 import json
@@ -19,8 +19,9 @@ from PIL import Image
 
 import phi_helpers  # noqa: F401  (registers the native classes)
 from cli_runner import run
-from phi_helpers import batch, cli
-from phi_helpers.batch import Generation
+from phi_helpers.api.generation import Generation
+from phi_helpers.cli import app as cli
+from phi_helpers.cli import inputs, outputs, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num-crops", "1", "--max-new-tokens", "4"]  # keep every generation short
@@ -59,15 +60,15 @@ def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
 
 @pytest.fixture
 def count_generate(monkeypatch):
-    """Wrap batch.generate_batch; the returned list gets the number of prompts of every call."""
+    """Wrap tasks.generate_batch; the returned list gets the number of prompts of every call."""
     calls = []
-    real = batch.generate_batch
+    real = tasks.generate_batch
 
     def counting(model, processor, prompts, images, max_new_tokens=512):
         calls.append(len(prompts))
         return real(model, processor, prompts, images, max_new_tokens)
 
-    monkeypatch.setattr(batch, "generate_batch", counting)
+    monkeypatch.setattr(tasks, "generate_batch", counting)
     return calls
 
 
@@ -80,7 +81,7 @@ def fake_answers(monkeypatch, answers):
         seen.extend(prompts)
         return [Generation(remaining.pop(0), 10, 5, 0.01, 0.02, len(prompts)) for _ in prompts]
 
-    monkeypatch.setattr(batch, "generate_batch", fake)
+    monkeypatch.setattr(tasks, "generate_batch", fake)
     return seen
 
 
@@ -195,7 +196,7 @@ def test_every_task_and_format(capsys, image, schema_file, task, fmt):
     if task == "vqa":
         assert record["prompt"] == "What colour is it?"
     if task == "caption":
-        assert record["prompt"] == batch.TASK_PROMPTS["caption"]
+        assert record["prompt"] == tasks.TASK_PROMPTS["caption"]
     if task == "extract":  # random tokens are no JSON: one retry, then valid false with the reasons
         assert record["valid"] is False and record["attempts"] == 2 and len(record["raw"]) == 2
         assert record["errors"] and record["answer"] is None
@@ -350,14 +351,14 @@ def test_failed_items_are_reported_and_retried_on_rerun(capsys, tmp_path, folder
 
 
 def test_a_failing_batch_is_retried_item_by_item(capsys, monkeypatch, tmp_path, folder):
-    real = batch.generate_batch
+    real = tasks.generate_batch
 
     def fails_on_wide_images(model, processor, prompts, images, max_new_tokens=512):
         if any(group[0].size[0] == 90 for group in images):  # page_3.png is 90 px wide
             raise RuntimeError("CUDA out of memory (pretend)")
         return real(model, processor, prompts, images, max_new_tokens)
 
-    monkeypatch.setattr(batch, "generate_batch", fails_on_wide_images)
+    monkeypatch.setattr(tasks, "generate_batch", fails_on_wide_images)
     output = tmp_path / "out.jsonl"
     code, _, _ = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, "--batch-size", "4", *FAST)
     assert code == 1
@@ -369,20 +370,20 @@ def test_a_failing_batch_is_retried_item_by_item(capsys, monkeypatch, tmp_path, 
 def test_interrupted_last_line_is_ignored_and_repaired(tmp_path):
     output = tmp_path / "out.jsonl"
     output.write_text('{"source": "a.png", "answer": "x"}\n{"source": "b.png", "error": "boom"}\n{"source": "c.pn')
-    assert batch.done_keys(output) == {("a.png", None)}  # errors and a cut-off line do not count
-    with batch.JsonlWriter(output) as writer:
+    assert outputs.done_keys(output) == {("a.png", None)}  # errors and a cut-off line do not count
+    with outputs.JsonlWriter(output) as writer:
         writer.write({"source": "c.png", "page": 2, "answer": "y"})
     lines = output.read_text().splitlines()
     assert lines[2] == '{"source": "c.pn' and json.loads(lines[3])["page"] == 2
-    assert batch.done_keys(output) == {("a.png", None), ("c.png", 2)}
+    assert outputs.done_keys(output) == {("a.png", None), ("c.png", 2)}
 
 
 def test_collect_items_kinds(folder, pdf):
-    assert [item.source for item in batch.collect_items(str(folder))] == [str(folder / f"page_{n}.png") for n in (1, 2, 3)]
-    assert [item.key for item in batch.collect_items(str(pdf))] == [(str(pdf), 1), (str(pdf), 2)]
-    assert [item.source for item in batch.collect_items(str(folder) + "/")] == [str(folder / f"page_{n}.png") for n in (1, 2, 3)]
-    assert batch.is_multi_input(str(folder)) and batch.is_multi_input(str(pdf)) and batch.is_multi_input(f"{folder}/*.png")
-    assert not batch.is_multi_input(str(folder / "page_1.png")) and not batch.is_multi_input("https://example.com/a.png")
+    assert [item.source for item in inputs.collect_items(str(folder))] == [str(folder / f"page_{n}.png") for n in (1, 2, 3)]
+    assert [item.key for item in inputs.collect_items(str(pdf))] == [(str(pdf), 1), (str(pdf), 2)]
+    assert [item.source for item in inputs.collect_items(str(folder) + "/")] == [str(folder / f"page_{n}.png") for n in (1, 2, 3)]
+    assert inputs.is_multi_input(str(folder)) and inputs.is_multi_input(str(pdf)) and inputs.is_multi_input(f"{folder}/*.png")
+    assert not inputs.is_multi_input(str(folder / "page_1.png")) and not inputs.is_multi_input("https://example.com/a.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def test_runtime_errors_exit_1_in_one_line(capsys, monkeypatch, tmp_path, tiny_m
     (tmp_path / "bad-schema.json").write_text('{"type": "no-such-type"}')
     if "--device" in make_argv(tmp_path):  # the real load_model decides that CUDA is missing
         monkeypatch.setattr(cli, "load_model", phi_helpers.load_model)
-        monkeypatch.setattr(phi_helpers.loading.torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(phi_helpers.api.loading.torch.cuda, "is_available", lambda: False)
     argv = make_argv(tmp_path)
     if "--task" not in argv:
         argv += ["--task", "ocr"]
@@ -469,7 +470,7 @@ def test_unexpected_errors_are_one_line_too(capsys, monkeypatch, image):
     def explode(*args, **kwargs):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(batch, "generate_batch", explode)
+    monkeypatch.setattr(tasks, "generate_batch", explode)
     code, _, err = run(capsys, "predict", "--image", image, "--task", "ocr")
     assert code == 1
     assert_one_line_error(err, "KeyError: 'surprise'")
@@ -479,7 +480,7 @@ def test_keyboard_interrupt_exits_130(capsys, monkeypatch, image):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batch, "generate_batch", interrupt)
+    monkeypatch.setattr(tasks, "generate_batch", interrupt)
     code, _, err = run(capsys, "predict", "--image", image, "--task", "ocr")
     assert code == 130
     assert_one_line_error(err, "interrupted")

@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from PIL import Image
 
-from phi_helpers.mrz import check_fields, parse_td3
+from phi_helpers.tutorial.mrz import check_fields, parse_td3
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "data" / "eval"

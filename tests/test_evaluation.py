@@ -7,18 +7,12 @@ import pytest
 
 import phi_helpers  # noqa: F401  (registers the native classes)
 from cli_runner import run
-from phi_helpers import batch, cli
-from phi_helpers.batch import Generation
-from phi_helpers.evaluation import (
-    character_error_rate,
-    field_matches,
-    format_table,
-    levenshtein,
-    normalise_value,
-    read_manifest,
-    summarise,
-)
-from phi_helpers.images import load_image
+from phi_helpers.api.generation import Generation
+from phi_helpers.cli import app as cli
+from phi_helpers.cli import inputs, outputs, tasks
+from phi_helpers.api.images import load_image
+from phi_helpers.api.metrics import character_error_rate, field_matches, levenshtein, normalise_value
+from phi_helpers.cli.evaluate import format_table, read_manifest, summarise
 
 EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "eval"
 needs_eval_set = pytest.mark.skipif(not (EVAL_SET / "manifest.jsonl").exists(), reason="data/eval is not generated")
@@ -171,7 +165,7 @@ def oracle(monkeypatch):
     def answer(model, processor, prompts, images, max_new_tokens=512):
         return [Generation(expected[group[0].tobytes()], 100, 20, 0.1, 0.5, len(prompts)) for group in images]
 
-    monkeypatch.setattr(batch, "generate_batch", answer)
+    monkeypatch.setattr(tasks, "generate_batch", answer)
 
 
 @needs_eval_set
@@ -199,7 +193,7 @@ def test_wrong_answers_lower_the_scores(capsys, monkeypatch, tmp_path):
         text = '{"merchant": "Northwind Hardware", "date": "2024-11-02", "currency": "USD", "total": 1}'
         return [Generation(text if "JSON" in prompts[0] else "The quick brown fox", 1, 1, 0.1, 0.1, 1) for _ in prompts]
 
-    monkeypatch.setattr(batch, "generate_batch", answer)
+    monkeypatch.setattr(tasks, "generate_batch", answer)
     report_path = tmp_path / "report.json"
     assert run(capsys, "eval", "--data", EVAL_SET, "--limit", "4", "--output", report_path)[0] == 0
     report = json.loads(report_path.read_text())

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt
-from phi_helpers import generation
-from phi_helpers.generation import stream_chunks
+from phi_helpers.api import generation
+from phi_helpers.api.generation import stream_chunks
 
 SPECIAL_TOKENS = ("<|end|>", "<|endoftext|>", "<|assistant|>", "<|user|>", "<|image|>", "<s>", "</s>")
 

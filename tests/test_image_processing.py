@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from phi_helpers import ImageAspectRatioError, ImageLoadError
-from phi_helpers.image_processing_phi3_v import Phi3VImageProcessor, hd_canvas_size
+from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor, hd_canvas_size
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])

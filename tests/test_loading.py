@@ -6,9 +6,9 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi_helpers.testing
 from phi_helpers import FlashAttentionUnavailableError, load_model
-from phi_helpers import loading
+from phi_helpers.api import loading
 from phi_helpers.errors import DeviceUnavailableError, ModelLoadError
-from phi_helpers.loading import pick_attention, pick_device, pick_dtype
+from phi_helpers.api.loading import pick_attention, pick_device, pick_dtype
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, TextIt
 
 import phi_helpers  # noqa: F401  (registers the Auto classes)
 from phi_helpers import FlashAttentionUnavailableError, PromptImageMismatchError
-from phi_helpers.configuration_phi3_v import Phi3VConfig
-from phi_helpers.modeling_phi3_v import Phi3VForCausalLM
+from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
+from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
 from phi_helpers.testing import FIXTURES, make_tiny_checkpoint
 
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown in this image?<|end|>\n<|assistant|>\n"

@@ -1,4 +1,4 @@
-"""phi_helpers.mrz (ICAO 9303 TD3) and the tutorial images drawn by scripts/make_images.py."""
+"""phi_helpers.tutorial.mrz (ICAO 9303 TD3) and the tutorial images drawn by scripts/make_images.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from phi_helpers.errors import PhiHelpersError
-from phi_helpers.mrz import MRZError, check_digit, check_fields, make_td3, parse_td3
+from phi_helpers.tutorial.mrz import MRZError, check_digit, check_fields, make_td3, parse_td3
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "notebooks" / "images"

@@ -6,8 +6,8 @@ from PIL import Image
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from phi_helpers import ContextLengthError, PromptImageMismatchError
-from phi_helpers.image_processing_phi3_v import Phi3VImageProcessor
-from phi_helpers.processing_phi3_v import Phi3VProcessor
+from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
+from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES
 
 IMAGE = 32044

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from phi_helpers.profiling import compare_attention, format_table
+from phi_helpers.tutorial.profiling import compare_attention, format_table
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from phi_helpers import Chat, ContextLengthError
-from phi_helpers.widgets import ChatBox, chat_box
+from phi_helpers.tutorial.widgets import ChatBox, chat_box
 
 
 def png_bytes(size=(64, 48), colour="red") -> bytes:

@@ -21,7 +21,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
-from .errors import ImageAspectRatioError, ImageLoadError
+from ...errors import ImageAspectRatioError, ImageLoadError
 
 TILE = 336  # CLIP ViT-L/14-336 input size; every tile and the global image are TILE x TILE
 TOKENS_PER_TILE = 144  # 24x24 patches merged 2x2 -> 12x12

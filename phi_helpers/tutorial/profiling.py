@@ -1,6 +1,6 @@
 """Time and measure the attention implementations on the machine you are on (tutorial notebook 05).
 
-    from phi_helpers.profiling import compare_attention, format_table
+    from phi_helpers.tutorial.profiling import compare_attention, format_table
     rows = compare_attention(image="images/chart.png", question="Describe this chart.")
     print(format_table(rows))
 
@@ -30,9 +30,9 @@ from contextlib import redirect_stdout
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .errors import FlashAttentionUnavailableError
-from .generation import ask
-from .loading import load_model, pick_attention, pick_device, pick_dtype
+from ..errors import FlashAttentionUnavailableError
+from ..api.generation import ask
+from ..api.loading import load_model, pick_attention, pick_device, pick_dtype
 
 ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")
 _GIB = 2**30

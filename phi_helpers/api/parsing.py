@@ -14,7 +14,7 @@ Invalid JSON is never "repaired" (a guessed fix could silently change your data)
 import json
 import re
 
-from .errors import JSONExtractionError
+from ..errors import JSONExtractionError
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _ADVICE = 'Ask again and end the question with "Answer with JSON only."'

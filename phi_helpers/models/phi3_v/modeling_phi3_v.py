@@ -18,7 +18,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 
 from .configuration_phi3_v import Phi3VConfig
-from .errors import FlashAttentionUnavailableError, PromptImageMismatchError
+from ...errors import FlashAttentionUnavailableError, PromptImageMismatchError
 
 
 class Phi3VCLIPVisionModel(CLIPVisionModel):

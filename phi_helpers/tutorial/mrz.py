@@ -26,7 +26,7 @@ Layout of the two lines (positions are 1-based, as in ICAO 9303 part 4)::
              22-27 expiry date YYMMDD 28 check            29-42 optional data   43 check
              44 composite check over positions 1-10, 14-20 and 22-43
 
-This module is a submodule only (``from phi_helpers.mrz import parse_td3``); it is not part of the
+This module is a submodule only (``from phi_helpers.tutorial.mrz import parse_td3``); it is not part of the
 top-level ``phi_helpers`` API.
 """
 
@@ -35,17 +35,13 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .errors import PhiHelpersError
+from ..errors import MRZError
 
 __all__ = ["MRZError", "check_digit", "make_td3", "parse_td3", "check_fields"]
 
 LINE_LENGTH = 44
 _MRZ_CHARS = re.compile(r"[A-Z0-9<]*")
 _WEIGHTS = (7, 3, 1)
-
-
-class MRZError(PhiHelpersError, ValueError):
-    """A machine-readable zone, or a field meant for one, is malformed."""
 
 
 # --------------------------------------------------------------------------- check digits

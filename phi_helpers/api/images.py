@@ -24,7 +24,7 @@ import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageDownloadTimeout, ImageLoadError
+from ..errors import ImageDownloadTimeout, ImageLoadError
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
 _CHUNK_SIZE = 64 * 1024

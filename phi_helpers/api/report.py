@@ -38,7 +38,7 @@ def environment_report(print_report: bool = True) -> dict:
 
 def _software() -> dict:
     """Versions and install locations of Python and the libraries phi_helpers needs."""
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]  # phi_helpers/
     try:
         version = importlib.metadata.version("phi_helpers")
     except importlib.metadata.PackageNotFoundError:

@@ -15,11 +15,13 @@ prints those pieces, and a notebook widget can show them instead.
 """
 
 import threading
+import time
+from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .errors import ContextLengthError
+from ..errors import ContextLengthError
 from .images import load_image
 from .prompts import Chat, _as_list, build_prompt
 
@@ -223,3 +225,70 @@ def _decode_new_tokens(processor, output: torch.Tensor, prompt_length: int) -> s
 
 
 __all__ = ["ask", "stream_chunks"]
+
+
+@dataclass
+class Generation:
+    """One decoded answer and what it cost. Timings are those of the whole batch it ran in."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    seconds_to_first_token: float | None
+    seconds: float
+    batch_size: int
+
+
+class FirstTokenTimer(StoppingCriteria):
+    """A stopping criterion that never stops anything: it notes when it is first called.
+
+    ``generate`` calls its stopping criteria right after each new token, so the first call happens
+    when the first token of the answer exists: that is the time to first token. (A streamer would
+    work too, but streamers only accept a batch of one.)
+    """
+
+    def __init__(self):
+        self.first_token_at: float | None = None
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if self.first_token_at is None:
+            if input_ids.is_cuda:
+                torch.cuda.synchronize(input_ids.device)  # GPU work is asynchronous: wait for it
+            self.first_token_at = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int = 512) -> list[Generation]:
+    """Answer several prompts in ONE greedy ``model.generate`` call; return one Generation per prompt.
+
+    ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of
+    images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
+    appends on the right, so every row's last prompt token must be in the last column).
+    """
+    inputs = encode(model, processor, prompts, images, max_new_tokens)
+    settings = generation_settings(model, processor, max_new_tokens, {})
+    timer = FirstTokenTimer()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**inputs, **settings, stopping_criteria=StoppingCriteriaList([timer]))
+    seconds = time.perf_counter() - start
+    first = None if timer.first_token_at is None else timer.first_token_at - start
+
+    prompt_length = inputs["input_ids"].shape[1]
+    stop_ids = set(settings["eos_token_id"])
+    results = []
+    for row, prompt_mask in zip(output, inputs["attention_mask"]):
+        new_tokens = row[prompt_length:].tolist()
+        count = _answer_length(new_tokens, stop_ids)
+        text = processor.tokenizer.decode(new_tokens[:count], skip_special_tokens=True).strip()
+        results.append(Generation(text, int(prompt_mask.sum()), count, first, seconds, len(prompts)))
+    return results
+
+
+def _answer_length(tokens: list[int], stop_ids: set[int]) -> int:
+    """Tokens the model generated for this row: up to and including its first stop token (the rest
+    is padding added while the other rows of the batch were still going)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return index + 1
+    return len(tokens)

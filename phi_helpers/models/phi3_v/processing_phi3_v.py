@@ -18,7 +18,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from .errors import ContextLengthError, PromptImageMismatchError
+from ...errors import ContextLengthError, PromptImageMismatchError
 from .image_processing_phi3_v import flatten_images
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")

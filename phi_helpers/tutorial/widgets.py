@@ -1,11 +1,11 @@
 """A small chat box for Jupyter: attach an image, type a question, watch the answer stream in.
 
-    from phi_helpers.widgets import chat_box
+    from phi_helpers.tutorial.widgets import chat_box
     chat_box(model, processor)            # the last line of a cell: the box appears below it
 
 or, to drive it from code as well (this is how it is tested, no browser needed)::
 
-    from phi_helpers.widgets import ChatBox
+    from phi_helpers.tutorial.widgets import ChatBox
     box = ChatBox(model, processor, max_new_tokens=256)
     box                                   # shows the widget
     box.upload(open("images/receipt.png", "rb").read(), name="receipt.png")
@@ -25,15 +25,15 @@ import io
 
 from PIL import Image
 
-from .generation import stream_chunks
-from .images import load_image
-from .prompts import Chat
+from ..api.generation import stream_chunks
+from ..api.images import load_image
+from ..api.prompts import Chat
 
 try:
     import ipywidgets as widgets
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "phi_helpers.widgets needs ipywidgets: `pip install ipywidgets` (then restart the kernel)."
+        "phi_helpers.tutorial.widgets needs ipywidgets: `pip install ipywidgets` (then restart the kernel)."
     ) from error
 
 THUMBNAIL_SIZE = 120  # pixels, the longer side of an attached image's preview

@@ -1,8 +1,8 @@
 """The command line: ``python -m phi_helpers predict ...`` and ``python -m phi_helpers eval ...``.
 
 Installed as the console script ``phi-helpers`` too. Run ``phi-helpers predict --help`` for the
-options and examples. What the commands do is in ``phi_helpers.batch`` (predict) and
-``phi_helpers.evaluation`` (eval); this module reads the arguments, checks them, loads the model
+options and examples. What the commands do is in ``phi_helpers.cli.tasks`` (predict) and
+``phi_helpers.cli.evaluate`` (eval); this module reads the arguments, checks them, loads the model
 and writes the results.
 
 Exit codes: 0 success; 1 a runtime error (missing file, unreadable image, bad URL, unwritable
@@ -16,32 +16,18 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from .batch import (
-    TASKS,
-    JsonlWriter,
-    chunks,
-    collect_items,
-    done_keys,
-    error_message,
-    is_multi_input,
-    load_schema,
-    model_info,
-    predict,
-    predict_items,
-)
-from .errors import PhiHelpersError
-from .loading import load_model
+from ..api.loading import load_model
+from ..api.structured import load_schema
+from .evaluate import run_eval_command
+from .inputs import collect_items, is_multi_input
+from .outputs import JsonlWriter, check_output_path, done_keys, error_message, model_info, progress_bar, write_atomically
+from .tasks import TASKS, chunks, predict, predict_items
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_MAX_NEW_TOKENS = 512
-
-
-class CLIError(PhiHelpersError):
-    """A problem with what was asked on the command line that is found while running (exit code 1)."""
 
 
 PREDICT_EXAMPLES = """\
@@ -190,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return run_predict(args)
-        from .evaluation import run_eval_command  # imported here: only eval needs it
-
         return run_eval_command(args, load=lambda: load_for_cli(args))
     except KeyboardInterrupt:
         print("error: interrupted (everything written so far is kept; run the same command again to go on)", file=sys.stderr)
@@ -336,50 +320,6 @@ def run_batch(args, schema) -> int:
 
 def _page_suffix(record: dict) -> str:
     return f" (page {record['page']})" if "page" in record else ""
-
-
-def progress_bar(total: int, description: str):
-    """A tqdm progress bar on stderr (stdout stays clean for results)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        raise CLIError("Many-image runs need the 'tqdm' package: pip install tqdm") from None
-    return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# Output files
-# ----------------------------------------------------------------------------------------------
-
-
-def check_output_path(path: Path) -> None:
-    """Fail early (before loading the model) if ``path`` cannot be written."""
-    if path.is_dir():
-        raise CLIError(f"--output '{path}' is a folder; give a file name inside it, e.g. '{path / 'results.jsonl'}'.")
-    folder = path.parent
-    if not folder.is_dir():
-        raise CLIError(f"Cannot write '{path}': the folder '{folder}' does not exist. Create it first.")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CLIError(f"Cannot write '{path}': permission denied.")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it to ``path``.
-
-    The rename is atomic: ``path`` holds either its old content or the complete new one, never a
-    half-written file, even if the program is interrupted.
-    """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
-from .errors import DeviceUnavailableError, FlashAttentionUnavailableError, ModelLoadError
+from ..errors import DeviceUnavailableError, FlashAttentionUnavailableError, ModelLoadError
 
 _DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 _DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -231,7 +231,7 @@ def _tiny_checkpoint() -> Path:
     target = cache / _TINY_DIR_NAME
     if _is_complete(target):
         return target
-    from .testing import make_tiny_checkpoint  # imported here: only needed for the tiny model
+    from ..testing import make_tiny_checkpoint  # imported here: only needed for the tiny model
 
     building = cache / f".{_TINY_DIR_NAME}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .configuration_phi3_v import Phi3VConfig
-from .modeling_phi3_v import Phi3VForCausalLM
+from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
+from ..models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
 
-FIXTURES = Path(__file__).parent / "data" / "phi-3-vision-128k-instruct"
+FIXTURES = Path(__file__).parent.parent / "data" / "phi-3-vision-128k-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VARIANTS = ("phi-3-vision", "phi-3.5-vision")
 

@@ -1,0 +1,87 @@
+"""Scores for model answers against labels.
+
+Two metrics, both small enough to read in a minute:
+
+* **Character error rate (CER)** for transcriptions: the Levenshtein distance between the answer
+  and the expected text (the fewest single-character insertions, deletions and substitutions that
+  turn one into the other) divided by the length of the expected text. 0 is perfect; it can go
+  above 1 when the answer is much longer than the reference. Runs of whitespace count as one space
+  (line breaks are a matter of layout, not of reading).
+* **Per-field exact match** for JSON extraction: each top-level field of the expected object is
+  right or wrong. Strings are compared ignoring case and extra whitespace, numbers by value
+  (``40.4`` equals ``40.40``, but the string ``"40.4"`` does not equal the number), lists and
+  objects element by element with the same rules. A missing field, or an answer that is no JSON,
+  counts as wrong. Reported per field and overall.
+
+    from phi_helpers.api.metrics import character_error_rate, field_matches
+    character_error_rate("sitting", "kitten")   # 3 edits / 6 characters = 0.5
+    field_matches({"total": 40.4, "merchant": "ACME "}, {"total": 40.40, "merchant": "acme"})
+    # {'total': True, 'merchant': True}
+"""
+
+
+def levenshtein(a: str, b: str) -> int:
+    """The edit distance between ``a`` and ``b`` (insertions, deletions, substitutions; each costs 1).
+
+    Dynamic programming, one row at a time: ``previous[j]`` is the distance between the first ``i-1``
+    characters of ``a`` and the first ``j`` characters of ``b``.
+    """
+    if len(a) < len(b):
+        a, b = b, a  # keep the rows short
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(
+                previous[j] + 1,  # delete char_a
+                current[j - 1] + 1,  # insert char_b
+                previous[j - 1] + (char_a != char_b),  # substitute (free if equal)
+            ))
+        previous = current
+    return previous[-1]
+
+
+def normalise_text(text: str) -> str:
+    """Collapse every run of whitespace (spaces, tabs, line breaks) into one space; strip the ends."""
+    return " ".join(str(text).split())
+
+
+def character_error_rate(hypothesis: str, reference: str) -> float:
+    """Levenshtein distance / reference length, after ``normalise_text`` on both.
+
+    An empty reference gives 0.0 for an empty answer and 1.0 for any other answer.
+    """
+    hypothesis, reference = normalise_text(hypothesis), normalise_text(reference)
+    if not reference:
+        return 0.0 if not hypothesis else 1.0
+    return levenshtein(hypothesis, reference) / len(reference)
+
+
+def normalise_value(value):
+    """A JSON value made comparable: strings case- and whitespace-insensitive, numbers by value."""
+    if isinstance(value, str):
+        return normalise_text(value).casefold()
+    if isinstance(value, bool):
+        return ("boolean", value)  # in Python True == 1: keep true and 1 apart
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return round(float(value), 6)
+    if isinstance(value, list):
+        return [normalise_value(element) for element in value]
+    if isinstance(value, dict):
+        return {key: normalise_value(element) for key, element in value.items()}
+    return value
+
+
+def field_matches(answer, expected: dict) -> dict[str, bool]:
+    """For each top-level field of ``expected``: does ``answer`` have the same value (normalised)?
+
+    ``answer`` may be anything the model produced; if it is not a JSON object every field is wrong.
+    """
+    if not isinstance(answer, dict):
+        return {field: False for field in expected}
+    return {
+        field: field in answer and normalise_value(answer[field]) == normalise_value(value)
+        for field, value in expected.items()
+    }

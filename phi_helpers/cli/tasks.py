@@ -1,0 +1,176 @@
+"""The tasks of ``phi-helpers predict`` (caption, ocr, vqa, extract) over a batch of images.
+
+    from phi_helpers import load_model
+    from phi_helpers.cli.inputs import collect_items
+    from phi_helpers.cli.tasks import predict
+
+    model, processor = load_model()
+    items = collect_items("scans/")                  # a file, URL, folder, glob or PDF
+    images = [item.load() for item in items[:4]]
+    for result in predict(model, processor, images, task="ocr"):
+        print(result["answer"])
+
+The fixed prompts (``TASK_PROMPTS``), the extraction prompt built from a JSON Schema and the
+follow-up prompt used for the one retry when an extraction is not valid; ``predict`` runs a task as
+ONE batched ``generate`` call (``phi_helpers.api.generation.generate_batch``); ``predict_items``
+never raises for a bad item.
+"""
+
+import json
+
+from ..api.generation import Generation, generate_batch
+from ..api.prompts import Chat, build_prompt
+from ..api.structured import check_extraction
+from .inputs import Item
+from .outputs import error_record, item_fields
+
+TASKS = ("caption", "ocr", "vqa", "extract")
+
+TASK_PROMPTS = {
+    "caption": "Describe this image in one or two sentences.",
+    "ocr": (
+        "Transcribe all the text in this image exactly as it is written, line by line, keeping the "
+        "original spelling, capitalisation, numbers and punctuation. Answer with the text only, "
+        "without any comment."
+    ),
+}
+
+EXTRACT_PROMPT = (
+    "Extract the information in this image as one JSON object that follows this JSON Schema:\n"
+    "{schema}\n"
+    "Use exactly the property names of the schema. Leave out properties that are not in the image. "
+    "Answer with the JSON object only, no explanation."
+)
+
+RETRY_PROMPT = (
+    "Your answer is not valid: {problems}\n"
+    "Answer again with only the corrected JSON object, following the JSON Schema."
+)
+
+
+MAX_PROBLEMS_SHOWN = 5  # a retry prompt lists at most this many problems (the first ones, sorted by field)
+
+
+def task_prompt(task: str, question: str | None = None, schema: dict | None = None) -> str:
+    """The instruction sent with each image for ``task`` (see ``TASK_PROMPTS`` and ``EXTRACT_PROMPT``).
+
+    ``question`` is the user's ``--prompt``: the question for ``vqa``, a replacement of the fixed
+    instruction for ``caption`` and ``ocr``, and extra instructions (put before the schema) for ``extract``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if task == "vqa":
+        if not question:
+            raise ValueError("The vqa task needs a question (--prompt TEXT).")
+        return question
+    if task == "extract":
+        if schema is None:
+            raise ValueError("The extract task needs a JSON Schema (--schema FILE.json).")
+        prompt = EXTRACT_PROMPT.format(schema=json.dumps(schema, ensure_ascii=False))
+        return f"{question}\n{prompt}" if question else prompt
+    return question or TASK_PROMPTS[task]
+
+
+def predict(
+    model, processor, images: list, task: str, question: str | None = None, schema: dict | None = None,
+    max_new_tokens: int = 512,
+) -> list[dict]:
+    """Run ``task`` on each image (all in one batch) and return one result dict per image.
+
+    Every result has ``prompt``, ``answer`` and the costs (``prompt_tokens``, ``generated_tokens``,
+    ``seconds_to_first_token``, ``total_seconds``, ``batch_size``). For ``extract`` the answer is the parsed
+    JSON (or ``None``) and the result also has ``raw`` (every answer text, in order), ``valid``,
+    ``errors`` and ``attempts``: an invalid first answer gets ONE retry, in which the problems are
+    told to the model in a follow-up turn of the same conversation (see ``RETRY_PROMPT``).
+    """
+    prompt = task_prompt(task, question, schema)
+    first = generate_batch(model, processor, [build_prompt(prompt)] * len(images), [[im] for im in images], max_new_tokens)
+    if task != "extract":
+        return [_result(prompt, g.text, [g]) for g in first]
+
+    checked = [check_extraction(g.text, schema) for g in first]
+    to_retry = [i for i, (_data, problems) in enumerate(checked) if problems]
+    second = {}
+    if to_retry:
+        chats = [_retry_chat(prompt, images[i], first[i].text, checked[i][1]) for i in to_retry]
+        retried = generate_batch(model, processor, [c.render() for c in chats], [c.images for c in chats], max_new_tokens)
+        second = dict(zip(to_retry, retried))
+
+    results = []
+    for index, generation in enumerate(first):
+        attempts = [generation] + ([second[index]] if index in second else [])
+        data, problems = checked[index] if index not in second else check_extraction(second[index].text, schema)
+        result = _result(prompt, data, attempts)
+        result.update(raw=[g.text for g in attempts], valid=not problems, errors=problems, attempts=len(attempts))
+        results.append(result)
+    return results
+
+
+def _retry_chat(prompt: str, image, answer: str, problems: list[str]) -> Chat:
+    """The conversation for the retry: the question with its image, the bad answer, the problems."""
+    chat = Chat()
+    chat.add_user(prompt, images=image)
+    chat.add_assistant(answer or "(empty answer)")
+    chat.add_user(RETRY_PROMPT.format(problems="; ".join(problems[:MAX_PROBLEMS_SHOWN])))
+    return chat
+
+
+def _result(prompt: str, answer, generations: list[Generation]) -> dict:
+    """A result dict; token counts and seconds are summed over the attempts (1, or 2 after a retry)."""
+    return {
+        "prompt": prompt,
+        "answer": answer,
+        "prompt_tokens": sum(g.prompt_tokens for g in generations),
+        "generated_tokens": sum(g.generated_tokens for g in generations),
+        "seconds_to_first_token": _round(generations[0].seconds_to_first_token),
+        "total_seconds": _round(sum(g.seconds for g in generations)),
+        "batch_size": generations[0].batch_size,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def predict_items(model, processor, items: list[Item], task: str, **task_kwargs) -> list[dict]:
+    """Run ``task`` on a list of items as one batch; never raises for a bad item.
+
+    Each returned dict starts with the item's ``source`` (and ``page`` for PDF pages) and has either
+    the result of ``predict`` plus ``image_size``, or ``error``. An item whose image cannot be read
+    gets its error at once; if the batch itself fails, its items are run again one by one, so that
+    only the item that causes the failure is reported as failed.
+    """
+    records = [None] * len(items)
+    loaded = []  # (index, item, image) of the items whose image could be read
+    for index, item in enumerate(items):
+        try:
+            loaded.append((index, item, item.load()))
+        except Exception as error:  # noqa: BLE001  (reported in the item's own line)
+            records[index] = error_record(item, error)
+    for index, record in _predict_loaded(model, processor, loaded, task, task_kwargs):
+        records[index] = record
+    return records
+
+
+def _predict_loaded(model, processor, loaded: list, task: str, task_kwargs: dict):
+    """Yield ``(index, record)`` for loaded items; a failing batch is split into batches of one."""
+    if not loaded:
+        return
+    try:
+        results = predict(model, processor, [image for _index, _item, image in loaded], task, **task_kwargs)
+    except Exception as error:  # noqa: BLE001  (reported in the item's own line)
+        if len(loaded) == 1:
+            index, item, _image = loaded[0]
+            yield index, error_record(item, error)
+        else:
+            for one in loaded:
+                yield from _predict_loaded(model, processor, [one], task, task_kwargs)
+        return
+    for (index, item, image), result in zip(loaded, results):
+        yield index, {**item_fields(item), "image_size": list(image.size), **result}
+
+
+def chunks(sequence: list, size: int):
+    """Consecutive pieces of ``sequence`` of at most ``size`` elements."""
+    for start in range(0, len(sequence), size):
+        yield sequence[start : start + size]
