@@ -6,7 +6,8 @@
 
 The rule (the same one tests/test_notebooks_clean.py enforces):
 
-* a code cell whose first line is ``# NBVAL_CHECK_OUTPUT`` keeps its outputs and its execution_count:
+* a code cell tagged ``nbval-check-output`` (cell metadata, View > Cell tags in JupyterLab; the
+  learner never sees it in the code) keeps its outputs and its execution_count:
   nbval (``pytest --nbval-lax``) compares them with a fresh run, and skips a cell silently when its
   execution_count is missing;
 * every other code cell is stored without outputs and without execution_count;
@@ -26,16 +27,15 @@ from pathlib import Path
 
 import nbformat
 
-CHECK_MARKER = "# NBVAL_CHECK_OUTPUT"
+CHECK_TAG = "nbval-check-output"
 NOTEBOOK_METADATA_TO_DROP = ("widgets",)
 CELL_METADATA_TO_DROP = ("execution", "collapsed", "scrolled", "ExecuteTime", "widgets")
 REPO = Path(__file__).resolve().parent.parent
 
 
 def is_checked(cell) -> bool:
-    """True for a code cell marked with ``# NBVAL_CHECK_OUTPUT`` on its first line."""
-    lines = cell.source.lstrip().splitlines()
-    return cell.cell_type == "code" and bool(lines) and lines[0].strip() == CHECK_MARKER
+    """True for a code cell tagged ``nbval-check-output``."""
+    return cell.cell_type == "code" and CHECK_TAG in cell.metadata.get("tags", [])
 
 
 def execute(notebook, path: Path, timeout: int = 600):
@@ -97,7 +97,7 @@ def problems(notebook) -> list[str]:
     found = []
     for index, cell in enumerate(notebook.cells):
         if is_checked(cell) and (not cell.outputs or cell.execution_count is None):
-            found.append(f"cell {index} is marked {CHECK_MARKER} but has no stored output/execution_count")
+            found.append(f"cell {index} is tagged {CHECK_TAG} but has no stored output/execution_count")
     return found
 
 
