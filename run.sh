@@ -52,17 +52,19 @@ lock() {
 test_latest() {
   rm -rf .venv-latest
   venv .venv-latest
-  python -m pip install --quiet "torch==${TORCH:-$(locked_version torch)}"
-  python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
-  echo "Drift check with the newest releases pyproject.toml allows (torch ${TORCH:-$(locked_version torch)}):"
+  local torch="torch==${TORCH:-$(locked_version torch)}"  # held: newer PyPI torch wheels are CUDA builds
+  python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$torch"
+  echo "Drift check with the newest releases pyproject.toml allows ($torch):"
   python - <<'PY'
 import importlib.metadata, re
 canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 lock = {canonical(n): v for n, v in re.findall(r"^(\S+)==(\S+)", open("requirements.txt").read(), re.M)}
-for dist in sorted(importlib.metadata.distributions(), key=lambda d: canonical(d.metadata["Name"])):
-    name, locked = canonical(dist.metadata["Name"]), lock.get(canonical(dist.metadata["Name"]))
-    note = "" if locked == dist.version else f"  (lock: {locked})" if locked else "  (not in the lock)"
-    print(f"  {name}=={dist.version}{note}")
+installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+for name, version in sorted(installed.items()):
+    if name not in ("phi-helpers", "pip"):
+        locked = lock.get(name)
+        note = "" if locked == version else "  (not in the lock)" if locked is None else f"  (lock: {locked})"
+        print(f"  {name}=={version}{note}")
 PY
   python -m pytest -p no:cacheprovider tests/test_transformers_surface.py tests/test_model.py \
     tests/test_image_processing.py tests/test_processor.py tests/test_loading.py tests/test_generation.py "$@"
