@@ -63,7 +63,7 @@ installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadat
 for name, version in sorted(installed.items()):
     if name not in ("phi-helpers", "pip"):
         locked = lock.get(name)
-        note = "" if locked == version else "  (not in the lock)" if locked is None else f"  (lock: {locked})"
+        note = "" if locked == version.split("+")[0] else "  (not in the lock)" if locked is None else f"  (lock: {locked})"
         print(f"  {name}=={version}{note}")
 PY
   python -m pytest -p no:cacheprovider tests/test_transformers_surface.py tests/test_model.py \
