@@ -1,28 +1,80 @@
 #!/usr/bin/env bash
 # One command per job, on a fresh machine:
-#   ./run.sh lab    set up .venv and start JupyterLab on notebooks/
-#   ./run.sh test   set up .venv and run the unit tests and every notebook (offline, tiny checkpoint)
+#   ./run.sh lab          set up .venv from the lock and start JupyterLab on notebooks/
+#   ./run.sh test         set up .venv from the lock and run the unit tests and every notebook (offline, tiny checkpoint)
+#   ./run.sh lock         regenerate the lock (requirements.txt): newest releases pyproject.toml allows, torch kept
+#   ./run.sh test-latest  drift check: throwaway .venv-latest with the newest allowed releases, model tests
 # Extra arguments go to jupyter lab / pytest. PYTHON=python3.11 ./run.sh ... picks the interpreter.
+# TORCH=2.x.y ./run.sh lock|test-latest changes torch (default: the lock's; PyPI's Linux wheels of a
+# newer torch are multi-GB CUDA builds).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-setup() {
-  if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
-  fi
+LOCK_TOOL="pip-tools==7.6.2"
+
+locked_version() {  # the version of package $1 in the lock
+  sed -n "s/^$1==//p" requirements.txt
+}
+
+venv() {  # create (once) and activate the virtual environment in folder $1
+  [ -x "$1/bin/python" ] || "${PYTHON:-python3}" -m venv "$1"
   # shellcheck disable=SC1091
-  . .venv/bin/activate
+  . "$1/bin/activate"
   python -m pip install --quiet --upgrade pip
-  # The tested torch; on Linux with an NVIDIA GPU, PyPI's wheel is the CUDA build.
-  python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
+}
+
+setup() {  # .venv with exactly the lock's versions, plus this package (editable)
+  venv .venv
   python -m pip install --quiet -r requirements.txt
   python -m pip install --quiet --no-deps -e .
+}
+
+lock() {
+  venv .venv-lock  # the lock tool lives in its own environment, not in .venv
+  python -m pip install --quiet "$LOCK_TOOL"
+  CUSTOM_COMPILE_COMMAND="./run.sh lock" pip-compile --quiet --upgrade --upgrade-package "torch==${TORCH:-$(locked_version torch)}" \
+    --extra notebooks --extra test --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+    --output-file requirements.txt pyproject.toml
+  # A CPU wheel (e.g. from --find-links) pins torch==X+cpu; the lock names the plain version so that
+  # every platform resolves it from PyPI.
+  { echo "# The lock: exact versions of everything ./run.sh lab|test installs (pyproject.toml's dependencies"
+    echo "# and extras notebooks, test). Regenerate it with ./run.sh lock, never by hand."
+    sed -E 's/^torch==([^+ ]+)\+cpu/torch==\1/' requirements.txt; } > requirements.txt.new
+  mv requirements.txt.new requirements.txt
+  if grep -E '^(nvidia-|triton)' requirements.txt; then
+    echo "error: the lock pulled CUDA packages (above): resolve torch with its CPU wheel, e.g." >&2
+    echo "  PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu ./run.sh lock" >&2
+    exit 1
+  fi
+  echo "requirements.txt updated; now run ./run.sh test and update TESTED_VERSIONS and the README if they moved."
+}
+
+test_latest() {
+  rm -rf .venv-latest
+  venv .venv-latest
+  local torch="torch==${TORCH:-$(locked_version torch)}"  # held: newer PyPI torch wheels are CUDA builds
+  python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$torch"
+  echo "Drift check with the newest releases pyproject.toml allows ($torch):"
+  python - <<'PY'
+import importlib.metadata, re
+canonical = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+lock = {canonical(n): v for n, v in re.findall(r"^(\S+)==(\S+)", open("requirements.txt").read(), re.M)}
+installed = {canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+for name, version in sorted(installed.items()):
+    if name not in ("phi-helpers", "pip"):
+        locked = lock.get(name)
+        note = "" if locked == version.split("+")[0] else "  (not in the lock)" if locked is None else f"  (lock: {locked})"
+        print(f"  {name}=={version}{note}")
+PY
+  python -m pytest -p no:cacheprovider tests/test_transformers_surface.py tests/test_model.py \
+    tests/test_image_processing.py tests/test_processor.py tests/test_loading.py tests/test_generation.py "$@"
 }
 
 case "${1:-}" in
   lab)
     shift
     setup
+    if [ "$(id -u)" -eq 0 ]; then set -- --allow-root "$@"; fi  # containers often run as root
     exec jupyter lab --notebook-dir=notebooks "$@"
     ;;
   test)
@@ -30,8 +82,15 @@ case "${1:-}" in
     setup
     exec python -m pytest "$@"
     ;;
+  lock)
+    lock
+    ;;
+  test-latest)
+    shift
+    test_latest "$@"
+    ;;
   *)
-    echo "usage: ./run.sh lab|test [extra arguments]" >&2
+    echo "usage: ./run.sh lab|test|lock|test-latest [extra arguments]" >&2
     exit 2
     ;;
 esac

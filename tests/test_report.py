@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from phi_helpers import environment_report
+from phi_helpers.versions import TESTED_VERSIONS
 
 
 def test_versions_and_host_facts_match_this_interpreter():
@@ -71,3 +72,23 @@ def test_printed_table_is_aligned(capsys):
 def test_print_report_false_prints_nothing(capsys):
     environment_report(print_report=False)
     assert capsys.readouterr().out == ""
+
+
+def test_no_warning_with_the_tested_versions(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", TESTED_VERSIONS["torch"] + "+cpu")  # a local label is the same release
+    monkeypatch.setattr(transformers, "__version__", TESTED_VERSIONS["transformers"])
+    assert environment_report(print_report=False)["warnings"] == []
+
+
+@pytest.mark.parametrize("library", [torch, transformers])
+def test_warns_when_torch_or_transformers_is_not_the_tested_version(monkeypatch, capsys, library):
+    monkeypatch.setattr(torch, "__version__", TESTED_VERSIONS["torch"])
+    monkeypatch.setattr(transformers, "__version__", TESTED_VERSIONS["transformers"])
+    monkeypatch.setattr(library, "__version__", "9.9.9")
+    report = environment_report()
+    name = library.__name__
+    [warning] = report["warnings"]
+    assert f"{name} 9.9.9 is installed" in warning and f"tested with {name} {TESTED_VERSIONS[name]}" in warning
+    assert "./run.sh" in warning and "requirements.txt" in warning
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"Warning: {name} 9.9.9 is installed" in printed

@@ -18,6 +18,8 @@ import torch
 import transformers
 from transformers.utils import is_flash_attn_2_available
 
+from .versions import TESTED_VERSIONS
+
 # Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct have the same architecture and size.
 _MODEL_PARAMETERS = 4_146_621_440
 _BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -28,9 +30,11 @@ def environment_report(print_report: bool = True) -> dict:
     """Collect versions, devices and memory facts; print them as a table unless ``print_report=False``.
 
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
-    ``gpu_name``, ``gpu_memory_gib``, ``bf16_supported``, ``weights_gib`` ...).
+    ``gpu_name``, ``gpu_memory_gib``, ``bf16_supported``, ``weights_gib`` ...) and ``warnings``, a list
+    of messages (printed below the table), e.g. when torch or transformers is not the tested version.
     """
     report = {**_software(), **_devices(), **_host(), **_model_memory()}
+    report["warnings"] = _version_warnings(report)
     if print_report:
         print(_format(report))
     return report
@@ -51,6 +55,20 @@ def _software() -> dict:
         "phi_helpers": version,
         "phi_helpers_path": str(package_dir),
     }
+
+
+def _version_warnings(report: dict) -> list[str]:
+    """One message per library (torch, transformers) whose installed version is not the tested one."""
+    messages = []
+    for name in ("torch", "transformers"):
+        installed, tested = report[name].split("+")[0], TESTED_VERSIONS[name]  # "2.13.0+cpu" is 2.13.0
+        if installed != tested:
+            messages.append(
+                f"{name} {report[name]} is installed, but phi_helpers is tested with {name} {tested}. "
+                "If something fails, use the tested versions: ./run.sh lab (or ./run.sh test) sets up .venv "
+                "from the lock, or run pip install -r requirements.txt in your environment."
+            )
+    return messages
 
 
 def _devices() -> dict:
@@ -136,6 +154,8 @@ def _format(report: dict) -> str:
         "KV cache need memory on top of the weights, more for long chats and many images."
     )
     lines += ["", textwrap.fill(note, width=90, initial_indent="Note: ", subsequent_indent="      ")]
+    for warning in report["warnings"]:
+        lines.append(textwrap.fill(warning, width=90, initial_indent="Warning: ", subsequent_indent="         "))
     return "\n".join(lines)
 
 

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
 from ...errors import ImageAspectRatioError, ImageLoadError
 
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's normalisation, as in the original
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TILE = 336  # CLIP ViT-L/14-336 input size; every tile and the global image are TILE x TILE
 TOKENS_PER_TILE = 144  # 24x24 patches merged 2x2 -> 12x12
 TOKENS_PER_ROW = 12  # one separator (sub_GN) after each row of 12 merged patches
