@@ -38,10 +38,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 import phi_helpers  # noqa: F401  (registers the Auto classes)
 from phi_helpers import FlashAttentionUnavailableError
-from phi_helpers.configuration_phi3_v import Phi3VConfig
-from phi_helpers.image_processing_phi3_v import Phi3VImageProcessor
-from phi_helpers.modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
-from phi_helpers.processing_phi3_v import Phi3VProcessor
+from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
+from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
+from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
+from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES, make_tiny_checkpoint
 
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown in this image?<|end|>\n<|assistant|>\n"
