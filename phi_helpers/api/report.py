@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers.utils import is_flash_attn_2_available
 
-from .versions import TESTED_VERSIONS
+from ..versions import TESTED_VERSIONS
 
 # Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct have the same architecture and size.
 _MODEL_PARAMETERS = 4_146_621_440
