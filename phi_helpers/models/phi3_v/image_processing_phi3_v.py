@@ -21,7 +21,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
-from ...errors import ImageAspectRatioError, ImageLoadError
+from ...errors import ImageAspectRatioError, ImageLoadError, check_whole_number
 
 TILE = 336  # CLIP ViT-L/14-336 input size; every tile and the global image are TILE x TILE
 TOKENS_PER_TILE = 144  # 24x24 patches merged 2x2 -> 12x12
@@ -41,8 +41,7 @@ def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, i
     """
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"The image is empty ({width}x{height} pixels). Check the file or URL.")
-    if num_crops < 1:
-        raise ValueError(f"num_crops must be at least 1, got {num_crops}.")
+    check_whole_number(num_crops, "num_crops", minimum=1)
     if width < height:
         width, height = height, width
     ratio = width / height
