@@ -81,7 +81,7 @@ def special_tokens(processor=None) -> tuple[str, ...]:
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokens.update(tokenizer.get_added_vocab())
-    return tuple(sorted(tokens, key=len, reverse=True))
+    return tuple(sorted(tokens))
 
 
 def check_user_text(text, what: str, processor=None) -> None:
@@ -104,12 +104,13 @@ def check_plain_text(text: str, what: str, processor=None) -> None:
             f"The {what} already contains an image tag ({tag.group()}). Leave the tags out: pass the images "
             "and phi_helpers adds and numbers the tags for you."
         )
-    found = [token for token in special_tokens(processor) if token in text]
+    found = sorted((text.index(token), -len(token), token) for token in special_tokens(processor) if token in text)
     if found:
+        token = found[0][2]  # the first one in the text
         raise SpecialTokenError(
-            f"The {what} contains the special token {found[0]}, which would act as a control token of the chat "
+            f"The {what} contains the special token {token}, which would act as a control token of the chat "
             f"format (end a turn, start another role...), not as text. Remove or reword it (e.g. write "
-            f"{found[0].replace('|', '')!r}). To write a whole prompt in the chat format yourself, start it "
+            f"{token.replace('|', '')!r}). To write a whole prompt in the chat format yourself, start it "
             "with <|user|> and pass it to ask() or the processor as it is."
         )
 

@@ -4,6 +4,9 @@
     info = environment_report()      # prints a table and returns the same facts as a dict
 
 Memory figures are in GiB (2**30 bytes), the unit ``nvidia-smi`` and most tools use for GPU memory.
+
+``format_table`` is the package's one text-table printer (this report, ``phi-helpers eval``, the
+attention comparison of notebook 05).
 """
 
 import importlib.metadata
@@ -128,15 +131,53 @@ def _format(report: dict) -> str:
     ]
     for dtype, gib in report["weights_gib"].items():
         rows.append((f"weights in {dtype}", f"{gib} GiB{_fits(report, gib)}"))
-    width = max(len(label) for label, _ in rows)
-    lines = ["phi_helpers environment report", "=" * 30]
-    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    lines = ["phi_helpers environment report", "=" * 30, format_table(rows)]
     note = (
         f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters. Activations, image tokens and the "
         "KV cache need memory on top of the weights, more for long chats and many images."
     )
     lines += ["", textwrap.fill(note, width=90, initial_indent="Note: ", subsequent_indent="      ")]
     return "\n".join(lines)
+
+
+def format_table(rows: list, header: list[str] | None = None) -> str:
+    """Rows of cells as aligned columns, two spaces apart; a dashed line under the ``header`` if any.
+
+    Numeric columns (every cell an int or float) are right-aligned, the others left-aligned. A row
+    with fewer cells than the others ends with a cell that spans the remaining columns (a note such
+    as "not available: ..."); it does not widen the columns.
+
+    >>> print(format_table([["a", 1], ["bcd", 10]], ["name", "n"]))
+    name   n
+    ----  --
+    a      1
+    bcd   10
+    """
+    rows = [list(row) for row in rows]
+    columns = max([len(header or [])] + [len(row) for row in rows])
+    full = [row for row in rows if len(row) == columns]
+    numeric = [bool(full) and all(_is_number(row[c]) for row in full) for c in range(columns)]
+    table = ([list(header)] if header else []) + full
+    widths = [max(len(str(row[c])) for row in table) for c in range(columns)]
+
+    def line(row: list) -> str:
+        cells = [
+            str(cell).rjust(width) if is_number else str(cell).ljust(width)
+            for cell, width, is_number in zip(row[:-1], widths, numeric)
+        ]
+        last = str(row[-1])
+        if len(row) == columns:
+            last = last.rjust(widths[-1]) if numeric[-1] else last
+        return "  ".join([*cells, last]).rstrip()
+
+    lines = [line(row) for row in rows]
+    if header:
+        lines = [line(list(header)), "  ".join("-" * width for width in widths)] + lines
+    return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fits(report: dict, gib: float) -> str:
@@ -147,4 +188,4 @@ def _fits(report: dict, gib: float) -> str:
     return f"  (fits in {where})" if gib < memory else f"  (does NOT fit in {where}: {memory} GiB)"
 
 
-__all__ = ["environment_report"]
+__all__ = ["environment_report", "format_table"]

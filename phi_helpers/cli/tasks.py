@@ -21,6 +21,7 @@ import json
 from ..api.generation import Generation, generate_batch
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction
+from ..errors import InvalidArgumentError, PromptError
 from .inputs import Item
 from .outputs import error_record, item_fields
 
@@ -58,14 +59,14 @@ def task_prompt(task: str, question: str | None = None, schema: dict | None = No
     instruction for ``caption`` and ``ocr``, and extra instructions (put before the schema) for ``extract``.
     """
     if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+        raise InvalidArgumentError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if task == "vqa":
         if not question:
-            raise ValueError("The vqa task needs a question (--prompt TEXT).")
+            raise PromptError("The vqa task needs a question (--prompt TEXT).")
         return question
     if task == "extract":
         if schema is None:
-            raise ValueError("The extract task needs a JSON Schema (--schema FILE.json).")
+            raise InvalidArgumentError("The extract task needs a JSON Schema (--schema FILE.json).")
         prompt = EXTRACT_PROMPT.format(schema=json.dumps(schema, ensure_ascii=False))
         return f"{question}\n{prompt}" if question else prompt
     return question or TASK_PROMPTS[task]
@@ -84,7 +85,8 @@ def predict(
     told to the model in a follow-up turn of the same conversation (see ``RETRY_PROMPT``).
     """
     prompt = task_prompt(task, question, schema)
-    first = generate_batch(model, processor, [build_prompt(prompt)] * len(images), [[im] for im in images], max_new_tokens)
+    prompts = [build_prompt(prompt, processor=processor)] * len(images)
+    first = generate_batch(model, processor, prompts, [[im] for im in images], max_new_tokens)
     if task != "extract":
         return [_result(prompt, g.text, [g]) for g in first]
 
@@ -93,7 +95,7 @@ def predict(
     second = {}
     if to_retry:
         chats = [_retry_chat(prompt, images[i], first[i].text, checked[i][1]) for i in to_retry]
-        retried = generate_batch(model, processor, [c.render() for c in chats], [c.images for c in chats], max_new_tokens)
+        retried = generate_batch(model, processor, [c.render(processor) for c in chats], [c.images for c in chats], max_new_tokens)
         second = dict(zip(to_retry, retried))
 
     results = []

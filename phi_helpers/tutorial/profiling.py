@@ -30,11 +30,12 @@ from contextlib import redirect_stdout
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..errors import FlashAttentionUnavailableError
 from ..api.generation import ask
 from ..api.loading import load_model, pick_attention, pick_device, pick_dtype
+from ..api.report import format_table as _table
+from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 
-ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")
+ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")  # the choices of load_model(attn=...), slowest first
 _GIB = 2**30
 
 
@@ -75,7 +76,7 @@ def compare_attention(
         row = _empty_row(option, device_name, torch_dtype)
         try:
             pick_attention(option, device_name, torch_dtype)  # raises if it cannot run here
-        except (FlashAttentionUnavailableError, ValueError) as error:
+        except (FlashAttentionUnavailableError, InvalidArgumentError) as error:
             row["reason"] = _first_sentence(str(error))
             rows.append(row)
             _progress(verbose, f"{option}: not available: {row['reason']}")
@@ -92,7 +93,8 @@ def compare_attention(
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows of ``compare_attention`` as an aligned text table (unavailable options say why)."""
+    """The rows of ``compare_attention`` as an aligned text table (unavailable options say why), with
+    the device and how memory was measured underneath."""
     header = ("attention", "load s", "first token s", "total s", "new tokens", "tokens/s", "peak memory")
     lines = []
     notes = []
@@ -111,11 +113,7 @@ def format_table(rows: list[dict]) -> str:
         ))
         if row["memory_note"] and row["memory_note"] not in notes:
             notes.append(row["memory_note"])
-    full = [line for line in lines if len(line) == len(header)]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *full)]
-    text = [_join(header, widths), _join(["-" * w for w in widths], widths)]
-    for line in lines:
-        text.append(_join(line, widths) if len(line) == len(header) else f"{line[0]:<{widths[0]}}  {line[1]}")
+    text = [_table(lines, header)]
     devices = sorted({f"{row['device']}, {row['dtype']}" for row in rows})
     text.append("")
     text.append(f"Measured on: {'; '.join(devices)}.")
@@ -229,10 +227,6 @@ def _first_sentence(text: str) -> str:
     first = text.split("\n")[0]
     cut = first.find(". ")
     return first if cut == -1 else first[: cut + 1]
-
-
-def _join(cells, widths) -> str:
-    return "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
 
 
 def _progress(verbose: bool, text: str) -> None:
