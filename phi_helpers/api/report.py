@@ -24,7 +24,7 @@ from transformers.utils import is_flash_attn_2_available
 # Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct have the same architecture and size.
 _MODEL_PARAMETERS = 4_146_621_440
 _BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
-_GIB = 2**30
+GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
 
 
 def environment_report(print_report: bool = True) -> dict:
@@ -66,7 +66,7 @@ def _devices() -> dict:
         "cuda_version": torch.version.cuda,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_name": properties.name if cuda else None,
-        "gpu_memory_gib": round(properties.total_memory / _GIB, 1) if cuda else None,
+        "gpu_memory_gib": round(properties.total_memory / GIB, 1) if cuda else None,
         "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
         "mps_available": bool(mps_backend is not None and mps_backend.is_available()),
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
@@ -81,7 +81,7 @@ def _host() -> dict:
     else:
         cpus = os.cpu_count()
     ram = _total_ram_bytes()
-    return {"cpu_count": cpus, "ram_gib": round(ram / _GIB, 1) if ram else None}
+    return {"cpu_count": cpus, "ram_gib": round(ram / GIB, 1) if ram else None}
 
 
 def _total_ram_bytes() -> int | None:
@@ -104,7 +104,7 @@ def _model_memory() -> dict:
     return {
         "model_parameters": _MODEL_PARAMETERS,
         "weights_gib": {
-            dtype: round(_MODEL_PARAMETERS * size / _GIB, 1) for dtype, size in _BYTES_PER_PARAMETER.items()
+            dtype: round(_MODEL_PARAMETERS * size / GIB, 1) for dtype, size in _BYTES_PER_PARAMETER.items()
         },
     }
 

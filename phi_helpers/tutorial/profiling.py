@@ -32,11 +32,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..api.generation import ask
 from ..api.loading import load_model, pick_attention, pick_device, pick_dtype
-from ..api.report import format_table as _table
+from ..api.report import GIB, format_table as _table
 from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 
 ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")  # the choices of load_model(attn=...), slowest first
-_GIB = 2**30
 
 
 def compare_attention(
@@ -201,16 +200,16 @@ def _reset_peak_memory(device: str) -> None:
 def _peak_memory(device: torch.device) -> tuple[float | None, str]:
     """(GiB, how it was measured) for the device the model is on."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / _GIB, "CUDA torch.cuda.max_memory_allocated (peak)"
+        return torch.cuda.max_memory_allocated(device) / GIB, "CUDA torch.cuda.max_memory_allocated (peak)"
     if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / _GIB, "MPS torch.mps.driver_allocated_memory (after generation)"
+        return torch.mps.driver_allocated_memory() / GIB, "MPS torch.mps.driver_allocated_memory (after generation)"
     try:
         import resource
     except ImportError:  # Windows
         return None, "not measured on this system (no resource module)"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
-    return peak_bytes / _GIB, "CPU process peak RSS from resource.getrusage (cumulative over the whole process)"
+    return peak_bytes / GIB, "CPU process peak RSS from resource.getrusage (cumulative over the whole process)"
 
 
 def _free_memory() -> None:
