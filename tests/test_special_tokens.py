@@ -131,3 +131,22 @@ def test_an_answer_that_ends_with_a_stop_token_goes_into_the_chat_without_it(mon
     chat = Chat().add_user("Hi")
     assert ask(model, processor, chat, max_new_tokens=8) == "Hello there"
     assert chat.messages[-1] == {"role": "assistant", "content": "Hello there"}
+
+
+def test_a_generated_answer_is_kept_as_it_is_and_never_refused(monkeypatch, tiny_model_and_processor):
+    """The model may spell "<s>" out of plain pieces (an answer about HTML): the answer is not lost and
+    the chat goes on; text typed as an assistant turn is still refused."""
+    model, processor = tiny_model_and_processor
+    answer_ids = processor.tokenizer("Use", add_special_tokens=False).input_ids + [
+        processor.tokenizer.convert_tokens_to_ids(piece) for piece in ("<", "s", ">")  # plain pieces, not id 1
+    ]
+    monkeypatch.setattr(
+        model, "generate", lambda **kwargs: torch.cat([kwargs["input_ids"], torch.tensor([answer_ids + [END]])], dim=1)
+    )
+    chat = Chat().add_user("How do I strike text through in HTML?")
+    answer = ask(model, processor, chat, max_new_tokens=8)
+    assert "<s>" in answer and chat.messages[-1]["content"] == answer
+    chat.add_user("Thanks.")
+    assert chat.render(processor).endswith("Thanks.<|end|>\n<|assistant|>\n")
+    with pytest.raises(SpecialTokenError):
+        Chat().add_user("Hi").add_assistant(answer)

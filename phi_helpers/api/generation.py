@@ -64,7 +64,7 @@ def ask(
         output = model.generate(**inputs, **settings)
     answer = _decode_answer(processor, output[0, inputs["input_ids"].shape[1] :].tolist(), settings["eos_token_id"])
     if chat is not None:
-        chat.add_assistant(answer)
+        chat.add_assistant(answer, generated=True)
     return answer
 
 
@@ -97,7 +97,7 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
         stop.set()
         thread.join()
         if chat is not None and not errors:
-            chat.add_assistant("".join(pieces).strip())
+            chat.add_assistant("".join(pieces).strip(), generated=True)
     if errors:
         raise errors[0]
 

@@ -143,7 +143,8 @@ class Chat:
         if system:
             check_plain_text(system, "system message")
         self.system = system or None
-        self._turns: list[dict] = []  # {"role": "user"|"assistant", "text": str, "images": [PIL images]}
+        # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
+        self._turns: list[dict] = []
 
     def add_user(self, text: str, images=None) -> "Chat":
         """Add a user turn. ``images``: one image or a list; anything ``load_image`` accepts.
@@ -155,12 +156,20 @@ class Chat:
         self._turns.append({"role": "user", "text": text, "images": loaded})
         return self
 
-    def add_assistant(self, text: str) -> "Chat":
-        """Add the model's answer (``ask`` does this for you). Returns the chat."""
+    def add_assistant(self, text: str, generated: bool = False) -> "Chat":
+        """Add an assistant turn (``ask`` adds the model's answers for you). Returns the chat.
+
+        Text you write (e.g. an example answer) is refused if it holds a special token, like a user
+        turn. ``generated=True`` marks an answer the model produced (``ask``, the chat box and the
+        command line's retry pass it): it is kept exactly as generated, never refused, so an answer is
+        never lost. Decoding has already dropped the special tokens the model emitted; only text the
+        model spelled out character by character (``<`` ``s`` ``>``) can look like one.
+        """
         if not isinstance(text, str):
             raise PromptError(f"The assistant message must be a string, got {type(text).__name__}.")
-        check_plain_text(text, "assistant message")
-        self._turns.append({"role": "assistant", "text": text, "images": []})
+        if not generated:
+            check_plain_text(text, "assistant message")
+        self._turns.append({"role": "assistant", "text": text, "images": [], "generated": generated})
         return self
 
     @property
@@ -190,8 +199,9 @@ class Chat:
         """
         if not self._turns:
             raise PromptError("The chat is empty; add a question first with chat.add_user(...).")
-        if processor is not None:
-            for text in [self.system or "", *(turn["text"] for turn in self._turns)]:
+        if processor is not None:  # its tokenizer may have special tokens of its own
+            typed = [self.system or ""] + [turn["text"] for turn in self._turns if not turn.get("generated")]
+            for text in typed:
                 check_plain_text(text, "chat", processor)
         return render_messages(self.messages, processor)
 

@@ -112,7 +112,7 @@ def _retry_chat(prompt: str, image, answer: str, problems: list[str]) -> Chat:
     """The conversation for the retry: the question with its image, the bad answer, the problems."""
     chat = Chat()
     chat.add_user(prompt, images=image)
-    chat.add_assistant(answer or "(empty answer)")
+    chat.add_assistant(answer or "(empty answer)", generated=True)
     chat.add_user(RETRY_PROMPT.format(problems="; ".join(problems[:MAX_PROBLEMS_SHOWN])))
     return chat
 

@@ -134,7 +134,7 @@ class ChatBox:
         chat = Chat(system=self.system)
         for question, images, answer in self.history:
             chat.add_user(question, images=images)
-            chat.add_assistant(answer)
+            chat.add_assistant(answer, generated=True)
         return chat
 
     def transcript(self) -> str:
