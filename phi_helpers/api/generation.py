@@ -30,6 +30,7 @@ from .prompts import Chat, _as_list, build_prompt, is_chat_format
 # generation config only knows "</s>" (id 2), which the model rarely produces, so both are added.
 _STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+BATCH_MAX_NEW_TOKENS = 512  # the longest answer of generate_batch (and of the command line) by default
 
 
 def ask(
@@ -262,7 +263,9 @@ class FirstTokenTimer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int = 512) -> list[Generation]:
+def generate_batch(
+    model, processor, prompts: list[str], images: list[list], max_new_tokens: int = BATCH_MAX_NEW_TOKENS
+) -> list[Generation]:
     """Answer several prompts in ONE greedy ``model.generate`` call; return one Generation per prompt.
 
     ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of

@@ -26,10 +26,9 @@ from ..errors import InvalidArgumentError, check_whole_number
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
 from .outputs import JsonlWriter, check_output_path, done_keys, error_message, model_info, progress_bar, write_atomically
+from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
+from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .tasks import TASKS, chunks, predict, predict_items, task_prompt
-
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_MAX_NEW_TOKENS = 512
 
 
 PREDICT_EXAMPLES = """\

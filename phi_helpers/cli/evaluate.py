@@ -15,7 +15,7 @@ from ..api.structured import load_schema
 from ..errors import ManifestError
 from .inputs import Item
 from .outputs import check_output_path, model_info, progress_bar, write_atomically
-from .tasks import predict_items
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 MANIFEST = "manifest.jsonl"
 EVAL_TASKS = ("ocr", "extract")
@@ -81,7 +81,8 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(model, processor, entries: list[dict], batch_size: int = 4, max_new_tokens: int = 512, progress=None) -> dict:
+def evaluate(model, processor, entries: list[dict], batch_size: int = BATCH_SIZE,
+             max_new_tokens: int = BATCH_MAX_NEW_TOKENS, progress=None) -> dict:
     """Run the model on every entry, score the answers, and return the report (a JSON-ready dict).
 
     Entries with the same task and schema that follow each other run together, ``batch_size`` at a

@@ -18,7 +18,7 @@ never raises for a bad item.
 
 import json
 
-from ..api.generation import Generation, generate_batch
+from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction
 from ..errors import InvalidArgumentError, PromptError
@@ -26,6 +26,7 @@ from .inputs import Item
 from .outputs import error_record, item_fields
 
 TASKS = ("caption", "ocr", "vqa", "extract")
+BATCH_SIZE = 4  # images per generate call, by default
 
 TASK_PROMPTS = {
     "caption": "Describe this image in one or two sentences.",
@@ -74,7 +75,7 @@ def task_prompt(task: str, question: str | None = None, schema: dict | None = No
 
 def predict(
     model, processor, images: list, task: str, question: str | None = None, schema: dict | None = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
 ) -> list[dict]:
     """Run ``task`` on each image (all in one batch) and return one result dict per image.
 

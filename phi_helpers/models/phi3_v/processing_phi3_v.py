@@ -10,6 +10,10 @@ Differences from the original processor, on purpose (docs/native-implementation.
   ``repetition_penalty`` works; the model still accepts negative ids;
 * a list of prompts, each with its own images, is batched with left padding;
 * bad tags raise PromptImageMismatchError instead of an assert or silently wrong features.
+
+The prompt is tokenized as it is written: ``<|user|>``, ``<|end|>``... in it are control tokens, as on
+the model card. Text a user types is checked for special tokens before it gets into a prompt
+(``phi_helpers.api.prompts``); a prompt handed to the processor is taken to be meant as written.
 """
 
 import json
