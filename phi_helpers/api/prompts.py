@@ -107,10 +107,11 @@ def check_plain_text(text: str, what: str, processor=None) -> None:
     found = sorted((text.index(token), -len(token), token) for token in special_tokens(processor) if token in text)
     if found:
         token = found[0][2]  # the first one in the text
+        plain = token.replace("|", "") if "|" in token else " ".join(token)  # <|end|> -> <end>, <s> -> < s >
         raise SpecialTokenError(
             f"The {what} contains the special token {token}, which would act as a control token of the chat "
             f"format (end a turn, start another role...), not as text. Remove or reword it (e.g. write "
-            f"{token.replace('|', '')!r}). To write a whole prompt in the chat format yourself, start it "
+            f"{plain!r}). To write a whole prompt in the chat format yourself, start it "
             "with <|user|> and pass it to ask() or the processor as it is."
         )
 
