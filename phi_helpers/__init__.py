@@ -15,11 +15,18 @@ The whole public API:
     environment_report() -> dict                    versions, devices, flash-attn, memory needs
     PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do
 
+Special tokens (<|end|>, <|user|>, <|image_1|>...) typed into a question or chat turn are refused with
+SpecialTokenError; a prompt you write in the chat format yourself (starting with <|user|>) is used as is.
+
 Environment variable PHI_HELPERS_MODEL overrides the model id (a hub id, a local path, or `tiny` for a
 small random checkpoint used by tests and offline dry runs).
 
 Importing this package registers the native Phi-3-vision classes (model_type "phi3_v") with
 AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.
+
+Layers, each importing only from those below it: errors < models (phi3_v) < testing < api < tutorial < cli.
+More in the modules: phi_helpers.api.generation (stream_chunks, generate_batch), .api.structured,
+.api.metrics, .tutorial.widgets (chat_box), .tutorial.profiling, .tutorial.mrz; `phi-helpers --help`.
 """
 
 from .models import phi3_v as _phi3_v  # noqa: F401  (registers the Auto classes on import)
@@ -34,6 +41,7 @@ from .errors import (
     ModelLoadError,
     PhiHelpersError,
     PromptImageMismatchError,
+    SpecialTokenError,
 )
 from .api.generation import ask
 from .api.images import load_image
@@ -42,6 +50,5 @@ from .api.parsing import extract_json
 from .api.prompts import Chat, build_prompt
 from .api.report import environment_report
 
-# What help(phi_helpers) shows. The error classes above are importable from here too
-# (`from phi_helpers import ContextLengthError`); they are documented in phi_helpers.errors.
-__all__ = ["load_model", "load_image", "build_prompt", "Chat", "ask", "extract_json", "environment_report"]
+# No __all__ on purpose: with one, help(phi_helpers) would print the full documentation of every
+# name in it (several screens). The module docstring above lists the public API; help(ask) etc. tell more.

@@ -2,12 +2,31 @@
 
 Each subclass also derives from the built-in exception a caller would expect (``ValueError``,
 ``ImportError``, ``TimeoutError``...), so ``except ValueError`` keeps working. Messages say what went
-wrong *and* what to do about it.
+wrong *and* what to do about it. This is the lowest layer of the package: it imports nothing from it.
+
+``check_whole_number`` is the one check for counts (``num_crops``, ``max_new_tokens``, ``num_images``...)
+so that every layer refuses ``0``, ``1.5``, ``"2"`` or ``True`` with the same words.
 """
 
 
 class PhiHelpersError(Exception):
     """Base class of every error raised by phi_helpers."""
+
+
+class InvalidArgumentError(PhiHelpersError, ValueError):
+    """An argument has a value phi_helpers cannot use: a count below its minimum, an unknown name..."""
+
+
+class PromptError(PhiHelpersError, ValueError):
+    """A question, chat turn or system message cannot be used: not a string, empty, or not the model's turn."""
+
+
+class SpecialTokenError(PromptError):
+    """Text typed by a user contains a special token (``<|end|>``, ``<|user|>``, ``<|image_1|>``...).
+
+    The prompt is one string: once a typed ``<|end|>`` is inside it, the tokenizer cannot tell it from
+    the real end of a turn, so phi_helpers refuses such text instead of letting it steer the model.
+    """
 
 
 class PromptImageMismatchError(PhiHelpersError, ValueError):
@@ -30,8 +49,16 @@ class ContextLengthError(PhiHelpersError, ValueError):
     """Prompt (text + image tokens) plus the tokens to generate exceed the model's context."""
 
 
+class ConfigurationError(PhiHelpersError, ValueError):
+    """A model configuration (config.json) describes something this implementation does not define."""
+
+
 class FlashAttentionUnavailableError(PhiHelpersError, ImportError):
     """``flash_attention_2`` was requested but flash-attn (or a CUDA GPU) is not available."""
+
+
+class MissingDependencyError(PhiHelpersError, ImportError):
+    """An optional package is not installed; the message says what to ``pip install``."""
 
 
 class JSONExtractionError(PhiHelpersError, ValueError):
@@ -40,6 +67,10 @@ class JSONExtractionError(PhiHelpersError, ValueError):
     def __init__(self, message: str, text: str):
         super().__init__(message)
         self.text = text
+
+
+class SchemaError(PhiHelpersError, ValueError):
+    """A JSON Schema file is missing, unreadable, not JSON, or not a valid JSON Schema."""
 
 
 class DeviceUnavailableError(PhiHelpersError, RuntimeError):
@@ -54,5 +85,20 @@ class CommandLineError(PhiHelpersError, ValueError):
     """What the command line asks for cannot be done (an unwritable --output...): exit code 1."""
 
 
+class ManifestError(CommandLineError):
+    """An evaluation set's manifest.jsonl is missing, empty or has a malformed line (the message names it)."""
+
+
 class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
+
+
+def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> int:
+    """Return ``value`` if it is an ``int`` (not a bool) >= ``minimum``; else raise InvalidArgumentError.
+
+    >>> check_whole_number(4, "num_crops", minimum=1)
+    4
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be a whole number of at least {minimum}{hint}, got {value!r}.")
+    return value

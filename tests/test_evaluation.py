@@ -12,7 +12,8 @@ from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
 from phi_helpers.api.images import load_image
 from phi_helpers.api.metrics import character_error_rate, field_matches, levenshtein, normalise_value
-from phi_helpers.cli.evaluate import format_table, read_manifest, summarise
+from phi_helpers.api.report import format_table
+from phi_helpers.cli.evaluate import read_manifest, summarise
 
 EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "eval"
 needs_eval_set = pytest.mark.skipif(not (EVAL_SET / "manifest.jsonl").exists(), reason="data/eval is not generated")

@@ -21,14 +21,16 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from ..errors import ContextLengthError
+from ..errors import PromptError, check_whole_number
+from ..models.phi3_v.processing_phi3_v import check_context_length
 from .images import load_image
-from .prompts import Chat, _as_list, build_prompt
+from .prompts import Chat, _as_list, build_prompt, is_chat_format
 
 # The chat turn ends with <|end|>; <|endoftext|> is the tokenizer's eos. The checkpoints' own
 # generation config only knows "</s>" (id 2), which the model rarely produces, so both are added.
 _STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
+BATCH_MAX_NEW_TOKENS = 512  # the longest answer of generate_batch (and of the command line) by default
 
 
 def ask(
@@ -38,8 +40,9 @@ def ask(
 
     Args:
         model, processor: what ``load_model()`` returned.
-        prompt_or_chat: a plain question (image tags are added for you), a prompt that is already in
-            chat format (contains ``<|user|>``; used as it is), or a ``Chat`` (its images are used and
+        prompt_or_chat: a plain question (image tags are added for you; special tokens in it are
+            refused), a prompt that is already in chat format (starts with ``<|user|>`` or
+            ``<|system|>``; used as it is), or a ``Chat`` (its images are used and
             the answer is appended to it; if generation fails, your question stays in the chat).
         images: one image or a list; anything ``load_image`` accepts. Not used with a ``Chat``.
         max_new_tokens: the longest answer, in tokens.
@@ -51,17 +54,18 @@ def ask(
     Raises:
         ContextLengthError: the prompt (text + image tokens) plus ``max_new_tokens`` does not fit.
         PromptImageMismatchError: the prompt's ``<|image_N|>`` tags do not match the images.
+        SpecialTokenError: the question or a chat turn contains ``<|end|>``, ``<|user|>``... (see prompts).
     """
     if stream:
         return _print_stream(stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, **generate_kwargs))
-    prompt, image_list, chat = _prepare(prompt_or_chat, images)
+    prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
-    answer = _decode_new_tokens(processor, output, inputs["input_ids"].shape[1])
+    answer = _decode_answer(processor, output[0, inputs["input_ids"].shape[1] :].tolist(), settings["eos_token_id"])
     if chat is not None:
-        chat.add_assistant(answer)
+        chat.add_assistant(answer, generated=True)
     return answer
 
 
@@ -72,13 +76,13 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
     stop iterating early (``break``, ``.close()``, or a KeyboardInterrupt), generation is stopped. With a
     ``Chat``, the text generated so far is appended as the answer, unless generation failed.
     """
-    prompt, image_list, chat = _prepare(prompt_or_chat, images)
+    prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
 
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _AnswerStreamer(processor.tokenizer, settings["eos_token_id"])
     errors: list[BaseException] = []
     thread = threading.Thread(
         target=_generate_in_thread, args=(model, {**inputs, **settings, "streamer": streamer}, errors), daemon=True
@@ -94,7 +98,7 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
         stop.set()
         thread.join()
         if chat is not None and not errors:
-            chat.add_assistant("".join(pieces).strip())
+            chat.add_assistant("".join(pieces).strip(), generated=True)
     if errors:
         raise errors[0]
 
@@ -128,6 +132,22 @@ def _generate_in_thread(model, kwargs: dict, errors: list) -> None:
         kwargs["streamer"].end()  # wake the caller, who waits for more text
 
 
+class _AnswerStreamer(TextIteratorStreamer):
+    """The answer's text pieces, without the prompt, special tokens and the stop token that ends it."""
+
+    def __init__(self, tokenizer, stop_ids):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+
+    def put(self, value) -> None:
+        if not self.next_tokens_are_prompt:  # a new token: drop it if it is a stop token
+            value = value.reshape(-1)
+            value = value[[token not in self._stop_ids for token in value.tolist()]]
+            if value.numel() == 0:
+                return
+        super().put(value)
+
+
 class _StopFlag(StoppingCriteria):
     """A stopping criterion that another thread can switch on with ``.set()``."""
 
@@ -141,25 +161,25 @@ class _StopFlag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _prepare(prompt_or_chat, images) -> tuple[str, list, Chat | None]:
+def _prepare(processor, prompt_or_chat, images) -> tuple[str, list, Chat | None]:
     """Return (prompt string, loaded images, the Chat or None) for any kind of input ``ask`` accepts."""
     if isinstance(prompt_or_chat, Chat):
         if images is not None:
-            raise ValueError(
+            raise PromptError(
                 "A Chat carries its own images: attach them with chat.add_user(text, images=...) and call "
                 "ask(model, processor, chat) without images=."
             )
         if len(prompt_or_chat) == 0 or prompt_or_chat.messages[-1]["role"] != "user":
-            raise ValueError("It is not the model's turn: add a question first with chat.add_user(...).")
-        return prompt_or_chat.render(), prompt_or_chat.images, prompt_or_chat
+            raise PromptError("It is not the model's turn: add a question first with chat.add_user(...).")
+        return prompt_or_chat.render(processor), prompt_or_chat.images, prompt_or_chat
     if not isinstance(prompt_or_chat, str):
-        raise ValueError(
+        raise PromptError(
             f"ask() needs a question (str), a templated prompt (str) or a Chat, not a {type(prompt_or_chat).__name__}."
         )
     image_list = [load_image(image) for image in _as_list(images)]
-    if "<|user|>" in prompt_or_chat:  # already in chat format: use as it is
+    if is_chat_format(prompt_or_chat):  # written in the chat format by the caller: use it as it is
         return prompt_or_chat, image_list, None
-    return build_prompt(prompt_or_chat, num_images=len(image_list)), image_list, None
+    return build_prompt(prompt_or_chat, num_images=len(image_list), processor=processor), image_list, None
 
 
 def encode(model, processor, prompts, images: list, max_new_tokens: int):
@@ -168,31 +188,15 @@ def encode(model, processor, prompts, images: list, max_new_tokens: int):
     ``prompts`` is one prompt with ``images`` its list of images, or a list of prompts with ``images``
     one list per prompt (a left-padded batch).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
+    check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
     inputs = processor(text=prompts, images=images or None, return_tensors="pt")
-    per_prompt = len(images) if isinstance(prompts, str) else max((len(group) for group in images), default=0)
-    _check_context(model, processor, inputs["input_ids"], per_prompt, max_new_tokens)
+    input_ids = inputs["input_ids"]
+    image_tokens = int(((input_ids == getattr(processor, "image_token_id", None)) | (input_ids < 0)).sum(dim=1).max())
+    check_context_length(input_ids.shape[1], model.config.max_position_embeddings, max_new_tokens, image_tokens)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
-
-
-def _check_context(model, processor, input_ids: torch.Tensor, num_images: int, max_new_tokens: int) -> None:
-    """Raise ContextLengthError when prompt + answer would not fit in the model's context window."""
-    limit = model.config.max_position_embeddings
-    prompt_tokens = input_ids.shape[1]
-    if prompt_tokens + max_new_tokens <= limit:
-        return
-    image_token_id = getattr(processor, "image_token_id", None)
-    image_tokens = int(((input_ids == image_token_id) | (input_ids < 0)).sum())
-    raise ContextLengthError(
-        f"The prompt is {prompt_tokens:,} tokens ({image_tokens:,} of them for {num_images} image(s)) and up to "
-        f"{max_new_tokens:,} new tokens were asked for: {prompt_tokens + max_new_tokens:,} in all, but the model's "
-        f"context holds {limit:,}. Lower max_new_tokens, use fewer or smaller images, a lower num_crops "
-        "(load_model(num_crops=...)), or shorten the history (chat.drop_images(keep_last=1) or chat.reset())."
-    )
 
 
 def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict) -> dict:
@@ -218,10 +222,11 @@ def _stop_token_ids(model, processor) -> list[int]:
     return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != unknown))  # no duplicates, in order
 
 
-def _decode_new_tokens(processor, output: torch.Tensor, prompt_length: int) -> str:
-    """Decode what comes after the prompt, without special tokens, stripped."""
-    new_tokens = output[:, prompt_length:]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0].strip()
+def _decode_answer(processor, new_tokens: list[int], stop_ids) -> str:
+    """Decode the generated tokens before the first stop token, without special tokens, stripped."""
+    stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+    end = next((index for index, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
+    return processor.tokenizer.decode(new_tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
 
 
 __all__ = ["ask", "stream_chunks"]
@@ -258,7 +263,9 @@ class FirstTokenTimer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int = 512) -> list[Generation]:
+def generate_batch(
+    model, processor, prompts: list[str], images: list[list], max_new_tokens: int = BATCH_MAX_NEW_TOKENS
+) -> list[Generation]:
     """Answer several prompts in ONE greedy ``model.generate`` call; return one Generation per prompt.
 
     ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of
@@ -280,7 +287,7 @@ def generate_batch(model, processor, prompts: list[str], images: list[list], max
     for row, prompt_mask in zip(output, inputs["attention_mask"]):
         new_tokens = row[prompt_length:].tolist()
         count = _answer_length(new_tokens, stop_ids)
-        text = processor.tokenizer.decode(new_tokens[:count], skip_special_tokens=True).strip()
+        text = _decode_answer(processor, new_tokens[:count], settings["eos_token_id"])
         results.append(Generation(text, int(prompt_mask.sum()), count, first, seconds, len(prompts)))
     return results
 

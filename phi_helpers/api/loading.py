@@ -22,18 +22,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
-from ..errors import DeviceUnavailableError, FlashAttentionUnavailableError, ModelLoadError
+from .. import testing
+from ..errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError, check_whole_number
+from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, check_flash_attention
+from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID as _DEFAULT_MODEL, DEVICES as _DEVICES, DTYPES as _DTYPES
 
-_DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
-_DEVICES = ("auto", "cuda", "mps", "cpu")
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
-_ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-_HALF = (torch.float16, torch.bfloat16)
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"
 _TINY_FILES = (
     "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"
@@ -42,7 +36,7 @@ _COMPLETE_MARKER = ".phi_helpers_complete"
 
 
 def load_model(
-    model_id="microsoft/Phi-3.5-vision-instruct",
+    model_id=_DEFAULT_MODEL,
     device: str = "auto",
     dtype="auto",
     attn: str = "auto",
@@ -63,8 +57,8 @@ def load_model(
     device, device_reason = pick_device(device)
     dtype, dtype_reason = pick_dtype(dtype, device)
     attn, attn_reason = pick_attention(attn, device, dtype)
-    if num_crops is not None and (isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1):
-        raise ValueError(f"num_crops must be a whole number >= 1 (None: the checkpoint's value), got {num_crops!r}.")
+    if num_crops is not None:
+        check_whole_number(num_crops, "num_crops", minimum=1, hint=" (None: the checkpoint's value)")
     source, label = _resolve_source(model_id)
 
     processor_kwargs = {} if num_crops is None else {"num_crops": num_crops}
@@ -85,7 +79,7 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
     name = str(device).strip().lower()
     kind = name.split(":")[0]
     if kind not in _DEVICES or (":" in name and (kind != "cuda" or not name.split(":")[1].isdigit())):
-        raise ValueError(f"Unknown device {device!r}. Choose one of {', '.join(map(repr, _DEVICES))} (or 'cuda:N').")
+        raise InvalidArgumentError(f"Unknown device {device!r}. Choose one of {', '.join(map(repr, _DEVICES))} (or 'cuda:N').")
     if kind == "auto":
         if torch.cuda.is_available():
             return "cuda", _gpu_name()
@@ -118,13 +112,13 @@ def pick_dtype(dtype="auto", device: str = "cpu") -> tuple[torch.dtype, str]:
     """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, *_HALF):
-            raise ValueError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
+            raise InvalidArgumentError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
         return dtype, "asked for"
     name = str(dtype).strip().lower()
     if name in _DTYPES:
         return _DTYPES[name], "asked for"
     if name != "auto":
-        raise ValueError(f"Unknown dtype {dtype!r}. {_DTYPE_CHOICES}")
+        raise InvalidArgumentError(f"Unknown dtype {dtype!r}. {_DTYPE_CHOICES}")
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "GPU supports bf16"
@@ -138,10 +132,10 @@ def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype =
     """Return ``(attention implementation, reason)``. flash_attention_2 needs flash-attn, CUDA and fp16/bf16."""
     name = str(attn).strip().lower()
     if name not in _ATTENTIONS:
-        raise ValueError(f"Unknown attention {attn!r}. Choose one of {', '.join(map(repr, _ATTENTIONS))}.")
+        raise InvalidArgumentError(f"Unknown attention {attn!r}. Choose one of {', '.join(map(repr, _ATTENTIONS))}.")
     on_cuda = device.startswith("cuda")
     if name == "flash_attention_2":
-        _check_flash_attention(on_cuda, dtype)
+        check_flash_attention(is_flash_attn_2_available(), on_cuda, dtype)
         return name, "asked for"
     if name != "auto":
         return name, "asked for"
@@ -152,25 +146,6 @@ def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype =
     if not is_flash_attn_2_available():
         return "sdpa", "flash-attn not installed"
     return "flash_attention_2", "flash-attn installed"
-
-
-def _check_flash_attention(on_cuda: bool, dtype: torch.dtype) -> None:
-    """Raise a helpful error when flash_attention_2 was asked for but cannot work here."""
-    if not on_cuda:
-        raise FlashAttentionUnavailableError(
-            "attn='flash_attention_2' needs an NVIDIA GPU (device 'cuda'); it does not run on CPU or Apple GPUs. "
-            "Use attn='sdpa' (PyTorch's built-in fast attention) instead."
-        )
-    if not is_flash_attn_2_available():
-        raise FlashAttentionUnavailableError(
-            "attn='flash_attention_2' was asked for, but flash-attn is not installed (or too old). Install it with "
-            "`pip install flash-attn --no-build-isolation` (CUDA only; compiling can take a long time), "
-            "or use attn='sdpa'."
-        )
-    if dtype not in _HALF:
-        raise ValueError(
-            f"flash_attention_2 works only in bf16 or fp16, not {_dtype_name(dtype)}; pass dtype='bf16' or attn='sdpa'."
-        )
 
 
 def _gpu_name(index: int = 0) -> str:
@@ -231,11 +206,9 @@ def _tiny_checkpoint() -> Path:
     target = cache / _TINY_DIR_NAME
     if _is_complete(target):
         return target
-    from ..testing import make_tiny_checkpoint  # imported here: only needed for the tiny model
-
     building = cache / f".{_TINY_DIR_NAME}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    make_tiny_checkpoint(building, variant="phi-3.5-vision")
+    testing.make_tiny_checkpoint(building, variant="phi-3.5-vision")
     (building / _COMPLETE_MARKER).write_text("complete\n")
     if target.exists() and not _is_complete(target):
         shutil.rmtree(target)  # left over from an interrupted build

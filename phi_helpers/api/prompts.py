@@ -13,55 +13,112 @@ that the processor replaces by the image's tokens; images are numbered from 1 ov
 conversation, in the order they are passed.
 
 ``build_prompt`` makes a single-turn prompt; ``Chat`` keeps a multi-turn conversation with images.
+Both build ``[{"role": ..., "content": ...}]`` messages and render them with transformers' own
+chat-template machinery and the template *shipped with the checkpoint*: the processor's tokenizer's
+``chat_template`` when you pass ``processor=``, else the one in the vendored Phi-3-vision
+tokenizer_config.json (identical for Phi-3.5-vision). There is no copy of the template in Python.
+
+Special tokens in your text are refused (SpecialTokenError). The prompt is a single string, and a
+tokenizer turns every ``<|end|>`` or ``<|user|>`` in it into the control token, wherever it came from;
+a question that contains ``<|end|>\n<|system|>\n...`` would end your turn and speak for the system.
+Escaping the text instead would silently change what the model reads, so phi_helpers stops and says
+which token to remove. This covers every way text gets in: ``build_prompt``, ``Chat.add_user``,
+``Chat.add_assistant``, ``Chat(system=...)``, ``ask`` with a plain question, the command line's
+``--prompt`` and the notebook chat box (they all go through here). A full prompt that you write in the
+chat format yourself (it starts with ``<|user|>`` or ``<|system|>``, as on the model card) is yours:
+``ask`` and the processor use it as it is.
 """
 
-import re
+from transformers.utils.chat_template_utils import render_jinja_template
 
+from ..errors import PromptError, SpecialTokenError, check_whole_number
+from ..models.phi3_v.processing_phi3_v import CHECKPOINT_ADDED_TOKENS, CHECKPOINT_CHAT_TEMPLATE, IMAGE_TAG, image_tag
 from .images import load_image
 
-_IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+_CHAT_FORMAT_STARTS = ("<|user|>", "<|system|>")  # how a prompt written in the chat format begins
 
 
-def build_prompt(question: str, num_images: int = 1, system: str | None = None) -> str:
+def build_prompt(question: str, num_images: int = 1, system: str | None = None, processor=None) -> str:
     """Return a single-turn prompt: optional system message, ``num_images`` image tags, the question.
+
+    ``processor``: render with its checkpoint's chat template and refuse its special tokens (default:
+    the template and tokens of the vendored Phi-3-vision tokenizer files, the same for Phi-3.5-vision).
 
     >>> build_prompt("What is this?")
     '<|user|>\\n<|image_1|>\\nWhat is this?<|end|>\\n<|assistant|>\\n'
     """
-    _check_text(question, "question")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(f"num_images must be a whole number >= 0, got {num_images!r}.")
+    check_user_text(question, "question", processor)
+    check_whole_number(num_images, "num_images")
     messages = []
     if system:
+        check_user_text(system, "system message", processor)
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": _image_tags(1, num_images) + question})
-    return _render(messages)
+    return render_messages(messages, processor)
 
 
-def _check_text(text, what: str) -> None:
-    """A question must be a non-empty string without its own ``<|image_N|>`` tags."""
+def render_messages(messages: list[dict], processor=None) -> str:
+    """Render chat messages with the checkpoint's chat template, with the generation prompt.
+
+    The template is ``processor.tokenizer.chat_template`` (tokenizer_config.json of the checkpoint) when
+    a processor is given and has one, else the vendored checkpoint's. Rendering is transformers' own
+    (``render_jinja_template``, what ``tokenizer.apply_chat_template(..., tokenize=False)`` runs).
+    """
+    template = getattr(getattr(processor, "tokenizer", None), "chat_template", None) or CHECKPOINT_CHAT_TEMPLATE
+    rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True)
+    return rendered[0]
+
+
+def is_chat_format(prompt: str) -> bool:
+    """True for a prompt already written in the chat format (starts with ``<|user|>`` or ``<|system|>``)."""
+    return prompt.lstrip().startswith(_CHAT_FORMAT_STARTS)
+
+
+def special_tokens(processor=None) -> tuple[str, ...]:
+    """The token strings that must not appear in typed text: the checkpoint's added tokens
+    (``<|end|>``, ``<|user|>``, ``<|image|>``, ``<s>``...) plus those of ``processor``'s tokenizer."""
+    tokens = set(CHECKPOINT_ADDED_TOKENS)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokens.update(tokenizer.get_added_vocab())
+    return tuple(sorted(tokens))
+
+
+def check_user_text(text, what: str, processor=None) -> None:
+    """Refuse ``text`` that is not a non-empty string, or that holds an image tag or a special token.
+
+    Raises PromptError (not a string, empty) or SpecialTokenError (``<|image_N|>``, ``<|end|>``...).
+    """
     if not isinstance(text, str):
-        raise ValueError(f"The {what} must be a string, got {type(text).__name__}.")
+        raise PromptError(f"The {what} must be a string, got {type(text).__name__}.")
     if not text.strip():
-        raise ValueError(f"The {what} is empty; write what you want to ask.")
-    if _IMAGE_TAG.search(text):
-        raise ValueError(
-            f"The {what} already contains an image tag ({_IMAGE_TAG.search(text).group()}). Leave the tags "
-            "out: pass the images and phi_helpers adds and numbers the tags for you."
+        raise PromptError(f"The {what} is empty; write what you want to ask.")
+    check_plain_text(text, what, processor)
+
+
+def check_plain_text(text: str, what: str, processor=None) -> None:
+    """Raise SpecialTokenError if ``text`` contains an image tag or a special token (see the module doc)."""
+    tag = IMAGE_TAG.search(text)
+    if tag:
+        raise SpecialTokenError(
+            f"The {what} already contains an image tag ({tag.group()}). Leave the tags out: pass the images "
+            "and phi_helpers adds and numbers the tags for you."
+        )
+    found = sorted((text.index(token), -len(token), token) for token in special_tokens(processor) if token in text)
+    if found:
+        token = found[0][2]  # the first one in the text
+        plain = token.replace("|", "") if "|" in token else " ".join(token)  # <|end|> -> <end>, <s> -> < s >
+        raise SpecialTokenError(
+            f"The {what} contains the special token {token}, which would act as a control token of the chat "
+            f"format (end a turn, start another role...), not as text. Remove or reword it (e.g. write "
+            f"{plain!r}). To write a whole prompt in the chat format yourself, start it "
+            "with <|user|> and pass it to ask() or the processor as it is."
         )
 
 
 def _image_tags(first: int, count: int) -> str:
     """``<|image_first|>\\n`` ... for ``count`` images, numbered from ``first``."""
-    return "".join(f"<|image_{number}|>\n" for number in range(first, first + count))
-
-
-def _render(messages: list[dict]) -> str:
-    """The checkpoint's chat template, written out in Python, with the generation prompt."""
-    text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
-    if messages and messages[-1]["role"] != "assistant":
-        text += "<|assistant|>\n"
-    return text
+    return "".join(image_tag(number) + "\n" for number in range(first, first + count))
 
 
 class Chat:
@@ -83,32 +140,44 @@ class Chat:
 
     def __init__(self, system: str | None = None):
         if system is not None and not isinstance(system, str):
-            raise ValueError(f"system must be a string or None, got {type(system).__name__}.")
+            raise PromptError(f"system must be a string or None, got {type(system).__name__}.")
+        if system:
+            check_plain_text(system, "system message")
         self.system = system or None
-        self._turns: list[dict] = []  # {"role": "user"|"assistant", "text": str, "images": [PIL images]}
+        # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
+        self._turns: list[dict] = []
 
     def add_user(self, text: str, images=None) -> "Chat":
         """Add a user turn. ``images``: one image or a list; anything ``load_image`` accepts.
 
         All images are loaded first, so if one fails nothing is added. Returns the chat.
         """
-        _check_text(text, "user message")
+        check_user_text(text, "user message")
         loaded = [load_image(image) for image in _as_list(images)]
         self._turns.append({"role": "user", "text": text, "images": loaded})
         return self
 
-    def add_assistant(self, text: str) -> "Chat":
-        """Add the model's answer (``ask`` does this for you). Returns the chat."""
+    def add_assistant(self, text: str, generated: bool = False) -> "Chat":
+        """Add an assistant turn (``ask`` adds the model's answers for you). Returns the chat.
+
+        Text you write (e.g. an example answer) is refused if it holds a special token, like a user
+        turn. ``generated=True`` marks an answer the model produced (``ask``, the chat box and the
+        command line's retry pass it): it is kept exactly as generated, never refused, so an answer is
+        never lost. Decoding has already dropped the special tokens the model emitted; only text the
+        model spelled out character by character (``<`` ``s`` ``>``) can look like one.
+        """
         if not isinstance(text, str):
-            raise ValueError(f"The assistant message must be a string, got {type(text).__name__}.")
-        self._turns.append({"role": "assistant", "text": text, "images": []})
+            raise PromptError(f"The assistant message must be a string, got {type(text).__name__}.")
+        if not generated:
+            check_plain_text(text, "assistant message")
+        self._turns.append({"role": "assistant", "text": text, "images": [], "generated": generated})
         return self
 
     @property
     def messages(self) -> list[dict]:
         """The conversation as ``[{"role": ..., "content": ...}]``, image tags numbered in order.
 
-        This is what ``processor.tokenizer.apply_chat_template`` expects.
+        This is what ``processor.tokenizer.apply_chat_template`` expects and what ``render`` renders.
         """
         messages = [{"role": "system", "content": self.system}] if self.system else []
         next_number = 1
@@ -123,11 +192,19 @@ class Chat:
         """All images of the conversation, in tag order (pass them to the processor with ``render()``)."""
         return [image for turn in self._turns for image in turn["images"]]
 
-    def render(self) -> str:
-        """The prompt for the whole conversation, ending with ``<|assistant|>\\n`` when it is the model's turn."""
+    def render(self, processor=None) -> str:
+        """The prompt for the whole conversation, ending with ``<|assistant|>\\n`` when it is the model's turn.
+
+        ``processor``: render with its checkpoint's chat template and also refuse its tokenizer's own
+        special tokens (``ask`` passes it); default: the vendored Phi-3-vision template.
+        """
         if not self._turns:
-            raise ValueError("The chat is empty; add a question first with chat.add_user(...).")
-        return _render(self.messages)
+            raise PromptError("The chat is empty; add a question first with chat.add_user(...).")
+        if processor is not None:  # its tokenizer may have special tokens of its own
+            typed = [self.system or ""] + [turn["text"] for turn in self._turns if not turn.get("generated")]
+            for text in typed:
+                check_plain_text(text, "chat", processor)
+        return render_messages(self.messages, processor)
 
     def reset(self) -> "Chat":
         """Forget all turns and images (the system message stays). Returns the chat."""
@@ -140,8 +217,7 @@ class Chat:
         The text of every turn stays; a removed image's tag simply disappears and the remaining
         images are renumbered from ``<|image_1|>``. Use this to make a long chat fit the context.
         """
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-            raise ValueError(f"keep_last must be a whole number >= 0, got {keep_last!r}.")
+        check_whole_number(keep_last, "keep_last")
         to_drop = max(len(self.images) - keep_last, 0)
         remaining = to_drop
         for turn in self._turns:  # oldest first
@@ -180,4 +256,4 @@ def _preview(text: str, width: int = 60) -> str:
     return repr(flat if len(flat) <= width else flat[: width - 3] + "...")
 
 
-__all__ = ["build_prompt", "Chat"]
+__all__ = ["build_prompt", "Chat", "render_messages", "check_user_text", "is_chat_format"]

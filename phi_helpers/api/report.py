@@ -4,6 +4,9 @@
     info = environment_report()      # prints a table and returns the same facts as a dict
 
 Memory figures are in GiB (2**30 bytes), the unit ``nvidia-smi`` and most tools use for GPU memory.
+
+``format_table`` is the package's one text-table printer (this report, ``phi-helpers eval``, the
+attention comparison of notebook 05).
 """
 
 import importlib.metadata
@@ -23,7 +26,7 @@ from ..versions import TESTED_VERSIONS
 # Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct have the same architecture and size.
 _MODEL_PARAMETERS = 4_146_621_440
 _BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
-_GIB = 2**30
+GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
 
 
 def environment_report(print_report: bool = True) -> dict:
@@ -81,7 +84,7 @@ def _devices() -> dict:
         "cuda_version": torch.version.cuda,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_name": properties.name if cuda else None,
-        "gpu_memory_gib": round(properties.total_memory / _GIB, 1) if cuda else None,
+        "gpu_memory_gib": round(properties.total_memory / GIB, 1) if cuda else None,
         "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
         "mps_available": bool(mps_backend is not None and mps_backend.is_available()),
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
@@ -96,7 +99,7 @@ def _host() -> dict:
     else:
         cpus = os.cpu_count()
     ram = _total_ram_bytes()
-    return {"cpu_count": cpus, "ram_gib": round(ram / _GIB, 1) if ram else None}
+    return {"cpu_count": cpus, "ram_gib": round(ram / GIB, 1) if ram else None}
 
 
 def _total_ram_bytes() -> int | None:
@@ -119,7 +122,7 @@ def _model_memory() -> dict:
     return {
         "model_parameters": _MODEL_PARAMETERS,
         "weights_gib": {
-            dtype: round(_MODEL_PARAMETERS * size / _GIB, 1) for dtype, size in _BYTES_PER_PARAMETER.items()
+            dtype: round(_MODEL_PARAMETERS * size / GIB, 1) for dtype, size in _BYTES_PER_PARAMETER.items()
         },
     }
 
@@ -146,9 +149,7 @@ def _format(report: dict) -> str:
     ]
     for dtype, gib in report["weights_gib"].items():
         rows.append((f"weights in {dtype}", f"{gib} GiB{_fits(report, gib)}"))
-    width = max(len(label) for label, _ in rows)
-    lines = ["phi_helpers environment report", "=" * 30]
-    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    lines = ["phi_helpers environment report", "=" * 30, format_table(rows)]
     note = (
         f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters. Activations, image tokens and the "
         "KV cache need memory on top of the weights, more for long chats and many images."
@@ -159,6 +160,46 @@ def _format(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_table(rows: list, header: list[str] | None = None) -> str:
+    """Rows of cells as aligned columns, two spaces apart; a dashed line under the ``header`` if any.
+
+    Numeric columns (every cell an int or float) are right-aligned, the others left-aligned. A row
+    with fewer cells than the others ends with a cell that spans the remaining columns (a note such
+    as "not available: ..."); it does not widen the columns.
+
+    >>> print(format_table([["a", 1], ["bcd", 10]], ["name", "n"]))
+    name   n
+    ----  --
+    a      1
+    bcd   10
+    """
+    rows = [list(row) for row in rows]
+    columns = max([len(header or [])] + [len(row) for row in rows])
+    full = [row for row in rows if len(row) == columns]
+    numeric = [bool(full) and all(_is_number(row[c]) for row in full) for c in range(columns)]
+    table = ([list(header)] if header else []) + full
+    widths = [max(len(str(row[c])) for row in table) for c in range(columns)]
+
+    def line(row: list) -> str:
+        cells = [
+            str(cell).rjust(width) if is_number else str(cell).ljust(width)
+            for cell, width, is_number in zip(row[:-1], widths, numeric)
+        ]
+        last = str(row[-1])
+        if len(row) == columns:
+            last = last.rjust(widths[-1]) if numeric[-1] else last
+        return "  ".join([*cells, last]).rstrip()
+
+    lines = [line(row) for row in rows]
+    if header:
+        lines = [line(list(header)), "  ".join("-" * width for width in widths)] + lines
+    return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fits(report: dict, gib: float) -> str:
     """A hint whether weights of ``gib`` GiB fit into the GPU memory (or into RAM without a GPU)."""
     memory, where = (report["gpu_memory_gib"], "GPU") if report["cuda_available"] else (report["ram_gib"], "RAM")
@@ -167,4 +208,4 @@ def _fits(report: dict, gib: float) -> str:
     return f"  (fits in {where})" if gib < memory else f"  (does NOT fit in {where}: {memory} GiB)"
 
 
-__all__ = ["environment_report"]
+__all__ = ["environment_report", "format_table"]

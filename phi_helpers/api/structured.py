@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 
 from .parsing import extract_json
-from ..errors import JSONExtractionError
+from ..errors import JSONExtractionError, SchemaError
 
 
 def check_extraction(text: str, schema: dict) -> tuple[object, list[str]]:
@@ -38,34 +38,34 @@ def validation_errors(data, schema: dict) -> list[str]:
 
 
 def check_schema(schema) -> None:
-    """Raise ``ValueError`` when ``schema`` is not a usable JSON Schema."""
+    """Raise SchemaError (a ValueError) when ``schema`` is not a usable JSON Schema."""
     if not isinstance(schema, dict):
-        raise ValueError(f"A JSON Schema must be a JSON object, not {type(schema).__name__}.")
+        raise SchemaError(f"A JSON Schema must be a JSON object, not {type(schema).__name__}.")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
-        raise ValueError(f"Not a valid JSON Schema: {error.message}") from None
+        raise SchemaError(f"Not a valid JSON Schema: {error.message}") from None
 
 
 def load_schema(path) -> dict:
-    """Read a JSON Schema file and check it; raise ValueError with a readable message if it is unusable."""
+    """Read a JSON Schema file and check it; raise SchemaError with a readable message if it is unusable."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"No schema file at '{path}'. Check the spelling of --schema.") from None
+        raise SchemaError(f"No schema file at '{path}'. Check the spelling of --schema.") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"Cannot read the schema file '{path}': {error}") from None
+        raise SchemaError(f"Cannot read the schema file '{path}': {error}") from None
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise SchemaError(
             f"The schema file '{path}' is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
         ) from None
     try:
         check_schema(schema)
-    except ValueError as error:
-        raise ValueError(f"The schema file '{path}': {error}") from None
+    except SchemaError as error:
+        raise SchemaError(f"The schema file '{path}': {error}") from None
     return schema
 
 

@@ -18,16 +18,17 @@ import os
 import sys
 from pathlib import Path
 
+from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
 from ..api.loading import load_model
+from ..api.prompts import check_user_text
 from ..api.structured import load_schema
+from ..errors import InvalidArgumentError, check_whole_number
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
 from .outputs import JsonlWriter, check_output_path, done_keys, error_message, model_info, progress_bar, write_atomically
-from .tasks import TASKS, chunks, predict, predict_items
-
-DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_MAX_NEW_TOKENS = 512
+from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
+from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
+from .tasks import TASKS, chunks, predict, predict_items, task_prompt
 
 
 PREDICT_EXAMPLES = """\
@@ -122,11 +123,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command: which model, where, and how much to generate."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", metavar="ID_OR_PATH", help=f"hub id or local folder; 'tiny' for a tiny random test model "
-                       f"(default: $PHI_HELPERS_MODEL, else {DEFAULT_MODEL})")
-    group.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto", help="default: auto (CUDA, then MPS, then CPU)")
-    group.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       f"(default: $PHI_HELPERS_MODEL, else {DEFAULT_MODEL_ID})")
+    group.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (CUDA, then MPS, then CPU)")
+    group.add_argument("--dtype", choices=DTYPE_SHORT_NAMES, default="auto",
                        help="default: auto (bf16/fp16 on GPUs, fp32 on CPU)")
-    group.add_argument("--attn", choices=("auto", "sdpa", "eager", "flash_attention_2"), default="auto",
+    group.add_argument("--attn", choices=ATTENTIONS, default="auto",
                        help="attention implementation (default: auto)")
     group.add_argument("--num-crops", type=_positive_int, metavar="N", help="image crops of 336 px: more = finer detail, "
                        "more tokens (default: the checkpoint's, 4 for Phi-3.5-vision)")
@@ -137,13 +138,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive_int(text: str) -> int:
+    """argparse type of the counts: phi_helpers' whole-number check, reported as a usage error (exit 2)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+    try:
+        return check_whole_number(value, "N", minimum=1)
+    except InvalidArgumentError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}") from None
 
 
 def _check_predict_args(args) -> bool:
@@ -195,7 +198,7 @@ def load_for_cli(args):
     what it chose; that goes to stderr, so that stdout holds only the answer.
     """
     with _environment("PHI_HELPERS_MODEL", args.model), contextlib.redirect_stdout(sys.stderr):
-        return load_model(DEFAULT_MODEL, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops)
+        return load_model(DEFAULT_MODEL_ID, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops)
 
 
 @contextlib.contextmanager
@@ -224,13 +227,15 @@ def run_predict(args) -> int:
     """The ``predict`` command: one image -> an answer; many images -> JSON lines."""
     many = _check_predict_args(args)
     schema = load_schema(args.schema) if args.task == "extract" else None
+    # A special token in --prompt (or the schema) is refused now, before the (slow) model loading.
+    check_user_text(task_prompt(args.task, args.prompt, schema), "prompt")
     if many:
         return run_batch(args, schema)
     return run_single(args, schema)
 
 
 def task_options(args, schema) -> dict:
-    """Keyword arguments of ``batch.predict`` taken from the command line."""
+    """Keyword arguments of ``tasks.predict`` taken from the command line."""
     return {"question": args.prompt, "schema": schema, "max_new_tokens": args.max_new_tokens}
 
 

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 from ..api.metrics import character_error_rate, field_matches, levenshtein, normalise_text
+from ..api.report import format_table
 from ..api.structured import load_schema
+from ..errors import ManifestError
 from .inputs import Item
 from .outputs import check_output_path, model_info, progress_bar, write_atomically
-from .tasks import predict_items
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 MANIFEST = "manifest.jsonl"
 EVAL_TASKS = ("ocr", "extract")
@@ -27,14 +29,14 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     """The items of ``DIR/manifest.jsonl`` (the first ``limit`` of them), checked, with absolute paths.
 
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
-    ``schema`` (a Path). Raises ValueError naming the line of the first malformed item.
+    ``schema`` (a Path). Raises ManifestError (a ValueError) naming the line of the first malformed item.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
     if not data_dir.is_dir():
-        raise ValueError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
+        raise ManifestError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     if not manifest.is_file():
-        raise ValueError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
+        raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     entries = []
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -43,7 +45,7 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
         if limit is not None and len(entries) == limit:
             break
     if not entries:
-        raise ValueError(f"{manifest} has no items.")
+        raise ManifestError(f"{manifest} has no items.")
     return entries
 
 
@@ -52,21 +54,21 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where} is not valid JSON: {error.msg}.") from None
+        raise ManifestError(f"{where} is not valid JSON: {error.msg}.") from None
     if not isinstance(entry, dict):
-        raise ValueError(f"{where} must be a JSON object.")
+        raise ManifestError(f"{where} must be a JSON object.")
     missing = [key for key in ("image", "task", "expected") if key not in entry]
     if missing:
-        raise ValueError(f"{where} lacks {', '.join(missing)}.")
+        raise ManifestError(f"{where} lacks {', '.join(missing)}.")
     if entry["task"] not in EVAL_TASKS:
-        raise ValueError(f"{where}: task must be one of {', '.join(EVAL_TASKS)}, not {entry['task']!r}.")
+        raise ManifestError(f"{where}: task must be one of {', '.join(EVAL_TASKS)}, not {entry['task']!r}.")
     if entry["task"] == "ocr" and not isinstance(entry["expected"], str):
-        raise ValueError(f"{where}: an ocr item's expected answer must be a string.")
+        raise ManifestError(f"{where}: an ocr item's expected answer must be a string.")
     if entry["task"] == "extract":
         if not isinstance(entry["expected"], dict):
-            raise ValueError(f"{where}: an extract item's expected answer must be a JSON object.")
+            raise ManifestError(f"{where}: an extract item's expected answer must be a JSON object.")
         if "schema" not in entry:
-            raise ValueError(f"{where}: an extract item needs a schema.")
+            raise ManifestError(f"{where}: an extract item needs a schema.")
     checked = dict(entry, image=data_dir / entry["image"])
     checked.setdefault("id", Path(entry["image"]).stem)
     if "schema" in entry:
@@ -79,7 +81,8 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(model, processor, entries: list[dict], batch_size: int = 4, max_new_tokens: int = 512, progress=None) -> dict:
+def evaluate(model, processor, entries: list[dict], batch_size: int = BATCH_SIZE,
+             max_new_tokens: int = BATCH_MAX_NEW_TOKENS, progress=None) -> dict:
     """Run the model on every entry, score the answers, and return the report (a JSON-ready dict).
 
     Entries with the same task and schema that follow each other run together, ``batch_size`` at a
@@ -190,23 +193,6 @@ def summarise(scored: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The report as text
 # ----------------------------------------------------------------------------------------------
-
-
-def format_table(rows: list[list], header: list[str]) -> str:
-    """Rows of cells as aligned columns (numbers right-aligned, text left-aligned)."""
-    cells = [[str(cell) for cell in row] for row in [header, *rows]]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    numeric = [bool(rows) and all(_is_number(row[column]) for row in rows) for column in range(len(header))]
-    lines = []
-    for row in cells:
-        parts = [cell.rjust(width) if is_num else cell.ljust(width) for cell, width, is_num in zip(row, widths, numeric)]
-        lines.append("  ".join(parts).rstrip())
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def format_report(report: dict) -> str:

@@ -32,10 +32,6 @@ class Item:
         """What identifies this item in an output file (used to skip finished items on a re-run)."""
         return (self.source, self.page)
 
-    @property
-    def label(self) -> str:
-        return self.source if self.page is None else f"{self.source} (page {self.page})"
-
     def load(self):
         """Read the image (an RGB PIL image). Raises ImageLoadError if it cannot be read."""
         return self.loader() if self.loader else load_image(self.source)
@@ -56,7 +52,7 @@ def is_multi_input(spec: str) -> bool:
     return not path.exists() and glob.has_magic(spec)
 
 
-def collect_items(spec: str, pdf_scale: float = PDF_SCALE) -> list[Item]:
+def collect_items(spec: str) -> list[Item]:
     """Turn an ``--image`` argument into the list of items to process.
 
     * an ``http(s)://`` URL or an image file -> one item;
@@ -74,22 +70,22 @@ def collect_items(spec: str, pdf_scale: float = PDF_SCALE) -> list[Item]:
         files = sorted(p for p in path.iterdir() if p.is_file() and _is_supported(p))
         if not files:
             raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}).")
-        return _items_for_files(files, pdf_scale, strict=False)
+        return _items_for_files(files, strict=False)
     if path.exists():
-        return _items_for_files([path], pdf_scale, strict=True)
+        return _items_for_files([path], strict=True)
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
         files = [p for p in files if p.is_file() and _is_supported(p)]
         if not files:
             raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}).")
-        return _items_for_files(files, pdf_scale, strict=False)
+        return _items_for_files(files, strict=False)
     raise ImageLoadError(
         f"No file or folder at '{path}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
 
 
-def _items_for_files(files: list[Path], pdf_scale: float, strict: bool) -> list[Item]:
+def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
     """Items for image files and PDF pages. A PDF that cannot be opened raises when it was the only
     input (``strict``); among many files it becomes one item that fails (and is reported) when loaded."""
     items = []
@@ -98,7 +94,7 @@ def _items_for_files(files: list[Path], pdf_scale: float, strict: bool) -> list[
             items.append(Item(str(path)))
             continue
         try:
-            items.extend(pdf_items(path, pdf_scale))
+            items.extend(pdf_items(path))
         except ImageLoadError as error:
             if strict:
                 raise
@@ -106,12 +102,12 @@ def _items_for_files(files: list[Path], pdf_scale: float, strict: bool) -> list[
     return items
 
 
-def pdf_items(path: Path, scale: float = PDF_SCALE) -> list[Item]:
-    """One item per page of the PDF at ``path``; pages are rendered only when loaded."""
+def pdf_items(path: Path) -> list[Item]:
+    """One item per page of the PDF at ``path``; pages are rendered (at ``PDF_SCALE``) only when loaded."""
     count = _pdf_page_count(path)
     if count == 0:
         raise ImageLoadError(f"The PDF '{path}' has no pages.")
-    return [Item(str(path), page=n, loader=_page_loader(path, n, scale)) for n in range(1, count + 1)]
+    return [Item(str(path), page=n, loader=_page_loader(path, n)) for n in range(1, count + 1)]
 
 
 def render_pdf_page(path, page: int, scale: float = PDF_SCALE):
@@ -141,8 +137,8 @@ def _open_pdf(path):
         raise ImageLoadError(f"Could not open '{path}' as a PDF ({error}). Is the file complete and not encrypted?") from None
 
 
-def _page_loader(path: Path, page: int, scale: float) -> Callable:
-    return lambda: render_pdf_page(path, page, scale)
+def _page_loader(path: Path, page: int) -> Callable:
+    return lambda: render_pdf_page(path, page)
 
 
 def _raiser(error: Exception) -> Callable:

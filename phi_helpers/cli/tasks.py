@@ -18,13 +18,15 @@ never raises for a bad item.
 
 import json
 
-from ..api.generation import Generation, generate_batch
+from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction
+from ..errors import InvalidArgumentError, PromptError
 from .inputs import Item
 from .outputs import error_record, item_fields
 
 TASKS = ("caption", "ocr", "vqa", "extract")
+BATCH_SIZE = 4  # images per generate call, by default
 
 TASK_PROMPTS = {
     "caption": "Describe this image in one or two sentences.",
@@ -58,14 +60,14 @@ def task_prompt(task: str, question: str | None = None, schema: dict | None = No
     instruction for ``caption`` and ``ocr``, and extra instructions (put before the schema) for ``extract``.
     """
     if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+        raise InvalidArgumentError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if task == "vqa":
         if not question:
-            raise ValueError("The vqa task needs a question (--prompt TEXT).")
+            raise PromptError("The vqa task needs a question (--prompt TEXT).")
         return question
     if task == "extract":
         if schema is None:
-            raise ValueError("The extract task needs a JSON Schema (--schema FILE.json).")
+            raise InvalidArgumentError("The extract task needs a JSON Schema (--schema FILE.json).")
         prompt = EXTRACT_PROMPT.format(schema=json.dumps(schema, ensure_ascii=False))
         return f"{question}\n{prompt}" if question else prompt
     return question or TASK_PROMPTS[task]
@@ -73,7 +75,7 @@ def task_prompt(task: str, question: str | None = None, schema: dict | None = No
 
 def predict(
     model, processor, images: list, task: str, question: str | None = None, schema: dict | None = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
 ) -> list[dict]:
     """Run ``task`` on each image (all in one batch) and return one result dict per image.
 
@@ -84,7 +86,8 @@ def predict(
     told to the model in a follow-up turn of the same conversation (see ``RETRY_PROMPT``).
     """
     prompt = task_prompt(task, question, schema)
-    first = generate_batch(model, processor, [build_prompt(prompt)] * len(images), [[im] for im in images], max_new_tokens)
+    prompts = [build_prompt(prompt, processor=processor)] * len(images)
+    first = generate_batch(model, processor, prompts, [[im] for im in images], max_new_tokens)
     if task != "extract":
         return [_result(prompt, g.text, [g]) for g in first]
 
@@ -93,7 +96,7 @@ def predict(
     second = {}
     if to_retry:
         chats = [_retry_chat(prompt, images[i], first[i].text, checked[i][1]) for i in to_retry]
-        retried = generate_batch(model, processor, [c.render() for c in chats], [c.images for c in chats], max_new_tokens)
+        retried = generate_batch(model, processor, [c.render(processor) for c in chats], [c.images for c in chats], max_new_tokens)
         second = dict(zip(to_retry, retried))
 
     results = []
@@ -110,7 +113,7 @@ def _retry_chat(prompt: str, image, answer: str, problems: list[str]) -> Chat:
     """The conversation for the retry: the question with its image, the bad answer, the problems."""
     chat = Chat()
     chat.add_user(prompt, images=image)
-    chat.add_assistant(answer or "(empty answer)")
+    chat.add_assistant(answer or "(empty answer)", generated=True)
     chat.add_user(RETRY_PROMPT.format(problems="; ".join(problems[:MAX_PROBLEMS_SHOWN])))
     return chat
 

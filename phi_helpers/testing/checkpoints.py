@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import InvalidArgumentError
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
-
-FIXTURES = Path(__file__).parent.parent / "data" / "phi-3-vision-128k-instruct"
+from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT as FIXTURES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VARIANTS = ("phi-3-vision", "phi-3.5-vision")
 
@@ -47,7 +47,7 @@ def tiny_config_dict(variant: str = "phi-3.5-vision") -> dict:
     (with random weights the values do not matter, the code path is the same).
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        raise InvalidArgumentError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     config = json.loads((FIXTURES / "config.json").read_text())
     config.update(TINY_SIZES)
     config["vision_config"] = dict(TINY_VISION)

@@ -30,12 +30,12 @@ from contextlib import redirect_stdout
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..errors import FlashAttentionUnavailableError
 from ..api.generation import ask
 from ..api.loading import load_model, pick_attention, pick_device, pick_dtype
+from ..api.report import GIB, format_table as _table
+from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 
-ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")
-_GIB = 2**30
+ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")  # the choices of load_model(attn=...), slowest first
 
 
 def compare_attention(
@@ -75,7 +75,7 @@ def compare_attention(
         row = _empty_row(option, device_name, torch_dtype)
         try:
             pick_attention(option, device_name, torch_dtype)  # raises if it cannot run here
-        except (FlashAttentionUnavailableError, ValueError) as error:
+        except (FlashAttentionUnavailableError, InvalidArgumentError) as error:
             row["reason"] = _first_sentence(str(error))
             rows.append(row)
             _progress(verbose, f"{option}: not available: {row['reason']}")
@@ -92,7 +92,8 @@ def compare_attention(
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows of ``compare_attention`` as an aligned text table (unavailable options say why)."""
+    """The rows of ``compare_attention`` as an aligned text table (unavailable options say why), with
+    the device and how memory was measured underneath."""
     header = ("attention", "load s", "first token s", "total s", "new tokens", "tokens/s", "peak memory")
     lines = []
     notes = []
@@ -111,11 +112,7 @@ def format_table(rows: list[dict]) -> str:
         ))
         if row["memory_note"] and row["memory_note"] not in notes:
             notes.append(row["memory_note"])
-    full = [line for line in lines if len(line) == len(header)]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *full)]
-    text = [_join(header, widths), _join(["-" * w for w in widths], widths)]
-    for line in lines:
-        text.append(_join(line, widths) if len(line) == len(header) else f"{line[0]:<{widths[0]}}  {line[1]}")
+    text = [_table(lines, header)]
     devices = sorted({f"{row['device']}, {row['dtype']}" for row in rows})
     text.append("")
     text.append(f"Measured on: {'; '.join(devices)}.")
@@ -203,16 +200,16 @@ def _reset_peak_memory(device: str) -> None:
 def _peak_memory(device: torch.device) -> tuple[float | None, str]:
     """(GiB, how it was measured) for the device the model is on."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / _GIB, "CUDA torch.cuda.max_memory_allocated (peak)"
+        return torch.cuda.max_memory_allocated(device) / GIB, "CUDA torch.cuda.max_memory_allocated (peak)"
     if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / _GIB, "MPS torch.mps.driver_allocated_memory (after generation)"
+        return torch.mps.driver_allocated_memory() / GIB, "MPS torch.mps.driver_allocated_memory (after generation)"
     try:
         import resource
     except ImportError:  # Windows
         return None, "not measured on this system (no resource module)"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: KiB
-    return peak_bytes / _GIB, "CPU process peak RSS from resource.getrusage (cumulative over the whole process)"
+    return peak_bytes / GIB, "CPU process peak RSS from resource.getrusage (cumulative over the whole process)"
 
 
 def _free_memory() -> None:
@@ -229,10 +226,6 @@ def _first_sentence(text: str) -> str:
     first = text.split("\n")[0]
     cut = first.find(". ")
     return first if cut == -1 else first[: cut + 1]
-
-
-def _join(cells, widths) -> str:
-    return "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
 
 
 def _progress(verbose: bool, text: str) -> None:

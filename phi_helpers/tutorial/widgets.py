@@ -28,11 +28,12 @@ from PIL import Image
 from ..api.generation import stream_chunks
 from ..api.images import load_image
 from ..api.prompts import Chat
+from ..errors import MissingDependencyError
 
 try:
     import ipywidgets as widgets
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError(
+    raise MissingDependencyError(
         "phi_helpers.tutorial.widgets needs ipywidgets: `pip install ipywidgets` (then restart the kernel)."
     ) from error
 
@@ -133,7 +134,7 @@ class ChatBox:
         chat = Chat(system=self.system)
         for question, images, answer in self.history:
             chat.add_user(question, images=images)
-            chat.add_assistant(answer)
+            chat.add_assistant(answer, generated=True)
         return chat
 
     def transcript(self) -> str:

@@ -14,6 +14,8 @@ The official config.json files are read unchanged. Three things need care on tra
 from transformers import CLIPVisionConfig, Phi3Config
 from transformers.configuration_utils import SubConfigSpec
 
+from ...errors import ConfigurationError
+
 # openai/clip-vit-large-patch14-336, as hard-coded by the original image embedding (spec §2).
 CLIP_VIT_L_14_336 = dict(
     attention_dropout=0.0,
@@ -80,14 +82,14 @@ class Phi3VConfig(Phi3Config):
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
         self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
         if self.embd_layer["hd_transform_order"] != "sub_glb":
-            raise ValueError("Phi-3-vision only defines hd_transform_order='sub_glb'.")
+            raise ConfigurationError("Phi-3-vision only defines hd_transform_order='sub_glb'.")
         if self.reset_cache_at_original_max is None:
             self.reset_cache_at_original_max = bool(
                 self.sliding_window is not None and self.sliding_window > self.max_position_embeddings
             )
         super().__post_init__(**kwargs)
         if self.vision_config.hidden_size != self.img_processor["image_dim_out"]:
-            raise ValueError(
+            raise ConfigurationError(
                 f"vision_config.hidden_size ({self.vision_config.hidden_size}) must equal "
                 f"img_processor['image_dim_out'] ({self.img_processor['image_dim_out']})."
             )

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from ...errors import ImageAspectRatioError, ImageLoadError
+from ...errors import ImageAspectRatioError, ImageLoadError, check_whole_number
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's normalisation, as in the original
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -42,8 +42,7 @@ def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, i
     """
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"The image is empty ({width}x{height} pixels). Check the file or URL.")
-    if num_crops < 1:
-        raise ValueError(f"num_crops must be at least 1, got {num_crops}.")
+    check_whole_number(num_crops, "num_crops", minimum=1)
     if width < height:
         width, height = height, width
     ratio = width / height

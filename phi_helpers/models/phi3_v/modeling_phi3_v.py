@@ -14,11 +14,36 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+from transformers.utils import is_flash_attn_2_available
+from transformers.utils.deprecation import deprecate_kwarg
 
+from ...errors import FlashAttentionUnavailableError, InvalidArgumentError, PromptImageMismatchError
 from .configuration_phi3_v import Phi3VConfig
-from ...errors import FlashAttentionUnavailableError, PromptImageMismatchError
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes flash-attn computes in
+
+
+def check_flash_attention(installed: bool, on_cuda: bool = True, dtype: torch.dtype | None = None) -> None:
+    """Raise a helpful error when ``flash_attention_2`` cannot run: no CUDA GPU, flash-attn not
+    ``installed``, or a ``dtype`` other than fp16/bf16. The one place that says so: ``load_model``
+    calls it before anything is downloaded, ``from_pretrained`` (below) when the model is built."""
+    if not on_cuda:
+        raise FlashAttentionUnavailableError(
+            "attn='flash_attention_2' needs an NVIDIA GPU (device 'cuda'); it does not run on CPU or Apple GPUs. "
+            "Use attn='sdpa' (PyTorch's built-in fast attention) instead."
+        )
+    if not installed:
+        raise FlashAttentionUnavailableError(
+            "attn='flash_attention_2' was asked for, but flash-attn is not installed (or too old). Install it with "
+            "`pip install flash-attn --no-build-isolation` (CUDA only; compiling can take a long time), "
+            "or use attn='sdpa' (fast, works on CPU, MPS and every GPU)."
+        )
+    if dtype is not None and dtype not in HALF_DTYPES:
+        raise InvalidArgumentError(
+            f"flash_attention_2 works only in bf16 or fp16, not {str(dtype).removeprefix('torch.')}; "
+            "pass dtype='bf16' or attn='sdpa'."
+        )
 
 
 class Phi3VCLIPVisionModel(CLIPVisionModel):
@@ -188,14 +213,9 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         self.post_init()
 
     def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
-        try:
-            return super().get_correct_attn_implementation(requested_attention, is_init_check)
-        except ImportError as error:
-            raise FlashAttentionUnavailableError(
-                f"attn_implementation={requested_attention!r} is not usable here: {error} "
-                "Use attn_implementation='sdpa' (fast, works on CPU, MPS and every GPU), or on a CUDA machine "
-                "install flash-attn: pip install flash-attn --no-build-isolation"
-            ) from error
+        if requested_attention == "flash_attention_2":
+            check_flash_attention(is_flash_attn_2_available())
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -264,4 +284,4 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         )
 
 
-__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VImageEmbedding"]
+__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VImageEmbedding", "check_flash_attention", "HALF_DTYPES"]

@@ -10,19 +10,38 @@ Differences from the original processor, on purpose (docs/native-implementation.
   ``repetition_penalty`` works; the model still accepts negative ids;
 * a list of prompts, each with its own images, is batched with left padding;
 * bad tags raise PromptImageMismatchError instead of an assert or silently wrong features.
+
+The prompt is tokenized as it is written: ``<|user|>``, ``<|end|>``... in it are control tokens, as on
+the model card. Text a user types is checked for special tokens before it gets into a prompt
+(``phi_helpers.api.prompts``); a prompt handed to the processor is taken to be meant as written.
 """
 
+import json
 import re
+from pathlib import Path
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from ...errors import ContextLengthError, PromptImageMismatchError
+from ...errors import ContextLengthError, InvalidArgumentError, PromptImageMismatchError
 from .image_processing_phi3_v import flatten_images
 
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # THE image tag pattern of the package: <|image_1|>, <|image_2|>...
 IMAGE_TOKEN = "<|image|>"
+
+# The tokenizer files shipped with Phi-3-vision-128k-instruct (Phi-3.5-vision's are the same): its
+# tokenizer_config.json holds the checkpoint's chat template and the list of added (special) tokens.
+VENDORED_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "phi-3-vision-128k-instruct"
+_VENDORED_TOKENIZER_CONFIG = json.loads((VENDORED_CHECKPOINT / "tokenizer_config.json").read_text(encoding="utf-8"))
+CHECKPOINT_CHAT_TEMPLATE = _VENDORED_TOKENIZER_CONFIG["chat_template"]
+CHECKPOINT_ADDED_TOKENS = tuple(token["content"] for token in _VENDORED_TOKENIZER_CONFIG["added_tokens_decoder"].values())
+
+
+def image_tag(number: int) -> str:
+    """The tag that stands for the ``number``-th image of a prompt (counting from 1): ``<|image_1|>``."""
+    return f"<|image_{number}|>"
+
 
 # The checkpoint's chat template, extended so that {"type": "image"} items (pipeline / multimodal
 # chat messages) become <|image_N|> tags numbered over the whole conversation. Plain string contents
@@ -54,7 +73,7 @@ def _check_tags(prompt: str, num_images: int, which: str) -> None:
     if numbers != expected:
         raise PromptImageMismatchError(
             f"{which}: image tags must be <|image_1|>, <|image_2|>, ... each once and in increasing order; "
-            f"found {['<|image_%d|>' % n for n in numbers]}. Number the images 1..N in the order you pass them."
+            f"found {[image_tag(n) for n in numbers]}. Number the images 1..N in the order you pass them."
         )
     if len(numbers) != num_images:
         hint = (
@@ -65,6 +84,26 @@ def _check_tags(prompt: str, num_images: int, which: str) -> None:
         raise PromptImageMismatchError(
             f"{which} has {len(numbers)} image tag(s) but {num_images} image(s) were given. {hint}."
         )
+
+
+def check_context_length(prompt_tokens: int, limit: int, max_new_tokens: int = 0, image_tokens: int = 0) -> None:
+    """Raise ContextLengthError when ``prompt_tokens`` (+ ``max_new_tokens`` to generate) exceed ``limit``.
+
+    The one place that refuses a prompt too long for the model: the processor calls it with the
+    tokenizer's ``model_max_length``, ``ask`` with the model's context and the answer's length.
+    """
+    total = prompt_tokens + max_new_tokens
+    if total <= limit:
+        return
+    prompt = f"The prompt is {prompt_tokens:,} tokens ({image_tokens:,} of them for images)"
+    if max_new_tokens:
+        prompt += f" and up to {max_new_tokens:,} new tokens were asked for: {total:,} in all,"
+    raise ContextLengthError(
+        f"{prompt} but the model's context holds {limit:,}. "
+        + ("Lower max_new_tokens, use " if max_new_tokens else "Use ")
+        + "fewer or smaller images, a lower num_crops (load_model(num_crops=...)), or shorten the prompt or "
+        "history (chat.drop_images(keep_last=1) or chat.reset())."
+    )
 
 
 class Phi3VProcessor(ProcessorMixin):
@@ -125,9 +164,9 @@ class Phi3VProcessor(ProcessorMixin):
         if isinstance(images, str) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
             text, images = images, text  # called as processor(images, text)
         if kwargs.get("truncation"):
-            raise ValueError("Truncation would cut through image tokens; shorten the prompt instead.")
+            raise InvalidArgumentError("Truncation would cut through image tokens; shorten the prompt instead.")
         if text is None:
-            raise ValueError("The processor needs a prompt (text=...).")
+            raise InvalidArgumentError("The processor needs a prompt (text=...).")
         prompts = [text] if isinstance(text, str) else list(text)
         images_per_prompt = self._split_images(prompts, images)
 
@@ -182,17 +221,13 @@ class Phi3VProcessor(ProcessorMixin):
         return ids
 
     def _check_length(self, sequences: list[list[int]]) -> None:
-        limit = self.tokenizer.model_max_length
-        longest = max(len(s) for s in sequences)
-        if longest > limit:
-            raise ContextLengthError(
-                f"The prompt is {longest} tokens (text + image tokens) but the model reads at most {limit}. "
-                "Use fewer or smaller images, a lower num_crops, or a shorter prompt/history."
-            )
+        longest = max(sequences, key=len)
+        image_tokens = sum(token == self.image_token_id for token in longest)
+        check_context_length(len(longest), self.tokenizer.model_max_length, image_tokens=image_tokens)
 
     def _pad(self, sequences: list[list[int]], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+            raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         length = max(len(s) for s in sequences)
         pad_id = self.tokenizer.pad_token_id
         input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -208,4 +243,4 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
-__all__ = ["Phi3VProcessor", "CHAT_TEMPLATE"]
+__all__ = ["Phi3VProcessor", "CHAT_TEMPLATE", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length"]

@@ -1,0 +1,108 @@
+"""The package's layers: errors < models < testing < api < tutorial < cli, read from the source with ``ast``.
+
+A module may import from its own layer or from layers below, never from one above (imports inside
+functions count too), and the modules of the package must not import each other in a circle.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "phi_helpers"
+LAYERS = ("errors", "models", "testing", "api", "tutorial", "cli")
+TOP = len(LAYERS)  # phi_helpers/__init__.py and __main__.py: the package's front door, above every layer
+
+
+def module_name(path: Path) -> str:
+    parts = ("phi_helpers", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer(module: str) -> int:
+    """0 for errors ... 5 for cli; TOP for the package itself (its __init__ and __main__)."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] == "__main__":
+        return TOP
+    return LAYERS.index(parts[1])
+
+
+def resolve(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The phi_helpers modules that an import statement anywhere in ``module`` loads by name."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        if node.level:
+            package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+            for _ in range(node.level - 1):
+                package = package.rpartition(".")[0]
+            base = f"{package}.{node.module}" if node.module else package
+        else:
+            base = node.module
+        # `from package import submodule` loads the submodule; `from module import name` loads module
+        names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+    return [name for name in names if name == "phi_helpers" or name.startswith("phi_helpers.")]
+
+
+def imports_of(module: str) -> set[str]:
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):  # every import, also those inside functions and classes
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.update(resolve(module, node))
+    return found - {module}
+
+
+GRAPH = {module: imports_of(module) for module in MODULES}
+
+
+def test_every_module_is_in_a_layer():
+    assert len(MODULES) > 30
+    for module in MODULES:
+        layer(module)  # raises ValueError for a folder that is not a layer
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_import_from_a_higher_layer(module):
+    upward = sorted(target for target in GRAPH[module] if layer(target) > layer(module))
+    assert not upward, f"{module} (layer {LAYERS[layer(module)] if layer(module) < TOP else 'top'}) imports {upward}"
+
+
+def test_no_import_cycles():
+    done, active = set(), []
+
+    def visit(module):
+        if module in active:
+            cycle = active[active.index(module):] + [module]
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+        if module in done:
+            return
+        active.append(module)
+        for target in sorted(GRAPH[module]):
+            if target in MODULES:
+                visit(target)
+        active.pop()
+        done.add(module)
+
+    for module in sorted(MODULES):
+        visit(module)
+
+
+def test_the_checker_sees_imports_inside_functions_and_relative_levels():
+    """The checker itself: an upward import hidden in a function is found and resolved."""
+    source = "def f():\n    from ..cli.app import main\n    from .. import testing\n"
+    found = {target for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+             for target in resolve("phi_helpers.api.loading", node)}
+    assert found == {"phi_helpers.cli.app", "phi_helpers.testing"}
+
+
+def test_predict_goes_down_to_the_model():
+    """phi-helpers predict: cli.app -> cli.tasks -> api.generation -> the model, never back up."""
+    assert "phi_helpers.cli.tasks" in GRAPH["phi_helpers.cli.app"]
+    assert "phi_helpers.api.generation" in GRAPH["phi_helpers.cli.tasks"]
+    assert "phi_helpers.models.phi3_v.processing_phi3_v" in GRAPH["phi_helpers.api.generation"]
+    for module in ("phi_helpers.api.generation", "phi_helpers.api.prompts", "phi_helpers.models.phi3_v.modeling_phi3_v"):
+        assert not any(target.startswith(("phi_helpers.cli", "phi_helpers.tutorial")) for target in GRAPH[module])
