@@ -1,4 +1,4 @@
-"""The package's layers: errors < models < testing < api < tutorial < cli, read from the source with ``ast``.
+"""The package's layers: errors (and versions) < models < testing < api < tutorial < cli, read from the source with ``ast``.
 
 A module may import from its own layer or from layers below, never from one above (imports inside
 functions count too), and the modules of the package must not import each other in a circle.
@@ -11,6 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "phi_helpers"
 LAYERS = ("errors", "models", "testing", "api", "tutorial", "cli")
+BOTTOM = {"versions": "errors"}  # plain constants that sit in the bottom layer beside errors.py
 TOP = len(LAYERS)  # phi_helpers/__init__.py and __main__.py: the package's front door, above every layer
 
 
@@ -27,7 +28,7 @@ def layer(module: str) -> int:
     parts = module.split(".")
     if len(parts) == 1 or parts[1] == "__main__":
         return TOP
-    return LAYERS.index(parts[1])
+    return LAYERS.index(BOTTOM.get(parts[1], parts[1]))
 
 
 def resolve(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
