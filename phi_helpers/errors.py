@@ -56,3 +56,12 @@ class CommandLineError(PhiHelpersError, ValueError):
 
 class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
+
+
+class InvalidSchemaError(PhiHelpersError, ValueError):
+    """A JSON Schema cannot be used: unreadable, not JSON, not a valid schema, a ``$ref`` that leaves
+    the schema (other files and URLs are never fetched), or a recursive ``$ref``."""
+
+
+class ManifestError(PhiHelpersError, ValueError):
+    """An eval manifest (``DIR/manifest.jsonl``) is malformed or names a file outside ``DIR``."""

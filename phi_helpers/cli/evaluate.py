@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..api.metrics import character_error_rate, field_matches, levenshtein, normalise_text
 from ..api.structured import load_schema
+from ..errors import ManifestError
 from .inputs import Item
 from .outputs import check_output_path, model_info, progress_bar, write_atomically
 from .tasks import predict_items
@@ -27,14 +28,16 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     """The items of ``DIR/manifest.jsonl`` (the first ``limit`` of them), checked, with absolute paths.
 
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
-    ``schema`` (a Path). Raises ValueError naming the line of the first malformed item.
+    ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
+    paths, no ``..`` or symbolic link that leads out). Raises ManifestError naming the line of the
+    first malformed item.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
     if not data_dir.is_dir():
-        raise ValueError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
+        raise ManifestError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     if not manifest.is_file():
-        raise ValueError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
+        raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     entries = []
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -43,7 +46,7 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
         if limit is not None and len(entries) == limit:
             break
     if not entries:
-        raise ValueError(f"{manifest} has no items.")
+        raise ManifestError(f"{manifest} has no items.")
     return entries
 
 
@@ -52,26 +55,40 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where} is not valid JSON: {error.msg}.") from None
+        raise ManifestError(f"{where} is not valid JSON: {error.msg}.") from None
     if not isinstance(entry, dict):
-        raise ValueError(f"{where} must be a JSON object.")
+        raise ManifestError(f"{where} must be a JSON object.")
     missing = [key for key in ("image", "task", "expected") if key not in entry]
     if missing:
-        raise ValueError(f"{where} lacks {', '.join(missing)}.")
+        raise ManifestError(f"{where} lacks {', '.join(missing)}.")
     if entry["task"] not in EVAL_TASKS:
-        raise ValueError(f"{where}: task must be one of {', '.join(EVAL_TASKS)}, not {entry['task']!r}.")
+        raise ManifestError(f"{where}: task must be one of {', '.join(EVAL_TASKS)}, not {entry['task']!r}.")
     if entry["task"] == "ocr" and not isinstance(entry["expected"], str):
-        raise ValueError(f"{where}: an ocr item's expected answer must be a string.")
+        raise ManifestError(f"{where}: an ocr item's expected answer must be a string.")
     if entry["task"] == "extract":
         if not isinstance(entry["expected"], dict):
-            raise ValueError(f"{where}: an extract item's expected answer must be a JSON object.")
+            raise ManifestError(f"{where}: an extract item's expected answer must be a JSON object.")
         if "schema" not in entry:
-            raise ValueError(f"{where}: an extract item needs a schema.")
-    checked = dict(entry, image=data_dir / entry["image"])
+            raise ManifestError(f"{where}: an extract item needs a schema.")
+    checked = dict(entry, image=_inside(data_dir, entry["image"], "image", where))
     checked.setdefault("id", Path(entry["image"]).stem)
     if "schema" in entry:
-        checked["schema"] = data_dir / entry["schema"]
+        checked["schema"] = _inside(data_dir, entry["schema"], "schema", where)
     return checked
+
+
+def _inside(data_dir: Path, relative, field: str, where: str) -> Path:
+    """``data_dir / relative``, refused unless it is a relative path that stays inside ``data_dir``
+    once ``..`` and symbolic links are resolved."""
+    if not isinstance(relative, str) or not relative:
+        raise ManifestError(f"{where}: {field} must be a file name (a non-empty string), not {relative!r}.")
+    path = data_dir / relative
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(data_dir.resolve()):
+        raise ManifestError(
+            f"{where}: the {field} path {relative!r} leads outside the data folder '{data_dir}'. Paths in the "
+            "manifest are relative to its folder and must stay inside it; copy the file into the folder."
+        )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
