@@ -93,13 +93,17 @@ def _first_json_value(text: str) -> dict | list:
     decoder = json.JSONDecoder()
     ends: dict[int, tuple[int | None, int]] = {}  # start -> (end after its closing bracket or None, scan)
     stops: dict[int, int] = {}  # scan -> where it stopped
+    too_deep = False  # some brackets nest deeper than MAX_JSON_DEPTH
     failures = []  # (error position, scan) of failed attempts whose error lies beyond the current start
     best = None  # (position, message) of the failure that got furthest
     for match in _BRACKET_OPEN.finditer(text):
         start = match.start()
         first_of_scan = start not in ends
         if first_of_scan:
-            stops[start] = _match_brackets(text, start, ends, scan=start)
+            stops[start], deep = _match_brackets(text, start, ends, scan=start)
+            if deep:  # nothing inside may be taken for the answer's JSON
+                too_deep = True
+                continue
         end, scan = ends[start]
         failures = [failure for failure in failures if failure[0] > start]
         # the parser of a failed attempt went through this start as a value and failed inside it
@@ -116,6 +120,8 @@ def _first_json_value(text: str) -> dict | list:
             failures.append((start + error.pos, scan))
             if best is None or start + error.pos > best[0]:
                 best = (start + error.pos, error.msg)
+    if too_deep:
+        raise _too_deep_error(text)
     if best is None:
         raise JSONExtractionError(
             f"No JSON found in the answer: it has no '{{' or '['. The answer starts with {text.strip()[:80]!r}. "
@@ -134,28 +140,32 @@ def _first_json_value(text: str) -> dict | list:
     )
 
 
-def _match_brackets(text: str, start: int, ends: dict, scan: int) -> int:
+def _match_brackets(text: str, start: int, ends: dict, scan: int) -> tuple[int, bool]:
     """Match the brackets from ``text[start]`` on, as a JSON parser starting there would see them.
 
     Records in ``ends`` every bracket met outside a string: ``(index after its closing bracket, scan)``,
-    or ``(None, scan)`` when it never closes (end of text, or a closing bracket of the other kind).
-    Stops when the bracket at ``start`` closes, and returns where it stopped. Each scan sees strings from its own start, which is
-    why a bracket inside a string of one scan starts a scan of its own.
+    or ``(None, scan)`` when it cannot start a value: it never closes (end of text, or a closing
+    bracket of the other kind), or it is part of a structure nested deeper than ``MAX_JSON_DEPTH``.
+    Stops when the bracket at ``start`` closes; returns where it stopped and whether it was too deep.
+    Each scan sees strings from its own start, which is why a bracket inside a string of one scan
+    starts a scan of its own.
     """
-    stack = []
+    stack, seen = [], []
+    deep = False
     position = start
     while (found := _STRUCTURE.search(text, position)) is not None:
         char, position = found.group(), found.end()
         if char == '"':  # skip the string, escapes included
             while (quote := _STRING_END.search(text, position)) is not None and quote.group() == "\\":
                 position = quote.end() + 1
-            if quote is None:
+            if quote is None:  # the string never ends
+                position = len(text)
                 break
             position = quote.end()
         elif char in "{[":
             stack.append(found.start())
-            if len(stack) > MAX_JSON_DEPTH:
-                raise _too_deep_error(text)
+            seen.append(found.start())
+            deep |= len(stack) > MAX_JSON_DEPTH
         else:
             opener = stack.pop()
             if text[opener] + char not in ("{}", "[]"):
@@ -163,10 +173,13 @@ def _match_brackets(text: str, start: int, ends: dict, scan: int) -> int:
                 break
             ends.setdefault(opener, (position, scan))
             if not stack:
-                return position
-    for opener in stack:
-        ends.setdefault(opener, (None, scan))
-    return position if found is not None else len(text)
+                break
+    else:
+        position = len(text)
+    for opener in stack if not deep else seen:
+        if opener not in ends or ends[opener][1] == scan:
+            ends[opener] = (None, scan)
+    return position, deep
 
 
 def _too_deep_error(text: str) -> JSONExtractionError:
