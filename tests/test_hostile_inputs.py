@@ -390,7 +390,7 @@ def trickling_url():
 
 
 def test_a_trickling_server_hits_the_total_deadline(trickling_url):
-    with pytest.raises(ImageDownloadTimeout, match=r"took longer than max_seconds=0.5 \(\d+ bytes arrived so far\)"):
+    with pytest.raises(ImageDownloadTimeout, match=r"took longer than max_seconds=0.5 \([\d,]+ bytes of the image arrived so far\)"):
         load_image(trickling_url, timeout=2, max_seconds=0.5)
 
 
@@ -588,3 +588,33 @@ def test_broken_checkpoints_name_the_file(capsys, monkeypatch, tmp_path, tiny_ch
                          "--device", "cpu", *FAST)
     assert code == 1 and out == "" and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: The checkpoint file '{checkpoint / file}' is unusable: {problem}")
+
+
+class _TrickledHeaders(http.server.BaseHTTPRequestHandler):
+    """Sends its status line, then header bytes one every 0.1 s: the body never even starts."""
+
+    def do_GET(self):  # noqa: N802
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(100):  # ends by itself after 10 s
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_trickled_headers_hit_the_total_deadline_too():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickledHeaders)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+        with pytest.raises(ImageDownloadTimeout, match=r"took longer than max_seconds=0.5 \(0 bytes of the image"):
+            load_image(url, timeout=2, max_seconds=0.5)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -17,6 +17,7 @@ processor stays faithful to the original and would turn transparent pixels black
 import io
 import os
 import struct
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -163,10 +164,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -> bytes:
     """Fetch ``url`` and return its body, stopping as soon as it grows beyond ``max_bytes`` or the
-    download has taken ``max_seconds``."""
+    download has taken ``max_seconds`` (headers included)."""
     deadline = time.monotonic() + max_seconds
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": _USER_AGENT}) as response:
+        with _get_within(url, timeout, deadline, max_seconds) as response:
             _check_response(response, url, max_bytes)
             return _read_capped(response, url, max_bytes, deadline, max_seconds)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
@@ -176,6 +177,39 @@ def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -
             f"Could not download {url} ({type(error).__name__}: {error}). Check the address and your "
             "internet connection, or download the image yourself and pass its path."
         ) from None
+
+
+def _get_within(url: str, timeout: float, deadline: float, max_seconds: float) -> requests.Response:
+    """``requests.get(url, stream=True)``: connect, send, read the status line and the headers, given
+    up at ``deadline`` even if the server keeps trickling header bytes.
+
+    The request runs in a daemon thread; if the deadline passes first, the caller gets the timeout
+    and the abandoned request ends by itself (its response, if one ever comes, is closed).
+    """
+    outcome = {}  # "response" or "error", and "abandoned" once the caller has given up
+    lock = threading.Lock()  # the caller takes the response or abandons it, never both
+
+    def fetch():
+        try:
+            response = requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": _USER_AGENT})
+        except BaseException as error:  # noqa: BLE001  (handed to the caller)
+            outcome["error"] = error
+            return
+        with lock:
+            outcome["response"] = response
+            if "abandoned" in outcome:
+                response.close()
+
+    thread = threading.Thread(target=fetch, name=f"phi_helpers download {url}", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0))
+    with lock:
+        if "response" not in outcome and "error" not in outcome:
+            outcome["abandoned"] = True
+            raise _deadline_error(url, max_seconds, 0)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["response"]
 
 
 def _is_timeout(error: Exception) -> bool:
@@ -218,11 +252,15 @@ def _read_capped(response: requests.Response, url: str, max_bytes: int, deadline
         if len(body) > max_bytes:
             raise _too_large_error(url, max_bytes, f"more than {max_bytes:,} bytes arrived")
         if time.monotonic() > deadline:
-            raise ImageDownloadTimeout(
-                f"Downloading {url} took longer than max_seconds={max_seconds} ({len(body):,} bytes arrived so far). "
-                "The server is too slow; download the image yourself and pass its path."
-            )
+            raise _deadline_error(url, max_seconds, len(body))
     return bytes(body)
+
+
+def _deadline_error(url: str, max_seconds: float, received: int) -> ImageDownloadTimeout:
+    return ImageDownloadTimeout(
+        f"Downloading {url} took longer than max_seconds={max_seconds} ({received:,} bytes of the image arrived "
+        "so far). The server is too slow; download the image yourself and pass its path, or pass a larger max_seconds."
+    )
 
 
 def _too_large_error(url: str, max_bytes: int, detail: str) -> ImageLoadError:

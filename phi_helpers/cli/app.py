@@ -23,8 +23,8 @@ from ..api.structured import load_schema
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
 from .outputs import (
-    JsonlWriter, check_output_path, error_message, item_fields, json_safe, model_info, plan_resume, printable,
-    progress_bar, repair_jsonl, request_fields, torn_path, write_atomically,
+    JsonlWriter, check_output_path, error_message, item_fields, json_safe, model_info, plan_resume, progress_bar,
+    repair_jsonl, request_fields, torn_path, write_atomically,
 )
 from .tasks import TASKS, chunks, predict, predict_items
 
@@ -252,7 +252,8 @@ def run_single(args, schema) -> int:
     model, processor = load_for_cli(args)
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
     result = {**item_fields(item), "image_size": list(image.size), **result}
-    record = json_safe(make_record(result, args, model_info(model, processor), request_fields(args, schema, requested_model(args))))
+    request = request_fields(args, schema, requested_model(args))
+    record = json_safe(make_record(result, args, model_info(model, processor), request))
 
     if args.task == "extract" and not record["valid"]:
         print(f"warning: the answer does not follow the schema: {'; '.join(record['errors'])}", file=sys.stderr)
@@ -303,8 +304,8 @@ def run_batch(args, schema) -> int:
     check_output_path(output)
     torn = repair_jsonl(output)
     if torn:
-        print(f"warning: {torn} line(s) of {output} did not parse (cut off when a run was killed or the disk was "
-              f"full); moved them to {torn_path(output)}", file=sys.stderr)
+        print(f"warning: {torn} line(s) of {output} did not parse (e.g. cut off when a run was killed or the "
+              f"disk was full); moved them to {torn_path(output)}", file=sys.stderr)
     request = request_fields(args, schema, requested_model(args))
     plan = plan_resume(items, output, request)
     for line in plan.summary(len(items), output):
@@ -324,7 +325,7 @@ def run_batch(args, schema) -> int:
                 writer.write(record)
                 if "error" in record:
                     failed += 1
-                    bar.write(f"failed: {printable(record['source'])}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
+                    bar.write(f"failed: {record['source']}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
             bar.update(len(batch))
 
     print(f"{len(todo) - failed} of {len(todo)} items done; results in {output}", file=sys.stderr)
