@@ -6,6 +6,7 @@ message and the exit code. Nothing here touches the network (servers listen on 1
 
 import base64
 import functools
+import glob
 import http.server
 import io
 import json
@@ -29,7 +30,7 @@ from phi_helpers.api.images import load_image
 from phi_helpers.api.parsing import extract_json
 from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
-from phi_helpers.errors import ImageDownloadTimeout, JSONExtractionError
+from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError
 
 FAST = ["--num-crops", "1", "--max-new-tokens", "2"]
 SCHEMA = {"type": "object", "properties": {"total": {"type": "number"}}}
@@ -125,10 +126,7 @@ def encrypted_pdf() -> bytes:
     [
         (["--task", "ocr"], "task"),
         (["--prompt", "Name the colour."], "prompt"),
-        (["--max-new-tokens", "3"], "max_new_tokens"),
-        (["--num-crops", "2"], "num_crops"),
         (["--model", "someone/another-model"], "model"),
-        (["--dtype", "fp32"], "dtype"),
     ],
 )
 def test_another_request_redoes_every_item(capsys, tmp_path, folder, generations, change, field):
@@ -146,6 +144,20 @@ def test_another_request_redoes_every_item(capsys, tmp_path, folder, generations
     code, _, err = run(capsys, *base, *change)  # the same request again: nothing to do
     assert code == 0 and "2 of 2 items are already done for this request" in err and "Nothing left to do." in err
     assert generations == [2, 2] and len(lines_of(output)) == 4
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [(["--max-new-tokens", "3"], "max_new_tokens"), (["--num-crops", "2"], "num_crops"), (["--dtype", "fp32"], "dtype"),
+     (["--model", "tiny"], "model"), (["--prompt", "Describe it."], "prompt")],
+)
+def test_every_setting_that_changes_the_answer_is_in_the_request(change, field):
+    base = ["predict", "--image", "x.png", "--task", "caption", *FAST]
+    before, after = (
+        outputs.request_fields(args, None, cli.requested_model(args))
+        for args in (cli.build_parser().parse_args(base), cli.build_parser().parse_args(base + change))
+    )
+    assert outputs.request_differences(before, after) == [field]
 
 
 def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
@@ -232,8 +244,8 @@ def _wait_for_lines(process: subprocess.Popen, output: Path, count: int) -> None
 def many(tmp_path) -> Path:
     folder = tmp_path / "many"
     folder.mkdir()
-    for index in range(40):
-        picture(folder / f"page_{index:02}.png", (index * 6, 80, 160))
+    for index in range(16):
+        picture(folder / f"page_{index:02}.png", (index * 15, 80, 160))
     return folder
 
 
@@ -251,11 +263,11 @@ def test_sigint_in_the_middle_then_resume(capsys, tmp_path, tiny_checkpoint, man
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
     written = len(lines_of(output))
-    assert 2 <= written < 40
+    assert 2 <= written < 16
 
     code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
-                       "--model", tiny_checkpoint, *FAST)
-    assert code == 0 and f"{written} of 40 items are already done for this request" in err
+                       "--model", tiny_checkpoint, "--batch-size", "8", *FAST)
+    assert code == 0 and f"{written} of 16 items are already done for this request" in err
     _assert_each_item_answered_once(output, many)
 
 
@@ -272,7 +284,7 @@ def test_sigkill_torn_file_is_repaired_on_resume(capsys, tmp_path, tiny_checkpoi
     output.write_bytes(intact + torn)
 
     code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
-                       "--model", tiny_checkpoint, *FAST)
+                       "--model", tiny_checkpoint, "--batch-size", "8", *FAST)
     assert code == 0 and f"warning: 1 line(s) of {output} did not parse" in err
     _assert_each_item_answered_once(output, many)
     assert (tmp_path / "out.jsonl.torn").read_bytes() == torn + b"\n"
@@ -323,7 +335,7 @@ def test_pdf_pages_obey_the_image_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
     assert inputs.render_pdf_page(path, 1).size == (200, 100)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 19_999)
-    with pytest.raises(phi_helpers.errors.ImageLoadError, match="200 x 100 = 20,000 pixels"):
+    with pytest.raises(ImageLoadError, match="200 x 100 = 20,000 pixels"):
         inputs.render_pdf_page(path, 1)
 
 
@@ -347,10 +359,8 @@ def test_glob_matches_like_the_standard_library_without_links(tmp_path, monkeypa
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    import glob as stdlib_glob
-
     for pattern in ("*.png", "**/*.png", "x/**/*.png", "*/*.png", "**", "?.*", "[ab].*"):
-        wanted = sorted(Path(p) for p in stdlib_glob.glob(pattern, recursive=True) if Path(p).is_file())
+        wanted = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         assert inputs.glob_files(pattern) == wanted, pattern
 
 

@@ -27,6 +27,7 @@ _UNRESOLVABLE = (
     referencing.exceptions.Unresolvable, referencing.exceptions.Unretrievable, referencing.exceptions.NoSuchResource,
 )
 _DATA_KEYWORDS = {"enum", "const", "default", "examples"}  # their values are data, not subschemas
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> subschema
 _UNSUPPORTED_REFS = ("$dynamicRef", "$recursiveRef")
 
 
@@ -68,9 +69,10 @@ def check_schema(schema) -> None:
     _check_refs(schema, _registry(schema).resolver(base_uri=_base_uri(schema)), [], set(), "#", 0)
 
 
-def _check_refs(node, resolver, path: list[int], finished: set[int], where: str, depth: int) -> None:
+def _check_refs(node, resolver, path: list[int], finished: set[int], where: str, depth: int, names=False) -> None:
     """Follow every ``$ref`` below ``node`` (depth first); ``path`` holds the ids of the subschemas
-    being expanded, so reaching one of them again is a cycle; ``finished`` ones are not walked twice."""
+    being expanded, so reaching one of them again is a cycle; ``finished`` ones are not walked twice.
+    ``names``: ``node`` maps names to subschemas (``properties``...), so its keys are not keywords."""
     if depth > MAX_SCHEMA_DEPTH:
         raise InvalidSchemaError(f"The schema is nested too deeply (more than {MAX_SCHEMA_DEPTH} levels).")
     if isinstance(node, list):
@@ -78,6 +80,10 @@ def _check_refs(node, resolver, path: list[int], finished: set[int], where: str,
             _check_refs(item, resolver, path, finished, f"{where}/{index}", depth + 1)
         return
     if not isinstance(node, dict):
+        return
+    if names:
+        for name, subschema in node.items():
+            _check_refs(subschema, resolver, path, finished, f"{where}/{name}", depth + 1)
         return
     for keyword in _UNSUPPORTED_REFS:
         if keyword in node:
@@ -103,7 +109,7 @@ def _check_refs(node, resolver, path: list[int], finished: set[int], where: str,
             finished.add(target)
     for key, value in node.items():
         if key not in _DATA_KEYWORDS and key != "$ref":
-            _check_refs(value, resolver, path, finished, f"{where}/{key}", depth + 1)
+            _check_refs(value, resolver, path, finished, f"{where}/{key}", depth + 1, names=key in _SCHEMA_MAPS)
 
 
 def _registry(schema: dict) -> referencing.Registry:
