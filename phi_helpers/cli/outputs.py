@@ -163,16 +163,24 @@ def read_records(path) -> list[dict]:
 
 def _parse_line(line: bytes) -> dict | None:
     """The record on one line, or None if the line is not a JSON object with a ``"source"``."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
+    record = _json_value(line)
     return record if isinstance(record, dict) and isinstance(record.get("source"), str) else None
 
 
+_TORN = object()  # what _json_value returns for a line that is not JSON
+
+
+def _json_value(line: bytes):
+    """The JSON value on one line, or ``_TORN`` if the line is not UTF-8 JSON."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _TORN
+
+
 def repair_jsonl(path) -> int:
-    """Move the lines of ``path`` that are not records (the torn last line of a killed run, a line
-    cut by a full disk) to ``path`` + ``.torn``, and return how many were moved.
+    """Move the lines of ``path`` that are not JSON (the torn last line of a killed run, a line cut
+    by a full disk) to ``path`` + ``.torn``, and return how many were moved.
 
     The torn lines are appended to the side file and flushed to disk first; only then is ``path``
     replaced (atomically) by its valid lines, so nothing is lost even if this is interrupted.
@@ -184,7 +192,7 @@ def repair_jsonl(path) -> int:
     good, torn = [], []
     for line in path.read_bytes().split(b"\n"):
         if line.strip():
-            (good if _parse_line(line) is not None else torn).append(line)
+            (torn if _json_value(line) is _TORN else good).append(line)
     if not torn:
         return 0
     with open(torn_path(path), "ab") as side:
