@@ -70,7 +70,8 @@ class JSONExtractionError(PhiHelpersError, ValueError):
 
 
 class SchemaError(PhiHelpersError, ValueError):
-    """A JSON Schema file is missing, unreadable, not JSON, or not a valid JSON Schema."""
+    """A JSON Schema cannot be used: missing, unreadable, not JSON, not a valid schema, a ``$ref`` that
+    leaves the schema (other files and URLs are never fetched), or a recursive ``$ref``."""
 
 
 class DeviceUnavailableError(PhiHelpersError, RuntimeError):
@@ -86,7 +87,8 @@ class CommandLineError(PhiHelpersError, ValueError):
 
 
 class ManifestError(CommandLineError):
-    """An evaluation set's manifest.jsonl is missing, empty or has a malformed line (the message names it)."""
+    """An evaluation set's manifest.jsonl is missing, empty, has a malformed line, or names a file outside
+    its folder (the message names the line)."""
 
 
 class MRZError(PhiHelpersError, ValueError):

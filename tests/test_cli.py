@@ -367,15 +367,16 @@ def test_a_failing_batch_is_retried_item_by_item(capsys, monkeypatch, tmp_path, 
     assert lines[2]["error"] == "RuntimeError: CUDA out of memory (pretend)"
 
 
-def test_interrupted_last_line_is_ignored_and_repaired(tmp_path):
+def test_interrupted_last_line_is_moved_aside(tmp_path):
     output = tmp_path / "out.jsonl"
     output.write_text('{"source": "a.png", "answer": "x"}\n{"source": "b.png", "error": "boom"}\n{"source": "c.pn')
-    assert outputs.done_keys(output) == {("a.png", None)}  # errors and a cut-off line do not count
+    assert outputs.repair_jsonl(output) == 1
+    assert output.read_text() == '{"source": "a.png", "answer": "x"}\n{"source": "b.png", "error": "boom"}\n'
+    assert outputs.torn_path(output).read_text() == '{"source": "c.pn\n'  # kept, not lost
+    assert outputs.repair_jsonl(output) == 0  # nothing left to repair
     with outputs.JsonlWriter(output) as writer:
         writer.write({"source": "c.png", "page": 2, "answer": "y"})
-    lines = output.read_text().splitlines()
-    assert lines[2] == '{"source": "c.pn' and json.loads(lines[3])["page"] == 2
-    assert outputs.done_keys(output) == {("a.png", None), ("c.png", 2)}
+    assert [outputs.record_key(record) for record in outputs.read_records(output)] == [("a.png", None), ("b.png", None), ("c.png", 2)]
 
 
 def test_collect_items_kinds(folder, pdf):

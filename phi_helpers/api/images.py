@@ -17,6 +17,8 @@ processor stays faithful to the original and would turn transparent pixels black
 import io
 import os
 import struct
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -32,7 +34,7 @@ _CHUNK_SIZE = 64 * 1024
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError)
 
 
-def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000) -> Image.Image:
+def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_seconds: float = 120) -> Image.Image:
     """Return ``src`` as an upright, fully loaded RGB PIL image.
 
     Args:
@@ -41,18 +43,21 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000) -> Imag
             image (a converted copy is returned; your image is not changed).
         timeout: seconds to wait for a URL's server to answer, and for each piece of the download.
         max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
+        max_seconds: the whole download must be over within this many seconds, however steadily a
+            (slow or hostile) server keeps sending.
 
     Raises:
         ImageLoadError: missing, empty or corrupt file, a failed download, a decompression bomb, or
             an unsupported ``src`` type. The message says which source and what to do.
-        ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds.
+        ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds, or the download
+            took longer than ``max_seconds``.
     """
     if isinstance(src, Image.Image):
         return _decode(lambda: src, "the PIL image you passed")
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _from_bytes(bytes(src), f"the {len(src)} bytes you passed")
     if isinstance(src, str) and _is_url(src):
-        return _from_bytes(_download(src, timeout=timeout, max_bytes=max_bytes), src)
+        return _from_bytes(_download(src, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), src)
     if isinstance(src, (str, os.PathLike)):
         return _from_path(Path(src))
     if hasattr(src, "read"):
@@ -113,17 +118,30 @@ def _decode(open_image, source: str) -> Image.Image:
             image.load()
             return _to_rgb(_upright(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageLoadError(
-            f"Refusing to decode {source}: it has more pixels than Pillow allows "
-            f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}), which is how decompression-bomb "
-            f"attacks look ({error}). Use a smaller image; if you trust this file, raise "
-            "PIL.Image.MAX_IMAGE_PIXELS first."
-        ) from None
+        raise _too_many_pixels_error(source, str(error)) from None
     except _DECODE_ERRORS as error:
         raise ImageLoadError(
             f"Could not read {source} as an image ({type(error).__name__}: {error}). The data may be "
             "corrupt, truncated or not an image at all; open it in an image viewer, or re-save it as PNG/JPEG."
         ) from None
+
+
+def check_pixel_count(width: int, height: int, source: str) -> None:
+    """Raise ImageLoadError if a ``width`` x ``height`` image has more pixels than ``load_image``
+    accepts (``PIL.Image.MAX_IMAGE_PIXELS``; ``None`` there means no limit). Used before producing
+    pixels another way, e.g. before rendering a PDF page."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise _too_many_pixels_error(source, f"{width:,} x {height:,} = {width * height:,} pixels")
+
+
+def _too_many_pixels_error(source: str, detail: str) -> ImageLoadError:
+    return ImageLoadError(
+        f"Refusing to decode {source}: it has more pixels than Pillow allows "
+        f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}), which is how decompression-bomb "
+        f"attacks look ({detail}). Use a smaller image; if you trust this file, raise "
+        "PIL.Image.MAX_IMAGE_PIXELS first."
+    )
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -144,13 +162,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _download(url: str, *, timeout: float, max_bytes: int) -> bytes:
-    """Fetch ``url`` and return its body, stopping as soon as it grows beyond ``max_bytes``."""
+def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -> bytes:
+    """Fetch ``url`` and return its body, stopping as soon as it grows beyond ``max_bytes`` or the
+    download has taken ``max_seconds`` (headers included)."""
+    deadline = time.monotonic() + max_seconds
     try:
-        with requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": _USER_AGENT}) as response:
+        with _get_within(url, timeout, deadline, max_seconds) as response:
             _check_response(response, url, max_bytes)
-            return _read_capped(response, url, max_bytes)
-    except requests.RequestException as error:
+            return _read_capped(response, url, max_bytes, deadline, max_seconds)
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
         if _is_timeout(error):
             raise _timeout_error(url, timeout) from None
         raise ImageLoadError(
@@ -159,10 +179,43 @@ def _download(url: str, *, timeout: float, max_bytes: int) -> bytes:
         ) from None
 
 
-def _is_timeout(error: requests.RequestException) -> bool:
+def _get_within(url: str, timeout: float, deadline: float, max_seconds: float) -> requests.Response:
+    """``requests.get(url, stream=True)``: connect, send, read the status line and the headers, given
+    up at ``deadline`` even if the server keeps trickling header bytes.
+
+    The request runs in a daemon thread; if the deadline passes first, the caller gets the timeout
+    and the abandoned request ends by itself (its response, if one ever comes, is closed).
+    """
+    outcome = {}  # "response" or "error", and "abandoned" once the caller has given up
+    lock = threading.Lock()  # the caller takes the response or abandons it, never both
+
+    def fetch():
+        try:
+            response = requests.get(url, stream=True, timeout=timeout, headers={"User-Agent": _USER_AGENT})
+        except BaseException as error:  # noqa: BLE001  (handed to the caller)
+            outcome["error"] = error
+            return
+        with lock:
+            outcome["response"] = response
+            if "abandoned" in outcome:
+                response.close()
+
+    thread = threading.Thread(target=fetch, name=f"phi_helpers download {url}", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0))
+    with lock:
+        if "response" not in outcome and "error" not in outcome:
+            outcome["abandoned"] = True
+            raise _deadline_error(url, max_seconds, 0)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["response"]
+
+
+def _is_timeout(error: Exception) -> bool:
     """True for timeouts, including a read timeout in the middle of the body, which requests reports
     as a ConnectionError wrapping urllib3's ReadTimeoutError."""
-    if isinstance(error, requests.Timeout):
+    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
         return True
     return any(isinstance(arg, urllib3.exceptions.TimeoutError) for arg in error.args)
 
@@ -185,14 +238,29 @@ def _check_response(response: requests.Response, url: str, max_bytes: int) -> No
         )
 
 
-def _read_capped(response: requests.Response, url: str, max_bytes: int) -> bytes:
-    """Read a streamed body piece by piece, refusing it once more than ``max_bytes`` have arrived."""
+def _read_capped(response: requests.Response, url: str, max_bytes: int, deadline: float, max_seconds: float) -> bytes:
+    """Read a streamed body piece by piece, refusing it once more than ``max_bytes`` have arrived or
+    the clock passes ``deadline``.
+
+    ``read1`` returns what one read of the socket brings (each read waits at most ``timeout``), so
+    the deadline is checked however slowly the bytes trickle in; ``iter_content`` would wait for a
+    whole chunk.
+    """
     body = bytearray()
-    for chunk in response.iter_content(chunk_size=_CHUNK_SIZE):
+    while chunk := response.raw.read1(_CHUNK_SIZE, decode_content=True):
         body += chunk
         if len(body) > max_bytes:
             raise _too_large_error(url, max_bytes, f"more than {max_bytes:,} bytes arrived")
+        if time.monotonic() > deadline:
+            raise _deadline_error(url, max_seconds, len(body))
     return bytes(body)
+
+
+def _deadline_error(url: str, max_seconds: float, received: int) -> ImageDownloadTimeout:
+    return ImageDownloadTimeout(
+        f"Downloading {url} took longer than max_seconds={max_seconds} ({received:,} bytes of the image arrived "
+        "so far). The server is too slow; download the image yourself and pass its path, or pass a larger max_seconds."
+    )
 
 
 def _too_large_error(url: str, max_bytes: int, detail: str) -> ImageLoadError:
@@ -209,4 +277,4 @@ def _timeout_error(url: str, timeout: float) -> ImageDownloadTimeout:
     )
 
 
-__all__ = ["load_image"]
+__all__ = ["load_image", "check_pixel_count"]

@@ -14,11 +14,14 @@ folder) without editing notebooks. ``PHI_HELPERS_MODEL=tiny`` builds a tiny *ran
 CI and offline dry runs; its answers are meaningless.
 """
 
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
@@ -60,6 +63,8 @@ def load_model(
     if num_crops is not None:
         check_whole_number(num_crops, "num_crops", minimum=1, hint=" (None: the checkpoint's value)")
     source, label = _resolve_source(model_id)
+    if Path(source).is_dir():
+        check_checkpoint_files(Path(source))
 
     processor_kwargs = {} if num_crops is None else {"num_crops": num_crops}
     processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
@@ -185,11 +190,62 @@ def _check_source(source: str) -> str:
     return source
 
 
+def check_checkpoint_files(folder: Path) -> None:
+    """Raise ModelLoadError naming the file if a local checkpoint folder is visibly broken.
+
+    Every ``*.json`` file must parse; ``config.json`` must exist; every weights shard named by
+    ``model.safetensors.index.json`` must exist; every safetensors file must hold as many bytes as
+    its header announces (a download or copy that stopped early is truncated). Cheap: only the
+    headers of the weights are read.
+    """
+    if not (folder / "config.json").is_file():
+        raise _broken_file_error(folder / "config.json", "it is missing")
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise _broken_file_error(path, f"it is not valid JSON ({error})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        shards = sorted({folder / name for name in weight_map.values()})
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        _check_safetensors(shard)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The safetensors layout: 8 bytes of header length N, N bytes of JSON header, then the data,
+    whose extent is the largest ``data_offsets`` end in the header."""
+    if not path.is_file():
+        raise _broken_file_error(path, "it is missing (model.safetensors.index.json lists it)")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            if header_size > size - 8:
+                raise ValueError(f"its header announces {header_size:,} bytes but the file has {size:,}")
+            header = json.loads(file.read(header_size))
+        data_size = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as error:
+        raise _broken_file_error(path, f"its header cannot be read ({error})") from None
+    if size < 8 + header_size + data_size:
+        raise _broken_file_error(path, f"it is truncated: {size:,} bytes instead of {8 + header_size + data_size:,}")
+
+
+def _broken_file_error(path: Path, problem: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"The checkpoint file '{path}' is unusable: {problem}. Copy or download the checkpoint again "
+        "(for a hub model: delete it from the Hugging Face cache and load it once more)."
+    )
+
+
 def _from_pretrained(auto_class, source: str, **kwargs):
     """``auto_class.from_pretrained`` with download/lookup failures turned into a short ModelLoadError."""
     try:
         return auto_class.from_pretrained(source, **kwargs)
-    except OSError as error:
+    except (OSError, SafetensorError, json.JSONDecodeError) as error:
         raise ModelLoadError(
             f"Could not load '{source}': {error}\nCheck the model id (e.g. '{_DEFAULT_MODEL}') or folder, your "
             "internet connection and free disk space. For an offline dry run set PHI_HELPERS_MODEL=tiny."

@@ -3,15 +3,32 @@
     from phi_helpers.api.structured import load_schema, check_extraction
     schema = load_schema("data/eval/schemas/receipt.schema.json")
     data, problems = check_extraction(answer_text, schema)   # problems == [] when the answer is valid
+
+A schema is used as it is: its ``$ref`` may point inside the schema itself (``"#/$defs/address"``),
+never to another file or URL, so nothing is read or downloaded behind your back. A recursive schema
+(a ``$ref`` that leads back to itself, e.g. a tree of nodes) cannot be shown to the model as a finite
+prompt, so ``check_schema`` refuses it.
 """
 
 import json
 from pathlib import Path
 
 import jsonschema
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
 
 from .parsing import extract_json
-from ..errors import JSONExtractionError, SchemaError
+from ..errors import SchemaError, JSONExtractionError
+
+MAX_SCHEMA_DEPTH = 128  # nesting levels of JSON in a schema, the $refs followed included
+_BASE_URI = "urn:phi-helpers:schema"  # where a schema without "$id" lives for the $ref resolver
+_UNRESOLVABLE = (
+    referencing.exceptions.Unresolvable, referencing.exceptions.Unretrievable, referencing.exceptions.NoSuchResource,
+)
+_DATA_KEYWORDS = {"enum", "const", "default", "examples"}  # their values are data, not subschemas
+_SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> subschema
+_UNSUPPORTED_REFS = ("$dynamicRef", "$recursiveRef")
 
 
 def check_extraction(text: str, schema: dict) -> tuple[object, list[str]]:
@@ -38,17 +55,84 @@ def validation_errors(data, schema: dict) -> list[str]:
 
 
 def check_schema(schema) -> None:
-    """Raise SchemaError (a ValueError) when ``schema`` is not a usable JSON Schema."""
+    """Raise ``SchemaError`` when ``schema`` is not a usable JSON Schema: not valid against its
+    meta-schema, a ``$ref`` that does not point inside it (or that is a ``$dynamicRef``), a recursive
+    ``$ref``, or nesting deeper than ``MAX_SCHEMA_DEPTH``."""
     if not isinstance(schema, dict):
         raise SchemaError(f"A JSON Schema must be a JSON object, not {type(schema).__name__}.")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
         raise SchemaError(f"Not a valid JSON Schema: {error.message}") from None
+    except RecursionError:
+        raise SchemaError(f"The schema is nested too deeply (more than {MAX_SCHEMA_DEPTH} levels).") from None
+    _check_refs(schema, _registry(schema).resolver(base_uri=_base_uri(schema)), [], set(), "#", 0)
+
+
+def _check_refs(node, resolver, path: list[int], finished: set[int], where: str, depth: int, names=False) -> None:
+    """Follow every ``$ref`` below ``node`` (depth first); ``path`` holds the ids of the subschemas
+    being expanded, so reaching one of them again is a cycle; ``finished`` ones are not walked twice.
+    ``names``: ``node`` maps names to subschemas (``properties``...), so its keys are not keywords."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaError(f"The schema is nested too deeply (more than {MAX_SCHEMA_DEPTH} levels).")
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _check_refs(item, resolver, path, finished, f"{where}/{index}", depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    if names:
+        for name, subschema in node.items():
+            _check_refs(subschema, resolver, path, finished, f"{where}/{name}", depth + 1)
+        return
+    for keyword in _UNSUPPORTED_REFS:
+        if keyword in node:
+            raise SchemaError(f"{keyword} (at {where}) is not supported; use a plain \"$ref\" into the schema.")
+    if isinstance(node.get("$ref"), str):
+        reference = node["$ref"]
+        try:
+            resolved = resolver.lookup(reference)
+        except _UNRESOLVABLE:
+            raise SchemaError(
+                f"The $ref {reference!r} (at {where}) does not point inside the schema. Only references into the "
+                "schema itself (such as \"#/$defs/name\") are followed; other files and URLs are never fetched: "
+                "copy the definition into \"$defs\"."
+            ) from None
+        target = id(resolved.contents)
+        if target in path:
+            raise SchemaError(
+                f"The schema is recursive: the $ref {reference!r} (at {where}) leads back to a schema that contains it. "
+                "A recursive schema cannot be turned into a finite prompt; write out a fixed number of levels instead."
+            )
+        if target not in finished:
+            _check_refs(resolved.contents, resolved.resolver, [*path, target], finished, reference, depth + 1)
+            finished.add(target)
+    for key, value in node.items():
+        if key not in _DATA_KEYWORDS and key != "$ref":
+            _check_refs(value, resolver, path, finished, f"{where}/{key}", depth + 1, names=key in _SCHEMA_MAPS)
+
+
+def _registry(schema: dict) -> referencing.Registry:
+    """A registry that holds only ``schema`` and never retrieves anything (no files, no network)."""
+    resource = referencing.Resource.from_contents(schema, default_specification=referencing.jsonschema.DRAFT202012)
+    return referencing.Registry(retrieve=_refuse_retrieval).with_resource(_base_uri(schema), resource)
+
+
+def _refuse_retrieval(uri: str):
+    raise referencing.exceptions.NoSuchResource(ref=uri)
+
+
+def _base_uri(schema: dict) -> str:
+    identifier = schema.get("$id")
+    return identifier if isinstance(identifier, str) and identifier else _BASE_URI
 
 
 def load_schema(path) -> dict:
-    """Read a JSON Schema file and check it; raise SchemaError with a readable message if it is unusable."""
+    """Read a JSON Schema file and check it (``check_schema``).
+
+    Raises ``SchemaError`` (a ``ValueError``) naming the file when it is missing, unreadable,
+    not JSON, or not a usable schema.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -62,6 +146,8 @@ def load_schema(path) -> dict:
         raise SchemaError(
             f"The schema file '{path}' is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
         ) from None
+    except RecursionError:
+        raise SchemaError(f"The schema file '{path}' is nested too deeply to read.") from None
     try:
         check_schema(schema)
     except SchemaError as error:
@@ -71,4 +157,5 @@ def load_schema(path) -> dict:
 
 def _validator_for(schema: dict):
     cls = jsonschema.validators.validator_for(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)  # also check "format": "date" etc.
+    # also check "format": "date" etc.; resolve $ref only inside the schema
+    return cls(schema, format_checker=cls.FORMAT_CHECKER, registry=_registry(schema))

@@ -25,7 +25,10 @@ from ..api.structured import load_schema
 from ..errors import InvalidArgumentError, check_whole_number
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
-from .outputs import JsonlWriter, check_output_path, done_keys, error_message, model_info, progress_bar, write_atomically
+from .outputs import (
+    JsonlWriter, check_output_path, error_message, item_fields, json_safe, model_info, plan_resume, progress_bar,
+    repair_jsonl, request_fields, torn_path, write_atomically,
+)
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .tasks import TASKS, chunks, predict, predict_items, task_prompt
@@ -43,7 +46,8 @@ examples:
 
 Folders, globs, PDFs and several --image values give one JSON line per image or PDF page in the
 --output file. Lines are written as soon as they are ready; running the same command again skips
-what is already done and retries the items that failed (their lines have an "error").
+the items already answered for the same request (task, prompt, schema, model and settings), retries
+those that failed (their lines have an "error") and redoes those answered for another request.
 """
 
 EVAL_EXAMPLES = """\
@@ -234,6 +238,11 @@ def run_predict(args) -> int:
     return run_single(args, schema)
 
 
+def requested_model(args) -> str:
+    """The model the user asked for: --model, else $PHI_HELPERS_MODEL, else the default."""
+    return args.model or os.environ.get("PHI_HELPERS_MODEL", "").strip() or DEFAULT_MODEL_ID
+
+
 def task_options(args, schema) -> dict:
     """Keyword arguments of ``tasks.predict`` taken from the command line."""
     return {"question": args.prompt, "schema": schema, "max_new_tokens": args.max_new_tokens}
@@ -247,7 +256,9 @@ def run_single(args, schema) -> int:
         check_output_path(Path(args.output))
     model, processor = load_for_cli(args)
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
-    record = make_record({"source": item.source, "image_size": list(image.size), **result}, args, model_info(model, processor))
+    result = {**item_fields(item), "image_size": list(image.size), **result}
+    request = request_fields(args, schema, requested_model(args))
+    record = json_safe(make_record(result, args, model_info(model, processor), request))
 
     if args.task == "extract" and not record["valid"]:
         print(f"warning: the answer does not follow the schema: {'; '.join(record['errors'])}", file=sys.stderr)
@@ -272,15 +283,17 @@ def answer_text(record: dict) -> str:
 RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
 
 
-def make_record(result: dict, args, info: dict) -> dict:
+def make_record(result: dict, args, info: dict, request: dict) -> dict:
     """An output record in a fixed, readable order: where from, what task, the answer, then how it was made.
 
-    ``result`` is what ``predict`` / ``predict_items`` returned for one image; ``info`` is ``model_info``.
+    ``result`` is what ``predict`` / ``predict_items`` returned for one image; ``info`` is ``model_info``;
+    ``request`` is ``request_fields`` (what a re-run compares to decide whether the line is still wanted).
     """
-    record = {key: result[key] for key in ("source", "page") if key in result}
+    record = {key: result[key] for key in ("source", "source_b64", "page") if key in result}
     record["task"] = args.task
     if args.schema:
         record["schema"] = args.schema
+    record["request"] = request
     if "error" in result:
         return {**record, "error": result["error"]}
     record.update((key, result[key]) for key in RESULT_KEYS if key in result)
@@ -294,10 +307,15 @@ def run_batch(args, schema) -> int:
     items = [item for spec in args.image for item in collect_items(spec)]
     output = Path(args.output)
     check_output_path(output)
-    finished = done_keys(output)
-    todo = [item for item in items if item.key not in finished]
-    if len(todo) < len(items):
-        print(f"{len(items) - len(todo)} of {len(items)} items are already done in {output}; skipping them.", file=sys.stderr)
+    torn = repair_jsonl(output)
+    if torn:
+        print(f"warning: {torn} line(s) of {output} did not parse (e.g. cut off when a run was killed or the "
+              f"disk was full); moved them to {torn_path(output)}", file=sys.stderr)
+    request = request_fields(args, schema, requested_model(args))
+    plan = plan_resume(items, output, request)
+    for line in plan.summary(len(items), output):
+        print(line, file=sys.stderr)
+    todo = plan.todo
     if not todo:
         print("Nothing left to do.", file=sys.stderr)
         return 0
@@ -308,7 +326,7 @@ def run_batch(args, schema) -> int:
     with JsonlWriter(output) as writer, progress_bar(len(todo), args.task) as bar:
         for batch in chunks(todo, args.batch_size):
             for record in predict_items(model, processor, batch, args.task, **task_options(args, schema)):
-                record = make_record(record, args, info)
+                record = make_record(record, args, info, request)
                 writer.write(record)
                 if "error" in record:
                     failed += 1

@@ -29,7 +29,9 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     """The items of ``DIR/manifest.jsonl`` (the first ``limit`` of them), checked, with absolute paths.
 
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
-    ``schema`` (a Path). Raises ManifestError (a ValueError) naming the line of the first malformed item.
+    ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
+    paths, no ``..`` or symbolic link that leads out). Raises ManifestError naming the line of the
+    first malformed item.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
@@ -69,11 +71,25 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
             raise ManifestError(f"{where}: an extract item's expected answer must be a JSON object.")
         if "schema" not in entry:
             raise ManifestError(f"{where}: an extract item needs a schema.")
-    checked = dict(entry, image=data_dir / entry["image"])
+    checked = dict(entry, image=_inside(data_dir, entry["image"], "image", where))
     checked.setdefault("id", Path(entry["image"]).stem)
     if "schema" in entry:
-        checked["schema"] = data_dir / entry["schema"]
+        checked["schema"] = _inside(data_dir, entry["schema"], "schema", where)
     return checked
+
+
+def _inside(data_dir: Path, relative, field: str, where: str) -> Path:
+    """``data_dir / relative``, refused unless it is a relative path that stays inside ``data_dir``
+    once ``..`` and symbolic links are resolved."""
+    if not isinstance(relative, str) or not relative:
+        raise ManifestError(f"{where}: {field} must be a file name (a non-empty string), not {relative!r}.")
+    path = data_dir / relative
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(data_dir.resolve()):
+        raise ManifestError(
+            f"{where}: the {field} path {relative!r} leads outside the data folder '{data_dir}'. Paths in the "
+            "manifest are relative to its folder and must stay inside it; copy the file into the folder."
+        )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 pixels are only read when ``item.load()`` is called.
 """
 
+import fnmatch
 import glob
 import os
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Callable
 
 import pypdfium2 as pdfium
 
-from ..api.images import load_image
+from ..api.images import check_pixel_count, load_image
 from ..errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
@@ -61,21 +62,23 @@ def collect_items(spec: str) -> list[Item]:
     * a glob pattern such as ``"scans/*.png"`` or ``"scans/**/*.jpg"`` -> the matching image files
       and PDFs, sorted. Quote the pattern so that your shell does not expand it.
 
+    Folders reached through a symbolic link are not entered (no symlink loops), and a file reached
+    under several names (symbolic or hard links) is listed once, under its first name in sorted order.
+
     Raises ImageLoadError when nothing is there (missing file, empty folder, pattern without matches).
     """
     if is_url(spec):
         return [Item(spec)]
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and _is_supported(p))
+        files = _once(sorted(p for p in path.iterdir() if p.is_file() and _is_supported(p)))
         if not files:
             raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}).")
         return _items_for_files(files, strict=False)
     if path.exists():
         return _items_for_files([path], strict=True)
     if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-        files = [p for p in files if p.is_file() and _is_supported(p)]
+        files = _once([p for p in glob_files(spec) if _is_supported(p)])
         if not files:
             raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}).")
         return _items_for_files(files, strict=False)
@@ -83,6 +86,61 @@ def collect_items(spec: str) -> list[Item]:
         f"No file or folder at '{path}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """The files that match a glob ``pattern`` (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted.
+
+    Like ``glob.glob(pattern, recursive=True)`` (names starting with a dot only match a pattern that
+    starts with a dot), but the folder walk never follows a symbolic link to a folder, so a symlink
+    loop cannot repeat files or make the walk endless; a pattern without ``**`` is searched no deeper
+    than it has parts.
+    """
+    parts = Path(os.path.expanduser(pattern)).parts
+    first_magic = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    root, wanted = Path(*parts[:first_magic]), parts[first_magic:]  # Path() is "."
+    deepest = None if "**" in wanted else len(wanted) - 1  # folders below root that can match
+    matches = []
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        relative = Path(folder).relative_to(root).parts
+        if deepest is not None and len(relative) >= deepest:
+            subfolders.clear()
+        for name in names:
+            if _glob_match(wanted, (*relative, name)) and (Path(folder) / name).is_file():
+                matches.append(Path(folder) / name)
+    return sorted(matches)
+
+
+def _glob_match(pattern: tuple, parts: tuple) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts (``**``: zero or more folders)."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        for count in range(len(parts) + 1):  # ** takes parts[:count]
+            if count and parts[count - 1].startswith("."):
+                return False
+            if _glob_match(rest, parts[count:]):
+                return True
+        return False
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:])
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """``files`` without the repeats of a file already listed under another name (links)."""
+    seen, unique = set(), []
+    for path in files:
+        try:
+            status = path.stat()
+            identity = (status.st_dev, status.st_ino)
+        except OSError:
+            identity = path
+        if identity not in seen:
+            seen.add(identity)
+            unique.append(path)
+    return unique
 
 
 def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
@@ -111,10 +169,18 @@ def pdf_items(path: Path) -> list[Item]:
 
 
 def render_pdf_page(path, page: int, scale: float = PDF_SCALE):
-    """Render page ``page`` (counting from 1) of a PDF as an RGB PIL image with pypdfium2."""
+    """Render page ``page`` (counting from 1) of a PDF as an RGB PIL image with pypdfium2.
+
+    A page whose bitmap would have more pixels than images may have (``PIL.Image.MAX_IMAGE_PIXELS``,
+    the decompression-bomb guard of ``load_image``) is refused before anything is rendered.
+    """
     document = _open_pdf(path)
     try:
-        bitmap = document[page - 1].render(scale=scale)
+        pdf_page = document[page - 1]
+        width, height = pdf_page.get_size()  # in points (1/72 inch)
+        source = f"page {page} of '{path}' ({width:g} x {height:g} points, rendered at scale {scale:g})"
+        check_pixel_count(round(width * scale), round(height * scale), source)
+        bitmap = pdf_page.render(scale=scale)
         return bitmap.to_pil().convert("RGB")
     except pdfium.PdfiumError as error:
         raise ImageLoadError(f"Could not render page {page} of '{path}': {error}") from None
@@ -131,10 +197,20 @@ def _pdf_page_count(path: Path) -> int:
 
 
 def _open_pdf(path):
+    """Open a PDF; every failure is an ImageLoadError that names this file (checked before pdfium,
+    whose error state is global, is asked: an empty file is reported as empty, not with an old error)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as error:
+        raise ImageLoadError(f"Could not open '{path}': {error.strerror}.") from None
+    if size == 0:
+        raise ImageLoadError(f"The PDF '{path}' is empty (0 bytes). Re-save or re-download it.")
     try:
         return pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as error:
-        raise ImageLoadError(f"Could not open '{path}' as a PDF ({error}). Is the file complete and not encrypted?") from None
+        if "password" in str(error).lower():
+            raise ImageLoadError(f"The PDF '{path}' is encrypted (password-protected). Save an unprotected copy and use that.") from None
+        raise ImageLoadError(f"Could not open '{path}' as a PDF ({error}). Is the file complete?") from None
 
 
 def _page_loader(path: Path, page: int) -> Callable:

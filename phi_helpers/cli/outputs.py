@@ -1,16 +1,26 @@
 """What the command line writes: one record per item, JSON Lines appended and flushed, resume.
 
 * records: ``item_fields``, ``error_record`` and ``model_info`` make the fields every line shares;
-* ``JsonlWriter`` appends one line per result and flushes it at once; ``done_keys`` reads back which
-  items an earlier run already finished, so that a re-run can skip them;
+  ``request_fields`` is the request itself (task, prompt, schema, model, generation settings), stored
+  in every line under ``"request"`` so that a re-run knows which question a line answers;
+* ``JsonlWriter`` appends one line per result and flushes it at once; ``repair_jsonl`` moves the torn
+  line of a killed run aside; ``plan_resume`` reads back which items an earlier run already answered
+  for the same request, so that a re-run skips exactly those;
 * ``check_output_path`` fails before the model loads; ``write_atomically`` never leaves half a file.
+
+File names that are not valid UTF-8 (possible on Linux) are written losslessly: ``"source"`` shows
+the undecodable bytes as ``\\xNN`` escapes, and ``"source_b64"`` holds the exact bytes of the name
+in base64 (``os.fsdecode(base64.b64decode(record["source_b64"]))`` gives the path back).
 """
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,9 +28,95 @@ from tqdm import tqdm
 from ..errors import CommandLineError, PhiHelpersError
 from .inputs import Item
 
+TORN_SUFFIX = ".torn"  # lines of --output that did not parse are kept in OUTPUT.torn
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------
+
+
+def request_fields(args, schema: dict | None, model: str) -> dict:
+    """The request a record answers: everything that changes the answer, in one flat JSON object.
+
+    A re-run skips an item only if its last line was answered for an equal request. To make a new
+    option part of the request, add one key here; give it the value ``None`` when the option is not
+    used, so that the lines written before the key existed still count as the same request (a key
+    missing from an old line reads as ``None``). The schema enters by the SHA-256 of its canonical
+    JSON, so editing the schema file redoes the items while renaming it does not.
+    """
+    return {
+        "task": args.task,
+        "prompt": args.prompt,
+        "schema_sha256": None if schema is None else hashlib.sha256(canonical_json(schema).encode()).hexdigest(),
+        "model": model,
+        "dtype": args.dtype,
+        "num_crops": args.num_crops,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def canonical_json(value) -> str:
+    """One spelling per JSON value (sorted keys, no spaces): equal values give equal text and hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_differences(stored, request: dict) -> list[str]:
+    """The names of the request fields in which a stored ``"request"`` differs from ``request``."""
+    if not isinstance(stored, dict):
+        return ["request"]  # a line written before requests were recorded
+    return sorted(key for key in stored.keys() | request.keys() if stored.get(key) != request.get(key))
+
+
 def item_fields(item: Item) -> dict:
-    """``{"source": ...}`` plus ``"page"`` for a PDF page: the start of every output line."""
-    return {"source": item.source} if item.page is None else {"source": item.source, "page": item.page}
+    """``{"source": ...}`` plus ``"page"`` for a PDF page: the start of every output line.
+
+    A name that is not valid UTF-8 also gets ``"source_b64"``, its exact bytes (see the module docs).
+    """
+    fields = {"source": printable(item.source)}
+    if fields["source"] != item.source:
+        fields["source_b64"] = base64.b64encode(_fs_bytes(item.source)).decode("ascii")
+    if item.page is not None:
+        fields["page"] = item.page
+    return fields
+
+
+def record_key(record: dict) -> tuple[str, int | None]:
+    """The ``Item.key`` of the item an output line is about (the inverse of ``item_fields``)."""
+    source = record["source"]
+    if isinstance(record.get("source_b64"), str):
+        source = os.fsdecode(base64.b64decode(record["source_b64"]))
+    return source, record.get("page")
+
+
+def printable(text: str) -> str:
+    """``text`` if it is valid Unicode; else the bytes that could not be decoded as ``\\xNN`` escapes.
+
+    Python hands out undecodable file-name bytes as lone surrogates, which no UTF-8 file can hold.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _fs_bytes(text).decode("utf-8", "backslashreplace")
+
+
+def _fs_bytes(text: str) -> bytes:
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name
+        return text.encode("utf-8", "backslashreplace")
+
+
+def json_safe(value):
+    """``value`` with every string made ``printable`` (recursively): safe to write as UTF-8 JSON."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(key)): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def error_record(item: Item, error: Exception) -> dict:
@@ -30,7 +126,7 @@ def error_record(item: Item, error: Exception) -> dict:
 
 def error_message(error: BaseException) -> str:
     """A one-line message: our own errors speak for themselves, others get their type name in front."""
-    text = " ".join(str(error).split())
+    text = printable(" ".join(str(error).split()))
     if isinstance(error, (PhiHelpersError, OSError, ValueError)) and text:
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -47,32 +143,133 @@ def model_info(model, processor) -> dict:
     }
 
 
-def done_keys(path) -> set[tuple[str, int | None]]:
-    """Keys ``(source, page)`` of the items that an existing JSONL file has finished successfully.
+# ----------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------
 
-    Lines with an ``"error"`` do not count (those items are retried), nor do lines that do not parse
-    (e.g. the last line of a run that was killed while writing it).
-    """
+
+def read_records(path) -> list[dict]:
+    """The records (JSON objects) of a JSONL file, in order; lines that do not parse are left out."""
     path = Path(path)
     if not path.exists():
-        return set()
-    keys = set()
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "source" in record and "error" not in record:
-                keys.add((record["source"], record.get("page")))
-    return keys
+        return []
+    records = []
+    for line in path.read_bytes().split(b"\n"):
+        record = _parse_line(line)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _parse_line(line: bytes) -> dict | None:
+    """The record on one line, or None if the line is not a JSON object with a ``"source"``."""
+    record = _json_value(line)
+    return record if isinstance(record, dict) and isinstance(record.get("source"), str) else None
+
+
+_TORN = object()  # what _json_value returns for a line that is not JSON
+
+
+def _json_value(line: bytes):
+    """The JSON value on one line, or ``_TORN`` if the line is not UTF-8 JSON."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _TORN
+
+
+def repair_jsonl(path) -> int:
+    """Move the lines of ``path`` that are not JSON (the torn last line of a killed run, a line cut
+    by a full disk) to ``path`` + ``.torn``, and return how many were moved.
+
+    The torn lines are appended to the side file and flushed to disk first; only then is ``path``
+    replaced (atomically) by its valid lines, so nothing is lost even if this is interrupted.
+    Blank lines are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    good, torn = [], []
+    for line in path.read_bytes().split(b"\n"):
+        if line.strip():
+            (torn if _json_value(line) is _TORN else good).append(line)
+    if not torn:
+        return 0
+    with open(torn_path(path), "ab") as side:
+        side.write(b"".join(line + b"\n" for line in torn))
+        side.flush()
+        os.fsync(side.fileno())
+    write_atomically(path, "".join(line.decode("utf-8") + "\n" for line in good))
+    return len(torn)
+
+
+def torn_path(path) -> Path:
+    """Where ``repair_jsonl`` keeps the lines it took out of ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + TORN_SUFFIX)
+
+
+@dataclass
+class ResumePlan:
+    """What a re-run does with each item, given the last line per item in the output file."""
+
+    todo: list  # the items to run now, in input order
+    done: int = 0  # skipped: their last line answers this very request
+    failed: int = 0  # retried: their last line is an error for this request
+    other_request: int = 0  # redone: their last line answers another request
+    differences: set = field(default_factory=set)  # which request fields differ, over those items
+
+    def summary(self, total: int, path) -> list[str]:
+        """Lines for stderr that say what is skipped and why, and what is run again and why."""
+        lines = []
+        if self.done:
+            lines.append(f"{self.done} of {total} items are already done for this request in {path}; skipping them.")
+        if self.failed:
+            lines.append(f"{self.failed} of {total} items failed in an earlier run of this request; retrying them.")
+        if self.other_request:
+            lines.append(
+                f"{self.other_request} of {total} items in {path} answer another request (it differs in: "
+                f"{', '.join(sorted(self.differences))}); running them again for this one."
+            )
+        return lines
+
+
+def plan_resume(items: list[Item], path, request: dict) -> ResumePlan:
+    """Split ``items`` by the last line each has in the JSONL file ``path`` (see ``ResumePlan``)."""
+    last = {}
+    for record in read_records(path):
+        last[record_key(record)] = record
+    plan = ResumePlan(todo=[])
+    for item in items:
+        record = last.get(item.key)
+        if record is None:
+            plan.todo.append(item)
+            continue
+        differences = request_differences(record.get("request"), request)
+        if differences:
+            plan.other_request += 1
+            plan.differences.update(differences)
+        elif "error" in record:
+            plan.failed += 1
+        else:
+            plan.done += 1
+            continue
+        plan.todo.append(item)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
 
 
 class JsonlWriter:
     """Append JSON lines to a file, flushing each one to disk as soon as it is written.
 
     The file is opened in append mode: nothing already in it is ever lost. If its last line was cut
-    off by an interrupted run, a newline is added first so that the new lines stay parseable.
+    off by an interrupted run, a newline is added first so that the new lines stay parseable (the
+    command line moves such a line aside first, with ``repair_jsonl``). Strings are made
+    ``printable``, so a record can always be written.
 
         with JsonlWriter("results.jsonl") as out:
             out.write({"source": "a.png", "answer": "..."})
@@ -90,7 +287,7 @@ class JsonlWriter:
         return self
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(json.dumps(json_safe(record), ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

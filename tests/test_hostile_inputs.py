@@ -1,0 +1,630 @@
+"""Batch extraction over hostile inputs: re-tasked and killed runs, odd file names, symlink loops,
+huge or encrypted PDFs, trickling servers, schemas that reach out or recurse, manifests that leave
+their folder, brace-heavy answers, broken checkpoints. Every test shows what the user sees: the
+message and the exit code. Nothing here touches the network (servers listen on 127.0.0.1).
+"""
+
+import base64
+import functools
+import glob
+import http.server
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import phi_helpers  # noqa: F401  (registers the native classes)
+from cli_runner import run
+from phi_helpers.api import images as images_module
+from phi_helpers.api import parsing
+from phi_helpers.api.images import load_image
+from phi_helpers.api.parsing import extract_json
+from phi_helpers.cli import app as cli
+from phi_helpers.cli import inputs, outputs, tasks
+from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError
+
+FAST = ["--num-crops", "1", "--max-new-tokens", "2"]
+SCHEMA = {"type": "object", "properties": {"total": {"type": "number"}}}
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
+    """cli.load_model returns the cached tiny model; ``.calls`` counts how often it was asked for."""
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))  # never the hub, whatever happens
+
+    class Loader:
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Loader.calls += 1
+            return cli_model_and_processor
+
+    monkeypatch.setattr(cli, "load_model", Loader())
+    return Loader
+
+
+@pytest.fixture
+def generations(monkeypatch):
+    """Wrap tasks.generate_batch; the returned list gets the number of prompts of every call."""
+    calls = []
+    real = tasks.generate_batch
+
+    def counting(model, processor, prompts, images, max_new_tokens=512):
+        calls.append(len(prompts))
+        return real(model, processor, prompts, images, max_new_tokens)
+
+    monkeypatch.setattr(tasks, "generate_batch", counting)
+    return calls
+
+
+def picture(path: Path, color="white", size=(48, 32)) -> Path:
+    Image.new("RGB", size, color).save(path, format="PNG")
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    picture(folder / "a.png", "red")
+    picture(folder / "b.png", "blue")
+    return folder
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def last_per_item(records: list[dict]) -> dict:
+    return {outputs.record_key(record): record for record in records}
+
+
+def minimal_pdf(media_box: str, trailer_extra: bytes = b"", extra_objects=()) -> bytes:
+    """A one-page PDF written by hand (Pillow cannot write huge or encrypted ones)."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [" + media_box.encode() + b"] >>",
+        *extra_objects,
+    ]
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R %s>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, trailer_extra, xref))
+    return out.getvalue()
+
+
+def encrypted_pdf() -> bytes:
+    """A PDF with a standard security handler whose password nobody knows."""
+    encrypt = b"<< /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>"
+    ids = b"/Encrypt 4 0 R /ID [<" + b"33" * 16 + b"> <" + b"33" * 16 + b">] "
+    return minimal_pdf("0 0 200 100", ids, [encrypt])
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume is keyed on the whole request
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (["--task", "ocr"], "task"),
+        (["--prompt", "Name the colour."], "prompt"),
+        (["--model", "someone/another-model"], "model"),
+    ],
+)
+def test_another_request_redoes_every_item(capsys, tmp_path, folder, generations, change, field):
+    output = tmp_path / "out.jsonl"
+    base = ["predict", "--image", folder, "--task", "caption", "--output", output, *FAST]
+    assert run(capsys, *base)[0] == 0
+    code, _, err = run(capsys, *base, *change)  # argparse: the later value wins
+    assert code == 0, err
+    assert f"2 of 2 items in {output} answer another request (it differs in: {field}); running them again" in err
+    assert generations == [2, 2]
+    records = lines_of(output)
+    assert len(records) == 4  # nothing lost: the first answers stay, the new ones follow
+    assert all(record["request"][field] != records[0]["request"][field] for record in last_per_item(records).values())
+
+    code, _, err = run(capsys, *base, *change)  # the same request again: nothing to do
+    assert code == 0 and "2 of 2 items are already done for this request" in err and "Nothing left to do." in err
+    assert generations == [2, 2] and len(lines_of(output)) == 4
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [(["--max-new-tokens", "3"], "max_new_tokens"), (["--num-crops", "2"], "num_crops"), (["--dtype", "fp32"], "dtype"),
+     (["--model", "tiny"], "model"), (["--prompt", "Describe it."], "prompt")],
+)
+def test_every_setting_that_changes_the_answer_is_in_the_request(change, field):
+    base = ["predict", "--image", "x.png", "--task", "caption", *FAST]
+    before, after = (
+        outputs.request_fields(args, None, cli.requested_model(args))
+        for args in (cli.build_parser().parse_args(base), cli.build_parser().parse_args(base + change))
+    )
+    assert outputs.request_differences(before, after) == [field]
+
+
+def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
+    schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
+    schema.write_text(json.dumps(SCHEMA))
+    args = ["predict", "--image", folder, "--task", "extract", "--output", output, *FAST]
+    assert run(capsys, *args, "--schema", schema)[0] == 0
+    done = len(generations)
+    renamed.write_text(json.dumps(SCHEMA, indent=4))  # same content, other file and spelling
+    code, _, err = run(capsys, *args, "--schema", renamed)
+    assert code == 0 and "2 of 2 items are already done for this request" in err and len(generations) == done
+    renamed.write_text(json.dumps({**SCHEMA, "required": ["total"]}))
+    code, _, err = run(capsys, *args, "--schema", renamed)
+    assert code == 0 and "(it differs in: schema_sha256)" in err and len(generations) > done
+
+
+def test_lines_without_a_request_are_redone(capsys, tmp_path, folder, generations):
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"source": str(folder / "a.png"), "task": "caption", "answer": "old"}) + "\n")
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
+    assert code == 0 and "1 of 2 items in" in err and "(it differs in: request)" in err
+    assert generations == [2] and lines_of(output)[0]["answer"] == "old"
+
+
+def test_a_new_request_field_that_is_unset_keeps_old_lines(tmp_path, folder):
+    """Adding a key to request_fields with the value None does not make old lines foreign."""
+    item = inputs.Item(str(folder / "a.png"))
+    old_request = {"task": "ocr", "prompt": None}
+    (tmp_path / "o.jsonl").write_text(json.dumps({"source": item.source, "request": old_request, "answer": "x"}) + "\n")
+    plan = outputs.plan_resume([item], tmp_path / "o.jsonl", {**old_request, "quantize": None})
+    assert (plan.todo, plan.done) == ([], 1)
+    plan = outputs.plan_resume([item], tmp_path / "o.jsonl", {**old_request, "quantize": "4bit"})
+    assert (plan.todo, plan.other_request, plan.differences) == ([item], 1, {"quantize"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Torn lines and interrupted runs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_torn_line_is_moved_aside_on_start(capsys, tmp_path, folder, generations):
+    output = tmp_path / "out.jsonl"
+    args = ["predict", "--image", folder, "--task", "caption", "--output", output, *FAST]
+    assert run(capsys, *args)[0] == 0
+    first, second = output.read_text().splitlines()
+    output.write_text(first + "\n" + second[: len(second) // 2])  # killed while writing the second line
+    code, _, err = run(capsys, *args)
+    assert code == 0
+    assert f"warning: 1 line(s) of {output} did not parse" in err and f"moved them to {output}.torn" in err
+    assert "1 of 2 items are already done for this request" in err and generations == [2, 1]
+    records = lines_of(output)  # every line parses again
+    assert records[0] == json.loads(first) and len(records) == 2
+    assert (tmp_path / "out.jsonl.torn").read_text() == second[: len(second) // 2] + "\n"
+
+
+def test_invalid_utf8_in_the_output_is_moved_aside_too(capsys, tmp_path, folder):
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(b'{"source": "x.png", "answer": "\xff"}\n')
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
+    assert code == 0 and "warning: 1 line(s)" in err
+    assert (tmp_path / "out.jsonl.torn").read_bytes() == b'{"source": "x.png", "answer": "\xff"}\n'
+    assert len(lines_of(output)) == 2
+
+
+def _start_predict(tiny_checkpoint, folder: Path, output: Path) -> subprocess.Popen:
+    """``python -m phi_helpers predict`` on ``folder``, one image per generate call."""
+    argv = [sys.executable, "-m", "phi_helpers", "predict", "--image", str(folder), "--task", "caption",
+            "--output", str(output), "--model", str(tiny_checkpoint), "--batch-size", "1", *FAST]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PHI_HELPERS_MODEL", None)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(process: subprocess.Popen, output: Path, count: int) -> None:
+    deadline = time.monotonic() + 300  # generous: a slow shared CI machine; normally a few seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.exists() and output.read_text(encoding="utf-8").count("\n") >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"predict wrote fewer than {count} lines (exit code {process.poll()})")
+
+
+@pytest.fixture
+def many(tmp_path) -> Path:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(16):
+        picture(folder / f"page_{index:02}.png", (index * 15, 80, 160))
+    return folder
+
+
+def _assert_each_item_answered_once(output: Path, folder: Path) -> None:
+    records = lines_of(output)  # every line parses
+    successes = [record["source"] for record in records if "error" not in record]
+    assert sorted(successes) == sorted(str(path) for path in folder.iterdir())  # none lost, none twice
+
+
+def test_sigint_in_the_middle_then_resume(capsys, tmp_path, tiny_checkpoint, many):
+    output = tmp_path / "out.jsonl"
+    process = _start_predict(tiny_checkpoint, many, output)
+    _wait_for_lines(process, output, 2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    written = len(lines_of(output))
+    assert 2 <= written < 16
+
+    code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
+                       "--model", tiny_checkpoint, "--batch-size", "8", *FAST)
+    assert code == 0 and f"{written} of 16 items are already done for this request" in err
+    _assert_each_item_answered_once(output, many)
+
+
+def test_sigkill_torn_file_is_repaired_on_resume(capsys, tmp_path, tiny_checkpoint, many):
+    output = tmp_path / "out.jsonl"
+    process = _start_predict(tiny_checkpoint, many, output)
+    _wait_for_lines(process, output, 2)
+    process.kill()
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    intact = output.read_bytes()
+    intact = intact[: intact.rindex(b"\n") + 1]  # what a kill between two lines leaves
+    torn = intact.splitlines()[0][:25]  # ... and what a kill in the middle of a line leaves
+    output.write_bytes(intact + torn)
+
+    code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
+                       "--model", tiny_checkpoint, "--batch-size", "8", *FAST)
+    assert code == 0 and f"warning: 1 line(s) of {output} did not parse" in err
+    _assert_each_item_answered_once(output, many)
+    assert (tmp_path / "out.jsonl.torn").read_bytes() == torn + b"\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# One bad item never stops the others
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="these file systems only allow UTF-8 names")
+def test_names_that_are_not_utf8_are_recorded_losslessly(capsys, tmp_path, folder, generations):
+    strange = os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    picture(Path(strange), "green")
+    (Path(os.fsdecode(os.fsencode(str(folder)) + b"/bad\xff.png"))).write_bytes(b"not a png")
+    output = tmp_path / "out.jsonl"
+    args = ["predict", "--image", folder, "--task", "caption", "--output", output, *FAST]
+    code, _, err = run(capsys, *args)
+    assert code == 1 and "1 of 4 items failed" in err
+    records = {record["source"]: record for record in lines_of(output)}
+    good, bad = records[f"{folder}/caf\\xe9.png"], records[f"{folder}/bad\\xff.png"]
+    assert base64.b64decode(good["source_b64"]) == os.fsencode(strange) and "answer" in good
+    assert "Could not read" in bad["error"] and "bad\\xff.png" in bad["error"]
+    assert "answer" in records[str(folder / "a.png")] and "answer" in records[str(folder / "b.png")]
+
+    code, _, err = run(capsys, *args)  # the lossless name finds the finished item again
+    assert code == 1 and "3 of 4 items are already done" in err and "1 of 4 items failed in an earlier run" in err
+
+
+def test_huge_encrypted_and_empty_pdfs_fail_alone(capsys, tmp_path, folder):
+    (folder / "c_huge.pdf").write_bytes(minimal_pdf("0 0 20000 20000"))
+    (folder / "d_locked.pdf").write_bytes(encrypted_pdf())
+    (folder / "e_empty.pdf").write_bytes(b"")  # read right after the encrypted one
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
+    assert code == 1 and "3 of 5 items failed" in err
+    errors = {Path(record["source"]).name: record.get("error") for record in lines_of(output)}
+    assert errors["a.png"] is None and errors["b.png"] is None
+    assert "Refusing to decode page 1 of" in errors["c_huge.pdf"] and "MAX_IMAGE_PIXELS" in errors["c_huge.pdf"]
+    assert "40,000 x 40,000" in errors["c_huge.pdf"]
+    assert errors["d_locked.pdf"].startswith(f"The PDF '{folder / 'd_locked.pdf'}' is encrypted")
+    assert errors["e_empty.pdf"] == f"The PDF '{folder / 'e_empty.pdf'}' is empty (0 bytes). Re-save or re-download it."
+
+
+def test_pdf_pages_obey_the_image_pixel_limit(tmp_path, monkeypatch):
+    path = tmp_path / "page.pdf"
+    path.write_bytes(minimal_pdf("0 0 100 50"))  # rendered at scale 2: 200 x 100 = 20,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    assert inputs.render_pdf_page(path, 1).size == (200, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 19_999)
+    with pytest.raises(ImageLoadError, match="200 x 100 = 20,000 pixels"):
+        inputs.render_pdf_page(path, 1)
+
+
+def test_globs_and_folders_do_not_follow_symlink_loops(capsys, tmp_path, folder):
+    (folder / "sub").mkdir()
+    picture(folder / "sub" / "c.png", "white")
+    (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)  # scans/sub/loop -> scans
+    (folder / "alias.png").symlink_to(folder / "a.png")  # the same file under a second name
+    expected = [folder / "a.png", folder / "b.png", folder / "sub" / "c.png"]
+    assert [Path(item.source) for item in inputs.collect_items(f"{folder}/**/*.png")] == expected
+    assert [Path(item.source) for item in inputs.collect_items(str(folder))] == expected[:2]
+    assert [Path(item.source) for item in inputs.collect_items(f"{folder}/*/*.png")] == expected[2:]
+
+    output = tmp_path / "out.jsonl"
+    code, _, _ = run(capsys, "predict", "--image", f"{folder}/**/*.png", "--task", "caption", "--output", output, *FAST)
+    assert code == 0 and [Path(record["source"]) for record in lines_of(output)] == expected
+
+
+def test_glob_matches_like_the_standard_library_without_links(tmp_path, monkeypatch):
+    for name in ("a.png", "b.jpg", ".hidden.png", "x/c.png", "x/y/d.png", ".h/e.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("*.png", "**/*.png", "x/**/*.png", "*/*.png", "**", "?.*", "[ab].*"):
+        wanted = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        assert inputs.glob_files(pattern) == wanted, pattern
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads are bounded in time
+# ----------------------------------------------------------------------------------------------
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """Announces a 1 MB PNG, then sends one byte every 0.1 s: each read is quick, the whole is not."""
+
+    def do_GET(self):  # noqa: N802  (the http.server name)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        try:
+            for _ in range(100):  # ends by itself after 10 s
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickling_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_trickling_server_hits_the_total_deadline(trickling_url):
+    with pytest.raises(ImageDownloadTimeout, match=r"took longer than max_seconds=0.5 \([\d,]+ bytes of the image arrived so far\)"):
+        load_image(trickling_url, timeout=2, max_seconds=0.5)
+
+
+def test_a_trickling_server_in_a_batch_is_one_failed_item(capsys, monkeypatch, tmp_path, folder, trickling_url):
+    monkeypatch.setattr(inputs, "load_image", functools.partial(images_module.load_image, timeout=2, max_seconds=0.5))
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "predict", "--image", trickling_url, folder / "a.png", "--task", "caption",
+                       "--output", output, *FAST)
+    assert code == 1 and "1 of 2 items failed" in err and f"failed: {trickling_url}: Downloading" in err
+    first, second = lines_of(output)
+    assert "took longer than max_seconds=0.5" in first["error"] and "answer" in second
+
+
+# ----------------------------------------------------------------------------------------------
+# Schemas are read, never fetched
+# ----------------------------------------------------------------------------------------------
+
+
+class _Counting(http.server.BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self):  # noqa: N802
+        _Counting.hits += 1
+        body = json.dumps({"type": "number"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def schema_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Counting.hits = 0
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "make_schema, message",
+    [
+        (lambda url: {"properties": {"total": {"$ref": f"{url}/number.json"}}},
+         "The $ref 'URL/number.json' (at #/properties/total) does not point inside the schema"),
+        (lambda url: {"properties": {"total": {"$ref": "number.schema.json"}}},
+         "The $ref 'number.schema.json' (at #/properties/total) does not point inside the schema"),
+        (lambda url: {"$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+                      "$ref": "#/$defs/node"},
+         "The schema is recursive: the $ref '#/$defs/node'"),
+        (lambda url: {"properties": {"next": {"$ref": "#"}}}, "The schema is recursive: the $ref '#'"),
+        (lambda url: {"properties": {"total": {"$ref": "#/$defs/missing"}}}, "The $ref '#/$defs/missing' (at #/properties/total) does not point"),
+        (lambda url: {"$dynamicRef": "#meta"}, "$dynamicRef (at #) is not supported"),
+    ],
+    ids=["url", "file", "tree", "self", "missing", "dynamic"],
+)
+def test_schemas_that_reach_out_or_recurse_are_refused_before_the_run(
+    capsys, tmp_path, folder, tiny_model, schema_server, make_schema, message
+):
+    (tmp_path / "number.schema.json").write_text('{"type": "number"}')
+    schema = tmp_path / "bad.schema.json"
+    schema.write_text(json.dumps(make_schema(schema_server)))
+    code, out, err = run(capsys, "predict", "--image", folder, "--task", "extract", "--schema", schema,
+                         "--output", tmp_path / "out.jsonl", *FAST)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: The schema file '{schema}': {message.replace('URL', schema_server)}")
+    assert _Counting.hits == 0 and tiny_model.calls == 0 and not (tmp_path / "out.jsonl").exists()
+
+
+def test_refs_inside_the_schema_work(capsys, tmp_path, folder):
+    schema = tmp_path / "ok.schema.json"
+    schema.write_text(json.dumps({
+        "type": "object", "properties": {"total": {"$ref": "#/$defs/money"}, "tax": {"$ref": "#/$defs/money"}},
+        "$defs": {"money": {"type": "number"}},
+    }))
+    code, _, err = run(capsys, "predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, "--format", "json", *FAST)
+    assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval manifests stay inside their folder
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({"image": "../outside.png", "task": "ocr", "expected": "x"}, "the image path '../outside.png' leads outside"),
+        ({"image": "ABSOLUTE", "task": "ocr", "expected": "x"}, "the image path 'ABSOLUTE' leads outside"),
+        ({"image": "link/outside.png", "task": "ocr", "expected": "x"}, "the image path 'link/outside.png' leads outside"),
+        ({"image": "in.png", "task": "extract", "expected": {}, "schema": "../s.json"}, "the schema path '../s.json' leads outside"),
+        ({"image": 7, "task": "ocr", "expected": "x"}, "image must be a file name (a non-empty string), not 7"),
+    ],
+    ids=["dotdot", "absolute", "symlink", "schema", "not-a-string"],
+)
+def test_manifest_paths_must_stay_in_the_data_folder(capsys, tmp_path, tiny_model, line, message):
+    picture(tmp_path / "outside.png")
+    (tmp_path / "s.json").write_text("{}")
+    data = tmp_path / "data"
+    data.mkdir()
+    picture(data / "in.png")
+    (data / "link").symlink_to(tmp_path, target_is_directory=True)
+    if line["image"] == "ABSOLUTE":
+        line = {**line, "image": str(tmp_path / "outside.png")}
+        message = message.replace("ABSOLUTE", line["image"])
+    (data / "manifest.jsonl").write_text(json.dumps(line) + "\n")
+    code, out, err = run(capsys, "eval", "--data", data, *FAST)
+    assert code == 1 and out == ""
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {data / 'manifest.jsonl'}, line 1: {message}")
+    assert tiny_model.calls == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# extract_json: bounded work, no RecursionError
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{x}" * 3000, "{x]" * 3000, '{"a": [1, {"b": ' * 30 + "}" * 3000, "[1, " * 90 + "]" * 89 + "x" * 3000,
+     ("[" * 40 + "1," + "]" * 40) * 100, 'say "{" and [ "x" ' * 500, "a { b [ c } d ] " * 1000],
+    ids=["braces", "mismatched", "unbalanced", "cut-off", "nested-invalid", "quotes", "prose"],
+)
+def test_extract_json_decodes_about_the_text_length(monkeypatch, text):
+    """The work is counted, not timed: decoding at every brace (quadratic) would read the text
+    hundreds of times over; the bracket matching lets each character be decoded a few times."""
+    decoded = []
+
+    class CountingDecoder(parsing.json.JSONDecoder):
+        def raw_decode(self, s, idx=0):
+            decoded.append(len(s) - idx)
+            return super().raw_decode(s, idx)
+
+    monkeypatch.setattr(parsing.json, "JSONDecoder", CountingDecoder)
+    with pytest.raises(JSONExtractionError, match="does not parse|nested more than 100 levels"):
+        extract_json(text)
+    assert sum(decoded) <= 45 * len(text)  # the 40-deep invalid nests may be tried once per level
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, "[" * 5000 + "]" * 5000, '{"a":' * 5000 + "1" + "}" * 5000,
+                                  "```json\n" + "[" * 100_000 + "\n```", "[" * 101 + '{"a": 1}' + "]" * 101,
+                                  '[{"a": 1}, ' + "[" * 200 + "]" * 200 + "]"])
+def test_deep_nesting_is_a_json_extraction_error(text):
+    with pytest.raises(JSONExtractionError, match="nested more than 100 levels deep") as error:
+        extract_json(text)
+    assert error.value.text == text  # no piece of a too-deep structure is taken for the answer
+
+
+def test_extract_json_still_finds_the_first_value():
+    assert extract_json('x {[1]: 2} y') == [1]  # the object fails where the array starts
+    assert extract_json('{ bad {"a": 1} }') == {"a": 1}
+    assert extract_json('He said "hi {" then {"a": "}"} ok') == {"a": "}"}
+    deepest = extract_json("[" * 100 + "]" * 100)  # 100 levels are fine
+    for _level in range(99):
+        (deepest,) = deepest
+    assert deepest == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Broken checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _broken(tmp_path, tiny_checkpoint, name: str, damage) -> Path:
+    copy = tmp_path / name
+    shutil.copytree(tiny_checkpoint, copy)
+    damage(copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "damage, file, problem",
+    [
+        (lambda d: os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size - 1),
+         "model.safetensors", "it is truncated: "),
+        (lambda d: os.truncate(d / "model.safetensors", 5), "model.safetensors", "its header cannot be read"),
+        (lambda d: (d / "config.json").write_text('{"model_type": '), "config.json", "it is not valid JSON"),
+        (lambda d: (d / "config.json").unlink(), "config.json", "it is missing"),
+        (lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}})),
+         "model-00002-of-00002.safetensors", "it is missing (model.safetensors.index.json lists it)"),
+    ],
+    ids=["truncated", "no-header", "bad-config", "no-config", "missing-shard"],
+)
+def test_broken_checkpoints_name_the_file(capsys, monkeypatch, tmp_path, tiny_checkpoint, damage, file, problem):
+    checkpoint = _broken(tmp_path, tiny_checkpoint, "ckpt", damage)
+    picture(tmp_path / "photo.png")
+    monkeypatch.setattr(cli, "load_model", phi_helpers.load_model)  # the real loader
+    code, out, err = run(capsys, "predict", "--image", tmp_path / "photo.png", "--task", "ocr", "--model", checkpoint,
+                         "--device", "cpu", *FAST)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: The checkpoint file '{checkpoint / file}' is unusable: {problem}")
+
+
+class _TrickledHeaders(http.server.BaseHTTPRequestHandler):
+    """Sends its status line, then header bytes one every 0.1 s: the body never even starts."""
+
+    def do_GET(self):  # noqa: N802
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(100):  # ends by itself after 10 s
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_trickled_headers_hit_the_total_deadline_too():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickledHeaders)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+        with pytest.raises(ImageDownloadTimeout, match=r"took longer than max_seconds=0.5 \(0 bytes of the image"):
+            load_image(url, timeout=2, max_seconds=0.5)
+    finally:
+        server.shutdown()
+        server.server_close()
