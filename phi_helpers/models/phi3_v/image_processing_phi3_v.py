@@ -166,10 +166,13 @@ class Phi3VImageProcessor(BaseImageProcessor):
         if transposed:
             image = image.transpose(Image.Transpose.TRANSPOSE)
         resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(image.width, image.height, num_crops)
-        image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
-        top = (canvas_h - resized_h) // 2  # the rest of the padding goes to the bottom
-        canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
-        canvas.paste(image, (0, top))
+        if image.size != (resized_w, resized_h):  # (PIL's resize to the same size is a plain copy)
+            image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+        canvas = image
+        if (canvas_w, canvas_h) != (resized_w, resized_h):
+            top = (canvas_h - resized_h) // 2  # the rest of the padding goes to the bottom
+            canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
+            canvas.paste(image, (0, top))
         if transposed:
             canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
         return canvas
