@@ -136,7 +136,8 @@ def main() -> None:
         configurations.append(("flash_attention_2", "flash_attention_2", {}))
     else:
         print(f"{'flash_attention_2':<36}skipped: flash-attn is not installed (pip install flash-attn --no-build-isolation)")
-    # transformers compiles the forward pass itself when the cache is static (generation_config.compile_config)
+    # With a static cache on CUDA, generate compiles the decoding step itself (torch.compile through
+    # generation_config.compile_config; the prefill runs uncompiled). On the CPU dry run nothing is compiled.
     configurations.append(("sdpa + static cache + torch.compile", "sdpa", {"cache_implementation": "static"}))
     for name, attn, generate_kwargs in configurations:
         try:
