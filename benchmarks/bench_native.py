@@ -209,7 +209,7 @@ def bench_batch(args) -> None:
     prompts = [PROMPT] * 8
     print(f"prompt {processor(PROMPT, images[0])['input_ids'].shape[1]} tokens per image (640x480, 4 crops)")
     print(f"{'new tokens':>10}{'8 x 1 s':>10}{'1 x 8 s':>10}{'images/s 8x1':>14}{'images/s 1x8':>14}{'speed-up':>10}  same answers")
-    for new_tokens in (4,) if args.tiny else (16, 128):
+    for new_tokens in (4,) if args.tiny else args.batch_tokens:
 
         def sequential():
             return [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)]
@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model measurement (median)")
     parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
+    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[16, 128], help="new tokens per answer (batch section)")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
     if args.tiny:
