@@ -28,11 +28,11 @@ from transformers import AutoConfig
 from transformers.utils import is_flash_attn_2_available
 
 import phi_helpers  # noqa: F401  (registers the classes)
+from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
 from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES, tiny_config_dict
-from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 PROMPT = "<|user|>\n<|image_1|>\nDescribe this image in detail.<|end|>\n<|assistant|>\n"

@@ -98,16 +98,6 @@ def build_model(attn, tiny: bool = False) -> Phi3VForCausalLM:
     return Phi3VForCausalLM(Phi3VConfig(**config, attn_implementation=attn)).eval()
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each function, runs interleaved so that a busy machine hurts all alike."""
     for fn in fns.values():
