@@ -1,26 +1,38 @@
-"""Prefill and decode time of the native Phi-3-vision model on a mid-size random config.
+"""Where the user waits, on a mid-size random config: today's code against the code at the start of
+issue 13 ("before"), in one run, as ratios.
 
-    python benchmarks/bench_native.py            # CPU, a few minutes on 2 cores
-    python benchmarks/bench_native.py --device cuda --repeats 5
+    python benchmarks/bench_native.py                 # CPU, all sections (long on 2 busy cores)
+    python benchmarks/bench_native.py --sections preprocess vision
+    python benchmarks/bench_native.py --tiny          # a smoke run of every section in a few seconds
 
-Compares attention (sdpa vs eager), dtype (fp32 vs bf16) and batch size (1 vs 8) in one run and prints
-a table with each time and its ratio to the first row. Random weights: the times say how the code
-runs, nothing about answer quality. Not a test; numbers go to docs/native-implementation.md.
+Sections:
+* preprocess: the image processor at 1344x1344/16, 4032x3024/16 and 1000x700/4 crops, against a copy
+  of the previous pixel path kept below (out-of-place normalisation of a strided tensor, cat + stack);
+  pixel_values must be torch.equal.
+* vision: the vision tower alone (16 crops), all CLIP layers (before) against the layers that are used.
+* prefill: vision + prompt at 16 crops for attn_implementation "eager" and "sdpa": before = the vision
+  tower follows "eager" and runs all its layers; now = SDPA in the vision tower, one layer fewer.
+* batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 16
+  and 128 new tokens (greedy; the answers are the same either way).
+
+Random weights: the times say how the code runs, nothing about answer quality. Not a test; the
+numbers go to docs/native-implementation.md. GPU figures: benchmarks/bench_gpu.py.
 """
 
 import argparse
-import itertools
 import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 
 import phi_helpers  # noqa: F401  (registers the classes)
+from phi_helpers.api.generation import generate_batch
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
-from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
-from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
+from phi_helpers.models.phi3_v.image_processing_phi3_v import TILE, Phi3VImageProcessor
+from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM, Phi3VImageEmbedding
 from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES, tiny_config_dict
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -29,86 +41,205 @@ from transformers.tokenization_utils_tokenizers import TokenizersBackend
 MID_SIZES = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)
 MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4)
 PROMPT = "<|user|>\n<|image_1|>\nDescribe this image.<|end|>\n<|assistant|>\n"
+EAGER_BEFORE = {"": "eager", "vision_config": "eager"}  # what a plain "eager" meant before: both parts
 
 
-def build_model(attn: str, dtype: torch.dtype, device: str) -> Phi3VForCausalLM:
+# --- the code as it was before, kept here so that both run in the same process -------------------
+
+
+def pixel_values_before(images, num_crops: int) -> torch.Tensor:
+    """The previous pixel path: convert, out-of-place normalisation of a permuted (strided) tensor,
+    bicubic global tile, tiles by reshape, torch.cat per image and torch.stack over images."""
+    processor = Phi3VImageProcessor(num_crops=num_crops)
+    mean = torch.tensor(processor.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(processor.image_std, dtype=torch.float32)[:, None, None]
+    tiles = []
+    for image in images:
+        hd = processor.hd_transform(image.convert("RGB"), num_crops)
+        pixels = torch.from_numpy(np.array(hd, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div(255)
+        hd = (pixels - mean) / std
+        _, h, w = hd.shape
+        global_tile = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")
+        local = hd.reshape(3, h // TILE, TILE, w // TILE, TILE).permute(1, 3, 0, 2, 4).reshape(-1, 3, TILE, TILE)
+        padding = torch.zeros(num_crops - local.shape[0], 3, TILE, TILE)
+        tiles.append(torch.cat([global_tile, local, padding]))
+    return torch.stack(tiles)
+
+
+def clip_features_before(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The previous Phi3VImageEmbedding.clip_features: every CLIP layer runs, the last one is dropped."""
+    num_images, num_tiles = pixel_values.shape[:2]
+    clip = self.img_processor.vision_model
+    hidden = clip(pixel_values.flatten(0, 1).to(clip.dtype), output_hidden_states=True).hidden_states[-2]
+    return hidden[:, 1:].reshape(num_images, num_tiles, self.grid * self.grid, self.image_dim_out)
+
+
+class CodeBefore:
+    """Context manager: the vision tower runs as before (all layers) while inside."""
+
+    def __enter__(self):
+        self.saved = Phi3VImageEmbedding.clip_features
+        Phi3VImageEmbedding.clip_features = clip_features_before
+
+    def __exit__(self, *exc):
+        Phi3VImageEmbedding.clip_features = self.saved
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def build_model(attn, tiny: bool = False) -> Phi3VForCausalLM:
     config = tiny_config_dict("phi-3.5-vision")
-    config.update(MID_SIZES)
-    config["vision_config"].update(MID_VISION)
-    config["img_processor"]["image_dim_out"] = MID_VISION["hidden_size"]
+    if not tiny:
+        config.update(MID_SIZES)
+        config["vision_config"].update(MID_VISION)
+        config["img_processor"]["image_dim_out"] = MID_VISION["hidden_size"]
     torch.manual_seed(0)
-    model = Phi3VForCausalLM(Phi3VConfig(**config, attn_implementation=attn))
-    return model.to(device=device, dtype=dtype).eval()
+    return Phi3VForCausalLM(Phi3VConfig(**config, attn_implementation=attn)).eval()
 
 
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def measure(model, inputs, new_tokens: int, repeats: int, device: str) -> tuple[float, float]:
-    """Median prefill time (vision + prompt, filling the KV cache) and median time per decoding step."""
-    mask = inputs["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-
-    @torch.no_grad()
-    def prefill():
-        return model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-
-    @torch.no_grad()
-    def decode(prefilled):
-        cache, token, step_mask = prefilled.cache, prefilled.logits[:, -1:].argmax(-1), mask
-        step_positions = positions[:, -1:]
-        for _ in range(new_tokens):
-            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
-            step_positions = step_positions + 1
-            out = model(input_ids=token, attention_mask=step_mask, position_ids=step_positions, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-
-    decode(prefill())  # warm-up
-    prefills, decodes = [], []
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, runs interleaved so that a busy machine hurts all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        prefills.append(timed(prefill, device))
-        prefilled = prefill()
-        decodes.append(timed(lambda: decode(prefilled), device) / new_tokens)
-    return statistics.median(prefills), statistics.median(decodes)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def make_processor(num_crops: int) -> Phi3VProcessor:
+    return Phi3VProcessor(Phi3VImageProcessor(num_crops=num_crops), TokenizersBackend.from_pretrained(FIXTURES))
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def bench_preprocess(args) -> None:
+    print("\n## Image preprocessing (one image; before = the previous pixel path)")
+    print(f"{'image':<12}{'crops':>6}{'before ms':>11}{'now ms':>9}{'speed-up':>10}  pixel_values equal")
+    cases = [(336, 252, 4)] if args.tiny else [(1344, 1344, 16), (4032, 3024, 16), (1000, 700, 4)]
+    for width, height, num_crops in cases:
+        image = noise_image(width, height, seed=width)
+        processor = Phi3VImageProcessor(num_crops=num_crops)
+        times = interleaved(
+            {"before": lambda: pixel_values_before([image], num_crops), "now": lambda: processor(image)},
+            args.repeats_fast,
+        )
+        equal = torch.equal(pixel_values_before([image], num_crops), processor(image)["pixel_values"])
+        print(
+            f"{f'{width}x{height}':<12}{num_crops:>6}{times['before'] * 1e3:>11.1f}{times['now'] * 1e3:>9.1f}"
+            f"{times['before'] / times['now']:>9.2f}x  {equal}",
+            flush=True,
+        )
+
+
+def bench_vision(args) -> None:
+    print("\n## Vision tower alone, 16 crops (before = all CLIP layers; now = up to the used one)")
+    model = build_model("sdpa", args.tiny)
+    embedding = model.model.vision_embed_tokens
+    inputs = make_processor(16)(PROMPT, noise_image(1344, 1344, 1))
+    pixels = inputs["pixel_values"]
+
+    def before():
+        with CodeBefore(), torch.inference_mode():
+            return embedding.clip_features(pixels)
+
+    def now():
+        with torch.inference_mode():
+            return embedding.clip_features(pixels)
+
+    times = interleaved({"before": before, "now": now}, args.repeats)
+    layers = model.config.vision_config.num_hidden_layers
+    print(f"CLIP layers run: before {layers}, now {embedding.num_clip_layers} | features equal: {torch.equal(before(), now())}")
+    print(f"before {times['before']:.3f} s | now {times['now']:.3f} s | speed-up {times['before'] / times['now']:.2f}x", flush=True)
+
+
+def bench_prefill(args) -> None:
+    num_crops = 4 if args.tiny else 16
+    print(f"\n## Prefill at {num_crops} crops: vision tower + prompt, KV cache filled (one 1344x1344 image)")
+    inputs = make_processor(num_crops)(PROMPT, noise_image(1344, 1344, 2))
+    print(f"prompt {inputs['input_ids'].shape[1]} tokens")
+    print(f"{'attn_implementation':<22}{'before s':>10}{'now s':>8}{'speed-up':>10}  {'vision before -> now':<22}logits equal")
+    for requested in ("eager", "sdpa"):
+        before_model = build_model(EAGER_BEFORE if requested == "eager" else requested, args.tiny)
+        now_model = build_model(requested, args.tiny)
+
+        def prefill(model):
+            with torch.inference_mode():
+                return model(**inputs, use_cache=True, logits_to_keep=1).logits
+
+        def before():
+            with CodeBefore():
+                return prefill(before_model)
+
+        times = interleaved({"before": before, "now": lambda: prefill(now_model)}, args.repeats)
+        clip_before = before_model.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation
+        clip_now = now_model.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation
+        close = torch.allclose(before(), prefill(now_model), atol=1e-4, rtol=1e-4)
+        print(
+            f"{requested!r:<22}{times['before']:>10.3f}{times['now']:>8.3f}{times['before'] / times['now']:>9.2f}x  "
+            f"{f'{clip_before} -> {clip_now}':<22}{close} (atol 1e-4)",
+            flush=True,
+        )
+
+
+def bench_batch(args) -> None:
+    print("\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one (sdpa, fp32)")
+    model = build_model("sdpa", args.tiny)
+    processor = make_processor(4)
+    images = [[noise_image(640, 480, seed)] for seed in range(8)]
+    prompts = [PROMPT] * 8
+    print(f"prompt {processor(PROMPT, images[0])['input_ids'].shape[1]} tokens per image (640x480, 4 crops)")
+    print(f"{'new tokens':>10}{'8 x 1 s':>10}{'1 x 8 s':>10}{'images/s 8x1':>14}{'images/s 1x8':>14}{'speed-up':>10}  same answers")
+    for new_tokens in (4,) if args.tiny else args.batch_tokens:
+
+        def sequential():
+            return [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)]
+
+        def batched():
+            return generate_batch(model, processor, prompts, images, new_tokens)
+
+        generate_batch(model, processor, prompts[:1], images[:1], 2)  # warm-up
+        start = time.perf_counter()
+        one_by_one = sequential()
+        seq_s = time.perf_counter() - start
+        start = time.perf_counter()
+        together = batched()
+        batch_s = time.perf_counter() - start
+        same = [a.text for a in one_by_one] == [b.text for b in together]
+        print(
+            f"{new_tokens:>10}{seq_s:>10.1f}{batch_s:>10.1f}{8 / seq_s:>14.3f}{8 / batch_s:>14.3f}{seq_s / batch_s:>9.2f}x  {same}",
+            flush=True,
+        )
+
+
+SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "batch": bench_batch}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--num-crops", type=int, default=4)
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model measurement (median)")
+    parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
+    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[16, 128], help="new tokens per answer (batch section)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
-
-    processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=args.num_crops), TokenizersBackend.from_pretrained(FIXTURES))
-    images = [Image.new("RGB", (640, 480), (30 * i, 100, 200 - 20 * i)) for i in range(8)]
-    batches = {1: processor(PROMPT, images[0]), 8: processor([PROMPT] * 8, [[image] for image in images])}
-
-    print(f"torch {torch.__version__} | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | "
-          f"device {args.device} | prompt {batches[1]['input_ids'].shape[1]} tokens | {args.new_tokens} new tokens | "
-          f"median of {args.repeats}")
-    header = f"{'attention':<10}{'dtype':<10}{'batch':>6}{'prefill s':>12}{'x':>7}{'decode ms/tok':>15}{'x':>7}"
-    print(header, flush=True)
-    print("-" * len(header))
-    baseline = None
-    for attn, dtype, batch in itertools.product(("sdpa", "eager"), (torch.float32, torch.bfloat16), (1, 8)):
-        model = build_model(attn, dtype, args.device)
-        inputs = {k: v.to(args.device) for k, v in batches[batch].items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        prefill_s, decode_s = measure(model, inputs, args.new_tokens, args.repeats, args.device)
-        baseline = baseline or (prefill_s, decode_s)
-        print(
-            f"{attn:<10}{str(dtype).removeprefix('torch.'):<10}{batch:>6}{prefill_s:>12.3f}{prefill_s / baseline[0]:>7.2f}"
-            f"{decode_s * 1000:>15.1f}{decode_s / baseline[1]:>7.2f}",
-            flush=True,
-        )
+    if args.tiny:
+        args.repeats, args.repeats_fast = 1, 1
+    print(
+        f"torch {torch.__version__} | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | "
+        f"{'tiny' if args.tiny else 'mid-size'} random config | medians of interleaved runs"
+    )
+    for name in args.sections:
+        SECTIONS[name](args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Image processor against the worked examples and formulas of the specification (§4)."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -135,3 +136,41 @@ def test_num_crops_zero_is_refused_and_normalisation_can_be_overridden():
         processor(Image.new("RGB", (336, 336)), num_crops=0)
     plain = processor(Image.new("RGB", (336, 336), (255, 255, 255)), image_mean=[0, 0, 0], image_std=[1, 1, 1])
     assert torch.allclose(plain["pixel_values"][0, 1], torch.ones(3, 336, 336))
+
+
+# --- the fast pixel path gives exactly the numbers of the straightforward one --------------------
+
+
+def reference_pixel_values(image: Image.Image, num_crops: int) -> torch.Tensor:
+    """The processor's pixel path as it was before it was optimised (out-of-place, strided
+    temporaries, torch.cat + torch.stack): (1, num_crops + 1, 3, 336, 336)."""
+    hd = Phi3VImageProcessor().hd_transform(image.convert("RGB"), num_crops)
+    pixels = torch.from_numpy(np.array(hd, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div(255)
+    hd = (pixels - MEAN[:, None, None]) / STD[:, None, None]
+    _, h, w = hd.shape
+    global_tile = torch.nn.functional.interpolate(hd[None], size=(336, 336), mode="bicubic")
+    local = hd.reshape(3, h // 336, 336, w // 336, 336).permute(1, 3, 0, 2, 4).reshape(-1, 3, 336, 336)
+    padding = torch.zeros(num_crops - local.shape[0], 3, 336, 336)
+    return torch.stack([torch.cat([global_tile, local, padding])])
+
+
+def noise(width, height, seed, mode="RGB") -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "num_crops", "mode"),
+    [(1344, 1344, 16, "RGB"), (4032, 3024, 16, "RGB"), (1000, 700, 4, "RGB"), (700, 1000, 4, "RGB"), (500, 300, 1, "RGBA")],
+)
+def test_pixel_values_equal_the_reference_pipeline_bit_for_bit(width, height, num_crops, mode):
+    image = noise(width, height, seed=width + height, mode=mode)
+    got = Phi3VImageProcessor(num_crops=num_crops)(image)["pixel_values"]
+    assert got.is_contiguous()
+    assert torch.equal(got, reference_pixel_values(image, num_crops))
+
+
+def test_several_images_equal_the_reference_pipeline_bit_for_bit():
+    images = [noise(640, 480, 1), noise(300, 900, 2, "L"), noise(336, 336, 3)]
+    got = Phi3VImageProcessor(num_crops=4)(images)["pixel_values"]
+    assert torch.equal(got, torch.cat([reference_pixel_values(image, 4) for image in images]))

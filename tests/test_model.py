@@ -137,11 +137,48 @@ def test_sdpa_and_eager_agree_in_language_model_and_vision_tower(tiny_checkpoint
     inputs = processor(TWO_IMAGES, [picture(500, 400, 1), picture(300, 600, 2)])
     logits = {}
     for attn in ("sdpa", "eager"):
-        model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation=attn)
+        both_parts = {"": attn, "vision_config": attn}  # a plain "eager" would keep SDPA in the vision tower
+        model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation=both_parts)
         assert model.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation == attn
         with torch.no_grad():
             logits[attn] = model(**inputs).logits
     assert torch.allclose(logits["sdpa"], logits["eager"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("requested", "language", "vision"),
+    [
+        (None, "sdpa", "sdpa"),
+        ("eager", "eager", "sdpa"),  # eager CLIP gives the same numbers as SDPA, only slower
+        ("sdpa", "sdpa", "sdpa"),
+        ({"": "eager", "vision_config": "eager"}, "eager", "eager"),
+        ({"": "sdpa", "vision_config": "eager"}, "sdpa", "eager"),
+    ],
+)
+def test_attention_of_language_model_and_vision_tower(tiny_checkpoint, requested, language, vision):
+    kwargs = {} if requested is None else {"attn_implementation": requested}
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, **kwargs)
+    clip = model.model.vision_embed_tokens.img_processor.vision_model
+    assert (model.config._attn_implementation, clip.config._attn_implementation) == (language, vision)
+    model.set_attn_implementation("eager")  # after loading: the same rule
+    assert (model.config._attn_implementation, clip.config._attn_implementation) == ("eager", "sdpa")
+    model.set_attn_implementation({"vision_config": "eager"})
+    assert (model.config._attn_implementation, clip.config._attn_implementation) == ("eager", "eager")
+
+
+def test_last_clip_layer_is_loaded_but_not_run(tiny_checkpoint, processor):
+    model, info = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
+    layers = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+    ran = []
+    hooks = [layer.register_forward_hook(lambda module, args, out, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(**processor(PROMPT, picture(400, 300, 5)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == list(range(len(layers) - 1))  # the penultimate layer's output is the image feature
 
 
 def test_image_features_follow_the_hd_layout_of_the_spec(model, processor):

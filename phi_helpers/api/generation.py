@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import PromptError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import check_context_length
@@ -266,30 +266,79 @@ class FirstTokenTimer(StoppingCriteria):
 def generate_batch(
     model, processor, prompts: list[str], images: list[list], max_new_tokens: int = BATCH_MAX_NEW_TOKENS
 ) -> list[Generation]:
-    """Answer several prompts in ONE greedy ``model.generate`` call; return one Generation per prompt.
+    """Answer several prompts in one batched greedy generation; return one Generation per prompt.
 
     ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of
     images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
     appends on the right, so every row's last prompt token must be in the last column).
+
+    One prefill encodes all prompts and images. Decoding then runs ``model.generate`` in rounds: a
+    round ends as soon as some answer ends, the finished rows leave the batch and its KV cache, and
+    the others go on from the cache, so a short answer stops costing compute once it is done (plain
+    ``generate`` keeps computing finished rows, padded, until the longest answer ends). Each answer is
+    the same as in one plain batched ``generate`` call.
     """
     inputs = encode(model, processor, prompts, images, max_new_tokens)
     settings = generation_settings(model, processor, max_new_tokens, {})
-    timer = FirstTokenTimer()
+    stop_ids = set(settings["eos_token_id"])
+    timer, round_end = FirstTokenTimer(), _AnyRowFinished(stop_ids)
+    settings["stopping_criteria"] = StoppingCriteriaList([timer, round_end])
+    images_per_row = [len(group) for group in images]
+    prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
+    rows = list(range(len(prompts)))  # the rows of the batch still generating, as indices of prompts
+    answers: list[list[int]] = [[] for _ in prompts]
+    cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(**inputs, **settings, stopping_criteria=StoppingCriteriaList([timer]))
+        while rows:
+            output = model.generate(**inputs, **settings, cache=cache)
+            new = output[:, inputs["input_ids"].shape[1] :].tolist()
+            for row, tokens in zip(rows, new):
+                answers[row] += tokens
+            generated = len(answers[rows[0]])
+            going = [i for i, row in enumerate(rows) if not stop_ids & set(answers[row]) and generated < max_new_tokens]
+            if not going:
+                break
+            if len(going) < len(rows):  # finished rows leave the batch and its cache
+                cache.batch_select_indices(torch.tensor(going, device=output.device))
+            inputs = _keep_rows(inputs, output, going, [images_per_row[row] for row in rows])
+            rows = [rows[i] for i in going]
+            settings["max_new_tokens"] = max_new_tokens - generated
     seconds = time.perf_counter() - start
     first = None if timer.first_token_at is None else timer.first_token_at - start
-
-    prompt_length = inputs["input_ids"].shape[1]
-    stop_ids = set(settings["eos_token_id"])
     results = []
-    for row, prompt_mask in zip(output, inputs["attention_mask"]):
-        new_tokens = row[prompt_length:].tolist()
-        count = _answer_length(new_tokens, stop_ids)
-        text = _decode_answer(processor, new_tokens[:count], settings["eos_token_id"])
-        results.append(Generation(text, int(prompt_mask.sum()), count, first, seconds, len(prompts)))
+    for tokens, prompt_count in zip(answers, prompt_tokens):
+        count = _answer_length(tokens, stop_ids)
+        text = _decode_answer(processor, tokens[:count], settings["eos_token_id"])
+        results.append(Generation(text, prompt_count, count, first, seconds, len(prompts)))
     return results
+
+
+class _AnyRowFinished(StoppingCriteria):
+    """Ends a round of ``generate`` for the whole batch as soon as one row has produced a stop token."""
+
+    def __init__(self, stop_ids: set[int]):
+        self.stop_ids = sorted(stop_ids)
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        finished = torch.isin(input_ids[:, -1], torch.tensor(self.stop_ids, device=input_ids.device)).any()
+        return finished.expand(input_ids.shape[0])
+
+
+def _keep_rows(inputs, output: torch.Tensor, keep: list[int], images_per_row: list[int]) -> dict:
+    """The inputs of the next round: the kept rows' sequences so far, their attention masks (1 for
+    every generated token) and their images (needed again only if the cache is re-encoded)."""
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    mask = inputs["attention_mask"]
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], new_tokens)], dim=1)
+    kept = {"input_ids": output[keep], "attention_mask": mask[keep]}
+    if "pixel_values" in inputs:
+        first_image = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
+        image_index = [first_image[row] + i for row in keep for i in range(images_per_row[row])]
+        index = torch.tensor(image_index, dtype=torch.long, device=output.device)
+        kept["pixel_values"] = inputs["pixel_values"][index]
+        kept["image_sizes"] = inputs["image_sizes"][index]
+    return kept
 
 
 def _answer_length(tokens: list[int], stop_ids: set[int]) -> int:

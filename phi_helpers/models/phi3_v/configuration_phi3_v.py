@@ -7,12 +7,15 @@ The official config.json files are read unchanged. Three things need care on tra
   *before* transformers standardises the RoPE parameters (otherwise loading raises a KeyError).
 * ``"_attn_implementation": "flash_attention_2"`` stored in config.json is dropped, so the caller's
   ``attn_implementation=`` (or the best available one) decides, and nothing forces flash-attn.
+* A plain ``attn_implementation="eager"`` sets the language model only: the vision tower keeps SDPA
+  (the same numbers, faster; the original's CLIP always ran SDPA). Setting the vision tower's
+  attention is explicit: ``attn_implementation={"": "eager", "vision_config": "eager"}``.
 * config.json has no vision config: the original code hard-codes CLIP ViT-L/14 at 336 px, which is the
   default of ``vision_config`` here. Tiny test checkpoints store a small ``vision_config`` instead.
 """
 
 from transformers import CLIPVisionConfig, Phi3Config
-from transformers.configuration_utils import SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from ...errors import ConfigurationError
 
@@ -48,6 +51,18 @@ DEFAULT_EMBD_LAYER = {
     "use_hd_transform": True,
     "with_learnable_separator": True,
 }
+
+
+def split_attn_implementation(requested: str | dict | None) -> str | dict | None:
+    """The attention of each part for an ``attn_implementation`` request.
+
+    A dict (``{"": language model, "vision_config": vision tower}``) is taken as it is. A string sets
+    both parts, except "eager": eager attention in CLIP gives the same numbers as SDPA, only slower
+    (it materialises every 577x577 score table), so the vision tower keeps SDPA.
+    """
+    if requested == "eager":
+        return {"": "eager", "vision_config": "sdpa"}
+    return requested
 
 
 class Phi3VConfig(Phi3Config):
@@ -94,6 +109,15 @@ class Phi3VConfig(Phi3Config):
                 f"img_processor['image_dim_out'] ({self.img_processor['image_dim_out']})."
             )
 
+    @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None):
+        # transformers sets the request on the config and, recursively, on vision_config.
+        PreTrainedConfig._attn_implementation.fset(self, split_attn_implementation(value))
+
     def convert_rope_params_to_dict(self, default_theta=10_000.0, ignore_keys=None, **kwargs):
         # Trap 1: rename the legacy LongRoPE type "su" before transformers validates the parameters.
         for rope in (kwargs.get("rope_scaling"), self.rope_parameters):
@@ -103,4 +127,4 @@ class Phi3VConfig(Phi3Config):
         return super().convert_rope_params_to_dict(default_theta=default_theta, ignore_keys=ignore_keys, **kwargs)
 
 
-__all__ = ["Phi3VConfig", "CLIP_VIT_L_14_336"]
+__all__ = ["Phi3VConfig", "CLIP_VIT_L_14_336", "split_attn_implementation"]

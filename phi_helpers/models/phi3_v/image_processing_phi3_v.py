@@ -29,6 +29,11 @@ TOKENS_PER_TILE = 144  # 24x24 patches merged 2x2 -> 12x12
 TOKENS_PER_ROW = 12  # one separator (sub_GN) after each row of 12 merged patches
 
 
+def check_num_crops(num_crops: int) -> None:
+    if num_crops < 1:
+        raise ValueError(f"num_crops must be at least 1, got {num_crops}.")
+
+
 def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
     """Size arithmetic of the HD transform, without touching pixels.
 
@@ -81,6 +86,17 @@ def _to_pil(image) -> Image.Image:
         f"Expected a PIL image (or an HxWxC uint8 numpy array), got {type(image).__name__}. "
         "Use phi_helpers.load_image(...) to read paths, URLs and bytes."
     )
+
+
+def _to_rgb(image, position: int) -> Image.Image:
+    """A decoded RGB PIL image; the original converts every image with ``.convert("RGB")``, which is
+    a plain copy for an image that is RGB already, so only other modes are converted."""
+    image = _to_pil(image)
+    try:
+        image.load()  # decode a lazily opened file now, so a broken file fails here with a clear error
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"Image {position} could not be decoded ({error}). Is the file complete?") from error
 
 
 def flatten_images(images) -> list:
@@ -151,35 +167,44 @@ class Phi3VImageProcessor(BaseImageProcessor):
         if transposed:
             image = image.transpose(Image.Transpose.TRANSPOSE)
         resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(image.width, image.height, num_crops)
-        image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
-        top = (canvas_h - resized_h) // 2  # the rest of the padding goes to the bottom
-        canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
-        canvas.paste(image, (0, top))
+        if image.size != (resized_w, resized_h):  # (PIL's resize to the same size is a plain copy)
+            image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+        canvas = image
+        if (canvas_w, canvas_h) != (resized_w, resized_h):
+            top = (canvas_h - resized_h) // 2  # the rest of the padding goes to the bottom
+            canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
+            canvas.paste(image, (0, top))
         if transposed:
             canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
         return canvas
 
     @staticmethod
     def normalize_to_tensor(image: Image.Image, mean: list[float], std: list[float]) -> torch.Tensor:
-        """uint8 HxWx3 -> float32 3xHxW, scaled to [0, 1] then (x - mean) / std."""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        pixels = pixels.to(torch.float32).div(255)
+        """uint8 HxWx3 -> float32 3xHxW, scaled to [0, 1] then (x - mean) / std.
+
+        One pass turns the pixels into a *contiguous* channel-first float32 array, then three in-place
+        passes normalise it: the same numbers bit for bit as out-of-place ``(x / 255 - mean) / std``,
+        without strided temporaries, so the bicubic resize and the tile cutting read plain memory.
+        """
+        pixels = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
         mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-        return (pixels - mean) / std
+        return torch.from_numpy(pixels).div_(255).sub_(mean).div_(std)
 
-    def _tiles(self, image: Image.Image, num_crops: int, mean, std) -> tuple[torch.Tensor, list[int]]:
-        """One image -> (num_crops + 1, 3, 336, 336) tiles and its [canvas_h, canvas_w]."""
+    def _write_tiles(self, image: Image.Image, num_crops: int, mean, std, out: torch.Tensor) -> list[int]:
+        """Write one image's tiles into ``out`` (num_crops + 1, 3, 336, 336); return its [canvas_h, canvas_w].
+
+        Tile 0 is the global image, tiles 1 … h_c·w_c the canvas cut row by row, the rest zero padding.
+        """
         hd = self.normalize_to_tensor(self.hd_transform(image, num_crops), mean, std)  # (3, H, W)
         _, h, w = hd.shape
-        global_tile = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")
-        local_tiles = (
-            hd.reshape(3, h // TILE, TILE, w // TILE, TILE)  # (3, h_c, 336, w_c, 336)
-            .permute(1, 3, 0, 2, 4)  # (h_c, w_c, 3, 336, 336), row-major tile order
-            .reshape(-1, 3, TILE, TILE)
+        rows, cols = h // TILE, w // TILE
+        out[0] = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")[0]
+        out[1 : 1 + rows * cols].view(rows, cols, 3, TILE, TILE).copy_(
+            hd.view(3, rows, TILE, cols, TILE).permute(1, 3, 0, 2, 4)  # (h_c, w_c, 3, 336, 336), row-major tiles
         )
-        padding = torch.zeros(num_crops - local_tiles.shape[0], 3, TILE, TILE)
-        return torch.cat([global_tile, local_tiles, padding]), [h, w]
+        out[1 + rows * cols :].zero_()
+        return [h, w]
 
     def preprocess(
         self, images, num_crops: int | None = None, image_mean=None, image_std=None, return_tensors="pt", **kwargs
@@ -192,20 +217,14 @@ class Phi3VImageProcessor(BaseImageProcessor):
         num_crops = self.num_crops if num_crops is None else num_crops
         mean = self.image_mean if image_mean is None else list(image_mean)
         std = self.image_std if image_std is None else list(image_std)
-        tiles, sizes = [], []
-        for position, image in enumerate(flatten_images(images), start=1):
-            image = _to_pil(image)
-            try:  # the original converts unconditionally (a second .convert("RGB") after do_convert_rgb)
-                image = image.convert("RGB")
-            except (OSError, ValueError) as error:
-                raise ImageLoadError(f"Image {position} could not be decoded ({error}). Is the file complete?") from error
-            image_tiles, size = self._tiles(image, num_crops, mean, std)
-            tiles.append(image_tiles)
-            sizes.append(size)
-        if not tiles:
+        images = [_to_rgb(image, position) for position, image in enumerate(flatten_images(images), start=1)]
+        if not images:
             raise ImageLoadError("No images were given to the image processor.")
+        check_num_crops(num_crops)
+        pixel_values = torch.empty(len(images), num_crops + 1, 3, TILE, TILE)  # every tile is written below
+        sizes = [self._write_tiles(image, num_crops, mean, std, tiles) for image, tiles in zip(images, pixel_values)]
         data = {
-            "pixel_values": torch.stack(tiles),
+            "pixel_values": pixel_values,
             "image_sizes": sizes,
             "num_img_tokens": [num_image_tokens(h, w) for h, w in sizes],
         }

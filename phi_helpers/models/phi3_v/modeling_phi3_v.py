@@ -19,7 +19,7 @@ from transformers.utils import is_flash_attn_2_available
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ...errors import FlashAttentionUnavailableError, InvalidArgumentError, PromptImageMismatchError
-from .configuration_phi3_v import Phi3VConfig
+from .configuration_phi3_v import Phi3VConfig, split_attn_implementation
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes flash-attn computes in
 
@@ -72,7 +72,9 @@ class Phi3VImageEmbedding(nn.Module):
     def __init__(self, config: Phi3VConfig):
         super().__init__()
         self.img_processor = Phi3VVisionTower(config)
-        self.layer_idx = config.img_processor.get("layer_idx", -2)  # penultimate CLIP layer
+        layers = config.vision_config.num_hidden_layers
+        layer_idx = config.img_processor.get("layer_idx", -2)  # index into hidden_states: penultimate layer
+        self.num_clip_layers = layer_idx % (layers + 1)  # hidden_states[i] is the output of layer i (1-based)
         self.image_dim_out = config.img_processor["image_dim_out"]  # C = 1024
         merged_dim = 4 * self.image_dim_out  # a 2x2 patch block concatenated
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, merged_dim))  # between local tiles and global image
@@ -88,11 +90,17 @@ class Phi3VImageEmbedding(nn.Module):
         self.grid = vision.image_size // vision.patch_size  # 24 patches per side
 
     def clip_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, K, 3, 336, 336) -> (N, K, 576, C): penultimate CLIP layer, CLS token dropped."""
+        """(N, K, 3, 336, 336) -> (N, K, 576, C): penultimate CLIP layer, CLS token dropped.
+
+        Only the layers up to the one whose output is used run (23 of CLIP's 24); the others keep
+        their weights, so the checkpoint loads and saves unchanged, but they cost nothing.
+        """
         num_images, num_tiles = pixel_values.shape[:2]
         clip = self.img_processor.vision_model
         pixels = pixel_values.flatten(0, 1).to(clip.dtype)  # every tile, zero padding tiles included
-        hidden = clip(pixels, output_hidden_states=True).hidden_states[self.layer_idx]
+        hidden = clip.pre_layrnorm(clip.embeddings(pixels))  # CLIP's hidden_states[0]: (N·K, 577, C)
+        for layer in clip.encoder.layers[: self.num_clip_layers]:
+            hidden = layer(hidden, attention_mask=None)
         return hidden[:, 1:].reshape(num_images, num_tiles, self.grid * self.grid, self.image_dim_out)
 
     def merge_2x2(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -216,6 +224,11 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         if requested_attention == "flash_attention_2":
             check_flash_attention(is_flash_attn_2_available())
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False):
+        """Switch attention after loading, with the same rule as ``from_pretrained``: a string sets both
+        parts except "eager", which keeps SDPA in the vision tower; a dict sets each part."""
+        return super().set_attn_implementation(split_attn_implementation(attn_implementation), allow_all_kernels)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
