@@ -56,3 +56,7 @@ class CommandLineError(PhiHelpersError, ValueError):
 
 class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
+
+
+class RayNotInstalledError(PhiHelpersError, ImportError):
+    """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "phi_helpers[ray]"``."""

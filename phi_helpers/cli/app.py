@@ -22,7 +22,10 @@ from ..api.loading import load_model
 from ..api.structured import load_schema
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
-from .outputs import JsonlWriter, check_output_path, done_keys, error_message, model_info, progress_bar, write_atomically
+from .outputs import (
+    JsonlWriter, check_output_path, done_keys, error_message, make_record, model_info, progress_bar, write_atomically,
+)
+from .ray_engine import run_ray
 from .tasks import TASKS, chunks, predict, predict_items
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
@@ -39,6 +42,9 @@ examples:
   phi-helpers predict --image scans/ --task ocr --output scans.jsonl             # a folder
   phi-helpers predict --image "scans/**/*.png" --task ocr --output scans.jsonl   # a glob (quote it)
   phi-helpers predict --image report.pdf --task caption --output pages.jsonl     # every page of a PDF
+  phi-helpers predict --image scans/ --task ocr --output scans.jsonl --engine ray --replicas 2   # Ray, this machine
+  phi-helpers predict --image s3://bucket/scans/ --task ocr --output scans.parquet \
+      --engine ray --address ray://head:10001 --replicas 8                       # a Ray cluster
 
 Folders, globs, PDFs and several --image values give one JSON line per image or PDF page in the
 --output file. Lines are written as soon as they are ready; running the same command again skips
@@ -101,6 +107,14 @@ def _add_predict_parser(commands) -> None:
     parser.add_argument("--format", choices=("txt", "json"), help="txt: the answer only (default for one image); "
                         "json: the answer with its metadata (always used for many images)")
     _add_model_options(parser)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=("process", "ray"), default="process",
+                        help='process: this Python process (default); ray: Ray Data, one model replica per worker '
+                        '(pip install "phi_helpers[ray]")')
+    engine.add_argument("--address", metavar="ADDR", help="with --engine ray: the Ray cluster to use (e.g. auto, "
+                        "ray://head:10001); default: start a local Ray on this machine")
+    engine.add_argument("--replicas", type=_positive_int, metavar="N", help="with --engine ray: model replicas working "
+                        "in parallel, one GPU each where there are GPUs (default: 1)")
     parser.set_defaults(parser=parser)
 
 
@@ -155,10 +169,12 @@ def _check_predict_args(args) -> bool:
         predict_parser.error("--task extract needs a JSON Schema: add --schema FILE.json")
     if args.schema and args.task != "extract":
         predict_parser.error("--schema is only used with --task extract")
-    many = len(args.image) > 1 or is_multi_input(args.image[0])
+    if args.engine != "ray" and (args.address or args.replicas):
+        predict_parser.error("--address and --replicas are options of --engine ray")
+    many = len(args.image) > 1 or is_multi_input(args.image[0]) or args.engine == "ray"
     if many and not args.output:
-        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images "
-                             "(results are written as JSON lines)")
+        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images, "
+                             "and with --engine ray (results are written as JSON lines)")
     if many and args.format == "txt":
         predict_parser.error("--format txt is for a single image; many images are always written as JSON lines")
     return many
@@ -224,6 +240,8 @@ def run_predict(args) -> int:
     """The ``predict`` command: one image -> an answer; many images -> JSON lines."""
     many = _check_predict_args(args)
     schema = load_schema(args.schema) if args.task == "extract" else None
+    if args.engine == "ray":
+        return run_ray(args, schema, model=args.model or os.environ.get("PHI_HELPERS_MODEL") or DEFAULT_MODEL)
     if many:
         return run_batch(args, schema)
     return run_single(args, schema)
@@ -242,7 +260,8 @@ def run_single(args, schema) -> int:
         check_output_path(Path(args.output))
     model, processor = load_for_cli(args)
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
-    record = make_record({"source": item.source, "image_size": list(image.size), **result}, args, model_info(model, processor))
+    record = make_record({"source": item.source, "image_size": list(image.size), **result}, args.task, args.schema,
+                         model_info(model, processor))
 
     if args.task == "extract" and not record["valid"]:
         print(f"warning: the answer does not follow the schema: {'; '.join(record['errors'])}", file=sys.stderr)
@@ -264,26 +283,6 @@ def answer_text(record: dict) -> str:
     return json.dumps(record["answer"], indent=2, ensure_ascii=False)
 
 
-RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
-
-
-def make_record(result: dict, args, info: dict) -> dict:
-    """An output record in a fixed, readable order: where from, what task, the answer, then how it was made.
-
-    ``result`` is what ``predict`` / ``predict_items`` returned for one image; ``info`` is ``model_info``.
-    """
-    record = {key: result[key] for key in ("source", "page") if key in result}
-    record["task"] = args.task
-    if args.schema:
-        record["schema"] = args.schema
-    if "error" in result:
-        return {**record, "error": result["error"]}
-    record.update((key, result[key]) for key in RESULT_KEYS if key in result)
-    record.update(info)
-    record.update((key, value) for key, value in result.items() if key not in record)
-    return record
-
-
 def run_batch(args, schema) -> int:
     """Many images: JSON lines appended to --output, batched generation, finished items skipped."""
     items = [item for spec in args.image for item in collect_items(spec)]
@@ -303,7 +302,7 @@ def run_batch(args, schema) -> int:
     with JsonlWriter(output) as writer, progress_bar(len(todo), args.task) as bar:
         for batch in chunks(todo, args.batch_size):
             for record in predict_items(model, processor, batch, args.task, **task_options(args, schema)):
-                record = make_record(record, args, info)
+                record = make_record(record, args.task, args.schema, info)
                 writer.write(record)
                 if "error" in record:
                     failed += 1

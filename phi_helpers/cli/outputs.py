@@ -1,6 +1,7 @@
 """What the command line writes: one record per item, JSON Lines appended and flushed, resume.
 
-* records: ``item_fields``, ``error_record`` and ``model_info`` make the fields every line shares;
+* records: ``item_fields``, ``error_record`` and ``model_info`` make the fields every line shares,
+  ``make_record`` puts them in order;
 * ``JsonlWriter`` appends one line per result and flushes it at once; ``done_keys`` reads back which
   items an earlier run already finished, so that a re-run can skip them;
 * ``check_output_path`` fails before the model loads; ``write_atomically`` never leaves half a file.
@@ -45,6 +46,28 @@ def model_info(model, processor) -> dict:
         "attention": getattr(model.config, "_attn_implementation", None),
         "num_crops": getattr(processor.image_processor, "num_crops", None),
     }
+
+
+RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
+
+
+def make_record(result: dict, task: str, schema: str | None, info: dict) -> dict:
+    """An output record in a fixed, readable order: where from, what task, the answer, then how it was made.
+
+    ``result`` is what ``predict`` / ``predict_items`` returned for one image, ``schema`` the path of
+    the JSON Schema as the user gave it (extract only), ``info`` is ``model_info``. Both engines of
+    ``phi-helpers predict`` (in-process and Ray) build their lines here.
+    """
+    record = {key: result[key] for key in ("source", "page") if key in result}
+    record["task"] = task
+    if schema:
+        record["schema"] = schema
+    if "error" in result:
+        return {**record, "error": result["error"]}
+    record.update((key, result[key]) for key in RESULT_KEYS if key in result)
+    record.update(info)
+    record.update((key, value) for key, value in result.items() if key not in record)
+    return record
 
 
 def done_keys(path) -> set[tuple[str, int | None]]:
