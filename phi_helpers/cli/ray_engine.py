@@ -45,6 +45,10 @@ from .tasks import predict_items
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
 WEB_SCHEMES = ("http://", "https://")  # fetched by the replicas themselves (load_image), not by a filesystem
+# Ray hands out work by blocks: small blocks spread the items over the replicas (Ray Data joins blocks
+# into batches of batch_size). Items are two small fields, so blocks stay cheap up to many thousands.
+ITEMS_PER_BLOCK = 4
+MAX_BLOCKS = 10_000
 
 # The columns of a Parquet output, in record order. ``answer`` is text: the answer of caption, ocr and
 # vqa, the JSON text of an extract answer. Fields of a record not named here go to ``extra`` (JSON text).
@@ -69,12 +73,14 @@ def require_ray():
     return ray
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True):
+def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None):
     """Connect to the Ray cluster at ``address``, or start a local Ray on this machine (``None``).
 
-    Returns Ray's context; ``context.dashboard_url`` is where the Ray dashboard is (``None`` without
-    one). Reuses the Ray this process already started or joined. A local Ray gets ``num_cpus`` CPUs
-    (default: this machine's count), a small object store and quiet logs; stop it with ``ray.shutdown()``.
+    Returns Ray's context; ``dashboard_url(context)`` is where the Ray dashboard is. Reuses the Ray
+    this process already started or joined. A local Ray gets ``num_cpus`` CPUs (default: this
+    machine's count), a small object store and quiet logs; stop it with ``ray.shutdown()``.
+    ``dashboard``: ``None`` starts the dashboard when its packages are installed
+    (``pip install "ray[default]"``; ``phi_helpers[ray]`` installs only Ray Data), ``False`` never.
     """
     ray = require_ray()
     if ray.is_initialized():
@@ -116,11 +122,12 @@ def item_dataset(specs: list[str] | str, pdf_scale: float = PDF_SCALE, skip: set
     skip = skip or set()
     local = [item for spec in specs if not is_remote(spec) for item in collect_items(spec, pdf_scale)]
     rows = [{"source": item.source, "page": item.page} for item in local if item.key not in skip]
-    datasets = [ray.data.from_items(rows)] if rows else []
+    blocks = min(-(-len(rows) // ITEMS_PER_BLOCK), MAX_BLOCKS)
+    datasets = [ray.data.from_items(rows, override_num_blocks=blocks)] if rows else []
     remote_files = [uri for spec in specs if is_remote(spec) for uri in list_remote(spec)]
     if remote_files:
         files = ray.data.from_items([{"source": uri, "page": None} for uri in remote_files])
-        pages = files.flat_map(_RemotePages(pdf_scale, frozenset(skip)))
+        pages = files.flat_map(_RemotePages(pdf_scale, frozenset(skip)), num_cpus=0)  # I/O: leave the CPUs to the replicas
         datasets.append(pages)
     if not datasets:
         return ray.data.from_items([{"source": "", "page": 0}]).limit(0)
@@ -225,19 +232,20 @@ class ModelLoader:
     """How a replica loads its model: ``load_model`` with these choices, run inside the replica.
 
     ``model`` is a hub id, a local folder (that every node can read) or ``"tiny"``; it wins over the
-    replica's ``$PHI_HELPERS_MODEL``, as ``--model`` does in the CLI.
+    replica's ``$PHI_HELPERS_MODEL``, as ``--model`` does in the CLI. ``None``: ``load_model``'s choice.
     """
 
-    model: str
+    model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
     num_crops: int | None = None
 
     def __call__(self):
-        os.environ["PHI_HELPERS_MODEL"] = self.model  # this replica's own process: load_model reads it first
+        if self.model is not None:
+            os.environ["PHI_HELPERS_MODEL"] = self.model  # this replica's own process: load_model reads it first
         with contextlib.redirect_stdout(sys.stderr):
-            return load_model(self.model, device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops)
+            return load_model(device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops)
 
 
 @dataclass
@@ -273,7 +281,7 @@ class Replica:
 def predict_dataset(
     items,
     task: str,
-    model="microsoft/Phi-3.5-vision-instruct",
+    model=None,
     *,
     question: str | None = None,
     schema: dict | None = None,
@@ -298,6 +306,8 @@ def predict_dataset(
         task, question, schema, max_new_tokens: as in ``phi_helpers.cli.tasks.predict``.
         model: a hub id, a local folder every node can read, ``"tiny"``; or a function that returns
             ``(model, processor)``, called once in each replica (a model you load your own way).
+            ``None``: what ``load_model()`` would load here (``$PHI_HELPERS_MODEL`` of this process,
+            else Phi-3.5-vision).
         schema_path: how the schema is named in the records (the CLI's ``--schema``).
         batch_size: items per ``generate`` call inside a replica.
         replicas: model replicas (Ray actors) working in parallel; one GPU each by default.
@@ -308,10 +318,11 @@ def predict_dataset(
     ray = require_ray()
     if gpus_per_replica is None:
         gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    load = model if callable(model) else ModelLoader(str(model), device, dtype, attn, num_crops)
+    if model is None:
+        model = os.environ.get("PHI_HELPERS_MODEL") or None  # read here: a cluster's workers do not see it
+    load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops)
     options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens}
-    # Blocks of one batch each: whole batches are what Ray hands out to the replicas.
-    return items.repartition(target_num_rows_per_block=batch_size).map_batches(
+    return items.map_batches(
         Replica,
         fn_constructor_kwargs={"load": load, "task": task, "task_options": options, "schema_path": schema_path},
         batch_size=batch_size,
@@ -348,8 +359,9 @@ def write_records(records, path, total: int | None = None, description: str = "p
     """
     path = str(path)
     if path.lower().endswith(".parquet"):
-        written = records.map_batches(_to_parquet_rows, batch_format="pyarrow")
-        written.write_parquet(path, schema=parquet_schema())
+        # Light tasks (num_cpus=0): the replicas may hold every CPU of a small machine until the end.
+        rows = records.map_batches(_to_parquet_rows, batch_format="pyarrow", num_cpus=0)
+        rows.write_parquet(path, schema=parquet_schema(), ray_remote_args={"num_cpus": 0})
         return _parquet_counts(path)
     written = failed = 0
     with JsonlWriter(path) as writer:
