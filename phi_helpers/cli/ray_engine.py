@@ -36,6 +36,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pypdfium2 as pdfium
+
 from ..api.images import load_image
 from ..api.loading import load_model
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
@@ -169,8 +171,6 @@ class _RemotePages:
         if not uri.lower().endswith(".pdf"):
             pages = [None]
         else:
-            import pypdfium2 as pdfium
-
             try:
                 pages = list(range(1, len(pdfium.PdfDocument(_read_uri(uri))) + 1)) or [None]
             except Exception:  # noqa: BLE001  (reported as this item's error when the replica loads it)
@@ -184,8 +184,6 @@ def remote_item(uri: str, page: int | None, pdf_scale: float = PDF_SCALE) -> Ite
         data = _read_uri(uri)
         if page is None and not uri.lower().endswith(".pdf"):
             return load_image(data)
-        import pypdfium2 as pdfium
-
         try:
             document = pdfium.PdfDocument(data)
             return document[(page or 1) - 1].render(scale=pdf_scale).to_pil().convert("RGB")
