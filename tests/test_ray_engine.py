@@ -153,3 +153,11 @@ def test_without_ray_the_engine_says_what_to_install(capsys, monkeypatch, tmp_pa
 def test_ray_options_need_the_ray_engine(capsys, tmp_path, scans):
     code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "o.jsonl", "--replicas", "2")
     assert code == 2 and "--engine ray" in err
+
+
+def test_a_missing_input_fails_before_ray_starts(capsys, tmp_path):
+    pytest.importorskip("ray")
+    code, _, err = run(capsys, "predict", "--image", tmp_path / "missing", "--task", "ocr",
+                       "--output", tmp_path / "o.jsonl", "--engine", "ray")
+    assert code == 1 and "No file or folder" in err
+    assert not (tmp_path / "o.jsonl").exists()

@@ -43,8 +43,7 @@ examples:
   phi-helpers predict --image "scans/**/*.png" --task ocr --output scans.jsonl   # a glob (quote it)
   phi-helpers predict --image report.pdf --task caption --output pages.jsonl     # every page of a PDF
   phi-helpers predict --image scans/ --task ocr --output scans.jsonl --engine ray --replicas 2   # Ray, this machine
-  phi-helpers predict --image s3://bucket/scans/ --task ocr --output scans.parquet \
-      --engine ray --address ray://head:10001 --replicas 8                       # a Ray cluster
+  phi-helpers predict --image s3://bucket/scans/ --task ocr --output scans.parquet --engine ray --address auto --replicas 8
 
 Folders, globs, PDFs and several --image values give one JSON line per image or PDF page in the
 --output file. Lines are written as soon as they are ready; running the same command again skips

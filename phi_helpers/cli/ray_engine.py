@@ -413,15 +413,18 @@ def run_ray(args, schema: dict | None, model: str) -> int:
 
     A JSONL ``--output`` is appended to and finished items are skipped, as with the in-process
     engine; a ``.parquet`` output is a new folder. Stops the Ray it started or joined when done (a Ray
-that this process had already started is left running).
+    that this process had already started is left running).
     """
     ray = require_ray()  # before anything slow: say what to install
-    output = Path(args.output)
-    parquet = output.suffix.lower() == ".parquet"
-    if parquet and output.exists():
+    output = args.output  # a string: a Parquet output may be a URI such as s3://bucket/out.parquet
+    parquet = output.lower().endswith(".parquet")
+    if parquet and not is_remote(output) and Path(output).exists():
         raise CommandLineError(f"--output '{output}' already exists; Parquet output is a new folder: choose another name.")
     if not parquet:
-        check_output_path(output)
+        check_output_path(Path(output))
+    for spec in args.image:  # a missing file or an empty folder fails here, before Ray starts
+        if not is_remote(spec):
+            collect_items(spec)
     finished = set() if parquet else done_keys(output)
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
