@@ -95,6 +95,10 @@ class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
 
 
+class RayNotInstalledError(MissingDependencyError):
+    """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "phi_helpers[ray]"``."""
+
+
 def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> int:
     """Return ``value`` if it is an ``int`` (not a bool) >= ``minimum``; else raise InvalidArgumentError.
 

@@ -26,9 +26,10 @@ from ..errors import InvalidArgumentError, check_whole_number
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
 from .outputs import (
-    JsonlWriter, check_output_path, error_message, item_fields, json_safe, model_info, plan_resume, progress_bar,
-    repair_jsonl, request_fields, torn_path, write_atomically,
+    JsonlWriter, check_output_path, error_message, item_fields, json_safe, make_record, model_info, progress_bar,
+    request_fields, resume, write_atomically,
 )
+from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .tasks import TASKS, chunks, predict, predict_items, task_prompt
@@ -43,6 +44,8 @@ examples:
   phi-helpers predict --image scans/ --task ocr --output scans.jsonl             # a folder
   phi-helpers predict --image "scans/**/*.png" --task ocr --output scans.jsonl   # a glob (quote it)
   phi-helpers predict --image report.pdf --task caption --output pages.jsonl     # every page of a PDF
+  phi-helpers predict --image scans/ --task ocr --output scans.jsonl --engine ray --replicas 2   # Ray, this machine
+  phi-helpers predict --image s3://bucket/scans/ --task ocr --output scans.parquet --engine ray --address auto --replicas 8
 
 Folders, globs, PDFs and several --image values give one JSON line per image or PDF page in the
 --output file. Lines are written as soon as they are ready; running the same command again skips
@@ -106,6 +109,14 @@ def _add_predict_parser(commands) -> None:
     parser.add_argument("--format", choices=("txt", "json"), help="txt: the answer only (default for one image); "
                         "json: the answer with its metadata (always used for many images)")
     _add_model_options(parser)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=("process", "ray"), default="process",
+                        help='process: this Python process (default); ray: Ray Data, one model replica per worker '
+                        '(pip install "phi_helpers[ray]")')
+    engine.add_argument("--address", metavar="ADDR", help="with --engine ray: the Ray cluster to use (e.g. auto, "
+                        "ray://head:10001); default: start a local Ray on this machine")
+    engine.add_argument("--replicas", type=_positive_int, metavar="N", help="with --engine ray: model replicas working "
+                        "in parallel, one GPU each where there are GPUs (default: 1)")
     parser.set_defaults(parser=parser)
 
 
@@ -162,10 +173,12 @@ def _check_predict_args(args) -> bool:
         predict_parser.error("--task extract needs a JSON Schema: add --schema FILE.json")
     if args.schema and args.task != "extract":
         predict_parser.error("--schema is only used with --task extract")
-    many = len(args.image) > 1 or is_multi_input(args.image[0])
+    if args.engine != "ray" and (args.address or args.replicas):
+        predict_parser.error("--address and --replicas are options of --engine ray")
+    many = len(args.image) > 1 or is_multi_input(args.image[0]) or args.engine == "ray"
     if many and not args.output:
-        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images "
-                             "(results are written as JSON lines)")
+        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images, "
+                             "and with --engine ray (results are written as JSON lines)")
     if many and args.format == "txt":
         predict_parser.error("--format txt is for a single image; many images are always written as JSON lines")
     return many
@@ -233,6 +246,8 @@ def run_predict(args) -> int:
     schema = load_schema(args.schema) if args.task == "extract" else None
     # A special token in --prompt (or the schema) is refused now, before the (slow) model loading.
     check_user_text(task_prompt(args.task, args.prompt, schema), "prompt")
+    if args.engine == "ray":
+        return run_ray(args, schema, model=requested_model(args))
     if many:
         return run_batch(args, schema)
     return run_single(args, schema)
@@ -258,7 +273,7 @@ def run_single(args, schema) -> int:
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
     result = {**item_fields(item), "image_size": list(image.size), **result}
     request = request_fields(args, schema, requested_model(args))
-    record = json_safe(make_record(result, args, model_info(model, processor), request))
+    record = json_safe(make_record(result, args.task, args.schema, model_info(model, processor), request))
 
     if args.task == "extract" and not record["valid"]:
         print(f"warning: the answer does not follow the schema: {'; '.join(record['errors'])}", file=sys.stderr)
@@ -280,42 +295,13 @@ def answer_text(record: dict) -> str:
     return json.dumps(record["answer"], indent=2, ensure_ascii=False)
 
 
-RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
-
-
-def make_record(result: dict, args, info: dict, request: dict) -> dict:
-    """An output record in a fixed, readable order: where from, what task, the answer, then how it was made.
-
-    ``result`` is what ``predict`` / ``predict_items`` returned for one image; ``info`` is ``model_info``;
-    ``request`` is ``request_fields`` (what a re-run compares to decide whether the line is still wanted).
-    """
-    record = {key: result[key] for key in ("source", "source_b64", "page") if key in result}
-    record["task"] = args.task
-    if args.schema:
-        record["schema"] = args.schema
-    record["request"] = request
-    if "error" in result:
-        return {**record, "error": result["error"]}
-    record.update((key, result[key]) for key in RESULT_KEYS if key in result)
-    record.update(info)
-    record.update((key, value) for key, value in result.items() if key not in record)
-    return record
-
-
 def run_batch(args, schema) -> int:
     """Many images: JSON lines appended to --output, batched generation, finished items skipped."""
     items = [item for spec in args.image for item in collect_items(spec)]
     output = Path(args.output)
     check_output_path(output)
-    torn = repair_jsonl(output)
-    if torn:
-        print(f"warning: {torn} line(s) of {output} did not parse (e.g. cut off when a run was killed or the "
-              f"disk was full); moved them to {torn_path(output)}", file=sys.stderr)
     request = request_fields(args, schema, requested_model(args))
-    plan = plan_resume(items, output, request)
-    for line in plan.summary(len(items), output):
-        print(line, file=sys.stderr)
-    todo = plan.todo
+    todo = resume(output, items, request).todo
     if not todo:
         print("Nothing left to do.", file=sys.stderr)
         return 0
@@ -326,7 +312,7 @@ def run_batch(args, schema) -> int:
     with JsonlWriter(output) as writer, progress_bar(len(todo), args.task) as bar:
         for batch in chunks(todo, args.batch_size):
             for record in predict_items(model, processor, batch, args.task, **task_options(args, schema)):
-                record = make_record(record, args, info, request)
+                record = make_record(record, args.task, args.schema, info, request)
                 writer.write(record)
                 if "error" in record:
                     failed += 1

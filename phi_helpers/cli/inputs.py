@@ -160,6 +160,19 @@ def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
     return items
 
 
+def item_at(source: str, page: int | None = None) -> Item:
+    """The item that ``collect_items`` made for the key ``(source, page)``, rebuilt from the key alone.
+
+    Lets another process (a Ray replica) read the pixels of an item it was sent as two plain values.
+    A PDF without a page number is one that could not be opened: loading it raises the same error.
+    """
+    if page is not None:
+        return Item(source, page, loader=_page_loader(Path(source), page))
+    if not is_url(source) and Path(source).suffix.lower() == ".pdf":
+        return _items_for_files([Path(source)], strict=False)[0]
+    return Item(source)
+
+
 def pdf_items(path: Path) -> list[Item]:
     """One item per page of the PDF at ``path``; pages are rendered (at ``PDF_SCALE``) only when loaded."""
     count = _pdf_page_count(path)

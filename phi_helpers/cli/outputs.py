@@ -1,6 +1,7 @@
 """What the command line writes: one record per item, JSON Lines appended and flushed, resume.
 
-* records: ``item_fields``, ``error_record`` and ``model_info`` make the fields every line shares;
+* records: ``item_fields``, ``error_record`` and ``model_info`` make the fields every line shares,
+  ``make_record`` puts them in order (both engines of ``phi-helpers predict`` build their lines there);
   ``request_fields`` is the request itself (task, prompt, schema, model, generation settings), stored
   in every line under ``"request"`` so that a re-run knows which question a line answers;
 * ``JsonlWriter`` appends one line per result and flushes it at once; ``repair_jsonl`` moves the torn
@@ -143,6 +144,30 @@ def model_info(model, processor) -> dict:
     }
 
 
+RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
+
+
+def make_record(result: dict, task: str, schema: str | None, info: dict, request: dict) -> dict:
+    """An output record in a fixed, readable order: where from, what task, the answer, then how it was made.
+
+    ``result`` is what ``predict`` / ``predict_items`` returned for one image, ``schema`` the path of
+    the JSON Schema as the user gave it (extract only), ``info`` is ``model_info``, ``request`` is
+    ``request_fields`` (what a re-run compares to decide whether the line is still wanted). Both
+    engines of ``phi-helpers predict`` (in-process and Ray) build their lines here.
+    """
+    record = {key: result[key] for key in ("source", "source_b64", "page") if key in result}
+    record["task"] = task
+    if schema:
+        record["schema"] = schema
+    record["request"] = request
+    if "error" in result:
+        return {**record, "error": result["error"]}
+    record.update((key, result[key]) for key in RESULT_KEYS if key in result)
+    record.update(info)
+    record.update((key, value) for key, value in result.items() if key not in record)
+    return record
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +280,19 @@ def plan_resume(items: list[Item], path, request: dict) -> ResumePlan:
             plan.done += 1
             continue
         plan.todo.append(item)
+    return plan
+
+
+def resume(path, items: list[Item], request: dict) -> ResumePlan:
+    """Make the JSONL output ``path`` ready for a (re-)run of ``request`` over ``items``: move its torn
+    lines aside (``repair_jsonl``), decide per item (``plan_resume``), say both on stderr."""
+    torn = repair_jsonl(path)
+    if torn:
+        print(f"warning: {torn} line(s) of {path} did not parse (e.g. cut off when a run was killed or the "
+              f"disk was full); moved them to {torn_path(path)}", file=sys.stderr)
+    plan = plan_resume(items, path, request)
+    for line in plan.summary(len(items), path):
+        print(line, file=sys.stderr)
     return plan
 
 

@@ -1,0 +1,460 @@
+"""``phi-helpers predict`` on Ray Data: the same tasks, prompts and records, on one machine or a cluster.
+
+    import ray
+    from phi_helpers.cli.ray_engine import item_dataset, predict_dataset, start_ray, write_records
+
+    start_ray()                                   # a local Ray; start_ray("ray://head:10001") joins a cluster
+    items = item_dataset(["scans/"])              # folders, globs, PDFs, files; or "s3://bucket/scans/"
+    records = predict_dataset(items, "ocr", model="microsoft/Phi-3.5-vision-instruct", replicas=2)
+    write_records(records, "scans.jsonl")         # or "scans.parquet"
+    ray.shutdown()
+
+How the work is split:
+
+* ``item_dataset`` makes a Ray Dataset with one row per image or PDF page: ``{"source", "page"}``,
+  the same keys as ``collect_items`` (local paths, globs and PDFs are listed by ``collect_items`` itself).
+  Sources on another filesystem (``s3://``, ``gs://``, ``file://``..., whatever ``pyarrow.fs`` opens) are
+  listed here and their PDFs are split into pages by Ray tasks. Pixels are read inside the replicas.
+* ``predict_dataset`` runs ``Replica`` in a pool of ``replicas`` Ray actors (one GPU each when the
+  cluster has GPUs, else CPU). Each replica loads the model once and runs batches of ``batch_size``
+  items through ``predict_items``, the function the in-process CLI uses, and builds each line with
+  ``make_record``: the records are the CLI's by construction. A bad item gets its error record; a
+  replica that dies is restarted by Ray and its batch is run again.
+* ``write_records`` streams the records to a JSONL file (appended, with a progress bar; the same
+  file the CLI writes) or writes Parquet with Ray's writer (a folder of part files).
+
+Ray is an optional extra: ``pip install "phi_helpers[ray]"``. This module imports without it; the
+functions raise ``RayNotInstalledError`` when it is missing.
+"""
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pypdfium2 as pdfium
+
+from ..api.images import load_image
+from ..api.loading import load_model
+from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
+from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_items, item_at
+from .outputs import JsonlWriter, check_output_path, make_record, model_info, progress_bar, request_fields, resume
+from .tasks import predict_items
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
+WEB_SCHEMES = ("http://", "https://")  # fetched by the replicas themselves (load_image), not by a filesystem
+# Ray hands out work by blocks: small blocks spread the items over the replicas (Ray Data joins blocks
+# into batches of batch_size). Items are two small fields, so blocks stay cheap up to many thousands.
+ITEMS_PER_BLOCK = 4
+MAX_BLOCKS = 10_000
+
+# The columns of a Parquet output, in record order. ``answer`` is text: the answer of caption, ocr and
+# vqa, the JSON text of an extract answer. Fields of a record not named here go to ``extra`` (JSON text).
+PARQUET_COLUMNS = {
+    "source": "string", "page": "int64", "task": "string", "schema": "string", "error": "string",
+    "prompt": "string", "answer": "string", "valid": "bool", "errors": "list<string>", "raw": "list<string>",
+    "attempts": "int64", "image_size": "list<int64>", "model": "string", "device": "string", "dtype": "string",
+    "attention": "string", "num_crops": "int64", "prompt_tokens": "int64", "generated_tokens": "int64",
+    "seconds_to_first_token": "double", "total_seconds": "double", "batch_size": "int64", "extra": "string",
+}
+
+
+def require_ray():
+    """Import and return ``ray`` (with Ray Data), or raise ``RayNotInstalledError`` saying what to install."""
+    try:
+        ray = importlib.import_module("ray")
+        importlib.import_module("ray.data")
+    except ImportError as error:
+        raise RayNotInstalledError(
+            f'The Ray engine needs Ray Data, which is not installed ({error}). Install it with: pip install "phi_helpers[ray]"'
+        ) from None
+    return ray
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool | None = None):
+    """Connect to the Ray cluster at ``address``, or start a local Ray on this machine (``None``).
+
+    Returns Ray's context; ``dashboard_url(context)`` is where the Ray dashboard is. Reuses the Ray
+    this process already started or joined. A local Ray gets ``num_cpus`` CPUs (default: this
+    machine's count), a small object store and quiet logs; stop it with ``ray.shutdown()``.
+    ``dashboard``: ``None`` starts the dashboard when its packages are installed
+    (``pip install "ray[default]"``; ``phi_helpers[ray]`` installs only Ray Data), ``False`` never.
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution
+    if address:
+        return ray.init(address=address, logging_level="ERROR")
+    return ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        include_dashboard=dashboard,
+        logging_level="ERROR",
+    )
+
+
+def dashboard_url(context) -> str | None:
+    """The Ray dashboard's address as a link, or ``None`` when Ray runs without one."""
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Items
+# ----------------------------------------------------------------------------------------------
+
+
+def item_dataset(specs: list[str] | str, skip: set | None = None):
+    """A Ray Dataset of the items that ``specs`` name: one row ``{"source", "page"}`` per image or PDF page.
+
+    Local files, folders, globs, PDFs and http(s) URLs give exactly the items of ``collect_items``
+    (in the same order). A URI of another filesystem (``s3://bucket/scans/``, ``gs://...``,
+    ``file:///...``) names a file or a folder (its files, not its sub-folders, sorted); its PDFs are
+    split into pages by Ray tasks. ``skip``: keys ``(source, page)`` to leave out (finished items).
+    """
+    ray = require_ray()
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    skip = skip or set()
+    local = [item for spec in specs if not is_remote(spec) for item in collect_items(spec)]
+    rows = [{"source": item.source, "page": item.page} for item in local if item.key not in skip]
+    blocks = min(-(-len(rows) // ITEMS_PER_BLOCK), MAX_BLOCKS)
+    datasets = [ray.data.from_items(rows, override_num_blocks=blocks)] if rows else []
+    remote_files = [uri for spec in specs if is_remote(spec) for uri in list_remote(spec)]
+    if remote_files:
+        files = ray.data.from_items([{"source": uri, "page": None} for uri in remote_files])
+        pages = files.flat_map(_RemotePages(frozenset(skip)), num_cpus=0)  # I/O: leave the CPUs to the replicas
+        datasets.append(pages)
+    if not datasets:
+        return ray.data.from_items([{"source": "", "page": 0}]).limit(0)
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def is_remote(spec: str) -> bool:
+    """True for a URI that a filesystem opens (``s3://``...); http(s) URLs and local paths are not."""
+    return "://" in spec and not spec.lower().startswith(WEB_SCHEMES)
+
+
+def list_remote(uri: str) -> list[str]:
+    """The image and PDF files at ``uri``: the file itself, or a folder's files (sorted by name)."""
+    from pyarrow import fs  # installed with ray[data]
+
+    filesystem, path = _filesystem(uri)
+    scheme = uri.split("://", 1)[0]
+    info = filesystem.get_file_info(path)
+    if info.type == fs.FileType.NotFound:
+        raise ImageLoadError(f"Nothing at '{uri}'. Check the bucket and path, and your credentials for {scheme}://.")
+    if info.type == fs.FileType.File:
+        return [uri]
+    found = filesystem.get_file_info(fs.FileSelector(path, recursive=False))
+    files = sorted(f.path for f in found if f.type == fs.FileType.File and _is_supported(f.path))
+    if not files:
+        raise ImageLoadError(f"The folder '{uri}' contains no image or PDF files.")
+    return [_uri(scheme, p) for p in files]
+
+
+@dataclass(frozen=True)
+class _RemotePages:
+    """flat_map: a remote file -> its items (one per page for a PDF, the file itself otherwise)."""
+
+    skip: frozenset = frozenset()
+
+    def __call__(self, row: dict) -> list[dict]:
+        uri = row["source"]
+        if not uri.lower().endswith(".pdf"):
+            pages = [None]
+        else:
+            try:
+                pages = list(range(1, len(pdfium.PdfDocument(_read_uri(uri))) + 1)) or [None]
+            except Exception:  # noqa: BLE001  (reported as this item's error when the replica loads it)
+                pages = [None]
+        return [{"source": uri, "page": page} for page in pages if (uri, page) not in self.skip]
+
+
+def remote_item(uri: str, page: int | None) -> Item:
+    """An item whose pixels are read from a filesystem URI (a PDF page is rendered from the file's bytes)."""
+    def load():
+        data = _read_uri(uri)
+        if page is None and not uri.lower().endswith(".pdf"):
+            return load_image(data)
+        try:
+            document = pdfium.PdfDocument(data)
+            return document[(page or 1) - 1].render(scale=PDF_SCALE).to_pil().convert("RGB")
+        except (pdfium.PdfiumError, IndexError) as error:
+            raise ImageLoadError(f"Could not open page {page or 1} of '{uri}' as a PDF ({error}).") from None
+
+    return Item(uri, page, loader=load)
+
+
+def _read_uri(uri: str) -> bytes:
+    filesystem, path = _filesystem(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except OSError as error:
+        raise ImageLoadError(f"Could not read '{uri}': {error}") from None
+
+
+def _filesystem(uri: str):
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as error:
+        raise ImageLoadError(f"Cannot open '{uri}': {error}") from None
+
+
+def _uri(scheme: str, path: str) -> str:
+    return f"{scheme}://{path}"
+
+
+def _is_supported(path: str) -> bool:
+    suffix = Path(path).suffix.lower()
+    return suffix in IMAGE_SUFFIXES or suffix == ".pdf"
+
+
+# ----------------------------------------------------------------------------------------------
+# Replicas
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """How a replica loads its model: ``load_model`` with these choices, run inside the replica.
+
+    ``model`` is a hub id, a local folder (that every node can read) or ``"tiny"``; it wins over the
+    replica's ``$PHI_HELPERS_MODEL``, as ``--model`` does in the CLI. ``None``: ``load_model``'s choice.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    num_crops: int | None = None
+
+    def __call__(self):
+        if self.model is not None:
+            os.environ["PHI_HELPERS_MODEL"] = self.model  # this replica's own process: load_model reads it first
+        with contextlib.redirect_stdout(sys.stderr):
+            return load_model(device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops)
+
+
+@dataclass
+class Replica:
+    """A Ray Data callable class: one model replica that turns batches of items into records.
+
+    ``load`` returns ``(model, processor)`` and is called once, when Ray starts the replica.
+    """
+
+    load: object
+    task: str
+    task_options: dict = field(default_factory=dict)
+    schema_path: str | None = None
+    request: dict | None = None
+
+    def __post_init__(self):
+        self.model, self.processor = self.load()
+        self.info = model_info(self.model, self.processor)
+
+    def __call__(self, batch):
+        """``batch``: a pyarrow table of items ``{"source", "page"}`` -> ``{"record": [JSON text, ...]}``."""
+        rows = batch.to_pylist()
+        items = [
+            remote_item(row["source"], row["page"]) if is_remote(row["source"])
+            else item_at(row["source"], row["page"])
+            for row in rows
+        ]
+        results = predict_items(self.model, self.processor, items, self.task, **self.task_options)
+        records = [make_record(result, self.task, self.schema_path, self.info, self.request) for result in results]
+        return {"record": [json.dumps(record, ensure_ascii=False) for record in records]}
+
+
+def predict_dataset(
+    items,
+    task: str,
+    model=None,
+    *,
+    question: str | None = None,
+    schema: dict | None = None,
+    schema_path: str | None = None,
+    request: dict | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 4,
+    replicas: int = 1,
+    gpus_per_replica: float | None = None,
+    cpus_per_replica: float = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn: str = "auto",
+    num_crops: int | None = None,
+):
+    """Run ``task`` over a Ray Dataset of items (``item_dataset``); return a lazy Dataset of records.
+
+    Each output row is ``{"record": JSON text}``: the line ``phi-helpers predict`` writes for that item
+    (``write_records`` writes them; ``json.loads`` reads one). Nothing runs until the dataset is consumed.
+
+    Args:
+        items: a Ray Dataset with columns ``source`` and ``page``, e.g. from ``item_dataset``.
+        task, question, schema, max_new_tokens: as in ``phi_helpers.cli.tasks.predict``.
+        model: a hub id, a local folder every node can read, ``"tiny"``; or a function that returns
+            ``(model, processor)``, called once in each replica (a model you load your own way).
+            ``None``: what ``load_model()`` would load here (``$PHI_HELPERS_MODEL`` of this process,
+            else Phi-3.5-vision).
+        schema_path: how the schema is named in the records (the CLI's ``--schema``).
+        request: the ``"request"`` of every record (the CLI's ``request_fields``, which a re-run
+            compares to decide what is already done); ``None`` for records outside the CLI.
+        batch_size: items per ``generate`` call inside a replica.
+        replicas: model replicas (Ray actors) working in parallel; one GPU each by default.
+        gpus_per_replica: ``None``: 1 when the cluster has GPUs, else 0 (CPU replicas).
+        cpus_per_replica: CPUs Ray reserves for each replica (and the threads torch uses in it).
+        device, dtype, attn, num_crops: passed to ``load_model`` in each replica (for a model id).
+    """
+    ray = require_ray()
+    if gpus_per_replica is None:
+        gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    if model is None:
+        model = os.environ.get("PHI_HELPERS_MODEL") or None  # read here: a cluster's workers do not see it
+    load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops)
+    options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens}
+    return items.map_batches(
+        Replica,
+        fn_constructor_kwargs={
+            "load": load, "task": task, "task_options": options, "schema_path": schema_path, "request": request,
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=replicas),
+        num_cpus=cpus_per_replica,
+        num_gpus=gpus_per_replica,
+    )  # Ray Data's actor pool restarts a replica that dies and sends its batch again (max_restarts=-1, max_task_retries=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def iter_records(records, total: int | None = None, description: str = "predict"):
+    """Yield the record dicts of a ``predict_dataset`` result as they arrive, with a progress bar."""
+    with progress_bar(total, description) as bar:
+        for row in records.iter_rows():
+            record = json.loads(row["record"])
+            if "error" in record:
+                page = f" (page {record['page']})" if "page" in record else ""
+                bar.write(f"failed: {record['source']}{page}: {record['error']}", file=sys.stderr)
+            bar.update(1)
+            yield record
+
+
+def write_records(records, path, total: int | None = None, description: str = "predict") -> tuple[int, int]:
+    """Write a ``predict_dataset`` result; return ``(records written, records with an error)``.
+
+    ``*.parquet``: Ray's Parquet writer, a folder of part files with the columns ``PARQUET_COLUMNS``
+    (read it back with ``pandas.read_parquet(path)`` or ``ray.data.read_parquet(path)``). Anything
+    else: JSON lines appended to the file as they arrive (``JsonlWriter``, like the CLI).
+    """
+    path = str(path)
+    if path.lower().endswith(".parquet"):
+        # Light tasks (num_cpus=0): the replicas may hold every CPU of a small machine until the end.
+        rows = records.map_batches(_to_parquet_rows, batch_format="pyarrow", num_cpus=0)
+        rows.write_parquet(path, schema=parquet_schema(), ray_remote_args={"num_cpus": 0})
+        return _parquet_counts(path)
+    written = failed = 0
+    with JsonlWriter(path) as writer:
+        for record in iter_records(records, total, description):
+            writer.write(record)
+            written += 1
+            failed += "error" in record
+    return written, failed
+
+
+def parquet_schema():
+    """The pyarrow schema of ``PARQUET_COLUMNS``."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int64": pa.int64(), "bool": pa.bool_(), "double": pa.float64(),
+             "list<string>": pa.list_(pa.string()), "list<int64>": pa.list_(pa.int64())}
+    return pa.schema([(name, types[kind]) for name, kind in PARQUET_COLUMNS.items()])
+
+
+def parquet_row(record: dict) -> dict:
+    """A record as a row of ``PARQUET_COLUMNS`` (an extract answer as JSON text, unknown fields in ``extra``)."""
+    row = {name: record.get(name) for name in PARQUET_COLUMNS}
+    if not isinstance(row["answer"], (str, type(None))):
+        row["answer"] = json.dumps(row["answer"], ensure_ascii=False)
+    extra = {key: value for key, value in record.items() if key not in PARQUET_COLUMNS}
+    row["extra"] = json.dumps(extra, ensure_ascii=False) if extra else None
+    return row
+
+
+def _to_parquet_rows(batch):
+    import pyarrow as pa
+
+    rows = [parquet_row(json.loads(text)) for text in batch.column("record").to_pylist()]
+    return pa.Table.from_pylist(rows, schema=parquet_schema())
+
+
+def _parquet_counts(path: str) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    errors = pq.ParquetDataset(path).read(columns=["error"]).column("error")
+    return len(errors), len(errors) - errors.null_count
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: phi-helpers predict ... --engine ray [--address ADDR] [--replicas N]
+# ----------------------------------------------------------------------------------------------
+
+
+def run_ray(args, schema: dict | None, model: str) -> int:
+    """``phi-helpers predict --engine ray``: the items of ``--image`` through Ray; the CLI's records and exit code.
+
+    A JSONL ``--output`` is appended to and finished items are skipped, as with the in-process
+    engine; a ``.parquet`` output is a new folder. Stops the Ray it started or joined when done (a Ray
+    that this process had already started is left running).
+    """
+    ray = require_ray()  # before anything slow: say what to install
+    output = args.output  # a string: a Parquet output may be a URI such as s3://bucket/out.parquet
+    parquet = output.lower().endswith(".parquet")
+    if parquet and not is_remote(output) and Path(output).exists():
+        raise CommandLineError(f"--output '{output}' already exists; Parquet output is a new folder: choose another name.")
+    if not parquet:
+        check_output_path(Path(output))
+    request = request_fields(args, schema, model)
+    # A missing file or an empty folder fails here, before Ray starts. A JSONL output is resumed like
+    # the in-process engine's (items on a remote filesystem are always run).
+    local = [item for spec in args.image if not is_remote(spec) for item in collect_items(spec)]
+    finished = set() if parquet else {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
+    started_here = not ray.is_initialized()
+    context = start_ray(args.address)
+    try:
+        url = dashboard_url(context)
+        if url:
+            print(f"Ray dashboard: {url}", file=sys.stderr)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts records, on stderr
+        items = item_dataset(args.image, skip=finished)
+        total = None if any(is_remote(spec) for spec in args.image) else items.count()
+        if total == 0:
+            print("Nothing left to do.", file=sys.stderr)
+            return 0
+        records = predict_dataset(
+            items, args.task, model, question=args.prompt, schema=schema, schema_path=args.schema, request=request,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, replicas=min(args.replicas or 1, total or sys.maxsize),
+            device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
+        )
+        written, failed = write_records(records, output, total, args.task)
+    finally:
+        if started_here:
+            ray.shutdown()
+    print(f"{written - failed} of {written} items done; results in {output}", file=sys.stderr)
+    if failed:
+        print(f'error: {failed} of {written} items failed (their records in {output} have an "error"); '
+              "run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,163 @@
+"""The Ray engine (phi_helpers.cli.ray_engine): a local Ray with 2 CPU replicas of the tiny checkpoint.
+
+One local Ray is shared by the module (it takes seconds to start) and shut down at the end. The
+records of a Ray run must equal the in-process CLI's item by item, except the fields that measure
+the run (``seconds_to_first_token``, ``total_seconds``, ``batch_size``: Ray cuts batches differently).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cli_runner import run
+from phi_helpers.cli import ray_engine
+from phi_helpers.errors import RayNotInstalledError
+
+FAST = ["--num-crops", "1", "--max-new-tokens", "4"]
+RUN_FIELDS = ("seconds_to_first_token", "total_seconds", "batch_size")  # how long and in which batch: may differ
+SCHEMA = {"type": "object", "required": ["total"], "properties": {"total": {"type": "number"}}}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for this module: 2 CPUs (as on CI's machines), held by the 2 replicas; no dashboard."""
+    ray = pytest.importorskip("ray", reason='the Ray engine tests need pip install "phi_helpers[ray]"')
+    ray_engine.start_ray(num_cpus=2, dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # The fault-injecting loader below lives in this test module, which Ray's workers cannot import.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> Path:
+    """Ten items: 7 small images, a 2-page PDF and an image file that cannot be read (an error record)."""
+    folder = tmp_path_factory.mktemp("scans")
+    for index in range(7):
+        Image.new("RGB", (48 + 8 * index, 40), (30 * index, 200 - 20 * index, 90)).save(folder / f"scan_{index}.png")
+    pages = [Image.new("RGB", (120, 90), color) for color in ("white", "gray")]
+    pages[0].save(folder / "doc.pdf", save_all=True, append_images=pages[1:])
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def schema_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("schema") / "total.schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    return path
+
+
+def read_records(path: Path) -> dict:
+    """JSONL records by item key ``(source, page)``."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(r["source"], r.get("page")): r for r in records}
+
+
+def without_run_fields(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in RUN_FIELDS}
+
+
+def test_ray_records_equal_the_single_process_run(capsys, monkeypatch, tmp_path, local_ray, scans, schema_file, tiny_checkpoint):
+    monkeypatch.delenv("PHI_HELPERS_MODEL", raising=False)
+    common = ["predict", "--image", scans, "--task", "extract", "--schema", schema_file, "--model", tiny_checkpoint,
+              "--batch-size", "3", *FAST]
+    code, _, _ = run(capsys, *common, "--output", tmp_path / "process.jsonl")
+    assert code == 1  # broken.png
+    code, _, err = run(capsys, *common, "--output", tmp_path / "ray.jsonl", "--engine", "ray", "--replicas", "2")
+    assert code == 1, err
+    assert "1 of 10 items failed" in err
+
+    alone, on_ray = read_records(tmp_path / "process.jsonl"), read_records(tmp_path / "ray.jsonl")
+    assert len(alone) == 10 and (str(scans / "doc.pdf"), 2) in alone
+    assert on_ray.keys() == alone.keys()
+    for key, record in alone.items():
+        assert list(on_ray[key]) == list(record), key  # same fields in the same order
+        assert without_run_fields(on_ray[key]) == without_run_fields(record), key
+    assert "error" in on_ray[(str(scans / "broken.png"), None)]
+
+    # Run again: every item that worked is skipped, only the broken one is tried again.
+    code, _, err = run(capsys, *common, "--output", tmp_path / "ray.jsonl", "--engine", "ray", "--replicas", "2")
+    assert code == 1 and "9 items are already done" in err
+    assert len((tmp_path / "ray.jsonl").read_text().splitlines()) == 11
+
+
+class DieOnce:
+    """Loads the tiny model; the first replica to generate kills its own process (once: a marker file)."""
+
+    def __init__(self, checkpoint: str, marker: Path):
+        self.loader = ray_engine.ModelLoader(checkpoint, num_crops=1)
+        self.marker = marker
+
+    def __call__(self):
+        model, processor = self.loader()
+        generate, marker = model.generate, self.marker
+
+        def generate_or_die(*args, **kwargs):
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)  # as if the machine went away: no exception, no cleanup
+            return generate(*args, **kwargs)
+
+        model.generate = generate_or_die
+        return model, processor
+
+
+def test_a_replica_killed_mid_run_still_yields_every_record(tmp_path, local_ray, scans, tiny_checkpoint):
+    marker = tmp_path / "killed"
+    items = ray_engine.item_dataset([str(scans)])
+    records = ray_engine.predict_dataset(
+        items, "ocr", DieOnce(str(tiny_checkpoint), marker), max_new_tokens=4, batch_size=2, replicas=2,
+    )
+    output = tmp_path / "ocr.parquet"
+    written, failed = ray_engine.write_records(records, output)
+
+    assert marker.exists()  # a replica did die
+    assert (written, failed) == (10, 1)  # every item came back; only broken.png is an error
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetDataset(output).read()
+    assert table.schema == ray_engine.parquet_schema()
+    keys = sorted(zip(table.column("source").to_pylist(), table.column("page").to_pylist()), key=str)
+    expected = sorted(((str(p), None) for p in scans.iterdir() if p.suffix == ".png"), key=str)
+    assert keys == sorted(expected + [(str(scans / "doc.pdf"), 1), (str(scans / "doc.pdf"), 2)], key=str)
+
+
+def test_a_filesystem_uri_gives_the_same_items_as_the_local_path(local_ray, scans):
+    """file:// goes through pyarrow.fs, the way s3:// and gs:// do; the PDF is split into pages by Ray."""
+    uri_items = ray_engine.item_dataset([f"file://{scans}"]).take_all()
+    local_items = ray_engine.item_dataset([str(scans)]).take_all()
+    as_keys = lambda rows, prefix="": sorted((r["source"].removeprefix(prefix), r["page"] or 0) for r in rows)
+    assert as_keys(uri_items, "file://") == as_keys(local_items)
+
+
+def test_the_replica_reads_a_remote_pdf_page(scans):
+    image = ray_engine.remote_item(f"file://{scans}/doc.pdf", 2, pdf_scale=1.0).load()
+    assert image.size == (120, 90) and image.getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_without_ray_the_engine_says_what_to_install(capsys, monkeypatch, tmp_path, scans):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as when it is not installed
+    with pytest.raises(RayNotInstalledError, match=r'pip install "phi_helpers\[ray\]"'):
+        ray_engine.require_ray()
+    code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "o.jsonl", "--engine", "ray")
+    assert code == 1 and 'pip install "phi_helpers[ray]"' in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_ray_options_need_the_ray_engine(capsys, tmp_path, scans):
+    code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "o.jsonl", "--replicas", "2")
+    assert code == 2 and "--engine ray" in err
+
+
+def test_a_missing_input_fails_before_ray_starts(capsys, tmp_path):
+    pytest.importorskip("ray")
+    code, _, err = run(capsys, "predict", "--image", tmp_path / "missing", "--task", "ocr",
+                       "--output", tmp_path / "o.jsonl", "--engine", "ray")
+    assert code == 1 and "No file or folder" in err
+    assert not (tmp_path / "o.jsonl").exists()
