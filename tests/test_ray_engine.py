@@ -83,7 +83,7 @@ def test_ray_records_equal_the_single_process_run(capsys, monkeypatch, tmp_path,
 
     # Run again: every item that worked is skipped, only the broken one is tried again.
     code, _, err = run(capsys, *common, "--output", tmp_path / "ray.jsonl", "--engine", "ray", "--replicas", "2")
-    assert code == 1 and "9 items are already done" in err
+    assert code == 1 and "9 of 10 items are already done" in err
     assert len((tmp_path / "ray.jsonl").read_text().splitlines()) == 11
 
 
@@ -137,8 +137,8 @@ def test_a_filesystem_uri_gives_the_same_items_as_the_local_path(local_ray, scan
 
 
 def test_the_replica_reads_a_remote_pdf_page(scans):
-    image = ray_engine.remote_item(f"file://{scans}/doc.pdf", 2, pdf_scale=1.0).load()
-    assert image.size == (120, 90) and image.getpixel((5, 5)) == (128, 128, 128)
+    image = ray_engine.remote_item(f"file://{scans}/doc.pdf", 2).load()  # 120 x 90 points at 144 dpi
+    assert image.size == (240, 180) and image.getpixel((5, 5)) == (128, 128, 128)
 
 
 def test_without_ray_the_engine_says_what_to_install(capsys, monkeypatch, tmp_path, scans):
