@@ -11,6 +11,7 @@ The whole public API:
     build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
     ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, **generate_kwargs) -> str
+    extract(model, processor, prompt_or_chat, schema, images, ...) -> dict   JSON that always follows schema
     extract_json(text) -> dict | list               JSON object inside a model answer
     environment_report() -> dict                    versions, devices, flash-attn, memory needs
     PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do
@@ -31,11 +32,13 @@ from .errors import (
     ImageDownloadTimeout,
     ImageLoadError,
     JSONExtractionError,
+    JSONTruncatedError,
     ModelLoadError,
     PhiHelpersError,
     PromptImageMismatchError,
+    SchemaNotSupportedError,
 )
-from .api.generation import ask
+from .api.generation import ask, extract
 from .api.images import load_image
 from .api.loading import load_model
 from .api.parsing import extract_json
@@ -44,4 +47,4 @@ from .api.report import environment_report
 
 # What help(phi_helpers) shows. The error classes above are importable from here too
 # (`from phi_helpers import ContextLengthError`); they are documented in phi_helpers.errors.
-__all__ = ["load_model", "load_image", "build_prompt", "Chat", "ask", "extract_json", "environment_report"]
+__all__ = ["load_model", "load_image", "build_prompt", "Chat", "ask", "extract", "extract_json", "environment_report"]

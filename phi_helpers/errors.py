@@ -56,3 +56,15 @@ class CommandLineError(PhiHelpersError, ValueError):
 
 class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
+
+
+class SchemaNotSupportedError(PhiHelpersError, ValueError):
+    """A JSON Schema uses a feature that constrained decoding cannot enforce (refused before generating)."""
+
+
+class JSONTruncatedError(PhiHelpersError, ValueError):
+    """A constrained answer ran out of ``max_new_tokens`` before its JSON was complete. ``.text`` keeps it."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text

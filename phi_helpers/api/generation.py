@@ -3,6 +3,7 @@
     answer = ask(model, processor, "What is in this picture?", images=["photo.jpg"])
     answer = ask(model, processor, chat)                  # a Chat: the answer is appended to it
     answer = ask(model, processor, question, images=[img], stream=True)   # prints as it goes
+    data = extract(model, processor, "Extract the fields.", schema, images=[img])  # a dict, always valid
 
 What ``ask`` does, step by step (each step is a small function below):
 1. ``_prepare``: turn the question (or Chat) into a prompt string and a list of PIL images.
@@ -12,6 +13,9 @@ What ``ask`` does, step by step (each step is a small function below):
 
 ``stream_chunks`` is the streaming version as a generator of text pieces; ``ask(stream=True)``
 prints those pieces, and a notebook widget can show them instead.
+
+``schema=`` (a JSON Schema, in ``ask``, ``stream_chunks`` and ``generate_batch``) constrains the answer
+to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns that answer as a dict.
 """
 
 import threading
@@ -19,9 +23,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import ContextLengthError
+from .constrained import SchemaConstraint, compile_schema, read_answer
 from .images import load_image
 from .prompts import Chat, _as_list, build_prompt
 
@@ -32,7 +37,8 @@ _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 
 def ask(
-    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, stream: bool = False, **generate_kwargs
+    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, stream: bool = False,
+    schema: dict | None = None, **generate_kwargs,
 ) -> str:
     """Generate the model's answer and return it as a stripped string.
 
@@ -45,18 +51,23 @@ def ask(
         max_new_tokens: the longest answer, in tokens.
         stream: print the answer while it is generated. Interrupting the kernel (Ctrl-C / the stop
             button) stops generation and returns the partial answer.
+        schema: a JSON Schema: the answer can only be JSON that follows it (compact, in the schema's
+            property order), unless cut off by ``max_new_tokens``. ``extract`` also parses it.
         **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7``).
             Decoding is greedy (deterministic) unless you pass sampling settings.
 
     Raises:
         ContextLengthError: the prompt (text + image tokens) plus ``max_new_tokens`` does not fit.
         PromptImageMismatchError: the prompt's ``<|image_N|>`` tags do not match the images.
+        SchemaNotSupportedError: ``schema`` uses a feature the constraint cannot enforce (before generating).
     """
     if stream:
-        return _print_stream(stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, **generate_kwargs))
+        return _print_stream(
+            stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs)
+        )
     prompt, image_list, chat = _prepare(prompt_or_chat, images)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
-    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     answer = _decode_new_tokens(processor, output, inputs["input_ids"].shape[1])
@@ -65,7 +76,32 @@ def ask(
     return answer
 
 
-def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, **generate_kwargs):
+def extract(
+    model, processor, prompt_or_chat, schema: dict, images=None, max_new_tokens: int = 256, stream: bool = False,
+    **generate_kwargs,
+) -> dict:
+    """Ask for JSON that follows ``schema`` and return it as a dict that always validates against it.
+
+    Same arguments as ``ask``; the answer is constrained token by token (constrained decoding), so it
+    parses and validates whatever the model is, with greedy or sampled decoding. Tell the model what
+    to extract in the question: the schema is enforced, not shown to it.
+
+        schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+        data = extract(model, processor, "What is the total of this receipt?", schema, images=[receipt])
+
+    Raises:
+        SchemaNotSupportedError: the schema uses a feature that is not enforced (nothing is generated);
+            the supported subset is listed in ``help(phi_helpers.api.constrained)``.
+        JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it.
+    """
+    answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
+    return read_answer(answer, schema)
+
+
+def stream_chunks(
+    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, schema: dict | None = None,
+    **generate_kwargs,
+):
     """Yield the answer in pieces of text as the model generates it (same arguments as ``ask``).
 
     Generation runs in a background thread. If the thread fails, its exception is raised here. If you
@@ -73,8 +109,8 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
     ``Chat``, the text generated so far is appended as the answer, unless generation failed.
     """
     prompt, image_list, chat = _prepare(prompt_or_chat, images)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
-    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
 
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
@@ -195,8 +231,9 @@ def _check_context(model, processor, input_ids: torch.Tensor, num_images: int, m
     )
 
 
-def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict) -> dict:
-    """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn."""
+def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict, schema: dict | None = None) -> dict:
+    """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn;
+    with a ``schema``, the token mask of constrained decoding (compiled here, before any generation)."""
     settings = dict(generate_kwargs)
     if settings.get("temperature") == 0:  # "temperature 0" means greedy, as in the official sample code
         settings.pop("temperature")
@@ -205,6 +242,13 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
     settings.setdefault("eos_token_id", _stop_token_ids(model, processor))
     settings.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
     settings["max_new_tokens"] = max_new_tokens
+    if schema is not None:
+        vocab_size = model.get_output_embeddings().out_features  # the logits' width (32064 > the tokenizer's 32045)
+        stop_ids = settings["eos_token_id"]
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+        special = set(processor.tokenizer.all_special_ids)  # "</s>" is not one: decoding would keep it as text
+        grammar = compile_schema(processor.tokenizer, schema, vocab_size, [i for i in stop_ids if i in special])
+        settings["logits_processor"] = LogitsProcessorList([*settings.get("logits_processor", []), SchemaConstraint(grammar)])
     return settings
 
 
@@ -224,7 +268,7 @@ def _decode_new_tokens(processor, output: torch.Tensor, prompt_length: int) -> s
     return processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0].strip()
 
 
-__all__ = ["ask", "stream_chunks"]
+__all__ = ["ask", "extract", "stream_chunks"]
 
 
 @dataclass
@@ -258,15 +302,19 @@ class FirstTokenTimer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int = 512) -> list[Generation]:
+def generate_batch(
+    model, processor, prompts: list[str], images: list[list], max_new_tokens: int = 512, schema: dict | None = None
+) -> list[Generation]:
     """Answer several prompts in ONE greedy ``model.generate`` call; return one Generation per prompt.
+
+    With a ``schema``, every answer is constrained to JSON that follows it (one schema for the batch).
 
     ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of
     images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
     appends on the right, so every row's last prompt token must be in the last column).
     """
+    settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
-    settings = generation_settings(model, processor, max_new_tokens, {})
     timer = FirstTokenTimer()
     start = time.perf_counter()
     with torch.inference_mode():
