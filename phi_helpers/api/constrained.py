@@ -22,7 +22,7 @@ The JSON Schema subset that is enforced (anything else is refused before generat
 * ``type`` (one or a list), ``properties``, ``required``, ``additionalProperties`` (true, false or
   a schema; when absent, no extra properties are written), ``items``, ``minItems``, ``maxItems``,
   ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
-  back-references), ``minLength``, ``maxLength``, ``minimum``, ``maximum``, ``exclusiveMinimum``,
+  back-references), ``minLength`` and ``maxLength`` (not next to a ``pattern``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum``, ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...``;
 * annotations are allowed and ignored: ``$schema``, ``$id``, ``$comment``, ``title``,
@@ -95,6 +95,10 @@ def _collect_problems(schema, where: str, problems: list[str]) -> None:
         pattern = re.compile(schema["pattern"])
         if not all(pattern.search(date) for date in _SAMPLE_DATES):
             problems.append(f"{where}: a pattern next to format 'date' must accept every YYYY-MM-DD date")
+    if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+        problems.append(f"{where}: minLength/maxLength next to a pattern (put the length into the pattern)")
+    if "pattern" in schema and re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", schema["pattern"]):
+        problems.append(f"{where}: a pattern with a look-around or back-reference ({schema['pattern']!r})")
     ref = schema.get("$ref")
     if ref is not None and not re.fullmatch(r"#/(\$defs|definitions)/[^/]+", str(ref)):
         problems.append(f"{where}: $ref {ref!r} (only '#/$defs/NAME' or '#/definitions/NAME')")
@@ -121,6 +125,11 @@ def _grammar_schema(schema):
     if copy.get("format") == "date":
         del copy["format"]
         copy["pattern"] = DATE_PATTERN  # a checked pattern next to it accepts every such date
+    if "minLength" in copy or "maxLength" in copy:
+        # xgrammar 0.2's length-bounded strings let raw control characters through (invalid JSON);
+        # the same bounds as a pattern do not. (Refused together with a pattern, see _collect_problems.)
+        low, high = copy.pop("minLength", 0), copy.pop("maxLength", "")
+        copy["pattern"] = f"^.{{{low},{high}}}$"
     return copy
 
 
