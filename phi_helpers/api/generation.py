@@ -243,7 +243,7 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
     settings.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
     settings["max_new_tokens"] = max_new_tokens
     if schema is not None:
-        vocab_size = model.get_output_embeddings().out_features  # the logits' width (32064 > the tokenizer's 32045)
+        vocab_size = model.config.vocab_size  # the logits' width (32064 > the tokenizer's 32045)
         stop_ids = settings["eos_token_id"]
         stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
         special = set(processor.tokenizer.all_special_ids)  # "</s>" is not one: decoding would keep it as text
