@@ -11,6 +11,7 @@ The whole public API:
     build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
     ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, **generate_kwargs) -> str
+    extract(model, processor, prompt_or_chat, schema, images, ...) -> dict   JSON that always follows schema
     extract_json(text) -> dict | list               JSON object inside a model answer
     environment_report() -> dict                    versions, devices, flash-attn, memory needs
     PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do
@@ -38,12 +39,14 @@ from .errors import (
     ImageDownloadTimeout,
     ImageLoadError,
     JSONExtractionError,
+    JSONTruncatedError,
     ModelLoadError,
     PhiHelpersError,
     PromptImageMismatchError,
+    SchemaNotSupportedError,
     SpecialTokenError,
 )
-from .api.generation import ask
+from .api.generation import ask, extract
 from .api.images import load_image
 from .api.loading import load_model
 from .api.parsing import extract_json

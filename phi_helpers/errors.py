@@ -99,6 +99,18 @@ class RayNotInstalledError(MissingDependencyError):
     """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "phi_helpers[ray]"``."""
 
 
+class SchemaNotSupportedError(PhiHelpersError, ValueError):
+    """A JSON Schema uses a feature that constrained decoding cannot enforce (refused before generating)."""
+
+
+class JSONTruncatedError(PhiHelpersError, ValueError):
+    """A constrained answer ran out of ``max_new_tokens`` before its JSON was complete. ``.text`` keeps it."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text
+
+
 def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> int:
     """Return ``value`` if it is an ``int`` (not a bool) >= ``minimum``; else raise InvalidArgumentError.
 

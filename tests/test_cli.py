@@ -64,9 +64,9 @@ def count_generate(monkeypatch):
     calls = []
     real = tasks.generate_batch
 
-    def counting(model, processor, prompts, images, max_new_tokens=512):
+    def counting(model, processor, prompts, images, max_new_tokens=512, schema=None):
         calls.append(len(prompts))
-        return real(model, processor, prompts, images, max_new_tokens)
+        return real(model, processor, prompts, images, max_new_tokens, schema=schema)
 
     monkeypatch.setattr(tasks, "generate_batch", counting)
     return calls
@@ -77,7 +77,7 @@ def fake_answers(monkeypatch, answers):
     seen = []
     remaining = list(answers)
 
-    def fake(model, processor, prompts, images, max_new_tokens=512):
+    def fake(model, processor, prompts, images, max_new_tokens=512, schema=None):
         seen.extend(prompts)
         return [Generation(remaining.pop(0), 10, 5, 0.01, 0.02, len(prompts)) for _ in prompts]
 
@@ -197,9 +197,9 @@ def test_every_task_and_format(capsys, image, schema_file, task, fmt):
         assert record["prompt"] == "What colour is it?"
     if task == "caption":
         assert record["prompt"] == tasks.TASK_PROMPTS["caption"]
-    if task == "extract":  # random tokens are no JSON: one retry, then valid false with the reasons
-        assert record["valid"] is False and record["attempts"] == 2 and len(record["raw"]) == 2
-        assert record["errors"] and record["answer"] is None
+    if task == "extract":  # constrained, but 4 new tokens cannot close the object: valid false, the reason
+        assert record["constrained"] is True and record["attempts"] == 1 and record["raw"][0].startswith('{"')
+        assert record["valid"] is False and record["answer"] is None and "max_new_tokens" in record["errors"][0]
         assert "warning: the answer does not follow the schema" in err
 
 
@@ -239,7 +239,7 @@ def test_explicit_model_wins_over_the_environment(monkeypatch):
 
 def test_invalid_then_valid_answer_is_retried_once(capsys, monkeypatch, image, schema_file):
     prompts = fake_answers(monkeypatch, ['{"merchant": "ACME"}', 'Sure! {"merchant": "ACME", "total": 12.5}'])
-    code, out, _ = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file, "--format", "json")
+    code, out, _ = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file, "--format", "json", "--no-constrain")
     assert code == 0
     record = json.loads(out)
     assert record["raw"] == ['{"merchant": "ACME"}', 'Sure! {"merchant": "ACME", "total": 12.5}']
@@ -255,7 +255,7 @@ def test_invalid_then_valid_answer_is_retried_once(capsys, monkeypatch, image, s
 
 def test_invalid_twice_gives_valid_false_with_errors(capsys, monkeypatch, image, schema_file):
     fake_answers(monkeypatch, ["no json here", '{"merchant": 5, "total": "a lot"}'])
-    code, out, err = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file, "--format", "json")
+    code, out, err = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file, "--format", "json", "--no-constrain")
     assert code == 0
     record = json.loads(out)
     assert record["valid"] is False and record["attempts"] == 2
@@ -267,9 +267,44 @@ def test_invalid_twice_gives_valid_false_with_errors(capsys, monkeypatch, image,
 
 def test_valid_first_answer_is_not_retried(capsys, monkeypatch, image, schema_file):
     prompts = fake_answers(monkeypatch, ['```json\n{"merchant": "ACME", "total": 3}\n```'])
-    code, out, _ = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file)
+    code, out, _ = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file, "--no-constrain")
     assert code == 0 and json.loads(out) == {"merchant": "ACME", "total": 3}  # txt: the JSON answer
     assert len(prompts) == 1 and '"required": ["merchant", "total"]' in prompts[0]
+
+
+def test_extract_is_constrained_by_default(capsys, tmp_path, image):
+    """The tiny model answers random words; constrained, its answer is a valid record every time.
+
+    (Bounded strings and numbers: a random model rarely closes a free-text string within a few tokens.)
+    """
+    schema_file = tmp_path / "bounded.schema.json"
+    schema_file.write_text(json.dumps({
+        "type": "object", "required": ["merchant", "total"],
+        "properties": {"merchant": {"type": "string", "maxLength": 12}, "total": {"type": "number", "minimum": 0, "maximum": 999}},
+    }))
+    code, out, err = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file,
+                         "--format", "json", "--num-crops", "1", "--max-new-tokens", "40")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["constrained"] is True and record["valid"] is True and record["errors"] == [], record["raw"]
+    assert set(record["answer"]) == {"merchant", "total"} and isinstance(record["answer"]["merchant"], str)
+    assert record["raw"] == [json.dumps(record["answer"], ensure_ascii=False, separators=(",", ":"))]
+
+
+def test_no_constrain_keeps_the_prompt_and_retry_path(capsys, image, schema_file):
+    code, out, err = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema_file,
+                         "--format", "json", "--no-constrain", *FAST)
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["constrained"] is False and record["valid"] is False and record["attempts"] == 2
+
+
+def test_unsupported_schema_fails_before_loading_the_model(capsys, tmp_path, image, tiny_model):
+    schema = tmp_path / "odd.schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}))
+    code, out, err = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema, *FAST)
+    assert code == 1 and out == "" and "cannot enforce" in err and "(root)/properties/a: 'not'" in err
+    assert tiny_model.calls == 0
 
 
 # ----------------------------------------------------------------------------------------------

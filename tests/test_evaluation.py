@@ -163,7 +163,7 @@ def oracle(monkeypatch):
         answer = entry["expected"] if entry["task"] == "ocr" else json.dumps(entry["expected"])
         expected[load_image(entry["image"]).tobytes()] = answer
 
-    def answer(model, processor, prompts, images, max_new_tokens=512):
+    def answer(model, processor, prompts, images, max_new_tokens=512, schema=None):
         return [Generation(expected[group[0].tobytes()], 100, 20, 0.1, 0.5, len(prompts)) for group in images]
 
     monkeypatch.setattr(tasks, "generate_batch", answer)
@@ -190,7 +190,7 @@ def test_perfect_answers_score_cer_0_and_exact_match_1(capsys, tmp_path, oracle)
 
 @needs_eval_set
 def test_wrong_answers_lower_the_scores(capsys, monkeypatch, tmp_path):
-    def answer(model, processor, prompts, images, max_new_tokens=512):
+    def answer(model, processor, prompts, images, max_new_tokens=512, schema=None):
         text = '{"merchant": "Northwind Hardware", "date": "2024-11-02", "currency": "USD", "total": 1}'
         return [Generation(text if "JSON" in prompts[0] else "The quick brown fox", 1, 1, 0.1, 0.1, 1) for _ in prompts]
 
@@ -213,10 +213,23 @@ def test_eval_runs_end_to_end_on_the_tiny_model(capsys, tmp_path):
     report = json.loads(report_path.read_text())
     assert [item["task"] for item in report["items"]] == ["ocr", "ocr", "ocr", "extract"]
     assert report["summary"]["ocr"]["cer"] > 0  # random tokens are not the text
-    receipt = report["items"][3]
-    assert receipt["valid"] is False and len(receipt["raw"]) == 2 and not any(receipt["fields"].values())
+    receipt = report["items"][3]  # constrained, but 4 tokens cannot close the receipt's object
+    assert report["constrained"] is True and "extraction: constrained decoding" in out
+    assert receipt["valid"] is False and len(receipt["raw"]) == 1 and not any(receipt["fields"].values())
     assert report["model"] and report["device"] == "cpu"
     assert "receipt.total" in out and "Traceback" not in err
+
+
+@needs_eval_set
+def test_eval_scores_the_unconstrained_path_too(capsys, tmp_path):
+    report_path = tmp_path / "report.json"
+    code, out, err = run(capsys, "eval", "--data", EVAL_SET, "--limit", "4", "--max-new-tokens", "4", "--no-constrain",
+                         "--output", report_path)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    receipt = report["items"][3]  # random words: invalid, retried once
+    assert report["constrained"] is False and "prompt and one retry (--no-constrain)" in out
+    assert receipt["valid"] is False and len(receipt["raw"]) == 2
 
 
 def test_eval_bad_data_is_a_one_line_error(capsys, tmp_path):

@@ -41,10 +41,10 @@ def _output_text(output) -> str:
     return "\n".join(str(part) for part in parts)
 
 
-def test_the_seven_tutorial_notebooks_exist():
+def test_the_tutorial_notebooks_exist():
     names = [path.name for path in NOTEBOOKS]
-    for prefix in ("00_setup", "01_image_analysis", "02_ocr_and_documents", "03_multi_image",
-                   "04_multi_turn_chat", "05_without_flash_attention", "06_scaling_up"):
+    for prefix in ("00_setup", "01_image_analysis", "02_ocr_and_documents", "02b_structured_extraction",
+                   "03_multi_image", "04_multi_turn_chat", "05_without_flash_attention", "06_scaling_up"):
         assert f"{prefix}.ipynb" in names
 
 

@@ -3,6 +3,7 @@
     answer = ask(model, processor, "What is in this picture?", images=["photo.jpg"])
     answer = ask(model, processor, chat)                  # a Chat: the answer is appended to it
     answer = ask(model, processor, question, images=[img], stream=True)   # prints as it goes
+    data = extract(model, processor, "Extract the fields.", schema, images=[img])  # a dict, always valid
 
 What ``ask`` does, step by step (each step is a small function below):
 1. ``_prepare``: turn the question (or Chat) into a prompt string and a list of PIL images.
@@ -12,6 +13,9 @@ What ``ask`` does, step by step (each step is a small function below):
 
 ``stream_chunks`` is the streaming version as a generator of text pieces; ``ask(stream=True)``
 prints those pieces, and a notebook widget can show them instead.
+
+``schema=`` (a JSON Schema, in ``ask``, ``stream_chunks`` and ``generate_batch``) constrains the answer
+to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns that answer as a dict.
 """
 
 import threading
@@ -19,10 +23,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import PromptError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import check_context_length
+from .constrained import SchemaConstraint, compile_schema, read_answer
 from .images import load_image
 from .prompts import Chat, _as_list, build_prompt, is_chat_format
 
@@ -34,7 +39,8 @@ BATCH_MAX_NEW_TOKENS = 512  # the longest answer of generate_batch (and of the c
 
 
 def ask(
-    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, stream: bool = False, **generate_kwargs
+    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, stream: bool = False,
+    schema: dict | None = None, **generate_kwargs,
 ) -> str:
     """Generate the model's answer and return it as a stripped string.
 
@@ -48,6 +54,8 @@ def ask(
         max_new_tokens: the longest answer, in tokens.
         stream: print the answer while it is generated. Interrupting the kernel (Ctrl-C / the stop
             button) stops generation and returns the partial answer.
+        schema: a JSON Schema: the answer can only be JSON that follows it (compact, in the schema's
+            property order), unless cut off by ``max_new_tokens``. ``extract`` also parses it.
         **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7``).
             Decoding is greedy (deterministic) unless you pass sampling settings.
 
@@ -55,12 +63,15 @@ def ask(
         ContextLengthError: the prompt (text + image tokens) plus ``max_new_tokens`` does not fit.
         PromptImageMismatchError: the prompt's ``<|image_N|>`` tags do not match the images.
         SpecialTokenError: the question or a chat turn contains ``<|end|>``, ``<|user|>``... (see prompts).
+        SchemaNotSupportedError: ``schema`` uses a feature the constraint cannot enforce (before generating).
     """
     if stream:
-        return _print_stream(stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, **generate_kwargs))
+        return _print_stream(
+            stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs)
+        )
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
-    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     answer = _decode_answer(processor, output[0, inputs["input_ids"].shape[1] :].tolist(), settings["eos_token_id"])
@@ -69,7 +80,32 @@ def ask(
     return answer
 
 
-def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, **generate_kwargs):
+def extract(
+    model, processor, prompt_or_chat, schema: dict, images=None, max_new_tokens: int = 256, stream: bool = False,
+    **generate_kwargs,
+) -> dict:
+    """Ask for JSON that follows ``schema`` and return it as a dict that always validates against it.
+
+    Same arguments as ``ask``; the answer is constrained token by token (constrained decoding), so it
+    parses and validates whatever the model is, with greedy or sampled decoding. Tell the model what
+    to extract in the question: the schema is enforced, not shown to it.
+
+        schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+        data = extract(model, processor, "What is the total of this receipt?", schema, images=[receipt])
+
+    Raises:
+        SchemaNotSupportedError: the schema uses a feature that is not enforced (nothing is generated);
+            the supported subset is listed in ``help(phi_helpers.api.constrained)``.
+        JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it.
+    """
+    answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
+    return read_answer(answer, schema)
+
+
+def stream_chunks(
+    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, schema: dict | None = None,
+    **generate_kwargs,
+):
     """Yield the answer in pieces of text as the model generates it (same arguments as ``ask``).
 
     Generation runs in a background thread. If the thread fails, its exception is raised here. If you
@@ -77,8 +113,8 @@ def stream_chunks(model, processor, prompt_or_chat, images=None, max_new_tokens:
     ``Chat``, the text generated so far is appended as the answer, unless generation failed.
     """
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
-    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs)
 
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
@@ -199,8 +235,9 @@ def encode(model, processor, prompts, images: list, max_new_tokens: int):
     return inputs
 
 
-def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict) -> dict:
-    """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn."""
+def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict, schema: dict | None = None) -> dict:
+    """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn;
+    with a ``schema``, the token mask of constrained decoding (compiled here, before any generation)."""
     settings = dict(generate_kwargs)
     if settings.get("temperature") == 0:  # "temperature 0" means greedy, as in the official sample code
         settings.pop("temperature")
@@ -209,6 +246,13 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
     settings.setdefault("eos_token_id", _stop_token_ids(model, processor))
     settings.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
     settings["max_new_tokens"] = max_new_tokens
+    if schema is not None:
+        vocab_size = model.config.vocab_size  # the logits' width (32064 > the tokenizer's 32045)
+        stop_ids = settings["eos_token_id"]
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+        special = set(processor.tokenizer.all_special_ids)  # "</s>" is not one: decoding would keep it as text
+        grammar = compile_schema(processor.tokenizer, schema, vocab_size, [i for i in stop_ids if i in special])
+        settings["logits_processor"] = LogitsProcessorList([*settings.get("logits_processor", []), SchemaConstraint(grammar)])
     return settings
 
 
@@ -229,7 +273,7 @@ def _decode_answer(processor, new_tokens: list[int], stop_ids) -> str:
     return processor.tokenizer.decode(new_tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
 
 
-__all__ = ["ask", "stream_chunks"]
+__all__ = ["ask", "extract", "stream_chunks"]
 
 
 @dataclass
@@ -264,9 +308,12 @@ class FirstTokenTimer(StoppingCriteria):
 
 
 def generate_batch(
-    model, processor, prompts: list[str], images: list[list], max_new_tokens: int = BATCH_MAX_NEW_TOKENS
+    model, processor, prompts: list[str], images: list[list], max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
+    schema: dict | None = None,
 ) -> list[Generation]:
     """Answer several prompts in one batched greedy generation; return one Generation per prompt.
+
+    With a ``schema``, every answer is constrained to JSON that follows it (one schema for the batch).
 
     ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of
     images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
@@ -278,8 +325,8 @@ def generate_batch(
     ``generate`` keeps computing finished rows, padded, until the longest answer ends). Each answer is
     the same as in one plain batched ``generate`` call.
     """
+    settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
-    settings = generation_settings(model, processor, max_new_tokens, {})
     stop_ids = set(settings["eos_token_id"])
     timer, round_end = FirstTokenTimer(), _AnyRowFinished(stop_ids)
     settings["stopping_criteria"] = StoppingCriteriaList([timer, round_end])
@@ -288,6 +335,7 @@ def generate_batch(
     rows = list(range(len(prompts)))  # the rows of the batch still generating, as indices of prompts
     answers: list[list[int]] = [[] for _ in prompts]
     cache = DynamicCache(config=model.config)
+    constraint = next((p for p in settings.get("logits_processor", []) if isinstance(p, SchemaConstraint)), None)
     start = time.perf_counter()
     with torch.inference_mode():
         while rows:
@@ -299,8 +347,10 @@ def generate_batch(
             going = [i for i, row in enumerate(rows) if not stop_ids & set(answers[row]) and generated < max_new_tokens]
             if not going:
                 break
-            if len(going) < len(rows):  # finished rows leave the batch and its cache
+            if len(going) < len(rows):  # finished rows leave the batch, its cache and its grammar matchers
                 cache.batch_select_indices(torch.tensor(going, device=output.device))
+                if constraint is not None:
+                    constraint.keep_rows(going)
             inputs = _keep_rows(inputs, output, going, [images_per_row[row] for row in rows])
             rows = [rows[i] for i in going]
             settings["max_new_tokens"] = max_new_tokens - generated

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
+from ..api.constrained import check_supported
 from ..api.loading import load_model
 from ..api.prompts import check_user_text
 from ..api.structured import load_schema
@@ -103,7 +104,9 @@ def _add_predict_parser(commands) -> None:
     )
     parser.add_argument("--prompt", metavar="TEXT", help="the question (required for vqa); replaces the built-in instruction "
                         "for caption and ocr; extra instructions for extract")
-    parser.add_argument("--schema", metavar="FILE.json", help="JSON Schema of the answer (required for --task extract)")
+    parser.add_argument("--schema", metavar="FILE.json", help="JSON Schema of the answer (required for --task extract); "
+                        "the answer is constrained to it, token by token, so it always parses and validates")
+    _add_no_constrain_option(parser)
     parser.add_argument("--output", metavar="FILE", help="write the result here (required for many images: JSON lines, "
                         "appended); default: print it")
     parser.add_argument("--format", choices=("txt", "json"), help="txt: the answer only (default for one image); "
@@ -131,7 +134,14 @@ def _add_eval_parser(commands) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="folder with manifest.jsonl (e.g. data/eval)")
     parser.add_argument("--output", metavar="FILE", help="also write the full report (every answer and score) as JSON")
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of the manifest")
+    _add_no_constrain_option(parser)
     _add_model_options(parser)
+
+
+def _add_no_constrain_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-constrain", dest="constrain", action="store_false",
+                        help="extract without constrained decoding: ask for JSON in the prompt, check it, retry once "
+                        "if it is invalid (to compare with the default)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +183,8 @@ def _check_predict_args(args) -> bool:
         predict_parser.error("--task extract needs a JSON Schema: add --schema FILE.json")
     if args.schema and args.task != "extract":
         predict_parser.error("--schema is only used with --task extract")
+    if not args.constrain and args.task != "extract":
+        predict_parser.error("--no-constrain is only used with --task extract")
     if args.engine != "ray" and (args.address or args.replicas):
         predict_parser.error("--address and --replicas are options of --engine ray")
     many = len(args.image) > 1 or is_multi_input(args.image[0]) or args.engine == "ray"
@@ -246,6 +258,8 @@ def run_predict(args) -> int:
     schema = load_schema(args.schema) if args.task == "extract" else None
     # A special token in --prompt (or the schema) is refused now, before the (slow) model loading.
     check_user_text(task_prompt(args.task, args.prompt, schema), "prompt")
+    if schema is not None and args.constrain:
+        check_supported(schema)  # an unsupported feature fails now, before the model is loaded
     if args.engine == "ray":
         return run_ray(args, schema, model=requested_model(args))
     if many:
@@ -260,7 +274,7 @@ def requested_model(args) -> str:
 
 def task_options(args, schema) -> dict:
     """Keyword arguments of ``tasks.predict`` taken from the command line."""
-    return {"question": args.prompt, "schema": schema, "max_new_tokens": args.max_new_tokens}
+    return {"question": args.prompt, "schema": schema, "max_new_tokens": args.max_new_tokens, "constrain": args.constrain}
 
 
 def run_single(args, schema) -> int:

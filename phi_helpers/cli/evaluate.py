@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..api.constrained import check_supported
 from ..api.metrics import character_error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
 from ..api.structured import load_schema
@@ -97,12 +98,15 @@ def _inside(data_dir: Path, relative, field: str, where: str) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(model, processor, entries: list[dict], batch_size: int = BATCH_SIZE,
-             max_new_tokens: int = BATCH_MAX_NEW_TOKENS, progress=None) -> dict:
+def evaluate(
+    model, processor, entries: list[dict], batch_size: int = BATCH_SIZE, max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
+    progress=None, constrain: bool = True,
+) -> dict:
     """Run the model on every entry, score the answers, and return the report (a JSON-ready dict).
 
     Entries with the same task and schema that follow each other run together, ``batch_size`` at a
     time. ``progress``, if given, is called with the number of entries finished after each batch.
+    ``constrain``: extractions use constrained decoding (default) or the prompt-and-retry path.
     """
     schemas = {entry["schema"]: load_schema(entry["schema"]) for entry in entries if "schema" in entry}
     start = time.perf_counter()
@@ -111,13 +115,15 @@ def evaluate(model, processor, entries: list[dict], batch_size: int = BATCH_SIZE
         task, schema_path = group[0]["task"], group[0].get("schema")
         items = [Item(str(entry["image"])) for entry in group]
         records = predict_items(
-            model, processor, items, task, schema=schemas.get(schema_path), max_new_tokens=max_new_tokens
+            model, processor, items, task, schema=schemas.get(schema_path), max_new_tokens=max_new_tokens,
+            constrain=constrain,
         )
         scored.extend(score_entry(entry, record) for entry, record in zip(group, records))
         if progress:
             progress(len(group))
     return {
         **model_info(model, processor),
+        "constrained": constrain,
         "items_evaluated": len(scored),
         "total_seconds": round(time.perf_counter() - start, 3),
         "summary": summarise(scored),
@@ -236,6 +242,8 @@ def _item_score(line: dict) -> str:
 def _summary_lines(report: dict) -> str:
     lines = [f"model: {report['model']} on {report['device']} ({report['dtype']}), "
              f"{report['items_evaluated']} items in {report['total_seconds']:.1f} s"]
+    if "extract" in report["summary"]:
+        lines.append("extraction: " + ("constrained decoding" if report.get("constrained", True) else "prompt and one retry (--no-constrain)"))
     ocr, extract = report["summary"].get("ocr"), report["summary"].get("extract")
     if ocr:
         lines.append(f"ocr: character error rate {ocr['cer']:.3f} over {ocr['items']} items (lower is better)")
@@ -259,12 +267,16 @@ def run_eval_command(args, load) -> int:
     """``phi-helpers eval``: check the set, load the model with ``load()``, run, print, write the report."""
     entries = read_manifest(args.data, args.limit)
     for schema in sorted({entry["schema"] for entry in entries if "schema" in entry}):
-        load_schema(schema)  # a broken schema fails now, not after loading the model
+        loaded = load_schema(schema)  # a broken or unsupported schema fails now, not after loading the model
+        if args.constrain:
+            check_supported(loaded)
     if args.output:
         check_output_path(Path(args.output))
     model, processor = load()
     with progress_bar(len(entries), "eval") as bar:
-        report = evaluate(model, processor, entries, args.batch_size, args.max_new_tokens, progress=bar.update)
+        report = evaluate(
+            model, processor, entries, args.batch_size, args.max_new_tokens, progress=bar.update, constrain=args.constrain
+        )
     report["data"] = str(args.data)
     print(format_report(report))
     if args.output:

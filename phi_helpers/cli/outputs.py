@@ -54,6 +54,7 @@ def request_fields(args, schema: dict | None, model: str) -> dict:
         "dtype": args.dtype,
         "num_crops": args.num_crops,
         "max_new_tokens": args.max_new_tokens,
+        "constrained": args.constrain if args.task == "extract" else None,
     }
 
 
@@ -144,7 +145,7 @@ def model_info(model, processor) -> dict:
     }
 
 
-RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "image_size")
+RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "constrained", "image_size")
 
 
 def make_record(result: dict, task: str, schema: str | None, info: dict, request: dict) -> dict:

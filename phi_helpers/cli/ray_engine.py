@@ -43,7 +43,7 @@ from ..api.loading import load_model
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
 from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_items, item_at
 from .outputs import JsonlWriter, check_output_path, make_record, model_info, progress_bar, request_fields, resume
-from .tasks import predict_items
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
 WEB_SCHEMES = ("http://", "https://")  # fetched by the replicas themselves (load_image), not by a filesystem
@@ -284,8 +284,9 @@ def predict_dataset(
     schema: dict | None = None,
     schema_path: str | None = None,
     request: dict | None = None,
-    max_new_tokens: int = 512,
-    batch_size: int = 4,
+    max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
+    constrain: bool = True,
+    batch_size: int = BATCH_SIZE,
     replicas: int = 1,
     gpus_per_replica: float | None = None,
     cpus_per_replica: float = 1,
@@ -301,7 +302,7 @@ def predict_dataset(
 
     Args:
         items: a Ray Dataset with columns ``source`` and ``page``, e.g. from ``item_dataset``.
-        task, question, schema, max_new_tokens: as in ``phi_helpers.cli.tasks.predict``.
+        task, question, schema, max_new_tokens, constrain: as in ``phi_helpers.cli.tasks.predict``.
         model: a hub id, a local folder every node can read, ``"tiny"``; or a function that returns
             ``(model, processor)``, called once in each replica (a model you load your own way).
             ``None``: what ``load_model()`` would load here (``$PHI_HELPERS_MODEL`` of this process,
@@ -321,7 +322,7 @@ def predict_dataset(
     if model is None:
         model = os.environ.get("PHI_HELPERS_MODEL") or None  # read here: a cluster's workers do not see it
     load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops)
-    options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens}
+    options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens, "constrain": constrain}
     return items.map_batches(
         Replica,
         fn_constructor_kwargs={
@@ -445,7 +446,8 @@ def run_ray(args, schema: dict | None, model: str) -> int:
             return 0
         records = predict_dataset(
             items, args.task, model, question=args.prompt, schema=schema, schema_path=args.schema, request=request,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, replicas=min(args.replicas or 1, total or sys.maxsize),
+            max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
+            replicas=min(args.replicas or 1, total or sys.maxsize),
             device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
         )
         written, failed = write_records(records, output, total, args.task)

@@ -11,17 +11,19 @@
         print(result["answer"])
 
 The fixed prompts (``TASK_PROMPTS``), the extraction prompt built from a JSON Schema and the
-follow-up prompt used for the one retry when an extraction is not valid; ``predict`` runs a task as
+follow-up prompt used for the one retry when an unconstrained extraction is not valid (extraction is
+constrained to the schema by default, see ``phi_helpers.api.constrained``); ``predict`` runs a task as
 ONE batched ``generate`` call (``phi_helpers.api.generation.generate_batch``); ``predict_items``
 never raises for a bad item.
 """
 
 import json
 
+from ..api.constrained import read_answer
 from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction
-from ..errors import InvalidArgumentError, PromptError
+from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError
 from .inputs import Item
 from .outputs import error_record, item_fields
 
@@ -75,19 +77,27 @@ def task_prompt(task: str, question: str | None = None, schema: dict | None = No
 
 def predict(
     model, processor, images: list, task: str, question: str | None = None, schema: dict | None = None,
-    max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
+    max_new_tokens: int = BATCH_MAX_NEW_TOKENS, constrain: bool = True,
 ) -> list[dict]:
     """Run ``task`` on each image (all in one batch) and return one result dict per image.
 
     Every result has ``prompt``, ``answer`` and the costs (``prompt_tokens``, ``generated_tokens``,
     ``seconds_to_first_token``, ``total_seconds``, ``batch_size``). For ``extract`` the answer is the parsed
     JSON (or ``None``) and the result also has ``raw`` (every answer text, in order), ``valid``,
-    ``errors`` and ``attempts``: an invalid first answer gets ONE retry, in which the problems are
-    told to the model in a follow-up turn of the same conversation (see ``RETRY_PROMPT``).
+    ``errors``, ``attempts`` and ``constrained``.
+
+    With ``constrain`` (the default) the answers are decoded under the schema's token mask, so they
+    always parse and validate; the only failure left is an answer cut off by ``max_new_tokens``
+    (``valid`` false, the reason in ``errors``, the partial text in ``raw``). Without it, an invalid
+    first answer gets ONE retry, in which the problems are told to the model in a follow-up turn of
+    the same conversation (see ``RETRY_PROMPT``).
     """
     prompt = task_prompt(task, question, schema)
-    prompts = [build_prompt(prompt, processor=processor)] * len(images)
-    first = generate_batch(model, processor, prompts, [[im] for im in images], max_new_tokens)
+    prompts, image_lists = [build_prompt(prompt, processor=processor)] * len(images), [[im] for im in images]
+    if task == "extract" and constrain:
+        generations = generate_batch(model, processor, prompts, image_lists, max_new_tokens, schema=schema)
+        return [_constrained_result(prompt, g, schema) for g in generations]
+    first = generate_batch(model, processor, prompts, image_lists, max_new_tokens)
     if task != "extract":
         return [_result(prompt, g.text, [g]) for g in first]
 
@@ -105,8 +115,20 @@ def predict(
         data, problems = checked[index] if index not in second else check_extraction(second[index].text, schema)
         result = _result(prompt, data, attempts)
         result.update(raw=[g.text for g in attempts], valid=not problems, errors=problems, attempts=len(attempts))
+        result["constrained"] = False
         results.append(result)
     return results
+
+
+def _constrained_result(prompt: str, generation: Generation, schema: dict) -> dict:
+    """The result of one constrained extraction: valid, or cut off by max_new_tokens."""
+    try:
+        data, problems = read_answer(generation.text, schema), []
+    except JSONTruncatedError as error:
+        data, problems = None, [str(error)]
+    result = _result(prompt, data, [generation])
+    result.update(raw=[generation.text], valid=not problems, errors=problems, attempts=1, constrained=True)
+    return result
 
 
 def _retry_chat(prompt: str, image, answer: str, problems: list[str]) -> Chat:

@@ -1,0 +1,202 @@
+"""Constrained decoding (phi_helpers.api.constrained) on the tiny random checkpoint.
+
+The tiny model answers random words (see the first test): so every test below that gets valid JSON
+out of it proves that the token mask works. Schemas are small and their strings and numbers bounded,
+because a random model rarely closes a free-text string within a few dozen tokens.
+"""
+
+import datetime
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from PIL import Image
+
+from phi_helpers import Chat, JSONTruncatedError, SchemaNotSupportedError, ask, extract
+from phi_helpers.api.constrained import DATE_PATTERN, SchemaConstraint, allowed_next_tokens, compile_schema
+from phi_helpers.api.generation import generate_batch, stream_chunks
+from phi_helpers.api.prompts import build_prompt
+
+QUESTION = "Extract the fields of this document as JSON."
+TOKENS = 64  # enough to close every schema below
+
+SCHEMAS = {
+    "enum_and_integer": {
+        "type": "object",
+        "properties": {"sex": {"enum": ["F", "M", "X"]}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["sex", "age"],
+    },
+    "pattern_and_date": {
+        "type": "object",
+        "properties": {
+            "nationality": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "date_of_birth": {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+        },
+        "required": ["nationality", "date_of_birth"],
+    },
+    "nested_array": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {"code": {"type": "string", "pattern": "^[a-z]{1,4}$"}, "price": {"type": "integer", "minimum": 0, "maximum": 99}},
+                    "required": ["code", "price"],
+                },
+            },
+            "paid": {"type": "boolean"},
+        },
+        "required": ["items", "paid"],
+    },
+    "optional_ref_anyof_const": {
+        "type": "object",
+        "$defs": {"code": {"type": "string", "maxLength": 3}},
+        "properties": {
+            "kind": {"const": "receipt"},
+            "id": {"$ref": "#/$defs/code"},
+            "note": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 9}]},
+            "extra": {"type": "string", "maxLength": 2},
+        },
+        "required": ["kind", "id", "note"],
+    },
+}
+
+
+def images():
+    return [Image.new("RGB", (64, 48), "white"), Image.new("RGB", (40, 90), "navy"), Image.new("RGB", (80, 80), "orange")]
+
+
+def check(data, schema):
+    assert isinstance(data, dict)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    validator.validate(data)  # raises with the reason if invalid
+    assert list(data) == [name for name in schema["properties"] if name in data]  # the schema's order
+
+
+def answer_batch(model, processor, max_new_tokens, schema=None) -> list[str]:
+    """Greedy answers to QUESTION for each of ``images()``, in one batched generate call."""
+    batch = images()
+    results = generate_batch(model, processor, [build_prompt(QUESTION)] * len(batch), [[im] for im in batch], max_new_tokens, schema=schema)
+    return [result.text for result in results]
+
+
+def test_unconstrained_answers_are_not_json(cli_model_and_processor):
+    """Why the rest of this file proves something: without the mask, the tiny model writes no JSON."""
+    for answer in answer_batch(*cli_model_and_processor, max_new_tokens=12):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(answer)
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_greedy_answers_validate_for_every_image_in_a_batch(cli_model_and_processor, name):
+    schema = SCHEMAS[name]
+    for answer in answer_batch(*cli_model_and_processor, max_new_tokens=TOKENS, schema=schema):
+        check(json.loads(answer), schema)
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_sampled_answers_validate_for_every_seed(cli_model_and_processor, name):
+    model, processor = cli_model_and_processor
+    schema, image = SCHEMAS[name], images()[0]
+    answers = set()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        data = extract(model, processor, QUESTION, schema, images=[image], max_new_tokens=TOKENS,
+                       do_sample=True, temperature=1.5, top_k=50)
+        check(data, schema)
+        answers.add(json.dumps(data))
+    assert len(answers) > 1  # sampling did sample
+
+
+def test_streaming_and_chat(cli_model_and_processor):
+    model, processor = cli_model_and_processor
+    schema = SCHEMAS["enum_and_integer"]
+    pieces = list(stream_chunks(model, processor, QUESTION, images=images()[:1], max_new_tokens=TOKENS, schema=schema))
+    check(json.loads("".join(pieces)), schema)
+
+    chat = Chat()
+    chat.add_user(QUESTION, images=images()[1])
+    data = extract(model, processor, chat, schema, max_new_tokens=TOKENS)
+    check(data, schema)
+    assert chat.messages[-1] == {"role": "assistant", "content": json.dumps(data, separators=(",", ":"))}
+
+
+def test_running_out_of_tokens_is_a_typed_error_with_the_partial_text(cli_model_and_processor):
+    model, processor = cli_model_and_processor
+    with pytest.raises(JSONTruncatedError, match="max_new_tokens") as caught:
+        extract(model, processor, QUESTION, SCHEMAS["nested_array"], images=images()[:1], max_new_tokens=3)
+    assert caught.value.text.startswith('{"') and isinstance(caught.value, ValueError)
+
+
+UNSUPPORTED = [
+    ({"type": "array", "items": {"type": "string"}}, 'the root must be "type": "object"'),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}}, "(root)/properties/a: 'oneOf'"),
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "'not'"),
+    ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, "'uniqueItems'"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}}, "format 'email'"),
+    ({"type": "object", "properties": {"a": {"$ref": "other.json#/x"}}}, "$ref 'other.json#/x'"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "pattern": "^1"}}}, "must accept every"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?=a)b$"}}}, "look-around"),
+    ({"type": "object", "properties": {"a": {"type": "strin"}}}, "Not a valid JSON Schema"),
+]
+
+
+@pytest.mark.parametrize("schema,message", UNSUPPORTED, ids=[message for _schema, message in UNSUPPORTED])
+def test_unsupported_schemas_are_refused_before_generating(cli_model_and_processor, monkeypatch, schema, message):
+    model, processor = cli_model_and_processor
+
+    def never(*args, **kwargs):
+        raise AssertionError("generate was called")
+
+    monkeypatch.setattr(model, "generate", never)
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        extract(model, processor, QUESTION, schema, images=images()[:1], max_new_tokens=8)
+    assert message in str(caught.value)
+
+
+def test_the_mask_allows_only_what_the_schema_allows(cli_model_and_processor):
+    _model, processor = cli_model_and_processor
+    tokenizer = processor.tokenizer
+    grammar = compile_schema(tokenizer, SCHEMAS["enum_and_integer"], 32064, [32007])
+
+    def allowed_texts(prefix):
+        tokens = allowed_next_tokens(tokenizer, grammar, prefix)
+        return {tokenizer.decode([tokenizer.convert_tokens_to_ids(token)]) for token in tokens}
+
+    assert allowed_texts("") == {"{", '{"'}
+    after_quote = allowed_texts('{"sex":"')
+    assert {"F", "M", "X"} <= after_quote
+    assert all(any(f'{letter}","age":'.startswith(text) for letter in "FMX") for text in after_quote)
+    assert allowed_next_tokens(tokenizer, grammar, '{"sex":"F","age":12}') == ["<|end|>"]
+    with pytest.raises(ValueError, match="not the beginning"):
+        allowed_next_tokens(tokenizer, grammar, '{"age":')  # the schema's order: sex first
+
+
+def test_ids_beyond_the_tokenizer_are_always_masked(cli_model_and_processor):
+    """The model scores 32064 ids, the tokenizer has 32045 tokens: the ids between have no text."""
+    model, processor = cli_model_and_processor
+    vocab = model.get_output_embeddings().out_features
+    grammar = compile_schema(processor.tokenizer, SCHEMAS["optional_ref_anyof_const"], vocab, [32007])
+    constraint = SchemaConstraint(grammar)
+    scores = constraint(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, vocab))
+    assert torch.isinf(scores[0, len(processor.tokenizer):]).all()
+
+
+def test_date_pattern_accepts_exactly_the_calendar_dates():
+    pattern = re.compile(DATE_PATTERN)
+    for year in (1, 4, 100, 1900, 2000, 2023, 2024, 9999):
+        for month in range(1, 13):
+            for day in range(1, 33):
+                text = f"{year:04d}-{month:02d}-{day:02d}"
+                try:
+                    datetime.date(year, month, day)
+                    real = True
+                except ValueError:
+                    real = False
+                assert bool(pattern.fullmatch(text)) == real, text
+    assert not pattern.fullmatch("0000-01-01")
