@@ -58,9 +58,9 @@ def generations(monkeypatch):
     calls = []
     real = tasks.generate_batch
 
-    def counting(model, processor, prompts, images, max_new_tokens=512):
+    def counting(model, processor, prompts, images, max_new_tokens=512, **kwargs):
         calls.append(len(prompts))
-        return real(model, processor, prompts, images, max_new_tokens)
+        return real(model, processor, prompts, images, max_new_tokens, **kwargs)
 
     monkeypatch.setattr(tasks, "generate_batch", counting)
     return calls
