@@ -56,3 +56,11 @@ class CommandLineError(PhiHelpersError, ValueError):
 
 class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
+
+
+class QuantizationUnavailableError(PhiHelpersError, RuntimeError):
+    """The ``quantize=`` asked for cannot run on this device (e.g. int4 on CPU, anything on Apple MPS)."""
+
+
+class QuantizationBackendMissingError(QuantizationUnavailableError, ImportError):
+    """The library that does the quantization (torchao or bitsandbytes) is not installed."""

@@ -9,9 +9,14 @@ Three choices are made for you, each by a small function you can call yourself:
 * ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU;
 * ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA, half precision), else sdpa.
 
-Set the environment variable ``PHI_HELPERS_MODEL`` to load another checkpoint (a hub id or a local
-folder) without editing notebooks. ``PHI_HELPERS_MODEL=tiny`` builds a tiny *random* model once, for
-CI and offline dry runs; its answers are meaningless.
+The weights go straight from the checkpoint files to the chosen device (``device_map``): on a GPU
+machine the host RAM holds one tensor at a time, not the whole model. ``quantize="int8"`` (or
+``"int4"`` on CUDA) stores the language model's weights in 8 (4) bits; see ``phi_helpers.api.quantization``.
+
+Which checkpoint: the ``model_id`` you pass; without one, the environment variable
+``PHI_HELPERS_MODEL`` (a hub id or a local folder), so notebooks can switch models without edits; else
+Phi-3.5-vision-instruct. ``"tiny"`` (as argument or variable) builds a tiny *random* model once, for CI
+and offline dry runs; its answers are meaningless.
 """
 
 import os
@@ -23,8 +28,9 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
 from ..errors import DeviceUnavailableError, FlashAttentionUnavailableError, ModelLoadError
+from .quantization import quantization_config
 
-_DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
+DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 _DEVICES = ("auto", "cuda", "mps", "cpu")
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -42,40 +48,48 @@ _COMPLETE_MARKER = ".phi_helpers_complete"
 
 
 def load_model(
-    model_id="microsoft/Phi-3.5-vision-instruct",
+    model_id=None,
     device: str = "auto",
     dtype="auto",
     attn: str = "auto",
     num_crops: int | None = None,
+    quantize: str | None = None,
 ):
     """Load the model and its processor; return ``(model, processor)``.
 
     Args:
-        model_id: a Hugging Face hub id or a local folder. ``$PHI_HELPERS_MODEL`` overrides it.
-        device: "auto", "cuda" (or "cuda:1"...), "mps" or "cpu".
+        model_id: a Hugging Face hub id, a local folder, or "tiny". ``None``: ``$PHI_HELPERS_MODEL`` if
+            set, else "microsoft/Phi-3.5-vision-instruct". An explicit ``model_id`` always wins.
+        device: "auto", "cuda" (or "cuda:1"...), "mps" or "cpu". The weights are loaded straight onto it.
         dtype: "auto", "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32", or a torch dtype.
         attn: "auto", "sdpa", "eager" or "flash_attention_2".
         num_crops: image crops of 336x336 pixels (more = finer detail, more tokens). ``None`` keeps the
             checkpoint's value (4 for Phi-3.5-vision, 16 for Phi-3-vision).
+        quantize: ``None``, "int8" (CPU: torchao; CUDA: bitsandbytes or torchao) or "int4" (CUDA with
+            bitsandbytes). Weight-only, language model only; see ``phi_helpers.api.quantization``.
 
     All choices are checked before anything is downloaded. Prints one line saying what was chosen.
     """
     device, device_reason = pick_device(device)
     dtype, dtype_reason = pick_dtype(dtype, device)
     attn, attn_reason = pick_attention(attn, device, dtype)
+    quantization, quantization_note = quantization_config(quantize, device, dtype)
     if num_crops is not None and (isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1):
         raise ValueError(f"num_crops must be a whole number >= 1 (None: the checkpoint's value), got {num_crops!r}.")
     source, label = _resolve_source(model_id)
 
     processor_kwargs = {} if num_crops is None else {"num_crops": num_crops}
     processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, attn_implementation=attn)
-    model = model.to(device).eval()
+    model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device}
+    if quantization is not None:
+        model_kwargs["quantization_config"] = quantization
+    model = _from_pretrained(AutoModelForCausalLM, source, **model_kwargs).eval()
 
     used_attn = getattr(model.config, "_attn_implementation", attn)
     print(
         f"Loaded {label} on {device} ({device_reason}) | {_dtype_name(dtype)} ({dtype_reason}) | "
-        f"attention: {used_attn} ({attn_reason}) | num_crops={processor.image_processor.num_crops}"
+        f"attention: {used_attn} ({attn_reason}) | {quantization_note} | "
+        f"num_crops={processor.image_processor.num_crops}"
     )
     return model, processor
 
@@ -187,13 +201,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _resolve_source(model_id) -> tuple[str, str]:
-    """Return ``(what to pass to from_pretrained, how to name it)``, applying $PHI_HELPERS_MODEL."""
-    override = os.environ.get("PHI_HELPERS_MODEL", "").strip()
-    if override.lower() == "tiny":
-        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny)"
-    if override:
-        return _check_source(override), f"{override} (from PHI_HELPERS_MODEL)"
-    return _check_source(os.fspath(model_id)), os.fspath(model_id)
+    """Return ``(what to pass to from_pretrained, how to name it)``.
+
+    An explicit ``model_id`` wins; ``None`` means ``$PHI_HELPERS_MODEL``, else ``DEFAULT_MODEL``.
+    """
+    if model_id is None:
+        from_env = os.environ.get("PHI_HELPERS_MODEL", "").strip()
+        if from_env.lower() == "tiny":
+            return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny)"
+        if from_env:
+            return _check_source(from_env), f"{from_env} (from PHI_HELPERS_MODEL)"
+        return DEFAULT_MODEL, DEFAULT_MODEL
+    source = os.fspath(model_id)
+    if source.strip().lower() == "tiny":
+        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision"
+    return _check_source(source), source
 
 
 def _check_source(source: str) -> str:
@@ -205,7 +227,7 @@ def _check_source(source: str) -> str:
     if looks_local:
         raise ModelLoadError(
             f"No model folder at '{path}'. Check the path (relative paths start from '{Path.cwd()}'), or pass a "
-            f"hub id such as '{_DEFAULT_MODEL}'."
+            f"hub id such as '{DEFAULT_MODEL}'."
         )
     return source
 
@@ -216,7 +238,7 @@ def _from_pretrained(auto_class, source: str, **kwargs):
         return auto_class.from_pretrained(source, **kwargs)
     except OSError as error:
         raise ModelLoadError(
-            f"Could not load '{source}': {error}\nCheck the model id (e.g. '{_DEFAULT_MODEL}') or folder, your "
+            f"Could not load '{source}': {error}\nCheck the model id (e.g. '{DEFAULT_MODEL}') or folder, your "
             "internet connection and free disk space. For an offline dry run set PHI_HELPERS_MODEL=tiny."
         ) from None
 
@@ -256,13 +278,13 @@ def _is_complete(folder: Path) -> bool:
 def _print_tiny_notice() -> None:
     """A notice nobody can miss: the tiny model is random and its answers mean nothing."""
     lines = [
-        "PHI_HELPERS_MODEL=tiny: using a TINY RANDOM model, not Phi-3.5-vision.",
+        "tiny: using a TINY RANDOM model, not Phi-3.5-vision.",
         "Its answers are MEANINGLESS. This mode is for CI and offline dry runs.",
-        "Unset PHI_HELPERS_MODEL to load the real model.",
+        "Unset PHI_HELPERS_MODEL (or pass a real model id) to load the real model.",
     ]
     width = max(len(line) for line in lines) + 4
     border = "!" * (width + 2)
     print("\n".join([border, *(f"!! {line:<{width - 3}}!!" for line in lines), border]))
 
 
-__all__ = ["load_model", "pick_device", "pick_dtype", "pick_attention"]
+__all__ = ["load_model", "pick_device", "pick_dtype", "pick_attention", "DEFAULT_MODEL"]

@@ -43,8 +43,24 @@ def model_info(model, processor) -> dict:
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "attention": getattr(model.config, "_attn_implementation", None),
+        "quantize": quantize_name(model),
         "num_crops": getattr(processor.image_processor, "num_crops", None),
     }
+
+
+def quantize_name(model) -> str | None:
+    """"int8" / "int4" for a model loaded with ``quantize=``, None for a model in plain dtype."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    if config.get("load_in_4bit"):
+        return "int4"
+    if config.get("load_in_8bit"):
+        return "int8"
+    quant_type = json.dumps(config.get("quant_type", ""))  # torchao: {"default": {"_type": "Int8WeightOnlyConfig"...
+    return "int4" if "Int4" in quant_type else "int8" if "Int8" in quant_type else str(config.get("quant_method"))
 
 
 def done_keys(path) -> set[tuple[str, int | None]]:
