@@ -11,7 +11,9 @@ subprocess, so that its peak RSS is its own:
   compared with the language model's weights in the safetensors file and with fp32;
 * prefill: the first generated token for one image (num_crops=1) and a short question;
 * decode: milliseconds per further token (greedy, ``--tokens`` new tokens);
-* agreement: the share of the first N greedy tokens identical to fp32 (up to the first difference).
+* agreement: the first N greedy tokens identical to fp32 (up to the first difference); and, since a
+  random model has many near-ties, the teacher-forced agreement too: fed fp32's N tokens, how many of
+  the N next-token predictions are fp32's.
 
 Variants: fp32, bf16, int8 (language model quantized: what ``quantize="int8"`` does), int8-all (vision
 tower and projection quantized too: the alternative we measured and rejected), int4 (only where the
@@ -35,6 +37,7 @@ VARIANTS = {  # name: (dtype, quantize, quantize the vision tower too)
     "fp32": ("fp32", None, False),
     "bf16": ("bf16", None, False),
     "int8": ("fp32", "int8", False),
+    "int8+bf16": ("bf16", "int8", False),
     "int8-all": ("fp32", "int8", True),
     "int4": ("bf16", "int4", False),
 }
@@ -101,7 +104,14 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
         output = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **options)
         total = time.perf_counter() - started
     new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    reference_file = Path(folder) / "fp32_tokens.json"
+    reference = json.loads(reference_file.read_text()) if reference_file.exists() else new
+    with torch.inference_mode():  # teacher forcing: the prediction after each of fp32's tokens
+        forced = torch.cat([inputs["input_ids"], torch.tensor([reference[:-1]])], dim=1)
+        logits = model(**{**inputs, "input_ids": forced, "attention_mask": torch.ones_like(forced)}).logits
+    predicted = logits[0, -len(reference):].argmax(-1).tolist()
     return {
+        "forced_agreement": sum(a == b for a, b in zip(predicted, reference)),
         "variant": name,
         "load_peak_rss_gib": load_peak / 2**30,
         "prefill_s": prefill,
@@ -160,6 +170,8 @@ def main() -> None:
             )
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             results[name] = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": done.stderr[-800:]}
+            if name == "fp32" and "tokens" in results[name]:
+                (folder / "fp32_tokens.json").write_text(json.dumps(results[name]["tokens"]))
             print(name, {k: v for k, v in results[name].items() if k != "tokens"}, flush=True)
     report(results, counts, file_gib, args.tokens)
 
@@ -170,7 +182,7 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
           f"language-model Linear weights {counts['quantized'] / total:.1%}); safetensors (bf16) {file_gib:.3f} GiB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     base = results["fp32"]
-    header = f"{'variant':<9} {'load RSS GiB':>12} {'x fp32':>7} {'prefill s':>10} {'x fp32':>7} {'decode ms/tok':>14} {'speed-up':>9} {'agree':>7}"
+    header = f"{'variant':<9} {'load RSS GiB':>12} {'x fp32':>7} {'prefill s':>10} {'x fp32':>7} {'decode ms/tok':>14} {'speed-up':>9} {'agree':>7} {'forced':>7}"
     print(header)
     print("-" * len(header))
     for name, row in results.items():
@@ -182,7 +194,7 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
             f"{name:<9} {row['load_peak_rss_gib']:>12.3f} {row['load_peak_rss_gib'] / base['load_peak_rss_gib']:>7.2f} "
             f"{row['prefill_s']:>10.2f} {row['prefill_s'] / base['prefill_s']:>7.2f} "
             f"{row['decode_ms_per_token']:>14.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>9.2f} "
-            f"{agree:>3}/{tokens}"
+            f"{agree:>4}/{tokens} {row['forced_agreement']:>4}/{tokens}"
         )
 
 
