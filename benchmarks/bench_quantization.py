@@ -7,8 +7,10 @@ A mid-size random Phi-3.5-vision (same layout as the real one, smaller widths: s
 once to a temporary folder in bf16, like the official safetensors. Each variant then runs in a fresh
 subprocess, so that its peak RSS is its own:
 
-* load RSS: peak resident memory during ``load_model`` minus the RSS before it (Linux ru_maxrss),
-  compared with the language model's weights in the safetensors file and with fp32;
+* load RSS: peak resident memory during ``load_model`` minus the RSS before it (Linux ru_maxrss:
+  includes the pages of the memory-mapped safetensors file, which the OS can drop), and the peak of
+  the process's own (anonymous) memory, sampled every 5 ms: what really competes for RAM;
+* weights: the bytes of the loaded tensors (int8 tensors: data + scales);
 * prefill: the first generated token for one image (num_crops=1) and a short question;
 * decode: milliseconds per further token (greedy, ``--tokens`` new tokens);
 * agreement: the first N greedy tokens identical to fp32 (up to the first difference); and, since a
@@ -26,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,7 +79,8 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
 
     dtype, quantize, vision_too = VARIANTS[name]
     torch.manual_seed(0)
-    before = _rss_bytes()
+    before, anon_before = _rss_bytes(), _anon_bytes()
+    sampler = _AnonPeak()
     try:
         model, processor = load_model(folder, device="cpu", dtype=dtype, quantize=quantize, num_crops=1)
         if vision_too:  # the same int8 config without the skip list (lm_head stays: transformers keeps it)
@@ -90,6 +94,7 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
     except PhiHelpersError as error:
         return {"variant": name, "error": f"{type(error).__name__}: {error}"}
     load_peak = _peak_rss_bytes() - before
+    anon_peak = sampler.stop() - anon_before
 
     image = Image.new("RGB", (672, 448), (200, 120, 40))
     prompt = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
@@ -114,11 +119,48 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
         "forced_agreement": sum(a == b for a, b in zip(predicted, reference)),
         "variant": name,
         "load_peak_rss_gib": load_peak / 2**30,
+        "load_peak_anon_gib": anon_peak / 2**30,
+        "weights_gib": sum(_tensor_bytes(p) for p in model.parameters()) / 2**30,
         "prefill_s": prefill,
         "decode_ms_per_token": 1000 * (total - prefill) / (tokens - 1),
         "tokens": new,
         "prompt_tokens": inputs["input_ids"].shape[1],
     }
+
+
+class _AnonPeak:
+    """Samples RssAnon (the process's own memory, without file pages) in a thread until stop()."""
+
+    def __init__(self):
+        self.peak, self.running = _anon_bytes(), True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            self.peak = max(self.peak, _anon_bytes())
+            time.sleep(0.005)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, _anon_bytes())
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tensor_bytes(parameter) -> int:
+    """Bytes of a parameter; a torchao tensor subclass counts its inner tensors (int8 data, scales)."""
+    names = getattr(parameter, "tensor_data_names", None)
+    if names is None:
+        return parameter.numel() * parameter.element_size()
+    return sum(getattr(parameter, name).numel() * getattr(parameter, name).element_size() for name in names)
 
 
 def _rss_bytes() -> int:
@@ -182,7 +224,7 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
           f"language-model Linear weights {counts['quantized'] / total:.1%}); safetensors (bf16) {file_gib:.3f} GiB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     base = results["fp32"]
-    header = f"{'variant':<9} {'load RSS GiB':>12} {'x fp32':>7} {'prefill s':>10} {'x fp32':>7} {'decode ms/tok':>14} {'speed-up':>9} {'agree':>7} {'forced':>7}"
+    header = f"{'variant':<9} {'weights GiB':>11} {'x fp32':>7} {'anon peak GiB':>13} {'RSS peak GiB':>12} {'prefill s':>10} {'x fp32':>7} {'decode ms/tok':>14} {'speed-up':>9} {'agree':>7} {'forced':>7}"
     print(header)
     print("-" * len(header))
     for name, row in results.items():
@@ -191,7 +233,8 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
             continue
         agree = _agreement(base["tokens"], row["tokens"])
         print(
-            f"{name:<9} {row['load_peak_rss_gib']:>12.3f} {row['load_peak_rss_gib'] / base['load_peak_rss_gib']:>7.2f} "
+            f"{name:<9} {row['weights_gib']:>11.3f} {row['weights_gib'] / base['weights_gib']:>7.2f} "
+            f"{row['load_peak_anon_gib']:>13.3f} {row['load_peak_rss_gib']:>12.3f} "
             f"{row['prefill_s']:>10.2f} {row['prefill_s'] / base['prefill_s']:>7.2f} "
             f"{row['decode_ms_per_token']:>14.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>9.2f} "
             f"{agree:>4}/{tokens} {row['forced_agreement']:>4}/{tokens}"

@@ -6,7 +6,7 @@
     print(ask(model, processor, "Describe this chart.", images=[image]))
 
 The whole public API:
-    load_model(model_id, device, dtype, attn, num_crops) -> (model, processor)
+    load_model(model_id, device, dtype, attn, num_crops, quantize) -> (model, processor)
     load_image(src) -> PIL.Image                    path / http(s) URL / bytes / PIL image
     build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
@@ -15,8 +15,8 @@ The whole public API:
     environment_report() -> dict                    versions, devices, flash-attn, memory needs
     PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do
 
-Environment variable PHI_HELPERS_MODEL overrides the model id (a hub id, a local path, or `tiny` for a
-small random checkpoint used by tests and offline dry runs).
+Environment variable PHI_HELPERS_MODEL is the model load_model() loads when no model id is passed (a hub
+id, a local path, or `tiny` for a small random checkpoint used by tests and offline dry runs).
 
 Importing this package registers the native Phi-3-vision classes (model_type "phi3_v") with
 AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.

@@ -86,10 +86,10 @@ def load_model(
     model = _from_pretrained(AutoModelForCausalLM, source, **model_kwargs).eval()
 
     used_attn = getattr(model.config, "_attn_implementation", attn)
+    quantized = f" | {quantization_note}" if quantization is not None else ""
     print(
         f"Loaded {label} on {device} ({device_reason}) | {_dtype_name(dtype)} ({dtype_reason}) | "
-        f"attention: {used_attn} ({attn_reason}) | {quantization_note} | "
-        f"num_crops={processor.image_processor.num_crops}"
+        f"attention: {used_attn} ({attn_reason}){quantized} | num_crops={processor.image_processor.num_crops}"
     )
     return model, processor
 
