@@ -6,7 +6,8 @@
 Three choices are made for you, each by a small function you can call yourself:
 
 * ``pick_device``: the first available of CUDA GPU, Apple GPU (MPS), CPU;
-* ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU;
+* ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU
+  (bfloat16 on CPU for a quantized model);
 * ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA, half precision), else sdpa.
 
 The weights go straight from the checkpoint files to the chosen device (``device_map``): on a GPU
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
 from ..errors import DeviceUnavailableError, FlashAttentionUnavailableError, ModelLoadError
-from .quantization import quantization_config
+from .quantization import check_quantize, quantization_config
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 _DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -71,7 +72,7 @@ def load_model(
     All choices are checked before anything is downloaded. Prints one line saying what was chosen.
     """
     device, device_reason = pick_device(device)
-    dtype, dtype_reason = pick_dtype(dtype, device)
+    dtype, dtype_reason = pick_dtype(dtype, device, quantized=check_quantize(quantize) is not None)
     attn, attn_reason = pick_attention(attn, device, dtype)
     quantization, quantization_note = quantization_config(quantize, device, dtype)
     if num_crops is not None and (isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1):
@@ -128,8 +129,9 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
     return kind, "asked for"
 
 
-def pick_dtype(dtype="auto", device: str = "cpu") -> tuple[torch.dtype, str]:
-    """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU."""
+def pick_dtype(dtype="auto", device: str = "cpu", quantized: bool = False) -> tuple[torch.dtype, str]:
+    """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU, bf16 on
+    CPU for a quantized model (its other weights would otherwise take as much memory as the int8 ones)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, *_HALF):
             raise ValueError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
@@ -145,6 +147,8 @@ def pick_dtype(dtype="auto", device: str = "cpu") -> tuple[torch.dtype, str]:
         return torch.float16, "GPU has no native bf16"
     if device == "mps":
         return torch.float16, "half precision on Apple GPU"
+    if quantized:
+        return torch.bfloat16, "quantized model: the other weights in bf16"
     return torch.float32, "CPU default; dtype='bf16' halves the memory"
 
 
