@@ -22,7 +22,16 @@ Importing this package registers the native Phi-3-vision classes (model_type "ph
 AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.
 """
 
-from .models import phi3_v as _phi3_v  # noqa: F401  (registers the Auto classes on import)
+import logging
+
+# transformers imports torchao whenever it is installed (phi_helpers[quantize]), and torchao then logs that
+# its CUDA-only kernels cannot load (on machines without them) and makes torch warn about a deprecated
+# call. Harmless, but it would fill the stderr of every notebook and command: only these two loggers are
+# quieted, to errors.
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
+
+from .models import phi3_v as _phi3_v  # noqa: E402,F401  (registers the Auto classes on import)
 from .errors import (
     ContextLengthError,
     DeviceUnavailableError,
