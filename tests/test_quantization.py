@@ -1,12 +1,14 @@
 """quantize="int8" for real on CPU (torchao, tiny checkpoint), and the typed errors where it cannot run."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, TorchAoConfig, pipeline
 
+from cli_runner import run
 from phi_helpers import Chat, ask, load_model
 from phi_helpers.api import quantization
 from phi_helpers.api.generation import generate_batch, stream_chunks
@@ -139,3 +141,16 @@ def test_load_model_refuses_before_loading(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(AutoProcessor, "from_pretrained", refuse)
     with pytest.raises(QuantizationUnavailableError):
         load_model(str(tiny_checkpoint), device="cpu", quantize="int4")
+
+
+@needs_torchao
+def test_cli_quantize_int8_is_recorded(capsys, tiny_checkpoint, tmp_path):
+    picture = tmp_path / "red.png"
+    image().save(picture)
+    code, out, err = run(capsys, "predict", "--image", picture, "--task", "caption", "--format", "json",
+                         "--model", tiny_checkpoint, "--device", "cpu", "--quantize", "int8",
+                         "--num-crops", "1", "--max-new-tokens", "3")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["quantize"] == "int8" and record["dtype"] == "bfloat16"
+    assert "int8 weights (torchao)" in err  # load_model's line goes to stderr
