@@ -6,7 +6,7 @@
     print(ask(model, processor, "Describe this chart.", images=[image]))
 
 The whole public API:
-    load_model(model_id, device, dtype, attn, num_crops) -> (model, processor)
+    load_model(model_id, device, dtype, attn, num_crops, quantize) -> (model, processor)
     load_image(src) -> PIL.Image                    path / http(s) URL / bytes / PIL image
     build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
@@ -19,8 +19,8 @@ The whole public API:
 Special tokens (<|end|>, <|user|>, <|image_1|>...) typed into a question or chat turn are refused with
 SpecialTokenError; a prompt you write in the chat format yourself (starting with <|user|>) is used as is.
 
-Environment variable PHI_HELPERS_MODEL overrides the model id (a hub id, a local path, or `tiny` for a
-small random checkpoint used by tests and offline dry runs).
+Environment variable PHI_HELPERS_MODEL is the model load_model() loads when no model id is passed (a hub
+id, a local path, or `tiny` for a small random checkpoint used by tests and offline dry runs).
 
 Importing this package registers the native Phi-3-vision classes (model_type "phi3_v") with
 AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.
@@ -30,7 +30,16 @@ More in the modules: phi_helpers.api.generation (stream_chunks, generate_batch),
 .api.metrics, .tutorial.widgets (chat_box), .tutorial.profiling, .tutorial.mrz; `phi-helpers --help`.
 """
 
-from .models import phi3_v as _phi3_v  # noqa: F401  (registers the Auto classes on import)
+import logging
+
+# transformers imports torchao whenever it is installed (phi_helpers[quantize]), and torchao then logs that
+# its CUDA-only kernels cannot load (on machines without them) and makes torch warn about a deprecated
+# call. Harmless, but it would fill the stderr of every notebook and command: only these two loggers are
+# quieted, to errors.
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
+
+from .models import phi3_v as _phi3_v  # noqa: E402,F401  (registers the Auto classes on import)
 from .errors import (
     ContextLengthError,
     DeviceUnavailableError,

@@ -111,6 +111,14 @@ class JSONTruncatedError(PhiHelpersError, ValueError):
         self.text = text
 
 
+class QuantizationUnavailableError(PhiHelpersError, RuntimeError):
+    """The ``quantize=`` asked for cannot run on this device (e.g. int4 on CPU, anything on Apple MPS)."""
+
+
+class QuantizationBackendMissingError(QuantizationUnavailableError, ImportError):
+    """The library that does the quantization (torchao or bitsandbytes) is not installed."""
+
+
 def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> int:
     """Return ``value`` if it is an ``int`` (not a bool) >= ``minimum``; else raise InvalidArgumentError.
 

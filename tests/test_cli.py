@@ -222,14 +222,19 @@ def test_prompt_replaces_the_fixed_instruction(capsys, image):
     assert code == 0 and json.loads(out)["prompt"] == "Read the sign."
 
 
-def test_explicit_model_wins_over_the_environment(monkeypatch):
+def test_model_and_quantize_are_passed_as_arguments(monkeypatch):
     seen = []
     monkeypatch.setenv("PHI_HELPERS_MODEL", "from-env")
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: seen.append((os.environ["PHI_HELPERS_MODEL"], k)))
-    args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "ocr", "--model", "from-flag", "--num-crops", "2"])
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: seen.append((a, k, os.environ["PHI_HELPERS_MODEL"])))
+    args = cli.build_parser().parse_args(
+        ["predict", "--image", "x.png", "--task", "ocr", "--model", "from-flag", "--num-crops", "2", "--quantize", "int8"]
+    )
     cli.load_for_cli(args)
-    assert seen[0][0] == "from-flag" and seen[0][1]["num_crops"] == 2
-    assert os.environ["PHI_HELPERS_MODEL"] == "from-env"  # restored
+    assert seen[0][0] == ("from-flag",) and seen[0][1]["num_crops"] == 2 and seen[0][1]["quantize"] == "int8"
+    assert seen[0][2] == "from-env"  # the environment is left alone: the argument wins inside load_model
+    args = cli.build_parser().parse_args(["eval", "--data", "d"])
+    cli.load_for_cli(args)
+    assert seen[1][0] == (None,) and seen[1][1]["quantize"] == "none"  # None: $PHI_HELPERS_MODEL, else the default
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,11 +194,15 @@ def test_auto_choices_on_cpu_and_checkpoint_num_crops(tiny_model_and_processor):
     assert processor.image_processor.num_crops == 4  # Phi-3.5-vision's preprocessor_config.json
 
 
-def test_env_path_overrides_model_id(monkeypatch, tiny_checkpoint, capsys):
+def test_env_path_is_the_default_and_an_explicit_model_id_wins(monkeypatch, tiny_checkpoint, tmp_path, capsys):
     monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))
-    model, _ = load_model("microsoft/Phi-3.5-vision-instruct", device="cpu")
+    model, _ = load_model(device="cpu")
     assert model.config.name_or_path == str(tiny_checkpoint)
     assert f"Loaded {tiny_checkpoint} (from PHI_HELPERS_MODEL) on cpu" in capsys.readouterr().out
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tmp_path / "elsewhere"))  # would fail if it were used
+    model, _ = load_model(str(tiny_checkpoint), device="cpu")
+    assert model.config.name_or_path == str(tiny_checkpoint)
+    assert f"Loaded {tiny_checkpoint} on cpu" in capsys.readouterr().out
 
 
 def test_env_tiny_builds_once_into_the_cache_and_warns_loudly(monkeypatch, tmp_path, capsys):

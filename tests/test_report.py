@@ -10,6 +10,7 @@ import transformers
 
 from phi_helpers import environment_report
 from phi_helpers.versions import TESTED_VERSIONS
+from phi_helpers.api.report import memory_estimate
 
 
 def test_versions_and_host_facts_match_this_interpreter():
@@ -24,11 +25,30 @@ def test_versions_and_host_facts_match_this_interpreter():
         assert report["ram_gib"] == pytest.approx(ram, abs=0.2)
 
 
-def test_weights_memory_for_4_15_billion_parameters():
+def test_weights_memory_is_computed_from_the_config():
     report = environment_report(print_report=False)
-    assert report["model_parameters"] == 4_146_621_440
+    assert report["model_parameters"] == 4_146_621_440  # the official checkpoint's 592 tensors, summed
+    assert sum(report["parameter_groups"].values()) == 4_146_621_440
     # 4.15e9 parameters x 4 bytes = 16.6 GB = 15.4 GiB; half precision needs half of that.
-    assert report["weights_gib"] == {"float32": 15.4, "bfloat16": 7.7, "float16": 7.7}
+    weights = report["weights_gib"]
+    assert (weights["float32"], weights["bfloat16"], weights["float16"]) == (15.4, 7.7, 7.7)
+    # int8: the 3.62e9 language-model Linear weights in 1 byte, the other 0.52e9 parameters in 2 (or 4).
+    assert report["parameter_groups"]["quantized"] == 32 * (3072 * 9216 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072)
+    assert weights["int8 + bf16"] == 4.3 and weights["int8 + fp32"] == 5.3 and weights["int4 + bf16"] == 2.7
+
+
+def test_activation_memory_grows_with_crops_and_tokens():
+    small = memory_estimate(num_crops=1, prompt_tokens=16, new_tokens=16)
+    large = memory_estimate(num_crops=16, prompt_tokens=16, new_tokens=16)
+    assert small["sequence_tokens"] == 2 * 144 + 1 + 2 * 12 + 32  # 1 tile + the global image
+    assert large["sequence_tokens"] == 17 * 144 + 1 + 17 * 12 + 32  # a 16x1 grid (a tall page): the most tokens
+    assert large["activations_gib"]["bfloat16"] > 4 * small["activations_gib"]["bfloat16"]
+    assert large["activations_gib"]["float32"] == pytest.approx(2 * large["activations_gib"]["bfloat16"], abs=0.01)
+    longer = memory_estimate(num_crops=16, prompt_tokens=16, new_tokens=16 + 1000)
+    kv_per_token = 2 * 32 * 32 * 96 * 2  # K and V, 32 layers, 32 heads of 96, bf16
+    assert longer["activations_gib"]["bfloat16"] - large["activations_gib"]["bfloat16"] == pytest.approx(
+        1000 * kv_per_token / 2**30, abs=0.01
+    )
 
 
 def test_cpu_only_machine(monkeypatch):
@@ -55,8 +75,8 @@ def test_gpu_facts_and_whether_the_weights_fit(monkeypatch, capsys):
     assert report["bf16_supported"] is False
     table = capsys.readouterr().out
     assert "Fake T4 (15.0 GiB)" in table
-    assert "weights in float32    15.4 GiB  (does NOT fit in GPU: 15.0 GiB)" in table
-    assert "weights in bfloat16   7.7 GiB  (fits in GPU)" in table
+    assert "weights in float32       15.4 GiB  (does NOT fit in GPU: 15.0 GiB)" in table
+    assert "weights in bfloat16      7.7 GiB  (fits in GPU)" in table
 
 
 def test_printed_table_is_aligned(capsys):

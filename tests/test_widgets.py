@@ -127,11 +127,31 @@ def test_button_clicks_call_send_and_reset(box, fake):
     assert box.history == []
 
 
-def test_upload_button_value_is_consumed(box):
-    box.uploader.value = ({"name": "red.png", "type": "image/png", "size": 1, "content": memoryview(png_bytes()),
+def browser_upload(box, name, data=None):
+    """What the browser does when a file is chosen: the button's value becomes that one file."""
+    box.uploader.value = ({"name": name, "type": "image/png", "size": 1, "content": memoryview(data or png_bytes()),
                            "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
-    assert [name for name, _ in box.pending_images] == ["red.png"]
-    assert box.uploader.value == ()
+
+
+def button_count(box) -> int:
+    """The N of "Attach image (N)": the browser shows the length of the value it is sent."""
+    return len(box.uploader.get_state()["value"])
+
+
+def test_upload_button_counts_the_attached_images(box):
+    browser_upload(box, "red.png")
+    browser_upload(box, "blue.png")
+    assert [name for name, _ in box.pending_images] == ["red.png", "blue.png"]
+    assert button_count(box) == 2
+    assert [entry["name"] for entry in box.uploader.get_state()["value"]] == ["red.png", "blue.png"]
+    browser_upload(box, "broken.png", data=b"not an image")
+    assert button_count(box) == 2  # a file that could not be read is not attached
+    box.send("What is this?")
+    assert button_count(box) == 0  # the images went with the question
+    box.upload(png_bytes(), name="green.png")  # from code: the button follows too
+    assert button_count(box) == 1
+    box.reset()
+    assert button_count(box) == 0
 
 
 def test_real_tiny_model_streams_and_reports_context_errors(tiny_model_and_processor):

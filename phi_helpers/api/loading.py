@@ -6,12 +6,18 @@
 Three choices are made for you, each by a small function you can call yourself:
 
 * ``pick_device``: the first available of CUDA GPU, Apple GPU (MPS), CPU;
-* ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU;
+* ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU
+  (bfloat16 on CPU for a quantized model);
 * ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA, half precision), else sdpa.
 
-Set the environment variable ``PHI_HELPERS_MODEL`` to load another checkpoint (a hub id or a local
-folder) without editing notebooks. ``PHI_HELPERS_MODEL=tiny`` builds a tiny *random* model once, for
-CI and offline dry runs; its answers are meaningless.
+The weights go straight from the checkpoint files to the chosen device (``device_map``): on a GPU
+machine the host RAM holds one tensor at a time, not the whole model. ``quantize="int8"`` (or
+``"int4"`` on CUDA) stores the language model's weights in 8 (4) bits; see ``phi_helpers.api.quantization``.
+
+Which checkpoint: the ``model_id`` you pass; without one, the environment variable
+``PHI_HELPERS_MODEL`` (a hub id or a local folder), so notebooks can switch models without edits; else
+Phi-3.5-vision-instruct. ``"tiny"`` (as argument or variable) builds a tiny *random* model once, for CI
+and offline dry runs; its answers are meaningless.
 """
 
 import json
@@ -28,7 +34,8 @@ from transformers.utils import is_flash_attn_2_available
 from .. import testing
 from ..errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError, check_whole_number
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, check_flash_attention
-from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID as _DEFAULT_MODEL, DEVICES as _DEVICES, DTYPES as _DTYPES
+from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES
+from .quantization import check_quantize, quantization_config
 
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"
@@ -39,27 +46,32 @@ _COMPLETE_MARKER = ".phi_helpers_complete"
 
 
 def load_model(
-    model_id=_DEFAULT_MODEL,
+    model_id=None,
     device: str = "auto",
     dtype="auto",
     attn: str = "auto",
     num_crops: int | None = None,
+    quantize: str | None = None,
 ):
     """Load the model and its processor; return ``(model, processor)``.
 
     Args:
-        model_id: a Hugging Face hub id or a local folder. ``$PHI_HELPERS_MODEL`` overrides it.
-        device: "auto", "cuda" (or "cuda:1"...), "mps" or "cpu".
+        model_id: a Hugging Face hub id, a local folder, or "tiny". ``None``: ``$PHI_HELPERS_MODEL`` if
+            set, else "microsoft/Phi-3.5-vision-instruct". An explicit ``model_id`` always wins.
+        device: "auto", "cuda" (or "cuda:1"...), "mps" or "cpu". The weights are loaded straight onto it.
         dtype: "auto", "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32", or a torch dtype.
         attn: "auto", "sdpa", "eager" or "flash_attention_2".
         num_crops: image crops of 336x336 pixels (more = finer detail, more tokens). ``None`` keeps the
             checkpoint's value (4 for Phi-3.5-vision, 16 for Phi-3-vision).
+        quantize: ``None``, "int8" (CPU: torchao; CUDA: bitsandbytes or torchao) or "int4" (CUDA with
+            bitsandbytes). Weight-only, language model only; see ``phi_helpers.api.quantization``.
 
     All choices are checked before anything is downloaded. Prints one line saying what was chosen.
     """
     device, device_reason = pick_device(device)
-    dtype, dtype_reason = pick_dtype(dtype, device)
+    dtype, dtype_reason = pick_dtype(dtype, device, quantized=check_quantize(quantize) is not None)
     attn, attn_reason = pick_attention(attn, device, dtype)
+    quantization, quantization_note = quantization_config(quantize, device, dtype)
     if num_crops is not None:
         check_whole_number(num_crops, "num_crops", minimum=1, hint=" (None: the checkpoint's value)")
     source, label = _resolve_source(model_id)
@@ -68,13 +80,16 @@ def load_model(
 
     processor_kwargs = {} if num_crops is None else {"num_crops": num_crops}
     processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype, attn_implementation=attn)
-    model = model.to(device).eval()
+    model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device}
+    if quantization is not None:
+        model_kwargs["quantization_config"] = quantization
+    model = _from_pretrained(AutoModelForCausalLM, source, **model_kwargs).eval()
 
     used_attn = getattr(model.config, "_attn_implementation", attn)
+    quantized = f" | {quantization_note}" if quantization is not None else ""
     print(
         f"Loaded {label} on {device} ({device_reason}) | {_dtype_name(dtype)} ({dtype_reason}) | "
-        f"attention: {used_attn} ({attn_reason}) | num_crops={processor.image_processor.num_crops}"
+        f"attention: {used_attn} ({attn_reason}){quantized} | num_crops={processor.image_processor.num_crops}"
     )
     return model, processor
 
@@ -113,8 +128,9 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
     return kind, "asked for"
 
 
-def pick_dtype(dtype="auto", device: str = "cpu") -> tuple[torch.dtype, str]:
-    """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU."""
+def pick_dtype(dtype="auto", device: str = "cpu", quantized: bool = False) -> tuple[torch.dtype, str]:
+    """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU, bf16 on
+    CPU for a quantized model (its other weights would otherwise take as much memory as the int8 ones)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, *_HALF):
             raise InvalidArgumentError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
@@ -130,6 +146,8 @@ def pick_dtype(dtype="auto", device: str = "cpu") -> tuple[torch.dtype, str]:
         return torch.float16, "GPU has no native bf16"
     if device == "mps":
         return torch.float16, "half precision on Apple GPU"
+    if quantized:
+        return torch.bfloat16, "quantized model: the other weights in bf16"
     return torch.float32, "CPU default; dtype='bf16' halves the memory"
 
 
@@ -167,13 +185,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _resolve_source(model_id) -> tuple[str, str]:
-    """Return ``(what to pass to from_pretrained, how to name it)``, applying $PHI_HELPERS_MODEL."""
-    override = os.environ.get("PHI_HELPERS_MODEL", "").strip()
-    if override.lower() == "tiny":
-        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny)"
-    if override:
-        return _check_source(override), f"{override} (from PHI_HELPERS_MODEL)"
-    return _check_source(os.fspath(model_id)), os.fspath(model_id)
+    """Return ``(what to pass to from_pretrained, how to name it)``.
+
+    An explicit ``model_id`` wins; ``None`` means ``$PHI_HELPERS_MODEL``, else ``DEFAULT_MODEL_ID``.
+    """
+    if model_id is None:
+        from_env = os.environ.get("PHI_HELPERS_MODEL", "").strip()
+        if from_env.lower() == "tiny":
+            return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny)"
+        if from_env:
+            return _check_source(from_env), f"{from_env} (from PHI_HELPERS_MODEL)"
+        return DEFAULT_MODEL_ID, DEFAULT_MODEL_ID
+    source = os.fspath(model_id)
+    if source.strip().lower() == "tiny":
+        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision"
+    return _check_source(source), source
 
 
 def _check_source(source: str) -> str:
@@ -185,7 +211,7 @@ def _check_source(source: str) -> str:
     if looks_local:
         raise ModelLoadError(
             f"No model folder at '{path}'. Check the path (relative paths start from '{Path.cwd()}'), or pass a "
-            f"hub id such as '{_DEFAULT_MODEL}'."
+            f"hub id such as '{DEFAULT_MODEL_ID}'."
         )
     return source
 
@@ -247,7 +273,7 @@ def _from_pretrained(auto_class, source: str, **kwargs):
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, SafetensorError, json.JSONDecodeError) as error:
         raise ModelLoadError(
-            f"Could not load '{source}': {error}\nCheck the model id (e.g. '{_DEFAULT_MODEL}') or folder, your "
+            f"Could not load '{source}': {error}\nCheck the model id (e.g. '{DEFAULT_MODEL_ID}') or folder, your "
             "internet connection and free disk space. For an offline dry run set PHI_HELPERS_MODEL=tiny."
         ) from None
 
@@ -285,9 +311,9 @@ def _is_complete(folder: Path) -> bool:
 def _print_tiny_notice() -> None:
     """A notice nobody can miss: the tiny model is random and its answers mean nothing."""
     lines = [
-        "PHI_HELPERS_MODEL=tiny: using a TINY RANDOM model, not Phi-3.5-vision.",
+        "tiny: using a TINY RANDOM model, not Phi-3.5-vision.",
         "Its answers are MEANINGLESS. This mode is for CI and offline dry runs.",
-        "Unset PHI_HELPERS_MODEL to load the real model.",
+        "Unset PHI_HELPERS_MODEL (or pass a real model id) to load the real model.",
     ]
     width = max(len(line) for line in lines) + 4
     border = "!" * (width + 2)

@@ -4,6 +4,12 @@
     info = environment_report()      # prints a table and returns the same facts as a dict
 
 Memory figures are in GiB (2**30 bytes), the unit ``nvidia-smi`` and most tools use for GPU memory.
+They are computed, not looked up: ``memory_estimate`` counts the parameters of the model built from
+its config (on the meta device: no memory, no download), multiplies them by the bytes per weight of
+each dtype and quantization, and adds the KV cache and activations for a number of crops and a prompt.
+
+    from phi_helpers.api.report import memory_estimate
+    memory_estimate(num_crops=16, prompt_tokens=64, new_tokens=512)["activations_gib"]
 
 ``format_table`` is the package's one text-table printer (this report, ``phi-helpers eval``, the
 attention comparison of notebook 05).
@@ -17,30 +23,130 @@ import sys
 import textwrap
 from pathlib import Path
 
+import functools
+import json
+
 import torch
 import transformers
 from transformers.utils import is_flash_attn_2_available
 
+from ..models.phi3_v import Phi3VConfig, Phi3VForCausalLM
+from ..models.phi3_v.image_processing_phi3_v import TILE, num_image_tokens
+from ..testing import FIXTURES
 from ..versions import TESTED_VERSIONS
+from .quantization import BITS_PER_WEIGHT, SKIP_MODULES
 
-# Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct have the same architecture and size.
-_MODEL_PARAMETERS = 4_146_621_440
-_BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Weight formats of the table: (name, bytes of a quantized weight or None, bytes of every other parameter).
+_WEIGHT_FORMATS = (
+    ("float32", None, 4),
+    ("bfloat16", None, 2),
+    ("float16", None, 2),
+    ("int8 + bf16", BITS_PER_WEIGHT["int8"] / 8, 2),
+    ("int8 + fp32", BITS_PER_WEIGHT["int8"] / 8, 4),
+    ("int4 + bf16", BITS_PER_WEIGHT["int4"] / 8, 2),
+)
 
 
-def environment_report(print_report: bool = True) -> dict:
+def environment_report(
+    print_report: bool = True, num_crops: int = 4, prompt_tokens: int = 64, new_tokens: int = 512
+) -> dict:
     """Collect versions, devices and memory facts; print them as a table unless ``print_report=False``.
 
+    ``num_crops``, ``prompt_tokens`` and ``new_tokens`` describe the request the activation memory is
+    computed for: one image, a question of ``prompt_tokens`` text tokens, an answer of ``new_tokens``.
+
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
-    ``gpu_name``, ``gpu_memory_gib``, ``bf16_supported``, ``weights_gib`` ...) and ``warnings``, a list
-    of messages (printed below the table), e.g. when torch or transformers is not the tested version.
+    ``gpu_name``, ``gpu_memory_gib``, ``bf16_supported``, ``weights_gib``, ``activations_gib`` ...) and
+    ``warnings``, a list of messages (printed below the table), e.g. when torch or transformers is not the
+    tested version.
     """
-    report = {**_software(), **_devices(), **_host(), **_model_memory()}
+    memory = memory_estimate(num_crops=num_crops, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    report = {**_software(), **_devices(), **_host(), **memory}
     report["warnings"] = _version_warnings(report)
     if print_report:
         print(_format(report))
     return report
+
+
+def memory_estimate(config=None, num_crops: int = 4, prompt_tokens: int = 64, new_tokens: int = 512) -> dict:
+    """Weights and activation memory of Phi-3(.5)-vision, computed from its config.
+
+    Args:
+        config: a ``Phi3VConfig`` (default: Phi-3-vision-128k-instruct's config.json, shipped with
+            phi_helpers; Phi-3.5-vision has the same sizes).
+        num_crops, prompt_tokens, new_tokens: one image cut into at most ``num_crops`` tiles, a question
+            of ``prompt_tokens`` text tokens, an answer of ``new_tokens`` tokens.
+
+    Returns a dict: ``model_parameters``; ``parameter_groups`` (``quantized``: the language model's
+    Linear weights, which ``quantize=`` stores in 8/4 bits; ``vision``: CLIP tower + projection;
+    ``other``: embeddings, lm_head, norms); ``weights_gib`` per weight format (``"int8 + bf16"``: the
+    quantized weights in int8, the other parameters in bf16); ``sequence_tokens``; ``activations_gib``
+    per compute dtype: KV cache + CLIP hidden states + the largest MLP intermediate.
+    """
+    config = config or _default_config()
+    groups = parameter_groups(config)
+    total = sum(groups.values())
+    weights = {}
+    for name, quantized_bytes, other_bytes in _WEIGHT_FORMATS:
+        if quantized_bytes is None:
+            weights[name] = round(total * other_bytes / GIB, 1)
+        else:
+            weights[name] = round((groups["quantized"] * quantized_bytes + (total - groups["quantized"]) * other_bytes) / GIB, 1)
+    image_tokens = max_image_tokens(num_crops)
+    sequence = image_tokens + prompt_tokens + new_tokens
+    return {
+        "model_parameters": total,
+        "parameter_groups": groups,
+        "weights_gib": weights,
+        "num_crops": num_crops,
+        "sequence_tokens": sequence,
+        "activations_gib": {
+            dtype: round(_activation_bytes(config, num_crops, image_tokens + prompt_tokens, sequence, size) / GIB, 2)
+            for dtype, size in (("bfloat16", 2), ("float32", 4))
+        },
+    }
+
+
+def parameter_groups(config) -> dict:
+    """Parameter counts ``{"quantized", "vision", "other"}`` of the model built on the meta device."""
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(config)
+    groups = {"quantized": 0, "vision": 0, "other": 0}
+    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    for name, parameter in model.named_parameters():
+        if name.startswith(SKIP_MODULES[0]):
+            groups["vision"] += parameter.numel()
+        elif name in linear_weights and not any(name.startswith(skip) for skip in SKIP_MODULES):
+            groups["quantized"] += parameter.numel()
+        else:
+            groups["other"] += parameter.numel()
+    return groups
+
+
+def max_image_tokens(num_crops: int) -> int:
+    """Image tokens of the largest image for ``num_crops``: the tile grid h x w (h·w <= num_crops) with most tokens."""
+    grids = [(h, w) for h in range(1, num_crops + 1) for w in range(1, num_crops // h + 1)]
+    return max(num_image_tokens(h * TILE, w * TILE) for h, w in grids)
+
+
+def _activation_bytes(config, num_crops: int, prompt: int, sequence: int, size: int) -> int:
+    """KV cache for ``sequence`` tokens + every CLIP hidden state (the model keeps them to pick the
+    penultimate layer) + the larger of the CLIP and the prefill MLP intermediates, in ``size`` bytes."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * sequence
+    vision = config.vision_config
+    tiles = num_crops + 1  # local tiles (zero-padded to num_crops) + the global image
+    positions = (vision.image_size // vision.patch_size) ** 2 + 1  # 576 patches + CLS
+    clip_states = (vision.num_hidden_layers + 1) * tiles * positions * vision.hidden_size
+    mlp = max(tiles * positions * vision.intermediate_size, prompt * 3 * config.intermediate_size)  # gate_up + act
+    return (kv_cache + clip_states + mlp) * size
+
+
+@functools.cache
+def _default_config() -> Phi3VConfig:
+    return Phi3VConfig(**json.loads((FIXTURES / "config.json").read_text()))
 
 
 def _software() -> dict:
@@ -117,16 +223,6 @@ def _total_ram_bytes() -> int | None:
         return None
 
 
-def _model_memory() -> dict:
-    """Memory the model's weights need in each dtype (activations and the KV cache come on top)."""
-    return {
-        "model_parameters": _MODEL_PARAMETERS,
-        "weights_gib": {
-            dtype: round(_MODEL_PARAMETERS * size / GIB, 1) for dtype, size in _BYTES_PER_PARAMETER.items()
-        },
-    }
-
-
 def _format(report: dict) -> str:
     """The report as an aligned two-column text table."""
     yes_no = {True: "yes", False: "no"}
@@ -149,10 +245,16 @@ def _format(report: dict) -> str:
     ]
     for dtype, gib in report["weights_gib"].items():
         rows.append((f"weights in {dtype}", f"{gib} GiB{_fits(report, gib)}"))
+    request = f"num_crops={report['num_crops']}, {report['sequence_tokens']} tokens"
+    for dtype, gib in report["activations_gib"].items():
+        rows.append((f"activations in {dtype}", f"{gib} GiB (KV cache + activations, {request})"))
     lines = ["phi_helpers environment report", "=" * 30, format_table(rows)]
+    groups = report["parameter_groups"]
     note = (
-        f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters. Activations, image tokens and the "
-        "KV cache need memory on top of the weights, more for long chats and many images."
+        f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters: {groups['quantized']:,} in the language "
+        f"model's Linear layers (quantize='int8'/'int4' stores these in 8/4 bits), {groups['vision']:,} in the vision "
+        "tower and projection. The activations (KV cache, image tokens) come on top of the weights, for one image "
+        "and one answer; long chats and many images need more."
     )
     lines += ["", textwrap.fill(note, width=90, initial_indent="Note: ", subsequent_indent="      ")]
     for warning in report["warnings"]:

@@ -154,6 +154,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="default: auto (bf16/fp16 on GPUs, fp32 on CPU)")
     group.add_argument("--attn", choices=ATTENTIONS, default="auto",
                        help="attention implementation (default: auto)")
+    group.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                       help="weight-only quantization of the language model: int8 (CPU: torchao; CUDA: bitsandbytes "
+                       "or torchao) or int4 (CUDA with bitsandbytes); default: none")
     group.add_argument("--num-crops", type=_positive_int, metavar="N", help="image crops of 336 px: more = finer detail, "
                        "more tokens (default: the checkpoint's, 4 for Phi-3.5-vision)")
     group.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
@@ -220,31 +223,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_for_cli(args):
-    """``load_model`` with the command-line choices.
+    """``load_model`` with the command-line choices (``--model`` unset: ``$PHI_HELPERS_MODEL``, else the default).
 
-    An explicit ``--model`` wins over ``$PHI_HELPERS_MODEL``: load_model gives the variable priority,
-    so ``--model`` is passed through it (which also makes ``--model tiny`` work). load_model prints
-    what it chose; that goes to stderr, so that stdout holds only the answer.
+    load_model prints what it chose; that goes to stderr, so that stdout holds only the answer.
     """
-    with _environment("PHI_HELPERS_MODEL", args.model), contextlib.redirect_stdout(sys.stderr):
-        return load_model(DEFAULT_MODEL_ID, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops)
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str | None):
-    """Set an environment variable for the duration of a ``with`` block (``None``: leave it alone)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_model(
+            args.model, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
+            quantize=None if args.quantize == "none" else args.quantize,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def request_fields(args, schema: dict | None, model: str) -> dict:
         "num_crops": args.num_crops,
         "max_new_tokens": args.max_new_tokens,
         "constrained": args.constrain if args.task == "extract" else None,
+        "quantize": None if args.quantize == "none" else args.quantize,
     }
 
 
@@ -141,8 +142,24 @@ def model_info(model, processor) -> dict:
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "attention": getattr(model.config, "_attn_implementation", None),
+        "quantize": quantize_name(model),
         "num_crops": getattr(processor.image_processor, "num_crops", None),
     }
+
+
+def quantize_name(model) -> str | None:
+    """"int8" / "int4" for a model loaded with ``quantize=``, None for a model in plain dtype."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        config = config.to_dict()
+    if config.get("load_in_4bit"):
+        return "int4"
+    if config.get("load_in_8bit"):
+        return "int8"
+    quant_type = json.dumps(config.get("quant_type", ""))  # torchao: {"default": {"_type": "Int8WeightOnlyConfig"...
+    return "int4" if "Int4" in quant_type else "int8" if "Int8" in quant_type else str(config.get("quant_method"))
 
 
 RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "constrained", "image_size")

@@ -53,7 +53,7 @@ def compare_attention(
     """Load the model once per attention option, time one greedy answer, return one dict per option.
 
     Args:
-        model_id: what ``load_model`` gets (``None``: its default; ``$PHI_HELPERS_MODEL`` still applies).
+        model_id: what ``load_model`` gets (``None``: ``$PHI_HELPERS_MODEL``, else the default model).
         image: anything ``load_image`` accepts, or ``None`` for a text-only question.
         question: the question asked with every option (greedy decoding, so answers are comparable).
         max_new_tokens: the longest answer; keep it small, the model is loaded once per option.

@@ -20,6 +20,7 @@ press Send again.
 Needs ``ipywidgets`` (``pip install ipywidgets``); JupyterLab 4 shows the widgets out of the box.
 """
 
+import datetime
 import html
 import io
 
@@ -162,6 +163,7 @@ class ChatBox:
         return "".join(pieces).strip()
 
     def _build_widgets(self) -> None:
+        self._mirroring = False
         self.uploader = widgets.FileUpload(accept="image/*", multiple=False, description="Attach image")
         self.status = widgets.HTML(value=_pending_text([]))
         self.preview = widgets.HBox([])
@@ -185,18 +187,27 @@ class ChatBox:
         ])
 
     def _on_upload(self, change) -> None:
-        files = change["new"]
-        if not files:
-            return  # our own clearing of the upload button below
-        for file in files:
+        """The browser replaced the upload button's value with the file(s) just chosen: attach them."""
+        if self._mirroring:
+            return  # our own write of the attached images below
+        for file in change["new"]:
             self.upload(bytes(file["content"]), name=file.get("name", "image"))
-        self.uploader.value = ()
+        self._show_pending()
 
     def _show_pending(self) -> None:
-        self.status.value = _pending_text([name for name, _ in self.pending_images])
+        names = [name for name, _ in self.pending_images]
+        self.status.value = _pending_text(names)
         self.preview.children = [
             widgets.Image(value=_thumbnail_png(image), format="png") for _, image in self.pending_images
         ]
+        # The browser labels the button "Attach image (N)" with N = len(uploader.value). The browser
+        # sets the value to the newly chosen file only, so the kernel writes one entry per attached
+        # image back (names only, no content: nothing is sent twice); N is then the real count.
+        self._mirroring = True
+        try:
+            self.uploader.value = tuple(_file_entry(name) for name in names)
+        finally:
+            self._mirroring = False
 
     def _set_busy(self, busy: bool) -> None:
         self.send_button.disabled = busy
@@ -221,6 +232,12 @@ class ChatBox:
     def _repr_mimebundle_(self, **kwargs):
         """Show the widget when a ChatBox is the last expression of a cell."""
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _file_entry(name: str) -> dict:
+    """An upload-button value entry that stands for an attached image (the browser only counts them)."""
+    epoch = datetime.datetime.fromtimestamp(0, tz=datetime.timezone.utc)
+    return {"name": name, "type": "", "size": 0, "content": memoryview(b""), "last_modified": epoch}
 
 
 def _pending_text(names: list[str]) -> str:

@@ -1,0 +1,254 @@
+"""fp32 vs bf16 vs int8 (vs int4) on CPU: load memory, prefill, decode, agreement with fp32.
+
+    python benchmarks/bench_quantization.py              # mid-size random checkpoint, about 10 minutes on 2 cores
+    python benchmarks/bench_quantization.py --tokens 16  # quicker
+
+A mid-size random Phi-3.5-vision (same layout as the real one, smaller widths: see MID_SIZES) is written
+once to a temporary folder in bf16, like the official safetensors. Each variant then runs in a fresh
+subprocess, so that its peak RSS is its own:
+
+* load RSS: peak resident memory during ``load_model`` minus the RSS before it (Linux ru_maxrss:
+  includes the pages of the memory-mapped safetensors file, which the OS can drop), and the peak of
+  the process's own (anonymous) memory, sampled every 5 ms: what really competes for RAM;
+* weights: the bytes of the loaded tensors (int8 tensors: data + scales);
+* prefill: the first generated token for one image (num_crops=1) and a short question;
+* decode: milliseconds per further token (greedy, ``--tokens`` new tokens);
+* agreement: the first N greedy tokens identical to fp32 (up to the first difference); and, since a
+  random model has many near-ties, the teacher-forced agreement too: fed fp32's N tokens, how many of
+  the N next-token predictions are fp32's.
+
+Variants: fp32, bf16, int8 (language model quantized: what ``quantize="int8"`` does), int8-all (vision
+tower and projection quantized too: the alternative we measured and rejected), int4 (only where the
+CPU has kernels; otherwise the typed error is reported). Numbers: docs/quantization.md.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+MID_SIZES = dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12)
+MID_VISION = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, projection_dim=512)
+VARIANTS = {  # name: (dtype, quantize, quantize the vision tower too)
+    "fp32": ("fp32", None, False),
+    "bf16": ("bf16", None, False),
+    "int8": ("fp32", "int8", False),
+    "int8+bf16": ("bf16", "int8", False),
+    "int8-all": ("fp32", "int8", True),
+    "int4": ("bf16", "int4", False),
+}
+
+
+def write_checkpoint(folder: Path) -> Path:
+    """The tiny checkpoint's files with a mid-size config and seeded random bf16 weights."""
+    from safetensors.torch import save_file
+
+    from phi_helpers.models.phi3_v import Phi3VConfig, Phi3VForCausalLM
+    from phi_helpers.testing import make_tiny_checkpoint
+    from phi_helpers.testing.checkpoints import _random_weights
+
+    make_tiny_checkpoint(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(MID_SIZES)
+    config["vision_config"].update(MID_VISION)
+    config["img_processor"]["image_dim_out"] = MID_VISION["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(Phi3VConfig(**config))
+    model = model.to_empty(device="cpu")
+    save_file(_random_weights(model, seed=0), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def run_variant(folder: str, name: str, tokens: int) -> dict:
+    """One variant in this process: load, prefill, decode. Returns the measurements."""
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from phi_helpers import load_model
+    from phi_helpers.api.generation import ask  # noqa: F401  (the same import cost for every variant)
+    from phi_helpers.errors import PhiHelpersError
+    from phi_helpers.testing import make_tiny_checkpoint  # noqa: F401
+    from PIL import Image
+
+    dtype, quantize, vision_too = VARIANTS[name]
+    torch.manual_seed(0)
+    before, anon_before = _rss_bytes(), _anon_bytes()
+    sampler = _AnonPeak()
+    try:
+        model, processor = load_model(folder, device="cpu", dtype=dtype, quantize=quantize, num_crops=1)
+        if vision_too:  # the same int8 config without the skip list (lm_head stays: transformers keeps it)
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            del model
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, device_map="cpu", dtype=torch.float32,
+                quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=["lm_head"]),
+            ).eval()
+    except PhiHelpersError as error:
+        return {"variant": name, "error": f"{type(error).__name__}: {error}"}
+    load_peak = _peak_rss_bytes() - before
+    anon_peak = sampler.stop() - anon_before
+
+    image = Image.new("RGB", (672, 448), (200, 120, 40))
+    prompt = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
+    inputs = processor(prompt, [image], return_tensors="pt")
+    options = dict(do_sample=False, eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=2, **options)  # warm-up
+        started = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, **options)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        output = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+        total = time.perf_counter() - started
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    reference_file = Path(folder) / "fp32_tokens.json"
+    reference = json.loads(reference_file.read_text()) if reference_file.exists() else new
+    with torch.inference_mode():  # teacher forcing: the prediction after each of fp32's tokens
+        forced = torch.cat([inputs["input_ids"], torch.tensor([reference[:-1]])], dim=1)
+        logits = model(**{**inputs, "input_ids": forced, "attention_mask": torch.ones_like(forced)}).logits
+    predicted = logits[0, -len(reference):].argmax(-1).tolist()
+    return {
+        "forced_agreement": sum(a == b for a, b in zip(predicted, reference)),
+        "variant": name,
+        "load_peak_rss_gib": load_peak / 2**30,
+        "load_peak_anon_gib": anon_peak / 2**30,
+        "weights_gib": sum(_tensor_bytes(p) for p in model.parameters()) / 2**30,
+        "prefill_s": prefill,
+        "decode_ms_per_token": 1000 * (total - prefill) / (tokens - 1),
+        "tokens": new,
+        "prompt_tokens": inputs["input_ids"].shape[1],
+    }
+
+
+class _AnonPeak:
+    """Samples RssAnon (the process's own memory, without file pages) in a thread until stop()."""
+
+    def __init__(self):
+        self.peak, self.running = _anon_bytes(), True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            self.peak = max(self.peak, _anon_bytes())
+            time.sleep(0.005)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, _anon_bytes())
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tensor_bytes(parameter) -> int:
+    """Bytes of a parameter; a torchao tensor subclass counts its inner tensors (int8 data, scales)."""
+    names = getattr(parameter, "tensor_data_names", None)
+    if names is None:
+        return parameter.numel() * parameter.element_size()
+    return sum(getattr(parameter, name).numel() * getattr(parameter, name).element_size() for name in names)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+
+
+def parameter_counts(folder: Path) -> dict:
+    """Parameters of the language model's Linear layers (what int8 quantizes) and of the vision side."""
+    from safetensors import safe_open
+
+    counts = {"vision": 0, "quantized": 0, "other": 0}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as file:
+        for key in file.keys():
+            n = file.get_slice(key).get_shape()
+            size = int(torch.tensor(n).prod())
+            if key.startswith("model.vision_embed_tokens"):
+                counts["vision"] += size
+            elif key.startswith("model.layers") and key.endswith("proj.weight"):
+                counts["quantized"] += size
+            else:
+                counts["other"] += size
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per answer (default 32)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args.folder, args.variant, args.tokens)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_checkpoint(Path(tmp) / "mid")
+        counts = parameter_counts(folder)
+        file_gib = (folder / "model.safetensors").stat().st_size / 2**30
+        results = {}
+        for name in VARIANTS:
+            done = subprocess.run(
+                [sys.executable, __file__, "--variant", name, "--folder", str(folder), "--tokens", str(args.tokens)],
+                capture_output=True, text=True,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            results[name] = json.loads(lines[-1][7:]) if lines else {"variant": name, "error": done.stderr[-800:]}
+            if name == "fp32" and "tokens" in results[name]:
+                (folder / "fp32_tokens.json").write_text(json.dumps(results[name]["tokens"]))
+            print(name, {k: v for k, v in results[name].items() if k != "tokens"}, flush=True)
+    report(results, counts, file_gib, args.tokens)
+
+
+def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
+    total = sum(counts.values())
+    print(f"\nparameters: {total:,} (vision tower + projection {counts['vision'] / total:.1%}, "
+          f"language-model Linear weights {counts['quantized'] / total:.1%}); safetensors (bf16) {file_gib:.3f} GiB")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    base = results["fp32"]
+    header = f"{'variant':<9} {'weights GiB':>11} {'x fp32':>7} {'anon peak GiB':>13} {'RSS peak GiB':>12} {'prefill s':>10} {'x fp32':>7} {'decode ms/tok':>14} {'speed-up':>9} {'agree':>7} {'forced':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, row in results.items():
+        if "error" in row:
+            print(f"{name:<9} not available: {row['error'].splitlines()[-1][:150]}")
+            continue
+        agree = _agreement(base["tokens"], row["tokens"])
+        print(
+            f"{name:<9} {row['weights_gib']:>11.3f} {row['weights_gib'] / base['weights_gib']:>7.2f} "
+            f"{row['load_peak_anon_gib']:>13.3f} {row['load_peak_rss_gib']:>12.3f} "
+            f"{row['prefill_s']:>10.2f} {row['prefill_s'] / base['prefill_s']:>7.2f} "
+            f"{row['decode_ms_per_token']:>14.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>9.2f} "
+            f"{agree:>4}/{tokens} {row['forced_agreement']:>4}/{tokens}"
+        )
+
+
+def _agreement(reference: list[int], tokens: list[int]) -> int:
+    same = 0
+    for a, b in zip(reference, tokens):
+        if a != b:
+            break
+        same += 1
+    return same
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""quantize="int8" for real on CPU (torchao, tiny checkpoint), and the typed errors where it cannot run."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, TorchAoConfig, pipeline
+
+from cli_runner import run
+from phi_helpers import Chat, ask, load_model
+from phi_helpers.api import quantization
+from phi_helpers.api.generation import generate_batch, stream_chunks
+from phi_helpers.api.quantization import SKIP_MODULES, quantization_config
+from phi_helpers.cli.outputs import model_info
+from phi_helpers.errors import QuantizationBackendMissingError, QuantizationUnavailableError
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="pip install 'phi_helpers[quantize]'")
+PROMPT = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n"
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_checkpoint):
+    model, processor = load_model(str(tiny_checkpoint), device="cpu", quantize="int8", num_crops=1)
+    return model, processor
+
+
+def image():
+    return Image.new("RGB", (64, 48), (200, 40, 40))
+
+
+def greedy(model, processor, tokens=6):
+    inputs = processor(PROMPT, [image()], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1]:]
+
+
+@needs_torchao
+def test_int8_quantizes_the_language_model_linears_only(int8_model):
+    model, _ = int8_model
+    quantized = {name for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and type(module.weight).__name__ == "Int8Tensor"}
+    linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert quantized == {name for name in linears if name.startswith("model.layers.")}
+    assert all(not name.startswith(tuple(SKIP_MODULES)) for name in quantized)
+    assert type(model.lm_head.weight).__name__ == "Parameter"
+    assert model.dtype == model.lm_head.weight.dtype == torch.bfloat16  # dtype "auto" on CPU: bf16 beside int8
+    assert model_info(model, int8_model[1])["quantize"] == "int8"
+
+
+@needs_torchao
+def test_int8_greedy_decoding_is_deterministic_and_close_to_fp32(int8_model, tiny_checkpoint):
+    model, processor = int8_model
+    first = greedy(model, processor)
+    assert torch.equal(first, greedy(model, processor))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    inputs = processor(PROMPT, [image()], return_tensors="pt")
+    with torch.no_grad():
+        exact, approx = reference(**inputs).logits[0, -1], model(**inputs).logits[0, -1]
+    assert not torch.equal(exact, approx)  # the weights really changed ...
+    assert torch.nn.functional.cosine_similarity(exact, approx, dim=0) > 0.99  # ... by int8 rounding only
+
+
+@needs_torchao
+def test_every_api_path_works_with_the_int8_model(int8_model):
+    model, processor = int8_model
+    expected = processor.decode(greedy(model, processor, tokens=4), skip_special_tokens=True)
+    assert ask(model, processor, "What is shown?", images=[image()], max_new_tokens=4, min_new_tokens=4) == expected.strip()
+    assert "".join(stream_chunks(model, processor, "What is shown?", images=[image()], max_new_tokens=4, min_new_tokens=4)).strip() == expected.strip()
+    chat = Chat().add_user("What is shown?", images=[image()])
+    assert isinstance(ask(model, processor, chat, max_new_tokens=3), str)
+    batch = generate_batch(model, processor, [PROMPT, PROMPT], [[image()], [image()]], max_new_tokens=3)
+    assert len(batch) == 2 and batch[0].text == batch[1].text
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    result = pipe(images=image(), text=PROMPT, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_full_text=False)
+    assert result[0]["generated_text"] == expected
+
+
+@needs_torchao
+def test_a_saved_int8_model_reloads_quantized_with_the_same_answers(int8_model, tmp_path):
+    model, processor = int8_model
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu").eval()
+    assert type(reloaded.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    assert torch.equal(greedy(reloaded, AutoProcessor.from_pretrained(tmp_path)), greedy(model, processor))
+
+
+# --- what runs where: checked before anything is loaded ----------------------------------------------
+
+
+@needs_torchao
+def test_int8_on_cpu_is_torchao_weight_only_without_the_vision_tower():
+    config, note = quantization_config("INT8", "cpu", torch.float32)
+    assert isinstance(config, TorchAoConfig) and type(config.quant_type).__name__ == "Int8WeightOnlyConfig"
+    assert config.modules_to_not_convert == SKIP_MODULES and note == "int8 weights (torchao)"
+    assert quantization_config(None, "cpu", torch.float32) == (None, "not quantized")
+    assert quantization_config("none", "cuda", torch.bfloat16)[0] is None
+
+
+def test_unknown_quantize_value():
+    with pytest.raises(ValueError, match="Choose None, 'int8' or 'int4'"):
+        quantization_config("int3", "cpu", torch.float32)
+
+
+def test_int4_on_cpu_says_what_runs_where():
+    with pytest.raises(QuantizationUnavailableError, match="(?s)CUDA GPU.*bitsandbytes.*quantize='int8'") as info:
+        quantization_config("int4", "cpu", torch.float32)
+    assert not isinstance(info.value, ImportError)  # nothing to install fixes it on this machine
+
+
+def test_mps_has_no_quantization_backend():
+    with pytest.raises(QuantizationUnavailableError, match="Apple GPUs.*dtype='fp16'"):
+        quantization_config("int8", "mps", torch.float16)
+
+
+def test_missing_torchao_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(quantization, "_installed", lambda package: False)
+    with pytest.raises(QuantizationBackendMissingError, match=r"pip install 'phi_helpers\[quantize\]'") as info:
+        quantization_config("int8", "cpu", torch.float32)
+    assert isinstance(info.value, ImportError) and isinstance(info.value, QuantizationUnavailableError)
+    with pytest.raises(QuantizationBackendMissingError, match="pip install bitsandbytes"):
+        quantization_config("int4", "cuda", torch.bfloat16)
+
+
+def test_bitsandbytes_is_used_on_cuda_where_installed(monkeypatch):
+    monkeypatch.setattr(quantization, "_installed", lambda package: package == "bitsandbytes")
+    config, note = quantization_config("int4", "cuda:0", torch.bfloat16)
+    assert isinstance(config, BitsAndBytesConfig) and config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.llm_int8_skip_modules == SKIP_MODULES
+    assert note == "int4 weights (bitsandbytes)"
+    config, _ = quantization_config("int8", "cuda", torch.float16)
+    assert isinstance(config, BitsAndBytesConfig) and config.load_in_8bit
+
+
+def test_load_model_refuses_before_loading(monkeypatch, tiny_checkpoint):
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained must not be called")
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", refuse)
+    with pytest.raises(QuantizationUnavailableError):
+        load_model(str(tiny_checkpoint), device="cpu", quantize="int4")
+
+
+@needs_torchao
+def test_cli_quantize_int8_is_recorded(capsys, tiny_checkpoint, tmp_path):
+    picture = tmp_path / "red.png"
+    image().save(picture)
+    code, out, err = run(capsys, "predict", "--image", picture, "--task", "caption", "--format", "json",
+                         "--model", tiny_checkpoint, "--device", "cpu", "--quantize", "int8",
+                         "--num-crops", "1", "--max-new-tokens", "3")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["quantize"] == "int8" and record["dtype"] == "bfloat16"
+    assert "int8 weights (torchao)" in err  # load_model's line goes to stderr
