@@ -230,6 +230,7 @@ class ModelLoader:
 
     ``model`` is a hub id, a local folder (that every node can read) or ``"tiny"``; it wins over the
     replica's ``$PHI_HELPERS_MODEL``, as ``--model`` does in the CLI. ``None``: ``load_model``'s choice.
+    The other fields are ``load_model``'s arguments.
     """
 
     model: str | None = None
@@ -237,12 +238,14 @@ class ModelLoader:
     dtype: str = "auto"
     attn: str = "auto"
     num_crops: int | None = None
+    quantize: str | None = None
 
     def __call__(self):
-        if self.model is not None:
-            os.environ["PHI_HELPERS_MODEL"] = self.model  # this replica's own process: load_model reads it first
         with contextlib.redirect_stdout(sys.stderr):
-            return load_model(device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops)
+            return load_model(
+                self.model, device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops,
+                quantize=self.quantize,
+            )
 
 
 @dataclass
@@ -294,6 +297,7 @@ def predict_dataset(
     dtype: str = "auto",
     attn: str = "auto",
     num_crops: int | None = None,
+    quantize: str | None = None,
 ):
     """Run ``task`` over a Ray Dataset of items (``item_dataset``); return a lazy Dataset of records.
 
@@ -314,14 +318,14 @@ def predict_dataset(
         replicas: model replicas (Ray actors) working in parallel; one GPU each by default.
         gpus_per_replica: ``None``: 1 when the cluster has GPUs, else 0 (CPU replicas).
         cpus_per_replica: CPUs Ray reserves for each replica (and the threads torch uses in it).
-        device, dtype, attn, num_crops: passed to ``load_model`` in each replica (for a model id).
+        device, dtype, attn, num_crops, quantize: passed to ``load_model`` in each replica (for a model id).
     """
     ray = require_ray()
     if gpus_per_replica is None:
         gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     if model is None:
         model = os.environ.get("PHI_HELPERS_MODEL") or None  # read here: a cluster's workers do not see it
-    load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops)
+    load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops, quantize)
     options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens, "constrain": constrain}
     return items.map_batches(
         Replica,
@@ -449,6 +453,7 @@ def run_ray(args, schema: dict | None, model: str) -> int:
             max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
             replicas=min(args.replicas or 1, total or sys.maxsize),
             device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
+            quantize=None if args.quantize == "none" else args.quantize,
         )
         written, failed = write_records(records, output, total, args.task)
     finally:
