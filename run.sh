@@ -41,7 +41,8 @@ lock() {
     echo "# and extras notebooks, test). Regenerate it with ./run.sh lock, never by hand."
     sed -E 's/^torch==([^+ ]+)\+cpu/torch==\1/' requirements.txt; } > requirements.txt.new
   mv requirements.txt.new requirements.txt
-  if grep -E '^(nvidia-|triton)' requirements.txt; then
+  # triton is allowed: xgrammar needs it on Linux x86_64 (its GPU mask kernel); a CUDA torch shows as nvidia-*.
+  if grep -E '^nvidia-' requirements.txt; then
     echo "error: the lock pulled CUDA packages (above): resolve torch with its CPU wheel, e.g." >&2
     echo "  PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu ./run.sh lock" >&2
     exit 1

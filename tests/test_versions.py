@@ -39,7 +39,7 @@ def test_lock_pins_the_tested_versions():
 
 def test_lock_has_no_cuda_packages_and_a_portable_torch():
     pins = lock_pins()
-    assert not [name for name in pins if name.startswith(("nvidia-", "triton"))]
+    assert not [name for name in pins if name.startswith("nvidia-")]  # triton may come with xgrammar (Linux x86_64)
     assert "+" not in pins["torch"]  # "2.13.0", not "2.13.0+cpu": every platform resolves it from PyPI
 
 
