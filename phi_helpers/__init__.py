@@ -27,7 +27,8 @@ AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: do
 
 Layers, each importing only from those below it: errors < models (phi3_v) < testing < api < tutorial < cli.
 More in the modules: phi_helpers.api.generation (stream_chunks, generate_batch), .api.structured,
-.api.metrics, .tutorial.widgets (chat_box), .tutorial.profiling, .tutorial.mrz; `phi-helpers --help`.
+.api.metrics, .api.quantization, .cli.ray_engine (predict_dataset), .tutorial.widgets (chat_box),
+.tutorial.profiling, .tutorial.mrz; `phi-helpers --help`.
 """
 
 import logging

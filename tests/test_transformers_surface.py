@@ -252,6 +252,37 @@ def test_clip_hidden_states_index_minus_two_is_the_penultimate_layer():
     assert torch.equal(output.hidden_states[-1], output.last_hidden_state), surface(item)
 
 
+def test_clip_parts_run_one_by_one_give_the_hidden_states():
+    item = "CLIPVisionModel's embeddings, pre_layrnorm and encoder.layers[i](hidden, attention_mask=None)"
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
+    clip = CLIPVisionModel(config).eval()
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = clip(pixels, output_hidden_states=True)
+        hidden = clip.pre_layrnorm(clip.embeddings(pixels))
+        for layer in clip.encoder.layers[:2]:  # what the vision tower runs: up to the penultimate layer
+            hidden = layer(hidden, attention_mask=None)
+    assert torch.allclose(output.hidden_states[-2], hidden, atol=1e-5), surface(item)
+
+
+def test_dynamic_cache_keeps_the_selected_rows():
+    item = "DynamicCache(config=...).batch_select_indices(indices) and get_seq_length()"
+    config = Phi3VConfig(**{**json.loads((FIXTURES / "config.json").read_text()), "num_hidden_layers": 1})
+    cache = DynamicCache(config=config)
+    keys = torch.arange(3 * 2 * 4 * 5, dtype=torch.float32).reshape(3, 2, 4, 5)  # (batch, heads, tokens, head_dim)
+    cache.update(keys, keys + 1, layer_idx=0)
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    assert cache.get_seq_length() == 4, surface(item)
+    assert torch.equal(cache.layers[0].keys, keys[[0, 2]]), surface(item)
+
+
+def test_attn_implementation_dict_sets_each_part(tiny_checkpoint):
+    item = 'from_pretrained(attn_implementation={"": ..., "vision_config": ...}) and config._attn_implementation per sub-config'
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation={"": "eager", "vision_config": "sdpa"})
+    assert model.config._attn_implementation == "eager", surface(item)
+    assert model.config.vision_config._attn_implementation == "sdpa", surface(item)
+
+
 def test_checkpoint_keys_load_unchanged_into_our_clip_subclass(tiny_checkpoint):
     item = "no key renaming for a CLIPVisionModel subclass defined outside transformers"
     _, info = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, output_loading_info=True)
