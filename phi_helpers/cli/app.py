@@ -27,8 +27,8 @@ from ..errors import InvalidArgumentError, check_whole_number
 from .evaluate import run_eval_command
 from .inputs import collect_items, is_multi_input
 from .outputs import (
-    JsonlWriter, check_output_path, error_message, item_fields, json_safe, make_record, model_info, progress_bar,
-    request_fields, resume, write_atomically,
+    JsonlWriter, check_output_path, error_message, finish_run, item_fields, json_safe, make_record, model_info,
+    progress_bar, request_fields, resume, write_atomically,
 )
 from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
@@ -320,12 +320,7 @@ def run_batch(args, schema) -> int:
                     bar.write(f"failed: {record['source']}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
             bar.update(len(batch))
 
-    print(f"{len(todo) - failed} of {len(todo)} items done; results in {output}", file=sys.stderr)
-    if failed:
-        print(f'error: {failed} of {len(todo)} items failed (their lines in {output} have an "error"); '
-              "run the same command again to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return finish_run(len(todo), failed, output)
 
 
 def _page_suffix(record: dict) -> str:

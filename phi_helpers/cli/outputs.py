@@ -314,6 +314,16 @@ def resume(path, items: list[Item], request: dict) -> ResumePlan:
     return plan
 
 
+def finish_run(total: int, failed: int, output) -> int:
+    """Say how a many-item run ended (on stderr) and return its exit code: 1 if any item failed."""
+    print(f"{total - failed} of {total} items done; results in {output}", file=sys.stderr)
+    if failed:
+        print(f'error: {failed} of {total} items failed (their records in {output} have an "error"); '
+              "run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------

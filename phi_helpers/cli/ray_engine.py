@@ -42,7 +42,9 @@ from ..api.images import load_image
 from ..api.loading import load_model
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
 from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_items, item_at
-from .outputs import JsonlWriter, check_output_path, make_record, model_info, progress_bar, request_fields, resume
+from .outputs import (
+    JsonlWriter, check_output_path, finish_run, make_record, model_info, progress_bar, request_fields, resume,
+)
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
@@ -459,9 +461,4 @@ def run_ray(args, schema: dict | None, model: str) -> int:
     finally:
         if started_here:
             ray.shutdown()
-    print(f"{written - failed} of {written} items done; results in {output}", file=sys.stderr)
-    if failed:
-        print(f'error: {failed} of {written} items failed (their records in {output} have an "error"); '
-              "run the same command again to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return finish_run(written, failed, output)
