@@ -230,7 +230,7 @@ def load_for_cli(args):
     with contextlib.redirect_stdout(sys.stderr):
         return load_model(
             args.model, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
-            quantize=None if args.quantize == "none" else args.quantize,
+            quantize=args.quantize,
         )
 
 

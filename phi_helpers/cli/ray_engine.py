@@ -455,7 +455,7 @@ def run_ray(args, schema: dict | None, model: str) -> int:
             max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
             replicas=min(args.replicas or 1, total or sys.maxsize),
             device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
-            quantize=None if args.quantize == "none" else args.quantize,
+            quantize=args.quantize,
         )
         written, failed = write_records(records, output, total, args.task)
     finally:
