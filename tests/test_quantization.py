@@ -3,13 +3,14 @@
 import importlib.util
 import json
 
+import jsonschema
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, TorchAoConfig, pipeline
 
 from cli_runner import run
-from phi_helpers import Chat, ask, load_model
+from phi_helpers import Chat, ask, extract, load_model
 from phi_helpers.api import quantization
 from phi_helpers.api.generation import generate_batch, stream_chunks
 from phi_helpers.api.quantization import SKIP_MODULES, quantization_config
@@ -75,6 +76,16 @@ def test_every_api_path_works_with_the_int8_model(int8_model):
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     result = pipe(images=image(), text=PROMPT, max_new_tokens=4, min_new_tokens=4, do_sample=False, return_full_text=False)
     assert result[0]["generated_text"] == expected
+
+
+@needs_torchao
+def test_constrained_extraction_with_the_int8_model(int8_model):
+    """The token mask works on a quantized model too: the random int8 model's answer still validates."""
+    model, processor = int8_model
+    schema = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "seen": {"type": "boolean"}},
+              "required": ["kind", "seen"], "additionalProperties": False}
+    data = extract(model, processor, "What is shown?", schema, images=[image()], max_new_tokens=32)
+    assert jsonschema.validate(data, schema) is None and set(data) == {"kind", "seen"}
 
 
 @needs_torchao
