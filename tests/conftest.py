@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from phi_helpers import load_model
+from phi_helpers.cli import app as cli_app
 from phi_helpers.testing import make_tiny_checkpoint
 
 
@@ -32,3 +33,21 @@ def cli_model_and_processor(tiny_checkpoint):
     """The tiny model in fp32 with a num_crops=1 processor (fewer image tokens: fast CLI tests)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
+    """The command line's load_model returns the cached tiny model (never the hub, whatever happens);
+    ``.calls`` counts how often it was asked for. The CLI test modules use it for every test."""
+    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))
+
+    class Loader:
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Loader.calls += 1
+            return cli_model_and_processor
+
+    loader = Loader()
+    monkeypatch.setattr(cli_app, "load_model", loader)
+    return loader

@@ -23,6 +23,8 @@ from phi_helpers.api.generation import Generation
 from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
 
+pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num-crops", "1", "--max-new-tokens", "4"]  # keep every generation short
 METADATA = (
@@ -39,23 +41,6 @@ RECEIPT_SCHEMA = {
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
-    """cli.load_model returns the cached tiny model; ``.calls`` counts how often it was asked for."""
-    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))  # never the hub, whatever happens
-
-    class Loader:
-        calls = 0
-
-        def __call__(self, *args, **kwargs):
-            Loader.calls += 1
-            return cli_model_and_processor
-
-    loader = Loader()
-    monkeypatch.setattr(cli, "load_model", loader)
-    return loader
 
 
 @pytest.fixture

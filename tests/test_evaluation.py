@@ -8,12 +8,13 @@ import pytest
 import phi_helpers  # noqa: F401  (registers the native classes)
 from cli_runner import run
 from phi_helpers.api.generation import Generation
-from phi_helpers.cli import app as cli
-from phi_helpers.cli import inputs, outputs, tasks
+from phi_helpers.cli import tasks
 from phi_helpers.api.images import load_image
 from phi_helpers.api.metrics import character_error_rate, field_matches, levenshtein, normalise_value
 from phi_helpers.api.report import format_table
 from phi_helpers.cli.evaluate import read_manifest, summarise
+
+pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
 
 EVAL_SET = Path(__file__).resolve().parents[1] / "data" / "eval"
 needs_eval_set = pytest.mark.skipif(not (EVAL_SET / "manifest.jsonl").exists(), reason="data/eval is not generated")
@@ -146,13 +147,6 @@ def test_bad_manifests_name_the_line(tmp_path, lines, message):
 # ----------------------------------------------------------------------------------------------
 # The eval command
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
-    """The eval command loads the cached tiny model (never the hub)."""
-    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))
-    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: cli_model_and_processor)
 
 
 @pytest.fixture

@@ -32,24 +32,10 @@ from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
 from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError
 
+pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
+
 FAST = ["--num-crops", "1", "--max-new-tokens", "2"]
 SCHEMA = {"type": "object", "properties": {"total": {"type": "number"}}}
-
-
-@pytest.fixture(autouse=True)
-def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
-    """cli.load_model returns the cached tiny model; ``.calls`` counts how often it was asked for."""
-    monkeypatch.setenv("PHI_HELPERS_MODEL", str(tiny_checkpoint))  # never the hub, whatever happens
-
-    class Loader:
-        calls = 0
-
-        def __call__(self, *args, **kwargs):
-            Loader.calls += 1
-            return cli_model_and_processor
-
-    monkeypatch.setattr(cli, "load_model", Loader())
-    return Loader
 
 
 @pytest.fixture
