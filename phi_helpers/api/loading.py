@@ -184,22 +184,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _resolve_source(model_id) -> tuple[str, str]:
-    """Return ``(what to pass to from_pretrained, how to name it)``.
+def requested_model_id(model_id=None) -> str:
+    """The model ``load_model(model_id)`` loads: ``model_id`` itself; ``None``: ``$PHI_HELPERS_MODEL``
+    if set, else ``DEFAULT_MODEL_ID``. (The command line records it in each request.)"""
+    if model_id is not None:
+        return os.fspath(model_id)
+    return os.environ.get("PHI_HELPERS_MODEL", "").strip() or DEFAULT_MODEL_ID
 
-    An explicit ``model_id`` wins; ``None`` means ``$PHI_HELPERS_MODEL``, else ``DEFAULT_MODEL_ID``.
-    """
-    if model_id is None:
-        from_env = os.environ.get("PHI_HELPERS_MODEL", "").strip()
-        if from_env.lower() == "tiny":
-            return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision (PHI_HELPERS_MODEL=tiny)"
-        if from_env:
-            return _check_source(from_env), f"{from_env} (from PHI_HELPERS_MODEL)"
-        return DEFAULT_MODEL_ID, DEFAULT_MODEL_ID
-    source = os.fspath(model_id)
+
+def _resolve_source(model_id) -> tuple[str, str]:
+    """Return ``(what to pass to from_pretrained, how to name it)`` for ``requested_model_id(model_id)``."""
+    source = requested_model_id(model_id)
+    from_env = model_id is None and source != DEFAULT_MODEL_ID
     if source.strip().lower() == "tiny":
-        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision"
-    return _check_source(source), source
+        return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision" + (" (PHI_HELPERS_MODEL=tiny)" if from_env else "")
+    return _check_source(source), source + (" (from PHI_HELPERS_MODEL)" if from_env else "")
 
 
 def _check_source(source: str) -> str:
@@ -320,4 +319,4 @@ def _print_tiny_notice() -> None:
     print("\n".join([border, *(f"!! {line:<{width - 3}}!!" for line in lines), border]))
 
 
-__all__ = ["load_model", "pick_device", "pick_dtype", "pick_attention"]
+__all__ = ["load_model", "requested_model_id", "pick_device", "pick_dtype", "pick_attention"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
 from ..api.constrained import check_supported
-from ..api.loading import load_model
+from ..api.loading import load_model, requested_model_id
 from ..api.prompts import check_user_text
 from ..api.structured import load_schema
 from ..errors import InvalidArgumentError, check_whole_number
@@ -256,7 +256,7 @@ def run_predict(args) -> int:
 
 def requested_model(args) -> str:
     """The model the user asked for: --model, else $PHI_HELPERS_MODEL, else the default."""
-    return args.model or os.environ.get("PHI_HELPERS_MODEL", "").strip() or DEFAULT_MODEL_ID
+    return requested_model_id(args.model or None)
 
 
 def task_options(args, schema) -> dict:

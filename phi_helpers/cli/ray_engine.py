@@ -39,7 +39,7 @@ from pathlib import Path
 import pypdfium2 as pdfium
 
 from ..api.images import load_image
-from ..api.loading import load_model
+from ..api.loading import load_model, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
 from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_items, item_at
 from .outputs import (
@@ -326,7 +326,7 @@ def predict_dataset(
     if gpus_per_replica is None:
         gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     if model is None:
-        model = os.environ.get("PHI_HELPERS_MODEL") or None  # read here: a cluster's workers do not see it
+        model = requested_model_id()  # read here: a cluster's workers do not see this process's environment
     load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops, quantize)
     options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens, "constrain": constrain}
     return items.map_batches(
