@@ -239,26 +239,30 @@ def test_sub_config_defaults_build_the_clip_vision_config():
 # --- vision tower -------------------------------------------------------------------------------
 
 
-def test_clip_hidden_states_index_minus_two_is_the_penultimate_layer():
-    item = "CLIPVisionModel(output_hidden_states=True).hidden_states (num_layers + 1 entries, [-1] before post_layernorm)"
+@pytest.fixture(scope="module")
+def small_clip():
+    """A 3-layer CLIPVisionModel, an input, and its full output with every hidden state."""
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
     clip = CLIPVisionModel(config).eval()
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        output = clip(pixels, output_hidden_states=True)
+        return clip, pixels, clip(pixels, output_hidden_states=True)
+
+
+def test_clip_hidden_states_index_minus_two_is_the_penultimate_layer(small_clip):
+    item = "CLIPVisionModel(output_hidden_states=True).hidden_states (num_layers + 1 entries, [-1] before post_layernorm)"
+    clip, pixels, output = small_clip
+    with torch.no_grad():
         hidden = clip.pre_layrnorm(clip.embeddings(pixels))
     assert len(output.hidden_states) == 4, surface(item)
     assert torch.allclose(output.hidden_states[0], hidden, atol=1e-6), surface(item)
     assert torch.equal(output.hidden_states[-1], output.last_hidden_state), surface(item)
 
 
-def test_clip_parts_run_one_by_one_give_the_hidden_states():
+def test_clip_parts_run_one_by_one_give_the_hidden_states(small_clip):
     item = "CLIPVisionModel's embeddings, pre_layrnorm and encoder.layers[i](hidden, attention_mask=None)"
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14)
-    clip = CLIPVisionModel(config).eval()
-    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    clip, pixels, output = small_clip
     with torch.no_grad():
-        output = clip(pixels, output_hidden_states=True)
         hidden = clip.pre_layrnorm(clip.embeddings(pixels))
         for layer in clip.encoder.layers[:2]:  # what the vision tower runs: up to the penultimate layer
             hidden = layer(hidden, attention_mask=None)
