@@ -23,6 +23,7 @@ CPU has kernels; otherwise the typed error is reported). Numbers: docs/quantizat
 """
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -36,13 +37,15 @@ import torch
 
 MID_SIZES = dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12)
 MID_VISION = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, projection_dim=512)
-VARIANTS = {  # name: (dtype, quantize, quantize the vision tower too)
-    "fp32": ("fp32", None, False),
-    "bf16": ("bf16", None, False),
-    "int8": ("fp32", "int8", False),
-    "int8+bf16": ("bf16", "int8", False),
-    "int8-all": ("fp32", "int8", True),
-    "int4": ("bf16", "int4", False),
+# name: (dtype, quantize, modules kept unquantized: None = what load_model does, else a list)
+VARIANTS = {
+    "fp32": ("fp32", None, None),
+    "bf16": ("bf16", None, None),
+    "int8": ("bf16", "int8", None),  # quantize="int8": the default on CPU
+    "int8+fp32": ("fp32", "int8", None),  # quantize="int8", dtype="fp32"
+    "int8 head16": ("bf16", "int8", ["model.vision_embed_tokens", "lm_head"]),  # lm_head kept in bf16
+    "int8-all": ("bf16", "int8", []),  # the vision tower and projection quantized too
+    "int4": ("bf16", "int4", None),
 }
 
 
@@ -69,32 +72,38 @@ def write_checkpoint(folder: Path) -> Path:
 
 def run_variant(folder: str, name: str, tokens: int) -> dict:
     """One variant in this process: load, prefill, decode. Returns the measurements."""
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+    from transformers import AutoModelForCausalLM, AutoProcessor, TorchAoConfig
 
     from phi_helpers import load_model
+    from phi_helpers.api.quantization import use_fused_int8_kernel
     from phi_helpers.api.generation import ask  # noqa: F401  (the same import cost for every variant)
     from phi_helpers.errors import PhiHelpersError
     from phi_helpers.testing import make_tiny_checkpoint  # noqa: F401
     from PIL import Image
 
-    dtype, quantize, vision_too = VARIANTS[name]
+    dtype, quantize, keep = VARIANTS[name]
     torch.manual_seed(0)
+    gc.collect()
     before, anon_before = _rss_bytes(), _anon_bytes()
     sampler = _AnonPeak()
     try:
-        model, processor = load_model(folder, device="cpu", dtype=dtype, quantize=quantize, num_crops=1)
-        if vision_too:  # the same int8 config without the skip list (lm_head stays: transformers keeps it)
+        if keep is None:
+            model, processor = load_model(folder, device="cpu", dtype=dtype, quantize=quantize, num_crops=1)
+        else:  # the alternative: the same torchao config with another list of modules kept unquantized
             from torchao.quantization import Int8WeightOnlyConfig
 
-            del model
+            processor = AutoProcessor.from_pretrained(folder, num_crops=1)
             model = AutoModelForCausalLM.from_pretrained(
-                folder, device_map="cpu", dtype=torch.float32,
-                quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=["lm_head"]),
+                folder, device_map="cpu", dtype=torch.bfloat16,
+                quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=keep),
             ).eval()
+            use_fused_int8_kernel(model)
     except PhiHelpersError as error:
         return {"variant": name, "error": f"{type(error).__name__}: {error}"}
     load_peak = _peak_rss_bytes() - before
     anon_peak = sampler.stop() - anon_before
+    gc.collect()
+    resident = _rss_bytes() - before
 
     image = Image.new("RGB", (672, 448), (200, 120, 40))
     prompt = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
@@ -121,6 +130,10 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
         "load_peak_rss_gib": load_peak / 2**30,
         "load_peak_anon_gib": anon_peak / 2**30,
         "weights_gib": sum(_tensor_bytes(p) for p in model.parameters()) / 2**30,
+        "language_model_gib": sum(
+            _tensor_bytes(p) for n, p in model.named_parameters() if not n.startswith("model.vision_embed_tokens")
+        ) / 2**30,
+        "resident_gib": resident / 2**30,
         "prefill_s": prefill,
         "decode_ms_per_token": 1000 * (total - prefill) / (tokens - 1),
         "tokens": new,
@@ -224,21 +237,26 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
           f"language-model Linear weights {counts['quantized'] / total:.1%}); safetensors (bf16) {file_gib:.3f} GiB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     base = results["fp32"]
-    header = f"{'variant':<9} {'weights GiB':>11} {'x fp32':>7} {'anon peak GiB':>13} {'RSS peak GiB':>12} {'prefill s':>10} {'x fp32':>7} {'decode ms/tok':>14} {'speed-up':>9} {'agree':>7} {'forced':>7}"
+    header = (f"{'variant':<11} {'weights GiB':>11} {'LM GiB':>7} {'x fp32':>6} {'resident GiB':>12} {'anon peak GiB':>13} "
+              f"{'prefill s':>9} {'speed-up':>8} {'decode ms/tok':>13} {'speed-up':>8} {'agree':>6} {'forced':>6}")
     print(header)
     print("-" * len(header))
     for name, row in results.items():
         if "error" in row:
-            print(f"{name:<9} not available: {row['error'].splitlines()[-1][:150]}")
+            print(f"{name:<11} not available: {row['error'].splitlines()[-1][:150]}")
             continue
         agree = _agreement(base["tokens"], row["tokens"])
         print(
-            f"{name:<9} {row['weights_gib']:>11.3f} {row['weights_gib'] / base['weights_gib']:>7.2f} "
-            f"{row['load_peak_anon_gib']:>13.3f} {row['load_peak_rss_gib']:>12.3f} "
-            f"{row['prefill_s']:>10.2f} {row['prefill_s'] / base['prefill_s']:>7.2f} "
-            f"{row['decode_ms_per_token']:>14.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>9.2f} "
-            f"{agree:>4}/{tokens} {row['forced_agreement']:>4}/{tokens}"
+            f"{name:<11} {row['weights_gib']:>11.3f} {row['language_model_gib']:>7.3f} "
+            f"{row['language_model_gib'] / base['language_model_gib']:>6.2f} {row['resident_gib']:>12.3f} "
+            f"{row['load_peak_anon_gib']:>13.3f} {row['prefill_s']:>9.2f} {base['prefill_s'] / row['prefill_s']:>8.2f} "
+            f"{row['decode_ms_per_token']:>13.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>8.2f} "
+            f"{agree:>3}/{tokens} {row['forced_agreement']:>3}/{tokens}"
         )
+    print("\nLM GiB: the language model's weights (all but the vision tower and projection); resident: the "
+          "process's RSS after loading minus before; anon peak: its own memory's peak while loading; speed-up: "
+          "fp32's time / the variant's; agree: greedy tokens equal to fp32's up to the first difference; "
+          "forced: next-token predictions equal to fp32's when fed fp32's tokens.")
 
 
 def _agreement(reference: list[int], tokens: list[int]) -> int:

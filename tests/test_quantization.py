@@ -13,7 +13,9 @@ from cli_runner import run
 from phi_helpers import Chat, ask, extract, load_model
 from phi_helpers.api import quantization
 from phi_helpers.api.generation import generate_batch, stream_chunks
-from phi_helpers.api.quantization import SKIP_MODULES, quantization_config
+from phi_helpers.api.quantization import (
+    FUSED_INT8_MAX_ROWS, SKIP_MODULES, FusedInt8Linear, quantization_config, use_fused_int8_kernel,
+)
 from phi_helpers.cli.outputs import model_info
 from phi_helpers.errors import QuantizationBackendMissingError, QuantizationUnavailableError
 
@@ -43,10 +45,10 @@ def test_int8_quantizes_the_language_model_linears_only(int8_model):
     quantized = {name for name, module in model.named_modules()
                  if isinstance(module, torch.nn.Linear) and type(module.weight).__name__ == "Int8Tensor"}
     linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    assert quantized == {name for name in linears if name.startswith("model.layers.")}
-    assert all(not name.startswith(tuple(SKIP_MODULES)) for name in quantized)
-    assert type(model.lm_head.weight).__name__ == "Parameter"
-    assert model.dtype == model.lm_head.weight.dtype == torch.bfloat16  # dtype "auto" on CPU: bf16 beside int8
+    assert quantized == {name for name in linears if name.startswith(("model.layers.", "lm_head"))}
+    assert all(not name.startswith(tuple(SKIP_MODULES["int8"])) for name in quantized)
+    assert type(model.model.vision_embed_tokens.img_projection[0].weight).__name__ == "Parameter"
+    assert model.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16  # "auto" on CPU: bf16 beside int8
     assert model_info(model, int8_model[1])["quantize"] == "int8"
 
 
@@ -95,7 +97,46 @@ def test_a_saved_int8_model_reloads_quantized_with_the_same_answers(int8_model, 
     processor.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu").eval()
     assert type(reloaded.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    assert use_fused_int8_kernel(reloaded) == len(model.model.layers) * 4 + 1  # what load_model does on CPU
     assert torch.equal(greedy(reloaded, AutoProcessor.from_pretrained(tmp_path)), greedy(model, processor))
+
+
+@needs_torchao
+def test_decoding_uses_the_fused_int8_kernel_and_prefill_torchaos_path(int8_model):
+    """Few rows (decoding) go through torch._weight_int8pack_mm, many (prefill) through torchao's own
+    matmul; both compute the same product up to bf16 rounding, and the saved state is unchanged."""
+    model, _ = int8_model
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer) is FusedInt8Linear and type(model.model.vision_embed_tokens.img_projection[0]) is torch.nn.Linear
+    weight = layer.weight
+    exact = weight.dequantize().float()  # (out, in): the int8 values times their row scales
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, FUSED_INT8_MAX_ROWS, FUSED_INT8_MAX_ROWS + 1):
+        x = torch.randn(1, rows, layer.in_features, generator=generator).to(torch.bfloat16)
+        kernel_calls = []
+        with torch.no_grad(), _count_calls(torch.ops.aten._weight_int8pack_mm.default, kernel_calls):
+            y = layer(x)
+        assert len(kernel_calls) == (rows <= FUSED_INT8_MAX_ROWS)
+        assert y.shape == (1, rows, layer.out_features) and y.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), x.float() @ exact.t(), rtol=2e-2, atol=2e-2)
+    fp32 = torch.randn(1, 1, layer.in_features, generator=generator)  # fp32 input: torchao's path, no kernel
+    kernel_calls = []
+    with torch.no_grad(), _count_calls(torch.ops.aten._weight_int8pack_mm.default, kernel_calls):
+        assert layer(fp32).dtype == torch.float32 and not kernel_calls
+    assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
+
+
+class _count_calls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each call of ``op`` while active."""
+
+    def __init__(self, op, calls):
+        super().__init__()
+        self.op, self.calls = op, calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is self.op:
+            self.calls.append(func)
+        return func(*args, **(kwargs or {}))
 
 
 # --- what runs where: checked before anything is loaded ----------------------------------------------
@@ -105,7 +146,8 @@ def test_a_saved_int8_model_reloads_quantized_with_the_same_answers(int8_model, 
 def test_int8_on_cpu_is_torchao_weight_only_without_the_vision_tower():
     config, note = quantization_config("INT8", "cpu", torch.float32)
     assert isinstance(config, TorchAoConfig) and type(config.quant_type).__name__ == "Int8WeightOnlyConfig"
-    assert config.modules_to_not_convert == SKIP_MODULES and note == "int8 weights (torchao)"
+    assert config.modules_to_not_convert == SKIP_MODULES["int8"] == ["model.vision_embed_tokens"]
+    assert note == "int8 weights (torchao)"
     assert quantization_config(None, "cpu", torch.float32) == (None, "not quantized")
     assert quantization_config("none", "cuda", torch.bfloat16)[0] is None
 
@@ -139,10 +181,12 @@ def test_bitsandbytes_is_used_on_cuda_where_installed(monkeypatch):
     monkeypatch.setattr(quantization, "_installed", lambda package: package == "bitsandbytes")
     config, note = quantization_config("int4", "cuda:0", torch.bfloat16)
     assert isinstance(config, BitsAndBytesConfig) and config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
-    assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.llm_int8_skip_modules == SKIP_MODULES
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.llm_int8_skip_modules == SKIP_MODULES["int4"] == ["model.vision_embed_tokens", "lm_head"]
     assert note == "int4 weights (bitsandbytes)"
     config, _ = quantization_config("int8", "cuda", torch.float16)
     assert isinstance(config, BitsAndBytesConfig) and config.load_in_8bit
+    assert config.llm_int8_skip_modules == ["model.vision_embed_tokens"]
 
 
 def test_load_model_refuses_before_loading(monkeypatch, tiny_checkpoint):

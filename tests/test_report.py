@@ -32,9 +32,12 @@ def test_weights_memory_is_computed_from_the_config():
     # 4.15e9 parameters x 4 bytes = 16.6 GB = 15.4 GiB; half precision needs half of that.
     weights = report["weights_gib"]
     assert (weights["float32"], weights["bfloat16"], weights["float16"]) == (15.4, 7.7, 7.7)
-    # int8: the 3.62e9 language-model Linear weights in 1 byte, the other 0.52e9 parameters in 2 (or 4).
-    assert report["parameter_groups"]["quantized"] == 32 * (3072 * 9216 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072)
-    assert weights["int8 + bf16"] == 4.3 and weights["int8 + fp32"] == 5.3 and weights["int4 + bf16"] == 2.7
+    # int8: the 3.62e9 decoder Linear weights and the 0.1e9 of lm_head in 1 byte, the other 0.42e9 parameters
+    # in 2 (or 4); int4 keeps lm_head in bf16.
+    groups = report["parameter_groups"]
+    assert groups["decoder_linear"] == 32 * (3072 * 9216 + 3072 * 3072 + 3072 * 16384 + 8192 * 3072)
+    assert groups["lm_head"] == 32064 * 3072
+    assert weights["int8 + bf16"] == 4.3 and weights["int8 + fp32"] == 5.0 and weights["int4 + bf16"] == 2.7
 
 
 def test_activation_memory_grows_with_crops_and_tokens():

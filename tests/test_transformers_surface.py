@@ -370,3 +370,19 @@ def test_generation_raises_no_deprecation_warning(model, processor, tmp_path):
         phi_helpers.ask(model, processor, "What is it?", images=[picture(3)], max_new_tokens=4, stream=True)
         pipe = pipeline("image-text-to-text", model=model, processor=processor)
         pipe(images=picture(4), text=PROMPT, max_new_tokens=4, return_full_text=False)
+
+
+def test_torchao_int8_tensor_fields_and_torchs_fused_int8_kernel():
+    """api/quantization.FusedInt8Linear reads a torchao Int8Tensor's fields and calls torch._weight_int8pack_mm."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    item = "torchao Int8Tensor(qdata, scale, block_size, act_quant_kwargs, act_pre_scale) / torch._weight_int8pack_mm"
+    linear = torch.nn.Linear(64, 16, bias=False).to(torch.bfloat16)
+    torchao_quantization.quantize_(linear, torchao_quantization.Int8WeightOnlyConfig())
+    weight = linear.weight
+    assert isinstance(weight, torchao_quantization.Int8Tensor), f"torchao {torchao_quantization.__name__}: {item}"
+    assert weight.qdata.dtype == torch.int8 and weight.qdata.shape == (16, 64), item
+    assert tuple(weight.block_size) == (1, 64) and weight.scale.numel() == 16, item  # one scale per output row
+    assert weight.act_quant_kwargs is None and weight.act_pre_scale is None, item  # weight-only
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    fused = torch._weight_int8pack_mm(x, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
+    assert torch.allclose(fused.float(), x.float() @ weight.dequantize().float().t(), rtol=2e-2, atol=2e-2), item

@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import PromptError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .constrained import SchemaConstraint, compile_schema, read_answer
 from .images import load_image
+from .kv_cache import PreallocatedCache
 from .prompts import Chat, _as_list, build_prompt, is_chat_format
 
 # The chat turn ends with <|end|>; <|endoftext|> is the tokenizer's eos. The checkpoints' own
@@ -72,6 +73,7 @@ def ask(
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
+    _add_cache(model, inputs, settings)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     answer = _decode_answer(processor, output[0, inputs["input_ids"].shape[1] :].tolist(), settings["eos_token_id"])
@@ -115,6 +117,7 @@ def stream_chunks(
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
+    _add_cache(model, inputs, settings)
 
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
@@ -256,6 +259,12 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
     return settings
 
 
+def _add_cache(model, inputs, settings: dict) -> None:
+    """A KV cache sized for prompt + answer, filled in place (``kv_cache``), unless the caller gave one."""
+    if "cache" not in settings and "past_key_values" not in settings:
+        settings["cache"] = PreallocatedCache(model.config, inputs["input_ids"].shape[1] + settings["max_new_tokens"])
+
+
 def _stop_token_ids(model, processor) -> list[int]:
     """``<|end|>`` and ``<|endoftext|>`` (looked up in the tokenizer) plus the model's configured eos."""
     tokenizer = processor.tokenizer
@@ -334,7 +343,7 @@ def generate_batch(
     prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
     rows = list(range(len(prompts)))  # the rows of the batch still generating, as indices of prompts
     answers: list[list[int]] = [[] for _ in prompts]
-    cache = DynamicCache(config=model.config)
+    cache = PreallocatedCache(model.config, capacity=inputs["input_ids"].shape[1] + max_new_tokens)
     constraint = next((p for p in settings.get("logits_processor", []) if isinstance(p, SchemaConstraint)), None)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -35,7 +35,7 @@ from .. import testing
 from ..errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError, check_whole_number
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, check_flash_attention
 from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES
-from .quantization import check_quantize, quantization_config
+from .quantization import check_quantize, quantization_config, use_fused_int8_kernel
 
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"
@@ -84,6 +84,7 @@ def load_model(
     if quantization is not None:
         model_kwargs["quantization_config"] = quantization
     model = _from_pretrained(AutoModelForCausalLM, source, **model_kwargs).eval()
+    use_fused_int8_kernel(model)  # int8 weights on CPU: PyTorch's fused kernel while decoding
 
     used_attn = getattr(model.config, "_attn_implementation", attn)
     quantized = f" | {quantization_note}" if quantization is not None else ""

@@ -2,9 +2,9 @@
 
     model, processor = load_model(quantize="int8")   # about half the memory of bf16, a quarter of fp32
 
-Only the language model's ``nn.Linear`` weights are quantized; activations, the KV cache, the embeddings,
-``lm_head``, the CLIP vision tower and the image projection stay in the model's dtype
-(``SKIP_MODULES``; docs/quantization.md has the measurements behind that choice).
+Only the language model's ``nn.Linear`` weights are quantized (int8: the output head ``lm_head`` too);
+activations, the KV cache, the embeddings, the CLIP vision tower and the image projection stay in the
+model's dtype (``SKIP_MODULES``; docs/quantization.md has the measurements behind that choice).
 
 Which library does the work:
 
@@ -18,23 +18,37 @@ quantize    CPU                                          CUDA GPU
 
 Apple GPUs (MPS) have neither backend: use ``dtype="fp16"`` there. Every refusal is a
 ``QuantizationUnavailableError`` that says what to install or what to use instead.
+
+On CPU, torchao's int8 matmul converts the whole weight to bf16 on every call, which makes decoding slower
+than fp32. ``use_fused_int8_kernel`` (called by ``load_model``) lets the quantized layers multiply with
+PyTorch's fused int8 CPU kernel instead when few rows come in (decoding), keeping torchao's tensors, so
+saving and reloading are unchanged.
 """
 
 import importlib.util
 
+import sys
+
 import torch
+from torch import nn
 from transformers import BitsAndBytesConfig, TorchAoConfig
 
 from ..errors import InvalidArgumentError, QuantizationBackendMissingError, QuantizationUnavailableError
 
 QUANTIZE_CHOICES = ("int8", "int4")
-# Module paths (prefixes) that keep the model's dtype: the vision tower and the image projection
-# (about 8 % of the parameters), and the output head.
-SKIP_MODULES = ["model.vision_embed_tokens", "lm_head"]
+# Module paths (prefixes) that keep the model's dtype, per format: always the vision tower and the image
+# projection (8 % of the parameters; every image token passes through them); with 4 bits also the output
+# head, as the usual NF4 recipe does. int8 with per-row scales quantizes lm_head: on CPU it made decoding
+# 1.2x faster at no measured cost in agreement (docs/quantization.md).
+VISION_PREFIX = "model.vision_embed_tokens"
+SKIP_MODULES = {"int8": [VISION_PREFIX], "int4": [VISION_PREFIX, "lm_head"]}
 # Bytes per quantized weight, scales included: int8 has one scale per output row (negligible),
 # NF4 one absmax per 64 weights (+ double quantization: about 0.13 bit).
 BITS_PER_WEIGHT = {"int8": 8.0, "int4": 4.13}
 _INSTALL_TORCHAO = "pip install 'phi_helpers[quantize]'  (installs torchao)"
+# Up to this many rows (tokens x batch) the fused int8 kernel beats torchao's convert-then-multiply on CPU;
+# above it (prefill) torchao's path is faster (benchmarks/bench_quantization.py, docs/quantization.md).
+FUSED_INT8_MAX_ROWS = 32
 
 
 def quantization_config(quantize, device: str, dtype: torch.dtype):
@@ -71,7 +85,50 @@ def quantization_config(quantize, device: str, dtype: torch.dtype):
         )
     from torchao.quantization import Int8WeightOnlyConfig  # an optional extra: imported only when asked for
 
-    return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=SKIP_MODULES), "int8 weights (torchao)"
+    config = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=SKIP_MODULES["int8"])
+    return config, "int8 weights (torchao)"
+
+
+class FusedInt8Linear(nn.Linear):
+    """An ``nn.Linear`` holding a torchao int8 weight (per-row scales) that multiplies with
+    ``torch._weight_int8pack_mm`` (PyTorch's fused CPU kernel: int8 weights read once, no bf16 copy) when
+    the input is bf16/fp16 and has at most ``FUSED_INT8_MAX_ROWS`` rows; otherwise torchao's own path.
+    The parameters are the same objects, so ``state_dict`` and ``save_pretrained`` do not change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.dtype not in (torch.bfloat16, torch.float16) or rows > FUSED_INT8_MAX_ROWS:
+            return super().forward(x)
+        weight = self.weight
+        scale = weight.scale.reshape(-1).to(x.dtype)  # (out_features,)
+        y = torch._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), weight.qdata, scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_fused_int8_kernel(model: nn.Module) -> int:
+    """Let every CPU ``nn.Linear`` with a torchao per-row int8 weight (weight-only) use ``FusedInt8Linear``.
+
+    Returns how many layers now do. A model without torchao weights is left as it is (returns 0)."""
+    if "torchao" not in sys.modules:  # no torchao tensor can exist without it
+        return 0
+    from torchao.quantization import Int8Tensor
+
+    swapped = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) is nn.Linear
+            and isinstance(weight, Int8Tensor)
+            and weight.device.type == "cpu"
+            and weight.act_quant_kwargs is None  # weight-only
+            and weight.act_pre_scale is None
+            and tuple(weight.block_size) == (1, module.in_features)  # one scale per output row
+        ):
+            module.__class__ = FusedInt8Linear  # same parameters and buffers, another forward
+            swapped += 1
+    return swapped
 
 
 def check_quantize(quantize) -> str | None:
@@ -89,13 +146,13 @@ def check_quantize(quantize) -> str | None:
 def _bitsandbytes(name: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     """LLM.int8() or NF4 (with double quantization), computing in ``dtype``."""
     if name == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES["int8"])
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=SKIP_MODULES,
+        llm_int8_skip_modules=SKIP_MODULES["int4"],
     )
 
 
@@ -103,4 +160,4 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-__all__ = ["quantization_config", "check_quantize", "QUANTIZE_CHOICES", "SKIP_MODULES", "BITS_PER_WEIGHT"]
+__all__ = ["quantization_config", "check_quantize", "use_fused_int8_kernel", "FusedInt8Linear", "QUANTIZE_CHOICES", "SKIP_MODULES", "VISION_PREFIX", "BITS_PER_WEIGHT"]

@@ -34,18 +34,18 @@ from ..models.phi3_v import Phi3VConfig, Phi3VForCausalLM
 from ..models.phi3_v.image_processing_phi3_v import TILE, num_image_tokens
 from ..testing import FIXTURES
 from ..versions import TESTED_VERSIONS
-from .quantization import BITS_PER_WEIGHT, SKIP_MODULES
+from .quantization import BITS_PER_WEIGHT, SKIP_MODULES, VISION_PREFIX
 
 GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Weight formats of the table: (name, bytes of a quantized weight or None, bytes of every other parameter).
+# Weight formats of the table: (name, quantize or None, bytes of every parameter it does not quantize).
 _WEIGHT_FORMATS = (
     ("float32", None, 4),
     ("bfloat16", None, 2),
     ("float16", None, 2),
-    ("int8 + bf16", BITS_PER_WEIGHT["int8"] / 8, 2),
-    ("int8 + fp32", BITS_PER_WEIGHT["int8"] / 8, 4),
-    ("int4 + bf16", BITS_PER_WEIGHT["int4"] / 8, 2),
+    ("int8 + bf16", "int8", 2),
+    ("int8 + fp32", "int8", 4),
+    ("int4 + bf16", "int4", 2),
 )
 
 
@@ -79,21 +79,22 @@ def memory_estimate(config=None, num_crops: int = 4, prompt_tokens: int = 64, ne
         num_crops, prompt_tokens, new_tokens: one image cut into at most ``num_crops`` tiles, a question
             of ``prompt_tokens`` text tokens, an answer of ``new_tokens`` tokens.
 
-    Returns a dict: ``model_parameters``; ``parameter_groups`` (``quantized``: the language model's
-    Linear weights, which ``quantize=`` stores in 8/4 bits; ``vision``: CLIP tower + projection;
-    ``other``: embeddings, lm_head, norms); ``weights_gib`` per weight format (``"int8 + bf16"``: the
-    quantized weights in int8, the other parameters in bf16); ``sequence_tokens``; ``activations_gib``
-    per compute dtype: KV cache + CLIP hidden states + the largest MLP intermediate.
+    Returns a dict: ``model_parameters``; ``parameter_groups`` (``decoder_linear``: the Linear layers of
+    the language model's decoder, which ``quantize=`` stores in 8/4 bits; ``lm_head``: the output head,
+    8 bits with int8; ``vision``: CLIP tower + projection; ``other``: embeddings, norms); ``weights_gib``
+    per weight format (``"int8 + bf16"``: what int8 quantizes in int8, the other parameters in bf16);
+    ``sequence_tokens``; ``activations_gib`` per compute dtype: KV cache + CLIP hidden states + the
+    largest MLP intermediate.
     """
     config = config or _default_config()
     groups = parameter_groups(config)
     total = sum(groups.values())
     weights = {}
-    for name, quantized_bytes, other_bytes in _WEIGHT_FORMATS:
-        if quantized_bytes is None:
-            weights[name] = round(total * other_bytes / GIB, 1)
-        else:
-            weights[name] = round((groups["quantized"] * quantized_bytes + (total - groups["quantized"]) * other_bytes) / GIB, 1)
+    for name, quantize, other_bytes in _WEIGHT_FORMATS:
+        quantized = 0
+        if quantize is not None:
+            quantized = groups["decoder_linear"] + (0 if "lm_head" in SKIP_MODULES[quantize] else groups["lm_head"])
+        weights[name] = round((quantized * BITS_PER_WEIGHT.get(quantize, 0) / 8 + (total - quantized) * other_bytes) / GIB, 1)
     image_tokens = max_image_tokens(num_crops)
     sequence = image_tokens + prompt_tokens + new_tokens
     return {
@@ -110,16 +111,18 @@ def memory_estimate(config=None, num_crops: int = 4, prompt_tokens: int = 64, ne
 
 
 def parameter_groups(config) -> dict:
-    """Parameter counts ``{"quantized", "vision", "other"}`` of the model built on the meta device."""
+    """Parameter counts ``{"decoder_linear", "lm_head", "vision", "other"}`` of the model built on the meta device."""
     with torch.device("meta"):
         model = Phi3VForCausalLM(config)
-    groups = {"quantized": 0, "vision": 0, "other": 0}
+    groups = {"decoder_linear": 0, "lm_head": 0, "vision": 0, "other": 0}
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     for name, parameter in model.named_parameters():
-        if name.startswith(SKIP_MODULES[0]):
+        if name.startswith(VISION_PREFIX):
             groups["vision"] += parameter.numel()
-        elif name in linear_weights and not any(name.startswith(skip) for skip in SKIP_MODULES):
-            groups["quantized"] += parameter.numel()
+        elif name.startswith("lm_head."):
+            groups["lm_head"] += parameter.numel()
+        elif name in linear_weights:
+            groups["decoder_linear"] += parameter.numel()
         else:
             groups["other"] += parameter.numel()
     return groups
@@ -251,8 +254,9 @@ def _format(report: dict) -> str:
     lines = ["phi_helpers environment report", "=" * 30, format_table(rows)]
     groups = report["parameter_groups"]
     note = (
-        f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters: {groups['quantized']:,} in the language "
-        f"model's Linear layers (quantize='int8'/'int4' stores these in 8/4 bits), {groups['vision']:,} in the vision "
+        f"Phi-3(.5)-vision has {report['model_parameters']:,} parameters: {groups['decoder_linear']:,} in the language "
+        f"model's Linear layers (quantize='int8'/'int4' stores these in 8/4 bits; int8 also the {groups['lm_head']:,} "
+        f"of lm_head), {groups['vision']:,} in the vision "
         "tower and projection. The activations (KV cache, image tokens) come on top of the weights, for one image "
         "and one answer; long chats and many images need more."
     )
