@@ -1,25 +1,29 @@
 """fp32 vs bf16 vs int8 (vs int4) on CPU: load memory, prefill, decode, agreement with fp32.
 
-    python benchmarks/bench_quantization.py              # mid-size random checkpoint, about 10 minutes on 2 cores
+    python benchmarks/bench_quantization.py              # mid-size random checkpoint, about 4 minutes on 2 cores
     python benchmarks/bench_quantization.py --tokens 16  # quicker
 
 A mid-size random Phi-3.5-vision (same layout as the real one, smaller widths: see MID_SIZES) is written
 once to a temporary folder in bf16, like the official safetensors. Each variant then runs in a fresh
 subprocess, so that its peak RSS is its own:
 
-* load RSS: peak resident memory during ``load_model`` minus the RSS before it (Linux ru_maxrss:
-  includes the pages of the memory-mapped safetensors file, which the OS can drop), and the peak of
-  the process's own (anonymous) memory, sampled every 5 ms: what really competes for RAM;
-* weights: the bytes of the loaded tensors (int8 tensors: data + scales);
+* weights: the bytes of the loaded tensors (int8 tensors: data + scales); "LM": the language model's
+  (everything but the vision tower and projection), whose int8 size the issue's target is about;
+* RSS / own: the process's resident memory after answering minus before loading, with and without
+  the pages of the memory-mapped safetensors file (which the OS can drop; "own" is RssAnon: weights,
+  KV cache, what the allocator keeps); load peak: the peak of own memory while loading, sampled every
+  5 ms;
 * prefill: the first generated token for one image (num_crops=1) and a short question;
-* decode: milliseconds per further token (greedy, ``--tokens`` new tokens);
+* decode: milliseconds per further token (greedy, ``--tokens`` new tokens, the KV cache ``ask`` uses);
 * agreement: the first N greedy tokens identical to fp32 (up to the first difference); and, since a
   random model has many near-ties, the teacher-forced agreement too: fed fp32's N tokens, how many of
   the N next-token predictions are fp32's.
 
-Variants: fp32, bf16, int8 (language model quantized: what ``quantize="int8"`` does), int8-all (vision
-tower and projection quantized too: the alternative we measured and rejected), int4 (only where the
-CPU has kernels; otherwise the typed error is reported). Numbers: docs/quantization.md.
+Variants: fp32, bf16, int8 (what ``quantize="int8"`` does on CPU: the language model's Linear layers and
+lm_head in int8, the rest in bf16), int8+fp32 (the same beside fp32), and the alternatives we measured
+and rejected: "int8 head16" (lm_head kept in bf16) and int8-all (the vision tower and projection
+quantized too); int4 (only where the CPU has kernels; otherwise the typed error is reported).
+Numbers: docs/quantization.md.
 """
 
 import argparse
@@ -75,6 +79,8 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoProcessor, TorchAoConfig
 
     from phi_helpers import load_model
+    from phi_helpers.api.kv_cache import PreallocatedCache
+    from phi_helpers.api.loading import return_freed_memory
     from phi_helpers.api.quantization import use_fused_int8_kernel
     from phi_helpers.api.generation import ask  # noqa: F401  (the same import cost for every variant)
     from phi_helpers.errors import PhiHelpersError
@@ -89,7 +95,8 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
     try:
         if keep is None:
             model, processor = load_model(folder, device="cpu", dtype=dtype, quantize=quantize, num_crops=1)
-        else:  # the alternative: the same torchao config with another list of modules kept unquantized
+        else:  # the alternative: the same torchao config with another list of modules kept unquantized,
+            # loaded as load_model does
             from torchao.quantization import Int8WeightOnlyConfig
 
             processor = AutoProcessor.from_pretrained(folder, num_crops=1)
@@ -98,25 +105,30 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
                 quantization_config=TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=keep),
             ).eval()
             use_fused_int8_kernel(model)
+            return_freed_memory()
     except PhiHelpersError as error:
         return {"variant": name, "error": f"{type(error).__name__}: {error}"}
-    load_peak = _peak_rss_bytes() - before
     anon_peak = sampler.stop() - anon_before
-    gc.collect()
-    resident = _rss_bytes() - before
 
     image = Image.new("RGB", (672, 448), (200, 120, 40))
     prompt = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
     inputs = processor(prompt, [image], return_tensors="pt")
     options = dict(do_sample=False, eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id)
+    length = inputs["input_ids"].shape[1] + tokens
+
+    def cache():  # what ask() uses
+        return PreallocatedCache(model.config, capacity=length)
+
     with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=2, **options)  # warm-up
+        model.generate(**inputs, max_new_tokens=2, cache=cache(), **options)  # warm-up
         started = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, **options)
+        model.generate(**inputs, max_new_tokens=1, cache=cache(), **options)
         prefill = time.perf_counter() - started
         started = time.perf_counter()
-        output = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+        output = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, cache=cache(), **options)
         total = time.perf_counter() - started
+    gc.collect()
+    resident_after, own_after = _rss_bytes() - before, _anon_bytes() - anon_before
     new = output[0, inputs["input_ids"].shape[1]:].tolist()
     reference_file = Path(folder) / "fp32_tokens.json"
     reference = json.loads(reference_file.read_text()) if reference_file.exists() else new
@@ -127,13 +139,13 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
     return {
         "forced_agreement": sum(a == b for a, b in zip(predicted, reference)),
         "variant": name,
-        "load_peak_rss_gib": load_peak / 2**30,
         "load_peak_anon_gib": anon_peak / 2**30,
         "weights_gib": sum(_tensor_bytes(p) for p in model.parameters()) / 2**30,
         "language_model_gib": sum(
             _tensor_bytes(p) for n, p in model.named_parameters() if not n.startswith("model.vision_embed_tokens")
         ) / 2**30,
-        "resident_gib": resident / 2**30,
+        "resident_gib": resident_after / 2**30,
+        "own_after_gib": own_after / 2**30,
         "prefill_s": prefill,
         "decode_ms_per_token": 1000 * (total - prefill) / (tokens - 1),
         "tokens": new,
@@ -179,10 +191,6 @@ def _tensor_bytes(parameter) -> int:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
 def parameter_counts(folder: Path) -> dict:
@@ -237,7 +245,7 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
           f"language-model Linear weights {counts['quantized'] / total:.1%}); safetensors (bf16) {file_gib:.3f} GiB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     base = results["fp32"]
-    header = (f"{'variant':<11} {'weights GiB':>11} {'LM GiB':>7} {'x fp32':>6} {'resident GiB':>12} {'anon peak GiB':>13} "
+    header = (f"{'variant':<11} {'weights GiB':>11} {'LM GiB':>7} {'x fp32':>6} {'RSS GiB':>8} {'own GiB':>8} {'load peak':>9} "
               f"{'prefill s':>9} {'speed-up':>8} {'decode ms/tok':>13} {'speed-up':>8} {'agree':>6} {'forced':>6}")
     print(header)
     print("-" * len(header))
@@ -248,13 +256,15 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
         agree = _agreement(base["tokens"], row["tokens"])
         print(
             f"{name:<11} {row['weights_gib']:>11.3f} {row['language_model_gib']:>7.3f} "
-            f"{row['language_model_gib'] / base['language_model_gib']:>6.2f} {row['resident_gib']:>12.3f} "
-            f"{row['load_peak_anon_gib']:>13.3f} {row['prefill_s']:>9.2f} {base['prefill_s'] / row['prefill_s']:>8.2f} "
+            f"{row['language_model_gib'] / base['language_model_gib']:>6.2f} {row['resident_gib']:>8.3f} "
+            f"{row['own_after_gib']:>8.3f} {row['load_peak_anon_gib']:>9.3f} {row['prefill_s']:>9.2f} {base['prefill_s'] / row['prefill_s']:>8.2f} "
             f"{row['decode_ms_per_token']:>13.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>8.2f} "
             f"{agree:>3}/{tokens} {row['forced_agreement']:>3}/{tokens}"
         )
-    print("\nLM GiB: the language model's weights (all but the vision tower and projection); resident: the "
-          "process's RSS after loading minus before; anon peak: its own memory's peak while loading; speed-up: "
+    print("\nLM GiB: the language model's weights (all but the vision tower and projection); RSS: the "
+          "process's resident memory after answering minus before loading (with the safetensors file's pages, which "
+          "the OS can drop); own: the same without file pages (RssAnon: weights, KV cache, allocator caches); "
+          "load peak: own memory's peak while loading; speed-up: "
           "fp32's time / the variant's; agree: greedy tokens equal to fp32's up to the first difference; "
           "forced: next-token predictions equal to fp32's when fed fp32's tokens.")
 

@@ -233,3 +233,13 @@ def test_env_tiny_builds_once_into_the_cache_and_warns_loudly(monkeypatch, tmp_p
     assert loading._tiny_checkpoint() == cached
     assert len(builds) == 2 and (cached / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-phi-3.5-vision"]  # no temporary folders left
+
+
+def test_load_model_returns_the_memory_freed_while_loading(monkeypatch, tiny_checkpoint):
+    """glibc keeps freed heap memory (e.g. int8 quantization's full-precision copies) unless asked to give
+    it back: load_model asks once the model is loaded (benchmarks/bench_quantization.py measures it)."""
+    calls = []
+    original = loading.return_freed_memory
+    monkeypatch.setattr(loading, "return_freed_memory", lambda: calls.append(1) or original())
+    load_model(str(tiny_checkpoint), device="cpu")
+    assert calls == [1]
