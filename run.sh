@@ -69,7 +69,8 @@ for name, version in sorted(installed.items()):
 PY
   python -m pytest -p no:cacheprovider tests/test_transformers_surface.py tests/test_model.py \
     tests/test_image_processing.py tests/test_processor.py tests/test_loading.py tests/test_generation.py \
-    tests/test_generate_batch.py tests/test_constrained.py tests/test_quantization.py tests/test_device_map.py "$@"
+    tests/test_generate_batch.py tests/test_kv_cache.py tests/test_constrained.py tests/test_quantization.py \
+    tests/test_device_map.py "$@"
 }
 
 case "${1:-}" in
