@@ -46,7 +46,7 @@ def test_activation_memory_grows_with_crops_and_tokens():
     assert small["sequence_tokens"] == 2 * 144 + 1 + 2 * 12 + 32  # 1 tile + the global image
     assert large["sequence_tokens"] == 17 * 144 + 1 + 17 * 12 + 32  # a 16x1 grid (a tall page): the most tokens
     assert large["activations_gib"]["bfloat16"] > 4 * small["activations_gib"]["bfloat16"]
-    assert large["activations_gib"]["float32"] == pytest.approx(2 * large["activations_gib"]["bfloat16"], abs=0.01)
+    assert large["activations_gib"]["float32"] == pytest.approx(2 * large["activations_gib"]["bfloat16"], abs=0.02)  # each rounded to 0.01
     longer = memory_estimate(num_crops=16, prompt_tokens=16, new_tokens=16 + 1000)
     kv_per_token = 2 * 32 * 32 * 96 * 2  # K and V, 32 layers, 32 heads of 96, bf16
     assert longer["activations_gib"]["bfloat16"] - large["activations_gib"]["bfloat16"] == pytest.approx(

@@ -135,14 +135,15 @@ def max_image_tokens(num_crops: int) -> int:
 
 
 def _activation_bytes(config, num_crops: int, prompt: int, sequence: int, size: int) -> int:
-    """KV cache for ``sequence`` tokens + every CLIP hidden state (the model keeps them to pick the
-    penultimate layer) + the larger of the CLIP and the prefill MLP intermediates, in ``size`` bytes."""
+    """KV cache for ``sequence`` tokens + two CLIP hidden states (a layer's input and output: the vision
+    tower runs its layers one by one and keeps no other) + the larger of the CLIP and the prefill MLP
+    intermediates, in ``size`` bytes."""
     head_dim = config.hidden_size // config.num_attention_heads
     kv_cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * sequence
     vision = config.vision_config
     tiles = num_crops + 1  # local tiles (zero-padded to num_crops) + the global image
     positions = (vision.image_size // vision.patch_size) ** 2 + 1  # 576 patches + CLS
-    clip_states = (vision.num_hidden_layers + 1) * tiles * positions * vision.hidden_size
+    clip_states = 2 * tiles * positions * vision.hidden_size
     mlp = max(tiles * positions * vision.intermediate_size, prompt * 3 * config.intermediate_size)  # gate_up + act
     return (kv_cache + clip_states + mlp) * size
 
