@@ -9,6 +9,9 @@ keys and values, the same answers, no per-step copy.
     cache = PreallocatedCache(model.config, capacity=prompt_tokens + max_new_tokens)
     model.generate(**inputs, cache=cache, max_new_tokens=max_new_tokens)
 
+The whole prompt + ``max_new_tokens`` is allocated at the first step, which is the KV cache figure of
+``memory_estimate`` (a ``DynamicCache`` reaches it only if the answer runs to ``max_new_tokens``).
+
 ``ask``, ``stream_chunks`` and ``generate_batch`` use it. Everything else is ``DynamicCache``'s: a layer
 that outgrows its buffer gets a larger one (twice the size), and after an operation that replaces the
 keys and values (``batch_select_indices``, ``reorder_cache`` for beam search) the next step copies them

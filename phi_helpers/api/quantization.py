@@ -26,7 +26,6 @@ saving and reloading are unchanged.
 """
 
 import importlib.util
-
 import sys
 
 import torch
@@ -39,7 +38,7 @@ QUANTIZE_CHOICES = ("int8", "int4")
 # Module paths (prefixes) that keep the model's dtype, per format: always the vision tower and the image
 # projection (8 % of the parameters; every image token passes through them); with 4 bits also the output
 # head, as the usual NF4 recipe does. int8 with per-row scales quantizes lm_head: on CPU it made decoding
-# 1.2x faster at no measured cost in agreement (docs/quantization.md).
+# 1.06-1.19x faster at no measured cost in agreement (docs/quantization.md).
 VISION_PREFIX = "model.vision_embed_tokens"
 SKIP_MODULES = {"int8": [VISION_PREFIX], "int4": [VISION_PREFIX, "lm_head"]}
 # Bytes per quantized weight, scales included: int8 has one scale per output row (negligible),
@@ -160,4 +159,7 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-__all__ = ["quantization_config", "check_quantize", "use_fused_int8_kernel", "FusedInt8Linear", "QUANTIZE_CHOICES", "SKIP_MODULES", "VISION_PREFIX", "BITS_PER_WEIGHT"]
+__all__ = [
+    "quantization_config", "check_quantize", "use_fused_int8_kernel", "FusedInt8Linear",
+    "QUANTIZE_CHOICES", "SKIP_MODULES", "VISION_PREFIX", "BITS_PER_WEIGHT",
+]
