@@ -4,7 +4,8 @@
     python benchmarks/bench_gpu.py --device cpu --tiny  # dry run: a tiny config on CPU, same code path
 
 Prints, for each attention implementation that is usable here (sdpa; flash_attention_2 where
-flash-attn imports) and for sdpa with a static KV cache plus ``torch.compile``:
+flash-attn imports; both with the KV cache ``ask`` uses, ``PreallocatedCache``) and for sdpa with a
+static KV cache plus ``torch.compile``:
 
 * prefill seconds at 4 and 16 crops (one 1344x1344 image: vision tower + prompt, KV cache filled);
 * decode tokens per second at batch 1 and 8 (4 crops, greedy, every row generates all its tokens);
@@ -12,7 +13,7 @@ flash-attn imports) and for sdpa with a static KV cache plus ``torch.compile``:
 
 A configuration that fails prints what broke instead of numbers, and the others still run. Random
 weights: the numbers say how the code runs, nothing about answer quality (the architecture and shapes
-are the real ones, built from the official config.json in phi_helpers/testing/fixtures).
+are the real ones, built from the official config.json in phi_helpers/data/phi-3-vision-128k-instruct).
 Not run yet on a GPU by this project: see docs/native-implementation.md.
 """
 
@@ -28,6 +29,7 @@ from transformers import AutoConfig
 from transformers.utils import is_flash_attn_2_available
 
 import phi_helpers  # noqa: F401  (registers the classes)
+from phi_helpers.api.kv_cache import PreallocatedCache
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
@@ -86,13 +88,20 @@ def measure(args, name: str, attn, generate_kwargs: dict) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = build_model(args, attn)
+
+    def options(inputs, new_tokens: int) -> dict:
+        """generate_kwargs, plus the KV cache ask() uses unless the configuration names its own."""
+        if "cache_implementation" in generate_kwargs:
+            return generate_kwargs
+        return {**generate_kwargs, "cache": PreallocatedCache(model.config, inputs["input_ids"].shape[1] + new_tokens)}
+
     cells = []
     for num_crops in (4, 16):
         inputs = inputs_for(args, 1, num_crops, model)
 
         def prefill():
             with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, **generate_kwargs)
+                model.generate(**inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, **options(inputs, 1))
 
         cells.append(f"{seconds(prefill, args.device, args.repeats):>{12 + (num_crops == 16)}.3f}")
     for batch in (1, 8):
@@ -103,7 +112,7 @@ def measure(args, name: str, attn, generate_kwargs: dict) -> None:
                 with torch.inference_mode():
                     model.generate(
                         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                        eos_token_id=None, **generate_kwargs,
+                        eos_token_id=None, **options(inputs, new_tokens),
                     )
             return generate
 
