@@ -91,12 +91,12 @@ def quantization_config(quantize, device: str, dtype: torch.dtype):
 class FusedInt8Linear(nn.Linear):
     """An ``nn.Linear`` holding a torchao int8 weight (per-row scales) that multiplies with
     ``torch._weight_int8pack_mm`` (PyTorch's fused CPU kernel: int8 weights read once, no bf16 copy) when
-    the input is bf16/fp16 and has at most ``FUSED_INT8_MAX_ROWS`` rows; otherwise torchao's own path.
-    The parameters are the same objects, so ``state_dict`` and ``save_pretrained`` do not change."""
+    the input is bf16/fp16 on the CPU and has at most ``FUSED_INT8_MAX_ROWS`` rows; otherwise torchao's
+    own path. The parameters are the same objects, so ``state_dict`` and ``save_pretrained`` do not change."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.dtype not in (torch.bfloat16, torch.float16) or rows > FUSED_INT8_MAX_ROWS:
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or rows > FUSED_INT8_MAX_ROWS:
             return super().forward(x)
         weight = self.weight
         scale = weight.scale.reshape(-1).to(x.dtype)  # (out_features,)
