@@ -6,8 +6,9 @@ issue 13 ("before"), in one run, as ratios.
     python benchmarks/bench_native.py --tiny          # a smoke run of every section in a few seconds
 
 Sections:
-* preprocess: the image processor at 1344x1344/16, 4032x3024/16 and 1000x700/4 crops, against a copy
-  of the previous pixel path kept below (out-of-place normalisation of a strided tensor, cat + stack);
+* preprocess: the image processor at 1344x1344/16, 4032x3024/16 (and its portrait 3024x4032) and
+  1000x700/4 crops, against the previous pixel path (phi_helpers.testing.reference: one-thread PIL
+  resize of a transposed portrait, out-of-place normalisation of a strided tensor, cat + stack);
   pixel_values must be torch.equal.
 * vision: the vision tower alone (16 crops), all CLIP layers (before) against the layers that are used.
 * prefill: vision + prompt at 16 crops for attn_implementation "eager" and "sdpa": before = the vision
@@ -35,6 +36,7 @@ from phi_helpers.models.phi3_v.image_processing_phi3_v import TILE, Phi3VImagePr
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM, Phi3VImageEmbedding
 from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES, tiny_config_dict
+from phi_helpers.testing.reference import reference_pixel_values
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 # ~70 M parameters: head_dim 96 like the real model, so the real RoPE factor lists apply.
@@ -45,25 +47,6 @@ EAGER_BEFORE = {"": "eager", "vision_config": "eager"}  # what a plain "eager" m
 
 
 # --- the code as it was before, kept here so that both run in the same process -------------------
-
-
-def pixel_values_before(images, num_crops: int) -> torch.Tensor:
-    """The previous pixel path: convert, out-of-place normalisation of a permuted (strided) tensor,
-    bicubic global tile, tiles by reshape, torch.cat per image and torch.stack over images."""
-    processor = Phi3VImageProcessor(num_crops=num_crops)
-    mean = torch.tensor(processor.image_mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(processor.image_std, dtype=torch.float32)[:, None, None]
-    tiles = []
-    for image in images:
-        hd = processor.hd_transform(image.convert("RGB"), num_crops)
-        pixels = torch.from_numpy(np.array(hd, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div(255)
-        hd = (pixels - mean) / std
-        _, h, w = hd.shape
-        global_tile = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")
-        local = hd.reshape(3, h // TILE, TILE, w // TILE, TILE).permute(1, 3, 0, 2, 4).reshape(-1, 3, TILE, TILE)
-        padding = torch.zeros(num_crops - local.shape[0], 3, TILE, TILE)
-        tiles.append(torch.cat([global_tile, local, padding]))
-    return torch.stack(tiles)
 
 
 def clip_features_before(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -125,15 +108,15 @@ def make_processor(num_crops: int) -> Phi3VProcessor:
 def bench_preprocess(args) -> None:
     print("\n## Image preprocessing (one image; before = the previous pixel path)")
     print(f"{'image':<12}{'crops':>6}{'before ms':>11}{'now ms':>9}{'speed-up':>10}  pixel_values equal")
-    cases = [(336, 252, 4)] if args.tiny else [(1344, 1344, 16), (4032, 3024, 16), (1000, 700, 4)]
+    cases = [(336, 252, 4)] if args.tiny else [(1344, 1344, 16), (4032, 3024, 16), (3024, 4032, 16), (1000, 700, 4)]
     for width, height, num_crops in cases:
         image = noise_image(width, height, seed=width)
         processor = Phi3VImageProcessor(num_crops=num_crops)
         times = interleaved(
-            {"before": lambda: pixel_values_before([image], num_crops), "now": lambda: processor(image)},
+            {"before": lambda: reference_pixel_values([image], num_crops), "now": lambda: processor(image)},
             args.repeats_fast,
         )
-        equal = torch.equal(pixel_values_before([image], num_crops), processor(image)["pixel_values"])
+        equal = torch.equal(reference_pixel_values([image], num_crops), processor(image)["pixel_values"])
         print(
             f"{f'{width}x{height}':<12}{num_crops:>6}{times['before'] * 1e3:>11.1f}{times['now'] * 1e3:>9.1f}"
             f"{times['before'] / times['now']:>9.2f}x  {equal}",

@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 from phi_helpers import ImageAspectRatioError, ImageLoadError
+from phi_helpers.models.phi3_v import bilinear_resize
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor, hd_canvas_size
+from phi_helpers.testing.reference import reference_pixel_values
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -141,19 +143,6 @@ def test_num_crops_zero_is_refused_and_normalisation_can_be_overridden():
 # --- the fast pixel path gives exactly the numbers of the straightforward one --------------------
 
 
-def reference_pixel_values(image: Image.Image, num_crops: int) -> torch.Tensor:
-    """The processor's pixel path as it was before it was optimised (out-of-place, strided
-    temporaries, torch.cat + torch.stack): (1, num_crops + 1, 3, 336, 336)."""
-    hd = Phi3VImageProcessor().hd_transform(image.convert("RGB"), num_crops)
-    pixels = torch.from_numpy(np.array(hd, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).div(255)
-    hd = (pixels - MEAN[:, None, None]) / STD[:, None, None]
-    _, h, w = hd.shape
-    global_tile = torch.nn.functional.interpolate(hd[None], size=(336, 336), mode="bicubic")
-    local = hd.reshape(3, h // 336, 336, w // 336, 336).permute(1, 3, 0, 2, 4).reshape(-1, 3, 336, 336)
-    padding = torch.zeros(num_crops - local.shape[0], 3, 336, 336)
-    return torch.stack([torch.cat([global_tile, local, padding])])
-
-
 def noise(width, height, seed, mode="RGB") -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels).convert(mode)
@@ -161,16 +150,69 @@ def noise(width, height, seed, mode="RGB") -> Image.Image:
 
 @pytest.mark.parametrize(
     ("width", "height", "num_crops", "mode"),
-    [(1344, 1344, 16, "RGB"), (4032, 3024, 16, "RGB"), (1000, 700, 4, "RGB"), (700, 1000, 4, "RGB"), (500, 300, 1, "RGBA")],
+    [
+        (1344, 1344, 16, "RGB"),
+        (4032, 3024, 16, "RGB"),
+        (3024, 4032, 16, "RGB"),
+        (1000, 700, 4, "RGB"),
+        (700, 1000, 4, "RGB"),
+        (500, 300, 1, "RGBA"),
+    ],
 )
 def test_pixel_values_equal_the_reference_pipeline_bit_for_bit(width, height, num_crops, mode):
     image = noise(width, height, seed=width + height, mode=mode)
     got = Phi3VImageProcessor(num_crops=num_crops)(image)["pixel_values"]
     assert got.is_contiguous()
-    assert torch.equal(got, reference_pixel_values(image, num_crops))
+    assert torch.equal(got, reference_pixel_values([image], num_crops))
 
 
 def test_several_images_equal_the_reference_pipeline_bit_for_bit():
     images = [noise(640, 480, 1), noise(300, 900, 2, "L"), noise(336, 336, 3)]
     got = Phi3VImageProcessor(num_crops=4)(images)["pixel_values"]
-    assert torch.equal(got, torch.cat([reference_pixel_values(image, 4) for image in images]))
+    assert torch.equal(got, reference_pixel_values(images, 4))
+
+
+# --- the threaded resize gives PIL's bytes ----------------------------------------------------------
+
+# (input size, output size): both pass orders of Pillow 13's rule and its boundary (the height shrinks
+# by exactly / one more than twice the width's shrink), down- and upscaling, one axis only, odd sizes.
+RESIZES = [
+    ((4032, 3024), (1344, 1008)),
+    ((3000, 2000), (2900, 1799)),  # height shrinks 201 > 2 x 100: vertical first
+    ((3000, 2000), (2900, 1800)),  # 200 = 2 x 100: horizontal first
+    ((2000, 3000), (1799, 2900)),
+    ((1237, 2999), (1000, 1003)),
+    ((333, 1501), (1344, 1007)),  # upscale the width, downscale the height
+    ((2501, 999), (2501, 700)),  # the height only
+    ((999, 2501), (700, 2501)),  # the width only
+    ((4000, 30), (1344, 11)),
+    ((50, 40), (1344, 1075)),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("in_size", "out_size"), RESIZES)
+def test_threaded_resize_gives_pils_bytes(in_size, out_size, threads, monkeypatch):
+    monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)  # strips even for small images
+    image = noise(*in_size, seed=sum(in_size))
+    got = bilinear_resize.resize_bilinear(image, out_size, threads=threads)
+    assert np.array_equal(np.asarray(got), np.asarray(image.resize(out_size, Image.Resampling.BILINEAR)))
+    transposed = bilinear_resize.resize_bilinear(image, out_size, as_transposed=True, threads=threads)
+    expected = image.transpose(Image.Transpose.TRANSPOSE).resize(out_size[::-1], Image.Resampling.BILINEAR)
+    assert np.array_equal(np.asarray(transposed), np.asarray(expected.transpose(Image.Transpose.TRANSPOSE)))
+
+
+def test_pass_order_is_known_for_the_installed_pillow():
+    """A new Pillow major version falls back to PIL's own resize (correct, one thread): when this
+    fails, read ImagingResampleInner in Pillow's Resample.c and update ``pass_order``."""
+    assert bilinear_resize.pass_order((3000, 2000), (2900, 1799)) == "vertical first"
+    assert bilinear_resize.pass_order((3000, 2000), (2900, 1800)) == "horizontal first"
+
+
+@pytest.mark.parametrize(("width", "height"), [(1500, 1000), (1000, 1500), (1344, 1008)])
+def test_an_unknown_pillow_falls_back_to_pils_own_resize(width, height, monkeypatch):
+    monkeypatch.setattr(bilinear_resize, "PILLOW_MAJOR", 99)
+    assert bilinear_resize.pass_order((width, height), (672, 448)) is None
+    image = noise(width, height, seed=width)
+    got = Phi3VImageProcessor(num_crops=4)(image)["pixel_values"]
+    assert torch.equal(got, reference_pixel_values([image], 4))

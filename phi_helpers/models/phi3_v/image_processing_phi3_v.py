@@ -7,9 +7,10 @@ One image becomes ``num_crops + 1`` tiles of 336x336 pixels:
     HD canvas ──cut into h_c x w_c tiles, row by row──▶ local tiles (tiles 1 … h_c·w_c)
     zero tiles up to num_crops + 1                                  (ignored by the model)
 
-Portrait images are transposed first, processed as landscape, and transposed back, so their white
-padding ends up left and right. Every number here reproduces the original processor exactly: PIL
-bilinear resize, PIL white padding, uint8 / 255, (x - mean) / std in float32, torch bicubic interpolate.
+Portrait images are processed as if transposed to landscape and back, so their white padding ends up
+left and right. Every number here reproduces the original processor exactly: PIL bilinear resize (run
+in strips on several threads, the same bytes: `bilinear_resize`), white padding, uint8 / 255,
+(x - mean) / std in float32 (looked up in a 256-entry table per channel), torch bicubic interpolate.
 """
 
 import math
@@ -21,6 +22,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 from ...errors import ImageAspectRatioError, ImageLoadError, check_whole_number
+from .bilinear_resize import resize_bilinear
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's normalisation, as in the original
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -161,42 +163,52 @@ class Phi3VImageProcessor(BaseImageProcessor):
 
     # --- pixels ----------------------------------------------------------------------------------
 
-    def hd_transform(self, image: Image.Image, num_crops: int) -> Image.Image:
-        """Resize (bilinear) and pad with white to the HD canvas; a PIL image in, a PIL image out."""
-        transposed = image.width < image.height
-        if transposed:
-            image = image.transpose(Image.Transpose.TRANSPOSE)
-        resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(image.width, image.height, num_crops)
-        if image.size != (resized_w, resized_h):  # (PIL's resize to the same size is a plain copy)
-            image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
-        canvas = image
-        if (canvas_w, canvas_h) != (resized_w, resized_h):
-            top = (canvas_h - resized_h) // 2  # the rest of the padding goes to the bottom
-            canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
-            canvas.paste(image, (0, top))
-        if transposed:
-            canvas = canvas.transpose(Image.Transpose.TRANSPOSE)
+    def hd_canvas(self, image: Image.Image, num_crops: int, table: np.ndarray) -> torch.Tensor:
+        """The HD canvas, normalised: float32 (3, canvas_h, canvas_w), portrait images left portrait.
+
+        The bilinear resize runs in strips on ``torch.get_num_threads()`` threads and gives PIL's bytes
+        (`bilinear_resize`); each thread normalises the strips it resized, by looking every uint8 value
+        up in ``table`` (`normalisation_table`), straight into the canvas. A portrait image is resized
+        as the original does it (transposed to landscape and back) without the two transposed copies.
+        """
+        portrait = image.width < image.height
+        landscape_w, landscape_h = (image.height, image.width) if portrait else image.size
+        resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(landscape_w, landscape_h, num_crops)
+        pad = (canvas_h - resized_h) // 2  # white above (left of a portrait); the rest goes below (right)
+        if portrait:
+            height, width, top, left, size = canvas_w, canvas_h, 0, pad, (resized_h, resized_w)
+        else:
+            height, width, top, left, size = canvas_h, canvas_w, pad, 0, (resized_w, resized_h)
+        canvas = torch.empty(3, height, width)
+        pixels = canvas.numpy()  # the same memory
+        for channel, white in zip(pixels, table[:, 255]):
+            channel[:top], channel[top + size[1] :] = white, white
+            channel[:, :left], channel[:, left + size[0] :] = white, white
+
+        def write(strip: np.ndarray, x: int, y: int) -> None:  # strip: (h, w, 3) uint8, on a worker thread
+            h, w = strip.shape[:2]
+            for channel in range(3):
+                out = pixels[channel, top + y : top + y + h, left + x : left + x + w]
+                np.take(table[channel], strip[..., channel], out=out, mode="clip")  # (clip: no bounds check)
+
+        resize_bilinear(image, size, as_transposed=portrait, threads=torch.get_num_threads(), write=write)
         return canvas
 
     @staticmethod
-    def normalize_to_tensor(image: Image.Image, mean: list[float], std: list[float]) -> torch.Tensor:
-        """uint8 HxWx3 -> float32 3xHxW, scaled to [0, 1] then (x - mean) / std.
+    def normalisation_table(mean: list[float], std: list[float]) -> np.ndarray:
+        """(3, 256) float32: ``(value / 255 - mean) / std`` for every uint8 value of each channel, with
+        the original's float32 operations, so looking values up gives its numbers bit for bit."""
+        values = torch.arange(256, dtype=torch.float32).div(255)
+        mean = torch.tensor(mean, dtype=torch.float32)[:, None]
+        std = torch.tensor(std, dtype=torch.float32)[:, None]
+        return ((values - mean) / std).numpy()
 
-        One pass turns the pixels into a *contiguous* channel-first float32 array, then three in-place
-        passes normalise it: the same numbers bit for bit as out-of-place ``(x / 255 - mean) / std``,
-        without strided temporaries, so the bicubic resize and the tile cutting read plain memory.
-        """
-        pixels = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1), dtype=np.float32)  # (3, H, W)
-        mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-        return torch.from_numpy(pixels).div_(255).sub_(mean).div_(std)
-
-    def _write_tiles(self, image: Image.Image, num_crops: int, mean, std, out: torch.Tensor) -> list[int]:
+    def _write_tiles(self, image: Image.Image, num_crops: int, table: np.ndarray, out: torch.Tensor) -> list[int]:
         """Write one image's tiles into ``out`` (num_crops + 1, 3, 336, 336); return its [canvas_h, canvas_w].
 
         Tile 0 is the global image, tiles 1 … h_c·w_c the canvas cut row by row, the rest zero padding.
         """
-        hd = self.normalize_to_tensor(self.hd_transform(image, num_crops), mean, std)  # (3, H, W)
+        hd = self.hd_canvas(image, num_crops, table)  # (3, H, W)
         _, h, w = hd.shape
         rows, cols = h // TILE, w // TILE
         out[0] = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")[0]
@@ -215,14 +227,15 @@ class Phi3VImageProcessor(BaseImageProcessor):
         ``image_sizes`` (N, 2) = [canvas_h, canvas_w] per image, and ``num_img_tokens`` (N,).
         """
         num_crops = self.num_crops if num_crops is None else num_crops
-        mean = self.image_mean if image_mean is None else list(image_mean)
-        std = self.image_std if image_std is None else list(image_std)
+        table = self.normalisation_table(
+            self.image_mean if image_mean is None else image_mean, self.image_std if image_std is None else image_std
+        )
         images = [_to_rgb(image, position) for position, image in enumerate(flatten_images(images), start=1)]
         if not images:
             raise ImageLoadError("No images were given to the image processor.")
         check_num_crops(num_crops)
         pixel_values = torch.empty(len(images), num_crops + 1, 3, TILE, TILE)  # every tile is written below
-        sizes = [self._write_tiles(image, num_crops, mean, std, tiles) for image, tiles in zip(images, pixel_values)]
+        sizes = [self._write_tiles(image, num_crops, table, tiles) for image, tiles in zip(images, pixel_values)]
         data = {
             "pixel_values": pixel_values,
             "image_sizes": sizes,

@@ -1,0 +1,109 @@
+"""PIL's bilinear resize, byte for byte, with its work cut into strips that run on several threads.
+
+PIL resizes in two separable passes and rounds to uint8 after each one:
+
+    horizontal pass: each output row is made from one input row      (only the width changes)
+    vertical pass:   each output column is made from one input column (only the height changes)
+
+The weights of a pass depend only on the input and output sizes. So a pass can be cut into strips
+across the lines it reads (row strips for the horizontal pass, column strips for the vertical one),
+and each strip resized on its own gives the same bytes as the whole image. PIL releases the GIL
+while it crops, resamples and pastes, so the strips run in parallel threads.
+
+The one choice that changes the bytes is the order of the two passes. Pillow 13 runs the vertical
+pass first when the height shrinks by more than twice as many pixels as the width
+(``ImagingResampleInner`` in Pillow's ``src/libImaging/Resample.c``). `pass_order` encodes that rule;
+with any other Pillow major version it returns None and `resize_bilinear` calls PIL's own resize.
+``tests/test_image_processing.py`` checks the equality over sizes on both sides of the rule, and
+``./run.sh test-latest`` runs it against the newest Pillow.
+"""
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import PIL
+from PIL import Image
+
+BILINEAR = Image.Resampling.BILINEAR
+PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
+MIN_PIXELS_PER_THREAD = 750_000  # input pixels; below it a thread costs more than it saves (1000x700: one)
+
+
+def pass_order(in_size: tuple[int, int], out_size: tuple[int, int]) -> str | None:
+    """``"horizontal first"`` or ``"vertical first"``: the order of Pillow's passes when it resizes an
+    image of ``in_size`` to ``out_size`` (both (width, height)); None for a Pillow whose rule we don't know."""
+    if PILLOW_MAJOR != 13:
+        return None
+    (in_w, in_h), (out_w, out_h) = in_size, out_size
+    height_shrink = in_h - out_h
+    vertical_first = height_shrink > 0 and height_shrink > 2 * (in_w - out_w)
+    return "vertical first" if vertical_first else "horizontal first"
+
+
+def resize_bilinear(
+    image: Image.Image,
+    size: tuple[int, int],
+    *,
+    as_transposed: bool = False,
+    threads: int = 1,
+    write: Callable[[np.ndarray, int, int], None] | None = None,
+) -> Image.Image | None:
+    """``image.resize(size, Image.BILINEAR)``, the same bytes, on up to ``threads`` threads.
+
+    With ``as_transposed``, the bytes of ``image.transpose(TRANSPOSE).resize((h, w)).transpose(TRANSPOSE)``
+    for ``size`` = (w, h), which is how the processor resizes portrait images, without the two copies.
+
+    With ``write``, the output is handed over in strips instead of assembled into an image, and the
+    function returns None: ``write(pixels, left, top)`` receives each strip as an (h, w, bands) uint8
+    array and its place in the output, on the thread that made it. (A ``size`` equal to the image's
+    hands over the image itself, in strips.)
+    """
+    flip = (lambda pair: pair[::-1]) if as_transposed else (lambda pair: pair)
+    order = pass_order(flip(image.size), flip(size))
+    if order is None:  # a Pillow whose pass order we don't know: PIL's own resize, on one thread
+        if as_transposed:
+            transposed = image.transpose(Image.Transpose.TRANSPOSE).resize(flip(size), BILINEAR)
+            resized = transposed.transpose(Image.Transpose.TRANSPOSE)
+        else:
+            resized = image.resize(size, BILINEAR) if size != image.size else image
+        return write(np.asarray(resized), 0, 0) if write else resized
+    # PIL's horizontal pass of the transposed image is a vertical pass of this one, and vice versa.
+    horizontal_first = (order == "horizontal first") != as_transposed
+    threads = max(1, min(threads, image.width * image.height // MIN_PIXELS_PER_THREAD))
+    first = (size[0], image.height) if horizontal_first else (image.width, size[1])
+    return _one_pass(_one_pass(image, first, threads), size, threads, write)
+
+
+def _one_pass(image: Image.Image, size: tuple[int, int], threads: int, write=None) -> Image.Image | None:
+    """Resize along the one axis whose length differs between ``image.size`` and ``size`` (PIL runs a
+    single pass), cut into ``threads`` strips across that axis; see `resize_bilinear` for ``write``."""
+    if write is None and (image.size == size or threads == 1):
+        return image if image.size == size else image.resize(size, BILINEAR)
+    horizontal = image.height == size[1]  # the width changes (or nothing does): cut into row strips
+    across = image.height if horizontal else image.width
+    cuts = [across * i // threads for i in range(threads + 1)]
+    out = None if write else Image.new(image.mode, size, None)  # not initialised: every pixel is pasted
+
+    def strip(start: int, end: int) -> None:
+        if horizontal:
+            box, part_size, at = (0, start, image.width, end), (size[0], end - start), (0, start)
+        else:
+            box, part_size, at = (start, 0, end, image.height), (end - start, size[1]), (start, 0)
+        part = image if (start, end) == (0, across) else image.crop(box)
+        if part.size != part_size:
+            part = part.resize(part_size, BILINEAR)
+        if write:
+            write(np.asarray(part), *at)
+        else:
+            out.paste(part, at)
+
+    if threads == 1:
+        strip(0, across)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(strip, cuts[:-1], cuts[1:]))  # list(): a strip's error is raised here
+    return out
+
+
+__all__ = ["pass_order", "resize_bilinear"]
