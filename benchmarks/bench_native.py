@@ -14,7 +14,8 @@ Sections:
 * prefill: vision + prompt at 16 crops for attn_implementation "eager" and "sdpa": before = the vision
   tower follows "eager" and runs all its layers; now = SDPA in the vision tower, one layer fewer.
 * batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 16
-  and 128 new tokens (greedy; the answers are the same either way).
+  and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop (329 tokens)
+  (greedy; the answers are the same either way).
 
 Random weights: the times say how the code runs, nothing about answer quality. Not a test; the
 numbers go to docs/native-implementation.md. GPU figures: benchmarks/bench_gpu.py.
@@ -177,31 +178,34 @@ def bench_prefill(args) -> None:
 def bench_batch(args) -> None:
     print("\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one (sdpa, fp32)")
     model = build_model("sdpa", args.tiny)
-    processor = make_processor(4)
     images = [[noise_image(640, 480, seed)] for seed in range(8)]
     prompts = [PROMPT] * 8
-    print(f"prompt {processor(PROMPT, images[0])['input_ids'].shape[1]} tokens per image (640x480, 4 crops)")
-    print(f"{'new tokens':>10}{'8 x 1 s':>10}{'1 x 8 s':>10}{'images/s 8x1':>14}{'images/s 1x8':>14}{'speed-up':>10}  same answers")
-    for new_tokens in (4,) if args.tiny else args.batch_tokens:
-
-        def sequential():
-            return [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)]
-
-        def batched():
-            return generate_batch(model, processor, prompts, images, new_tokens)
-
+    print(f"{'crops':>5}{'prompt':>8}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'images/s 8x1':>14}{'images/s 1x8':>14}"
+          f"{'speed-up':>10}  same answers")
+    for num_crops in (4,) if args.tiny else args.batch_crops:
+        processor = make_processor(num_crops)
+        prompt_tokens = processor(PROMPT, images[0])["input_ids"].shape[1]
         generate_batch(model, processor, prompts[:1], images[:1], 2)  # warm-up
-        start = time.perf_counter()
-        one_by_one = sequential()
-        seq_s = time.perf_counter() - start
-        start = time.perf_counter()
-        together = batched()
-        batch_s = time.perf_counter() - start
-        same = [a.text for a in one_by_one] == [b.text for b in together]
-        print(
-            f"{new_tokens:>10}{seq_s:>10.1f}{batch_s:>10.1f}{8 / seq_s:>14.3f}{8 / batch_s:>14.3f}{seq_s / batch_s:>9.2f}x  {same}",
-            flush=True,
-        )
+        for new_tokens in (4,) if args.tiny else args.batch_tokens:
+
+            def sequential():
+                return [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)]
+
+            def batched():
+                return generate_batch(model, processor, prompts, images, new_tokens)
+
+            start = time.perf_counter()
+            one_by_one = sequential()
+            seq_s = time.perf_counter() - start
+            start = time.perf_counter()
+            together = batched()
+            batch_s = time.perf_counter() - start
+            same = [a.text for a in one_by_one] == [b.text for b in together]
+            print(
+                f"{num_crops:>5}{prompt_tokens:>8}{new_tokens:>11}{seq_s:>9.1f}{batch_s:>9.1f}{8 / seq_s:>14.3f}"
+                f"{8 / batch_s:>14.3f}{seq_s / batch_s:>9.2f}x  {same}",
+                flush=True,
+            )
 
 
 SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "batch": bench_batch}
@@ -213,6 +217,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model measurement (median)")
     parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[16, 128], help="new tokens per answer (batch section)")
+    parser.add_argument("--batch-crops", type=int, nargs="+", default=[4, 1], help="num_crops of the 640x480 images (batch section)")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
     if args.tiny:

@@ -216,3 +216,12 @@ def test_an_unknown_pillow_falls_back_to_pils_own_resize(width, height, monkeypa
     image = noise(width, height, seed=width)
     got = Phi3VImageProcessor(num_crops=4)(image)["pixel_values"]
     assert torch.equal(got, reference_pixel_values([image], 4))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA"])
+def test_other_modes_give_pils_bytes_too(mode, monkeypatch):
+    monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)
+    image = noise(1500, 1000, seed=7, mode=mode)
+    got = bilinear_resize.resize_bilinear(image, (700, 333), threads=2)
+    assert got.mode == mode
+    assert np.array_equal(np.asarray(got), np.asarray(image.resize((700, 333), Image.Resampling.BILINEAR)))

@@ -13,7 +13,8 @@ while it crops, resamples and pastes, so the strips run in parallel threads.
 The one choice that changes the bytes is the order of the two passes. Pillow 13 runs the vertical
 pass first when the height shrinks by more than twice as many pixels as the width
 (``ImagingResampleInner`` in Pillow's ``src/libImaging/Resample.c``). `pass_order` encodes that rule;
-with any other Pillow major version it returns None and `resize_bilinear` calls PIL's own resize.
+with any other Pillow major version it returns None and `resize_bilinear` calls PIL's own resize
+(as it does for modes other than L and RGB).
 ``tests/test_image_processing.py`` checks the equality over sizes on both sides of the rule, and
 ``./run.sh test-latest`` runs it against the newest Pillow.
 """
@@ -27,6 +28,7 @@ from PIL import Image
 
 BILINEAR = Image.Resampling.BILINEAR
 PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
+SPLIT_MODES = ("L", "RGB")  # resized as they are (PIL resizes RGBA/LA premultiplied: one pass only)
 MIN_PIXELS_PER_THREAD = 750_000  # input pixels; below it a thread costs more than it saves (1000x700: one)
 
 
@@ -59,9 +61,10 @@ def resize_bilinear(
     array and its place in the output, on the thread that made it. (A ``size`` equal to the image's
     hands over the image itself, in strips.)
     """
+    image.load()  # a lazily opened file is decoded here, once, not by several threads at a time
     flip = (lambda pair: pair[::-1]) if as_transposed else (lambda pair: pair)
-    order = pass_order(flip(image.size), flip(size))
-    if order is None:  # a Pillow whose pass order we don't know: PIL's own resize, on one thread
+    order = pass_order(flip(image.size), flip(size)) if image.mode in SPLIT_MODES else None
+    if order is None:  # PIL's own resize, on one thread
         if as_transposed:
             transposed = image.transpose(Image.Transpose.TRANSPOSE).resize(flip(size), BILINEAR)
             resized = transposed.transpose(Image.Transpose.TRANSPOSE)
