@@ -138,6 +138,8 @@ def test_num_crops_zero_is_refused_and_normalisation_can_be_overridden():
         processor(Image.new("RGB", (336, 336)), num_crops=0)
     plain = processor(Image.new("RGB", (336, 336), (255, 255, 255)), image_mean=[0, 0, 0], image_std=[1, 1, 1])
     assert torch.allclose(plain["pixel_values"][0, 1], torch.ones(3, 336, 336))
+    one_value = processor(Image.new("RGB", (336, 336), (255, 255, 255)), image_mean=[0.5], image_std=[0.25])
+    assert torch.equal(one_value["pixel_values"][0, 1], torch.full((3, 336, 336), 2.0))  # the same for each channel
 
 
 # --- the fast pixel path gives exactly the numbers of the straightforward one --------------------

@@ -199,9 +199,9 @@ class Phi3VImageProcessor(BaseImageProcessor):
         """(3, 256) float32: ``(value / 255 - mean) / std`` for every uint8 value of each channel, with
         the original's float32 operations, so looking values up gives its numbers bit for bit."""
         values = torch.arange(256, dtype=torch.float32).div(255)
-        mean = torch.tensor(mean, dtype=torch.float32)[:, None]
-        std = torch.tensor(std, dtype=torch.float32)[:, None]
-        return ((values - mean) / std).numpy()
+        mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1)  # 3 values, or 1 for all channels
+        std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1)
+        return ((values - mean) / std).expand(3, 256).numpy()
 
     def _write_tiles(self, image: Image.Image, num_crops: int, table: np.ndarray, out: torch.Tensor) -> list[int]:
         """Write one image's tiles into ``out`` (num_crops + 1, 3, 336, 336); return its [canvas_h, canvas_w].
