@@ -85,6 +85,7 @@ def _one_pass(image: Image.Image, size: tuple[int, int], threads: int, write=Non
         return image if image.size == size else image.resize(size, BILINEAR)
     horizontal = image.height == size[1]  # the width changes (or nothing does): cut into row strips
     across = image.height if horizontal else image.width
+    threads = min(threads, across)  # no empty strips
     cuts = [across * i // threads for i in range(threads + 1)]
     out = None if write else Image.new(image.mode, size, None)  # not initialised: every pixel is pasted
 
