@@ -88,8 +88,11 @@ def _one_pass(image: Image.Image, size: tuple[int, int], threads: int, write=Non
     threads = min(threads, across)  # no empty strips
     cuts = [across * i // threads for i in range(threads + 1)]
     out = None if write else Image.new(image.mode, size, None)  # not initialised: every pixel is pasted
+    pixels = np.asarray(image) if image.size == size else None  # nothing to resize: hand over rows
 
     def strip(start: int, end: int) -> None:
+        if pixels is not None:
+            return write(pixels[start:end], 0, start)
         if horizontal:
             box, part_size, at = (0, start, image.width, end), (size[0], end - start), (0, start)
         else:
