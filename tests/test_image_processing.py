@@ -230,3 +230,26 @@ def test_other_modes_give_pils_bytes_too(mode, monkeypatch):
     got = bilinear_resize.resize_bilinear(image, (700, 333), threads=2)
     assert got.mode == mode
     assert np.array_equal(np.asarray(got), np.asarray(image.resize((700, 333), Image.Resampling.BILINEAR)))
+
+
+def _resize_in_child(queue):
+    image = noise(1500, 1000, seed=3)
+    got = bilinear_resize.resize_bilinear(image, (700, 333), threads=2)
+    queue.put(np.array_equal(np.asarray(got), np.asarray(image.resize((700, 333), Image.Resampling.BILINEAR))))
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+def test_a_forked_child_gets_its_own_threads(monkeypatch):
+    """DataLoader workers fork: the parent's pool threads do not exist in the child."""
+    multiprocessing = pytest.importorskip("multiprocessing")
+    monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)
+    bilinear_resize.resize_bilinear(noise(600, 400, seed=2), (300, 200), threads=2)  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_resize_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the child hung or failed"
+    assert queue.get(timeout=5)
