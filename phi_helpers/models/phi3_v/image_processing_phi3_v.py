@@ -10,7 +10,7 @@ One image becomes ``num_crops + 1`` tiles of 336x336 pixels:
 Portrait images are processed as if transposed to landscape and back, so their white padding ends up
 left and right. Every number here reproduces the original processor exactly: PIL bilinear resize (run
 in strips on several threads, the same bytes: `bilinear_resize`), white padding, uint8 / 255,
-(x - mean) / std in float32 (looked up in a 256-entry table per channel), torch bicubic interpolate.
+(x - mean) / std in float32 (in place, on the resize threads), torch bicubic interpolate.
 """
 
 import math
@@ -101,6 +101,22 @@ def _to_rgb(image, position: int) -> Image.Image:
         raise ImageLoadError(f"Image {position} could not be decoded ({error}). Is the file complete?") from error
 
 
+def channel_values(values) -> np.ndarray:
+    """Mean or std as float32 numbers for the three channels (one value stands for all three)."""
+    return np.broadcast_to(np.asarray(values, dtype=np.float32).reshape(-1), (3,))
+
+
+def normalise_into(pixels: np.ndarray, out: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    """``out[c] = (pixels[..., c] / 255 - mean[c]) / std[c]`` for uint8 (h, w, 3) ``pixels`` and a
+    float32 (3, h, w) ``out``: the original's three float32 operations, each exactly rounded, so the
+    numbers are its numbers bit for bit; in place, with no temporary arrays (NumPy releases the GIL)."""
+    for channel in range(3):
+        values = out[channel]
+        np.divide(pixels[..., channel], np.float32(255), out=values, dtype=np.float32)
+        np.subtract(values, mean[channel], out=values)
+        np.divide(values, std[channel], out=values)
+
+
 def flatten_images(images) -> list:
     if images is None:
         return []
@@ -163,13 +179,13 @@ class Phi3VImageProcessor(BaseImageProcessor):
 
     # --- pixels ----------------------------------------------------------------------------------
 
-    def hd_canvas(self, image: Image.Image, num_crops: int, table: np.ndarray) -> torch.Tensor:
+    def hd_canvas(self, image: Image.Image, num_crops: int, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
         """The HD canvas, normalised: float32 (3, canvas_h, canvas_w), portrait images left portrait.
 
         The bilinear resize runs in strips on ``torch.get_num_threads()`` threads and gives PIL's bytes
-        (`bilinear_resize`); each thread normalises the strips it resized, by looking every uint8 value
-        up in ``table`` (`normalisation_table`), straight into the canvas. A portrait image is resized
-        as the original does it (transposed to landscape and back) without the two transposed copies.
+        (`bilinear_resize`); each thread normalises the strips it resized straight into the canvas
+        (`normalise_into`). A portrait image is resized as the original does it (transposed to
+        landscape and back) without the two transposed copies.
         """
         portrait = image.width < image.height
         landscape_w, landscape_h = (image.height, image.width) if portrait else image.size
@@ -181,34 +197,25 @@ class Phi3VImageProcessor(BaseImageProcessor):
             height, width, top, left, size = canvas_h, canvas_w, pad, 0, (resized_w, resized_h)
         canvas = torch.empty(3, height, width)
         pixels = canvas.numpy()  # the same memory
-        for channel, white in zip(pixels, table[:, 255]):
-            channel[:top], channel[top + size[1] :] = white, white
-            channel[:, :left], channel[:, left + size[0] :] = white, white
+        white = np.empty((3, 1, 1), np.float32)
+        normalise_into(np.full((1, 1, 3), 255, np.uint8), white, mean, std)
+        for channel, value in zip(pixels, white[:, 0, 0]):
+            channel[:top], channel[top + size[1] :] = value, value
+            channel[:, :left], channel[:, left + size[0] :] = value, value
 
         def write(strip: np.ndarray, x: int, y: int) -> None:  # strip: (h, w, 3) uint8, on a worker thread
             h, w = strip.shape[:2]
-            for channel in range(3):
-                out = pixels[channel, top + y : top + y + h, left + x : left + x + w]
-                np.take(table[channel], strip[..., channel], out=out, mode="clip")  # (clip: no bounds check)
+            normalise_into(strip, pixels[:, top + y : top + y + h, left + x : left + x + w], mean, std)
 
         resize_bilinear(image, size, as_transposed=portrait, threads=torch.get_num_threads(), write=write)
         return canvas
 
-    @staticmethod
-    def normalisation_table(mean: list[float], std: list[float]) -> np.ndarray:
-        """(3, 256) float32: ``(value / 255 - mean) / std`` for every uint8 value of each channel, with
-        the original's float32 operations, so looking values up gives its numbers bit for bit."""
-        values = torch.arange(256, dtype=torch.float32).div(255)
-        mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1)  # 3 values, or 1 for all channels
-        std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1)
-        return ((values - mean) / std).expand(3, 256).numpy()
-
-    def _write_tiles(self, image: Image.Image, num_crops: int, table: np.ndarray, out: torch.Tensor) -> list[int]:
+    def _write_tiles(self, image: Image.Image, num_crops: int, mean, std, out: torch.Tensor) -> list[int]:
         """Write one image's tiles into ``out`` (num_crops + 1, 3, 336, 336); return its [canvas_h, canvas_w].
 
         Tile 0 is the global image, tiles 1 … h_c·w_c the canvas cut row by row, the rest zero padding.
         """
-        hd = self.hd_canvas(image, num_crops, table)  # (3, H, W)
+        hd = self.hd_canvas(image, num_crops, mean, std)  # (3, H, W)
         _, h, w = hd.shape
         rows, cols = h // TILE, w // TILE
         out[0] = torch.nn.functional.interpolate(hd[None], size=(TILE, TILE), mode="bicubic")[0]
@@ -227,15 +234,14 @@ class Phi3VImageProcessor(BaseImageProcessor):
         ``image_sizes`` (N, 2) = [canvas_h, canvas_w] per image, and ``num_img_tokens`` (N,).
         """
         num_crops = self.num_crops if num_crops is None else num_crops
-        table = self.normalisation_table(
-            self.image_mean if image_mean is None else image_mean, self.image_std if image_std is None else image_std
-        )
+        mean = channel_values(self.image_mean if image_mean is None else image_mean)
+        std = channel_values(self.image_std if image_std is None else image_std)
         images = [_to_rgb(image, position) for position, image in enumerate(flatten_images(images), start=1)]
         if not images:
             raise ImageLoadError("No images were given to the image processor.")
         check_num_crops(num_crops)
         pixel_values = torch.empty(len(images), num_crops + 1, 3, TILE, TILE)  # every tile is written below
-        sizes = [self._write_tiles(image, num_crops, table, tiles) for image, tiles in zip(images, pixel_values)]
+        sizes = [self._write_tiles(image, num_crops, mean, std, tiles) for image, tiles in zip(images, pixel_values)]
         data = {
             "pixel_values": pixel_values,
             "image_sizes": sizes,
