@@ -242,6 +242,8 @@ def _resize_in_child(queue):
 def test_a_forked_child_gets_its_own_threads(monkeypatch):
     """DataLoader workers fork: the parent's pool threads do not exist in the child."""
     multiprocessing = pytest.importorskip("multiprocessing")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
     monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)
     bilinear_resize.resize_bilinear(noise(600, 400, seed=2), (300, 200), threads=2)  # the parent's pool exists
     context = multiprocessing.get_context("fork")

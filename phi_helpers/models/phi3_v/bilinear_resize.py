@@ -137,7 +137,8 @@ def _forget_pool_in_child() -> None:
     _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()  # the parent's threads do not exist here
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 __all__ = ["pass_order", "resize_bilinear"]
