@@ -1,5 +1,7 @@
 """Image processor against the worked examples and formulas of the specification (§4)."""
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -241,7 +243,6 @@ def _resize_in_child(queue):
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
 def test_a_forked_child_gets_its_own_threads(monkeypatch):
     """DataLoader workers fork: the parent's pool threads do not exist in the child."""
-    multiprocessing = pytest.importorskip("multiprocessing")
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
     monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)
