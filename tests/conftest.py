@@ -28,6 +28,18 @@ def tiny_model_and_processor(tiny_checkpoint):
             os.environ["PHI_HELPERS_MODEL"] = saved
 
 
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """The tiny model in fp32 through the Auto class, fresh for each test module."""
+    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    """The tiny checkpoint's processor through the Auto class, fresh for each test module."""
+    return AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
 @pytest.fixture(scope="session")
 def cli_model_and_processor(tiny_checkpoint):
     """The tiny model in fp32 with a num_crops=1 processor (fewer image tokens: fast CLI tests)."""

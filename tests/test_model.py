@@ -24,16 +24,6 @@ for op in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.log, torch.erf):
     op(torch.linspace(0.1, 1, 64))
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return AutoProcessor.from_pretrained(tiny_checkpoint)
-
-
 def picture(width, height, seed):
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)

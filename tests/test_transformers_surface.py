@@ -56,16 +56,6 @@ def parameters(function) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return AutoProcessor.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def phi3_vision(tmp_path_factory):
     """The Phi-3-vision variant: keeps its cache past 4096, so it uses GenerationMixin's method directly."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-phi-3-vision"), variant="phi-3-vision")
