@@ -194,6 +194,12 @@ RESIZES = [
     ((5, 1), (3, 1)),  # fewer lines than threads
     ((1, 5), (1, 2)),
     ((2, 2), (7, 9)),
+    # height scales short in binary: resized in bands of output rows (exact_row_bands)
+    ((3000, 2016), (1344, 1344)),  # 1.5: band tops must be even
+    ((1000, 750), (1344, 1000)),  # 0.75: upscale
+    ((1201, 999), (400, 333)),  # 3, odd sizes
+    ((900, 3000), (880, 1500)),  # 2, vertical first
+    ((1000, 1200), (800, 800)),  # 1.5, horizontal first, but a band of 400 rows would go vertical first
 ]
 
 
@@ -207,6 +213,15 @@ def test_threaded_resize_gives_pils_bytes(in_size, out_size, threads, monkeypatc
     transposed = bilinear_resize.resize_bilinear(image, out_size, as_transposed=True, threads=threads)
     expected = image.transpose(Image.Transpose.TRANSPOSE).resize(out_size[::-1], Image.Resampling.BILINEAR)
     assert np.array_equal(np.asarray(transposed), np.asarray(expected.transpose(Image.Transpose.TRANSPOSE)))
+
+
+def test_row_bands_only_where_they_give_the_same_bytes():
+    bands = bilinear_resize.exact_row_bands
+    assert bands((4032, 3024), (1344, 1008), True, 2) == [(0, 504), (504, 1008)]  # a 12 MP photo: 3x
+    assert bands((3000, 2016), (1344, 1344), True, 3) == [(0, 448), (448, 896), (896, 1344)]  # 1.5x
+    assert bands((4000, 3000), (1344, 1008), True, 2) is None  # 2.976...x: the row centres are rounded
+    assert bands((1000, 1200), (800, 800), True, 2) is None  # PIL would run a band vertical first
+    assert bands((2501, 999), (700, 999), True, 2) is None  # the height does not change
 
 
 def test_pass_order_is_known_for_the_installed_pillow():
