@@ -2,6 +2,7 @@
 
     python benchmarks/bench_constrained.py              # CPU, about a minute on 2 cores
     python benchmarks/bench_constrained.py --device cuda
+    python benchmarks/bench_constrained.py --tiny       # a smoke run on the tiny config in seconds
 
 On the mid-size random config of bench_native.py (~70 M parameters), in one run:
 
@@ -57,10 +58,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--num-crops", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="tiny model, 1 repeat of 4 tokens: checks the script runs")
     args = parser.parse_args()
+    if args.tiny:
+        args.repeats, args.new_tokens = 1, 4
 
     tokenizer = TokenizersBackend.from_pretrained(FIXTURES)
-    model = build_model("sdpa", torch.float32, args.device)
+    model = build_model("sdpa", "tiny" if args.tiny else "mid", args.device)
     vocab = model.get_output_embeddings().out_features
     print(f"torch {torch.__version__} | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | "
           f"device {args.device} | vocab {vocab} | {args.new_tokens} new tokens | median of {args.repeats}")

@@ -13,9 +13,14 @@ Sections:
 * vision: the vision tower alone (16 crops), all CLIP layers (before) against the layers that are used.
 * prefill: vision + prompt at 16 crops for attn_implementation "eager" and "sdpa": before = the vision
   tower follows "eager" and runs all its layers; now = SDPA in the vision tower, one layer fewer.
+* gemm: each linear layer of a decoding step (first layer and lm_head) for 8 rows against 1, with the
+  CPU's caches flushed: what a batched decoding step costs against a single one.
 * batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 16
   and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop (329 tokens)
   (greedy; the answers are the same either way).
+
+The gemm and batch sections run the mid-size config, or with ``--model full-width`` one with the real
+model's layer shapes (2 language and 3 CLIP layers; the batch section then takes about 10 minutes).
 
 Random weights: the times say how the code runs, nothing about answer quality. Not a test; the
 numbers go to docs/native-implementation.md. GPU figures: benchmarks/bench_gpu.py.
@@ -40,9 +45,21 @@ from phi_helpers.testing import FIXTURES, tiny_config_dict
 from phi_helpers.testing.reference import reference_pixel_values
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-# ~70 M parameters: head_dim 96 like the real model, so the real RoPE factor lists apply.
-MID_SIZES = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)
-MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4)
+# (language model sizes, CLIP sizes) of the random configs; head_dim 96 like the real model, so the
+# real RoPE factor lists apply.
+SIZES = {
+    # ~70 M parameters, 212 MB in fp32: every section
+    "mid": (
+        dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4),
+    ),
+    # the real model's layer shapes with 2 of its 32 language layers and 3 of its 24 CLIP layers:
+    # ~485 M parameters, 1.9 GB in fp32 (--model full-width: the batch and gemm sections)
+    "full-width": (
+        dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32),
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=3, num_attention_heads=16),
+    ),
+}
 PROMPT = "<|user|>\n<|image_1|>\nDescribe this image.<|end|>\n<|assistant|>\n"
 EAGER_BEFORE = {"": "eager", "vision_config": "eager"}  # what a plain "eager" meant before: both parts
 
@@ -72,14 +89,16 @@ class CodeBefore:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def build_model(attn, tiny: bool = False) -> Phi3VForCausalLM:
+def build_model(attn, size: str = "mid", device: str = "cpu") -> Phi3VForCausalLM:
+    """Seeded random weights in fp32; ``size`` is "tiny" (the test config) or a key of SIZES."""
     config = tiny_config_dict("phi-3.5-vision")
-    if not tiny:
-        config.update(MID_SIZES)
-        config["vision_config"].update(MID_VISION)
-        config["img_processor"]["image_dim_out"] = MID_VISION["hidden_size"]
+    if size != "tiny":
+        language, vision = SIZES[size]
+        config.update(language)
+        config["vision_config"].update(vision)
+        config["img_processor"]["image_dim_out"] = vision["hidden_size"]
     torch.manual_seed(0)
-    return Phi3VForCausalLM(Phi3VConfig(**config, attn_implementation=attn)).eval()
+    return Phi3VForCausalLM(Phi3VConfig(**config, attn_implementation=attn)).eval().to(device)
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -127,7 +146,7 @@ def bench_preprocess(args) -> None:
 
 def bench_vision(args) -> None:
     print("\n## Vision tower alone, 16 crops (before = all CLIP layers; now = up to the used one)")
-    model = build_model("sdpa", args.tiny)
+    model = build_model("sdpa", "tiny" if args.tiny else "mid")
     embedding = model.model.vision_embed_tokens
     inputs = make_processor(16)(PROMPT, noise_image(1344, 1344, 1))
     pixels = inputs["pixel_values"]
@@ -153,8 +172,8 @@ def bench_prefill(args) -> None:
     print(f"prompt {inputs['input_ids'].shape[1]} tokens")
     print(f"{'attn_implementation':<22}{'before s':>10}{'now s':>8}{'speed-up':>10}  {'vision before -> now':<22}logits equal")
     for requested in ("eager", "sdpa"):
-        before_model = build_model(EAGER_BEFORE if requested == "eager" else requested, args.tiny)
-        now_model = build_model(requested, args.tiny)
+        before_model = build_model(EAGER_BEFORE if requested == "eager" else requested, "tiny" if args.tiny else "mid")
+        now_model = build_model(requested, "tiny" if args.tiny else "mid")
 
         def prefill(model):
             with torch.inference_mode():
@@ -175,9 +194,47 @@ def bench_prefill(args) -> None:
         )
 
 
+def bench_gemm(args) -> None:
+    size = "tiny" if args.tiny else args.model
+    print(f"\n## The linear layers of one decoding step, 8 rows against 1 ({size} config, fp32, caches flushed)")
+    print("(x @ W.T as nn.Linear computes it; then two other ways to compute it for 8 rows, not used: oneDNN's"
+          " _linear_pointwise and (W @ x.T).T, both with other rounding)")
+    model = build_model("sdpa", size)
+    layer = model.model.layers[0]
+    weights = {
+        "qkv_proj": layer.self_attn.qkv_proj.weight, "o_proj": layer.self_attn.o_proj.weight,
+        "gate_up_proj": layer.mlp.gate_up_proj.weight, "down_proj": layer.mlp.down_proj.weight,
+        "lm_head": model.lm_head.weight,
+    }
+    flush = torch.zeros(4 * 2**20 if args.tiny else 128 * 2**20)  # 512 MB: more than the CPU's caches
+    linear = torch.nn.functional.linear
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+    def cold_ms(fn) -> float:
+        runs = []
+        for _ in range(args.repeats_fast):
+            flush.add_(1)  # the weight comes from memory, as in a step that reads all the others
+            start = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs) * 1e3
+
+    print(f"{'weight':<14}{'shape':>12}{'1 row ms':>10}{'8 rows ms':>11}{'ratio':>8}{'GB/s 1 row':>12}{'GB/s 8 rows':>13}"
+          f"{'oneDNN ms':>11}{'(W@xT)T ms':>12}")
+    for name, weight in weights.items():
+        one, eight = torch.randn(1, weight.shape[1]), torch.randn(8, weight.shape[1])
+        ms1, ms8 = cold_ms(lambda: linear(one, weight)), cold_ms(lambda: linear(eight, weight))
+        ms_onednn = cold_ms(lambda: onednn(eight, weight, None, "none", [], "")) if onednn else float("nan")
+        ms_transposed = cold_ms(lambda: (weight @ eight.T).T)
+        gb = weight.numel() * weight.element_size() / 1e9
+        print(f"{name:<14}{'x'.join(map(str, weight.shape)):>12}{ms1:>10.2f}{ms8:>11.2f}{ms8 / ms1:>7.2f}x"
+              f"{gb / ms1 * 1e3:>12.1f}{gb / ms8 * 1e3:>13.1f}{ms_onednn:>11.2f}{ms_transposed:>12.2f}", flush=True)
+
+
 def bench_batch(args) -> None:
-    print("\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one (sdpa, fp32)")
-    model = build_model("sdpa", args.tiny)
+    size = "tiny" if args.tiny else args.model
+    print(f"\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one ({size} config, sdpa, fp32)")
+    model = build_model("sdpa", size)
     images = [[noise_image(640, 480, seed)] for seed in range(8)]
     prompts = [PROMPT] * 8
     print(f"{'crops':>5}{'prompt':>8}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'images/s 8x1':>14}{'images/s 1x8':>14}"
@@ -208,7 +265,7 @@ def bench_batch(args) -> None:
             )
 
 
-SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "batch": bench_batch}
+SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "gemm": bench_gemm, "batch": bench_batch}
 
 
 def main() -> None:
@@ -218,13 +275,15 @@ def main() -> None:
     parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[16, 128], help="new tokens per answer (batch section)")
     parser.add_argument("--batch-crops", type=int, nargs="+", default=[4, 1], help="num_crops of the 640x480 images (batch section)")
+    parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm and batch sections")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
     if args.tiny:
         args.repeats, args.repeats_fast = 1, 1
     print(
         f"torch {torch.__version__} | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | "
-        f"{'tiny' if args.tiny else 'mid-size'} random config | medians of interleaved runs"
+        f"{'tiny' if args.tiny else 'mid-size'} random config (gemm, batch: {'tiny' if args.tiny else args.model}) | "
+        "medians of interleaved runs"
     )
     for name in args.sections:
         SECTIONS[name](args)

@@ -12,7 +12,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", [["bench_native.py", "--tiny"], ["bench_gpu.py", "--device", "cpu", "--tiny"]])
+@pytest.mark.parametrize(
+    "script", [["bench_native.py", "--tiny"], ["bench_gpu.py", "--device", "cpu", "--tiny"], ["bench_constrained.py", "--tiny"]]
+)
 def test_benchmark_dry_run(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script[0]), *script[1:]], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
