@@ -15,8 +15,9 @@ Sections:
   tower follows "eager" and runs all its layers; now = SDPA in the vision tower, one layer fewer.
 * gemm: each linear layer of a decoding step (first layer and lm_head) for 8 rows against 1, with the
   CPU's caches flushed: what a batched decoding step costs against a single one.
-* batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 16
-  and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop (329 tokens)
+* batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 1 (the
+  prompts alone), 16 and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop
+  (329 tokens)
   (greedy; the answers are the same either way).
 
 The gemm and batch sections run the mid-size config, or with ``--model full-width`` one with the real
@@ -273,7 +274,7 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model measurement (median)")
     parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
-    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[16, 128], help="new tokens per answer (batch section)")
+    parser.add_argument("--batch-tokens", type=int, nargs="+", default=[1, 16, 128], help="new tokens per answer (batch section)")
     parser.add_argument("--batch-crops", type=int, nargs="+", default=[4, 1], help="num_crops of the 640x480 images (batch section)")
     parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm and batch sections")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")

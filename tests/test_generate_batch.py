@@ -41,5 +41,38 @@ def test_finished_rows_leave_the_batch_and_answers_equal_one_plain_generate(monk
         assert result.text == processor.tokenizer.decode(answer, skip_special_tokens=True).strip(), f"row {row}"
     unfinished_rows = sum(stop not in tokens for tokens in plain)
     assert unfinished_rows >= 1  # otherwise the test proves nothing: pick another stop token
-    assert batch_sizes[0] == 3 and batch_sizes[-1] == unfinished_rows  # the finished rows stopped costing compute
-    assert len(batch_sizes) == steps  # one forward per new token, however the rounds were cut
+    prefill, decoding = batch_sizes[:2], batch_sizes[2:]
+    assert prefill == [2, 1]  # the prompts were encoded two at a time (all but their last token)
+    assert decoding[0] == 3 and decoding[-1] == unfinished_rows  # the finished rows stopped costing compute
+    assert len(decoding) == steps  # one forward per new token, however the rounds were cut
+
+
+def test_prefill_in_groups_fills_the_cache_of_one_batched_pass(cli_model_and_processor):
+    """Two prompts at a time give the keys and values of one pass over all of them, padding included."""
+    model, processor = cli_model_and_processor
+    inputs = generation.encode(model, processor, PROMPTS, images(), 4)
+    length = inputs["input_ids"].shape[1]
+    one_pass = generation.PreallocatedCache(model.config, length)
+    grouped = generation.PreallocatedCache(model.config, length)
+    head = {key: value for key, value in inputs.items() if key in ("pixel_values", "image_sizes")}
+    mask = inputs["attention_mask"][:, :-1]
+    with torch.inference_mode():
+        model(input_ids=inputs["input_ids"][:, :-1], attention_mask=mask, cache=one_pass, **head,
+              position_ids=(mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0))
+        generation._prefill_in_groups(model, inputs, [len(group) for group in images()], grouped)
+    assert grouped.get_seq_length() == length - 1
+    real = mask.bool()[:, None, :, None]  # padding positions hold whatever each pass computed for them
+    for ours, theirs in zip(grouped.layers, one_pass.layers):
+        assert torch.allclose(ours.keys * real, theirs.keys * real, atol=1e-5)
+        assert torch.allclose(ours.values * real, theirs.values * real, atol=1e-5)
+
+
+def test_prompts_past_the_original_context_are_prefilled_in_one_pass(monkeypatch, cli_model_and_processor):
+    """The long RoPE factors are chosen per forward pass: a prompt past original_max_position_embeddings
+    must be encoded by one pass, as generate does."""
+    model, processor = cli_model_and_processor
+    inputs = generation.encode(model, processor, PROMPTS, images(), 4)
+    monkeypatch.setattr(model.config, "original_max_position_embeddings", inputs["input_ids"].shape[1] - 1)
+    cache = generation.PreallocatedCache(model.config, inputs["input_ids"].shape[1])
+    generation._prefill_in_groups(model, inputs, [len(group) for group in images()], cache)
+    assert cache.get_seq_length() == 0  # left to generate

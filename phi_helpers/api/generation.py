@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..errors import PromptError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import check_context_length
@@ -37,6 +37,7 @@ from .prompts import Chat, _as_list, build_prompt, is_chat_format
 _STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 BATCH_MAX_NEW_TOKENS = 512  # the longest answer of generate_batch (and of the command line) by default
+PREFILL_ROWS = 2  # prompts per forward pass of generate_batch's prefill (see _prefill_in_groups)
 
 
 def ask(
@@ -328,11 +329,12 @@ def generate_batch(
     images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
     appends on the right, so every row's last prompt token must be in the last column).
 
-    One prefill encodes all prompts and images. Decoding then runs ``model.generate`` in rounds: a
-    round ends as soon as some answer ends, the finished rows leave the batch and its KV cache, and
-    the others go on from the cache, so a short answer stops costing compute once it is done (plain
-    ``generate`` keeps computing finished rows, padded, until the longest answer ends). Each answer is
-    the same as in one plain batched ``generate`` call.
+    The prompts are encoded two at a time into one KV cache (`_prefill_in_groups`). Decoding then
+    runs ``model.generate`` for all rows in rounds: a round ends as soon as some answer ends, the
+    finished rows leave the batch and its KV cache, and the others go on from the cache, so a short
+    answer stops costing compute once it is done (plain ``generate`` keeps computing finished rows,
+    padded, until the longest answer ends). Each answer is that of one plain batched ``generate`` call
+    up to rounding (tests/test_generate_batch.py finds the same tokens).
     """
     settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
@@ -347,6 +349,7 @@ def generate_batch(
     constraint = next((p for p in settings.get("logits_processor", []) if isinstance(p, SchemaConstraint)), None)
     start = time.perf_counter()
     with torch.inference_mode():
+        _prefill_in_groups(model, inputs, images_per_row, cache)
         while rows:
             output = model.generate(**inputs, **settings, cache=cache)
             new = output[:, inputs["input_ids"].shape[1] :].tolist()
@@ -371,6 +374,40 @@ def generate_batch(
         text = _decode_answer(processor, tokens[:count], settings["eos_token_id"])
         results.append(Generation(text, prompt_count, count, first, seconds, len(prompts)))
     return results
+
+
+def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: PreallocatedCache) -> None:
+    """Encode every prompt token but the last column into ``cache``, ``PREFILL_ROWS`` prompts per forward
+    pass; ``generate`` then runs the last column of all rows together and goes on decoding.
+
+    Why: one forward pass over 8 prompts costs more than four passes over 2 on a CPU, up to 1.4x for
+    the real model's layer sizes (their activations outgrow the CPU's caches; benchmarks/bench_native.py,
+    "batch"), and it needs 4x the activation memory on any device. Each row is encoded as in the
+    batched pass: the same left padding, position ids and mask as ``generate`` gives it.
+
+    Left to ``generate`` (one pass, as before): batches of up to ``PREFILL_ROWS`` prompts, a last column
+    that holds image positions, and prompts longer than ``original_max_position_embeddings`` (the long
+    RoPE factors are chosen per pass, from its length).
+    """
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    limit = getattr(model.config, "original_max_position_embeddings", None) or input_ids.shape[1]
+    if len(input_ids) <= PREFILL_ROWS or input_ids.shape[1] > limit or model.model.image_positions(input_ids[:, -1]).any():
+        return
+    first_image = [sum(images_per_row[:row]) for row in range(len(images_per_row) + 1)]
+    for top in range(0, len(input_ids), PREFILL_ROWS):
+        rows = slice(top, top + PREFILL_ROWS)
+        group_mask = mask[rows, :-1]
+        group = {
+            "input_ids": input_ids[rows, :-1],
+            "attention_mask": None if group_mask.all() else group_mask,  # generate drops a mask without padding
+            "position_ids": (group_mask.long().cumsum(-1) - 1).masked_fill(group_mask == 0, 0),  # as generate
+        }
+        images = slice(first_image[top], first_image[min(top + PREFILL_ROWS, len(input_ids))])
+        if "pixel_values" in inputs and images.stop > images.start:
+            group["pixel_values"], group["image_sizes"] = inputs["pixel_values"][images], inputs["image_sizes"][images]
+        part = DynamicCache(config=model.config)
+        model(**group, cache=part, use_cache=True, logits_to_keep=1)
+        cache.write_rows(top, len(input_ids), part)  # one copy of the keys and values at a time
 
 
 class _AnyRowFinished(StoppingCriteria):

@@ -12,7 +12,8 @@ keys and values, the same answers, no per-step copy.
 The whole prompt + ``max_new_tokens`` is allocated at the first step, which is the KV cache figure of
 ``memory_estimate`` (a ``DynamicCache`` reaches it only if the answer runs to ``max_new_tokens``).
 
-``ask``, ``stream_chunks`` and ``generate_batch`` use it. Everything else is ``DynamicCache``'s: a layer
+``ask``, ``stream_chunks`` and ``generate_batch`` use it (``generate_batch`` fills it with its prompts a few
+rows at a time, ``write_rows``). Everything else is ``DynamicCache``'s: a layer
 that outgrows its buffer gets a larger one (twice the size), and after an operation that replaces the
 keys and values (``batch_select_indices``, ``reorder_cache`` for beam search) the next step copies them
 into a new buffer once.
@@ -47,6 +48,19 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def write_rows(self, first_row: int, batch: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write the keys and values (rows, kv_heads, length, head_dim) of rows ``first_row``, ... of a
+        batch of ``batch`` rows; the rows not written yet hold garbage until they are."""
+        if self.key_buffer is None:
+            self.lazy_initialization(key_states, value_states)
+            _, heads, length, head_dim = key_states.shape
+            shape = (batch, heads, max(self.capacity, length), head_dim)
+            self.key_buffer, self.value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+        rows, length = slice(first_row, first_row + key_states.shape[0]), key_states.shape[2]
+        self.key_buffer[rows, :, :length].copy_(key_states)
+        self.value_buffer[rows, :, :length].copy_(value_states)
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
     def _fits(self, key_states: torch.Tensor, length: int, end: int) -> bool:
         """Do the buffers hold the cache so far (``keys`` is still their view) with room up to ``end``?"""
         buffer = self.key_buffer
@@ -71,6 +85,12 @@ class PreallocatedCache(DynamicCache):
     def __init__(self, config, capacity: int):
         super().__init__(config=config)
         self.layers = [PreallocatedLayer(capacity) for _ in self.layers]
+
+    def write_rows(self, first_row: int, batch: int, part: DynamicCache) -> None:
+        """Copy ``part``, the cache of rows ``first_row``, ``first_row + 1``, ... of a batch of ``batch``
+        prompts, into this cache, which is filled that way group by group (all groups of one length)."""
+        for layer, source in zip(self.layers, part.layers):
+            layer.write_rows(first_row, batch, source.keys, source.values)
 
 
 __all__ = ["PreallocatedCache", "PreallocatedLayer"]
