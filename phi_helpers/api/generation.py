@@ -380,10 +380,11 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     """Encode every prompt token but the last column into ``cache``, ``PREFILL_ROWS`` prompts per forward
     pass; ``generate`` then runs the last column of all rows together and goes on decoding.
 
-    Why: one forward pass over 8 prompts costs more than four passes over 2 on a CPU, up to 1.4x for
-    the real model's layer sizes (their activations outgrow the CPU's caches; benchmarks/bench_native.py,
-    "batch"), and it needs 4x the activation memory on any device. Each row is encoded as in the
-    batched pass: the same left padding, position ids and mask as ``generate`` gives it.
+    Why: on a CPU one forward pass over 8 long prompts costs more than passes over 2, because their
+    activations outgrow the CPU's caches (with the real model's layer sizes, one call of 8 prompts with
+    16 new tokens was slower than 8 calls of one; benchmarks/bench_native.py, "batch"), and it needs 4x
+    the activation memory on any device. Each row is encoded as in the batched pass: the same left
+    padding, position ids and mask as ``generate`` gives it.
 
     Left to ``generate`` (one pass, as before): batches of up to ``PREFILL_ROWS`` prompts, a last column
     that holds image positions, and prompts longer than ``original_max_position_embeddings`` (the long
@@ -393,7 +394,7 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     limit = getattr(model.config, "original_max_position_embeddings", None) or input_ids.shape[1]
     if len(input_ids) <= PREFILL_ROWS or input_ids.shape[1] > limit or model.model.image_positions(input_ids[:, -1]).any():
         return
-    first_image = [sum(images_per_row[:row]) for row in range(len(images_per_row) + 1)]
+    first_image = _first_images(images_per_row)
     for top in range(0, len(input_ids), PREFILL_ROWS):
         rows = slice(top, top + PREFILL_ROWS)
         group_mask = mask[rows, :-1]
@@ -429,12 +430,17 @@ def _keep_rows(inputs, output: torch.Tensor, keep: list[int], images_per_row: li
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], new_tokens)], dim=1)
     kept = {"input_ids": output[keep], "attention_mask": mask[keep]}
     if "pixel_values" in inputs:
-        first_image = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
+        first_image = _first_images(images_per_row)
         image_index = [first_image[row] + i for row in keep for i in range(images_per_row[row])]
         index = torch.tensor(image_index, dtype=torch.long, device=output.device)
         kept["pixel_values"] = inputs["pixel_values"][index]
         kept["image_sizes"] = inputs["image_sizes"][index]
     return kept
+
+
+def _first_images(images_per_row: list[int]) -> list[int]:
+    """Where each row's images start in ``pixel_values`` (rows in order), and the total at the end."""
+    return [sum(images_per_row[:row]) for row in range(len(images_per_row) + 1)]
 
 
 def _answer_length(tokens: list[int], stop_ids: set[int]) -> int:
