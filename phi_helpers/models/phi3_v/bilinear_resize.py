@@ -90,7 +90,7 @@ def resize_bilinear(
 def exact_row_bands(
     in_size: tuple[int, int], out_size: tuple[int, int], horizontal_first: bool, count: int
 ) -> list[tuple[int, int]] | None:
-    """About ``count`` bands ``(top, bottom)`` of output rows that PIL can resize one at a time, each
+    """At most ``count`` bands ``(top, bottom)`` of output rows that PIL can resize one at a time, each
     from its own source rows, ``image.resize((out_w, bottom - top), box=(0, top * s, in_w, bottom * s))``
     with s = in_h / out_h, and give the rows of the whole resize, in the given pass order; None where
     that is not certain.
