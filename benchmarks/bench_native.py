@@ -147,7 +147,7 @@ def bench_preprocess(args) -> None:
 
 def bench_vision(args) -> None:
     print("\n## Vision tower alone, 16 crops (before = all CLIP layers; now = up to the used one)")
-    model = build_model("sdpa", "tiny" if args.tiny else "mid")
+    model = build_model("sdpa", args.size)
     embedding = model.model.vision_embed_tokens
     inputs = make_processor(16)(PROMPT, noise_image(1344, 1344, 1))
     pixels = inputs["pixel_values"]
@@ -173,8 +173,8 @@ def bench_prefill(args) -> None:
     print(f"prompt {inputs['input_ids'].shape[1]} tokens")
     print(f"{'attn_implementation':<22}{'before s':>10}{'now s':>8}{'speed-up':>10}  {'vision before -> now':<22}logits equal")
     for requested in ("eager", "sdpa"):
-        before_model = build_model(EAGER_BEFORE if requested == "eager" else requested, "tiny" if args.tiny else "mid")
-        now_model = build_model(requested, "tiny" if args.tiny else "mid")
+        before_model = build_model(EAGER_BEFORE if requested == "eager" else requested, args.size)
+        now_model = build_model(requested, args.size)
 
         def prefill(model):
             with torch.inference_mode():
@@ -196,11 +196,10 @@ def bench_prefill(args) -> None:
 
 
 def bench_gemm(args) -> None:
-    size = "tiny" if args.tiny else args.model
-    print(f"\n## The linear layers of one decoding step, 8 rows against 1 ({size} config, fp32, caches flushed)")
+    print(f"\n## The linear layers of one decoding step, 8 rows against 1 ({args.model} config, fp32, caches flushed)")
     print("(x @ W.T as nn.Linear computes it; then two other ways to compute it for 8 rows, not used: oneDNN's"
           " _linear_pointwise and (W @ x.T).T, both with other rounding)")
-    model = build_model("sdpa", size)
+    model = build_model("sdpa", args.model)
     layer = model.model.layers[0]
     weights = {
         "qkv_proj": layer.self_attn.qkv_proj.weight, "o_proj": layer.self_attn.o_proj.weight,
@@ -233,9 +232,8 @@ def bench_gemm(args) -> None:
 
 
 def bench_batch(args) -> None:
-    size = "tiny" if args.tiny else args.model
-    print(f"\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one ({size} config, sdpa, fp32)")
-    model = build_model("sdpa", size)
+    print(f"\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one ({args.model} config, sdpa, fp32)")
+    model = build_model("sdpa", args.model)
     images = [[noise_image(640, 480, seed)] for seed in range(8)]
     prompts = [PROMPT] * 8
     print(f"{'crops':>5}{'prompt':>8}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'images/s 8x1':>14}{'images/s 1x8':>14}"
@@ -279,11 +277,12 @@ def main() -> None:
     parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm and batch sections")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
+    args.size = "tiny" if args.tiny else "mid"  # the config of the preprocess, vision and prefill sections
     if args.tiny:
-        args.repeats, args.repeats_fast = 1, 1
+        args.repeats, args.repeats_fast, args.model = 1, 1, "tiny"
     print(
         f"torch {torch.__version__} | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | "
-        f"{'tiny' if args.tiny else 'mid-size'} random config (gemm, batch: {'tiny' if args.tiny else args.model}) | "
+        f"{'tiny' if args.tiny else 'mid-size'} random config (gemm, batch: {args.model}) | "
         "medians of interleaved runs"
     )
     for name in args.sections:
