@@ -14,7 +14,9 @@ Sections:
 * prefill: vision + prompt at 16 crops for attn_implementation "eager" and "sdpa": before = the vision
   tower follows "eager" and runs all its layers; now = SDPA in the vision tower, one layer fewer.
 * gemm: each linear layer of a decoding step (first layer and lm_head) for 8 rows against 1, with the
-  CPU's caches flushed: what a batched decoding step costs against a single one.
+  CPU's caches flushed: what a batched decoding step costs against a single one; then four other ways
+  to compute the 8 rows (oneDNN, (W @ x.T).T, MKL's packed GEMM, 512-row blocks), not used, with
+  whether each gives nn.Linear's bits.
 * batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 1 (the
   prompts alone), 16 and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop
   (329 tokens)
@@ -35,6 +37,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.functional import linear
 
 import phi_helpers  # noqa: F401  (registers the classes)
 from phi_helpers.api.generation import generate_batch
@@ -195,10 +198,31 @@ def bench_prefill(args) -> None:
         )
 
 
+def gemm_alternatives() -> dict:
+    """Other ways to compute ``x @ W.T`` for 8 rows: for each, a function that takes a weight and returns
+    ``f(x)``, or None where this torch build lacks the kernel."""
+
+    def onednn(weight):
+        op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+        return (lambda x: op(x, weight, None, "none", [], "")) if op else None
+
+    def transposed(weight):  # MKL again, with the roles of the two matrices swapped
+        return lambda x: (weight @ x.T).T
+
+    def mkl_packed(weight):  # what torch.compile's CPU freezing uses: a second copy, packed for 8 rows
+        if not torch.backends.mkl.is_available():
+            return None
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 8)
+        return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, None, 8)
+
+    def blocks(weight):  # nn.Linear on 512 output features at a time
+        return lambda x: torch.cat([linear(x, block) for block in weight.split(512)], dim=1)
+
+    return {"oneDNN": onednn, "(W@xT)T": transposed, "MKL packed": mkl_packed, "512-row blocks": blocks}
+
+
 def bench_gemm(args) -> None:
     print(f"\n## The linear layers of one decoding step, 8 rows against 1 ({args.model} config, fp32, caches flushed)")
-    print("(x @ W.T as nn.Linear computes it; then two other ways to compute it for 8 rows, not used: oneDNN's"
-          " _linear_pointwise and (W @ x.T).T, both with other rounding)")
     model = build_model("sdpa", args.model)
     layer = model.model.layers[0]
     weights = {
@@ -207,8 +231,6 @@ def bench_gemm(args) -> None:
         "lm_head": model.lm_head.weight,
     }
     flush = torch.zeros(4 * 2**20 if args.tiny else 128 * 2**20)  # 512 MB: more than the CPU's caches
-    linear = torch.nn.functional.linear
-    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
     def cold_ms(fn) -> float:
         runs = []
@@ -219,16 +241,30 @@ def bench_gemm(args) -> None:
             runs.append(time.perf_counter() - start)
         return statistics.median(runs) * 1e3
 
-    print(f"{'weight':<14}{'shape':>12}{'1 row ms':>10}{'8 rows ms':>11}{'ratio':>8}{'GB/s 1 row':>12}{'GB/s 8 rows':>13}"
-          f"{'oneDNN ms':>11}{'(W@xT)T ms':>12}")
+    def bits(a: torch.Tensor, b: torch.Tensor) -> str:
+        return "same" if torch.equal(a, b) else "other"
+
+    print("x @ W.T as nn.Linear computes it (MKL). bits: are the 8 rows' outputs those of 8 one-row products?")
+    print(f"{'weight':<14}{'shape':>12}{'1 row ms':>10}{'8 rows ms':>11}{'ratio':>8}{'GB/s 1 row':>12}{'GB/s 8 rows':>13}{'bits':>7}")
+    inputs = {name: torch.randn(8, weight.shape[1]) for name, weight in weights.items()}
     for name, weight in weights.items():
-        one, eight = torch.randn(1, weight.shape[1]), torch.randn(8, weight.shape[1])
+        one, eight = torch.randn(1, weight.shape[1]), inputs[name]
         ms1, ms8 = cold_ms(lambda: linear(one, weight)), cold_ms(lambda: linear(eight, weight))
-        ms_onednn = cold_ms(lambda: onednn(eight, weight, None, "none", [], "")) if onednn else float("nan")
-        ms_transposed = cold_ms(lambda: (weight @ eight.T).T)
+        row_by_row = torch.cat([linear(row[None], weight) for row in eight])
         gb = weight.numel() * weight.element_size() / 1e9
         print(f"{name:<14}{'x'.join(map(str, weight.shape)):>12}{ms1:>10.2f}{ms8:>11.2f}{ms8 / ms1:>7.2f}x"
-              f"{gb / ms1 * 1e3:>12.1f}{gb / ms8 * 1e3:>13.1f}{ms_onednn:>11.2f}{ms_transposed:>12.2f}", flush=True)
+              f"{gb / ms1 * 1e3:>12.1f}{gb / ms8 * 1e3:>13.1f}{bits(linear(eight, weight), row_by_row):>7}", flush=True)
+
+    alternatives = gemm_alternatives()
+    print("\nThe same 8 rows computed in other ways, not used: ms, and bits against nn.Linear's 8 rows")
+    print(f"{'weight':<14}{'nn.Linear ms':>13}" + "".join(f"{name:>16}" for name in alternatives))
+    for name, weight in weights.items():
+        eight = inputs[name]
+        cells = []
+        for make in alternatives.values():
+            fn = make(weight)
+            cells.append(f"{cold_ms(lambda: fn(eight)):>10.2f} {bits(fn(eight), linear(eight, weight)):>5}" if fn else f"{'-':>16}")
+        print(f"{name:<14}{cold_ms(lambda: linear(eight, weight)):>13.2f}" + "".join(cells), flush=True)
 
 
 def bench_batch(args) -> None:
