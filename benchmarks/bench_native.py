@@ -19,17 +19,22 @@ Sections:
   whether each gives nn.Linear's bits.
 * batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 1 (the
   prompts alone), 16 and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop
-  (329 tokens)
-  (greedy; the answers are the same either way).
+  (329 tokens) (greedy; the answers are the same either way); then the longest batches once more with
+  every 8-row product on MKL's packed GEMM (`PackedGemm`, not what the model does), the fastest kernel
+  of the gemm section.
+* groups: the 8 prompts alone (1 new token) in one call with generate_batch's prefill encoding 1, 2 or 8
+  prompts per forward pass, against 8 calls of one; it prints the MALLOC_* variables it ran under
+  (glibc's malloc maps every freed block over 32 MB afresh, and the page faults depend on that).
 
-The gemm and batch sections run the mid-size config, or with ``--model full-width`` one with the real
-model's layer shapes (2 language and 3 CLIP layers; the batch section then takes about 10 minutes).
+The gemm, batch and groups sections run the mid-size config, or with ``--model full-width`` one with the
+real model's layer shapes (2 language and 3 CLIP layers; the batch section then takes about 10 minutes).
 
 Random weights: the times say how the code runs, nothing about answer quality. Not a test; the
 numbers go to docs/native-implementation.md. GPU figures: benchmarks/bench_gpu.py.
 """
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -40,6 +45,7 @@ from PIL import Image
 from torch.nn.functional import linear
 
 import phi_helpers  # noqa: F401  (registers the classes)
+from phi_helpers.api import generation
 from phi_helpers.api.generation import generate_batch
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import TILE, Phi3VImageProcessor
@@ -58,7 +64,7 @@ SIZES = {
         dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4),
     ),
     # the real model's layer shapes with 2 of its 32 language layers and 3 of its 24 CLIP layers:
-    # ~485 M parameters, 1.9 GB in fp32 (--model full-width: the batch and gemm sections)
+    # ~485 M parameters, 1.9 GB in fp32 (--model full-width: the gemm, batch and groups sections)
     "full-width": (
         dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32),
         dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=3, num_attention_heads=16),
@@ -267,6 +273,39 @@ def bench_gemm(args) -> None:
         print(f"{name:<14}{cold_ms(lambda: linear(eight, weight)):>13.2f}" + "".join(cells), flush=True)
 
 
+class PackedGemm:
+    """Context manager: while inside, every ``nn.Linear`` of ``model`` computes an input of exactly ``rows``
+    rows with MKL's packed GEMM (gemm section), from a second copy of its weight packed for that row
+    count, and any other input as before. Not what the model does: the batch section runs it once to
+    show what the fastest 8-row kernel measured here would give a batch of 8 (rows leave the batch only
+    when answers end, which random weights never do)."""
+
+    def __init__(self, model, rows: int = 8):
+        self.model, self.rows = model, rows
+
+    def __enter__(self):
+        self.patched = []
+        for module in self.model.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight, self.rows)
+
+            def forward(x, module=module, packed=packed, plain=module.forward):
+                flat = x.reshape(-1, x.shape[-1])
+                if flat.shape[0] != self.rows:
+                    return plain(x)
+                out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, self.rows)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+
+            module.forward = forward  # shadows the class's forward until __exit__
+            self.patched.append(module)
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.patched:
+            del module.forward
+
+
 def bench_batch(args) -> None:
     print(f"\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one ({args.model} config, sdpa, fp32)")
     model = build_model("sdpa", args.model)
@@ -274,6 +313,7 @@ def bench_batch(args) -> None:
     prompts = [PROMPT] * 8
     print(f"{'crops':>5}{'prompt':>8}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'images/s 8x1':>14}{'images/s 1x8':>14}"
           f"{'speed-up':>10}  same answers")
+    packed_runs = []  # (crops, new tokens, 8 x 1 s, the answers one by one): rerun below on the packed GEMM
     for num_crops in (4,) if args.tiny else args.batch_crops:
         processor = make_processor(num_crops)
         prompt_tokens = processor(PROMPT, images[0])["input_ids"].shape[1]
@@ -283,14 +323,11 @@ def bench_batch(args) -> None:
             def sequential():
                 return [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)]
 
-            def batched():
-                return generate_batch(model, processor, prompts, images, new_tokens)
-
             start = time.perf_counter()
             one_by_one = sequential()
             seq_s = time.perf_counter() - start
             start = time.perf_counter()
-            together = batched()
+            together = generate_batch(model, processor, prompts, images, new_tokens)
             batch_s = time.perf_counter() - start
             same = [a.text for a in one_by_one] == [b.text for b in together]
             print(
@@ -298,9 +335,50 @@ def bench_batch(args) -> None:
                 f"{8 / batch_s:>14.3f}{seq_s / batch_s:>9.2f}x  {same}",
                 flush=True,
             )
+        packed_runs.append((num_crops, new_tokens, seq_s, one_by_one, processor))
+
+    print("\nThe same 1 x 8 with every 8-row product on MKL's packed GEMM (not what the model does: a second,"
+          " packed copy of every weight; other bits), against the 8 x 1 above")
+    if not torch.backends.mkl.is_available():
+        print("skipped: this torch build has no MKL")
+        return
+    print(f"{'crops':>5}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'speed-up':>10}  answers")
+    with PackedGemm(model):
+        for num_crops, new_tokens, seq_s, one_by_one, processor in packed_runs:
+            generate_batch(model, processor, prompts, images, 2)  # warm-up
+            start = time.perf_counter()
+            together = generate_batch(model, processor, prompts, images, new_tokens)
+            batch_s = time.perf_counter() - start
+            answers = "same" if [a.text for a in one_by_one] == [b.text for b in together] else "other"
+            print(f"{num_crops:>5}{new_tokens:>11}{seq_s:>9.1f}{batch_s:>9.1f}{seq_s / batch_s:>9.2f}x  {answers}", flush=True)
 
 
-SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "gemm": bench_gemm, "batch": bench_batch}
+def bench_groups(args) -> None:
+    print(f"\n## The 8 prompts alone (1 new token) in one call, encoded PREFILL_ROWS prompts per forward pass, vs 8 calls of one ({args.model} config, 4 crops)")
+    tuned = {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")}
+    print(f"allocator settings: {' '.join(f'{k}={v}' for k, v in tuned.items()) or 'glibc defaults (no MALLOC_* variables)'}")
+    model = build_model("sdpa", args.model)
+    images = [[noise_image(640, 480, seed)] for seed in range(8)]
+    processor = make_processor(4)
+    saved = generation.PREFILL_ROWS
+
+    def batched(rows: int):
+        def run():
+            generation.PREFILL_ROWS = rows
+            return generate_batch(model, processor, [PROMPT] * 8, images, 1)
+        return run
+
+    fns = {"8 calls of one": lambda: [generate_batch(model, processor, [PROMPT], [im], 1) for im in images]}
+    fns.update({f"PREFILL_ROWS={rows}": batched(rows) for rows in (1, 2, 8)})
+    try:
+        times = interleaved(fns, args.repeats)
+    finally:
+        generation.PREFILL_ROWS = saved
+    for name, seconds in times.items():
+        print(f"{name:<16}{seconds:>8.2f} s{times['8 calls of one'] / seconds:>8.2f}x")
+
+
+SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "gemm": bench_gemm, "batch": bench_batch, "groups": bench_groups}
 
 
 def main() -> None:
@@ -310,7 +388,7 @@ def main() -> None:
     parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[1, 16, 128], help="new tokens per answer (batch section)")
     parser.add_argument("--batch-crops", type=int, nargs="+", default=[4, 1], help="num_crops of the 640x480 images (batch section)")
-    parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm and batch sections")
+    parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm, batch and groups sections")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
     args.size = "tiny" if args.tiny else "mid"  # the config of the preprocess, vision and prefill sections
@@ -318,7 +396,7 @@ def main() -> None:
         args.repeats, args.repeats_fast, args.model = 1, 1, "tiny"
     print(
         f"torch {torch.__version__} | {platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | "
-        f"{'tiny' if args.tiny else 'mid-size'} random config (gemm, batch: {args.model}) | "
+        f"{'tiny' if args.tiny else 'mid-size'} random config (gemm, batch, groups: {args.model}) | "
         "medians of interleaved runs"
     )
     for name in args.sections:

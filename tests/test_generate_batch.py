@@ -41,14 +41,14 @@ def test_finished_rows_leave_the_batch_and_answers_equal_one_plain_generate(monk
         assert result.text == processor.tokenizer.decode(answer, skip_special_tokens=True).strip(), f"row {row}"
     unfinished_rows = sum(stop not in tokens for tokens in plain)
     assert unfinished_rows >= 1  # otherwise the test proves nothing: pick another stop token
-    prefill, decoding = batch_sizes[:2], batch_sizes[2:]
-    assert prefill == [2, 1]  # the prompts were encoded two at a time (all but their last token)
+    prefill, decoding = batch_sizes[:3], batch_sizes[3:]
+    assert prefill == [1, 1, 1]  # the prompts were encoded one at a time (all but their last token)
     assert decoding[0] == 3 and decoding[-1] == unfinished_rows  # the finished rows stopped costing compute
     assert len(decoding) == steps  # one forward per new token, however the rounds were cut
 
 
 def test_prefill_in_groups_fills_the_cache_of_one_batched_pass(cli_model_and_processor):
-    """Two prompts at a time give the keys and values of one pass over all of them, padding included."""
+    """One prompt at a time gives the keys and values of one pass over all of them, padding included."""
     model, processor = cli_model_and_processor
     inputs = generation.encode(model, processor, PROMPTS, images(), 4)
     length = inputs["input_ids"].shape[1]

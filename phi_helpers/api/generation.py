@@ -37,7 +37,7 @@ from .prompts import Chat, _as_list, build_prompt, is_chat_format
 _STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 BATCH_MAX_NEW_TOKENS = 512  # the longest answer of generate_batch (and of the command line) by default
-PREFILL_ROWS = 2  # prompts per forward pass of generate_batch's prefill (see _prefill_in_groups)
+PREFILL_ROWS = 1  # prompts per forward pass of generate_batch's prefill (see _prefill_in_groups)
 
 
 def ask(
@@ -329,7 +329,7 @@ def generate_batch(
     images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
     appends on the right, so every row's last prompt token must be in the last column).
 
-    The prompts are encoded two at a time into one KV cache (`_prefill_in_groups`). Decoding then
+    The prompts are encoded one at a time into one KV cache (`_prefill_in_groups`). Decoding then
     runs ``model.generate`` for all rows in rounds: a round ends as soon as some answer ends, the
     finished rows leave the batch and its KV cache, and the others go on from the cache, so a short
     answer stops costing compute once it is done (plain ``generate`` keeps computing finished rows,
@@ -380,10 +380,13 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     """Encode every prompt token but the last column into ``cache``, ``PREFILL_ROWS`` prompts per forward
     pass; ``generate`` then runs the last column of all rows together and goes on decoding.
 
-    Why: on a CPU one forward pass over 8 long prompts costs more than passes over 2, because their
-    activations outgrow the CPU's caches (with the real model's layer sizes, one call of 8 prompts with
-    16 new tokens was slower than 8 calls of one; benchmarks/bench_native.py, "batch"), and it needs 4x
-    the activation memory on any device. Each row is encoded as in the batched pass: the same left
+    Why: on Linux, glibc's malloc hands every block over 32 MB straight back to the system when it is
+    freed, so each such activation of a forward pass is mapped afresh and its pages faulted in again.
+    A pass over several long prompts has many such activations: with the real model's layer sizes, 8
+    prompts of 773 tokens cost 1.33x as much in one pass as in 8 calls of one, 1.06x in passes of two
+    (benchmarks/bench_native.py, "groups"; with MALLOC_* settings that keep freed memory, passes of 2 or
+    8 gain 2-3% and one prompt per pass loses 1%). One prompt per pass costs what a call of one does,
+    on any allocator, and needs the least activation memory on any device. Each row is encoded as in the batched pass: the same left
     padding, position ids and mask as ``generate`` gives it.
 
     Left to ``generate`` (one pass, as before): batches of up to ``PREFILL_ROWS`` prompts, a last column

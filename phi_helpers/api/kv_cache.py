@@ -12,8 +12,8 @@ keys and values, the same answers, no per-step copy.
 The whole prompt + ``max_new_tokens`` is allocated at the first step, which is the KV cache figure of
 ``memory_estimate`` (a ``DynamicCache`` reaches it only if the answer runs to ``max_new_tokens``).
 
-``ask``, ``stream_chunks`` and ``generate_batch`` use it (``generate_batch`` fills it with its prompts a few
-rows at a time, ``write_rows``). Everything else is ``DynamicCache``'s: a layer
+``ask``, ``stream_chunks`` and ``generate_batch`` use it (``generate_batch`` fills it with its prompts one
+row at a time, ``write_rows``). Everything else is ``DynamicCache``'s: a layer
 that outgrows its buffer gets a larger one (twice the size), and after an operation that replaces the
 keys and values (``batch_select_indices``, ``reorder_cache`` for beam search) the next step copies them
 into a new buffer once.
