@@ -386,8 +386,8 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     prompts of 773 tokens cost 1.33x as much in one pass as in 8 calls of one, 1.06x in passes of two
     (benchmarks/bench_native.py, "groups"; with MALLOC_* settings that keep freed memory, passes of 2 or
     8 gain 2-3% and one prompt per pass loses 1%). One prompt per pass costs what a call of one does,
-    on any allocator, and needs the least activation memory on any device. Each row is encoded as in the batched pass: the same left
-    padding, position ids and mask as ``generate`` gives it.
+    on any allocator, and needs the least activation memory on any device. Each row is encoded as in
+    the batched pass: the same left padding, position ids and mask as ``generate`` gives it.
 
     Left to ``generate`` (one pass, as before): batches of up to ``PREFILL_ROWS`` prompts, a last column
     that holds image positions, and prompts longer than ``original_max_position_embeddings`` (the long
