@@ -15,13 +15,13 @@ Sections:
   tower follows "eager" and runs all its layers; now = SDPA in the vision tower, one layer fewer.
 * gemm: each linear layer of a decoding step (first layer and lm_head) for 8 rows against 1, with the
   CPU's caches flushed: what a batched decoding step costs against a single one; then four other ways
-  to compute the 8 rows (oneDNN, (W @ x.T).T, MKL's packed GEMM, 512-row blocks), not used, with
-  whether each gives nn.Linear's bits.
+  to compute the 8 rows (oneDNN, which generate_batch uses, (W @ x.T).T, MKL's packed GEMM, 512-row
+  blocks), with whether each gives nn.Linear's bits; then a step's products by row count, MKL against
+  oneDNN (where ONEDNN_ROWS comes from).
 * batch: images per second of generate_batch for 8 prompts in one call against 8 calls of one, at 1 (the
   prompts alone), 16 and 128 new tokens, with 640x480 images at 4 crops (773-token prompts) and 1 crop
-  (329 tokens) (greedy; the answers are the same either way); then the longest batches once more with
-  every 8-row product on MKL's packed GEMM (`PackedGemm`, not what the model does), the fastest kernel
-  of the gemm section.
+  (329 tokens) (greedy; the answers are the same either way); the batch once more with its decoding
+  steps on MKL only, as before batch_kernels.
 * groups: the 8 prompts alone (1 new token) in one call with generate_batch's prefill encoding 1, 2 or 8
   prompts per forward pass, against 8 calls of one; it prints the MALLOC_* variables it ran under
   (glibc's malloc maps every freed block over 32 MB afresh, and the page faults depend on that).
@@ -38,6 +38,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from torch.nn.functional import linear
 
 import phi_helpers  # noqa: F401  (registers the classes)
 from phi_helpers.api import generation
+from phi_helpers.api.batch_linear import ONEDNN_ROWS, _onednn_linear, onednn_available
 from phi_helpers.api.generation import generate_batch
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import TILE, Phi3VImageProcessor
@@ -208,9 +210,8 @@ def gemm_alternatives() -> dict:
     """Other ways to compute ``x @ W.T`` for 8 rows: for each, a function that takes a weight and returns
     ``f(x)``, or None where this torch build lacks the kernel."""
 
-    def onednn(weight):
-        op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-        return (lambda x: op(x, weight, None, "none", [], "")) if op else None
+    def onednn(weight):  # what generate_batch runs for 4-64 rows on a CPU (phi_helpers.api.batch_linear)
+        return (lambda x: _onednn_linear(x, weight)) if onednn_available() else None
 
     def transposed(weight):  # MKL again, with the roles of the two matrices swapped
         return lambda x: (weight @ x.T).T
@@ -224,7 +225,7 @@ def gemm_alternatives() -> dict:
     def blocks(weight):  # nn.Linear on 512 output features at a time
         return lambda x: torch.cat([linear(x, block) for block in weight.split(512)], dim=1)
 
-    return {"oneDNN": onednn, "(W@xT)T": transposed, "MKL packed": mkl_packed, "512-row blocks": blocks}
+    return {"oneDNN (used)": onednn, "(W@xT)T": transposed, "MKL packed": mkl_packed, "512-row blocks": blocks}
 
 
 def bench_gemm(args) -> None:
@@ -262,7 +263,7 @@ def bench_gemm(args) -> None:
               f"{gb / ms1 * 1e3:>12.1f}{gb / ms8 * 1e3:>13.1f}{bits(linear(eight, weight), row_by_row):>7}", flush=True)
 
     alternatives = gemm_alternatives()
-    print("\nThe same 8 rows computed in other ways, not used: ms, and bits against nn.Linear's 8 rows")
+    print("\nThe same 8 rows computed in other ways (oneDNN: what generate_batch uses): ms, and bits against nn.Linear's 8 rows")
     print(f"{'weight':<14}{'nn.Linear ms':>13}" + "".join(f"{name:>16}" for name in alternatives))
     for name, weight in weights.items():
         eight = inputs[name]
@@ -273,87 +274,50 @@ def bench_gemm(args) -> None:
             cells.append(f"{cold_ms(lambda: fn(eight)):>10.2f} {bits(fn(eight), reference):>5}" if fn else f"{'-':>16}")
         print(f"{name:<14}{cold_ms(lambda: linear(eight, weight)):>13.2f}" + "".join(cells), flush=True)
 
-
-class PackedGemm:
-    """Context manager: while inside, every ``nn.Linear`` of ``model`` computes an input of exactly ``rows``
-    rows with MKL's packed GEMM (gemm section), from a second copy of its weight packed for that row
-    count, and any other input as before. Not what the model does: the batch section runs it once to
-    show what the fastest 8-row kernel measured here would give a batch of 8 (rows leave the batch only
-    when answers end, which random weights never do)."""
-
-    def __init__(self, model, rows: int = 8):
-        self.model, self.rows = model, rows
-
-    def __enter__(self):
-        self.patched = []
-        for module in self.model.modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight, self.rows)
-
-            def forward(x, module=module, packed=packed, plain=module.forward):
-                flat = x.reshape(-1, x.shape[-1])
-                if flat.shape[0] != self.rows:
-                    return plain(x)
-                out = torch.ops.mkl._mkl_linear(flat, packed, module.weight, module.bias, self.rows)
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-
-            module.forward = forward  # shadows the class's forward until __exit__
-            self.patched.append(module)
-        return self
-
-    def __exit__(self, *exc):
-        for module in self.patched:
-            del module.forward
+    if not onednn_available():
+        return
+    print(f"\nA decoding step's products (the 4 above + lm_head) by row count, ms: MKL (nn.Linear) against oneDNN, which"
+          f" generate_batch uses for {ONEDNN_ROWS.start}-{ONEDNN_ROWS.stop - 1} rows")
+    print(f"{'rows':>5}{'MKL ms':>9}{'oneDNN ms':>11}{'MKL / oneDNN':>14}")
+    for rows in (1, 2, 4, 8) if args.tiny else (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128):
+        xs = {name: torch.randn(rows, weight.shape[1]) for name, weight in weights.items()}
+        mkl = sum(cold_ms(lambda: linear(xs[name], weight)) for name, weight in weights.items())
+        dnn = sum(cold_ms(lambda: _onednn_linear(xs[name], weight)) for name, weight in weights.items())
+        print(f"{rows:>5}{mkl:>9.2f}{dnn:>11.2f}{mkl / dnn:>13.2f}x", flush=True)
 
 
 def bench_batch(args) -> None:
     print(f"\n## Batched generation: generate_batch with 8 prompts in one call vs 8 calls of one ({args.model} config, sdpa, fp32)")
+    print("1 x 8: as generate_batch runs (decoding steps on oneDNN); MKL only: the same without batch_kernels (before)")
     model = build_model("sdpa", args.model)
     images = [[noise_image(640, 480, seed)] for seed in range(8)]
     prompts = [PROMPT] * 8
-    print(f"{'crops':>5}{'prompt':>8}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'images/s 8x1':>14}{'images/s 1x8':>14}"
-          f"{'speed-up':>10}  same answers")
-    packed_runs = []  # (crops, new tokens, 8 x 1 s, the answers one by one): rerun below on the packed GEMM
-    token_counts = (4,) if args.tiny else args.batch_tokens
+    print(f"{'crops':>5}{'prompt':>8}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'MKL only s':>12}{'images/s 8x1':>14}"
+          f"{'images/s 1x8':>14}{'speed-up':>10}{'MKL only':>10}  same answers")
     for num_crops in (4,) if args.tiny else args.batch_crops:
         processor = make_processor(num_crops)
         prompt_tokens = processor(PROMPT, images[0])["input_ids"].shape[1]
         generate_batch(model, processor, prompts[:1], images[:1], 2)  # warm-up
-        for new_tokens in token_counts:
+        generate_batch(model, processor, prompts, images, 2)
+        for new_tokens in (4,) if args.tiny else args.batch_tokens:
 
-            def sequential():
-                return [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)]
+            def timed(fn):
+                start = time.perf_counter()
+                answers = [answer.text for answer in fn()]
+                return time.perf_counter() - start, answers
 
-            start = time.perf_counter()
-            one_by_one = sequential()
-            seq_s = time.perf_counter() - start
-            start = time.perf_counter()
-            together = generate_batch(model, processor, prompts, images, new_tokens)
-            batch_s = time.perf_counter() - start
-            same = [a.text for a in one_by_one] == [b.text for b in together]
+            seq_s, one_by_one = timed(lambda: [generate_batch(model, processor, [p], [im], new_tokens)[0] for p, im in zip(prompts, images)])
+            batch_s, together = timed(lambda: generate_batch(model, processor, prompts, images, new_tokens))
+            saved, generation.batch_kernels = generation.batch_kernels, lambda model, rows: nullcontext()
+            try:
+                mkl_s, on_mkl = timed(lambda: generate_batch(model, processor, prompts, images, new_tokens))
+            finally:
+                generation.batch_kernels = saved
             print(
-                f"{num_crops:>5}{prompt_tokens:>8}{new_tokens:>11}{seq_s:>9.1f}{batch_s:>9.1f}{8 / seq_s:>14.3f}"
-                f"{8 / batch_s:>14.3f}{seq_s / batch_s:>9.2f}x  {same}",
+                f"{num_crops:>5}{prompt_tokens:>8}{new_tokens:>11}{seq_s:>9.1f}{batch_s:>9.1f}{mkl_s:>12.1f}{8 / seq_s:>14.3f}"
+                f"{8 / batch_s:>14.3f}{seq_s / batch_s:>9.2f}x{seq_s / mkl_s:>9.2f}x  {one_by_one == together == on_mkl}",
                 flush=True,
             )
-            if new_tokens == max(token_counts):
-                packed_runs.append((num_crops, new_tokens, seq_s, one_by_one, processor))
-
-    print("\nThe same 1 x 8 with every 8-row product on MKL's packed GEMM (not what the model does: a second,"
-          " packed copy of every weight; other bits), against the 8 x 1 above")
-    if not torch.backends.mkl.is_available():
-        print("skipped: this torch build has no MKL")
-        return
-    print(f"{'crops':>5}{'new tokens':>11}{'8 x 1 s':>9}{'1 x 8 s':>9}{'speed-up':>10}  answers")
-    with PackedGemm(model):
-        for num_crops, new_tokens, seq_s, one_by_one, processor in packed_runs:
-            generate_batch(model, processor, prompts, images, 2)  # warm-up
-            start = time.perf_counter()
-            together = generate_batch(model, processor, prompts, images, new_tokens)
-            batch_s = time.perf_counter() - start
-            answers = "same" if [a.text for a in one_by_one] == [b.text for b in together] else "other"
-            print(f"{num_crops:>5}{new_tokens:>11}{seq_s:>9.1f}{batch_s:>9.1f}{seq_s / batch_s:>9.2f}x  {answers}", flush=True)
 
 
 def bench_groups(args) -> None:
