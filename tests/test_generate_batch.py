@@ -48,7 +48,8 @@ def test_finished_rows_leave_the_batch_and_answers_equal_one_plain_generate(monk
 
 
 def test_prefill_in_groups_fills_the_cache_of_one_batched_pass(cli_model_and_processor):
-    """One prompt at a time gives the keys and values of one pass over all of them, padding included."""
+    """One prompt at a time, each without its left padding, gives the keys and values of one pass over
+    all of them at every real position, and zeros (masked) at the padding."""
     model, processor = cli_model_and_processor
     inputs = generation.encode(model, processor, PROMPTS, images(), 4)
     length = inputs["input_ids"].shape[1]
@@ -56,15 +57,23 @@ def test_prefill_in_groups_fills_the_cache_of_one_batched_pass(cli_model_and_pro
     grouped = generation.PreallocatedCache(model.config, length)
     head = {key: value for key, value in inputs.items() if key in ("pixel_values", "image_sizes")}
     mask = inputs["attention_mask"][:, :-1]
+    passes = []
     with torch.inference_mode():
         model(input_ids=inputs["input_ids"][:, :-1], attention_mask=mask, cache=one_pass, **head,
               position_ids=(mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0))
-        generation._prefill_in_groups(model, inputs, [len(group) for group in images()], grouped)
+        hook = model.register_forward_pre_hook(lambda module, args, kwargs: passes.append(kwargs["input_ids"].shape), with_kwargs=True)
+        try:
+            generation._prefill_in_groups(model, inputs, [len(group) for group in images()], grouped)
+        finally:
+            hook.remove()
+    assert passes == [(1, int(tokens)) for tokens in mask.sum(-1)]  # each prompt's own tokens, no padding
+    assert mask.sum(-1).min() < length - 1  # otherwise there is no padding to leave out: change PROMPTS
     assert grouped.get_seq_length() == length - 1
-    real = mask.bool()[:, None, :, None]  # padding positions hold whatever each pass computed for them
+    real = mask.bool()[:, None, :, None]  # one pass computed keys for the padding too; they are masked
     for ours, theirs in zip(grouped.layers, one_pass.layers):
         assert torch.allclose(ours.keys * real, theirs.keys * real, atol=1e-5)
         assert torch.allclose(ours.values * real, theirs.values * real, atol=1e-5)
+        assert not (ours.keys * ~real).any() and not (ours.values * ~real).any()
 
 
 def test_prompts_past_the_original_context_are_prefilled_in_one_pass(monkeypatch, cli_model_and_processor):

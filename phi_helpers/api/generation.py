@@ -391,8 +391,10 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     prompts of 773 tokens cost 1.33x as much in one pass as in 8 calls of one, 1.06x in passes of two
     (benchmarks/bench_native.py, "groups"; with MALLOC_* settings that keep freed memory, passes of 2 or
     8 gain 2-3% and one prompt per pass loses 1%). One prompt per pass costs what a call of one does,
-    on any allocator, and needs the least activation memory on any device. Each row is encoded as in
-    the batched pass: the same left padding, position ids and mask as ``generate`` gives it.
+    on any allocator, and needs the least activation memory on any device. Each row is encoded with the
+    position ids ``generate`` gives it but without its left padding, as a call of one would encode it:
+    a short prompt in a batch of long ones costs its own length, not theirs. The padding's positions
+    in the cache are zeros, which the mask hides.
 
     Left to ``generate`` (one pass, as before): batches of up to ``PREFILL_ROWS`` prompts, a last column
     that holds image positions, and prompts longer than ``original_max_position_embeddings`` (the long
@@ -405,9 +407,10 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     first_image = _first_images(images_per_row)
     for top in range(0, len(input_ids), PREFILL_ROWS):
         rows = slice(top, top + PREFILL_ROWS)
-        group_mask = mask[rows, :-1]
+        start = int(mask[rows, :-1].any(dim=0).int().argmax())  # the group's left padding: not encoded
+        group_mask = mask[rows, start:-1]
         group = {
-            "input_ids": input_ids[rows, :-1],
+            "input_ids": input_ids[rows, start:-1],
             "attention_mask": None if group_mask.all() else group_mask,  # generate drops a mask without padding
             "position_ids": (group_mask.long().cumsum(-1) - 1).masked_fill(group_mask == 0, 0),  # as generate
         }
@@ -416,7 +419,7 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
             group["pixel_values"], group["image_sizes"] = inputs["pixel_values"][images], inputs["image_sizes"][images]
         part = DynamicCache(config=model.config)
         model(**group, cache=part, use_cache=True, logits_to_keep=1)
-        cache.write_rows(top, len(input_ids), part)  # one copy of the keys and values at a time
+        cache.write_rows(top, len(input_ids), start, part)  # one copy of the keys and values at a time
 
 
 class _AnyRowFinished(StoppingCriteria):

@@ -48,18 +48,21 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
-    def write_rows(self, first_row: int, batch: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def write_rows(self, first_row: int, batch: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write the keys and values (rows, kv_heads, length, head_dim) of rows ``first_row``, ... of a
-        batch of ``batch`` rows; the rows not written yet hold garbage until they are."""
+        batch of ``batch`` rows at positions ``start``, ..., ``start + length - 1``, with zeros before
+        ``start`` (left padding that was not encoded: masked, and finite, as attention needs it); the
+        rows not written yet hold garbage until they are."""
+        rows, end = slice(first_row, first_row + key_states.shape[0]), start + key_states.shape[2]
         if self.key_buffer is None:
             self.lazy_initialization(key_states, value_states)
-            _, heads, length, head_dim = key_states.shape
-            shape = (batch, heads, max(self.capacity, length), head_dim)
+            _, heads, _, head_dim = key_states.shape
+            shape = (batch, heads, max(self.capacity, end), head_dim)
             self.key_buffer, self.value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
-        rows, length = slice(first_row, first_row + key_states.shape[0]), key_states.shape[2]
-        self.key_buffer[rows, :, :length].copy_(key_states)
-        self.value_buffer[rows, :, :length].copy_(value_states)
-        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+        for buffer, states in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+            buffer[rows, :, :start].zero_()
+            buffer[rows, :, start:end].copy_(states)
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
 
     def _fits(self, key_states: torch.Tensor, length: int, end: int) -> bool:
         """Do the buffers hold the cache so far (``keys`` is still their view) with room up to ``end``?"""
@@ -86,11 +89,12 @@ class PreallocatedCache(DynamicCache):
         super().__init__(config=config)
         self.layers = [PreallocatedLayer(capacity) for _ in self.layers]
 
-    def write_rows(self, first_row: int, batch: int, part: DynamicCache) -> None:
+    def write_rows(self, first_row: int, batch: int, start: int, part: DynamicCache) -> None:
         """Copy ``part``, the cache of rows ``first_row``, ``first_row + 1``, ... of a batch of ``batch``
-        prompts, into this cache, which is filled that way group by group (all groups of one length)."""
+        prompts from position ``start`` on, into this cache, which is filled that way group by group (all
+        groups end at the same position; zeros before ``start``)."""
         for layer, source in zip(self.layers, part.layers):
-            layer.write_rows(first_row, batch, source.keys, source.values)
+            layer.write_rows(first_row, batch, start, source.keys, source.values)
 
 
 __all__ = ["PreallocatedCache", "PreallocatedLayer"]
