@@ -25,8 +25,11 @@ Sections:
 * groups: the 8 prompts alone (1 new token) in one call with generate_batch's prefill encoding 1, 2 or 8
   prompts per forward pass, against 8 calls of one; it prints the MALLOC_* variables it ran under
   (glibc's malloc maps every freed block over 32 MB afresh, and the page faults depend on that).
+* step: torch's profiler on one prompt's prefill (the matrix products' GFLOP/s) and on a decoding step
+  for 1 and for 8 rows after a 4-crop prompt (linear layers, attention, the rest), as generate_batch
+  runs them.
 
-The gemm, batch and groups sections run the mid-size config, or with ``--model full-width`` one with the
+The gemm, batch, groups and step sections run the mid-size config, or with ``--model full-width`` one with the
 real model's layer shapes (2 language and 3 CLIP layers; the batch section then takes about 10 minutes).
 
 Random weights: the times say how the code runs, nothing about answer quality. Not a test; the
@@ -47,8 +50,9 @@ from torch.nn.functional import linear
 
 import phi_helpers  # noqa: F401  (registers the classes)
 from phi_helpers.api import generation
-from phi_helpers.api.batch_linear import ONEDNN_ROWS, _onednn_linear, onednn_available
+from phi_helpers.api.batch_linear import ONEDNN_ROWS, _onednn_linear, batch_kernels, onednn_available
 from phi_helpers.api.generation import generate_batch
+from phi_helpers.api.kv_cache import PreallocatedCache
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import TILE, Phi3VImageProcessor
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM, Phi3VImageEmbedding
@@ -345,7 +349,49 @@ def bench_groups(args) -> None:
         print(f"{name:<16}{seconds:>8.2f} s{times['8 calls of one'] / seconds:>8.2f}x")
 
 
-SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "gemm": bench_gemm, "batch": bench_batch, "groups": bench_groups}
+def bench_step(args) -> None:
+    print(f"\n## Where the time goes: one prompt's prefill, and a decoding step for 1 and 8 rows ({args.model} config, 4 crops, torch's profiler)")
+    model = build_model("sdpa", args.model)
+    processor = make_processor(4)
+    image = [noise_image(640, 480, 0)]
+    generate_batch(model, processor, [PROMPT], [image], 1)  # warm-up
+    with torch.profiler.profile(with_flops=True) as prof:
+        generate_batch(model, processor, [PROMPT], [image], 1)
+    products = [e for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")]
+    seconds = sum(e.self_cpu_time_total for e in products) / 1e6
+    print(f"prefill: its matrix products take {seconds:.3f} s, at {sum(e.flops for e in products) / seconds / 1e9:.0f} GFLOP/s")
+    config, length = model.config, processor(PROMPT, image)["input_ids"].shape[1]
+    head_dim = config.hidden_size // config.num_attention_heads
+    print(f"decoding step after {length} tokens, ms:")
+    print(f"{'rows':>5}{'step':>8}{'linear':>8}{'attention':>11}{'rest':>7}  linear kernel")
+    for rows in (1, 8):
+        cache = PreallocatedCache(config, capacity=length + 1)
+        for layer in range(config.num_hidden_layers):  # random keys and values: the step reads the same bytes
+            keys = torch.randn(rows, config.num_key_value_heads, length, head_dim)
+            cache.update(keys, torch.randn_like(keys), layer)
+        token, position = torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), length)
+
+        def step():
+            model(input_ids=token, cache=cache, position_ids=position, use_cache=True)
+            cache.crop(-1)  # drop the new token: every step reads the same cache
+
+        with torch.inference_mode(), batch_kernels(model, rows):
+            step()
+            start = time.perf_counter()
+            for _ in range(args.repeats_fast):
+                step()
+            wall = (time.perf_counter() - start) / args.repeats_fast * 1e3
+            with torch.profiler.profile() as prof:
+                for _ in range(args.repeats_fast):
+                    step()
+        ms = {e.key: e.self_cpu_time_total / args.repeats_fast / 1e3 for e in prof.key_averages()}
+        linear_ms = ms.get("aten::mm", 0) + ms.get("aten::addmm", 0) + ms.get("mkldnn::_linear_pointwise", 0)
+        attention_ms = sum(value for key, value in ms.items() if "scaled_dot_product" in key and "aten::scaled" not in key)
+        kernel = "oneDNN" if "mkldnn::_linear_pointwise" in ms else "MKL"
+        print(f"{rows:>5}{wall:>8.2f}{linear_ms:>8.2f}{attention_ms:>11.2f}{wall - linear_ms - attention_ms:>7.2f}  {kernel}", flush=True)
+
+
+SECTIONS = {"preprocess": bench_preprocess, "vision": bench_vision, "prefill": bench_prefill, "gemm": bench_gemm, "batch": bench_batch, "groups": bench_groups, "step": bench_step}
 
 
 def main() -> None:
@@ -355,7 +401,7 @@ def main() -> None:
     parser.add_argument("--repeats-fast", type=int, default=7, help="timed runs per preprocessing measurement")
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[1, 16, 128], help="new tokens per answer (batch section)")
     parser.add_argument("--batch-crops", type=int, nargs="+", default=[4, 1], help="num_crops of the 640x480 images (batch section)")
-    parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm, batch and groups sections")
+    parser.add_argument("--model", choices=list(SIZES), default="mid", help="random config of the gemm, batch, groups and step sections")
     parser.add_argument("--tiny", action="store_true", help="tiny model and small inputs: checks the script runs")
     args = parser.parse_args()
     args.size = "tiny" if args.tiny else "mid"  # the config of the preprocess, vision and prefill sections
