@@ -4,8 +4,9 @@ In a decoding step every linear layer multiplies its weight by one row per answe
 generated. torch computes ``x @ W.T`` in fp32 on an x86 CPU with MKL, which takes a matrix-vector
 kernel for 1 to 3 rows, reading the weights as fast as memory delivers them, and a matrix kernel for 4
 rows and more that reads them 2-3x slower on small row counts: on this project's CPU a step for 8 rows
-cost about 3 steps of one. oneDNN's kernel for the same product, on the same weights, is 1.4-1.8x
-faster than MKL's at 4-64 rows (benchmarks/bench_native.py, "gemm"), so ``generate_batch`` decodes with
+cost about 3 steps of one. oneDNN's kernel for the same product, on the same weights, is 1.1-2.1x
+faster than MKL's at 4-64 rows with the real model's layer shapes (1.7x at 8 rows;
+benchmarks/bench_native.py, "gemm" with ``--model full-width``), so ``generate_batch`` decodes with
 
     with batch_kernels(model, rows=len(prompts)):   # OneDnnLinear() where it pays
         model.generate(...)
@@ -17,7 +18,7 @@ bf16, quantized weights, gradients) runs ``F.linear`` as before, and so does eve
 build without MKL or oneDNN.
 
 The products differ from MKL's in their last bits, as MKL's own 8 rows already differ from 8 one-row
-products; the answers are those of one prompt at a time (tests/test_generate_batch.py). A
+products; the answers are those of one prompt at a time (tests/test_batch_linear.py). A
 ``TorchFunctionMode`` is local to the thread that enters it and changes no module, so a model can be
 shared by threads and quantized as usual.
 """
@@ -28,7 +29,7 @@ import torch
 from torch.nn.functional import linear
 from torch.overrides import TorchFunctionMode
 
-ONEDNN_ROWS = range(4, 65)  # row counts where oneDNN beat MKL on every layer shape measured ("gemm")
+ONEDNN_ROWS = range(4, 65)  # where oneDNN's kernel beat MKL's at the real layer shapes ("gemm" row sweep)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not a quantized tensor subclass
 
 
