@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, TorchAoConfig, pipeline
 
 from cli_runner import run
+from op_calls import CountCalls
 from phi_helpers import Chat, ask, extract, load_model
 from phi_helpers.api import quantization
 from phi_helpers.api.generation import generate_batch, stream_chunks
@@ -19,6 +20,7 @@ from phi_helpers.api.quantization import (
 from phi_helpers.cli.outputs import model_info
 from phi_helpers.errors import QuantizationBackendMissingError, QuantizationUnavailableError
 
+INT8_KERNEL = (torch.ops.aten._weight_int8pack_mm.default,)
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="pip install 'phi_helpers[quantize]'")
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n"
 
@@ -113,30 +115,15 @@ def test_decoding_uses_the_fused_int8_kernel_and_prefill_torchaos_path(int8_mode
     generator = torch.Generator().manual_seed(0)
     for rows in (1, FUSED_INT8_MAX_ROWS, FUSED_INT8_MAX_ROWS + 1):
         x = torch.randn(1, rows, layer.in_features, generator=generator).to(torch.bfloat16)
-        kernel_calls = []
-        with torch.no_grad(), _count_calls(torch.ops.aten._weight_int8pack_mm.default, kernel_calls):
+        with torch.no_grad(), CountCalls(kernel=INT8_KERNEL) as calls:
             y = layer(x)
-        assert len(kernel_calls) == (rows <= FUSED_INT8_MAX_ROWS)
+        assert calls.kernel == (rows <= FUSED_INT8_MAX_ROWS)
         assert y.shape == (1, rows, layer.out_features) and y.dtype == torch.bfloat16
         assert torch.allclose(y.float(), x.float() @ exact.t(), rtol=2e-2, atol=2e-2)
     fp32 = torch.randn(1, 1, layer.in_features, generator=generator)  # fp32 input: torchao's path, no kernel
-    kernel_calls = []
-    with torch.no_grad(), _count_calls(torch.ops.aten._weight_int8pack_mm.default, kernel_calls):
-        assert layer(fp32).dtype == torch.float32 and not kernel_calls
+    with torch.no_grad(), CountCalls(kernel=INT8_KERNEL) as calls:
+        assert layer(fp32).dtype == torch.float32 and not calls.kernel
     assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
-
-
-class _count_calls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records each call of ``op`` while active."""
-
-    def __init__(self, op, calls):
-        super().__init__()
-        self.op, self.calls = op, calls
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is self.op:
-            self.calls.append(func)
-        return func(*args, **(kwargs or {}))
 
 
 # --- what runs where: checked before anything is loaded ----------------------------------------------
