@@ -4,6 +4,7 @@ NOT RUN YET: no GPU was available when it was written. Prepared to run in one go
 
     pip install -e '.[quantize]' bitsandbytes       # torchao for int8 without bitsandbytes; NF4 needs bitsandbytes
     python benchmarks/bench_gpu_quantization.py     # about 5 minutes on an H100-class GPU, ~20 GB of disk
+    python benchmarks/bench_gpu_quantization.py --device cpu --tiny   # dry run: the same code path, seconds
 
 Writes the real architecture (the shipped config.json: 4,146,621,440 parameters) with seeded random bf16
 weights into a temporary folder (8.3 GB, like the official safetensors), then runs each variant in a
@@ -55,7 +56,7 @@ def write_full_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def run_variant(folder: str, name: str, tokens: int) -> dict:
+def run_variant(folder: str, name: str, tokens: int, device: str) -> dict:
     from PIL import Image
 
     from phi_helpers import load_model
@@ -64,15 +65,16 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
 
     before = _rss_bytes()
     try:
-        model, processor = load_model(folder, device="cuda", dtype="bf16", quantize=VARIANTS[name], num_crops=16)
+        model, processor = load_model(folder, device=device, dtype="bf16", quantize=VARIANTS[name], num_crops=16)
     except PhiHelpersError as error:
         return {"variant": name, "error": f"{type(error).__name__}: {error}"}
     host_peak = _peak_rss_bytes() - before
-    loaded = torch.cuda.memory_allocated()
+    cuda = device == "cuda"
+    loaded = torch.cuda.memory_allocated() if cuda else float("nan")
 
     image = Image.new("RGB", (1344, 1344), (200, 120, 40))  # square: every one of the 16 crops is used
     prompt = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
-    inputs = processor(prompt, [image], return_tensors="pt").to("cuda")
+    inputs = processor(prompt, [image], return_tensors="pt").to(device)
     options = dict(do_sample=False, eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id)
 
     def cache():  # the KV cache ask() uses, sized for the longest answer here
@@ -80,21 +82,24 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
 
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=4, cache=cache(), **options)  # warm-up
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
         started = time.perf_counter()
         model.generate(**inputs, max_new_tokens=1, cache=cache(), **options)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, cache=cache(), **options)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         total = time.perf_counter() - started
     return {
         "variant": name,
         "host_peak_gib": host_peak / 2**30,
         "gpu_loaded_gib": loaded / 2**30,
-        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "prompt_tokens": inputs["input_ids"].shape[1],
         "prefill_s": prefill,
         "decode_tokens_per_s": (tokens - 1) / (total - prefill),
@@ -113,23 +118,34 @@ def _peak_rss_bytes() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer (default 64)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny config (with --device cpu: a dry run of the script)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.folder, args.variant, args.tokens)))
+        print("RESULT " + json.dumps(run_variant(args.folder, args.variant, args.tokens, args.device)))
         return
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("This benchmark needs a CUDA GPU (benchmarks/bench_quantization.py is the CPU one).")
+    if args.tiny:
+        args.tokens = 4
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_full_checkpoint(Path(tmp) / "full")
+        if args.tiny:
+            from phi_helpers.testing import make_tiny_checkpoint
+
+            folder = make_tiny_checkpoint(Path(tmp) / "tiny")
+        else:
+            folder = write_full_checkpoint(Path(tmp) / "full")
         size = (folder / "model.safetensors").stat().st_size / 2**30
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; safetensors (bf16) {size:.2f} GiB")
+        gpu = torch.cuda.get_device_name() if args.device == "cuda" else "no GPU (dry run)"
+        print(f"{gpu}, torch {torch.__version__}; {'tiny' if args.tiny else 'full-size'} safetensors {size:.2f} GiB")
         header = f"{'variant':<7} {'host RAM peak GiB':>17} {'GPU loaded GiB':>14} {'GPU peak GiB':>12} {'prefill s':>9} {'decode tok/s':>12}"
         print(header + "\n" + "-" * len(header))
         for name in VARIANTS:
             done = subprocess.run(
-                [sys.executable, __file__, "--variant", name, "--folder", str(folder), "--tokens", str(args.tokens)],
+                [sys.executable, __file__, "--variant", name, "--folder", str(folder), "--tokens", str(args.tokens),
+                 "--device", args.device],
                 capture_output=True, text=True,
             )
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -46,7 +46,8 @@ def run_once(folder: Path, model: str, replicas: int, args) -> dict:
     first = arrivals[0]
     # Records arrive a batch at a time: the steady rate counts the records after the first batch.
     after_first_batch = [t for t in arrivals if t > first + 1e-3]
-    steady = len(after_first_batch) / (arrivals[-1] - first) if arrivals[-1] > first else float("nan")
+    # One batch in all (no more images than --batch-size): no steady rate to measure.
+    steady = len(after_first_batch) / (arrivals[-1] - first) if after_first_batch else float("nan")
     return {"replicas": replicas, "records": len(arrivals), "seconds": end - start,
             "overall": len(arrivals) / (end - start), "steady": steady}
 
@@ -82,10 +83,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     r1 = results[0]["steady"] / results[0]["replicas"]
     for result in results:
-        efficiency = result["steady"] / (result["replicas"] * r1)
+        efficiency = result["steady"] / (result["replicas"] * r1) if r1 > 0 else float("nan")  # NaN > 0 is False
         print(f"| {result['replicas']} | {result['records']} | {result['seconds']:.1f} | {result['overall']:.2f} | "
               f"{result['steady']:.2f} | {efficiency:.2f} |")
-    print(f"\nr1 = {r1:.2f} images/s per replica; expected on N replicas: N x {r1:.2f} x e_N")
+    if r1 > 0:
+        print(f"\nr1 = {r1:.2f} images/s per replica; expected on N replicas: N x {r1:.2f} x e_N")
+    else:
+        print(f"\nNo steady rate: every record came in the first batch. Use more --images than --batch-size ({args.batch_size}).")
 
 
 if __name__ == "__main__":
