@@ -143,6 +143,10 @@ UNSUPPORTED = [
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "pattern": "^1"}}}, "must accept every"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?=a)b$"}}}, "look-around"),
     ({"type": "object", "properties": {"a": {"type": "strin"}}}, "Not a valid JSON Schema"),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {"a": {"type": "array", "items": [{"type": "string"}]}}},
+     "(root)/properties/a/items: tuple items"),
+    ({"type": "object", "properties": {"a": {"type": "number", "minimum": 5, "maximum": 1}}}, "(root)/properties/a: minimum 5 and maximum 1 leave no number"),
+    ({"type": "object", "properties": {"a": {"enum": [f"C{index:05d}" for index in range(50_000)]}}}, "MAX_SCHEMA_CHARS"),
 ]
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import phi_helpers  # noqa: F401  (registers the native classes)
 from cli_runner import run
@@ -12,7 +13,8 @@ from phi_helpers.cli import tasks
 from phi_helpers.api.images import load_image
 from phi_helpers.api.metrics import character_error_rate, field_matches, levenshtein, normalise_value
 from phi_helpers.api.report import format_table
-from phi_helpers.cli.evaluate import read_manifest, summarise
+from phi_helpers.cli.evaluate import read_manifest, score_entry, summarise
+from phi_helpers.errors import ManifestError
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
 
@@ -52,6 +54,15 @@ def test_character_error_rate():
     assert character_error_rate("abcdefgh", "abcd") == 1.0  # 4 insertions / 4 characters
     assert character_error_rate("", "") == 0.0
     assert character_error_rate("x", "") == 1.0
+
+
+@pytest.mark.parametrize("answer, cer", [("hello", 1.0), ("", 0.0), (" \n ", 0.0)])
+def test_an_empty_reference_scores_the_same_for_the_item_and_the_summary(answer, cer):
+    entry = {"id": "blank", "image": "blank.png", "task": "ocr", "expected": ""}
+    line = score_entry(entry, {"answer": answer})
+    assert line["cer"] == cer and summarise([line])["ocr"]["cer"] == cer
+    right = score_entry({**entry, "expected": "abc"}, {"answer": "abc"})
+    assert summarise([line, right])["ocr"]["cer"] == round(line["edits"] / 3, 4)  # all edits / all characters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,12 +147,47 @@ def test_shipped_manifest_reads_and_limits():
         (['{"image": "a.png", "task": "caption", "expected": "x"}'], "task must be one of ocr, extract"),
         (['{"image": "a.png", "task": "extract", "expected": {"a": 1}}'], "needs a schema"),
         (["", "  "], "has no items"),
+        (['{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {"total": NaN}}'], "line 1 has the number NaN"),
+        (["", '{"image": "a.png", "task": "ocr", "expected": "x", "rank": -Infinity}'], "line 2 has the number -Infinity"),
+        (['{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {"a": [1e999]}}'], "line 1 has the number 1e999"),
+        (['{"image": "a.png", "task": "ocr", "expected": "x", "id": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+         "line 1 is nested too deeply"),
+        (['{"image": "a.png", "task": "ocr", "expected": "x", "n": ' + "9" * 5000 + "}"], "line 1 is not valid JSON"),
     ],
 )
 def test_bad_manifests_name_the_line(tmp_path, lines, message):
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ManifestError, match=message):
         read_manifest(tmp_path)
+
+
+def test_a_manifest_that_is_not_utf8_names_the_line(tmp_path):
+    line = '{"image": "a.png", "task": "ocr", "expected": "%s"}\n'
+    (tmp_path / "manifest.jsonl").write_bytes((line % "plain" + line % "café").encode("latin-1"))
+    with pytest.raises(ManifestError, match="manifest.jsonl, line 2 is not UTF-8 text .*byte 0xe9.*Save manifest.jsonl as UTF-8"):
+        read_manifest(tmp_path)
+
+
+def test_only_line_breaks_end_a_manifest_line(tmp_path):
+    text = "line\u2028separator\x85next\x0cpage\x1cfile"  # str.splitlines() would cut the line at each of these
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "task": "ocr", "expected": text}, ensure_ascii=False) + "\r\n")
+    assert read_manifest(tmp_path)[0]["expected"] == text
+
+
+def test_a_missing_schema_names_the_manifest_line_and_field(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "ocr", "expected": "x"}\n'
+                                             '{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}\n')
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'manifest.jsonl'}, line 2: no schema file at '{tmp_path / 's.json'}'")
+    assert 'Check the "schema" field' in message and "--schema" not in message
+
+
+def test_data_naming_the_manifest_file_suggests_its_folder(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "ocr", "expected": "x"}\n')
+    with pytest.raises(ManifestError, match=f"--data takes the folder that holds manifest.jsonl, not a file: .* Try --data '{tmp_path}'"):
+        read_manifest(tmp_path / "manifest.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,15 +277,59 @@ def test_eval_bad_data_is_a_one_line_error(capsys, tmp_path):
     assert code == 1 and out == "" and err.strip().splitlines()[-1].startswith("error: No folder at")
     (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}\n')
     code, _, err = run(capsys, "eval", "--data", tmp_path)
-    assert code == 1 and "No schema file" in err.strip().splitlines()[-1]
+    assert code == 1 and "line 1: no schema file" in err.strip().splitlines()[-1] and "--schema" not in err
+    code, _, err = run(capsys, "eval", "--data", tmp_path / "manifest.jsonl")
+    assert code == 1 and f"Try --data '{tmp_path}'" in err.strip().splitlines()[-1]
     code, _, err = run(capsys, "eval", "--data", tmp_path, "--limit", "0")
     assert code == 2 and "expected a number >= 1" in err
 
 
-def test_eval_scores_an_unreadable_image_as_wrong(capsys, monkeypatch, tmp_path):
-    (tmp_path / "manifest.jsonl").write_text('{"id": "gone", "image": "gone.png", "task": "ocr", "expected": "hello"}\n')
+def test_eval_scores_an_unreadable_image_as_wrong_and_exits_1(capsys, monkeypatch, tmp_path):
+    Image.new("RGB", (64, 32), "white").save(tmp_path / "blank.png")
+    (tmp_path / "manifest.jsonl").write_text('{"id": "gone", "image": "gone.png", "task": "ocr", "expected": "hello"}\n'
+                                             '{"id": "blank", "image": "blank.png", "task": "ocr", "expected": "hello"}\n')
     report_path = tmp_path / "report.json"
-    code, out, _ = run(capsys, "eval", "--data", tmp_path, "--output", report_path)
-    assert code == 0
+    code, out, err = run(capsys, "eval", "--data", tmp_path, "--output", report_path, "--max-new-tokens", "2")
+    assert code == 1
     item = json.loads(report_path.read_text())["items"][0]
     assert item["cer"] == 1.0 and "No file" in item["error"] and "(error)" in out
+    assert f"failed: gone ({tmp_path / 'gone.png'}): No file" in err
+    assert err.strip().splitlines()[-1] == (f'error: 1 of 2 items failed and were scored as wrong (their items in {report_path} '
+                                            'have an "error"); fix them and run the same command again')
+    code, _, err = run(capsys, "eval", "--data", tmp_path, "--max-new-tokens", "2")
+    assert code == 1 and "error: 1 of 2 items failed and were scored as wrong (the reasons are above)" in err
+
+
+def test_eval_report_is_strict_json_when_the_answer_is_not(capsys, monkeypatch, tmp_path):
+    Image.new("RGB", (64, 32), "white").save(tmp_path / "receipt.png")
+    (tmp_path / "total.schema.json").write_text('{"type": "object", "properties": {"total": {"type": "number"}}}')
+    (tmp_path / "manifest.jsonl").write_text(
+        '{"image": "receipt.png", "task": "extract", "schema": "total.schema.json", "expected": {"total": 4.5}}\n'
+    )
+    monkeypatch.setattr(tasks, "generate_batch", lambda *args, **kwargs: [Generation('{"total": NaN}', 1, 1, 0.1, 0.1, 1)])
+    report_path = tmp_path / "report.json"
+    code, _, err = run(capsys, "eval", "--data", tmp_path, "--no-constrain", "--output", report_path)
+    assert code == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    item = json.loads(report_path.read_text(), parse_constant=refuse)["items"][0]
+    assert item["answer"] == {"total": "NaN"} and item["fields"] == {"total": False} and item["valid"] is True
+
+
+def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_path):
+    def load():
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("phi_helpers.cli.app.load_for_cli", lambda args: load())
+    Image.new("RGB", (64, 32), "white").save(tmp_path / "blank.png")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "blank", "image": "blank.png", "task": "ocr", "expected": "hello"}\n')
+    results = tmp_path / "results.json"  # predict's JSON lines under a .json name
+    results.write_text('{"source": "blank.png", "task": "ocr", "answer": "hello"}\n')
+    for output, message in ((manifest, "is the input"), (tmp_path / "blank.png", "is the input"),
+                            (results, "holds results of phi-helpers predict")):
+        before = output.read_bytes()
+        code, _, err = run(capsys, "eval", "--data", tmp_path, "--output", output)
+        assert code == 1 and message in err and output.read_bytes() == before

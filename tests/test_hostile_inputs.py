@@ -26,6 +26,7 @@ import phi_helpers  # noqa: F401  (registers the native classes)
 from cli_runner import run
 from phi_helpers.api import images as images_module
 from phi_helpers.api import parsing
+from phi_helpers.api.generation import Generation
 from phi_helpers.api.images import load_image
 from phi_helpers.api.parsing import extract_json
 from phi_helpers.cli import app as cli
@@ -150,14 +151,17 @@ def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_pa
     schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
     schema.write_text(json.dumps(SCHEMA))
     args = ["predict", "--image", folder, "--task", "extract", "--output", output, *FAST]
-    assert run(capsys, *args, "--schema", schema)[0] == 0
+    # 4 new tokens cut every answer off: exit code 1, each time, since the file holds them (check_answers)
+    code, _, err = run(capsys, *args, "--schema", schema)
+    assert code == 1 and "2 of 2 answers in" in err and "cut off at --max-new-tokens 2?" in err
     done = len(generations)
     renamed.write_text(json.dumps(SCHEMA, indent=4))  # same content, other file and spelling
     code, _, err = run(capsys, *args, "--schema", renamed)
-    assert code == 0 and "2 of 2 items are already done for this request" in err and len(generations) == done
+    assert code == 1 and "2 of 2 items are already done for this request" in err and len(generations) == done
+    assert "2 of 2 answers in" in err
     renamed.write_text(json.dumps({**SCHEMA, "required": ["total"]}))
     code, _, err = run(capsys, *args, "--schema", renamed)
-    assert code == 0 and "(it differs in: schema_sha256)" in err and len(generations) > done
+    assert code == 1 and "(it differs in: schema_sha256)" in err and len(generations) > done
 
 
 def test_lines_without_a_request_are_redone(capsys, tmp_path, folder, generations):
@@ -277,6 +281,128 @@ def test_sigkill_torn_file_is_repaired_on_resume(capsys, tmp_path, tiny_checkpoi
 
 
 # ----------------------------------------------------------------------------------------------
+# --output never destroys what the user has: inputs, other files, earlier results, links, devices
+# ----------------------------------------------------------------------------------------------
+
+
+def _refused(capsys, *argv) -> str:
+    """Run the command line with the model loader broken: it must fail before loading; return stderr."""
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == "" and err.startswith("error: --output"), err
+    return err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Make loading the model fail loudly: the checks under test come before it."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(cli, "load_model", load)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one image", "a folder"])
+def test_the_input_itself_is_never_the_output(capsys, tmp_path, folder, no_model, many):
+    image = folder / "a.png"
+    before = image.read_bytes()
+    argv = ["predict", "--image", folder if many else image, "--task", "ocr", "--output", image, *FAST]
+    assert "is the input" in _refused(capsys, *argv)
+    assert image.read_bytes() == before
+    link = tmp_path / "link.png"  # the same file under another name
+    link.symlink_to(image)
+    assert "is the input" in _refused(capsys, "predict", "--image", image, "--task", "ocr", "--output", link, *FAST)
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"my notes\nline two\n", b'{"source": "a.png", "request": {}}\n    78\n',
+                                     b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_a_file_that_is_not_results_is_not_appended_to(capsys, tmp_path, folder, no_model, content):
+    output = tmp_path / "notes.txt"
+    output.write_bytes(content)
+    err = _refused(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
+    assert "holds something other than phi-helpers results (line " in err
+    assert output.read_bytes() == content and not (tmp_path / "notes.txt.torn").exists()
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one image", "a folder"])
+def test_devices_and_pipes_are_refused_without_reading_them(capsys, tmp_path, folder, no_model, many):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # reading it to resume would wait for a writer forever
+    image = folder if many else folder / "a.png"
+    for output in (fifo, Path(os.devnull)):
+        err = _refused(capsys, "predict", "--image", image, "--task", "ocr", "--output", output, *FAST)
+        assert "is not a regular file" in err
+
+
+def test_a_linked_output_stays_a_link_and_keeps_its_permissions(capsys, tmp_path, folder, generations):
+    target, link = tmp_path / "real.json", tmp_path / "answer.json"
+    target.write_text("an older answer\n")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    argv = ["predict", "--image", folder / "a.png", "--task", "ocr", "--format", "json", "--output", link, *FAST]
+    assert run(capsys, *argv)[0] == 0
+    assert link.is_symlink() and json.loads(target.read_text())["task"] == "ocr"
+    assert target.stat().st_mode & 0o777 == 0o640
+    jsonl, jsonl_link = tmp_path / "real.jsonl", tmp_path / "results.jsonl"
+    jsonl.write_text('{"source": "x.png", "answer": "torn')  # repaired: the file is rewritten, the link kept
+    jsonl_link.symlink_to(jsonl)
+    assert run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", jsonl_link, *FAST)[0] == 0
+    assert jsonl_link.is_symlink() and len(lines_of(jsonl)) == 2
+
+
+def test_a_new_output_gets_the_usual_permissions(capsys, tmp_path, folder, generations):
+    old = os.umask(0o022)
+    try:
+        assert run(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--output", tmp_path / "a.txt",
+                   *FAST)[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_one_image_into_a_jsonl_file_adds_a_line(capsys, tmp_path, folder, generations):
+    output = tmp_path / "all.jsonl"
+    for name in ("a.png", "b.png", "a.png"):  # a loop of single-image calls builds one results file
+        code, out, err = run(capsys, "predict", "--image", folder / name, "--task", "ocr", "--output", output, *FAST)
+        assert code == 0 and out == ""
+    assert [Path(record["source"]).name for record in lines_of(output)] == ["a.png", "b.png"]
+    assert "1 of 1 items are already done" in err and generations == [1, 1]
+    renamed = tmp_path / "results.json"  # results under another name are appended to as well
+    output.rename(renamed)
+    assert run(capsys, "predict", "--image", folder / "a.png", "--task", "caption", "--output", renamed, *FAST)[0] == 0
+    assert len(lines_of(renamed)) == 3
+    code, _, err = run(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--format", "txt",
+                       "--output", renamed, *FAST)
+    assert code == 2 and "holds earlier results" in err and len(lines_of(renamed)) == 3
+
+
+def test_a_line_with_wrong_field_types_is_moved_aside(capsys, tmp_path, folder, generations):
+    output = tmp_path / "out.jsonl"
+    edited = json.dumps({"source": str(folder / "a.png"), "page": [1, 2], "answer": "x"})
+    output.write_text(edited + "\n")
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
+    assert code == 0 and "1 line(s) of" in err and "broken by an edit" in err
+    assert (tmp_path / "out.jsonl.torn").read_text() == edited + "\n" and len(lines_of(output)) == 2
+
+
+def test_numbers_json_cannot_hold_are_written_as_text(capsys, tmp_path, folder, monkeypatch):
+    monkeypatch.setattr(tasks, "generate_batch", lambda *args, **kwargs: [Generation('{"total": NaN}', 1, 1, 0.1, 0.1, 1)])
+    schema, output = tmp_path / "s.json", tmp_path / "out.jsonl"
+    schema.write_text(json.dumps(SCHEMA))
+    argv = ["predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, "--no-constrain"]
+    assert run(capsys, *argv, "--output", output)[0] == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(output.read_text(), parse_constant=refuse)["answer"] == {"total": "NaN"}
+
+
+def test_too_many_crops_is_a_usage_error(capsys, folder, no_model):
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", "x.jsonl", "--num-crops", "840")
+    assert code == 2 and "Use at most 839" in err
+
+
+# ----------------------------------------------------------------------------------------------
 # One bad item never stops the others
 # ----------------------------------------------------------------------------------------------
 
@@ -323,6 +449,15 @@ def test_pdf_pages_obey_the_image_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 19_999)
     with pytest.raises(ImageLoadError, match="200 x 100 = 20,000 pixels"):
         inputs.render_pdf_page(path, 1)
+
+
+def test_a_file_named_twice_runs_once(capsys, tmp_path, folder, generations):
+    output = tmp_path / "out.jsonl"
+    (tmp_path / "link.png").symlink_to(folder / "a.png")
+    code, _, err = run(capsys, "predict", "--image", folder / "a.png", folder, tmp_path / "link.png", folder / "a.png",
+                       "--task", "ocr", "--output", output, *FAST)
+    assert code == 0 and "2 of 2 items done" in err and generations == [2]
+    assert [record["source"] for record in lines_of(output)] == [str(folder / "a.png"), str(folder / "b.png")]
 
 
 def test_globs_and_folders_do_not_follow_symlink_loops(capsys, tmp_path, folder):
@@ -614,3 +749,4 @@ def test_trickled_headers_hit_the_total_deadline_too():
     finally:
         server.shutdown()
         server.server_close()
+

@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 from phi_helpers import ImageAspectRatioError, ImageLoadError
+from phi_helpers.errors import InvalidArgumentError
 from phi_helpers.models.phi3_v import bilinear_resize
-from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor, hd_canvas_size
+from phi_helpers.models.phi3_v.image_processing_phi3_v import (
+    Phi3VImageProcessor, check_num_crops, hd_canvas_size, largest_num_crops, max_image_tokens,
+)
 from phi_helpers.testing.reference import reference_pixel_values
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
@@ -125,6 +128,17 @@ def test_extreme_aspect_ratio_is_a_clear_error():
         Phi3VImageProcessor(num_crops=1)(Image.new("RGB", (2000, 1)))
 
 
+@pytest.mark.parametrize(
+    ("width", "height", "shape"),
+    [(65500, 2, "336 pixels wide it would be 0 pixels tall"), (2, 65500, "336 pixels tall it would be 0 pixels wide")],
+)
+def test_too_elongated_names_the_image_as_it_is(width, height, shape):
+    with pytest.raises(ImageAspectRatioError) as caught:
+        hd_canvas_size(width, height, 1)
+    assert f"An image of {width}x{height} pixels (aspect ratio 32750:1)" in str(caught.value)
+    assert shape in str(caught.value)
+
+
 def test_unusable_inputs_are_clear_errors():
     with pytest.raises(ImageLoadError, match="load_image"):
         Phi3VImageProcessor()("not an image")
@@ -132,6 +146,30 @@ def test_unusable_inputs_are_clear_errors():
         hd_canvas_size(0, 10, 4)
     with pytest.raises(ImageLoadError, match="No images"):
         Phi3VImageProcessor()([])
+
+
+def test_num_crops_must_leave_its_costliest_image_inside_the_context():
+    # a column of n tiles: n·(144 + 12) + 144 + 12 + 1 tokens (spec §4.6); 131,072 is the checkpoints' context
+    assert max_image_tokens(16) == (16 + 1) * 144 + 1 + (16 + 1) * 12 == 2653
+    assert max_image_tokens(16) == Phi3VImageProcessor(num_crops=16).calc_num_image_tokens_from_image_size(100, 16 * 100)
+    assert largest_num_crops(131072) == 839 and max_image_tokens(839) <= 131072 < max_image_tokens(840)
+    assert check_num_crops(839) == 839 and check_num_crops(16, context_length=2653) == 16
+    with pytest.raises(InvalidArgumentError, match="num_crops=17 is too many.* at most 16"):
+        check_num_crops(17, context_length=2653)
+
+
+@pytest.mark.parametrize("num_crops", [840, 10000])
+def test_num_crops_beyond_the_context_is_refused(num_crops):
+    message = f"num_crops={num_crops} is too many: one image could take {max_image_tokens(num_crops):,} tokens"
+    with pytest.raises(InvalidArgumentError, match=message + r".* context of 131,072\. Use at most 839"):
+        Phi3VImageProcessor(num_crops=num_crops)
+    with pytest.raises(InvalidArgumentError, match=message):
+        Phi3VImageProcessor(num_crops=4).calc_num_image_tokens_from_image_size(336, 336, num_crops)
+
+
+def test_a_huge_num_crops_is_refused_before_its_tiles_are_allocated():
+    with pytest.raises(InvalidArgumentError, match="num_crops=1000000000000 is too many"):
+        Phi3VImageProcessor(num_crops=4)(Image.new("RGB", (336, 336)), num_crops=10**12)
 
 
 def test_num_crops_zero_is_refused_and_normalisation_can_be_overridden():

@@ -19,14 +19,20 @@ The JSON Schema subset that is enforced (anything else is refused before generat
 ``SchemaNotSupportedError``):
 
 * the root is an object (``"type": "object"``), because ``extract`` returns a dict;
-* ``type`` (one or a list), ``properties``, ``required``, ``additionalProperties`` (true, false or
-  a schema; when absent, no extra properties are written), ``items``, ``minItems``, ``maxItems``,
+* ``type`` (one or a list), ``properties``, ``required`` (names that ``properties`` defines),
+  ``additionalProperties`` (true, false or a schema; when absent, no extra properties are written),
+  ``items`` (one schema for every item), ``minItems``, ``maxItems``,
   ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
-  back-references), ``minLength`` and ``maxLength`` (not next to a ``pattern``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
+  back-references), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum``, ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...``;
 * annotations are allowed and ignored: ``$schema``, ``$id``, ``$comment``, ``title``,
   ``description``, ``default``, ``examples``.
+
+Also refused: a schema that contradicts itself (``minimum`` above ``maximum``, an empty ``enum``, an
+``enum`` value of another ``type``, a ``required`` property that may not be written...: every answer
+would fail the schema's own check), and one larger than ``MAX_SCHEMA_CHARS`` (its grammar would take
+minutes to compile). Both are found in milliseconds, without compiling anything.
 
 What the mask cannot do: make the values right. A passport number that follows the pattern can
 still be misread; check values against the document (notebook 02b, the MRZ check digits).
@@ -34,23 +40,34 @@ still be misread; check values against the document (notebook 02b, the MRZ check
 
 import importlib.util
 import json
+import math
 import re
 import weakref
 
 import torch
 import xgrammar
+from jsonschema.exceptions import best_match
 from transformers import LogitsProcessor
 
 from ..errors import JSONExtractionError, JSONTruncatedError, SchemaNotSupportedError
-from .structured import check_schema, validation_errors
+from .structured import check_schema, schema_validator, validation_errors
 
-ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "default", "examples", "$defs", "definitions"})
+DESCRIPTIVE = frozenset({"title", "description", "$comment", "default", "examples"})  # no effect on the grammar
+ANNOTATIONS = DESCRIPTIVE | {"$schema", "$id", "$defs", "definitions"}
 SUPPORTED_KEYWORDS = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
     "anyOf", "pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "format", "$ref",
 })
 SUPPORTED_FORMATS = ("date",)
+
+# The largest schema that is compiled into a grammar, in characters of compact JSON (descriptions and other
+# annotations not counted). xgrammar's compile time grows faster than the schema and ignores Ctrl-C; measured
+# on 2 CPU cores with the Phi-3 tokenizer, an enum of 10-letter strings takes 0.1 s for 1,000 values (12 kB),
+# 1.8 s for 8,000 (130 kB), 29 s for 32,000 (520 kB), minutes for 50,000. At this bound an enum of any string
+# length compiles in under a second, and the slowest shape found (1,900 optional properties) in 7 s. Real
+# documents stay far below it: the world's countries or currencies are a few hundred values, under 5 kB.
+MAX_SCHEMA_CHARS = 50_000
 
 # format "date": a real calendar date YYYY-MM-DD (years 0001-9999, 29 February only in leap years).
 # xgrammar's own "date" rule allows e.g. 2023-11-31, which a JSON Schema validator rejects.
@@ -63,73 +80,240 @@ _SAMPLE_DATES = ("0001-01-01", "1988-03-14", "2024-02-29", "9999-12-31")  # a da
 # JSON text written by the model: no spaces, properties in the schema's order (short, stable answers).
 SEPARATORS = (",", ":")
 
+_NAMED_SUBSCHEMAS = ("properties", "$defs", "definitions")  # name -> subschema
+_ORDERED = (("minLength", "maxLength", "string"), ("minItems", "maxItems", "array"))  # (lower, upper, what)
+
 
 def check_supported(schema) -> None:
-    """Raise ``SchemaNotSupportedError`` (listing every problem) unless constrained decoding enforces all of ``schema``."""
+    """Raise ``SchemaNotSupportedError`` (listing every problem) unless constrained decoding enforces all of
+    ``schema`` and some answer satisfies it. A schema larger than ``MAX_SCHEMA_CHARS`` is refused first,
+    in milliseconds, before anything is compiled."""
     try:
         check_schema(schema)
     except ValueError as error:
         raise SchemaNotSupportedError(str(error)) from None
-    problems = []
+    _check_size(schema)
+    problems, contradictions = [], []
     if schema.get("type") != "object":
         problems.append('(root): the root must be "type": "object" (extract returns a dict)')
-    _collect_problems(schema, "(root)", problems)
+    validator = schema_validator(schema)
+    for where, node in _walk(schema, "(root)"):
+        problems += _unsupported(node, where)
+        contradictions += _contradictions(node, where, validator) if isinstance(node, dict) else []
+    messages = []
     if problems:
-        raise SchemaNotSupportedError(
+        messages.append(
             "This JSON Schema uses features that constrained decoding cannot enforce: " + "; ".join(problems)
             + ". Remove them (or check them yourself after extraction), or use the unconstrained path "
             "(the command line's --no-constrain). Supported: see help(phi_helpers.api.constrained)."
         )
+    if contradictions:
+        messages.append(
+            "This JSON Schema contradicts itself, so answers would fail its own check: " + "; ".join(contradictions) + "."
+        )
+    if messages:
+        raise SchemaNotSupportedError(" ".join(messages))
 
 
-def _collect_problems(schema, where: str, problems: list[str]) -> None:
-    """Walk ``schema`` and append a message for every keyword, format or $ref that is not supported."""
-    if not isinstance(schema, dict):
-        problems.append(f"{where}: a boolean schema ({json.dumps(schema)}) is only supported as additionalProperties")
+def _check_size(schema: dict) -> None:
+    """Refuse ``schema`` when its grammar is larger than ``MAX_SCHEMA_CHARS`` (its compile would take minutes)."""
+    size = len(json.dumps(_grammar_schema(schema), separators=SEPARATORS, ensure_ascii=False))
+    if size <= MAX_SCHEMA_CHARS:
         return
-    for keyword in sorted(set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS):
-        problems.append(f"{where}: {keyword!r}")
+    enums = [(len(node["enum"]), where) for where, node in _walk(schema, "(root)") if isinstance(node, dict) and "enum" in node]
+    count, where = max(enums, default=(0, ""))
+    largest = f" Its largest enum, at {where}, has {count:,} values." if enums else ""
+    raise SchemaNotSupportedError(
+        f"This JSON Schema is too large for constrained decoding: {size:,} characters of JSON (descriptions and "
+        f"other annotations not counted), more than MAX_SCHEMA_CHARS = {MAX_SCHEMA_CHARS:,}: compiling it would take "
+        f"minutes and could not be interrupted.{largest} Make it smaller: for a long list of allowed values, use "
+        '"type": "string" and check the value after extraction; or use the unconstrained path '
+        "(the command line's --no-constrain)."
+    )
+
+
+def _walk(schema, where: str):
+    """Every subschema that constrained decoding uses, ``schema`` first, each with its place
+    (``(root)/properties/total``)."""
+    yield where, schema
+    if isinstance(schema, dict):
+        for path, sub in _subschemas(schema):
+            yield from _walk(sub, f"{where}/{path}")
+
+
+def _subschemas(schema: dict):
+    """The subschemas directly inside ``schema``, each with its path from ``schema`` (``properties/total``)."""
+    for key in _NAMED_SUBSCHEMAS:
+        for name, sub in schema.get(key, {}).items():
+            yield f"{key}/{name}", sub
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield "additionalProperties", schema["additionalProperties"]
+    if "items" in schema:
+        yield "items", schema["items"]
+    for index, sub in enumerate(schema.get("anyOf", [])):
+        yield f"anyOf/{index}", sub
+
+
+def _unsupported(schema, where: str) -> list[str]:
+    """A message for every keyword, format or $ref of one subschema that is not supported."""
+    if isinstance(schema, list):
+        return [f"{where}: tuple items, a list of schemas, are not supported (give one schema that every item follows)"]
+    if not isinstance(schema, dict):
+        return [f"{where}: a boolean schema ({json.dumps(schema)}) is only supported as additionalProperties"]
+    problems = [f"{where}: {keyword!r}" for keyword in sorted(set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS)]
     if "format" in schema and schema["format"] not in SUPPORTED_FORMATS:
         problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)})")
     if schema.get("format") == "date" and "pattern" in schema:
         pattern = re.compile(schema["pattern"])
         if not all(pattern.search(date) for date in _SAMPLE_DATES):
             problems.append(f"{where}: a pattern next to format 'date' must accept every YYYY-MM-DD date")
-    if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+    lengths = "minLength" in schema or "maxLength" in schema
+    if "pattern" in schema and lengths:
         problems.append(f"{where}: minLength/maxLength next to a pattern (put the length into the pattern)")
+    if schema.get("format") == "date" and lengths:
+        problems.append(f"{where}: minLength/maxLength next to format 'date' (a date is always 10 characters)")
     if "pattern" in schema and re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", schema["pattern"]):
         problems.append(f"{where}: a pattern with a look-around or back-reference ({schema['pattern']!r})")
     ref = schema.get("$ref")
     if ref is not None and not re.fullmatch(r"#/(\$defs|definitions)/[^/]+", str(ref)):
         problems.append(f"{where}: $ref {ref!r} (only '#/$defs/NAME' or '#/definitions/NAME')")
-    for name, sub in schema.get("properties", {}).items():
-        _collect_problems(sub, f"{where}/properties/{name}", problems)
-    for key in ("$defs", "definitions"):
-        for name, sub in schema.get(key, {}).items():
-            _collect_problems(sub, f"{where}/{key}/{name}", problems)
-    if isinstance(schema.get("additionalProperties"), dict):
-        _collect_problems(schema["additionalProperties"], f"{where}/additionalProperties", problems)
-    if "items" in schema:
-        _collect_problems(schema["items"], f"{where}/items", problems)
-    for index, sub in enumerate(schema.get("anyOf", [])):
-        _collect_problems(sub, f"{where}/anyOf/{index}", problems)
+    for keyword in ("exclusiveMinimum", "exclusiveMaximum"):
+        if isinstance(schema.get(keyword), bool):
+            problems.append(f"{where}: {keyword} true/false (draft-04; give the bound itself: \"{keyword}\": 0)")
+    if schema.get("additionalProperties", False) is not False:
+        problems += [f"{where}: required {name!r} that is not in properties (add it to properties)" for name in _unlisted(schema)]
+    return problems
+
+
+def _contradictions(schema: dict, where: str, validator) -> list[str]:
+    """A message, with what to change, for every keyword of one subschema that leaves no value at all."""
+    found = [_empty_range(schema), *_misordered(schema), *_misfits(schema, validator)]
+    if schema.get("additionalProperties", False) is False:  # absent: no other property is written either
+        found += [
+            f"required {name!r} is not in properties and no other property is allowed (additionalProperties is "
+            "false or absent): add it to properties or remove it from required" for name in _unlisted(schema)
+        ]
+    return [f"{where}: {message}" for message in found if message]
+
+
+def _empty_range(schema: dict) -> str | None:
+    """Why the number bounds of ``schema`` leave no number (no integer, for an integer), or None."""
+    low, high = _lower_bound(schema), _upper_bound(schema)
+    if low is None or high is None:
+        return None
+    if _integers_only(schema):
+        first, last = _integer_range(schema)
+        empty, what = first > last, "integer"
+    else:
+        empty, what = low[0] > high[0] or (low[0] == high[0] and (low[1] or high[1])), "number"
+    return f"{low[2]} {low[0]} and {high[2]} {high[0]} leave no {what} (change one of them)" if empty else None
+
+
+def _misordered(schema: dict) -> list[str]:
+    """Why the length or item-count bounds of ``schema`` leave nothing (a lower bound above the upper one)."""
+    return [
+        f"{low} {schema[low]} is above {high} {schema[high]}: no {what} fits (change one of them)"
+        for low, high, what in _ORDERED if low in schema and high in schema and schema[low] > schema[high]
+    ]
+
+
+def _misfits(schema: dict, validator) -> list[str]:
+    """Why ``enum`` or ``const`` of ``schema`` allow a value that the rest of ``schema`` refuses (the model could
+    write it; every answer that did would be refused), checked by ``validator`` (the whole schema's)."""
+    if schema.get("enum") == []:
+        return ["an empty enum allows no value (list the allowed values)"]
+    found = []
+    for keyword, values in (("enum", schema.get("enum", [])), ("const", [schema["const"]] if "const" in schema else [])):
+        rest = validator.evolve(schema={key: value for key, value in schema.items() if key != keyword})
+        wrong = [value for value in values if not rest.is_valid(value)]
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            found.append(
+                f"{keyword} value {json.dumps(wrong[0])}{more} does not fit the rest of this schema "
+                f"({best_match(rest.iter_errors(wrong[0])).message}): change the value or the other keywords"
+            )
+    return found
+
+
+def _unlisted(schema: dict) -> list[str]:
+    """The ``required`` names of an object schema that its ``properties`` do not define."""
+    if _types(schema) and "object" not in _types(schema):
+        return []
+    return [name for name in schema.get("required", []) if name not in schema.get("properties", {})]
+
+
+def _types(schema: dict) -> list[str]:
+    """The types ``schema`` allows, as a list (empty: any type)."""
+    types = schema.get("type", [])
+    return [types] if isinstance(types, str) else types
+
+
+def _integers_only(schema: dict) -> bool:
+    """Whether the only numbers ``schema`` allows are integers (its bounds then mean whole numbers)."""
+    return "integer" in _types(schema) and "number" not in _types(schema)
+
+
+def _lower_bound(schema: dict):
+    """The tightest of ``minimum`` and ``exclusiveMinimum`` as ``(value, exclusive, keyword)``, or None."""
+    return max(_bounds(schema, "minimum", "exclusiveMinimum"), key=lambda bound: bound[:2], default=None)
+
+
+def _upper_bound(schema: dict):
+    """The tightest of ``maximum`` and ``exclusiveMaximum`` as ``(value, exclusive, keyword)``, or None."""
+    return min(_bounds(schema, "maximum", "exclusiveMaximum"), key=lambda bound: (bound[0], not bound[1]), default=None)
+
+
+def _bounds(schema: dict, inclusive: str, exclusive: str) -> list[tuple]:
+    """The number bounds of ``schema`` under these two keywords, as ``(value, exclusive, keyword)``."""
+    return [
+        (schema[keyword], keyword == exclusive, keyword) for keyword in (inclusive, exclusive)
+        if isinstance(schema.get(keyword), (int, float)) and not isinstance(schema[keyword], bool)
+        and math.isfinite(schema[keyword])
+    ]
+
+
+def _integer_range(schema: dict) -> tuple:
+    """The smallest and largest integer the bounds of ``schema`` allow (None where unbounded)."""
+    low, high = _lower_bound(schema), _upper_bound(schema)
+    return (
+        None if low is None else math.floor(low[0]) + 1 if low[1] else math.ceil(low[0]),
+        None if high is None else math.ceil(high[0]) - 1 if high[1] else math.floor(high[0]),
+    )
 
 
 def _grammar_schema(schema):
-    """A copy of ``schema`` for the grammar compiler: ``format: "date"`` becomes ``DATE_PATTERN``."""
-    if isinstance(schema, list):
-        return [_grammar_schema(value) for value in schema]
+    """A copy of ``schema`` for the grammar compiler, subschema by subschema (``enum`` and ``const`` values are
+    data and stay as they are): descriptions and other annotations are dropped (they change nothing),
+    ``format: "date"`` becomes ``DATE_PATTERN``, lengths a pattern, and an integer's bounds whole numbers."""
     if not isinstance(schema, dict):
         return schema
-    copy = {key: _grammar_schema(value) for key, value in schema.items()}
+    copy = {key: value for key, value in schema.items() if key not in DESCRIPTIVE}
+    for key in _NAMED_SUBSCHEMAS:
+        if key in copy:
+            copy[key] = {name: _grammar_schema(sub) for name, sub in copy[key].items()}
+    for key in ("additionalProperties", "items"):
+        if key in copy:
+            copy[key] = _grammar_schema(copy[key])
+    if "anyOf" in copy:
+        copy["anyOf"] = [_grammar_schema(sub) for sub in copy["anyOf"]]
+    return _rewrite_for_grammar(copy)
+
+
+def _rewrite_for_grammar(copy: dict) -> dict:
+    """Rewrite the keywords of one subschema (``copy``, changed in place) that xgrammar would get wrong."""
     if copy.get("format") == "date":
         del copy["format"]
         copy["pattern"] = DATE_PATTERN  # a checked pattern next to it accepts every such date
     if "minLength" in copy or "maxLength" in copy:
         # xgrammar 0.2's length-bounded strings let raw control characters through (invalid JSON);
-        # the same bounds as a pattern do not. (Refused together with a pattern, see _collect_problems.)
+        # the same bounds as a pattern do not. (Refused together with a pattern, see _unsupported.)
         low, high = copy.pop("minLength", 0), copy.pop("maxLength", "")
         copy["pattern"] = f"^.{{{low},{high}}}$"
+    if _integers_only(copy):  # xgrammar refuses an integer's bound such as 1.5
+        bounds = dict(zip(("minimum", "maximum"), _integer_range(copy)))
+        for keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            copy.pop(keyword, None)
+        copy.update({keyword: value for keyword, value in bounds.items() if value is not None})
     return copy
 
 

@@ -6,7 +6,10 @@ Two metrics, both small enough to read in a minute:
   and the expected text (the fewest single-character insertions, deletions and substitutions that
   turn one into the other) divided by the length of the expected text. 0 is perfect; it can go
   above 1 when the answer is much longer than the reference. Runs of whitespace count as one space
-  (line breaks are a matter of layout, not of reading).
+  (line breaks are a matter of layout, not of reading). An empty reference (nothing to read) has
+  no length to divide by: its CER is 0 for an empty answer and 1 for any other (all of it is wrong).
+  Over a set of items, CER is all edits / all reference characters, with the same rule when every
+  reference is empty (``error_rate``).
 * **Per-field exact match** for JSON extraction: each top-level field of the expected object is
   right or wrong. Strings are compared ignoring case and extra whitespace, numbers by value
   (``40.4`` equals ``40.40``, but the string ``"40.4"`` does not equal the number), lists and
@@ -37,14 +40,23 @@ def normalise_text(text: str) -> str:
 
 
 def character_error_rate(hypothesis: str, reference: str) -> float:
-    """Levenshtein distance / reference length, after ``normalise_text`` on both.
+    """Levenshtein distance / reference length, after ``normalise_text`` on both (``error_rate``).
 
     An empty reference gives 0.0 for an empty answer and 1.0 for any other answer.
     """
     hypothesis, reference = normalise_text(hypothesis), normalise_text(reference)
-    if not reference:
-        return 0.0 if not hypothesis else 1.0
-    return levenshtein(hypothesis, reference) / len(reference)
+    return error_rate(levenshtein(hypothesis, reference), len(reference))
+
+
+def error_rate(edits: int, reference_chars: int) -> float:
+    """``edits / reference_chars``: the CER of one item or, with the sums, of a whole set.
+
+    With no reference characters there is nothing to divide by: 0.0 without edits (an empty answer to
+    an empty reference is right), 1.0 with any (whatever was answered is wrong).
+    """
+    if not reference_chars:
+        return 1.0 if edits else 0.0
+    return edits / reference_chars
 
 
 def normalise_value(value):

@@ -31,7 +31,7 @@ import transformers
 from transformers.utils import is_flash_attn_2_available
 
 from ..models.phi3_v import Phi3VConfig, Phi3VForCausalLM
-from ..models.phi3_v.image_processing_phi3_v import TILE, num_image_tokens
+from ..models.phi3_v.image_processing_phi3_v import max_image_tokens
 from ..testing import FIXTURES
 from ..versions import TESTED_VERSIONS
 from .quantization import BITS_PER_WEIGHT, SKIP_MODULES, VISION_PREFIX
@@ -126,12 +126,6 @@ def parameter_groups(config) -> dict:
         else:
             groups["other"] += parameter.numel()
     return groups
-
-
-def max_image_tokens(num_crops: int) -> int:
-    """Image tokens of the largest image for ``num_crops``: the tile grid h x w (h·w <= num_crops) with most tokens."""
-    grids = [(h, w) for h in range(1, num_crops + 1) for w in range(1, num_crops // h + 1)]
-    return max(num_image_tokens(h * TILE, w * TILE) for h, w in grids)
 
 
 def _activation_bytes(config, num_crops: int, prompt: int, sequence: int, size: int) -> int:

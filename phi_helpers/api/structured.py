@@ -46,7 +46,7 @@ def check_extraction(text: str, schema: dict) -> tuple[object, list[str]]:
 
 def validation_errors(data, schema: dict) -> list[str]:
     """The JSON Schema violations of ``data`` as sorted strings like ``"total: 'abc' is not of type 'number'"``."""
-    validator = _validator_for(schema)
+    validator = schema_validator(schema)
     problems = []
     for error in validator.iter_errors(data):
         where = "/".join(str(part) for part in error.absolute_path) or "(root)"
@@ -128,14 +128,14 @@ def _base_uri(schema: dict) -> str:
 
 
 def load_schema(path) -> dict:
-    """Read a JSON Schema file and check it (``check_schema``).
+    """Read a JSON Schema file (UTF-8, with or without a byte order mark) and check it (``check_schema``).
 
     Raises ``SchemaError`` (a ``ValueError``) naming the file when it is missing, unreadable,
     not JSON, or not a usable schema.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (some Windows editors write one) is skipped
     except FileNotFoundError:
         raise SchemaError(f"No schema file at '{path}'. Check the spelling of --schema.") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -155,7 +155,8 @@ def load_schema(path) -> dict:
     return schema
 
 
-def _validator_for(schema: dict):
+def schema_validator(schema: dict):
+    """A jsonschema validator for ``schema`` that also checks ``format`` (``"date"``...) and resolves ``$ref`` only
+    inside ``schema``; ``.evolve(schema=part)`` checks against a part of it, its ``$ref`` resolved the same way."""
     cls = jsonschema.validators.validator_for(schema)
-    # also check "format": "date" etc.; resolve $ref only inside the schema
     return cls(schema, format_checker=cls.FORMAT_CHECKER, registry=_registry(schema))

@@ -24,11 +24,12 @@ from ..api.loading import load_model, requested_model_id
 from ..api.prompts import check_user_text
 from ..api.structured import load_schema
 from ..errors import InvalidArgumentError, check_whole_number
+from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from .evaluate import run_eval_command
-from .inputs import collect_items, is_multi_input
+from .inputs import collect_all, collect_items, is_multi_input, is_url
 from .outputs import (
-    JsonlWriter, check_output_path, error_message, finish_run, item_fields, json_safe, make_record, model_info,
-    progress_bar, request_fields, resume, write_atomically,
+    JsonlWriter, appends_lines, check_answers, check_output_path, error_message, finish_run, item_fields, json_safe,
+    make_record, model_info, progress_bar, request_fields, resume, write_atomically,
 )
 from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
@@ -157,7 +158,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                        help="weight-only quantization of the language model: int8 (CPU: torchao; CUDA: bitsandbytes "
                        "or torchao) or int4 (CUDA with bitsandbytes); default: none")
-    group.add_argument("--num-crops", type=_positive_int, metavar="N", help="image crops of 336 px: more = finer detail, "
+    group.add_argument("--num-crops", type=_num_crops, metavar="N", help="image crops of 336 px: more = finer detail, "
                        "more tokens (default: the checkpoint's, 4 for Phi-3.5-vision)")
     group.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                        help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
@@ -177,8 +178,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}") from None
 
 
+def _num_crops(text: str) -> int:
+    """argparse type of --num-crops: a count that the model's context can hold (``check_num_crops``)."""
+    try:
+        return check_num_crops(_positive_int(text))
+    except InvalidArgumentError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _check_predict_args(args) -> bool:
-    """Usage errors argparse cannot see by itself (exit code 2). Returns True for many-image input."""
+    """Usage errors argparse cannot see by itself (exit code 2). Returns True if the results are JSON
+    lines appended to --output: many images, or an --output that ends in .jsonl or holds results."""
     predict_parser = args.parser  # set_defaults(parser=...): its .error() shows the predict usage line
     if args.task == "vqa" and not (args.prompt and args.prompt.strip()):
         predict_parser.error('--task vqa needs a question: add --prompt "..."')
@@ -194,9 +204,11 @@ def _check_predict_args(args) -> bool:
     if many and not args.output:
         predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images, "
                              "and with --engine ray (results are written as JSON lines)")
-    if many and args.format == "txt":
-        predict_parser.error("--format txt is for a single image; many images are always written as JSON lines")
-    return many
+    lines = many or (args.output is not None and appends_lines(Path(args.output)))
+    if lines and args.format == "txt":
+        predict_parser.error("--format txt is for a single image; many images, and an --output that ends in .jsonl "
+                             "or holds earlier results, are always written as JSON lines")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +253,7 @@ def load_for_cli(args):
 
 def run_predict(args) -> int:
     """The ``predict`` command: one image -> an answer; many images -> JSON lines."""
-    many = _check_predict_args(args)
+    lines = _check_predict_args(args)
     schema = load_schema(args.schema) if args.task == "extract" else None
     # A special token in --prompt (or the schema) is refused now, before the (slow) model loading.
     check_user_text(task_prompt(args.task, args.prompt, schema), "prompt")
@@ -249,7 +261,7 @@ def run_predict(args) -> int:
         check_supported(schema)  # an unsupported feature fails now, before the model is loaded
     if args.engine == "ray":
         return run_ray(args, schema, model=requested_model(args))
-    if many:
+    if lines:
         return run_batch(args, schema)
     return run_single(args, schema)
 
@@ -269,7 +281,7 @@ def run_single(args, schema) -> int:
     (item,) = collect_items(args.image[0])
     image = item.load()  # a missing file, unreadable image or bad URL fails here, before loading the model
     if args.output:
-        check_output_path(Path(args.output))
+        check_output_path(Path(args.output), inputs=_local_files([item]))
     model, processor = load_for_cli(args)
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
     result = {**item_fields(item), "image_size": list(image.size), **result}
@@ -298,14 +310,14 @@ def answer_text(record: dict) -> str:
 
 def run_batch(args, schema) -> int:
     """Many images: JSON lines appended to --output, batched generation, finished items skipped."""
-    items = [item for spec in args.image for item in collect_items(spec)]
+    items = collect_all(args.image)
     output = Path(args.output)
-    check_output_path(output)
+    check_output_path(output, inputs=_local_files(items))
     request = request_fields(args, schema, requested_model(args))
     todo = resume(output, items, request).todo
     if not todo:
         print("Nothing left to do.", file=sys.stderr)
-        return 0
+        return check_answers(output, items, args.max_new_tokens)
 
     model, processor = load_for_cli(args)
     info = model_info(model, processor)
@@ -320,7 +332,12 @@ def run_batch(args, schema) -> int:
                     bar.write(f"failed: {record['source']}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
             bar.update(len(batch))
 
-    return finish_run(len(todo), failed, output)
+    return max(finish_run(len(todo), failed, output), check_answers(output, items, args.max_new_tokens))
+
+
+def _local_files(items) -> set[str]:
+    """The files the items are read from (``check_output_path`` refuses to write over one)."""
+    return {item.source for item in items if not is_url(item.source)}
 
 
 def _page_suffix(record: dict) -> str:

@@ -5,17 +5,18 @@ defined in ``phi_helpers.api.metrics``.
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from ..api.constrained import check_supported
-from ..api.metrics import character_error_rate, field_matches, levenshtein, normalise_text
+from ..api.metrics import character_error_rate, error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
 from ..api.structured import load_schema
-from ..errors import ManifestError
+from ..errors import CommandLineError, ManifestError
 from .inputs import Item
-from .outputs import check_output_path, model_info, progress_bar, write_atomically
+from .outputs import check_output_path, holds_records, json_safe, model_info, progress_bar, write_atomically
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 MANIFEST = "manifest.jsonl"
@@ -31,20 +32,28 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
 
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
     ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
-    paths, no ``..`` or symbolic link that leads out). Raises ManifestError naming the line of the
-    first malformed item.
+    paths, no ``..`` or symbolic link that leads out); the schema files must exist. The manifest is
+    UTF-8 text; only ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of
+    the first malformed item.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
+    if data_dir.is_file():
+        raise ManifestError(
+            f"--data takes the folder that holds {MANIFEST}, not a file: '{data_dir}' is a file. "
+            f"Try --data '{data_dir.parent}'."
+        )
     if not data_dir.is_dir():
         raise ManifestError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     if not manifest.is_file():
         raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     entries = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(manifest.read_bytes().splitlines(), start=1):
+        where = f"{manifest}, line {number}"
+        line = _decode(raw, where)
         if not line.strip():
             continue
-        entries.append(_check_entry(line, data_dir, f"{manifest}, line {number}"))
+        entries.append(_check_entry(line, data_dir, where))
         if limit is not None and len(entries) == limit:
             break
     if not entries:
@@ -52,12 +61,43 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     return entries
 
 
+def _decode(raw: bytes, where: str) -> str:
+    """One line of the manifest as text; ManifestError if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ManifestError(
+            f"{where} is not UTF-8 text (it has the byte 0x{raw[error.start]:02x} at position {error.start + 1}). "
+            f"Save {MANIFEST} as UTF-8."
+        ) from None
+
+
+def _parse(line: str, where: str):
+    """The JSON value on one manifest line. Unlike Python's json, refuses ``NaN``, ``Infinity`` and
+    numbers too large for a float (``1e999``), which strict JSON does not have."""
+
+    def refuse(text: str):
+        raise ManifestError(f"{where} has the number {text}, which is not finite; JSON allows only finite numbers.")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        return value if math.isfinite(value) else refuse(text)
+
+    try:
+        return json.loads(line, parse_constant=refuse, parse_float=finite)
+    except RecursionError:
+        raise ManifestError(f"{where} is nested too deeply to read.") from None
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{where} is not valid JSON: {error.msg} (column {error.colno}).") from None
+    except ManifestError:
+        raise
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        raise ManifestError(f"{where} is not valid JSON: {error}.") from None
+
+
 def _check_entry(line: str, data_dir: Path, where: str) -> dict:
     """One manifest line, parsed and checked; paths made relative to the manifest's folder."""
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{where} is not valid JSON: {error.msg}.") from None
+    entry = _parse(line, where)
     if not isinstance(entry, dict):
         raise ManifestError(f"{where} must be a JSON object.")
     missing = [key for key in ("image", "task", "expected") if key not in entry]
@@ -76,6 +116,11 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
     checked.setdefault("id", Path(entry["image"]).stem)
     if "schema" in entry:
         checked["schema"] = _inside(data_dir, entry["schema"], "schema", where)
+        if not checked["schema"].is_file():
+            raise ManifestError(
+                f"{where}: no schema file at '{checked['schema']}'. Check the \"schema\" field of this line "
+                f"(paths are relative to the folder of {MANIFEST})."
+            )
     return checked
 
 
@@ -148,7 +193,11 @@ def _kind(entry: dict) -> tuple:
 
 
 def score_entry(entry: dict, record: dict) -> dict:
-    """The report line of one item: its answer and its score. A failed item scores as an empty answer."""
+    """The report line of one item: its answer and its score. A failed item scores as an empty answer.
+
+    Numbers JSON cannot hold in an extracted answer (``NaN``, ``1e999``) are written as text
+    (``"NaN"``, ``"Infinity"``) after scoring, so that the report stays strict JSON.
+    """
     line = {"id": entry["id"], "image": str(entry["image"]), "task": entry["task"]}
     if "error" in record:
         line["error"] = record["error"]
@@ -160,7 +209,7 @@ def score_entry(entry: dict, record: dict) -> dict:
     else:
         answer = record.get("answer")
         line.update(
-            answer=answer,
+            answer=json_safe(answer),
             expected=entry["expected"],
             schema=_schema_name(entry["schema"]),
             fields=field_matches(answer, entry["expected"]),
@@ -177,7 +226,11 @@ def _schema_name(path) -> str:
 
 
 def summarise(scored: list[dict]) -> dict:
-    """Totals over the items: CER for ocr, per-field and overall exact match for extract."""
+    """Totals over the items: CER for ocr, per-field and overall exact match for extract.
+
+    The ocr CER is all edits / all reference characters (``error_rate``: references that are all
+    empty give 0.0 without edits, 1.0 with any, as an item's CER does).
+    """
     summary = {}
     ocr = [line for line in scored if line["task"] == "ocr"]
     if ocr:
@@ -185,7 +238,7 @@ def summarise(scored: list[dict]) -> dict:
         chars = sum(line["reference_chars"] for line in ocr)
         summary["ocr"] = {
             "items": len(ocr),
-            "cer": round(edits / chars, 4) if chars else 0.0,  # all edits / all reference characters
+            "cer": round(error_rate(edits, chars), 4),
             "mean_item_cer": round(sum(line["cer"] for line in ocr) / len(ocr), 4),
         }
     extract = [line for line in scored if line["task"] == "extract"]
@@ -271,7 +324,7 @@ def run_eval_command(args, load) -> int:
         if args.constrain:
             check_supported(loaded)
     if args.output:
-        check_output_path(Path(args.output))
+        check_report_path(Path(args.output), [Path(args.data) / MANIFEST, *_files(entries)])
     model, processor = load()
     with progress_bar(len(entries), "eval") as bar:
         report = evaluate(
@@ -280,8 +333,35 @@ def run_eval_command(args, load) -> int:
     report["data"] = str(args.data)
     print(format_report(report))
     if args.output:
-        write_atomically(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_atomically(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return report_failures(report["items"], args.output)
+
+
+def check_report_path(path: Path, inputs: list[Path]) -> None:
+    """``check_output_path`` for the report, which replaces the file: it must not be one of the set's
+    files (``inputs``), nor a file of results (JSON lines of ``phi-helpers predict``)."""
+    check_output_path(path, inputs)
+    if holds_records(path):
+        raise CommandLineError(f"--output '{path}' holds results of phi-helpers predict; the report would replace "
+                               "them. Give the report another file name, e.g. report.json.")
+
+
+def _files(entries: list[dict]) -> list[Path]:
+    """The images and schemas of the set's items."""
+    return [entry[key] for entry in entries for key in ("image", "schema") if key in entry]
+
+
+def report_failures(items: list[dict], output) -> int:
+    """Say on stderr which items could not be run, and return the exit code: 1 if any failed."""
+    failed = [line for line in items if "error" in line]
+    for line in failed:
+        print(f"failed: {line['id']} ({line['image']}): {line['error']}", file=sys.stderr)
+    if not failed:
+        return 0
+    where = f'their items in {output} have an "error"' if output else "the reasons are above"
+    print(f"error: {len(failed)} of {len(items)} items failed and were scored as wrong ({where}); "
+          "fix them and run the same command again", file=sys.stderr)
+    return 1
 
 

@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Callable
 
 import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
 
 from ..api.images import check_pixel_count, load_image
 from ..errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 PDF_SCALE = 2.0  # PDF pages are 72 points per inch: scale 2 renders them at 144 dpi
+PDF_LOAD_ERRORS = {  # FPDF_GetLastError() after a failed FPDF_LoadDocument -> what the user reads
+    pdfium_c.FPDF_ERR_FILE: "Could not read '{path}'. Check that you may read it.",
+    pdfium_c.FPDF_ERR_FORMAT: "Could not open '{path}' as a PDF: it is damaged or not a PDF. Re-save or re-download it.",
+    pdfium_c.FPDF_ERR_PASSWORD: "The PDF '{path}' is encrypted (password-protected). Save an unprotected copy and use that.",
+    pdfium_c.FPDF_ERR_SECURITY: "The PDF '{path}' is encrypted with a security scheme PDFium does not support. Save an "
+    "unprotected copy and use that.",
+}
 
 
 @dataclass
@@ -128,19 +136,34 @@ def _glob_match(pattern: tuple, parts: tuple) -> bool:
     return fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:])
 
 
-def _once(files: list[Path]) -> list[Path]:
-    """``files`` without the repeats of a file already listed under another name (links)."""
+def collect_all(specs: list[str]) -> list[Item]:
+    """``collect_items`` of several ``--image`` values, in order, each item once: a file named by two
+    values (``a.png`` and ``scans/``, the same name twice, two links to it) is listed under its first name."""
+    items = [item for spec in specs for item in collect_items(spec)]
+    return _once(items, key=lambda item: (_identity(item.source), item.page))
+
+
+def _once(things: list, key=lambda path: _identity(path)) -> list:
+    """``things`` (paths, or items with ``key``) without the repeats of a file already listed under
+    another name (links)."""
     seen, unique = set(), []
-    for path in files:
-        try:
-            status = path.stat()
-            identity = (status.st_dev, status.st_ino)
-        except OSError:
-            identity = path
+    for thing in things:
+        identity = key(thing)
         if identity not in seen:
             seen.add(identity)
-            unique.append(path)
+            unique.append(thing)
     return unique
+
+
+def _identity(source) -> tuple | str:
+    """What a file is, whatever its name: its (device, inode); a URL or a missing file is its name."""
+    if is_url(str(source)):
+        return str(source)
+    try:
+        status = os.stat(source)
+    except OSError:
+        return str(source)
+    return status.st_dev, status.st_ino
 
 
 def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
@@ -176,8 +199,6 @@ def item_at(source: str, page: int | None = None) -> Item:
 def pdf_items(path: Path) -> list[Item]:
     """One item per page of the PDF at ``path``; pages are rendered (at ``PDF_SCALE``) only when loaded."""
     count = _pdf_page_count(path)
-    if count == 0:
-        raise ImageLoadError(f"The PDF '{path}' has no pages.")
     return [Item(str(path), page=n, loader=_page_loader(path, n)) for n in range(1, count + 1)]
 
 
@@ -209,21 +230,29 @@ def _pdf_page_count(path: Path) -> int:
         document.close()
 
 
-def _open_pdf(path):
-    """Open a PDF; every failure is an ImageLoadError that names this file (checked before pdfium,
-    whose error state is global, is asked: an empty file is reported as empty, not with an old error)."""
+def _open_pdf(path) -> pdfium.PdfDocument:
+    """Open a PDF that has pages; every failure is an ImageLoadError that names this file and says why.
+
+    PDFium's error code is only set when loading fails, and stays from an earlier failure otherwise, so
+    it is read only for a document that did not load; pypdfium2's own ``PdfDocument(path)`` also reads
+    it for a document that loaded but has no pages, and then reports a stale or "Success" error.
+    """
     try:
         size = os.stat(path).st_size
     except OSError as error:
         raise ImageLoadError(f"Could not open '{path}': {error.strerror}.") from None
     if size == 0:
         raise ImageLoadError(f"The PDF '{path}' is empty (0 bytes). Re-save or re-download it.")
-    try:
-        return pdfium.PdfDocument(str(path))
-    except pdfium.PdfiumError as error:
-        if "password" in str(error).lower():
-            raise ImageLoadError(f"The PDF '{path}' is encrypted (password-protected). Save an unprotected copy and use that.") from None
-        raise ImageLoadError(f"Could not open '{path}' as a PDF ({error}). Is the file complete?") from None
+    handle = pdfium_c.FPDF_LoadDocument(os.fsencode(path), None)
+    if not handle:
+        code = pdfium_c.FPDF_GetLastError()
+        message = PDF_LOAD_ERRORS.get(code, "Could not open '{path}' as a PDF (PDFium error {code}). Is the file complete?")
+        raise ImageLoadError(message.format(path=path, code=code))
+    document = pdfium.PdfDocument(handle)
+    if len(document) == 0:
+        document.close()
+        raise ImageLoadError(f"The PDF '{path}' has no pages.")
+    return document
 
 
 def _page_loader(path: Path, page: int) -> Callable:

@@ -18,9 +18,11 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from ..errors import CommandLineError, PhiHelpersError
 from .inputs import Item
 
-TORN_SUFFIX = ".torn"  # lines of --output that did not parse are kept in OUTPUT.torn
+TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,9 +114,13 @@ def _fs_bytes(text: str) -> bytes:
 
 
 def json_safe(value):
-    """``value`` with every string made ``printable`` (recursively): safe to write as UTF-8 JSON."""
+    """``value`` with every string made ``printable`` and every number JSON cannot hold (``NaN``,
+    ``Infinity``: Python's json reads them from an answer) written as text (``"NaN"``), recursively:
+    safe to write as strict UTF-8 JSON."""
     if isinstance(value, str):
         return printable(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
     if isinstance(value, dict):
         return {printable(str(key)): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
@@ -194,7 +200,7 @@ def make_record(result: dict, task: str, schema: str | None, info: dict, request
 def read_records(path) -> list[dict]:
     """The records (JSON objects) of a JSONL file, in order; lines that do not parse are left out."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         return []
     records = []
     for line in path.read_bytes().split(b"\n"):
@@ -205,37 +211,54 @@ def read_records(path) -> list[dict]:
 
 
 def _parse_line(line: bytes) -> dict | None:
-    """The record on one line, or None if the line is not a JSON object with a ``"source"``."""
-    record = _json_value(line)
-    return record if isinstance(record, dict) and isinstance(record.get("source"), str) else None
-
-
-_TORN = object()  # what _json_value returns for a line that is not JSON
-
-
-def _json_value(line: bytes):
-    """The JSON value on one line, or ``_TORN`` if the line is not UTF-8 JSON."""
+    """The record on one line, or None if the line is not a record: a JSON object whose ``"source"``
+    is a string, whose ``"page"`` (if any) a whole number and whose ``"source_b64"`` (if any) a string."""
     try:
-        return json.loads(line.decode("utf-8"))
+        record = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return _TORN
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("source"), str)):
+        return None
+    page, name = record.get("page"), record.get("source_b64", "")
+    if not (page is None or type(page) is int) or not isinstance(name, str):
+        return None
+    return record
+
+
+RECORD_START = b'{"source": '  # how every line JsonlWriter writes begins (item_fields come first)
+
+
+def _looks_like_a_record(line: bytes) -> bool:
+    """Whether a line that is not a record was meant to be one: cut off by a kill or a full disk, or
+    broken by an edit (it begins like every line ``JsonlWriter`` writes)."""
+    return line.startswith(RECORD_START) or RECORD_START.startswith(line)
 
 
 def repair_jsonl(path) -> int:
-    """Move the lines of ``path`` that are not JSON (the torn last line of a killed run, a line cut
-    by a full disk) to ``path`` + ``.torn``, and return how many were moved.
+    """Move the lines of ``path`` that are not records (the torn last line of a killed run, a line cut
+    by a full disk, a line broken by an edit) to ``path`` + ``.torn``, and return how many were moved.
 
+    ``CommandLineError`` if ``path`` holds something else than lines this command line wrote (notes,
+    an image, another program's JSON): appending to it, or moving its lines aside, would spoil it.
     The torn lines are appended to the side file and flushed to disk first; only then is ``path``
-    replaced (atomically) by its valid lines, so nothing is lost even if this is interrupted.
-    Blank lines are dropped.
+    replaced (atomically) by its records, so nothing is lost even if this is interrupted. Blank lines
+    are dropped.
     """
     path = Path(path)
     if not path.is_file():
         return 0
     good, torn = [], []
-    for line in path.read_bytes().split(b"\n"):
-        if line.strip():
-            (torn if _json_value(line) is _TORN else good).append(line)
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        record = _parse_line(line)
+        if record is None and not _looks_like_a_record(line):
+            raise CommandLineError(
+                f"--output '{path}' holds something other than phi-helpers results (line {number}: "
+                f"{printable(line[:60].decode('utf-8', 'backslashreplace'))!r}); results are appended as JSON "
+                "lines, so give a new file name (e.g. results.jsonl) or move this file away."
+            )
+        (torn if record is None else good).append(line)
     if not torn:
         return 0
     with open(torn_path(path), "ab") as side:
@@ -306,22 +329,43 @@ def resume(path, items: list[Item], request: dict) -> ResumePlan:
     lines aside (``repair_jsonl``), decide per item (``plan_resume``), say both on stderr."""
     torn = repair_jsonl(path)
     if torn:
-        print(f"warning: {torn} line(s) of {path} did not parse (e.g. cut off when a run was killed or the "
-              f"disk was full); moved them to {torn_path(path)}", file=sys.stderr)
+        print(f"warning: {torn} line(s) of {path} did not parse as records (e.g. cut off when a run was killed "
+              f"or the disk was full, or broken by an edit); moved them to {torn_path(path)}", file=sys.stderr)
     plan = plan_resume(items, path, request)
     for line in plan.summary(len(items), path):
         print(line, file=sys.stderr)
     return plan
 
 
-def finish_run(total: int, failed: int, output) -> int:
-    """Say how a many-item run ended (on stderr) and return its exit code: 1 if any item failed."""
+RETRY = "run the same command again to retry them"
+
+
+def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
+    """Say how a many-item run ended (on stderr) and return its exit code: 1 if any item failed.
+    ``retry`` says how to run the failed items again."""
     print(f"{total - failed} of {total} items done; results in {output}", file=sys.stderr)
     if failed:
-        print(f'error: {failed} of {total} items failed (their records in {output} have an "error"); '
-              "run the same command again to retry them", file=sys.stderr)
+        print(f'error: {failed} of {total} items failed (their records in {output} have an "error"); {retry}',
+              file=sys.stderr)
         return 1
     return 0
+
+
+def check_answers(path, items: list[Item], max_new_tokens: int) -> int:
+    """Say (on stderr) how many of ``items`` have, as their last line in ``path``, an extraction that
+    does not follow the schema (``"valid": false``: cut off by ``max_new_tokens``); return 1 if any, else 0
+    (always 0 for the other tasks, whose records have no ``"valid"``).
+
+    A re-run of the same request skips those items (greedy decoding would give the same answer), so
+    the exit code says, run after run, that the file holds answers that are not usable as they are.
+    """
+    last = {record_key(record): record for record in read_records(path)}
+    invalid = sum(last.get(item.key, {}).get("valid") is False for item in items)
+    if invalid:
+        print(f'error: {invalid} of {len(items)} answers in {path} do not follow the schema ("valid": false; '
+              f'"errors" says why, "raw" has the text): cut off at --max-new-tokens {max_new_tokens}? Run again with '
+              "a larger --max-new-tokens.", file=sys.stderr)
+    return int(invalid > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +397,7 @@ class JsonlWriter:
         return self
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(json_safe(record), ensure_ascii=False) + "\n")
+        self._file.write(json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -372,30 +416,66 @@ def progress_bar(total: int, description: str):
     return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
 
 
-def check_output_path(path: Path) -> None:
-    """Fail early (before loading the model) if ``path`` cannot be written."""
+def check_output_path(path: Path, inputs=()) -> None:
+    """Fail early (before loading the model) if ``path`` cannot be written, or if writing it would
+    destroy an input: ``path`` must be a regular file (or not exist yet) in a writable folder, and
+    not one of the files ``inputs`` (paths; URLs are left out)."""
     if path.is_dir():
         raise CommandLineError(f"--output '{path}' is a folder; give a file name inside it, e.g. '{path / 'results.jsonl'}'.")
-    folder = path.parent
-    if not folder.is_dir():
-        raise CommandLineError(f"Cannot write '{path}': the folder '{folder}' does not exist. Create it first.")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.exists() and not path.is_file():
+        raise CommandLineError(
+            f"--output '{path}' is not a regular file (a device, pipe or socket): results are read back to resume "
+            "and replaced atomically, which needs a file. Give a file name (without --output the answer is printed)."
+        )
+    target = Path(os.path.realpath(path))  # a symbolic link: the file it points to is written
+    if not target.parent.is_dir():
+        raise CommandLineError(f"Cannot write '{path}': the folder '{target.parent}' does not exist. Create it first.")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise CommandLineError(f"Cannot write '{path}': permission denied.")
+    if target.exists():
+        for source in inputs:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(source, target):
+                    raise CommandLineError(f"--output '{path}' is the input '{source}'; writing it would destroy it. "
+                                           "Give another file name.")
+
+
+def appends_lines(path: Path) -> bool:
+    """Whether results go to ``path`` as JSON lines, appended: its name ends in ``.jsonl`` or it holds
+    lines of results already (a single image's answer then becomes one more line, never replacing them)."""
+    return path.suffix.lower() == ".jsonl" or holds_records(path)
+
+
+def holds_records(path: Path) -> bool:
+    """Whether ``path`` is a regular file that holds at least one line of results (a record)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as file:
+            return any(_parse_line(line.rstrip(b"\n")) is not None for line in file)
+    except OSError:
+        return False
 
 
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path``, then rename it to ``path``.
 
     The rename is atomic: ``path`` holds either its old content or the complete new one, never a
-    half-written file, even if the program is interrupted.
+    half-written file, even if the program is interrupted. A file that existed keeps its permissions
+    (a new one gets the usual ones, as ``open`` would make it); a symbolic link stays a link to the
+    new content.
     """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    target = Path(os.path.realpath(path))
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
+            if target.exists():
+                os.fchmod(file.fileno(), stat.S_IMODE(target.stat().st_mode))
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(temporary)

@@ -12,7 +12,7 @@
 How the work is split:
 
 * ``item_dataset`` makes a Ray Dataset with one row per image or PDF page: ``{"source", "page"}``,
-  the same keys as ``collect_items`` (local paths, globs and PDFs are listed by ``collect_items`` itself).
+  the same keys as ``collect_all`` (local paths, globs and PDFs are listed by ``collect_items`` itself).
   Sources on another filesystem (``s3://``, ``gs://``, ``file://``..., whatever ``pyarrow.fs`` opens) are
   listed here and their PDFs are split into pages by Ray tasks. Pixels are read inside the replicas.
 * ``predict_dataset`` runs ``Replica`` in a pool of ``replicas`` Ray actors (one GPU each when the
@@ -41,9 +41,10 @@ import pypdfium2 as pdfium
 from ..api.images import load_image
 from ..api.loading import load_model, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
-from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_items, item_at
+from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, item_at
 from .outputs import (
-    JsonlWriter, check_output_path, finish_run, make_record, model_info, progress_bar, request_fields, resume,
+    JsonlWriter, check_answers, check_output_path, finish_run, make_record, model_info, progress_bar, request_fields,
+    resume,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
@@ -116,7 +117,7 @@ def dashboard_url(context) -> str | None:
 def item_dataset(specs: list[str] | str, skip: set | None = None):
     """A Ray Dataset of the items that ``specs`` name: one row ``{"source", "page"}`` per image or PDF page.
 
-    Local files, folders, globs, PDFs and http(s) URLs give exactly the items of ``collect_items``
+    Local files, folders, globs, PDFs and http(s) URLs give exactly the items of ``collect_all``
     (in the same order). A URI of another filesystem (``s3://bucket/scans/``, ``gs://...``,
     ``file:///...``) names a file or a folder (its files, not its sub-folders, sorted); its PDFs are
     split into pages by Ray tasks. ``skip``: keys ``(source, page)`` to leave out (finished items).
@@ -124,7 +125,7 @@ def item_dataset(specs: list[str] | str, skip: set | None = None):
     ray = require_ray()
     specs = [specs] if isinstance(specs, str) else list(specs)
     skip = skip or set()
-    local = [item for spec in specs if not is_remote(spec) for item in collect_items(spec)]
+    local = collect_all([spec for spec in specs if not is_remote(spec)])
     rows = [{"source": item.source, "page": item.page} for item in local if item.key not in skip]
     blocks = min(-(-len(rows) // ITEMS_PER_BLOCK), MAX_BLOCKS)
     datasets = [ray.data.from_items(rows, override_num_blocks=blocks)] if rows else []
@@ -431,12 +432,12 @@ def run_ray(args, schema: dict | None, model: str) -> int:
     parquet = output.lower().endswith(".parquet")
     if parquet and not is_remote(output) and Path(output).exists():
         raise CommandLineError(f"--output '{output}' already exists; Parquet output is a new folder: choose another name.")
-    if not parquet:
-        check_output_path(Path(output))
     request = request_fields(args, schema, model)
     # A missing file or an empty folder fails here, before Ray starts. A JSONL output is resumed like
     # the in-process engine's (items on a remote filesystem are always run).
-    local = [item for spec in args.image if not is_remote(spec) for item in collect_items(spec)]
+    local = collect_all([spec for spec in args.image if not is_remote(spec)])
+    if not parquet:
+        check_output_path(Path(output), inputs={item.source for item in local})
     finished = set() if parquet else {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
@@ -449,7 +450,7 @@ def run_ray(args, schema: dict | None, model: str) -> int:
         total = None if any(is_remote(spec) for spec in args.image) else items.count()
         if total == 0:
             print("Nothing left to do.", file=sys.stderr)
-            return 0
+            return check_answers(output, local, args.max_new_tokens)
         records = predict_dataset(
             items, args.task, model, question=args.prompt, schema=schema, schema_path=args.schema, request=request,
             max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
@@ -461,4 +462,8 @@ def run_ray(args, schema: dict | None, model: str) -> int:
     finally:
         if started_here:
             ray.shutdown()
-    return finish_run(written, failed, output)
+    if parquet:
+        return finish_run(written, failed, output, retry="a Parquet output is written once: run them again into a "
+                          "new --output (e.g. with --image naming just those files)")
+    code = finish_run(written, failed, output)
+    return max(code, check_answers(output, local, args.max_new_tokens))

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from ...errors import ImageAspectRatioError, ImageLoadError, check_whole_number
+from ...errors import ImageAspectRatioError, ImageLoadError, InvalidArgumentError, check_whole_number
 from .bilinear_resize import resize_bilinear
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's normalisation, as in the original
@@ -29,11 +29,35 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TILE = 336  # CLIP ViT-L/14-336 input size; every tile and the global image are TILE x TILE
 TOKENS_PER_TILE = 144  # 24x24 patches merged 2x2 -> 12x12
 TOKENS_PER_ROW = 12  # one separator (sub_GN) after each row of 12 merged patches
+CONTEXT_LENGTH = 131072  # max_position_embeddings of both checkpoints (spec §1.1): no image may take more
 
 
-def check_num_crops(num_crops: int) -> None:
-    if num_crops < 1:
-        raise ValueError(f"num_crops must be at least 1, got {num_crops}.")
+def check_num_crops(num_crops, context_length: int = CONTEXT_LENGTH) -> int:
+    """Return ``num_crops`` if it is a whole number >= 1 whose costliest image fits ``context_length``
+    tokens; else raise InvalidArgumentError (before any tile is allocated: each costs 1.3 MB).
+
+    >>> check_num_crops(16)
+    16
+    """
+    check_whole_number(num_crops, "num_crops", minimum=1)
+    if max_image_tokens(num_crops) > context_length:
+        raise InvalidArgumentError(
+            f"num_crops={num_crops} is too many: one image could take {max_image_tokens(num_crops):,} tokens, "
+            f"more than the model's context of {context_length:,}. Use at most "
+            f"{largest_num_crops(context_length)} (the checkpoints use 4 or 16)."
+        )
+    return num_crops
+
+
+def max_image_tokens(num_crops: int) -> int:
+    """Tokens of the costliest image at ``num_crops``: a tall one cut into a column of ``num_crops``
+    tiles, each adding a tile (144) and a row separator (12) to the global image's 144 + 12 + 1."""
+    return num_image_tokens(num_crops * TILE, TILE)
+
+
+def largest_num_crops(context_length: int) -> int:
+    """The largest ``num_crops`` whose costliest image fits ``context_length`` tokens (839 for 131072)."""
+    return (context_length - max_image_tokens(0)) // (TOKENS_PER_TILE + TOKENS_PER_ROW)
 
 
 def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, int, int]:
@@ -49,7 +73,9 @@ def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, i
     """
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"The image is empty ({width}x{height} pixels). Check the file or URL.")
-    check_whole_number(num_crops, "num_crops", minimum=1)
+    check_num_crops(num_crops)
+    size = f"{width}x{height}"
+    long_side, short_side = ("wide", "tall") if width >= height else ("tall", "wide")
     if width < height:
         width, height = height, width
     ratio = width / height
@@ -61,9 +87,9 @@ def hd_canvas_size(width: int, height: int, num_crops: int) -> tuple[int, int, i
     resized_h = int(resized_w / ratio)
     if resized_h == 0:
         raise ImageAspectRatioError(
-            f"An image of {width}x{height} pixels (aspect ratio {ratio:.0f}:1) is too elongated: resized to "
-            f"{resized_w} pixels wide it would be 0 pixels tall. Crop it into pieces, pad it to a less "
-            f"extreme shape, or raise num_crops (now {num_crops})."
+            f"An image of {size} pixels (aspect ratio {ratio:.0f}:1) is too elongated: resized to "
+            f"{resized_w} pixels {long_side} it would be 0 pixels {short_side}. Crop it into pieces, pad it to "
+            f"a less extreme shape, or raise num_crops (now {num_crops})."
         )
     canvas_h = math.ceil(resized_h / TILE) * TILE
     return resized_w, resized_h, resized_w, canvas_h
@@ -158,7 +184,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_crops = num_crops
+        self.num_crops = check_num_crops(num_crops)
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.do_convert_rgb = do_convert_rgb

@@ -1,0 +1,155 @@
+"""The early schema checks of the command line (``load_schema``, ``check_supported``): every schema
+they pass compiles, and every one that would only fail after the model loaded is refused by them."""
+
+import json
+import time
+
+import pytest
+
+from phi_helpers import SchemaNotSupportedError
+from phi_helpers.api import constrained
+from phi_helpers.api.constrained import MAX_SCHEMA_CHARS, check_supported, compile_schema
+from phi_helpers.api.structured import load_schema
+
+VOCAB, STOP = 32064, [32007]  # the model's vocabulary, <|end|>
+DRAFT_07 = "http://json-schema.org/draft-07/schema#"
+
+
+def root(total: dict, **keywords) -> dict:
+    """An extraction schema whose one required property, ``total``, is ``total``."""
+    return {"type": "object", "properties": {"total": total}, "required": ["total"], **keywords}
+
+
+CONTRADICTIONS = [
+    ({"type": "number", "minimum": 5, "maximum": 1}, "minimum 5 and maximum 1 leave no number"),
+    ({"type": "number", "exclusiveMinimum": 1, "maximum": 1}, "exclusiveMinimum 1 and maximum 1 leave no number"),
+    ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "minimum 2 and exclusiveMaximum 2 leave no number"),
+    ({"type": "integer", "minimum": 1.2, "maximum": 1.8}, "minimum 1.2 and maximum 1.8 leave no integer"),
+    ({"type": "integer", "exclusiveMinimum": 1, "exclusiveMaximum": 2}, "exclusiveMinimum 1 and exclusiveMaximum 2 leave no integer"),
+    ({"enum": []}, "an empty enum allows no value"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "minLength 5 is above maxLength 2: no string fits"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 1}, "minItems 3 is above maxItems 1: no array fits"),
+    ({"type": "string", "const": 5}, "const value 5 does not fit the rest of this schema (5 is not of type 'string')"),
+    ({"type": "integer", "enum": ["a", 3]}, "enum value \"a\" does not fit the rest of this schema ('a' is not of type 'integer')"),
+    ({"type": "integer", "const": 3, "minimum": 5}, "const value 3 does not fit"),
+    ({"type": "string", "pattern": "^[A-Z]{3}$", "enum": ["EUR", "euro"]}, "enum value \"euro\" does not fit"),
+    ({"type": "string", "format": "date", "enum": ["2023-02-30"]}, "enum value \"2023-02-30\" does not fit"),
+    ({"type": "object", "properties": {"net": {"type": "number"}}, "required": ["gross"], "additionalProperties": False},
+     "required 'gross' is not in properties and no other property is allowed"),
+    ({"type": "object", "properties": {"net": {"type": "number"}}, "required": ["gross"]},
+     "required 'gross' is not in properties and no other property is allowed"),
+]
+
+
+@pytest.mark.parametrize("total,message", CONTRADICTIONS, ids=[message for _total, message in CONTRADICTIONS])
+def test_a_schema_that_contradicts_itself_is_refused_naming_the_place(total, message):
+    with pytest.raises(SchemaNotSupportedError, match="contradicts itself") as caught:
+        check_supported(root(total))
+    assert f"(root)/properties/total: {message}" in str(caught.value)
+
+
+def test_contradictions_are_found_in_defs_items_and_anyof_too():
+    schema = {
+        "type": "object",
+        "$defs": {"code": {"type": "string", "minLength": 4, "maxLength": 3}},
+        "properties": {
+            "codes": {"type": "array", "items": {"$ref": "#/$defs/code"}},
+            "note": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 9, "maximum": 1}]},
+            "kind": {"$ref": "#/$defs/code", "const": "abcd"},
+        },
+    }
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(schema)
+    message = str(caught.value)
+    assert "(root)/$defs/code: minLength 4 is above maxLength 3" in message
+    assert "(root)/properties/note/anyOf/1: minimum 9 and maximum 1 leave no integer" in message
+    assert "(root)/properties/kind: const value \"abcd\" does not fit" in message  # the $ref is followed
+
+
+SATISFIABLE = [
+    {"type": "number", "minimum": 1, "maximum": 1},
+    {"type": "integer", "minimum": 1.2, "maximum": 2.8},
+    {"type": ["integer", "null"], "exclusiveMinimum": 0.5, "exclusiveMaximum": 3},
+    {"type": "string", "minLength": 2, "maxLength": 2},
+    {"type": "string", "pattern": "^[A-Z]{3}$", "enum": ["EUR", "USD"]},
+    {"type": ["string", "null"], "enum": ["F", "M", None]},
+    {"type": "string", "format": "date", "const": "2024-02-29"},
+    {"type": "object", "properties": {"net": {"type": "number"}}, "required": ["net"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("total", SATISFIABLE, ids=[json.dumps(total) for total in SATISFIABLE])
+def test_tight_but_satisfiable_schemas_pass_and_compile(cli_model_and_processor, total):
+    compile_schema(cli_model_and_processor[1].tokenizer, root(total), VOCAB, STOP)
+
+
+def test_an_integers_fractional_bounds_become_whole_numbers_for_the_grammar(cli_model_and_processor):
+    """xgrammar refuses ``"minimum": 1.2`` for an integer; 1.2 to 2.8 allows exactly 2."""
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, root({"type": "integer", "minimum": 1.2, "maximum": 2.8}), VOCAB, STOP)
+    assert constrained.allowed_next_tokens(tokenizer, grammar, '{"total":') == ["<0x32>", "2"]
+
+
+def test_properties_named_like_keywords_compile(cli_model_and_processor):
+    """Only subschemas are rewritten for the grammar, never a properties map or enum data."""
+    schema = {
+        "type": "object",
+        "properties": {"minLength": {"type": "integer"}, "format": {"enum": [{"maxLength": 1}]}},
+        "required": ["minLength", "format"],
+    }
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, schema, VOCAB, STOP)
+    assert constrained.allowed_next_tokens(tokenizer, grammar, '{"minLength":1,"format":{"maxLength":1}}') == ["<|end|>"]
+
+
+def test_tuple_items_are_named_as_such():
+    schema = {"$schema": DRAFT_07, **root({"type": "array", "items": [{"type": "string"}, {"type": "integer"}]})}
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(schema)
+    assert "(root)/properties/total/items: tuple items, a list of schemas, are not supported" in str(caught.value)
+    assert "boolean" not in str(caught.value)
+
+
+def test_lengths_next_to_a_date_are_refused():
+    """The date pattern would otherwise be replaced by the length pattern: any 10 characters."""
+    with pytest.raises(SchemaNotSupportedError, match="next to format 'date'"):
+        check_supported(root({"type": "string", "format": "date", "maxLength": 10}))
+
+
+def enum_schema(count: int) -> dict:
+    return root({"type": "string", "enum": [f"C{index:05d}" for index in range(count)]})
+
+
+def test_a_large_enum_within_the_bound_compiles(cli_model_and_processor):
+    schema = enum_schema(5_000)  # ten times a list of the world's currencies
+    assert len(json.dumps(schema, separators=(",", ":"))) < MAX_SCHEMA_CHARS
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, schema, VOCAB, STOP)
+    assert "C" in constrained.allowed_next_tokens(tokenizer, grammar, '{"total":"')
+
+
+def test_a_schema_over_the_bound_is_refused_fast_before_compiling(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a grammar compiler was built")
+
+    monkeypatch.setattr(constrained, "grammar_compiler", never)
+    start = time.perf_counter()
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        compile_schema(object(), enum_schema(50_000), VOCAB, STOP)  # xgrammar would need minutes
+    assert time.perf_counter() - start < 2
+    message = str(caught.value)
+    assert f"MAX_SCHEMA_CHARS = {MAX_SCHEMA_CHARS:,}" in message
+    assert "at (root)/properties/total, has 50,000 values" in message
+    assert '"type": "string"' in message and "--no-constrain" in message
+
+
+def test_descriptions_do_not_count_towards_the_bound():
+    schema = root({"type": "number"}, description="x" * (2 * MAX_SCHEMA_CHARS))
+    check_supported(schema)
+
+
+def test_a_schema_file_with_a_byte_order_mark_loads(tmp_path):
+    schema = root({"type": "number"})
+    path = tmp_path / "bom.schema.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(schema).encode())
+    assert load_schema(path) == schema
