@@ -153,3 +153,22 @@ def test_a_schema_file_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.schema.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(schema).encode())
     assert load_schema(path) == schema
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (r"^\bINV\d+$", "a pattern the grammar cannot express ('^\\\\bINV\\\\d+$': Regex parsing error at position 2: Word boundary"),
+    (r"\AINV\d+\Z", "\\A, \\Z or \\z in a pattern"),  # xgrammar would read them as the letters A and Z
+])
+def test_patterns_xgrammar_reads_otherwise_are_refused_at_their_place(pattern, message):
+    with pytest.raises(SchemaNotSupportedError) as error:
+        check_supported(root({"type": "string", "pattern": pattern}))
+    assert f"(root)/properties/total: {message}" in str(error.value)
+
+
+def test_whatever_else_the_grammar_cannot_build_is_found_by_check_supported(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[12:00:00] /project/cpp/json_schema_converter.cc:1: something new")
+
+    monkeypatch.setattr(constrained.xgrammar.Grammar, "from_json_schema", refuse)
+    with pytest.raises(SchemaNotSupportedError, match="cannot be compiled to a grammar: something new. Change"):
+        check_supported(root({"type": "number"}))

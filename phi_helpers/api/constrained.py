@@ -87,7 +87,8 @@ _ORDERED = (("minLength", "maxLength", "string"), ("minItems", "maxItems", "arra
 def check_supported(schema) -> None:
     """Raise ``SchemaNotSupportedError`` (listing every problem) unless constrained decoding enforces all of
     ``schema`` and some answer satisfies it. A schema larger than ``MAX_SCHEMA_CHARS`` is refused first,
-    in milliseconds, before anything is compiled."""
+    in milliseconds, before anything is compiled; the last check builds the grammar (``json_grammar``,
+    no tokenizer needed), so that nothing is left to fail once a model is loaded."""
     try:
         check_schema(schema)
     except ValueError as error:
@@ -113,6 +114,7 @@ def check_supported(schema) -> None:
         )
     if messages:
         raise SchemaNotSupportedError(" ".join(messages))
+    json_grammar(schema)  # anything else xgrammar cannot build, found before a model is loaded
 
 
 def _check_size(schema: dict) -> None:
@@ -172,8 +174,8 @@ def _unsupported(schema, where: str) -> list[str]:
         problems.append(f"{where}: minLength/maxLength next to a pattern (put the length into the pattern)")
     if schema.get("format") == "date" and lengths:
         problems.append(f"{where}: minLength/maxLength next to format 'date' (a date is always 10 characters)")
-    if "pattern" in schema and re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", schema["pattern"]):
-        problems.append(f"{where}: a pattern with a look-around or back-reference ({schema['pattern']!r})")
+    if "pattern" in schema:
+        problems += _pattern_problems(schema["pattern"], where)
     ref = schema.get("$ref")
     if ref is not None and not re.fullmatch(r"#/(\$defs|definitions)/[^/]+", str(ref)):
         problems.append(f"{where}: $ref {ref!r} (only '#/$defs/NAME' or '#/definitions/NAME')")
@@ -183,6 +185,38 @@ def _unsupported(schema, where: str) -> list[str]:
     if schema.get("additionalProperties", False) is not False:
         problems += [f"{where}: required {name!r} that is not in properties (add it to properties)" for name in _unlisted(schema)]
     return problems
+
+
+def _pattern_problems(pattern: str, where: str) -> list[str]:
+    """Why the grammar cannot enforce a ``pattern`` as Python's ``re`` (which validates answers) reads it."""
+    if re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", pattern):
+        return [f"{where}: a pattern with a look-around or back-reference ({pattern!r})"]
+    if re.search(r"(?<!\\)(\\\\)*\\[AZz]", pattern):  # xgrammar would read \A as the letter A
+        return [f"{where}: \\A, \\Z or \\z in a pattern ({pattern!r}; write ^ and $)"]
+    try:
+        xgrammar.Grammar.from_regex(pattern)
+    except RuntimeError as error:
+        return [f"{where}: a pattern the grammar cannot express ({pattern!r}: {_xgrammar_reason(error)})"]
+    return []
+
+
+def _xgrammar_reason(error: Exception) -> str:
+    """xgrammar's message without its time stamp and source line (``[12:00:00] /project/cpp/x.cc:94: ``)."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(error)).strip().rstrip(".")
+
+
+def json_grammar(schema: dict) -> xgrammar.Grammar:
+    """The grammar of the JSON answers that follow ``schema`` (no tokenizer needed: milliseconds for any
+    schema up to ``MAX_SCHEMA_CHARS``). ``SchemaNotSupportedError`` if xgrammar cannot build it."""
+    try:
+        return xgrammar.Grammar.from_json_schema(
+            json.dumps(_grammar_schema(schema)), any_whitespace=False, separators=SEPARATORS, strict_mode=True
+        )
+    except (RuntimeError, ValueError) as error:
+        raise SchemaNotSupportedError(
+            f"The JSON Schema cannot be compiled to a grammar: {_xgrammar_reason(error)}. Change that part of the "
+            "schema, or use the unconstrained path (the command line's --no-constrain)."
+        ) from None
 
 
 def _contradictions(schema: dict, where: str, validator) -> list[str]:
@@ -339,13 +373,7 @@ def grammar_compiler(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> x
 def compile_schema(tokenizer, schema: dict, vocab_size: int, stop_token_ids: list[int]) -> xgrammar.CompiledGrammar:
     """Check ``schema`` (``SchemaNotSupportedError`` if a feature is not enforced) and compile it to a grammar."""
     check_supported(schema)
-    compiler = grammar_compiler(tokenizer, vocab_size, stop_token_ids)
-    try:
-        return compiler.compile_json_schema(
-            json.dumps(_grammar_schema(schema)), any_whitespace=False, separators=SEPARATORS, strict_mode=True
-        )
-    except (RuntimeError, ValueError) as error:  # e.g. a regular expression the grammar cannot express
-        raise SchemaNotSupportedError(f"The JSON Schema cannot be compiled to a grammar: {error}") from None
+    return grammar_compiler(tokenizer, vocab_size, stop_token_ids).compile_grammar(json_grammar(schema))
 
 
 class SchemaConstraint(LogitsProcessor):
