@@ -226,6 +226,7 @@ def _parse_line(line: bytes) -> dict | None:
 
 
 RECORD_START = b'{"source": '  # how every line JsonlWriter writes begins (item_fields come first)
+MAX_RECORD_BYTES = 1 << 20  # a longer first line is not a record: holds_records stops reading there
 
 
 def _looks_like_a_record(line: bytes) -> bool:
@@ -447,14 +448,21 @@ def appends_lines(path: Path) -> bool:
 
 
 def holds_records(path: Path) -> bool:
-    """Whether ``path`` is a regular file that holds at least one line of results (a record)."""
+    """Whether ``path`` is a regular file of results: it holds a record, and nothing before its first
+    record that ``JsonlWriter`` could not have written (reading stops there: an image is not read through)."""
     if not path.is_file():
         return False
     try:
         with open(path, "rb") as file:
-            return any(_parse_line(line.rstrip(b"\n")) is not None for line in file)
+            while line := file.readline(MAX_RECORD_BYTES):
+                line = line.rstrip(b"\r\n")
+                if _parse_line(line) is not None:
+                    return True
+                if line.strip() and not _looks_like_a_record(line):
+                    return False
     except OSError:
         return False
+    return False
 
 
 def write_atomically(path: Path, text: str) -> None:
