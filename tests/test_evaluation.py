@@ -13,7 +13,7 @@ from phi_helpers.cli import tasks
 from phi_helpers.api.images import load_image
 from phi_helpers.api.metrics import character_error_rate, field_matches, levenshtein, normalise_value
 from phi_helpers.api.report import format_table
-from phi_helpers.cli.evaluate import read_manifest, score_entry, summarise
+from phi_helpers.cli.evaluate import evaluate, read_manifest, report_cut_off, score_entry, summarise
 from phi_helpers.errors import ManifestError
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
@@ -156,12 +156,14 @@ def test_shipped_manifest_reads_and_limits():
     ],
 )
 def test_bad_manifests_name_the_line(tmp_path, lines, message):
+    picture(tmp_path / "a.png")
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ManifestError, match=message):
         read_manifest(tmp_path)
 
 
 def test_a_manifest_that_is_not_utf8_names_the_line(tmp_path):
+    picture(tmp_path / "a.png")
     line = '{"image": "a.png", "task": "ocr", "expected": "%s"}\n'
     (tmp_path / "manifest.jsonl").write_bytes((line % "plain" + line % "café").encode("latin-1"))
     with pytest.raises(ManifestError, match="manifest.jsonl, line 2 is not UTF-8 text .*byte 0xe9.*Save manifest.jsonl as UTF-8"):
@@ -170,16 +172,15 @@ def test_a_manifest_that_is_not_utf8_names_the_line(tmp_path):
 
 def test_only_line_breaks_end_a_manifest_line(tmp_path):
     text = "line\u2028separator\x85next\x0cpage\x1cfile"  # str.splitlines() would cut the line at each of these
+    picture(tmp_path / "a.png")
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "task": "ocr", "expected": text}, ensure_ascii=False) + "\r\n")
     assert read_manifest(tmp_path)[0]["expected"] == text
 
 
 def test_a_missing_schema_names_the_manifest_line_and_field(tmp_path):
-    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "ocr", "expected": "x"}\n'
-                                             '{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}\n')
-    with pytest.raises(ManifestError) as caught:
-        read_manifest(tmp_path)
-    message = str(caught.value)
+    picture(tmp_path / "a.png")
+    message = manifest_error(tmp_path, ['{"image": "a.png", "task": "ocr", "expected": "x"}',
+                                        '{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}'])
     assert message.startswith(f"{tmp_path / 'manifest.jsonl'}, line 2: no schema file at '{tmp_path / 's.json'}'")
     assert 'Check the "schema" field' in message and "--schema" not in message
 
@@ -188,6 +189,88 @@ def test_data_naming_the_manifest_file_suggests_its_folder(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "ocr", "expected": "x"}\n')
     with pytest.raises(ManifestError, match=f"--data takes the folder that holds manifest.jsonl, not a file: .* Try --data '{tmp_path}'"):
         read_manifest(tmp_path / "manifest.jsonl")
+
+
+def picture(path: Path, colour: str = "white") -> Path:
+    """A small PNG at ``path``: an image the manifest can name."""
+    Image.new("RGB", (64, 32), colour).save(path)
+    return path
+
+
+def manifest_error(folder: Path, lines: list[str]) -> str:
+    """The message of the ManifestError that read_manifest raises for a manifest of ``lines`` in ``folder``."""
+    (folder / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(folder)
+    return str(caught.value)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """An empty folder for an evaluation set, inside tmp_path (so that a report can be written beside it)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    return folder
+
+
+def test_a_manifest_with_a_byte_order_mark_reads(tmp_path):
+    picture(tmp_path / "a.png")
+    line = '{"image": "a.png", "task": "ocr", "expected": "x"}\r\n'
+    (tmp_path / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf" + (line * 2).encode())  # as Windows editors save UTF-8
+    assert [entry["expected"] for entry in read_manifest(tmp_path)] == ["x", "x"]
+    (tmp_path / "manifest.jsonl").write_bytes((line + "\ufeff" + line).encode())  # only at the start of the file
+    with pytest.raises(ManifestError, match="line 2 is not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_a_missing_image_names_the_manifest_line_and_field(capsys, data, tiny_model):
+    picture(data / "a.png")
+    message = manifest_error(data, ['{"image": "a.png", "task": "ocr", "expected": "x"}',
+                                    '{"image": "scans/gone.png", "task": "ocr", "expected": "x"}'])
+    assert message.startswith(f"{data / 'manifest.jsonl'}, line 2: no image file at '{data / 'scans' / 'gone.png'}'")
+    assert 'Check the "image" field' in message and f"relative to the folder of manifest.jsonl, '{data}'" in message
+    assert "current directory" not in message
+    code, out, err = run(capsys, "eval", "--data", data)
+    assert code == 1 and out == "" and err == f"error: {message}\n" and tiny_model.calls == 0  # before the model loads
+
+
+@pytest.mark.parametrize("name", ["scan.pdf", "SCAN.PDF"])
+def test_a_pdf_image_is_refused_before_the_model_loads(capsys, data, tiny_model, name):
+    (data / name).write_bytes(b"%PDF-1.4\n")
+    message = manifest_error(data, [json.dumps({"image": name, "task": "ocr", "expected": "x"})])
+    assert message.startswith(f"{data / 'manifest.jsonl'}, line 1: the image '{data / name}' is a PDF")
+    assert "Render the page to PNG" in message and "phi-helpers predict" in message and "re-save it" not in message
+    code, out, err = run(capsys, "eval", "--data", data)
+    assert code == 1 and err == f"error: {message}\n" and tiny_model.calls == 0
+
+
+def test_cut_off_extractions_suggest_raising_max_new_tokens(capsys, monkeypatch, tmp_path, cli_model_and_processor):
+    (tmp_path / "total.schema.json").write_text('{"type": "object", "properties": {"total": {"type": "number"}}}')
+    lines = [{"image": "cut.png", "task": "extract", "schema": "total.schema.json", "expected": {"total": 4.5}},
+             {"image": "whole.png", "task": "extract", "schema": "total.schema.json", "expected": {"total": 4.5}},
+             {"image": "text.png", "task": "ocr", "expected": "hello"}]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = {picture(tmp_path / "cut.png", "white").name: '{"total": 4', picture(tmp_path / "whole.png", "black").name:
+               '{"total": 4.5}', picture(tmp_path / "text.png", "red").name: "hello"}
+    by_pixels = {load_image(tmp_path / name).tobytes(): text for name, text in answers.items()}
+
+    def answer(model, processor, prompts, images, max_new_tokens=512, schema=None):
+        return [Generation(by_pixels[group[0].tobytes()], 10, max_new_tokens, 0.1, 0.2, len(prompts)) for group in images]
+
+    monkeypatch.setattr(tasks, "generate_batch", answer)
+    report = evaluate(*cli_model_and_processor, read_manifest(tmp_path), max_new_tokens=4)
+    assert [line.get("valid") for line in report["items"]] == [False, True, None]
+    capsys.readouterr()
+    report_cut_off(report["items"], 4)
+    assert capsys.readouterr().err == ('warning: 1 of 2 extraction answers were cut off by --max-new-tokens (4) and scored '
+                                       'as wrong ("invalid JSON" above); raise --max-new-tokens to score them whole\n')
+    report_cut_off(report["items"][1:], 4)  # nothing cut off: nothing said
+    assert capsys.readouterr().err == ""
+    by_pixels[load_image(tmp_path / "whole.png").tobytes()] = '{"total": "4.5"}'  # complete, but not the schema's
+    unconstrained = evaluate(*cli_model_and_processor, read_manifest(tmp_path), max_new_tokens=4, constrain=False)
+    assert [line.get("valid") for line in unconstrained["items"]] == [False, False, None]
+    report_cut_off(unconstrained["items"], 4)  # the parser's errors say where the text ran out; a wrong type is no cut-off
+    assert capsys.readouterr().err.startswith("warning: 1 of 2 extraction answers were cut off")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +339,8 @@ def test_eval_runs_end_to_end_on_the_tiny_model(capsys, tmp_path):
     receipt = report["items"][3]  # constrained, but 4 tokens cannot close the receipt's object
     assert report["constrained"] is True and "extraction: constrained decoding" in out
     assert receipt["valid"] is False and len(receipt["raw"]) == 1 and not any(receipt["fields"].values())
+    report_cut_off(report["items"], 4)  # what the report holds for an answer the real model ran out of tokens on
+    assert capsys.readouterr().err.startswith("warning: 1 of 1 extraction answers were cut off by --max-new-tokens (4)")
     assert report["model"] and report["device"] == "cpu"
     assert "receipt.total" in out and "Traceback" not in err
 
@@ -275,6 +360,7 @@ def test_eval_scores_the_unconstrained_path_too(capsys, tmp_path):
 def test_eval_bad_data_is_a_one_line_error(capsys, tmp_path):
     code, out, err = run(capsys, "eval", "--data", tmp_path / "nowhere")
     assert code == 1 and out == "" and err.strip().splitlines()[-1].startswith("error: No folder at")
+    picture(tmp_path / "a.png")
     (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}\n')
     code, _, err = run(capsys, "eval", "--data", tmp_path)
     assert code == 1 and "line 1: no schema file" in err.strip().splitlines()[-1] and "--schema" not in err
@@ -284,19 +370,20 @@ def test_eval_bad_data_is_a_one_line_error(capsys, tmp_path):
     assert code == 2 and "expected a number >= 1" in err
 
 
-def test_eval_scores_an_unreadable_image_as_wrong_and_exits_1(capsys, monkeypatch, tmp_path):
-    Image.new("RGB", (64, 32), "white").save(tmp_path / "blank.png")
-    (tmp_path / "manifest.jsonl").write_text('{"id": "gone", "image": "gone.png", "task": "ocr", "expected": "hello"}\n'
-                                             '{"id": "blank", "image": "blank.png", "task": "ocr", "expected": "hello"}\n')
+def test_eval_scores_an_unreadable_image_as_wrong_and_exits_1(capsys, monkeypatch, tmp_path, data):
+    picture(data / "blank.png")
+    (data / "broken.png").write_bytes(b"not an image")
+    (data / "manifest.jsonl").write_text('{"id": "broken", "image": "broken.png", "task": "ocr", "expected": "hello"}\n'
+                                         '{"id": "blank", "image": "blank.png", "task": "ocr", "expected": "hello"}\n')
     report_path = tmp_path / "report.json"
-    code, out, err = run(capsys, "eval", "--data", tmp_path, "--output", report_path, "--max-new-tokens", "2")
+    code, out, err = run(capsys, "eval", "--data", data, "--output", report_path, "--max-new-tokens", "2")
     assert code == 1
     item = json.loads(report_path.read_text())["items"][0]
-    assert item["cer"] == 1.0 and "No file" in item["error"] and "(error)" in out
-    assert f"failed: gone ({tmp_path / 'gone.png'}): No file" in err
+    assert item["cer"] == 1.0 and "Could not read" in item["error"] and "(error)" in out
+    assert f"failed: broken ({data / 'broken.png'}): Could not read" in err
     assert err.strip().splitlines()[-1] == (f'error: 1 of 2 items failed and were scored as wrong (their items in {report_path} '
                                             'have an "error"); fix them and run the same command again')
-    code, _, err = run(capsys, "eval", "--data", tmp_path, "--max-new-tokens", "2")
+    code, _, err = run(capsys, "eval", "--data", data, "--max-new-tokens", "2")
     assert code == 1 and "error: 1 of 2 items failed and were scored as wrong (the reasons are above)" in err
 
 
@@ -328,8 +415,13 @@ def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_p
     manifest.write_text('{"id": "blank", "image": "blank.png", "task": "ocr", "expected": "hello"}\n')
     results = tmp_path / "results.json"  # predict's JSON lines under a .json name
     results.write_text('{"source": "blank.png", "task": "ocr", "answer": "hello"}\n')
-    for output, message in ((manifest, "is the input"), (tmp_path / "blank.png", "is the input"),
-                            (results, "holds results of phi-helpers predict")):
+    notes = tmp_path / "README.md"
+    notes.write_text("How this set was made.\n")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-results.json"
+    elsewhere.write_text(results.read_text())
+    for output, message in ((manifest, "is a file of the evaluation set"), (tmp_path / "blank.png", "is a file of the"),
+                            (notes, "is a file of the evaluation set"), (results, "is a file of the evaluation set"),
+                            (elsewhere, "holds results of phi-helpers predict")):
         before = output.read_bytes()
         code, _, err = run(capsys, "eval", "--data", tmp_path, "--output", output)
         assert code == 1 and message in err and output.read_bytes() == before

@@ -153,7 +153,7 @@ def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_pa
     args = ["predict", "--image", folder, "--task", "extract", "--output", output, *FAST]
     # 4 new tokens cut every answer off: exit code 1, each time, since the file holds them (check_answers)
     code, _, err = run(capsys, *args, "--schema", schema)
-    assert code == 1 and "2 of 2 answers in" in err and "cut off at --max-new-tokens 2?" in err
+    assert code == 1 and "2 of 2 answers in" in err and "when --max-new-tokens (2) cuts it off" in err
     done = len(generations)
     renamed.write_text(json.dumps(SCHEMA, indent=4))  # same content, other file and spelling
     code, _, err = run(capsys, *args, "--schema", renamed)
@@ -451,6 +451,55 @@ def test_pdf_pages_obey_the_image_pixel_limit(tmp_path, monkeypatch):
         inputs.render_pdf_page(path, 1)
 
 
+@pytest.mark.parametrize("name", ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1", "-"])
+def test_standard_output_is_never_an_output_file(capsys, tmp_path, folder, no_model, name):
+    """Even with stdout redirected to a user's file (where /dev/stdout leads), it is not replaced."""
+    err = _refused(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--output", name, *FAST)
+    assert "without --output the answer is printed" in err or "leave --output out" in err
+
+
+def test_the_schema_and_link_loops_are_refused_too(capsys, tmp_path, folder, no_model):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMA))
+    argv = ["predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, *FAST]
+    assert "is the input" in _refused(capsys, *argv, "--output", schema)
+    assert json.loads(schema.read_text()) == SCHEMA
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    assert "loop of symbolic links" in _refused(capsys, *argv, "--output", tmp_path / "loop_a")
+
+
+def test_two_runs_never_write_one_file(capsys, tmp_path, folder, no_model):
+    output = tmp_path / "out.jsonl"
+    with outputs.OutputLock(output):  # another run holds it
+        code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
+        assert code == 1 and "Another phi-helpers run is writing" in err
+    assert not output.exists()  # the lock's empty file is gone again
+
+
+def test_the_lock_follows_a_repaired_file(tmp_path):
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"source": "a.png", "answer": "x"}\n{"source": "b.p')
+    with outputs.OutputLock(output) as lock:
+        assert outputs.repair_jsonl(output) == 1  # replaced the file: a new inode
+        lock.follow()
+        with pytest.raises(outputs.CommandLineError, match="Another phi-helpers run"):
+            outputs.OutputLock(output).__enter__()
+    with outputs.OutputLock(output):  # released at the end
+        pass
+
+
+def test_resume_knows_a_file_by_any_spelling(capsys, tmp_path, folder, generations, monkeypatch):
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(b"\xef\xbb\xbf")  # a byte order mark from an editor is no obstacle either
+    monkeypatch.chdir(folder)
+    assert run(capsys, "predict", "--image", "a.png", "--image", "b.png", "--task", "ocr", "--output", output, *FAST)[0] == 0
+    (tmp_path / "hard.png").hardlink_to(folder / "b.png")
+    code, _, err = run(capsys, "predict", "--image", folder / "a.png", tmp_path / "hard.png", "--task", "ocr",
+                       "--output", output, *FAST)
+    assert code == 0 and "2 of 2 items are already done" in err and generations == [2]
+
+
 def test_a_file_named_twice_runs_once(capsys, tmp_path, folder, generations):
     output = tmp_path / "out.jsonl"
     (tmp_path / "link.png").symlink_to(folder / "a.png")
@@ -601,8 +650,9 @@ def test_refs_inside_the_schema_work(capsys, tmp_path, folder):
         "type": "object", "properties": {"total": {"$ref": "#/$defs/money"}, "tax": {"$ref": "#/$defs/money"}},
         "$defs": {"money": {"type": "number"}},
     }))
-    code, _, err = run(capsys, "predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, "--format", "json", *FAST)
-    assert code == 0, err
+    code, out, err = run(capsys, "predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, "--format", "json", *FAST)
+    assert code == 1 and "cut off by max_new_tokens" in err  # the refs resolved; 2 new tokens cannot close the object
+    assert '{"total":'.startswith(json.loads(out)["raw"][0])  # the grammar's first tokens
 
 
 # ----------------------------------------------------------------------------------------------

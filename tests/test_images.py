@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from phi_helpers import ImageDownloadTimeout, ImageLoadError, load_image
+from phi_helpers.api.images import check_pixel_count
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -181,6 +182,21 @@ def test_decompression_bombs_are_refused(monkeypatch, tmp_path, size):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageLoadError, match="MAX_IMAGE_PIXELS"):
         load_image(path)
+
+
+def test_the_pixel_limit_error_says_what_to_do_with_and_without_python(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    check_pixel_count(40, 25, "the page")  # 1000 pixels: allowed
+    with pytest.raises(ImageLoadError) as caught:
+        check_pixel_count(40, 26, "the image")
+    message = str(caught.value)
+    assert message.startswith("Refusing to decode the image: ") and "(40 x 26 = 1,040 pixels)" in message
+    assert "Use a smaller image (scale it down, or cut it into parts)." in message
+    assert message.endswith("In your own Python code, if you trust this file, you can raise PIL.Image.MAX_IMAGE_PIXELS first.")
+    with pytest.raises(ImageLoadError) as caught:
+        check_pixel_count(40, 26, "page 3", remedy="Split the PDF")
+    assert "pixels). Split the PDF. In your own Python code" in str(caught.value)
+    assert "Use a smaller image" not in str(caught.value)
 
 
 # --- URLs (a tiny HTTP server on 127.0.0.1) ---------------------------------------------------------

@@ -57,3 +57,15 @@ def test_a_folder_of_pdfs_fails_only_the_unusable_ones(pdfs, tmp_path):
     assert items["good"].load().size == (200, 100)
     for name, message in MESSAGES.items():
         assert message_of(items[name].load) == message.format(pdfs[name])
+
+
+def test_a_huge_page_says_what_a_command_line_user_can_do(tmp_path):
+    path = tmp_path / "poster.pdf"
+    path.write_bytes(minimal_pdf("0 0 20000 10000"))  # 277.8 x 138.9 inches: 40,000 x 20,000 pixels at 144 dpi
+    (item,) = inputs.collect_items(str(path))
+    message = message_of(item.load)
+    assert message.startswith(f"Refusing to decode page 1 of '{path}' (20000 x 10000 points = 277.8 x 138.9 inches, "
+                              "rendered at 144 dpi)")
+    assert "40,000 x 20,000 = 800,000,000 pixels" in message
+    assert "Split the PDF" in message and "scale its pages down" in message  # what works from the command line
+    assert message.endswith("In your own Python code, if you trust this file, you can raise PIL.Image.MAX_IMAGE_PIXELS first.")

@@ -2,6 +2,7 @@
 they pass compiles, and every one that would only fail after the model loaded is refused by them."""
 
 import json
+import re
 import time
 
 import pytest
@@ -172,3 +173,151 @@ def test_whatever_else_the_grammar_cannot_build_is_found_by_check_supported(monk
     monkeypatch.setattr(constrained.xgrammar.Grammar, "from_json_schema", refuse)
     with pytest.raises(SchemaNotSupportedError, match="cannot be compiled to a grammar: something new. Change"):
         check_supported(root({"type": "number"}))
+
+
+ANNOTATED = [
+    {"readOnly": True}, {"writeOnly": True}, {"deprecated": True}, {"$anchor": "total"},
+    {"contentMediaType": "text/plain", "contentEncoding": "base64", "contentSchema": {"type": "string"}},
+    {"x-order": 1}, {"x-ui": {"widget": "money", "$ref": "other.json"}},  # a vendor extension's value is not a schema
+]
+
+
+@pytest.mark.parametrize("annotation", ANNOTATED, ids=[next(iter(annotation)) for annotation in ANNOTATED])
+def test_annotations_are_ignored_and_left_out_of_the_grammar(cli_model_and_processor, monkeypatch, annotation):
+    """They change no valid answer (JSON Schema 2020-12: the content keywords are annotations, never decoded
+    or checked), so they are neither refused nor given to xgrammar."""
+    given, from_json_schema = [], constrained.xgrammar.Grammar.from_json_schema
+
+    def spy(text, **options):
+        given.append(text)
+        return from_json_schema(text, **options)
+
+    monkeypatch.setattr(constrained.xgrammar.Grammar, "from_json_schema", spy)
+    schema = root({"type": "number", **annotation})
+    compile_schema(cli_model_and_processor[1].tokenizer, schema, VOCAB, STOP)
+    assert given and all(json.loads(text) == root({"type": "number"}) for text in given)
+
+
+def test_a_property_named_like_an_annotation_is_kept(cli_model_and_processor):
+    schema = {"type": "object", "properties": {"x-id": {"enum": [1]}, "readOnly": {"enum": [2]}}, "required": ["x-id", "readOnly"]}
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, schema, VOCAB, STOP)
+    assert constrained.allowed_next_tokens(tokenizer, grammar, '{"x-id":1,"readOnly":2}') == ["<|end|>"]
+
+
+USE_A_PATTERN = 'use "type": "string" with a "pattern"'
+ADVICE = [
+    ({"oneOf": [{"type": "string"}, {"type": "null"}]},
+     "'oneOf': use \"anyOf\" instead: the model writes one branch either way (a \"oneOf\" of a schema and "
+     "{\"type\": \"null\"} is exactly \"anyOf\" here)"),
+    ({"type": "string", "format": "date-time"}, f"format 'date-time' (only date): {USE_A_PATTERN}, or format \"date\""),
+    ({"type": "string", "format": "time"}, f"format 'time' (only date): {USE_A_PATTERN}"),
+    ({"type": "string", "format": "email"}, f"format 'email' (only date): {USE_A_PATTERN}"),
+    ({"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+     "'uniqueItems': remove it and check for repeated items after extraction"),
+]
+
+
+@pytest.mark.parametrize("total,message", ADVICE, ids=[message.split(":")[0] for _total, message in ADVICE])
+def test_common_refusals_say_what_to_write_instead(total, message):
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(root(total))
+    assert f"(root)/properties/total: {message}" in str(caught.value)
+
+
+def test_every_problem_is_listed_in_one_message_with_its_advice():
+    schema = {"type": "object", "properties": {
+        "a": {"oneOf": [{"type": "string"}, {"type": "null"}]}, "b": {"type": "string", "format": "email"},
+        "c": {"type": "integer", "maximum": 2**64},
+    }}
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(schema)
+    problems = str(caught.value).split("; ")
+    assert [re.search(r"\(root\)(\S*): ", problem)[1] for problem in problems] == ["/properties/a", "/properties/b", "/properties/c"]
+    assert "anyOf" in problems[0] and "pattern" in problems[1] and "drop the bound" in problems[2]
+
+
+def test_a_pattern_python_cannot_read_is_refused_at_its_place_with_what_to_write():
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(root({"type": "string", "pattern": r"^[\p{L} .'-]+$"}))
+    message = str(caught.value)
+    assert "(root)/properties/total/pattern: " in message and "that Python's re can read (bad escape \\p at position 2" in message
+    assert "list the letters instead, e.g. [A-Za-zÀ-ÖØ-öø-ÿ]" in message and "[^\\W\\d_]" in message
+
+
+def test_the_suggested_letters_compile_and_allow_accents(cli_model_and_processor):
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, root({"type": "string", "pattern": "^[A-Za-zÀ-ÖØ-öø-ÿ .'-]+$"}), VOCAB, STOP)
+    assert constrained.allowed_next_tokens(tokenizer, grammar, '{"total":"Zoë O\'Neil"}') == ["<|end|>"]
+
+
+def test_an_invalid_schema_value_is_named_at_its_place(tmp_path):
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(root({"type": []}))
+    assert "Not a valid JSON Schema: (root)/properties/total/type: [] is not valid" in str(caught.value)
+    assert "[] should be non-empty" in str(caught.value)
+    path = tmp_path / "bad.schema.json"
+    path.write_text(json.dumps({"$defs": {"a": {"pattern": "("}}}))
+    with pytest.raises(ValueError, match=r"bad.schema.json': Not a valid JSON Schema: \(root\)/\$defs/a/pattern: '\(' is not"):
+        load_schema(path)
+
+
+INT64 = 2**63
+OUT_OF_RANGE = [
+    ({"type": "integer", "maximum": 99999999999999999999}, "maximum 99999999999999999999"),
+    ({"type": "integer", "minimum": -INT64 - 1}, f"minimum {-INT64 - 1}"),
+    ({"type": "integer", "maximum": 1e19}, "maximum 1e+19"),  # as a whole number, 10**19
+    ({"type": ["integer", "null"], "exclusiveMinimum": -INT64 - 2, "maximum": 5}, f"exclusiveMinimum {-INT64 - 2}"),
+]
+
+
+@pytest.mark.parametrize("total,bound", OUT_OF_RANGE, ids=[bound for _total, bound in OUT_OF_RANGE])
+def test_integer_bounds_beyond_64_bits_are_refused_at_their_place(total, bound):
+    """xgrammar would fail with its own "Check failed: (val <= MAX_INT64_AS_DOUBLE)"."""
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(root(total))
+    assert (f"(root)/properties/total: {bound} is outside the integers the grammar can bound "
+            f"({-INT64} to {INT64 - 1}): drop the bound (and check the value after extraction") in str(caught.value)
+    assert "Check failed" not in str(caught.value)
+
+
+@pytest.mark.parametrize("total", [
+    {"type": "number", "minimum": 12345678901234567890},  # xgrammar would read 12345678901234567168
+    {"type": "number", "maximum": 10**400},  # beyond the largest float
+    {"type": ["integer", "number"], "exclusiveMaximum": 2**53 + 1},
+], ids=["inexact", "beyond-float", "integer-or-number"])
+def test_number_bounds_a_float_does_not_hold_are_refused_at_their_place(total):
+    keyword, value = [(key, value) for key, value in total.items() if key != "type"][0]
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(root(total))
+    assert f"(root)/properties/total: {keyword} {value} has more digits than a 64-bit float holds" in str(caught.value)
+
+
+def test_bounds_at_the_ends_of_what_xgrammar_takes_compile_and_hold(cli_model_and_processor):
+    tokenizer = cli_model_and_processor[1].tokenizer
+    schema = root({"type": "integer", "minimum": -INT64, "exclusiveMaximum": INT64})
+    grammar = compile_schema(tokenizer, schema, VOCAB, STOP)
+    assert "7" in constrained.allowed_next_tokens(tokenizer, grammar, '{"total":922337203685477580')
+    assert "8" not in constrained.allowed_next_tokens(tokenizer, grammar, '{"total":922337203685477580')
+    assert "8" in constrained.allowed_next_tokens(tokenizer, grammar, '{"total":-922337203685477580')
+    for total in ({"type": "number", "minimum": -1.7976931348623157e308, "maximum": 1e300},
+                  {"type": "number", "exclusiveMinimum": 5e-324}, {"type": "number", "maximum": 2**53}):
+        compile_schema(tokenizer, root(total), VOCAB, STOP)
+
+
+def test_an_integer_or_number_keeps_fractional_bounds(cli_model_and_processor):
+    """xgrammar bounds the integer branch of ["integer", "number"] as an integer, refusing 5.5; every integer is
+    a number, so the grammar gets "number" alone."""
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, root({"type": ["integer", "number"], "maximum": 5.5}), VOCAB, STOP)
+    assert constrained.allowed_next_tokens(tokenizer, grammar, '{"total":5.5}') == ["<|end|>"]
+    with pytest.raises(ValueError, match="not the beginning"):
+        constrained.allowed_next_tokens(tokenizer, grammar, '{"total":6')
+
+
+@pytest.mark.parametrize("bound", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_infinite_or_nan_bounds_bound_nothing_and_compile(cli_model_and_processor, bound):
+    """``json.loads("1e400")`` is ``inf``; JSON has no such number for xgrammar to read."""
+    tokenizer = cli_model_and_processor[1].tokenizer
+    grammar = compile_schema(tokenizer, root({"type": "number", "minimum": 2, "maximum": bound}), VOCAB, STOP)
+    assert constrained.allowed_next_tokens(tokenizer, grammar, '{"total":123}') is not None

@@ -24,10 +24,15 @@ The JSON Schema subset that is enforced (anything else is refused before generat
   ``items`` (one schema for every item), ``minItems``, ``maxItems``,
   ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
   back-references), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
-  ``exclusiveMaximum``, ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
+  ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
+  ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...``;
-* annotations are allowed and ignored: ``$schema``, ``$id``, ``$comment``, ``title``,
-  ``description``, ``default``, ``examples``.
+* annotations are allowed and ignored: ``$schema``, ``$id``, ``$anchor``, ``$comment``, ``title``,
+  ``description``, ``default``, ``examples``, ``readOnly``, ``writeOnly``, ``deprecated``,
+  ``contentMediaType``, ``contentEncoding``, ``contentSchema``, and vendor extensions (``x-order``...).
+
+The refusal says what to write instead where there is a common fix: ``anyOf`` for ``oneOf``, a
+``pattern`` (or ``format: "date"``) for other formats, a check after extraction for ``uniqueItems``.
 
 Also refused: a schema that contradicts itself (``minimum`` above ``maximum``, an empty ``enum``, an
 ``enum`` value of another ``type``, a ``required`` property that may not be written...: every answer
@@ -50,9 +55,15 @@ from jsonschema.exceptions import best_match
 from transformers import LogitsProcessor
 
 from ..errors import JSONExtractionError, JSONTruncatedError, SchemaNotSupportedError
-from .structured import check_schema, schema_validator, validation_errors
+from .structured import VENDOR_PREFIX, check_schema, schema_validator, validation_errors
 
-DESCRIPTIVE = frozenset({"title", "description", "$comment", "default", "examples"})  # no effect on the grammar
+# Annotations: they change no valid answer, so they are ignored and left out of the grammar, as are vendor
+# extensions (VENDOR_PREFIX). The content keywords are annotations too: JSON Schema 2020-12 says a validator
+# MUST NOT decode or check the string's content.
+DESCRIPTIVE = frozenset({
+    "title", "description", "$comment", "default", "examples", "readOnly", "writeOnly", "deprecated", "$anchor",
+    "contentMediaType", "contentEncoding", "contentSchema",
+})
 ANNOTATIONS = DESCRIPTIVE | {"$schema", "$id", "$defs", "definitions"}
 SUPPORTED_KEYWORDS = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
@@ -60,6 +71,17 @@ SUPPORTED_KEYWORDS = frozenset({
     "format", "$ref",
 })
 SUPPORTED_FORMATS = ("date",)
+# What to write instead of an unsupported keyword or format (no semicolons: the problems are listed with them).
+KEYWORD_ADVICE = {
+    "oneOf": 'use "anyOf" instead: the model writes one branch either way (a "oneOf" of a schema and '
+             '{"type": "null"} is exactly "anyOf" here)',
+    "uniqueItems": "remove it and check for repeated items after extraction (the grammar does not remember items)",
+}
+FORMAT_ADVICE = 'use "type": "string" with a "pattern", or format "date"'
+# The integer bounds xgrammar enforces: it stores them as signed 64-bit integers (and refuses any other).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+BOUND_ADVICE = "drop the bound (and check the value after extraction if it matters)"
 
 # The largest schema that is compiled into a grammar, in characters of compact JSON (descriptions and other
 # annotations not counted). xgrammar's compile time grows faster than the schema and ignores Ctrl-C; measured
@@ -162,9 +184,11 @@ def _unsupported(schema, where: str) -> list[str]:
         return [f"{where}: tuple items, a list of schemas, are not supported (give one schema that every item follows)"]
     if not isinstance(schema, dict):
         return [f"{where}: a boolean schema ({json.dumps(schema)}) is only supported as additionalProperties"]
-    problems = [f"{where}: {keyword!r}" for keyword in sorted(set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS)]
+    unknown = sorted(key for key in set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS if not _descriptive(key))
+    problems = [f"{where}: {keyword!r}" + (f": {KEYWORD_ADVICE[keyword]}" if keyword in KEYWORD_ADVICE else "")
+                for keyword in unknown]
     if "format" in schema and schema["format"] not in SUPPORTED_FORMATS:
-        problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)})")
+        problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)}): {FORMAT_ADVICE}")
     if schema.get("format") == "date" and "pattern" in schema:
         pattern = re.compile(schema["pattern"])
         if not all(pattern.search(date) for date in _SAMPLE_DATES):
@@ -184,7 +208,38 @@ def _unsupported(schema, where: str) -> list[str]:
             problems.append(f"{where}: {keyword} true/false (draft-04; give the bound itself: \"{keyword}\": 0)")
     if schema.get("additionalProperties", False) is not False:
         problems += [f"{where}: required {name!r} that is not in properties (add it to properties)" for name in _unlisted(schema)]
-    return problems
+    return problems + [f"{where}: {problem}: {BOUND_ADVICE}" for problem in _bound_problems(schema)]
+
+
+def _descriptive(key: str) -> bool:
+    """Whether the keyword ``key`` only describes (``DESCRIPTIVE``, or a vendor extension ``x-...``): it is ignored
+    and left out of the grammar."""
+    return key in DESCRIPTIVE or key.startswith(VENDOR_PREFIX)
+
+
+def _bound_problems(schema: dict) -> list[str]:
+    """Why xgrammar cannot enforce a number bound of ``schema`` exactly: an integer's bound (as a whole number)
+    outside the signed 64-bit range, or a number's bound that a 64-bit float does not hold (xgrammar reads it
+    as one, rounded, so it would allow numbers beyond the bound)."""
+    if _integers_only(schema):
+        ends = zip((_lower_bound(schema), _upper_bound(schema)), _integer_range(schema))  # whole is None: no bound
+        return [
+            f"{bound[2]} {bound[0]} is outside the integers the grammar can bound ({INT64_MIN} to {INT64_MAX})"
+            for bound, whole in ends if whole is not None and not INT64_MIN <= whole <= INT64_MAX
+        ]
+    bounds = _bounds(schema, "minimum", "exclusiveMinimum") + _bounds(schema, "maximum", "exclusiveMaximum")
+    return [
+        f"{keyword} {value} has more digits than a 64-bit float holds (the grammar would round it)"
+        for value, _exclusive, keyword in bounds if not _is_double(value)
+    ]
+
+
+def _is_double(value) -> bool:
+    """Whether a 64-bit float holds the number ``value`` exactly."""
+    try:
+        return float(value) == value
+    except OverflowError:  # an integer beyond the largest float
+        return False
 
 
 def _pattern_problems(pattern: str, where: str) -> list[str]:
@@ -302,7 +357,7 @@ def _bounds(schema: dict, inclusive: str, exclusive: str) -> list[tuple]:
     return [
         (schema[keyword], keyword == exclusive, keyword) for keyword in (inclusive, exclusive)
         if isinstance(schema.get(keyword), (int, float)) and not isinstance(schema[keyword], bool)
-        and math.isfinite(schema[keyword])
+        and (isinstance(schema[keyword], int) or math.isfinite(schema[keyword]))  # infinite or NaN: no bound
     ]
 
 
@@ -318,10 +373,11 @@ def _integer_range(schema: dict) -> tuple:
 def _grammar_schema(schema):
     """A copy of ``schema`` for the grammar compiler, subschema by subschema (``enum`` and ``const`` values are
     data and stay as they are): descriptions and other annotations are dropped (they change nothing),
-    ``format: "date"`` becomes ``DATE_PATTERN``, lengths a pattern, and an integer's bounds whole numbers."""
+    ``format: "date"`` becomes ``DATE_PATTERN``, lengths a pattern, an integer's bounds whole numbers,
+    ``["integer", "number"]`` ``"number"``, and infinite or NaN bounds are dropped."""
     if not isinstance(schema, dict):
         return schema
-    copy = {key: value for key, value in schema.items() if key not in DESCRIPTIVE}
+    copy = {key: value for key, value in schema.items() if not _descriptive(key)}
     for key in _NAMED_SUBSCHEMAS:
         if key in copy:
             copy[key] = {name: _grammar_schema(sub) for name, sub in copy[key].items()}
@@ -343,11 +399,16 @@ def _rewrite_for_grammar(copy: dict) -> dict:
         # the same bounds as a pattern do not. (Refused together with a pattern, see _unsupported.)
         low, high = copy.pop("minLength", 0), copy.pop("maxLength", "")
         copy["pattern"] = f"^.{{{low},{high}}}$"
+    if {"integer", "number"} <= set(_types(copy)):  # xgrammar would bound its integers as such (refusing 1.5)
+        copy["type"] = [kind for kind in _types(copy) if kind != "integer"]  # every integer is a number
     if _integers_only(copy):  # xgrammar refuses an integer's bound such as 1.5
         bounds = dict(zip(("minimum", "maximum"), _integer_range(copy)))
-        for keyword in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-            copy.pop(keyword, None)
-        copy.update({keyword: value for keyword, value in bounds.items() if value is not None})
+    else:  # JSON has no Infinity or NaN for xgrammar to read; such a bound allows every number
+        bounds = {keyword: value for value, _exclusive, keyword in _bounds(copy, "minimum", "exclusiveMinimum")
+                  + _bounds(copy, "maximum", "exclusiveMaximum")}
+    for keyword in BOUND_KEYWORDS:
+        copy.pop(keyword, None)
+    copy.update({keyword: value for keyword, value in bounds.items() if value is not None})
     return copy
 
 

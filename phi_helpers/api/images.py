@@ -30,6 +30,7 @@ from ..errors import ImageDownloadTimeout, ImageLoadError
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
 _CHUNK_SIZE = 64 * 1024
+_SMALLER_IMAGE = "Use a smaller image (scale it down, or cut it into parts)"  # what to do about too many pixels
 # Errors Pillow raises for data it cannot decode (it is not consistent about which one).
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError)
 
@@ -126,21 +127,24 @@ def _decode(open_image, source: str) -> Image.Image:
         ) from None
 
 
-def check_pixel_count(width: int, height: int, source: str) -> None:
+def check_pixel_count(width: int, height: int, source: str, remedy: str = _SMALLER_IMAGE) -> None:
     """Raise ImageLoadError if a ``width`` x ``height`` image has more pixels than ``load_image``
     accepts (``PIL.Image.MAX_IMAGE_PIXELS``; ``None`` there means no limit). Used before producing
-    pixels another way, e.g. before rendering a PDF page."""
+    pixels another way, e.g. before rendering a PDF page. ``remedy`` says what the user can do about
+    it (a sentence without its full stop), before the advice for Python code."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
-        raise _too_many_pixels_error(source, f"{width:,} x {height:,} = {width * height:,} pixels")
+        raise _too_many_pixels_error(source, f"{width:,} x {height:,} = {width * height:,} pixels", remedy)
 
 
-def _too_many_pixels_error(source: str, detail: str) -> ImageLoadError:
+def _too_many_pixels_error(source: str, detail: str, remedy: str = _SMALLER_IMAGE) -> ImageLoadError:
+    """The error for an image over the pixel limit: ``remedy`` works from the command line too; raising
+    the limit is only possible in Python code."""
     return ImageLoadError(
         f"Refusing to decode {source}: it has more pixels than Pillow allows "
         f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}), which is how decompression-bomb "
-        f"attacks look ({detail}). Use a smaller image; if you trust this file, raise "
-        "PIL.Image.MAX_IMAGE_PIXELS first."
+        f"attacks look ({detail}). {remedy}. In your own Python code, if you trust this file, you can "
+        "raise PIL.Image.MAX_IMAGE_PIXELS first."
     )
 
 

@@ -11,6 +11,7 @@ prompt, so ``check_schema`` refuses it.
 """
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -29,6 +30,14 @@ _UNRESOLVABLE = (
 _DATA_KEYWORDS = {"enum", "const", "default", "examples"}  # their values are data, not subschemas
 _SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # name -> subschema
 _UNSUPPORTED_REFS = ("$dynamicRef", "$recursiveRef")
+VENDOR_PREFIX = "x-"  # vendor extensions (x-order, x-nullable...): annotations, their values are not subschemas
+# Python's re (which checks answers) has no \p{...} classes. [^\W\d_] is every letter to it, but only A-Z
+# and a-z to the constrained-decoding grammar, which reads \w as ASCII.
+_UNICODE_CLASS_HINT = (
+    "\\p{L} and other \\p{...} classes are not supported: list the letters instead, e.g. [A-Za-zÀ-ÖØ-öø-ÿ] "
+    "for Latin letters with accents ([^\\W\\d_] means any letter to Python's re, but allows only A-Z and a-z "
+    "under constrained decoding)."
+)
 
 
 def check_extraction(text: str, schema: dict) -> tuple[object, list[str]]:
@@ -63,10 +72,24 @@ def check_schema(schema) -> None:
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
-        raise SchemaError(f"Not a valid JSON Schema: {error.message}") from None
+        raise SchemaError(f"Not a valid JSON Schema: {_meta_schema_problem(error)}") from None
     except RecursionError:
         raise SchemaError(f"The schema is nested too deeply (more than {MAX_SCHEMA_DEPTH} levels).") from None
     _check_refs(schema, _registry(schema).resolver(base_uri=_base_uri(schema)), [], set(), "#", 0)
+
+
+def _meta_schema_problem(error: jsonschema.SchemaError) -> str:
+    """What is wrong in a schema and where (``(root)/properties/total/type: ...``), from the meta-schema's
+    ``error``; a pattern Python's ``re`` cannot read says so, with what to write instead of ``\\p{...}``."""
+    where = "".join(f"/{part}" for part in error.absolute_path)
+    if isinstance(error.cause, re.error):
+        hint = f" {_UNICODE_CLASS_HINT}" if re.search(r"\\[pP]", error.instance) else ""
+        return (
+            f"(root){where}: {error.instance!r} is not a regular expression that Python's re can read ({error.cause}; "
+            f"answers are checked with re).{hint}"
+        )
+    options = "; or ".join(dict.fromkeys(option.message for option in error.context))  # anyOf: why each failed
+    return f"(root){where}: {error.message}" + (f" ({options})" if options else "")
 
 
 def _check_refs(node, resolver, path: list[int], finished: set[int], where: str, depth: int, names=False) -> None:
@@ -108,7 +131,7 @@ def _check_refs(node, resolver, path: list[int], finished: set[int], where: str,
             _check_refs(resolved.contents, resolved.resolver, [*path, target], finished, reference, depth + 1)
             finished.add(target)
     for key, value in node.items():
-        if key not in _DATA_KEYWORDS and key != "$ref":
+        if key not in _DATA_KEYWORDS and key != "$ref" and not key.startswith(VENDOR_PREFIX):
             _check_refs(value, resolver, path, finished, f"{where}/{key}", depth + 1, names=key in _SCHEMA_MAPS)
 
 

@@ -6,9 +6,10 @@ options and examples. What the commands do is in ``phi_helpers.cli.tasks`` (pred
 and writes the results.
 
 Exit codes: 0 success; 1 a runtime error (missing file, unreadable image, bad URL, unwritable
-output, some items of a batch failed...); 2 a usage error (argparse: unknown task, vqa without
---prompt...); 130 interrupted with Ctrl-C. Errors are one line on stderr starting with ``error:``;
-set ``PHI_HELPERS_DEBUG=1`` to get the full traceback instead.
+output, some items of a batch failed, an extraction that does not follow its schema...); 2 a usage
+error (argparse: unknown task, vqa without --prompt...); 130 interrupted with Ctrl-C; 141 the reader
+of stdout went away (``| head``). Errors are one line on stderr starting with ``error:``; set
+``PHI_HELPERS_DEBUG=1`` to get the full traceback instead.
 """
 
 import argparse
@@ -26,10 +27,10 @@ from ..api.structured import load_schema
 from ..errors import InvalidArgumentError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from .evaluate import run_eval_command
-from .inputs import collect_all, collect_items, is_multi_input, is_url
+from .inputs import collect_all, collect_items, is_multi_input
 from .outputs import (
-    JsonlWriter, appends_lines, check_answers, check_output_path, error_message, finish_run, item_fields, json_safe,
-    make_record, model_info, progress_bar, request_fields, resume, write_atomically,
+    JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, error_message, finish_run, input_files, item_fields,
+    json_safe, make_record, model_info, progress_bar, request_fields, resume, schema_advice, write_atomically,
 )
 from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
@@ -94,7 +95,7 @@ def _add_predict_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--image", required=True, nargs="+", metavar="PATH_OR_URL",
+        "--image", required=True, nargs="+", action="extend", metavar="PATH_OR_URL",
         help="an image file or http(s) URL; or a folder, a glob pattern or a PDF (one result per image/page); "
         "several values are allowed",
     )
@@ -225,8 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         return run_eval_command(args, load=lambda: load_for_cli(args))
     except KeyboardInterrupt:
-        print("error: interrupted (everything written so far is kept; run the same command again to go on)", file=sys.stderr)
+        kept = "nothing was written" if args.command == "eval" else (
+            "everything written so far is kept; run the same command again to go on")
+        print(f"error: interrupted ({kept})", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout was closed by its reader (| head): stop quietly, as a shell command would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        return 141
     except Exception as error:  # noqa: BLE001  (one line, never a traceback; PHI_HELPERS_DEBUG=1 shows it)
         if os.environ.get("PHI_HELPERS_DEBUG"):
             raise
@@ -281,21 +287,23 @@ def run_single(args, schema) -> int:
     (item,) = collect_items(args.image[0])
     image = item.load()  # a missing file, unreadable image or bad URL fails here, before loading the model
     if args.output:
-        check_output_path(Path(args.output), inputs=_local_files([item]))
+        check_output_path(Path(args.output), inputs=input_files([item], args.schema))
     model, processor = load_for_cli(args)
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
     result = {**item_fields(item), "image_size": list(image.size), **result}
     request = request_fields(args, schema, requested_model(args))
     record = json_safe(make_record(result, args.task, args.schema, model_info(model, processor), request))
 
-    if args.task == "extract" and not record["valid"]:
-        print(f"warning: the answer does not follow the schema: {'; '.join(record['errors'])}", file=sys.stderr)
     text = json.dumps(record, indent=2, ensure_ascii=False) if args.format == "json" else answer_text(record)
     if args.output:
         write_atomically(Path(args.output), text + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)
+    if record.get("valid") is False:  # the answer is kept (printed or written) and the exit code says it is not usable
+        print(f"error: the answer does not follow the schema ({'; '.join(record['errors'])}); "
+              f"{schema_advice([record], args.max_new_tokens)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -312,13 +320,20 @@ def run_batch(args, schema) -> int:
     """Many images: JSON lines appended to --output, batched generation, finished items skipped."""
     items = collect_all(args.image)
     output = Path(args.output)
-    check_output_path(output, inputs=_local_files(items))
+    check_output_path(output, inputs=input_files(items, args.schema))
     request = request_fields(args, schema, requested_model(args))
-    todo = resume(output, items, request).todo
-    if not todo:
-        print("Nothing left to do.", file=sys.stderr)
-        return check_answers(output, items, args.max_new_tokens)
+    with OutputLock(output) as lock:  # a second run on the same file stops at once
+        todo = resume(output, items, request).todo
+        lock.follow()  # resume may have replaced the file (torn lines moved aside): lock the one written now
+        if not todo:
+            print("Nothing left to do.", file=sys.stderr)
+            return check_answers(output, items, args.max_new_tokens)
+        failed = _predict_into(output, todo, args, schema, request)
+        return max(finish_run(len(todo), failed, output), check_answers(output, items, args.max_new_tokens))
 
+
+def _predict_into(output: Path, todo: list, args, schema, request: dict) -> int:
+    """Load the model, answer ``todo`` in batches, append each record to ``output``; return how many failed."""
     model, processor = load_for_cli(args)
     info = model_info(model, processor)
     failed = 0
@@ -331,13 +346,7 @@ def run_batch(args, schema) -> int:
                     failed += 1
                     bar.write(f"failed: {record['source']}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
             bar.update(len(batch))
-
-    return max(finish_run(len(todo), failed, output), check_answers(output, items, args.max_new_tokens))
-
-
-def _local_files(items) -> set[str]:
-    """The files the items are read from (``check_output_path`` refuses to write over one)."""
-    return {item.source for item in items if not is_url(item.source)}
+    return failed
 
 
 def _page_suffix(record: dict) -> str:

@@ -4,8 +4,10 @@ Transcriptions are scored by character error rate, extractions by per-field exac
 defined in ``phi_helpers.api.metrics``.
 """
 
+import codecs
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,11 +17,12 @@ from ..api.metrics import character_error_rate, error_rate, field_matches, leven
 from ..api.report import format_table
 from ..api.structured import load_schema
 from ..errors import CommandLineError, ManifestError
-from .inputs import Item
+from .inputs import Item, is_pdf
 from .outputs import check_output_path, holds_records, json_safe, model_info, progress_bar, write_atomically
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 MANIFEST = "manifest.jsonl"
+MAX_REPORT_BYTES = 256 << 20  # a larger file in the set's folder is not taken for an earlier report
 EVAL_TASKS = ("ocr", "extract")
 
 # ----------------------------------------------------------------------------------------------
@@ -32,9 +35,10 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
 
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
     ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
-    paths, no ``..`` or symbolic link that leads out); the schema files must exist. The manifest is
-    UTF-8 text; only ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of
-    the first malformed item.
+    paths, no ``..`` or symbolic link that leads out); the images and schema files must exist, and an
+    image must not be a PDF. The manifest is UTF-8 text, with or without a byte order mark; only
+    ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of the first
+    malformed item.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
@@ -48,7 +52,8 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     if not manifest.is_file():
         raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     entries = []
-    for number, raw in enumerate(manifest.read_bytes().splitlines(), start=1):
+    text = manifest.read_bytes().removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
+    for number, raw in enumerate(text.splitlines(), start=1):
         where = f"{manifest}, line {number}"
         line = _decode(raw, where)
         if not line.strip():
@@ -112,16 +117,27 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
             raise ManifestError(f"{where}: an extract item's expected answer must be a JSON object.")
         if "schema" not in entry:
             raise ManifestError(f"{where}: an extract item needs a schema.")
-    checked = dict(entry, image=_inside(data_dir, entry["image"], "image", where))
+    checked = dict(entry, image=_existing(data_dir, entry["image"], "image", where))
     checked.setdefault("id", Path(entry["image"]).stem)
+    if is_pdf(checked["image"]):
+        raise ManifestError(
+            f"{where}: the image '{checked['image']}' is a PDF; eval scores one image per item. Render the page to "
+            "PNG first (e.g. pdftoppm -png -r 144), or use phi-helpers predict --image FILE.pdf for PDFs."
+        )
     if "schema" in entry:
-        checked["schema"] = _inside(data_dir, entry["schema"], "schema", where)
-        if not checked["schema"].is_file():
-            raise ManifestError(
-                f"{where}: no schema file at '{checked['schema']}'. Check the \"schema\" field of this line "
-                f"(paths are relative to the folder of {MANIFEST})."
-            )
+        checked["schema"] = _existing(data_dir, entry["schema"], "schema", where)
     return checked
+
+
+def _existing(data_dir: Path, relative, field: str, where: str) -> Path:
+    """``_inside``, refused unless a file is there: the message names the file, the line and the field."""
+    path = _inside(data_dir, relative, field, where)
+    if not path.is_file():
+        raise ManifestError(
+            f"{where}: no {field} file at '{path}'. Check the \"{field}\" field of this line "
+            f"(paths are relative to the folder of {MANIFEST}, '{data_dir}')."
+        )
+    return path
 
 
 def _inside(data_dir: Path, relative, field: str, where: str) -> Path:
@@ -324,7 +340,7 @@ def run_eval_command(args, load) -> int:
         if args.constrain:
             check_supported(loaded)
     if args.output:
-        check_report_path(Path(args.output), [Path(args.data) / MANIFEST, *_files(entries)])
+        check_report_path(Path(args.output), Path(args.data))
     model, processor = load()
     with progress_bar(len(entries), "eval") as bar:
         report = evaluate(
@@ -335,21 +351,32 @@ def run_eval_command(args, load) -> int:
     if args.output:
         write_atomically(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
+    report_cut_off(report["items"], args.max_new_tokens)
     return report_failures(report["items"], args.output)
 
 
-def check_report_path(path: Path, inputs: list[Path]) -> None:
-    """``check_output_path`` for the report, which replaces the file: it must not be one of the set's
-    files (``inputs``), nor a file of results (JSON lines of ``phi-helpers predict``)."""
-    check_output_path(path, inputs)
+def check_report_path(path: Path, data_dir: Path) -> None:
+    """``check_output_path`` for the report, which replaces the file: inside the set's folder
+    ``data_dir`` it may replace only an earlier report (never the manifest, an image, a schema, notes),
+    and nowhere a file of results (JSON lines of ``phi-helpers predict``)."""
+    check_output_path(path)
+    inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir))
+    if inside and path.exists() and not _is_report(path):
+        raise CommandLineError(f"--output '{path}' is a file of the evaluation set in '{data_dir}'; the report would "
+                               "replace it. Give the report a new file name, e.g. --output report.json.")
     if holds_records(path):
         raise CommandLineError(f"--output '{path}' holds results of phi-helpers predict; the report would replace "
                                "them. Give the report another file name, e.g. report.json.")
 
 
-def _files(entries: list[dict]) -> list[Path]:
-    """The images and schemas of the set's items."""
-    return [entry[key] for entry in entries for key in ("image", "schema") if key in entry]
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` holds a report that ``eval`` wrote (a JSON object with "items" and "summary")."""
+    try:
+        with open(path, "rb") as file:
+            report = json.loads(file.read(MAX_REPORT_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and {"items", "summary"} <= report.keys()
 
 
 def report_failures(items: list[dict], output) -> int:
@@ -365,3 +392,19 @@ def report_failures(items: list[dict], output) -> int:
     return 1
 
 
+
+
+def report_cut_off(items: list[dict], max_new_tokens: int) -> None:
+    """Say on stderr how many extraction answers ``--max-new-tokens`` cut off, if any: they are scored
+    as wrong (the exit code does not change), and a larger ``--max-new-tokens`` lets them finish."""
+    cut = [line for line in items if _was_cut_off(line)]
+    if cut:
+        extract = [line for line in items if line["task"] == "extract"]
+        print(f"warning: {len(cut)} of {len(extract)} extraction answers were cut off by --max-new-tokens "
+              f"({max_new_tokens}) and scored as wrong (\"invalid JSON\" above); raise --max-new-tokens to score "
+              "them whole", file=sys.stderr)
+
+
+def _was_cut_off(line: dict) -> bool:
+    """Whether a report line is an extraction whose answer ``max_new_tokens`` cut off (its ``errors`` say so)."""
+    return line["task"] == "extract" and line["valid"] is False and any("max_new_tokens" in error for error in line["errors"])

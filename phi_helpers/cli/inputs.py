@@ -19,6 +19,8 @@ from ..errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 PDF_SCALE = 2.0  # PDF pages are 72 points per inch: scale 2 renders them at 144 dpi
+PDF_PAGE_TOO_LARGE = ("Split the PDF so that this page is left out, or scale its pages down to a usual paper size "
+                      "(e.g. print it to a PDF on A4 or Letter)")
 PDF_LOAD_ERRORS = {  # FPDF_GetLastError() after a failed FPDF_LoadDocument -> what the user reads
     pdfium_c.FPDF_ERR_FILE: "Could not read '{path}'. Check that you may read it.",
     pdfium_c.FPDF_ERR_FORMAT: "Could not open '{path}' as a PDF: it is damaged or not a PDF. Re-save or re-download it.",
@@ -51,12 +53,27 @@ def is_url(spec: str) -> bool:
     return "://" in spec
 
 
+def is_pdf(path) -> bool:
+    """True for a file name that ends in ``.pdf`` (any case)."""
+    return Path(path).suffix.lower() == ".pdf"
+
+
+def check_not_empty(spec: str) -> None:
+    """Refuse an empty or blank ``--image`` value (an unset shell variable), which as a path would be
+    the current folder, with an ImageLoadError."""
+    if not spec.strip():
+        raise ImageLoadError(f"--image is empty ({spec!r}); give an image file, URL, folder, glob pattern or PDF "
+                             "(is a shell variable unset?).")
+
+
 def is_multi_input(spec: str) -> bool:
-    """True when ``--image`` names many images (a folder, a glob pattern or a PDF): JSONL output."""
+    """True when ``--image`` names many images (a folder, a glob pattern or a PDF): JSONL output.
+    Raises ImageLoadError for an empty value (``check_not_empty``)."""
+    check_not_empty(spec)
     if is_url(spec):
         return False
     path = Path(spec).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".pdf"):
+    if path.is_dir() or (path.is_file() and is_pdf(path)):
         return True
     return not path.exists() and glob.has_magic(spec)
 
@@ -73,8 +90,10 @@ def collect_items(spec: str) -> list[Item]:
     Folders reached through a symbolic link are not entered (no symlink loops), and a file reached
     under several names (symbolic or hard links) is listed once, under its first name in sorted order.
 
-    Raises ImageLoadError when nothing is there (missing file, empty folder, pattern without matches).
+    Raises ImageLoadError when ``spec`` is empty or blank, or nothing is there (missing file, empty
+    folder, pattern without matches).
     """
+    check_not_empty(spec)
     if is_url(spec):
         return [Item(spec)]
     path = Path(spec).expanduser()
@@ -140,10 +159,10 @@ def collect_all(specs: list[str]) -> list[Item]:
     """``collect_items`` of several ``--image`` values, in order, each item once: a file named by two
     values (``a.png`` and ``scans/``, the same name twice, two links to it) is listed under its first name."""
     items = [item for spec in specs for item in collect_items(spec)]
-    return _once(items, key=lambda item: (_identity(item.source), item.page))
+    return _once(items, key=lambda item: (file_identity(item.source), item.page))
 
 
-def _once(things: list, key=lambda path: _identity(path)) -> list:
+def _once(things: list, key=lambda path: file_identity(path)) -> list:
     """``things`` (paths, or items with ``key``) without the repeats of a file already listed under
     another name (links)."""
     seen, unique = set(), []
@@ -155,7 +174,7 @@ def _once(things: list, key=lambda path: _identity(path)) -> list:
     return unique
 
 
-def _identity(source) -> tuple | str:
+def file_identity(source) -> tuple | str:
     """What a file is, whatever its name: its (device, inode); a URL or a missing file is its name."""
     if is_url(str(source)):
         return str(source)
@@ -171,7 +190,7 @@ def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
     input (``strict``); among many files it becomes one item that fails (and is reported) when loaded."""
     items = []
     for path in files:
-        if path.suffix.lower() != ".pdf":
+        if not is_pdf(path):
             items.append(Item(str(path)))
             continue
         try:
@@ -191,7 +210,7 @@ def item_at(source: str, page: int | None = None) -> Item:
     """
     if page is not None:
         return Item(source, page, loader=_page_loader(Path(source), page))
-    if not is_url(source) and Path(source).suffix.lower() == ".pdf":
+    if not is_url(source) and is_pdf(source):
         return _items_for_files([Path(source)], strict=False)[0]
     return Item(source)
 
@@ -206,14 +225,16 @@ def render_pdf_page(path, page: int, scale: float = PDF_SCALE):
     """Render page ``page`` (counting from 1) of a PDF as an RGB PIL image with pypdfium2.
 
     A page whose bitmap would have more pixels than images may have (``PIL.Image.MAX_IMAGE_PIXELS``,
-    the decompression-bomb guard of ``load_image``) is refused before anything is rendered.
+    the decompression-bomb guard of ``load_image``) is refused before anything is rendered, with a
+    message that names the page and its size and says how to make the PDF usable.
     """
     document = _open_pdf(path)
     try:
         pdf_page = document[page - 1]
         width, height = pdf_page.get_size()  # in points (1/72 inch)
-        source = f"page {page} of '{path}' ({width:g} x {height:g} points, rendered at scale {scale:g})"
-        check_pixel_count(round(width * scale), round(height * scale), source)
+        source = (f"page {page} of '{path}' ({width:g} x {height:g} points = {width / 72:.1f} x {height / 72:.1f} "
+                  f"inches, rendered at {72 * scale:g} dpi)")
+        check_pixel_count(round(width * scale), round(height * scale), source, remedy=PDF_PAGE_TOO_LARGE)
         bitmap = pdf_page.render(scale=scale)
         return bitmap.to_pil().convert("RGB")
     except pdfium.PdfiumError as error:
@@ -267,7 +288,7 @@ def _raiser(error: Exception) -> Callable:
 
 
 def _is_supported(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES or path.suffix.lower() == ".pdf"
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_pdf(path)
 
 
 def _suffix_list() -> str:

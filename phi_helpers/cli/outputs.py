@@ -28,8 +28,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs on one output are not locked against each other
+    fcntl = None
+
 from ..errors import CommandLineError, PhiHelpersError
-from .inputs import Item
+from .inputs import Item, file_identity, is_url
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
 
@@ -199,22 +204,38 @@ def make_record(result: dict, task: str, schema: str | None, info: dict, request
 
 def read_records(path) -> list[dict]:
     """The records (JSON objects) of a JSONL file, in order; lines that do not parse are left out."""
+    return [record for _, _, record in _lines(path) if record is not None]
+
+
+def last_records(path) -> dict:
+    """The last record of each item in the JSONL file ``path``, by ``resume_key`` (read line by line:
+    the memory it takes grows with the items, not with the file)."""
+    return {resume_key(*record_key(record)): record for _, _, record in _lines(path) if record is not None}
+
+
+def resume_key(source: str, page: int | None) -> tuple:
+    """What an item is for resuming: the file itself, however its path is spelled (relative, absolute,
+    a link), and the page; a URL by its text."""
+    return file_identity(source), page
+
+
+def _lines(path):
+    """``(number, line, record or None)`` for each non-blank line of the file ``path`` (none if it is missing)."""
     path = Path(path)
     if not path.is_file():
-        return []
-    records = []
-    for line in path.read_bytes().split(b"\n"):
-        record = _parse_line(line)
-        if record is not None:
-            records.append(record)
-    return records
+        return
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            line = line.rstrip(b"\n")
+            if line.strip():
+                yield number, line, _parse_line(line)
 
 
 def _parse_line(line: bytes) -> dict | None:
     """The record on one line, or None if the line is not a record: a JSON object whose ``"source"``
     is a string, whose ``"page"`` (if any) a whole number and whose ``"source_b64"`` (if any) a string."""
     try:
-        record = json.loads(line.decode("utf-8"))
+        record = json.loads(line.removeprefix(BOM).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("source"), str)):
@@ -225,6 +246,7 @@ def _parse_line(line: bytes) -> dict | None:
     return record
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark an editor may put before the first line
 RECORD_START = b'{"source": '  # how every line JsonlWriter writes begins (item_fields come first)
 MAX_RECORD_BYTES = 1 << 20  # a longer first line is not a record: holds_records stops reading there
 
@@ -232,6 +254,7 @@ MAX_RECORD_BYTES = 1 << 20  # a longer first line is not a record: holds_records
 def _looks_like_a_record(line: bytes) -> bool:
     """Whether a line that is not a record was meant to be one: cut off by a kill or a full disk, or
     broken by an edit (it begins like every line ``JsonlWriter`` writes)."""
+    line = line.removeprefix(BOM)
     return line.startswith(RECORD_START) or RECORD_START.startswith(line)
 
 
@@ -246,22 +269,19 @@ def repair_jsonl(path) -> int:
     are dropped.
     """
     path = Path(path)
-    if not path.is_file():
-        return 0
-    good, torn = [], []
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        record = _parse_line(line)
+    torn = []
+    for number, line, record in _lines(path):
         if record is None and not _looks_like_a_record(line):
             raise CommandLineError(
                 f"--output '{path}' holds something other than phi-helpers results (line {number}: "
                 f"{printable(line[:60].decode('utf-8', 'backslashreplace'))!r}); results are appended as JSON "
                 "lines, so give a new file name (e.g. results.jsonl) or move this file away."
             )
-        (torn if record is None else good).append(line)
+        if record is None:
+            torn.append(line)
     if not torn:
         return 0
+    good = [line for _, line, record in _lines(path) if record is not None]
     with open(torn_path(path), "ab") as side:
         side.write(b"".join(line + b"\n" for line in torn))
         side.flush()
@@ -303,12 +323,10 @@ class ResumePlan:
 
 def plan_resume(items: list[Item], path, request: dict) -> ResumePlan:
     """Split ``items`` by the last line each has in the JSONL file ``path`` (see ``ResumePlan``)."""
-    last = {}
-    for record in read_records(path):
-        last[record_key(record)] = record
+    last = last_records(path)
     plan = ResumePlan(todo=[])
     for item in items:
-        record = last.get(item.key)
+        record = last.get(resume_key(*item.key))
         if record is None:
             plan.todo.append(item)
             continue
@@ -354,19 +372,41 @@ def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
 
 def check_answers(path, items: list[Item], max_new_tokens: int) -> int:
     """Say (on stderr) how many of ``items`` have, as their last line in ``path``, an extraction that
-    does not follow the schema (``"valid": false``: cut off by ``max_new_tokens``); return 1 if any, else 0
-    (always 0 for the other tasks, whose records have no ``"valid"``).
+    does not follow the schema (``"valid": false``); return 1 if any, else 0 (always 0 for the other
+    tasks, whose records have no ``"valid"``).
 
     A re-run of the same request skips those items (greedy decoding would give the same answer), so
     the exit code says, run after run, that the file holds answers that are not usable as they are.
     """
-    last = {record_key(record): record for record in read_records(path)}
-    invalid = sum(last.get(item.key, {}).get("valid") is False for item in items)
-    if invalid:
-        print(f'error: {invalid} of {len(items)} answers in {path} do not follow the schema ("valid": false; '
-              f'"errors" says why, "raw" has the text): cut off at --max-new-tokens {max_new_tokens}? Run again with '
-              "a larger --max-new-tokens.", file=sys.stderr)
-    return int(invalid > 0)
+    last = last_records(path)
+    records = [last.get(resume_key(*item.key), {}) for item in items]
+    problem = invalid_answers([record for record in records if record], max_new_tokens)
+    if problem:
+        print(f"error: {problem.replace('answers', f'answers in {path}', 1)}", file=sys.stderr)
+    return int(problem is not None)
+
+
+def invalid_answers(records: list[dict], max_new_tokens: int) -> str | None:
+    """What to tell the user about the extractions among ``records`` that do not follow the schema, or
+    None if there are none: how many, and what to change (``schema_advice``)."""
+    invalid = [record for record in records if record.get("valid") is False]
+    if not invalid:
+        return None
+    return (f'{len(invalid)} of {len(records)} answers do not follow the schema ("valid": false; "errors" says why, '
+            f'"raw" has the text); {schema_advice(invalid, max_new_tokens)}.')
+
+
+def schema_advice(invalid: list[dict], max_new_tokens: int) -> str:
+    """How to get answers that follow the schema, for these records of invalid extractions: a constrained
+    answer fails only when it is cut off; an unconstrained one may be any text."""
+    advice = []
+    if any(record.get("constrained") for record in invalid):
+        advice.append(f"a constrained answer fails only when --max-new-tokens ({max_new_tokens}) cuts it off: "
+                      "raise --max-new-tokens")
+    if not all(record.get("constrained") for record in invalid):
+        advice.append("answers made with --no-constrain are checked only after generation: leave out --no-constrain "
+                      "to have them constrained to the schema")
+    return "; ".join(advice)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,6 +446,62 @@ class JsonlWriter:
         self._file.close()
 
 
+class OutputLock:
+    """An exclusive lock on a JSON-lines output, held for a whole run, so that two runs never write (or
+    repair) one file at once: the second stops at once with ``CommandLineError``. The lock is
+    ``flock`` on the file itself; ``follow`` moves it to the file now at the path after ``repair_jsonl``
+    replaced it. A file this lock created and nothing wrote is removed again. (No lock where ``fcntl``
+    does not exist, on Windows.)
+
+        with OutputLock(path) as lock:
+            plan = resume(path, items, request)
+            lock.follow()
+            ...
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._fd = None
+        self._created = False
+
+    def __enter__(self) -> "OutputLock":
+        self._created = not self.path.exists()
+        self.follow()
+        return self
+
+    def follow(self) -> None:
+        """Hold the lock on the file that is at the path now."""
+        while fcntl is not None and not (self._fd is not None and _is_file_at(self._fd, self.path)):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CommandLineError(
+                    f"Another phi-helpers run is writing '{self.path}' now. Wait for it to end (then run this "
+                    "command again: it goes on from there), or give this run another --output."
+                ) from None
+            old, self._fd = self._fd, fd
+            if old is not None:
+                os.close(old)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is None:
+            return
+        if self._created and os.fstat(self._fd).st_size == 0:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        os.close(self._fd)
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path`` (not replaced or removed since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
 def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as file:
         file.seek(-1, os.SEEK_END)
@@ -417,28 +513,59 @@ def progress_bar(total: int, description: str):
     return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
 
 
+SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # their files are streams or views of the system, not files to write
+
+
 def check_output_path(path: Path, inputs=()) -> None:
     """Fail early (before loading the model) if ``path`` cannot be written, or if writing it would
-    destroy an input: ``path`` must be a regular file (or not exist yet) in a writable folder, and
-    not one of the files ``inputs`` (paths; URLs are left out)."""
+    destroy an input: ``path`` must be a regular file (or not exist yet) in a writable folder, reached
+    by no link through ``/dev`` or ``/proc`` (``/dev/stdout`` is whatever stdout is, maybe a file of
+    the user's), and not one of the files ``inputs`` (paths; URLs are left out)."""
+    if str(path) == "-":
+        raise CommandLineError("--output - is not standard output here: leave --output out to print the answer.")
     if path.is_dir():
         raise CommandLineError(f"--output '{path}' is a folder; give a file name inside it, e.g. '{path / 'results.jsonl'}'.")
-    if path.exists() and not path.is_file():
+    hops = _link_hops(path)
+    if any(_in_system_folder(hop) for hop in hops) or (path.exists() and not path.is_file()):
         raise CommandLineError(
-            f"--output '{path}' is not a regular file (a device, pipe or socket): results are read back to resume "
-            "and replaced atomically, which needs a file. Give a file name (without --output the answer is printed)."
+            f"--output '{path}' is not a regular file (a device, pipe, socket or standard output): results are read "
+            "back to resume and replaced atomically, which needs a file. Give a file name (without --output the "
+            "answer is printed, and the shell's > or >> can put it in a file)."
         )
     target = Path(os.path.realpath(path))  # a symbolic link: the file it points to is written
     if not target.parent.is_dir():
         raise CommandLineError(f"Cannot write '{path}': the folder '{target.parent}' does not exist. Create it first.")
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise CommandLineError(f"Cannot write '{path}': permission denied.")
+        raise CommandLineError(f"Cannot write '{path}': permission denied. Choose a folder you can write to, or "
+                               "change the file's permissions.")
     if target.exists():
         for source in inputs:
             with contextlib.suppress(OSError):
                 if os.path.samefile(source, target):
                     raise CommandLineError(f"--output '{path}' is the input '{source}'; writing it would destroy it. "
                                            "Give another file name.")
+
+
+def input_files(items: list[Item], *paths) -> set[str]:
+    """The files a run reads: the items' (URLs left out) and ``paths`` (a schema...; None skipped), for
+    ``check_output_path``."""
+    return {item.source for item in items if not is_url(item.source)} | {str(path) for path in paths if path}
+
+
+def _link_hops(path: Path, limit: int = 40) -> list[str]:
+    """``path`` and every path its chain of symbolic links passes through (absolute, each hop's folder
+    resolved); ``CommandLineError`` for a loop, or a chain longer than ``limit``."""
+    hops = [os.path.abspath(path)]
+    while os.path.islink(hops[-1]):
+        if len(hops) > limit:
+            raise CommandLineError(f"--output '{path}' is a loop of symbolic links. Give a file name.")
+        link = os.path.join(os.path.realpath(os.path.dirname(hops[-1])), os.readlink(hops[-1]))
+        hops.append(os.path.normpath(link))
+    return hops
+
+
+def _in_system_folder(path: str) -> bool:
+    return any(path == folder or path.startswith(folder + "/") for folder in SYSTEM_FOLDERS)
 
 
 def appends_lines(path: Path) -> bool:

@@ -43,8 +43,8 @@ from ..api.loading import load_model, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
 from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, item_at
 from .outputs import (
-    JsonlWriter, check_answers, check_output_path, finish_run, make_record, model_info, progress_bar, request_fields,
-    resume,
+    JsonlWriter, OutputLock, check_answers, check_output_path, finish_run, input_files, make_record, model_info, progress_bar,
+    request_fields, resume,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
@@ -437,8 +437,18 @@ def run_ray(args, schema: dict | None, model: str) -> int:
     # the in-process engine's (items on a remote filesystem are always run).
     local = collect_all([spec for spec in args.image if not is_remote(spec)])
     if not parquet:
-        check_output_path(Path(output), inputs={item.source for item in local})
-    finished = set() if parquet else {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
+        check_output_path(Path(output), inputs=input_files(local, args.schema))
+    with contextlib.nullcontext() if parquet else OutputLock(output) as lock:  # a JSONL output: one run at a time
+        finished = set()
+        if lock is not None:
+            finished = {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
+            lock.follow()
+        return _run_on_ray(ray, args, schema, model, request, local, finished)
+
+
+def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local: list[Item], finished: set) -> int:
+    """The part of ``run_ray`` that starts (or joins) Ray, runs the items not ``finished`` and writes them."""
+    output, parquet = args.output, args.output.lower().endswith(".parquet")
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
     try:

@@ -124,8 +124,9 @@ def _constrained_result(prompt: str, generation: Generation, schema: dict) -> di
     """The result of one constrained extraction: valid, or cut off by max_new_tokens."""
     try:
         data, problems = read_answer(generation.text, schema), []
-    except JSONTruncatedError as error:
-        data, problems = None, [str(error)]
+    except JSONTruncatedError:
+        data, problems = None, [f"cut off by max_new_tokens ({generation.generated_tokens} tokens) before the JSON was "
+                                f"complete; the partial answer is in \"raw\""]
     result = _result(prompt, data, [generation])
     result.update(raw=[generation.text], valid=not problems, errors=problems, attempts=1, constrained=True)
     return result
