@@ -321,3 +321,16 @@ def test_infinite_or_nan_bounds_bound_nothing_and_compile(cli_model_and_processo
     tokenizer = cli_model_and_processor[1].tokenizer
     grammar = compile_schema(tokenizer, root({"type": "number", "minimum": 2, "maximum": bound}), VOCAB, STOP)
     assert constrained.allowed_next_tokens(tokenizer, grammar, '{"total":123}') is not None
+
+
+@pytest.mark.parametrize("total, keyword, kind", [
+    ({"maximum": 5}, "maximum", "number"), ({"pattern": "^[0-9]+$"}, "pattern", "string"),
+    ({"items": {"type": "integer"}, "minItems": 2}, "items", "array"),
+    ({"properties": {"net": {"type": "number"}}}, "properties", "object"),
+])
+def test_keywords_without_their_type_are_refused(total, keyword, kind):
+    """Without "type", xgrammar lets any JSON value through and ignores the keyword: refused, with the fix."""
+    with pytest.raises(SchemaNotSupportedError) as error:
+        check_supported(root(total))
+    assert f'(root)/properties/total: {keyword} without "type" (add "type": "{kind}"' in str(error.value)
+    check_supported(root({**total, "type": kind}))  # the fix works

@@ -71,6 +71,12 @@ SUPPORTED_KEYWORDS = frozenset({
     "format", "$ref",
 })
 SUPPORTED_FORMATS = ("date",)
+TYPED_KEYWORDS = {  # keyword -> the type it constrains (it needs that "type" next to it)
+    **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "number"),
+    **dict.fromkeys(("pattern", "minLength", "maxLength", "format"), "string"),
+    **dict.fromkeys(("items", "minItems", "maxItems"), "array"),
+    **dict.fromkeys(("properties", "required", "additionalProperties"), "object"),
+}
 # What to write instead of an unsupported keyword or format (no semicolons: the problems are listed with them).
 KEYWORD_ADVICE = {
     "oneOf": 'use "anyOf" instead: the model writes one branch either way (a "oneOf" of a schema and '
@@ -178,15 +184,25 @@ def _subschemas(schema: dict):
         yield f"anyOf/{index}", sub
 
 
+def _untyped(schema: dict, where: str) -> list[str]:
+    """Keywords of one kind of value (numbers, strings, arrays, objects) in a subschema with no ``type``:
+    xgrammar then lets any JSON value through and ignores them."""
+    if "type" in schema or {"enum", "const", "$ref", "anyOf"} & schema.keys():
+        return []
+    return [f'{where}: {keyword} without "type" (add "type": "{kind}": without it the grammar ignores {keyword})'
+            for keyword, kind in TYPED_KEYWORDS.items() if keyword in schema]
+
+
 def _unsupported(schema, where: str) -> list[str]:
     """A message for every keyword, format or $ref of one subschema that is not supported."""
     if isinstance(schema, list):
         return [f"{where}: tuple items, a list of schemas, are not supported (give one schema that every item follows)"]
     if not isinstance(schema, dict):
         return [f"{where}: a boolean schema ({json.dumps(schema)}) is only supported as additionalProperties"]
+    problems = _untyped(schema, where)
     unknown = sorted(key for key in set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS if not _descriptive(key))
-    problems = [f"{where}: {keyword!r}" + (f": {KEYWORD_ADVICE[keyword]}" if keyword in KEYWORD_ADVICE else "")
-                for keyword in unknown]
+    problems += [f"{where}: {keyword!r}" + (f": {KEYWORD_ADVICE[keyword]}" if keyword in KEYWORD_ADVICE else "")
+                 for keyword in unknown]
     if "format" in schema and schema["format"] not in SUPPORTED_FORMATS:
         problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)}): {FORMAT_ADVICE}")
     if schema.get("format") == "date" and "pattern" in schema:
