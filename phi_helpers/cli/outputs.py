@@ -380,20 +380,12 @@ def check_answers(path, items: list[Item], max_new_tokens: int) -> int:
     """
     last = last_records(path)
     records = [last.get(resume_key(*item.key), {}) for item in items]
-    problem = invalid_answers([record for record in records if record], max_new_tokens)
-    if problem:
-        print(f"error: {problem.replace('answers', f'answers in {path}', 1)}", file=sys.stderr)
-    return int(problem is not None)
-
-
-def invalid_answers(records: list[dict], max_new_tokens: int) -> str | None:
-    """What to tell the user about the extractions among ``records`` that do not follow the schema, or
-    None if there are none: how many, and what to change (``schema_advice``)."""
+    records = [record for record in records if record]
     invalid = [record for record in records if record.get("valid") is False]
-    if not invalid:
-        return None
-    return (f'{len(invalid)} of {len(records)} answers do not follow the schema ("valid": false; "errors" says why, '
-            f'"raw" has the text); {schema_advice(invalid, max_new_tokens)}.')
+    if invalid:
+        print(f'error: {len(invalid)} of {len(records)} answers in {path} do not follow the schema ("valid": false; '
+              f'"errors" says why, "raw" has the text); {schema_advice(invalid, max_new_tokens)}.', file=sys.stderr)
+    return int(bool(invalid))
 
 
 def schema_advice(invalid: list[dict], max_new_tokens: int) -> str:
