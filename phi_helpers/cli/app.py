@@ -29,8 +29,9 @@ from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input
 from .outputs import (
-    JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, error_message, finish_run, input_files, item_fields,
-    json_safe, make_record, model_info, progress_bar, request_fields, resume, schema_advice, write_atomically,
+    JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, error_message, finish_run, input_files,
+    item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume, schema_advice,
+    write_atomically,
 )
 from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS

@@ -43,8 +43,8 @@ from ..api.loading import load_model, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
 from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, item_at
 from .outputs import (
-    JsonlWriter, OutputLock, check_answers, check_output_path, finish_run, input_files, make_record, model_info, progress_bar,
-    request_fields, resume,
+    JsonlWriter, OutputLock, check_answers, check_output_path, finish_run, input_files, make_record, model_info,
+    progress_bar, request_fields, resume,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
