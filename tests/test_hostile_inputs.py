@@ -458,6 +458,15 @@ def test_standard_output_is_never_an_output_file(capsys, tmp_path, folder, no_mo
     assert "without --output the answer is printed" in err or "leave --output out" in err
 
 
+def test_a_linked_folder_cannot_lead_to_standard_output(capsys, tmp_path, folder, no_model):
+    (tmp_path / "fds").symlink_to("/dev/fd")  # fds/1 is stdout, by way of /proc/self/fd
+    (tmp_path / "me").symlink_to("/proc/self")
+    for output in (tmp_path / "fds" / "1", tmp_path / "me" / "fd" / "1"):
+        err = _refused(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--output", output, *FAST)
+        assert "is not a regular file" in err
+    if Path("/dev/shm").is_dir():
+        outputs.check_output_path(Path("/dev/shm") / f"{tmp_path.name}.jsonl")  # memory-backed files are files
+
 def test_the_schema_and_link_loops_are_refused_too(capsys, tmp_path, folder, no_model):
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(SCHEMA))

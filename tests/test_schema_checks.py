@@ -334,3 +334,20 @@ def test_keywords_without_their_type_are_refused(total, keyword, kind):
         check_supported(root(total))
     assert f'(root)/properties/total: {keyword} without "type" (add "type": "{kind}"' in str(error.value)
     check_supported(root({**total, "type": kind}))  # the fix works
+
+
+def test_openapi_annotations_and_number_formats_are_accepted(cli_model_and_processor):
+    schema = root({"type": "integer", "format": "int64", "example": 3, "xml": {"name": "total"}},
+                  externalDocs={"url": "https://example.com/docs"}, discriminator={"propertyName": "kind"})
+    schema["properties"]["rate"] = {"type": "number", "format": "double"}
+    compile_schema(cli_model_and_processor[1].tokenizer, schema, VOCAB, STOP)  # check_supported, then compiled
+
+
+@pytest.mark.parametrize("keyword, value, advice", [
+    ("nullable", True, '"type": ["string", "null"]'), ("allOf", [{"type": "string"}], "merge its parts"),
+    ("multipleOf", 5, "check the value after extraction"), ("format", "int64", 'use "type": "string" with a "pattern"'),
+])
+def test_openapi_and_pydantic_v1_keywords_get_advice(keyword, value, advice):
+    with pytest.raises(SchemaNotSupportedError) as error:
+        check_supported(root({"type": "string", keyword: value}))
+    assert "(root)/properties/total" in str(error.value) and advice in str(error.value)

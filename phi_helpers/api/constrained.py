@@ -63,6 +63,7 @@ from .structured import VENDOR_PREFIX, check_schema, schema_validator, validatio
 DESCRIPTIVE = frozenset({
     "title", "description", "$comment", "default", "examples", "readOnly", "writeOnly", "deprecated", "$anchor",
     "contentMediaType", "contentEncoding", "contentSchema",
+    "example", "xml", "externalDocs", "discriminator",  # OpenAPI's annotations
 })
 ANNOTATIONS = DESCRIPTIVE | {"$schema", "$id", "$defs", "definitions"}
 SUPPORTED_KEYWORDS = frozenset({
@@ -82,7 +83,13 @@ KEYWORD_ADVICE = {
     "oneOf": 'use "anyOf" instead: the model writes one branch either way (a "oneOf" of a schema and '
              '{"type": "null"} is exactly "anyOf" here)',
     "uniqueItems": "remove it and check for repeated items after extraction (the grammar does not remember items)",
+    "nullable": 'OpenAPI\'s nullable is written in JSON Schema as a type list with "null", e.g. "type": ["string", "null"]',
+    "allOf": 'merge its parts into one schema (pydantic v1\'s "allOf": [{"$ref": ...}] is the "$ref" alone)',
+    "multipleOf": "remove it and check the value after extraction",
+    "prefixItems": 'give one schema in "items" that every item follows',
 }
+# OpenAPI's formats of numbers: annotations (a JSON Schema validator checks formats of strings only).
+NUMBER_FORMATS = ("int32", "int64", "float", "double")
 FORMAT_ADVICE = 'use "type": "string" with a "pattern", or format "date"'
 # The integer bounds xgrammar enforces: it stores them as signed 64-bit integers (and refuses any other).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -203,7 +210,7 @@ def _unsupported(schema, where: str) -> list[str]:
     unknown = sorted(key for key in set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS if not _descriptive(key))
     problems += [f"{where}: {keyword!r}" + (f": {KEYWORD_ADVICE[keyword]}" if keyword in KEYWORD_ADVICE else "")
                  for keyword in unknown]
-    if "format" in schema and schema["format"] not in SUPPORTED_FORMATS:
+    if "format" in schema and schema["format"] not in SUPPORTED_FORMATS and not _number_format(schema):
         problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)}): {FORMAT_ADVICE}")
     if schema.get("format") == "date" and "pattern" in schema:
         pattern = re.compile(schema["pattern"])
@@ -225,6 +232,11 @@ def _unsupported(schema, where: str) -> list[str]:
     if schema.get("additionalProperties", False) is not False:
         problems += [f"{where}: required {name!r} that is not in properties (add it to properties)" for name in _unlisted(schema)]
     return problems + [f"{where}: {problem}: {BOUND_ADVICE}" for problem in _bound_problems(schema)]
+
+
+def _number_format(schema: dict) -> bool:
+    """Whether ``schema`` is a number or integer with one of OpenAPI's ``NUMBER_FORMATS`` (an annotation)."""
+    return schema.get("format") in NUMBER_FORMATS and set(_types(schema)) <= {"number", "integer"} and bool(_types(schema))
 
 
 def _descriptive(key: str) -> bool:

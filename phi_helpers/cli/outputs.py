@@ -207,10 +207,16 @@ def read_records(path) -> list[dict]:
     return [record for _, _, record in _lines(path) if record is not None]
 
 
+RESUME_FIELDS = ("request", "error", "valid", "constrained")  # what a re-run reads of an item's last line
+
+
 def last_records(path) -> dict:
-    """The last record of each item in the JSONL file ``path``, by ``resume_key`` (read line by line:
-    the memory it takes grows with the items, not with the file)."""
-    return {resume_key(*record_key(record)): record for _, _, record in _lines(path) if record is not None}
+    """The ``RESUME_FIELDS`` of each item's last record in the JSONL file ``path``, by ``resume_key``
+    (read line by line: the memory it takes grows with the items, not with the file or the answers)."""
+    return {
+        resume_key(*record_key(record)): {key: record[key] for key in RESUME_FIELDS if key in record}
+        for _, _, record in _lines(path) if record is not None
+    }
 
 
 def resume_key(source: str, page: int | None) -> tuple:
@@ -506,6 +512,7 @@ def progress_bar(total: int, description: str):
 
 
 SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # their files are streams or views of the system, not files to write
+SHARED_MEMORY = "/dev/shm"  # ... except this folder of ordinary (memory-backed) files
 
 
 def check_output_path(path: Path, inputs=()) -> None:
@@ -545,19 +552,29 @@ def input_files(items: list[Item], *paths) -> set[str]:
 
 
 def _link_hops(path: Path, limit: int = 40) -> list[str]:
-    """``path`` and every path its chain of symbolic links passes through (absolute, each hop's folder
-    resolved); ``CommandLineError`` for a loop, or a chain longer than ``limit``."""
-    hops = [os.path.abspath(path)]
-    while os.path.islink(hops[-1]):
-        if len(hops) > limit:
-            raise CommandLineError(f"--output '{path}' is a loop of symbolic links. Give a file name.")
-        link = os.path.join(os.path.realpath(os.path.dirname(hops[-1])), os.readlink(hops[-1]))
-        hops.append(os.path.normpath(link))
+    """Every path the resolution of ``path`` passes through, component by component, each symbolic link
+    followed (``lnk/1`` with ``lnk`` -> ``/dev/fd`` passes ``/dev/fd``, ``/proc/self``, ``/proc/PID/fd/1``);
+    ``CommandLineError`` for a loop, or more than ``limit`` links."""
+    hops, current, parts, links = [], "/", list(Path(os.path.abspath(path)).parts[1:]), 0
+    while parts:
+        candidate = os.path.normpath(os.path.join(current, parts.pop(0)))  # current has no links: ".." is safe
+        hops.append(candidate)
+        if os.path.islink(candidate):
+            links += 1
+            if links > limit:
+                raise CommandLineError(f"--output '{path}' is a loop of symbolic links. Give a file name.")
+            target = Path(os.readlink(candidate))
+            current = "/" if target.is_absolute() else current
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+        else:
+            current = candidate
     return hops
 
 
 def _in_system_folder(path: str) -> bool:
-    return any(path == folder or path.startswith(folder + "/") for folder in SYSTEM_FOLDERS)
+    """Whether ``path`` is inside ``/dev`` (but not ``/dev/shm``, memory-backed files), ``/proc`` or ``/sys``."""
+    inside = any(path.startswith(folder + "/") for folder in SYSTEM_FOLDERS)
+    return inside and not (path == SHARED_MEMORY or path.startswith(SHARED_MEMORY + "/"))
 
 
 def appends_lines(path: Path) -> bool:
