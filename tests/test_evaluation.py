@@ -425,3 +425,16 @@ def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_p
         before = output.read_bytes()
         code, _, err = run(capsys, "eval", "--data", tmp_path, "--output", output)
         assert code == 1 and message in err and output.read_bytes() == before
+
+
+def test_every_bad_manifest_line_is_named_at_once(tmp_path):
+    Image.new("RGB", (64, 32), "white").save(tmp_path / "ok.png")
+    (tmp_path / "manifest.jsonl").write_text(
+        '{"image": "gone.png", "task": "ocr", "expected": "a"}\n'
+        '{"image": "ok.png", "task": "ocr", "expected": "b"}\n'
+        '{"image": "ok.png", "task": "ocr"\n'
+    )
+    with pytest.raises(ManifestError) as error:
+        read_manifest(tmp_path)
+    message = str(error.value)
+    assert message.startswith("2 items of") and "line 1: no image file" in message and "line 3 is not valid JSON" in message

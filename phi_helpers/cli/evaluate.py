@@ -22,6 +22,7 @@ from .outputs import check_output_path, holds_records, json_safe, model_info, pr
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 MANIFEST = "manifest.jsonl"
+MAX_MANIFEST_PROBLEMS = 10  # read_manifest names this many malformed lines at most
 MAX_REPORT_BYTES = 256 << 20  # a larger file in the set's folder is not taken for an earlier report
 EVAL_TASKS = ("ocr", "extract")
 
@@ -37,8 +38,8 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
     paths, no ``..`` or symbolic link that leads out); the images and schema files must exist, and an
     image must not be a PDF. The manifest is UTF-8 text, with or without a byte order mark; only
-    ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of the first
-    malformed item.
+    ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of every malformed
+    item (up to ``MAX_MANIFEST_PROBLEMS``), so that one run shows what to fix.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
@@ -51,16 +52,24 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
         raise ManifestError(f"No folder at '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     if not manifest.is_file():
         raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
-    entries = []
+    entries, problems = [], []
     text = manifest.read_bytes().removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
     for number, raw in enumerate(text.splitlines(), start=1):
         where = f"{manifest}, line {number}"
-        line = _decode(raw, where)
-        if not line.strip():
-            continue
-        entries.append(_check_entry(line, data_dir, where))
-        if limit is not None and len(entries) == limit:
+        try:
+            line = _decode(raw, where)
+            if line.strip():
+                entries.append(_check_entry(line, data_dir, where))
+        except ManifestError as error:
+            problems.append(str(error))
+        if limit is not None and len(entries) + len(problems) == limit:
             break
+    if len(problems) == 1:
+        raise ManifestError(problems[0])
+    if problems:
+        more = f" (and {len(problems) - MAX_MANIFEST_PROBLEMS} more)" if len(problems) > MAX_MANIFEST_PROBLEMS else ""
+        raise ManifestError(f"{len(problems)} items of {manifest} cannot be used{more}: "
+                            + " | ".join(problems[:MAX_MANIFEST_PROBLEMS]))
     if not entries:
         raise ManifestError(f"{manifest} has no items.")
     return entries
