@@ -72,8 +72,9 @@ SUPPORTED_KEYWORDS = frozenset({
     "format", "$ref",
 })
 SUPPORTED_FORMATS = ("date",)
+BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 TYPED_KEYWORDS = {  # keyword -> the type it constrains (it needs that "type" next to it)
-    **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "number"),
+    **dict.fromkeys(BOUND_KEYWORDS, "number"),
     **dict.fromkeys(("pattern", "minLength", "maxLength", "format"), "string"),
     **dict.fromkeys(("items", "minItems", "maxItems"), "array"),
     **dict.fromkeys(("properties", "required", "additionalProperties"), "object"),
@@ -93,7 +94,6 @@ NUMBER_FORMATS = ("int32", "int64", "float", "double")
 FORMAT_ADVICE = 'use "type": "string" with a "pattern", or format "date"'
 # The integer bounds xgrammar enforces: it stores them as signed 64-bit integers (and refuses any other).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 BOUND_ADVICE = "drop the bound (and check the value after extraction if it matters)"
 
 # The largest schema that is compiled into a grammar, in characters of compact JSON (descriptions and other

@@ -401,8 +401,6 @@ def report_failures(items: list[dict], output) -> int:
     return 1
 
 
-
-
 def report_cut_off(items: list[dict], max_new_tokens: int) -> None:
     """Say on stderr how many extraction answers ``--max-new-tokens`` cut off, if any: they are scored
     as wrong (the exit code does not change), and a larger ``--max-new-tokens`` lets them finish."""
