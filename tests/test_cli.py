@@ -153,6 +153,27 @@ def test_module_predict_runs_for_real(tiny_checkpoint):
     assert 0 < record["seconds_to_first_token"] <= record["total_seconds"]
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_checkpoint, image):
+    """stdout's reader closes the pipe before the answer is printed (``| true``): exit 141, no traceback."""
+    argv = [sys.executable, "-m", "phi_helpers", "predict", "--image", str(image), "--task", "caption", *FAST]
+    process = subprocess.Popen(argv, env=subprocess_env(tiny_checkpoint), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 141 and b"Traceback" not in err and b"error:" not in err
+
+
+def test_ctrl_c_in_eval_says_nothing_was_written(capsys, monkeypatch, tmp_path):
+    from phi_helpers.cli import evaluate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate", interrupt)
+    Image.new("RGB", (64, 32), "white").save(tmp_path / "a.png")
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "ocr", "expected": "a"}\n')
+    code, _, err = run(capsys, "eval", "--data", tmp_path)
+    assert code == 130 and err.strip().splitlines()[-1] == "error: interrupted (nothing was written)"
+
 def test_console_script_points_at_main():
     from importlib.metadata import entry_points
 
