@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: message + exit code 2 (SystemExit)
     try:
-        if args.command == "predict":
-            return run_predict(args)
-        return run_eval_command(args, load=lambda: load_for_cli(args))
+        code = run_predict(args) if args.command == "predict" else run_eval_command(args, load=lambda: load_for_cli(args))
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at exit (exit code 120)
+        return code
     except KeyboardInterrupt:
         kept = "nothing was written" if args.command == "eval" else (
             "everything written so far is kept; run the same command again to go on")
