@@ -72,6 +72,24 @@ def test_real_config_traps():
     assert config.reset_cache_at_original_max is False  # Phi-3-vision keeps its cache past 4096
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(embd_layer="default"), "must be a dict"),
+        (dict(embd_layer={"use_hd_transform": False}), "use_hd_transform"),
+        (dict(embd_layer={"with_learnable_separator": False}), "with_learnable_separator"),
+        (dict(embd_layer={"projection_cls": "linear"}), "projection_cls"),
+        (dict(img_processor={"model_name": "openai/clip-vit-base-patch32"}), "model_name"),
+    ],
+)
+def test_configs_of_image_embeddings_the_checkpoints_do_not_use_are_refused(change, message):
+    """The original asserts these (or builds other modules); here they are typed errors, never ignored."""
+    from phi_helpers.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        Phi3VConfig(**change)
+
+
 @pytest.mark.parametrize("trust", [None, False, True])
 def test_auto_classes_load_without_remote_code(tiny_checkpoint, trust):
     kwargs = {} if trust is None else {"trust_remote_code": trust}
@@ -231,8 +249,10 @@ def test_negative_image_ids_work_and_input_ids_are_not_modified(model, processor
     with torch.no_grad():
         expected = model(**inputs).logits
         got = model(input_ids=negative, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).logits
+        sizes_as_list = model(**{**inputs, "image_sizes": inputs["image_sizes"].tolist()}).logits  # the original iterates
     assert torch.equal(negative, kept)  # no in-place clamp (the original P3V modified the caller's tensor)
     assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(sizes_as_list, expected)
 
 
 def test_pixel_values_without_image_positions_are_ignored_like_the_original(model, processor):

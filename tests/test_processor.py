@@ -6,6 +6,7 @@ from PIL import Image
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from phi_helpers import ContextLengthError, PromptImageMismatchError
+from phi_helpers.errors import InvalidArgumentError
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
 from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
 from phi_helpers.testing import FIXTURES
@@ -113,9 +114,29 @@ def test_prompt_over_context_length(processor):
         processor.tokenizer.model_max_length = limit
 
 
-def test_truncation_is_refused(processor):
-    with pytest.raises(ValueError, match="image tokens"):
+def test_truncation_with_images_is_refused(processor):
+    with pytest.raises(InvalidArgumentError, match="image tokens"):
         processor(PROMPT, image(), truncation=True)
+
+
+def test_text_only_prompts_take_the_tokenizers_padding_truncation_and_max_length(processor):
+    """The original hands text-only prompts to tokenizer(texts, padding=, truncation=, max_length=)."""
+    texts = ["<|user|>\nHi<|end|>\n<|assistant|>\n", "<|user|>\nA longer question here<|end|>\n<|assistant|>\n"]
+    for kwargs in (dict(padding="max_length", max_length=20), dict(truncation=True, max_length=5), dict(padding=True)):
+        ours = processor(texts, **kwargs)
+        expected = processor.tokenizer(texts, return_tensors="pt", **{"padding": "longest", **kwargs})
+        assert torch.equal(ours["input_ids"], expected["input_ids"]), kwargs
+        assert torch.equal(ours["attention_mask"], expected["attention_mask"]), kwargs
+    assert processor(texts[0], padding="max_length", max_length=10)["input_ids"].shape == (1, 10)
+    with pytest.raises(InvalidArgumentError, match="padding must be one of"):
+        processor(texts, padding="maxlength")
+
+
+def test_a_literal_image_token_in_the_prompt_is_refused(processor):
+    """<|image|> (32044) marks image features; typed into the text it would be taken for one."""
+    for images in (None, image()):
+        with pytest.raises(PromptImageMismatchError, match=r"contains <\|image\|>.*<\|image_1\|>"):
+            processor("<|user|>\n<|image_1|>\nSay <|image|> please<|end|>\n<|assistant|>\n" if images else "Say <|image|>", images)
 
 
 def test_processor_chat_template_numbers_image_items(processor):

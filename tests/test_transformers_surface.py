@@ -162,6 +162,29 @@ def test_phi3_drops_the_cache_once_past_original_max_position_embeddings(phi3_vi
     assert kept.get("cache") is not None and kept["input_ids"].shape[1] == 1, surface(item)
 
 
+def test_without_generation_config_json_the_generation_config_comes_from_config_json(phi3_vision, tmp_path):
+    """Phi-3-vision's repo has no generation_config.json; transformers then builds the generation config
+    from config.json's raw keys (no pad_token_id) through ``adjust_generation_fn``, where our override
+    adds the config's pad id 32000, the original's pad for finished rows of a batch (spec §1.2)."""
+    item = "from_pretrained without generation_config.json -> adjust_generation_fn"
+    path = make_tiny_checkpoint(tmp_path, variant="phi-3-vision")
+    assert not (path / "generation_config.json").exists()
+    raw = transformers.GenerationConfig.from_pretrained(path, config_file_name="config.json", _from_model_config=True)
+    assert raw.pad_token_id is None, surface(item + ": config.json's raw keys now carry a pad id")
+    assert "adjust_generation_fn" in vars(Phi3VForCausalLM) and hasattr(GenerationMixin, "adjust_generation_fn"), surface(item)
+    config = phi3_vision.generation_config
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 32000), surface(item)
+
+    # What it changes: a row that stopped early is padded with 32000, not with the stop token.
+    ids = torch.tensor([[1, 450, 4799, 338], [1, 1, 450, 338]])
+    step = phi3_vision(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])).logits[:, -1].argmax(-1)
+    output = phi3_vision.generate(
+        ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]), max_new_tokens=3, do_sample=False,
+        eos_token_id=int(step[0]),
+    )
+    assert output[0, 4].item() == step[0].item() and output[0, 5:].tolist() == [32000, 32000]
+
+
 def test_generate_calls_streamers_and_stopping_criteria_per_token(model, processor):
     """ask(stream=True), the batch timer and the profiler rely on: the first put() is the prompt, then
     one put() and one stopping-criteria call per new token."""

@@ -6,8 +6,8 @@
 
 The directory holds what the hub repository holds: config.json (the real one, traps included: legacy
 "su" RoPE, "_attn_implementation": "flash_attention_2", auto_map), model.safetensors with the official
-key names, preprocessor_config.json (and Phi-3.5's processor_config.json), generation_config.json and
-the real Phi-3 tokenizer files. Only the sizes are small: a 2-layer language model of width 192
+key names, preprocessor_config.json (and Phi-3.5's processor_config.json and generation_config.json;
+Phi-3-vision's repo has neither) and the real Phi-3 tokenizer files. Only the sizes are small: a 2-layer language model of width 192
 (head_dim 96, so the real 48 RoPE factors fit) and a 3-layer CLIP of width 32 at the real 336 px /
 patch 14. Its answers are random.
 """
@@ -100,7 +100,8 @@ def make_tiny_checkpoint(path, variant: str = "phi-3.5-vision", seed: int = 0) -
     if variant == "phi-3.5-vision":  # the hub repo also ships a processor_config.json pointing at remote code
         processor = {"auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}, "processor_class": "Phi3VProcessor"}
         (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if variant == "phi-3.5-vision":  # Phi-3-vision's repo has none (spec §1.2)
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copyfile(FIXTURES / name, path / name)
     return path

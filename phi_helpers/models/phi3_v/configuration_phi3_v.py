@@ -8,8 +8,8 @@ The official config.json files are read unchanged. Three things need care on tra
 * ``"_attn_implementation": "flash_attention_2"`` stored in config.json is dropped, so the caller's
   ``attn_implementation=`` (or the best available one) decides, and nothing forces flash-attn.
 * A plain ``attn_implementation="eager"`` sets the language model only: the vision tower keeps SDPA
-  (the same numbers, faster; the original's CLIP always ran SDPA). Setting the vision tower's
-  attention is explicit: ``attn_implementation={"": "eager", "vision_config": "eager"}``.
+  (the same numbers in fp32, faster; the original's CLIP ran transformers' default, SDPA since 4.43).
+  Setting the vision tower's attention is explicit: ``attn_implementation={"": "eager", "vision_config": "eager"}``.
 * config.json has no vision config: the original code hard-codes CLIP ViT-L/14 at 336 px, which is the
   default of ``vision_config`` here. Tiny test checkpoints store a small ``vision_config`` instead.
 """
@@ -53,6 +53,11 @@ DEFAULT_EMBD_LAYER = {
 }
 
 
+# The parts of embd_layer the original can vary but only these values describe the checkpoints (the
+# original asserts use_hd_transform == with_learnable_separator and builds other classes otherwise).
+HD_EMBEDDING = {key: DEFAULT_EMBD_LAYER[key] for key in ("embedding_cls", "hd_transform_order", "projection_cls", "use_hd_transform", "with_learnable_separator")}
+
+
 def split_attn_implementation(requested: str | dict | None) -> str | dict | None:
     """The attention of each part for an ``attn_implementation`` request.
 
@@ -94,10 +99,25 @@ class Phi3VConfig(Phi3Config):
     def __post_init__(self, **kwargs):
         # Trap 2: a stored "_attn_implementation" would beat from_pretrained(attn_implementation=...).
         kwargs.pop("_attn_implementation", None)
+        for name in ("img_processor", "embd_layer"):
+            if not isinstance(getattr(self, name) or {}, dict):
+                raise ConfigurationError(
+                    f"{name} is {getattr(self, name)!r}; it must be a dict like the checkpoints' config.json "
+                    "(leave it out for their values)."
+                )
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
         self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
-        if self.embd_layer["hd_transform_order"] != "sub_glb":
-            raise ConfigurationError("Phi-3-vision only defines hd_transform_order='sub_glb'.")
+        for key, value in HD_EMBEDDING.items():
+            if self.embd_layer[key] != value:
+                raise ConfigurationError(
+                    f"embd_layer[{key!r}] is {self.embd_layer[key]!r}; this implementation defines only the "
+                    f"checkpoints' image embedding ({value!r})."
+                )
+        if self.img_processor["model_name"] != DEFAULT_IMG_PROCESSOR["model_name"]:
+            raise ConfigurationError(
+                f"img_processor['model_name'] is {self.img_processor['model_name']!r}; the image embedding is "
+                f"built for {DEFAULT_IMG_PROCESSOR['model_name']} (its size is set by vision_config)."
+            )
         if self.reset_cache_at_original_max is None:
             self.reset_cache_at_original_max = bool(
                 self.sliding_window is not None and self.sliding_window > self.max_position_embeddings

@@ -133,7 +133,7 @@ class Phi3VImageEmbedding(nn.Module):
         features = self.clip_features(pixel_values)  # (N, K, 576, C)
         global_grids = self.add_row_separators(self.merge_2x2(features[:, 0]))  # (N, 12·13, 4C)
         pieces = []
-        for i, (height, width) in enumerate(image_sizes.tolist()):
+        for i, (height, width) in enumerate(torch.as_tensor(image_sizes).tolist()):  # a tensor or a list
             rows, cols = height // self.tile_size, width // self.tile_size
             local = self.tile_grid(self.merge_2x2(features[i, 1 : 1 + rows * cols]), rows, cols)
             pieces += [self.add_row_separators(local)[0], self.glb_GN[0], global_grids[i]]
@@ -219,6 +219,16 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        """After ``from_pretrained`` reads the generation config: Phi-3-vision's repo has no
+        generation_config.json, and transformers then builds one from config.json's raw keys, which lack
+        ``pad_token_id``. The original's generation config came from the config object (pad 32000, spec
+        §1.2), so unset token ids are taken from the config."""
+        super().adjust_generation_fn(*args, **kwargs)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name, None) is None:
+                setattr(self.generation_config, name, getattr(self.config, name, None))
 
     def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
         if requested_attention == "flash_attention_2":

@@ -29,6 +29,7 @@ from .image_processing_phi3_v import flatten_images
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # THE image tag pattern of the package: <|image_1|>, <|image_2|>...
 IMAGE_TOKEN = "<|image|>"
+PADDING_CHOICES = (False, True, "longest", "max_length", "do_not_pad")  # the tokenizer's; all but "max_length" pad to the longest
 
 # The tokenizer files shipped with Phi-3-vision-128k-instruct (Phi-3.5-vision's are the same): its
 # tokenizer_config.json holds the checkpoint's chat template and the list of added (special) tokens.
@@ -143,6 +144,9 @@ class Phi3VProcessor(ProcessorMixin):
         self,
         text=None,
         images=None,
+        padding=False,
+        truncation=None,
+        max_length: int | None = None,
         padding_side: str | None = None,
         return_tensors="pt",
         num_crops: int | None = None,
@@ -154,6 +158,10 @@ class Phi3VProcessor(ProcessorMixin):
             text: a prompt, or a list of prompts.
             images: for one prompt, an image or a list of images in tag order; for a list of prompts, a
                 list with one list of images per prompt (or one flat list, consumed in tag order).
+            padding, truncation, max_length: for text-only prompts, the tokenizer's, as in the original
+                (a batch is always padded to its longest prompt; ``padding="max_length"`` pads further).
+                With images the original ignores them; here truncation is refused, since it would cut
+                through image tokens.
             padding_side: where batches are padded. Default: "left" (what generation needs) when there are
                 images; for text-only prompts the tokenizer's own side ("right"), as in the original.
             num_crops: overrides ``image_processor.num_crops`` for this call.
@@ -163,28 +171,31 @@ class Phi3VProcessor(ProcessorMixin):
         """
         if isinstance(images, str) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
             text, images = images, text  # called as processor(images, text)
-        if kwargs.get("truncation"):
-            raise InvalidArgumentError("Truncation would cut through image tokens; shorten the prompt instead.")
         if text is None:
             raise InvalidArgumentError("The processor needs a prompt (text=...).")
+        if padding not in PADDING_CHOICES:
+            raise InvalidArgumentError(f"padding must be one of {PADDING_CHOICES}, got {padding!r}.")
         prompts = [text] if isinstance(text, str) else list(text)
         images_per_prompt = self._split_images(prompts, images)
 
-        image_inputs, tokens_per_image = {}, []
         all_images = [image for group in images_per_prompt for image in group]
-        if all_images:
-            image_inputs = self.image_processor(all_images, num_crops=num_crops, return_tensors="pt")
-            tokens_per_image = image_inputs.pop("num_img_tokens").tolist()
+        if not all_images:  # text only: the tokenizer's own truncation and padding, as in the original
+            sequences = self.tokenizer(prompts, truncation=truncation, max_length=max_length).input_ids
+            self._check_length(sequences)
+            length = (max_length or self.tokenizer.model_max_length) if padding == "max_length" else 0
+            input_ids, attention_mask = self._pad(sequences, padding_side or self.tokenizer.padding_side, length)
+            return BatchFeature(data={"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
 
+        if truncation:
+            raise InvalidArgumentError("Truncation would cut through image tokens; shorten the prompt instead.")
+        image_inputs = self.image_processor(all_images, num_crops=num_crops, return_tensors="pt")
+        tokens_per_image = image_inputs.pop("num_img_tokens").tolist()
         sequences, offset = [], 0
         for prompt, group in zip(prompts, images_per_prompt):
             sequences.append(self._tokenize(prompt, tokens_per_image[offset : offset + len(group)]))
             offset += len(group)
         self._check_length(sequences)
-
-        if padding_side is None:
-            padding_side = "left" if all_images else self.tokenizer.padding_side
-        input_ids, attention_mask = self._pad(sequences, padding_side)
+        input_ids, attention_mask = self._pad(sequences, padding_side or "left")
         data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -209,7 +220,13 @@ class Phi3VProcessor(ProcessorMixin):
                 f"Got {len(prompts)} prompts but {len(groups)} lists of images; pass one list per prompt."
             )
         for index, (prompt, group) in enumerate(zip(prompts, groups)):
-            _check_tags(prompt, len(group), "The prompt" if len(prompts) == 1 else f"Prompt {index}")
+            which = "The prompt" if len(prompts) == 1 else f"Prompt {index}"
+            if IMAGE_TOKEN in prompt:
+                raise PromptImageMismatchError(
+                    f"{which} contains {IMAGE_TOKEN}, the token the processor puts in place of each image's "
+                    "features. Mark where each image goes with <|image_1|>, <|image_2|>, ... instead."
+                )
+            _check_tags(prompt, len(group), which)
         return groups
 
     def _tokenize(self, prompt: str, tokens_per_image: list[int]) -> list[int]:
@@ -225,10 +242,11 @@ class Phi3VProcessor(ProcessorMixin):
         image_tokens = sum(token == self.image_token_id for token in longest)
         check_context_length(len(longest), self.tokenizer.model_max_length, image_tokens=image_tokens)
 
-    def _pad(self, sequences: list[list[int]], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, sequences: list[list[int]], padding_side: str, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to the longest sequence, or to ``length`` if that is longer."""
         if padding_side not in ("left", "right"):
             raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-        length = max(len(s) for s in sequences)
+        length = max(length, *(len(s) for s in sequences))
         pad_id = self.tokenizer.pad_token_id
         input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
