@@ -195,6 +195,31 @@ def test_the_mask_allows_only_what_the_schema_allows(cli_model_and_processor):
         allowed_next_tokens(tokenizer, grammar, '{"age":')  # the schema's order: sex first
 
 
+def test_a_pattern_matches_anywhere_in_the_value_as_json_schema_says(cli_model_and_processor):
+    """JSON Schema's pattern is a search (jsonschema accepts "Lindqvist" for "^[A-Z]"); xgrammar reads a
+    pattern as the whole value, which allowed one capital letter and nothing after it."""
+    _model, processor = cli_model_and_processor
+    tokenizer = processor.tokenizer
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[A-Z]"},
+                                               "mail": {"type": "string", "pattern": "@"},
+                                               "code": {"type": "string", "pattern": "^X|Y$"}},
+              "required": ["name", "mail", "code"]}
+    grammar = compile_schema(tokenizer, schema, 32064, [32007])
+
+    def allowed_texts(prefix):
+        return {tokenizer.decode([tokenizer.convert_tokens_to_ids(t)]) for t in allowed_next_tokens(tokenizer, grammar, prefix)}
+
+    assert "ind" in allowed_texts('{"name":"L') and '"' in allowed_texts('{"name":"L')  # "Lindqvist", or "L"
+    assert not any(text[:1].islower() for text in allowed_texts('{"name":"'))  # still starts with a capital
+    assert "a" in allowed_texts('{"name":"Li","mail":"') and '"' not in allowed_texts('{"name":"Li","mail":"ann')
+    assert '"' in allowed_texts('{"name":"Li","mail":"ann@x.org","code":"aY')  # ends with Y
+    assert '"' in allowed_texts('{"name":"Li","mail":"ann@x.org","code":"Xa')  # starts with X
+    assert '"' not in allowed_texts('{"name":"Li","mail":"ann@x.org","code":"aX')
+    assert allowed_next_tokens(tokenizer, grammar, '{"name":"Lindqvist","mail":"ann@x.org","code":"X-9"}') == ["<|end|>"]
+    with pytest.raises(SchemaNotSupportedError, match=r"\^ or \$ inside a pattern"):
+        compile_schema(tokenizer, {"type": "string", "pattern": "(^a)b"}, 32064, [32007])
+
+
 def test_ids_beyond_the_tokenizer_are_always_masked(cli_model_and_processor):
     """The model scores 32064 ids, the tokenizer has 32045 tokens: the ids between have no text."""
     model, processor = cli_model_and_processor

@@ -141,6 +141,21 @@ def test_longrope_switch_and_attention_factor(model):
         assert torch.allclose(cos[0, 1, :48], expected, atol=1e-5), f"position {last}"
 
 
+def test_longrope_gives_phi3s_numbers_without_changing_the_module(model):
+    """Phi3's rotary module picks the factors by overwriting its inv_freq buffer, so threads sharing a
+    model raced (a long prompt in one thread rotated a short one in another with the long factors).
+    Ours gives the same cos/sin bit for bit and leaves every buffer as it was."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    ours, phi3 = model.model.rotary_emb, Phi3RotaryEmbedding(model.config)
+    before = {name: buffer.clone() for name, buffer in ours.named_buffers()}
+    x = torch.zeros(1, dtype=torch.float32)
+    for positions in (torch.arange(12)[None], torch.tensor([[0, 4095]]), torch.tensor([[0, 4096]]), torch.arange(8200).view(2, 4100)):
+        for got, expected in zip(ours(x, positions), phi3(x, positions)):
+            assert torch.equal(got, expected)
+        assert all(torch.equal(buffer, before[name]) for name, buffer in ours.named_buffers())
+
+
 def test_sdpa_and_eager_agree_in_language_model_and_vision_tower(tiny_checkpoint, processor):
     inputs = processor(TWO_IMAGES, [picture(500, 400, 1), picture(300, 600, 2)])
     logits = {}

@@ -23,7 +23,7 @@ The JSON Schema subset that is enforced (anything else is refused before generat
   ``additionalProperties`` (true, false or a schema; when absent, no extra properties are written),
   ``items`` (one schema for every item), ``minItems``, ``maxItems``,
   ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
-  back-references), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
+  back-references, matched anywhere in the value as JSON Schema says), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
   ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...``;
@@ -276,11 +276,62 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
         return [f"{where}: a pattern with a look-around or back-reference ({pattern!r})"]
     if re.search(r"(?<!\\)(\\\\)*\\[AZz]", pattern):  # xgrammar would read \A as the letter A
         return [f"{where}: \\A, \\Z or \\z in a pattern ({pattern!r}; write ^ and $)"]
+    full_match = whole_value_pattern(pattern)
+    if full_match is None:
+        return [f"{where}: ^ or $ inside a pattern ({pattern!r}); they can only begin or end it (or a top-level | branch)"]
     try:
-        xgrammar.Grammar.from_regex(pattern)
+        for regex in (pattern, full_match):  # the pattern first: an error's position is then the user's
+            xgrammar.Grammar.from_regex(regex)
     except RuntimeError as error:
         return [f"{where}: a pattern the grammar cannot express ({pattern!r}: {_xgrammar_reason(error)})"]
     return []
+
+
+def whole_value_pattern(pattern: str) -> str | None:
+    """``pattern`` as a regex the whole value must match, which is how xgrammar reads a pattern; None if a
+    ``^`` or ``$`` stands anywhere but at the start or end of a top-level branch.
+
+    JSON Schema's ``pattern`` matches anywhere in the value (Python's ``re.search``, which checks the
+    answers): ``"^[A-Z]"`` accepts "Lindqvist". Given to xgrammar as it is, it would allow only one capital
+    letter. So each top-level branch gets ``.*`` where it is not anchored: ``"^[A-Z]"`` -> ``"(?:[A-Z]).*"``.
+    """
+    branches, anchors, start = [], [], 0
+    for index, char in _unescaped(pattern):
+        if char == "|":
+            branches.append((start, index))
+            start = index + 1
+        else:
+            anchors.append((index, char))
+    branches.append((start, len(pattern)))
+    ends = {(begin, "^") for begin, _ in branches} | {(end - 1, "$") for _, end in branches}
+    if any(anchor not in ends for anchor in anchors):
+        return None
+    whole = []
+    for begin, end in branches:
+        anchored_start, anchored_end = (begin, "^") in anchors, (end - 1, "$") in anchors
+        core = pattern[begin + anchored_start : end - anchored_end]
+        whole.append(("" if anchored_start else ".*") + f"(?:{core})" + ("" if anchored_end else ".*"))
+    return "|".join(whole)
+
+
+def _unescaped(pattern: str):
+    """(index, char) of each ``^``, ``$`` outside a character class, and each ``|`` outside any group."""
+    depth, in_class, index = 0, False, 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 1
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            index += pattern.startswith("^", index + 1)  # [^...] negates
+            index += pattern.startswith("]", index + 1)  # a ] first in a class is a literal
+        elif char in "()":
+            depth += 1 if char == "(" else -1
+        elif char in "^$" or (char == "|" and depth == 0):
+            yield index, char
+        index += 1
 
 
 def _xgrammar_reason(error: Exception) -> str:
@@ -419,6 +470,8 @@ def _grammar_schema(schema):
 
 def _rewrite_for_grammar(copy: dict) -> dict:
     """Rewrite the keywords of one subschema (``copy``, changed in place) that xgrammar would get wrong."""
+    if "pattern" in copy:
+        copy["pattern"] = whole_value_pattern(copy["pattern"])  # checked by _pattern_problems: never None
     if copy.get("format") == "date":
         del copy["format"]
         copy["pattern"] = DATE_PATTERN  # a checked pattern next to it accepts every such date

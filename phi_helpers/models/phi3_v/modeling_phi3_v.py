@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel, Phi3RotaryEmbedding
 from transformers.utils import is_flash_attn_2_available
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -142,6 +143,37 @@ class Phi3VImageEmbedding(nn.Module):
         return self.img_projection(merged)
 
 
+class Phi3VRotaryEmbedding(Phi3RotaryEmbedding):
+    """LongRoPE (spec §6): the short factors up to ``original_max_position_embeddings`` (4096) tokens,
+    the long ones past it, chosen by max(position_ids) + 1 on every call.
+
+    Phi3's own module makes the choice by overwriting its ``inv_freq`` buffer, so two threads sharing a
+    model could rotate one prompt with the factors chosen for the other's length; here each call picks
+    its factors without changing the module. The cos/sin are computed as in Phi3's module, bit for bit.
+    """
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__(config)
+        self.longrope = self.rope_type == "longrope"
+        self.limit = config.rope_parameters.get("original_max_position_embeddings")
+        self.long_inv_freq = None  # not a buffer: loading would leave it unset; made on first use
+
+    def long_factors(self, device) -> torch.Tensor:
+        """The inverse frequencies with the long factors, on ``device`` (the same every time)."""
+        if self.long_inv_freq is None or self.long_inv_freq.device != device:
+            self.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](self.config, device, seq_len=self.limit + 1)
+        return self.long_inv_freq
+
+    def forward(self, x, position_ids):
+        if not self.longrope:
+            return super().forward(x, position_ids)
+        long = torch.max(position_ids) + 1 > self.limit  # a 0-d tensor: no host sync, traceable
+        inv_freq = torch.where(long, self.long_factors(x.device), self.original_inv_freq.to(x.device))
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
 class Phi3VModel(Phi3Model):
     """Phi3Model whose token embeddings take image features at the ``<|image|>`` positions."""
 
@@ -149,6 +181,7 @@ class Phi3VModel(Phi3Model):
 
     def __init__(self, config: Phi3VConfig):
         super().__init__(config)
+        self.rotary_emb = Phi3VRotaryEmbedding(config)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
         self.post_init()
 
