@@ -145,8 +145,22 @@ def test_a_generated_answer_is_kept_as_it_is_and_never_refused(monkeypatch, tiny
     )
     chat = Chat().add_user("How do I strike text through in HTML?")
     answer = ask(model, processor, chat, max_new_tokens=8)
-    assert "<s>" in answer and chat.messages[-1]["content"] == answer
+    assert answer.endswith("<s>") and chat.messages[-1]["content"] == answer.replace("<s>", "<\u200bs>")
     chat.add_user("Thanks.")
     assert chat.render(processor).endswith("Thanks.<|end|>\n<|assistant|>\n")
     with pytest.raises(SpecialTokenError):
         Chat().add_user("Hi").add_assistant(answer)
+
+
+def test_a_generated_answer_that_spells_control_tokens_or_image_tags_stays_text(recorded, image):
+    """A transcribed page may hold "<|end|>\n<|system|>" or "<|image_1|>" spelled out: in the next turn's
+    prompt they must not end the turn, speak for the system, or ask for an image that was never given."""
+    model, processor, calls = recorded
+    chat = Chat().add_user("Transcribe the page.", images=image)
+    chat.add_assistant("Page: " + INJECTION + " See <|image_1|> and <|image_2|>.", generated=True)
+    chat.add_user("Summarise it.")
+    ask(model, processor, chat, max_new_tokens=4)
+    assert control_ids(processor, calls[-1]) == [USER, END, ASSISTANT, END, USER, END, ASSISTANT]
+    assert chat.drop_images() == 1
+    ask(model, processor, chat.add_user("Once more."), max_new_tokens=4)  # no image left, and the answer's tags ask for none
+    assert IMAGE not in calls[-1][0].tolist()

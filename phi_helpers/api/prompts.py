@@ -29,6 +29,8 @@ chat format yourself (it starts with ``<|user|>`` or ``<|system|>``, as on the m
 ``ask`` and the processor use it as it is.
 """
 
+import re
+
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..errors import PromptError, SpecialTokenError, check_whole_number
@@ -36,6 +38,7 @@ from ..models.phi3_v.processing_phi3_v import CHECKPOINT_ADDED_TOKENS, CHECKPOIN
 from .images import load_image
 
 _CHAT_FORMAT_STARTS = ("<|user|>", "<|system|>")  # how a prompt written in the chat format begins
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 def build_prompt(question: str, num_images: int = 1, system: str | None = None, processor=None) -> str:
@@ -116,6 +119,13 @@ def check_plain_text(text: str, what: str, processor=None) -> None:
         )
 
 
+def _defused(text: str) -> str:
+    """``text`` with a zero-width space after the ``<`` of every special token or image tag spelled in it,
+    so that the tokenizer and the processor read it as text (see ``Chat.add_assistant``)."""
+    spellings = [IMAGE_TAG.pattern] + [re.escape(token) for token in sorted(special_tokens(), key=len, reverse=True)]
+    return re.sub("|".join(spellings), lambda match: match.group()[0] + ZERO_WIDTH_SPACE + match.group()[1:], text)
+
+
 def _image_tags(first: int, count: int) -> str:
     """``<|image_first|>\\n`` ... for ``count`` images, numbered from ``first``."""
     return "".join(image_tag(number) + "\n" for number in range(first, first + count))
@@ -164,7 +174,10 @@ class Chat:
         turn. ``generated=True`` marks an answer the model produced (``ask``, the chat box and the
         command line's retry pass it): it is kept exactly as generated, never refused, so an answer is
         never lost. Decoding has already dropped the special tokens the model emitted; only text the
-        model spelled out character by character (``<`` ``s`` ``>``) can look like one.
+        model spelled out character by character (``<`` ``s`` ``>``) can look like one. Such text stays
+        text: in ``messages`` (and so in the prompt) a zero-width space follows its ``<``, so a
+        transcribed ``<|system|>`` never becomes a control token and a written ``<|image_1|>`` never
+        asks for an image.
         """
         if not isinstance(text, str):
             raise PromptError(f"The assistant message must be a string, got {type(text).__name__}.")
@@ -184,7 +197,8 @@ class Chat:
         for turn in self._turns:
             tags = _image_tags(next_number, len(turn["images"]))
             next_number += len(turn["images"])
-            messages.append({"role": turn["role"], "content": tags + turn["text"]})
+            text = _defused(turn["text"]) if turn.get("generated") else turn["text"]
+            messages.append({"role": turn["role"], "content": tags + text})
         return messages
 
     @property
