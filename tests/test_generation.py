@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt
+from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt, extract
+from phi_helpers.errors import InvalidArgumentError, SchemaError
 from phi_helpers.api import generation
 from phi_helpers.api.generation import stream_chunks
 
@@ -107,6 +108,29 @@ def test_sampling_kwargs_switch_sampling_on_and_caller_settings_win(monkeypatch,
     assert calls[-1]["do_sample"] is False and "temperature" not in calls[-1]
     ask(model, processor, "Hi", eos_token_id=[5], do_sample=False, top_k=3)
     assert calls[-1]["eos_token_id"] == [5] and calls[-1]["do_sample"] is False
+    ask(model, processor, "Hi", temperature=None, top_p=None)  # None (a config's "unset") is the default: greedy
+    assert calls[-1]["do_sample"] is False and "temperature" not in calls[-1] and "top_p" not in calls[-1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(temperature=0, do_sample=True), "pass one of them"), (dict(num_return_sequences=2), "one answer"),
+     (dict(num_beams=2, schema={"type": "object"}), "beam search")],
+)
+def test_settings_ask_cannot_honour_are_refused_before_generating(monkeypatch, model_and_processor, kwargs, message):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    with pytest.raises(InvalidArgumentError, match=message):
+        ask(model, processor, "Hi", **kwargs)
+    assert calls == []
+
+
+def test_extract_without_a_schema_is_refused_before_generating(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    with pytest.raises(SchemaError, match="needs a JSON Schema"):
+        extract(model, processor, "Extract", None)
+    assert calls == []
 
 
 def test_templated_prompt_is_used_as_is(monkeypatch, model_and_processor, image):

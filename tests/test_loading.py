@@ -1,13 +1,18 @@
 """load_model and its choices: device, dtype, attention, PHI_HELPERS_MODEL, errors before loading."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi_helpers.testing
 from phi_helpers import FlashAttentionUnavailableError, load_model
 from phi_helpers.api import loading
-from phi_helpers.errors import DeviceUnavailableError, ModelLoadError
+from phi_helpers.errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError
 from phi_helpers.api.loading import pick_attention, pick_device, pick_dtype
 
 
@@ -158,6 +163,39 @@ def test_missing_local_folder_is_reported_clearly(no_env_model, forbid_loading, 
     with pytest.raises(ModelLoadError, match="No model folder at") as info:
         load_model(tmp_path / "no-such-model", device="cpu")
     assert isinstance(info.value, OSError)
+
+
+@pytest.mark.parametrize("model_id", [Path("models/phi35-finetuned"), "phi35_local", "./x/y", "a/b/c"])
+def test_a_folder_that_is_not_there_is_never_looked_up_on_the_hub(no_env_model, forbid_loading, model_id):
+    """Only owner/name goes to the hub: a Path, a bare name or a longer path is a local folder, whose name
+    must not leave the machine (forbid_loading fails on any from_pretrained call)."""
+    with pytest.raises(ModelLoadError, match="No model folder at"):
+        load_model(model_id, device="cpu")
+
+
+@pytest.mark.parametrize("model_id", ["", "   ", 123, ["microsoft/Phi-3.5-vision-instruct"]])
+def test_a_model_id_that_is_not_one_is_refused(no_env_model, forbid_loading, model_id):
+    with pytest.raises(InvalidArgumentError, match="model_id must be a hub id"):
+        load_model(model_id, device="cpu")
+
+
+def test_another_models_folder_is_refused_before_loading(no_env_model, forbid_loading, tiny_checkpoint, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ModelLoadError, match="holds a 'llama' model"):
+        load_model(folder, device="cpu")
+
+
+def test_a_checkpoint_without_some_weights_is_refused(no_env_model, tiny_checkpoint, tmp_path):
+    """Missing weights would be random numbers: the model would answer, wrongly, without a word."""
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: t for name, t in weights.items() if not name.startswith("lm_head")}, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="lacks 1 of the model's weights \\(lm_head.weight\\)"):
+        load_model(folder, device="cpu")
 
 
 def test_hub_failures_become_a_short_model_load_error(no_env_model, monkeypatch):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from ..errors import PromptError, check_whole_number
+from ..errors import InvalidArgumentError, PromptError, SchemaError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
 from .constrained import SchemaConstraint, compile_schema, read_answer
@@ -102,6 +102,10 @@ def extract(
             the supported subset is listed in ``help(phi_helpers.api.constrained)``.
         JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it.
     """
+    if not isinstance(schema, dict):
+        raise SchemaError(
+            f"extract() needs a JSON Schema (a dict) to follow, got {type(schema).__name__}; for a free answer use ask()."
+        )
     answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
     return read_answer(answer, schema)
 
@@ -243,10 +247,22 @@ def encode(model, processor, prompts, images: list, max_new_tokens: int):
 def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict, schema: dict | None = None) -> dict:
     """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn;
     with a ``schema``, the token mask of constrained decoding (compiled here, before any generation)."""
-    settings = dict(generate_kwargs)
+    settings = {name: value for name, value in generate_kwargs.items() if value is not None}  # None: the default
     if settings.get("temperature") == 0:  # "temperature 0" means greedy, as in the official sample code
+        if settings.get("do_sample"):
+            raise InvalidArgumentError("temperature=0 means greedy decoding, do_sample=True sampling: pass one of them.")
         settings.pop("temperature")
         settings["do_sample"] = False
+    if settings.get("num_return_sequences", 1) != 1:
+        raise InvalidArgumentError(
+            "ask() returns one answer, so num_return_sequences must be 1. For several different answers, "
+            "call it several times with do_sample=True."
+        )
+    if schema is not None and settings.get("num_beams", 1) != 1:
+        raise InvalidArgumentError(
+            "A schema constrains one answer token by token, which beam search (num_beams > 1) does not follow; "
+            "leave num_beams out."
+        )
     settings.setdefault("do_sample", any(name in settings for name in _SAMPLING_KWARGS))
     settings.setdefault("eos_token_id", _stop_token_ids(model, processor))
     settings.setdefault("pad_token_id", processor.tokenizer.pad_token_id)

@@ -36,7 +36,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from .. import testing
 from ..errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError, check_whole_number
-from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, check_flash_attention
+from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM, check_flash_attention
 from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES
 from .quantization import check_quantize, quantization_config, use_fused_int8_kernel
 
@@ -86,7 +86,8 @@ def load_model(
     model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device}
     if quantization is not None:
         model_kwargs["quantization_config"] = quantization
-    model = _from_pretrained(AutoModelForCausalLM, source, **model_kwargs).eval()
+    model, info = _from_pretrained(AutoModelForCausalLM, source, output_loading_info=True, **model_kwargs)
+    _check_loaded(model.eval(), info, label)
     use_fused_int8_kernel(model)  # int8 weights on CPU: PyTorch's fused kernel while decoding
     return_freed_memory()
 
@@ -210,6 +211,10 @@ def requested_model_id(model_id=None) -> str:
     """The model ``load_model(model_id)`` loads: ``model_id`` itself; ``None``: ``$PHI_HELPERS_MODEL``
     if set, else ``DEFAULT_MODEL_ID``. (The command line records it in each request.)"""
     if model_id is not None:
+        if not isinstance(model_id, (str, os.PathLike)) or not os.fspath(model_id).strip():
+            raise InvalidArgumentError(
+                f"model_id must be a hub id (e.g. '{DEFAULT_MODEL_ID}'), a folder or 'tiny'; got {model_id!r}."
+            )
         return os.fspath(model_id)
     return os.environ.get("PHI_HELPERS_MODEL", "").strip() or DEFAULT_MODEL_ID
 
@@ -220,19 +225,20 @@ def _resolve_source(model_id) -> tuple[str, str]:
     from_env = model_id is None and source != DEFAULT_MODEL_ID
     if source.strip().lower() == "tiny":
         return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision" + (" (PHI_HELPERS_MODEL=tiny)" if from_env else "")
-    return _check_source(source), source + (" (from PHI_HELPERS_MODEL)" if from_env else "")
+    return _check_source(source, local=isinstance(model_id, os.PathLike)), source + (" (from PHI_HELPERS_MODEL)" if from_env else "")
 
 
-def _check_source(source: str) -> str:
-    """A source that looks like a folder must exist (the hub's own error for this is confusing)."""
-    looks_local = source.startswith((".", "/", "~", "\\")) or os.path.isabs(source) or source.count("/") > 1
+def _check_source(source: str, local: bool = False) -> str:
+    """A source that is not a hub id (``owner/name``) must be an existing folder: the hub's own error for
+    it is confusing, and looking it up would send a local folder's name to the hub. ``local``: a Path."""
     path = Path(source).expanduser()
     if path.exists():
         return str(path)
-    if looks_local:
+    hub_id = not local and source.count("/") == 1 and not source.startswith((".", "/", "~", "\\")) and not os.path.isabs(source)
+    if not hub_id:
         raise ModelLoadError(
             f"No model folder at '{path}'. Check the path (relative paths start from '{Path.cwd()}'), or pass a "
-            f"hub id such as '{DEFAULT_MODEL_ID}'."
+            f"hub id such as '{DEFAULT_MODEL_ID}' (owner/name)."
         )
     return source
 
@@ -252,6 +258,13 @@ def check_checkpoint_files(folder: Path) -> None:
             json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise _broken_file_error(path, f"it is not valid JSON ({error})") from None
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "phi3_v":
+        raise ModelLoadError(
+            f"'{folder}' holds a {model_type!r} model (config.json), not Phi-3-vision or Phi-3.5-vision "
+            f"(model_type 'phi3_v'). Pass a folder holding one of those, or a hub id such as '{DEFAULT_MODEL_ID}'."
+        )
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
@@ -286,6 +299,23 @@ def _broken_file_error(path: Path, problem: str) -> ModelLoadError:
         f"The checkpoint file '{path}' is unusable: {problem}. Copy or download the checkpoint again "
         "(for a hub model: delete it from the Hugging Face cache and load it once more)."
     )
+
+
+def _check_loaded(model, info: dict, label: str) -> None:
+    """Raise ModelLoadError if ``model`` is not Phi-3(.5)-vision or its checkpoint lacks weights (they
+    would be random: the model would answer with random words and nothing would say why)."""
+    if not isinstance(model, Phi3VForCausalLM):
+        raise ModelLoadError(
+            f"'{label}' is a {model.config.model_type!r} model, not Phi-3-vision or Phi-3.5-vision. Pass one of "
+            f"those (e.g. '{DEFAULT_MODEL_ID}') or a folder holding one."
+        )
+    missing = info.get("missing_keys") or []
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ModelLoadError(
+            f"The checkpoint '{label}' lacks {len(missing)} of the model's weights ({shown}); they would be "
+            "random. Download or copy the checkpoint again (all its model-*.safetensors files)."
+        )
 
 
 def _from_pretrained(auto_class, source: str, **kwargs):
