@@ -96,6 +96,14 @@ def test_field_matches_compares_lists_and_objects_element_by_element():
     assert normalise_value({"a": [" X  y ", 1]}) == {"a": ["x y", 1.0]}
 
 
+def test_numbers_match_by_exact_value_and_no_answer_is_empty_text():
+    """Rounding to 6 decimals took a dose of 4e-7 for 1e-7 and two 17-digit account numbers for one."""
+    assert field_matches({"x": 12.50, "n": 3.0}, {"x": 12.5, "n": 3}) == {"x": True, "n": True}
+    assert field_matches({"dose": 4e-7}, {"dose": 1e-7}) == {"dose": False}
+    assert field_matches({"acct": 12345678901234567}, {"acct": 12345678901234568}) == {"acct": False}
+    assert character_error_rate(None, "None") == 1.0 and character_error_rate(None, "") == 0.0
+
+
 def test_summary_per_field_and_overall():
     scored = [
         {"task": "ocr", "cer": 0.5, "edits": 5, "reference_chars": 10},

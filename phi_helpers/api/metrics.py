@@ -35,8 +35,9 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def normalise_text(text: str) -> str:
-    """Collapse every run of whitespace (spaces, tabs, line breaks) into one space; strip the ends."""
-    return " ".join(str(text).split())
+    """Collapse every run of whitespace (spaces, tabs, line breaks) into one space; strip the ends.
+    ``None`` (no answer) is the empty text."""
+    return " ".join(("" if text is None else str(text)).split())
 
 
 def character_error_rate(hypothesis: str, reference: str) -> float:
@@ -68,7 +69,7 @@ def normalise_value(value):
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        return round(float(value), 6)
+        return value  # 12.5 == 12.50 == 12.500; nothing rounded: 4e-7 is not 1e-7, nor ...567 ...568
     if isinstance(value, list):
         return [normalise_value(element) for element in value]
     if isinstance(value, dict):
