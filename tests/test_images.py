@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy
 import pytest
 from PIL import Image
 
@@ -115,6 +116,18 @@ def test_grayscale_and_cmyk_become_rgb(tmp_path):
     assert cmyk.mode == "RGB"
     red, green, blue = cmyk.getpixel((4, 4))
     assert red > 200 and green < 50 and blue < 50
+
+
+def test_16_bit_32_bit_and_float_greyscale_are_scaled_not_clipped(tmp_path):
+    """Pillow's convert("RGB") clips: a 16-bit scan's black-to-white ramp came out 99.6% white."""
+    ramp = numpy.tile(numpy.linspace(0, 65535, 256).astype(numpy.uint16), (4, 1))
+    for suffix in ("png", "tiff"):
+        Image.fromarray(ramp).save(tmp_path / f"scan.{suffix}")
+        loaded = numpy.asarray(load_image(tmp_path / f"scan.{suffix}"))
+        assert loaded.shape == (4, 256, 3) and (loaded[0, :, 0] == numpy.arange(256)).all(), suffix
+    assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 0.5, dtype=numpy.float32))))[0, 0, 0] == 128
+    assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 30000, dtype=numpy.int32))))[0, 0, 0] == 117
+    assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 200, dtype=numpy.int32))))[0, 0, 0] == 200
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy
 import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,7 +42,8 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     Args:
         src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, the
             image file's content as ``bytes``/``bytearray``, an open binary file object, or a PIL
-            image (a converted copy is returned; your image is not changed).
+            image (a converted copy is returned; your image is not changed). Transparency becomes
+            white; 16-bit greyscale (scans, scientific cameras) is scaled to 8 bits.
         timeout: seconds to wait for a URL's server to answer, and for each piece of the download.
         max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
         max_seconds: the whole download must be over within this many seconds, however steadily a
@@ -157,13 +159,38 @@ def _upright(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Return an RGB copy of ``image``; transparent parts are composited onto a white background."""
+    """Return an RGB copy of ``image``; transparent parts are composited onto a white background, and
+    16-bit, 32-bit and floating-point greyscale is scaled to 8 bits (``_to_8_bit``)."""
+    if image.mode in WIDE_GREYSCALE:
+        return _to_8_bit(image).convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+WIDE_GREYSCALE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow's modes of more than 8 bits per pixel
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A greyscale image of more than 8 bits as 8-bit greyscale ("L"), its values scaled, not clipped.
+
+    Pillow's ``convert`` clips them: a 16-bit scan (0-65535) would come out almost all white. 16-bit
+    values are divided by 257 (65535 -> 255); 32-bit integers above 255 too, as 16-bit data (scaled from
+    their range if they exceed it); floating point in 0..1 is multiplied by 255, other floats are scaled
+    from their range.
+    """
+    values = numpy.asarray(image, dtype=numpy.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
+        values = values / 257
+    elif image.mode == "F" and 0 <= low and high <= 1:
+        values = values * 255
+    elif low < 0 or high > 255:  # other ranges: stretched to 0..255
+        values = (values - low) * (255 / (high - low)) if high > low else values * 0
+    return Image.fromarray(numpy.clip(numpy.rint(values), 0, 255).astype(numpy.uint8), mode="L")
 
 
 def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -> bytes:
