@@ -1,10 +1,12 @@
 """generate_batch on the tiny random model: finished rows leave the batch, answers stay the same."""
 
+import pytest
 import torch
 from PIL import Image
 
 from phi_helpers.api import generation
 from phi_helpers.api.generation import generate_batch
+from phi_helpers.errors import PromptError
 
 PROMPTS = [
     "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n",
@@ -85,3 +87,16 @@ def test_prompts_past_the_original_context_are_prefilled_in_one_pass(monkeypatch
     cache = generation.PreallocatedCache(model.config, inputs["input_ids"].shape[1])
     generation._prefill_in_groups(model, inputs, [len(group) for group in images()], cache)
     assert cache.get_seq_length() == 0  # left to generate
+
+
+def test_batches_of_the_wrong_shape_are_refused_with_what_to_pass(cli_model_and_processor):
+    model, processor = cli_model_and_processor
+    prompt, picture = "<|user|>\n<|image_1|>\nHi<|end|>\n<|assistant|>\n", Image.new("RGB", (40, 30))
+    for prompts, images, message in [
+        ([], [], "non-empty list of prompts"),
+        (prompt, [[picture]], "non-empty list of prompts"),  # a string is not a list of prompts
+        ([prompt, prompt], [picture, picture], "one list of images per prompt"),
+        ([prompt, prompt], [[picture]], "one list of images per prompt"),
+    ]:
+        with pytest.raises(PromptError, match=message):
+            generate_batch(model, processor, prompts, images, max_new_tokens=2)

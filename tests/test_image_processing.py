@@ -133,10 +133,11 @@ def test_extreme_aspect_ratio_is_a_clear_error():
     [(65500, 2, "336 pixels wide it would be 0 pixels tall"), (2, 65500, "336 pixels tall it would be 0 pixels wide")],
 )
 def test_too_elongated_names_the_image_as_it_is(width, height, shape):
-    with pytest.raises(ImageAspectRatioError) as caught:
-        hd_canvas_size(width, height, 1)
-    assert f"An image of {width}x{height} pixels (aspect ratio 32750:1)" in str(caught.value)
-    assert shape in str(caught.value)
+    for refuse in (lambda: hd_canvas_size(width, height, 1), lambda: Phi3VImageProcessor(num_crops=1)(Image.new("L", (width, height)))):
+        with pytest.raises(ImageAspectRatioError) as caught:
+            refuse()
+        assert f"An image of {width}x{height} pixels (aspect ratio 32750:1)" in str(caught.value)
+        assert shape in str(caught.value)
 
 
 def test_unusable_inputs_are_clear_errors():

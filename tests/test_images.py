@@ -130,6 +130,19 @@ def test_16_bit_32_bit_and_float_greyscale_are_scaled_not_clipped(tmp_path):
     assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 200, dtype=numpy.int32))))[0, 0, 0] == 200
 
 
+def test_data_urls_are_read_and_an_empty_path_is_named(png_path):
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(png_path.read_bytes()).decode()
+    assert load_image(url).size == load_image(png_path).size
+    with pytest.raises(ImageLoadError, match="damaged"):
+        load_image(url[:-3] + "!!!")
+    with pytest.raises(ImageLoadError, match="Only base64"):
+        load_image("data:image/svg+xml,<svg/>")
+    with pytest.raises(ImageLoadError, match="path is empty"):
+        load_image("  ")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"

@@ -7,6 +7,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from phi_helpers import Chat, ImageLoadError, build_prompt
+from phi_helpers.errors import PromptError
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "phi_helpers" / "data" / "phi-3-vision-128k-instruct"
 
@@ -79,6 +80,9 @@ def test_question_with_its_own_image_tag_is_refused():
 def test_single_turn_chat_renders_like_build_prompt():
     chat = Chat(system="Be brief.").add_user("What is this?", images=colour("red"))
     assert chat.render() == build_prompt("What is this?", num_images=1, system="Be brief.")
+    for refuse in (lambda: Chat(system="   "), lambda: build_prompt("Hi", system="   ")):  # the same rule in both
+        with pytest.raises(PromptError, match="empty"):
+            refuse()
 
 
 def test_images_are_numbered_over_the_whole_conversation(tmp_path):

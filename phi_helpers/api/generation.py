@@ -354,6 +354,7 @@ def generate_batch(
     up to rounding (tests/test_generate_batch.py finds the same tokens). On a CPU, the decoding steps'
     linear layers run on oneDNN while 4 to 64 rows are going (``batch_linear``).
     """
+    _check_batch(prompts, images)
     settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
     stop_ids = set(settings["eos_token_id"])
@@ -395,6 +396,17 @@ def generate_batch(
         text = _decode_answer(processor, tokens[:count], settings["eos_token_id"])
         results.append(Generation(text, prompt_count, count, first, seconds, len(prompts)))
     return results
+
+
+def _check_batch(prompts, images) -> None:
+    """``prompts`` a non-empty list of strings, ``images`` one list (of a prompt's images) per prompt."""
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PromptError("generate_batch needs a non-empty list of prompts (strings); for one prompt use ask().")
+    if not isinstance(images, (list, tuple)) or len(images) != len(prompts) or not all(isinstance(g, (list, tuple)) for g in images):
+        raise PromptError(
+            f"generate_batch needs one list of images per prompt ({len(prompts)} lists, [] for a prompt without "
+            "images), e.g. images=[[receipt], [], [page1, page2]]."
+        )
 
 
 def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: PreallocatedCache) -> None:

@@ -5,15 +5,19 @@
     image = load_image("https://example.com/photo.jpg")
 
 Whatever the source, you get back the same thing: a fully loaded RGB ``PIL.Image.Image`` that is
-upright (the EXIF orientation of phone photos is applied) and has no transparency (transparent
-pixels are painted onto white, which is what a person looking at the image sees). Anything that goes
+upright (the EXIF orientation of phone photos is applied), has no transparency (transparent
+pixels are painted onto white, which is what a person looking at the image sees) and 8 bits per
+channel (16-bit greyscale is scaled, not clipped to white). Anything that goes
 wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeout``) that names the source and says
 what to do.
 
 Note: this friendly conversion is done here, in the user-facing loader. The model's own image
-processor stays faithful to the original and would turn transparent pixels black instead.
+processor stays faithful to the original and would turn transparent pixels black (and clip 16-bit
+greyscale) instead.
 """
 
+import base64
+import binascii
 import io
 import os
 import struct
@@ -40,10 +44,10 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     """Return ``src`` as an upright, fully loaded RGB PIL image.
 
     Args:
-        src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, the
-            image file's content as ``bytes``/``bytearray``, an open binary file object, or a PIL
-            image (a converted copy is returned; your image is not changed). Transparency becomes
-            white; 16-bit greyscale (scans, scientific cameras) is scaled to 8 bits.
+        src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, a base64
+            ``data:`` URL, the image file's content as ``bytes``/``bytearray``, an open binary file
+            object, or a PIL image (a converted copy is returned; your image is not changed).
+            Transparency becomes white; 16-bit greyscale (scans, scientific cameras) is scaled to 8 bits.
         timeout: seconds to wait for a URL's server to answer, and for each piece of the download.
         max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
         max_seconds: the whole download must be over within this many seconds, however steadily a
@@ -61,6 +65,10 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         return _from_bytes(bytes(src), f"the {len(src)} bytes you passed")
     if isinstance(src, str) and _is_url(src):
         return _from_bytes(_download(src, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), src)
+    if isinstance(src, str) and src.lstrip().lower().startswith("data:"):
+        return _from_bytes(_data_url_bytes(src), "the data: URL you passed")
+    if isinstance(src, str) and not src.strip():
+        raise ImageLoadError("The image path is empty. Pass the path of an image file, a URL, bytes or a PIL image.")
     if isinstance(src, (str, os.PathLike)):
         return _from_path(Path(src))
     if hasattr(src, "read"):
@@ -83,6 +91,17 @@ def _is_url(text: str) -> bool:
             "Download the file yourself and pass its path."
         )
     return False
+
+
+def _data_url_bytes(url: str) -> bytes:
+    """The bytes of a base64 ``data:`` URL (``data:image/png;base64,iVBOR...``, as browsers copy images)."""
+    header, _, data = url.strip().partition(",")
+    if not header.lower().endswith(";base64"):
+        raise ImageLoadError("Only base64 data: URLs are supported (data:image/png;base64,...).")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise ImageLoadError("The data: URL's base64 part is damaged; copy the image again.") from None
 
 
 def _from_path(path: Path) -> Image.Image:

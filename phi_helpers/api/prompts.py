@@ -152,7 +152,7 @@ class Chat:
         if system is not None and not isinstance(system, str):
             raise PromptError(f"system must be a string or None, got {type(system).__name__}.")
         if system:
-            check_plain_text(system, "system message")
+            check_user_text(system, "system message")
         self.system = system or None
         # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
         self._turns: list[dict] = []

@@ -214,8 +214,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
         landscape and back) without the two transposed copies.
         """
         portrait = image.width < image.height
-        landscape_w, landscape_h = (image.height, image.width) if portrait else image.size
-        resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(landscape_w, landscape_h, num_crops)
+        resized_w, resized_h, canvas_w, canvas_h = hd_canvas_size(image.width, image.height, num_crops)  # landscape frame
         pad = (canvas_h - resized_h) // 2  # white above (left of a portrait); the rest goes below (right)
         if portrait:
             height, width, top, left, size = canvas_w, canvas_h, 0, pad, (resized_h, resized_w)
