@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pypdfium2 as pdfium
+from transformers.utils import logging as hf_logging
 
 from ..api.images import load_image
 from ..api.loading import load_model, requested_model_id
@@ -265,6 +266,7 @@ class Replica:
     request: dict | None = None
 
     def __post_init__(self):
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per replica, all on the driver's stderr
         self.model, self.processor = self.load()
         self.info = model_info(self.model, self.processor)
 
