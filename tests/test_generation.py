@@ -223,6 +223,18 @@ def test_closing_the_generator_early_stops_the_thread(monkeypatch, model_and_pro
     assert calls[-1]["output"].shape[1] - calls[-1]["input_ids"].shape[1] < 300
 
 
+def test_a_streamed_answer_goes_after_its_question_even_if_the_chat_moved_on(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+    record_generate(monkeypatch, model)
+    chat = Chat().add_user("First question?")
+    chunks = stream_chunks(model, processor, chat, max_new_tokens=300, min_new_tokens=300)
+    first = next(chunks)
+    chat.add_user("Second question?")  # typed while the first answer was still streaming
+    run_with_watchdog(chunks.close)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user"]
+    assert chat.messages[1]["content"].startswith(first.strip()) and chat.messages[2]["content"] == "Second question?"
+
+
 # --- Chat -------------------------------------------------------------------------------------------
 
 

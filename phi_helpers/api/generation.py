@@ -124,6 +124,7 @@ def stream_chunks(
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
     _add_cache(model, inputs, settings)
+    asked = len(chat) if chat is not None else 0  # the answer goes right after this question
 
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
@@ -142,8 +143,8 @@ def stream_chunks(
     finally:  # also runs when the caller stops early: stop the thread, keep what was generated
         stop.set()
         thread.join()
-        if chat is not None and not errors:
-            chat.add_assistant("".join(pieces).strip(), generated=True)
+        if chat is not None and not errors:  # after its question, even if turns were added while it streamed
+            chat.add_assistant("".join(pieces).strip(), generated=True, position=asked)
     if errors:
         raise errors[0]
 

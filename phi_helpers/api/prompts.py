@@ -167,8 +167,11 @@ class Chat:
         self._turns.append({"role": "user", "text": text, "images": loaded})
         return self
 
-    def add_assistant(self, text: str, generated: bool = False) -> "Chat":
+    def add_assistant(self, text: str, generated: bool = False, position: int | None = None) -> "Chat":
         """Add an assistant turn (``ask`` adds the model's answers for you). Returns the chat.
+
+        ``position``: insert it there (after that many turns) instead of at the end; a streamed answer
+        goes right after its question even if the caller added turns while it was being written.
 
         Text you write (e.g. an example answer) is refused if it holds a special token, like a user
         turn. ``generated=True`` marks an answer the model produced (``ask``, the chat box and the
@@ -183,7 +186,8 @@ class Chat:
             raise PromptError(f"The assistant message must be a string, got {type(text).__name__}.")
         if not generated:
             check_plain_text(text, "assistant message")
-        self._turns.append({"role": "assistant", "text": text, "images": [], "generated": generated})
+        turn = {"role": "assistant", "text": text, "images": [], "generated": generated}
+        self._turns.insert(len(self._turns) if position is None else position, turn)
         return self
 
     @property
