@@ -12,6 +12,7 @@ import re
 import jsonschema
 import pytest
 import torch
+import xgrammar
 from PIL import Image
 
 from phi_helpers import Chat, JSONTruncatedError, SchemaNotSupportedError, ask, extract
@@ -218,6 +219,29 @@ def test_a_pattern_matches_anywhere_in_the_value_as_json_schema_says(cli_model_a
     assert allowed_next_tokens(tokenizer, grammar, '{"name":"Lindqvist","mail":"ann@x.org","code":"X-9"}') == ["<|end|>"]
     with pytest.raises(SchemaNotSupportedError, match=r"\^ or \$ inside a pattern"):
         compile_schema(tokenizer, {"type": "string", "pattern": "(^a)b"}, 32064, [32007])
+
+
+@pytest.mark.parametrize("pattern", ["^[A-Z]", "@", "^X|Y$", "^[^]]$", "[]a]", "^(?P<code>[a-c]+)$", "a\\|b", "[|^$]", "^$", ""])
+def test_the_grammar_accepts_exactly_what_the_check_accepts(cli_model_and_processor, pattern):
+    """For every value xgrammar can write in a patterned string (no quote, backslash or control
+    character), the grammar allows it if and only if Python's re.search (which checks answers) does."""
+    _model, processor = cli_model_and_processor
+    grammar = compile_schema(processor.tokenizer, {"type": "object", "properties": {"v": {"type": "string", "pattern": pattern}},
+                                                  "required": ["v"]}, 32064, [32007])
+    for value in ["", "a", "b", "]", "a]", "X", "Xa", "aY", "aX", "|", "^", "$", "a|b", "@", "x@y", "Lindqvist", "abc", "é"]:
+        matcher = xgrammar.GrammarMatcher(grammar)
+        accepted = matcher.accept_string(json.dumps({"v": value}, ensure_ascii=False, separators=(",", ":")))
+        assert accepted == (re.search(pattern, value) is not None), (pattern, value)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("^\\W+$", "\\W in a pattern"), ("^[^\\d]+$", "\\d inside [^...]"), ("^\\U0001F600$", "\\U in a pattern"),
+    ("(?:^a)", "^ or $ inside a pattern"),
+])
+def test_patterns_the_grammar_would_read_otherwise_are_refused(cli_model_and_processor, pattern, message):
+    _model, processor = cli_model_and_processor
+    with pytest.raises(SchemaNotSupportedError, match=re.escape(message)):
+        compile_schema(processor.tokenizer, {"type": "string", "pattern": pattern}, 32064, [32007])
 
 
 def test_ids_beyond_the_tokenizer_are_always_masked(cli_model_and_processor):

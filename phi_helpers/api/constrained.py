@@ -48,6 +48,7 @@ import json
 import math
 import re
 import weakref
+from dataclasses import dataclass
 
 import torch
 import xgrammar
@@ -276,11 +277,20 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
         return [f"{where}: a pattern with a look-around or back-reference ({pattern!r})"]
     if re.search(r"(?<!\\)(\\\\)*\\[AZz]", pattern):  # xgrammar would read \A as the letter A
         return [f"{where}: \\A, \\Z or \\z in a pattern ({pattern!r}; write ^ and $)"]
+    tokens = _regex_tokens(pattern)
+    for token in tokens:
+        if token.text in ("\\W", "\\D") or (token.negated and token.text in ("\\w", "\\d")):
+            place = " inside [^...]" if token.negated else ""
+            return [f"{where}: {token.text}{place} in a pattern ({pattern!r}): the grammar reads \\w and \\d as ASCII, so "
+                    "it would allow letters or digits of other scripts that the check refuses; list the characters"]
+        if token.text == "\\U":
+            return [f"{where}: \\U in a pattern ({pattern!r}): the grammar would read it as the letter U; "
+                    "write the character itself"]
     full_match = whole_value_pattern(pattern)
     if full_match is None:
         return [f"{where}: ^ or $ inside a pattern ({pattern!r}); they can only begin or end it (or a top-level | branch)"]
     try:
-        for regex in (pattern, full_match):  # the pattern first: an error's position is then the user's
+        for regex in ("".join(token.text for token in tokens), full_match):  # first as written: errors point at the user's text
             xgrammar.Grammar.from_regex(regex)
     except RuntimeError as error:
         return [f"{where}: a pattern the grammar cannot express ({pattern!r}: {_xgrammar_reason(error)})"]
@@ -288,50 +298,82 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
 
 
 def whole_value_pattern(pattern: str) -> str | None:
-    """``pattern`` as a regex the whole value must match, which is how xgrammar reads a pattern; None if a
+    r"""``pattern`` as a regex the whole value must match, which is how xgrammar reads a pattern; None if a
     ``^`` or ``$`` stands anywhere but at the start or end of a top-level branch.
 
     JSON Schema's ``pattern`` matches anywhere in the value (Python's ``re.search``, which checks the
     answers): ``"^[A-Z]"`` accepts "Lindqvist". Given to xgrammar as it is, it would allow only one capital
     letter. So each top-level branch gets ``.*`` where it is not anchored: ``"^[A-Z]"`` -> ``"(?:[A-Z]).*"``.
+    Two spellings xgrammar reads otherwise are rewritten: a ``]`` first in a class (``[]a]``, ``[^]]``)
+    becomes ``\]``, and a named group ``(?P<name>...)`` a plain one.
     """
-    branches, anchors, start = [], [], 0
-    for index, char in _unescaped(pattern):
-        if char == "|":
-            branches.append((start, index))
-            start = index + 1
+    branches, branch = [], []
+    for token in _regex_tokens(pattern):
+        if token.text == "|" and token.depth == 0 and not token.in_class:
+            branches.append(branch)
+            branch = []
         else:
-            anchors.append((index, char))
-    branches.append((start, len(pattern)))
-    ends = {(begin, "^") for begin, _ in branches} | {(end - 1, "$") for _, end in branches}
-    if any(anchor not in ends for anchor in anchors):
-        return None
+            branch.append(token)
+    branches.append(branch)
     whole = []
-    for begin, end in branches:
-        anchored_start, anchored_end = (begin, "^") in anchors, (end - 1, "$") in anchors
-        core = pattern[begin + anchored_start : end - anchored_end]
-        whole.append(("" if anchored_start else ".*") + f"(?:{core})" + ("" if anchored_end else ".*"))
+    for branch in branches:
+        anchored_start = bool(branch) and branch[0].is_anchor("^")
+        anchored_end = len(branch) > anchored_start and branch[-1].is_anchor("$")
+        core = branch[anchored_start : len(branch) - anchored_end]
+        if any(token.is_anchor("^") or token.is_anchor("$") for token in core):
+            return None
+        text = "".join(token.text for token in core)
+        whole.append(("" if anchored_start else ".*") + f"(?:{text})" + ("" if anchored_end else ".*"))
     return "|".join(whole)
 
 
-def _unescaped(pattern: str):
-    """(index, char) of each ``^``, ``$`` outside a character class, and each ``|`` outside any group."""
-    depth, in_class, index = 0, False, 0
+@dataclass(frozen=True)
+class _RegexToken:
+    """One character, or one escape (``\\`` and the next character), of a pattern, and where it stands."""
+
+    text: str
+    in_class: bool = False  # inside [...]
+    negated: bool = False  # inside [^...]
+    depth: int = 0  # groups open around it
+
+    def is_anchor(self, char: str) -> bool:
+        return self.text == char and not self.in_class
+
+
+def _regex_tokens(pattern: str) -> list[_RegexToken]:
+    r"""The pattern as tokens, with ``]`` first in a class written ``\]`` and ``(?P<name>`` as ``(``."""
+    tokens, depth, index = [], 0, 0
+    in_class = negated = False
     while index < len(pattern):
         char = pattern[index]
         if char == "\\":
-            index += 1
+            text, index = pattern[index : index + 2], index + 2
         elif in_class:
-            in_class = char != "]"
+            in_class, negated = (False, False) if char == "]" else (True, negated)
+            text, index = char, index + 1
+            tokens.append(_RegexToken(text, in_class or char == "]", negated, depth))
+            continue
         elif char == "[":
+            negated = pattern.startswith("^", index + 1)
+            opening = "[^" if negated else "["
+            index += len(opening)
             in_class = True
-            index += pattern.startswith("^", index + 1)  # [^...] negates
-            index += pattern.startswith("]", index + 1)  # a ] first in a class is a literal
-        elif char in "()":
-            depth += 1 if char == "(" else -1
-        elif char in "^$" or (char == "|" and depth == 0):
-            yield index, char
-        index += 1
+            tokens.append(_RegexToken(opening, True, negated, depth))
+            if pattern.startswith("]", index):  # a ] first in a class is a literal to Python, not to xgrammar
+                tokens.append(_RegexToken("\\]", True, negated, depth))
+                index += 1
+            continue
+        elif char == "(":
+            named = re.match(r"\(\?P<\w+>", pattern[index:])
+            text, index = "(", index + (named.end() if named else 1)
+            depth += 1
+            tokens.append(_RegexToken(text, False, False, depth - 1))
+            continue
+        else:
+            text, index = char, index + 1
+            depth -= char == ")"
+        tokens.append(_RegexToken(text, in_class, negated, depth))
+    return tokens
 
 
 def _xgrammar_reason(error: Exception) -> str:
