@@ -128,6 +128,10 @@ def test_16_bit_32_bit_and_float_greyscale_are_scaled_not_clipped(tmp_path):
     assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 0.5, dtype=numpy.float32))))[0, 0, 0] == 128
     assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 30000, dtype=numpy.int32))))[0, 0, 0] == 117
     assert numpy.asarray(load_image(Image.fromarray(numpy.full((2, 2), 200, dtype=numpy.int32))))[0, 0, 0] == 200
+    Image.fromarray(numpy.array([[0, 65535], [30000, 0]], dtype=numpy.uint16)).save(tmp_path / "t.png", transparency=0)
+    assert numpy.asarray(load_image(tmp_path / "t.png"))[..., 0].tolist() == [[255, 255], [117, 255]]  # transparent: white
+    floats = numpy.array([[0, 1000], [numpy.nan, numpy.inf]], dtype=numpy.float32)  # scaled by the finite values
+    assert numpy.asarray(load_image(Image.fromarray(floats)))[..., 0].tolist() == [[0, 255], [0, 255]]
 
 
 def test_data_urls_are_read_and_an_empty_path_is_named(png_path):

@@ -154,6 +154,12 @@ def test_longrope_gives_phi3s_numbers_without_changing_the_module(model):
         for got, expected in zip(ours(x, positions), phi3(x, positions)):
             assert torch.equal(got, expected)
         assert all(torch.equal(buffer, before[name]) for name, buffer in ours.named_buffers())
+    # model.to(torch.bfloat16) rounds Phi3's factor buffers; the original computes them in float32, as ours does
+    from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VRotaryEmbedding
+
+    halved, x = Phi3VRotaryEmbedding(model.config).to(torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16)
+    for positions in (torch.arange(12)[None], torch.arange(8200).view(2, 4100)):
+        assert all(torch.equal(a, b) for a, b in zip(halved(x, positions), phi3(x, positions)))
 
 
 def test_sdpa_and_eager_agree_in_language_model_and_vision_tower(tiny_checkpoint, processor):

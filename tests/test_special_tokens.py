@@ -164,3 +164,13 @@ def test_a_generated_answer_that_spells_control_tokens_or_image_tags_stays_text(
     assert chat.drop_images() == 1
     ask(model, processor, chat.add_user("Once more."), max_new_tokens=4)  # no image left, and the answer's tags ask for none
     assert IMAGE not in calls[-1][0].tolist()
+
+
+def test_a_generated_answer_keeps_the_processors_own_special_tokens_as_text(tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tool = processor.tokenizer.convert_tokens_to_ids("<|tool|>")
+    chat = Chat().add_user("hi").add_assistant("call <|tool|> now", generated=True).add_user("again")
+    assert tool not in processor(chat.render(processor))["input_ids"][0].tolist()

@@ -174,6 +174,8 @@ def test_without_generation_config_json_the_generation_config_comes_from_config_
     assert "adjust_generation_fn" in vars(Phi3VForCausalLM) and hasattr(GenerationMixin, "adjust_generation_fn"), surface(item)
     config = phi3_vision.generation_config
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 32000), surface(item)
+    given = AutoModelForCausalLM.from_pretrained(path, generation_config=transformers.GenerationConfig(max_new_tokens=3))
+    assert given.generation_config.pad_token_id is None  # a generation config the caller passes stays as it is
 
     # What it changes: a row that stopped early is padded with 32000, not with the stop token.
     ids = torch.tensor([[1, 450, 4799, 338], [1, 1, 450, 338]])

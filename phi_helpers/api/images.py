@@ -199,17 +199,27 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     Pillow's ``convert`` clips them: a 16-bit scan (0-65535) would come out almost all white. 16-bit
     values are divided by 257 (65535 -> 255); 32-bit integers above 255 too, as 16-bit data (scaled from
     their range if they exceed it); floating point in 0..1 is multiplied by 255, other floats are scaled
-    from their range.
+    from the range of their finite values (NaN and -inf become black, +inf white). A transparent value
+    (PNG's ``transparency``) becomes white, as transparent pixels do in ``load_image``.
     """
-    values = numpy.asarray(image, dtype=numpy.float64)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
-        values = values / 257
-    elif image.mode == "F" and 0 <= low and high <= 1:
-        values = values * 255
-    elif low < 0 or high > 255:  # other ranges: stretched to 0..255
-        values = (values - low) * (255 / (high - low)) if high > low else values * 0
-    return Image.fromarray(numpy.clip(numpy.rint(values), 0, 255).astype(numpy.uint8), mode="L")
+    raw = numpy.asarray(image)
+    high = int(raw.max()) if raw.size and image.mode == "I" else 0
+    if image.mode.startswith("I;16") or (image.mode == "I" and 255 < high <= 65535 and raw.min() >= 0):
+        eight = ((raw.astype(numpy.uint32) + 128) // 257).astype(numpy.uint8)  # round(v / 257), in integers
+    else:
+        values = raw.astype(numpy.float32)
+        finite = numpy.isfinite(values)
+        low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+        if image.mode == "F" and 0 <= low and high <= 1:
+            values *= 255
+        elif low < 0 or high > 255:
+            values = (values - low) * (255 / (high - low)) if high > low else numpy.zeros_like(values)
+        values = numpy.where(finite, values, numpy.where(values > 0, 255, 0))
+        eight = numpy.clip(numpy.rint(values), 0, 255).astype(numpy.uint8)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+        eight[raw == transparent] = 255
+    return Image.fromarray(eight)
 
 
 def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -> bytes:

@@ -262,7 +262,7 @@ def check_checkpoint_files(folder: Path) -> None:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "phi3_v":
         raise ModelLoadError(
-            f"'{folder}' holds a {model_type!r} model (config.json), not Phi-3-vision or Phi-3.5-vision "
+            f"'{folder}' holds {f'a {model_type!r} model' if model_type else 'no model_type'} (config.json), not Phi-3-vision or Phi-3.5-vision "
             f"(model_type 'phi3_v'). Pass a folder holding one of those, or a hub id such as '{DEFAULT_MODEL_ID}'."
         )
     index = folder / "model.safetensors.index.json"

@@ -119,10 +119,11 @@ def check_plain_text(text: str, what: str, processor=None) -> None:
         )
 
 
-def _defused(text: str) -> str:
-    """``text`` with a zero-width space after the ``<`` of every special token or image tag spelled in it,
-    so that the tokenizer and the processor read it as text (see ``Chat.add_assistant``)."""
-    spellings = [IMAGE_TAG.pattern] + [re.escape(token) for token in sorted(special_tokens(), key=len, reverse=True)]
+def _defused(text: str, processor=None) -> str:
+    """``text`` with a zero-width space after the first character of every special token (of the checkpoint
+    and of ``processor``'s tokenizer) or image tag spelled in it, so that the tokenizer and the processor
+    read it as text (see ``Chat.add_assistant``)."""
+    spellings = [IMAGE_TAG.pattern] + [re.escape(t) for t in sorted(special_tokens(processor), key=len, reverse=True)]
     return re.sub("|".join(spellings), lambda match: match.group()[0] + ZERO_WIDTH_SPACE + match.group()[1:], text)
 
 
@@ -196,12 +197,16 @@ class Chat:
 
         This is what ``processor.tokenizer.apply_chat_template`` expects and what ``render`` renders.
         """
+        return self._messages()
+
+    def _messages(self, processor=None) -> list[dict]:
+        """``messages``, with the special tokens of ``processor``'s tokenizer also defused in answers."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         next_number = 1
         for turn in self._turns:
             tags = _image_tags(next_number, len(turn["images"]))
             next_number += len(turn["images"])
-            text = _defused(turn["text"]) if turn.get("generated") else turn["text"]
+            text = _defused(turn["text"], processor) if turn.get("generated") else turn["text"]
             messages.append({"role": turn["role"], "content": tags + text})
         return messages
 
@@ -222,7 +227,7 @@ class Chat:
             typed = [self.system or ""] + [turn["text"] for turn in self._turns if not turn.get("generated")]
             for text in typed:
                 check_plain_text(text, "chat", processor)
-        return render_messages(self.messages, processor)
+        return render_messages(self._messages(processor), processor)
 
     def reset(self) -> "Chat":
         """Forget all turns and images (the system message stays). Returns the chat."""

@@ -149,27 +149,31 @@ class Phi3VRotaryEmbedding(Phi3RotaryEmbedding):
 
     Phi3's own module makes the choice by overwriting its ``inv_freq`` buffer, so two threads sharing a
     model could rotate one prompt with the factors chosen for the other's length; here each call picks
-    its factors without changing the module. The cos/sin are computed as in Phi3's module, bit for bit.
+    its factors without changing the module. Both sets are kept in float32 whatever the model's dtype,
+    as the original computes them (Phi3's buffers would be rounded by ``model.to(torch.bfloat16)``);
+    otherwise the cos/sin are Phi3's, bit for bit.
     """
 
     def __init__(self, config: Phi3VConfig):
         super().__init__(config)
         self.longrope = self.rope_type == "longrope"
         self.limit = config.rope_parameters.get("original_max_position_embeddings")
-        self.long_inv_freq = None  # not a buffer: loading would leave it unset; made on first use
+        self.factor_sets = {}  # device -> (short, long) inverse frequencies; not buffers: made on first use
 
-    def long_factors(self, device) -> torch.Tensor:
-        """The inverse frequencies with the long factors, on ``device`` (the same every time)."""
-        if self.long_inv_freq is None or self.long_inv_freq.device != device:
-            self.long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](self.config, device, seq_len=self.limit + 1)
-        return self.long_inv_freq
+    def inverse_frequencies(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse frequencies with the short and with the long factors, float32, on ``device``."""
+        if device not in self.factor_sets:
+            short, _ = ROPE_INIT_FUNCTIONS["longrope"](self.config, device)
+            long, _ = ROPE_INIT_FUNCTIONS["longrope"](self.config, device, seq_len=self.limit + 1)
+            self.factor_sets[device] = (short.float(), long.float())
+        return self.factor_sets[device]
 
     def forward(self, x, position_ids):
         if not self.longrope:
             return super().forward(x, position_ids)
-        long = torch.max(position_ids) + 1 > self.limit  # a 0-d tensor: no host sync, traceable
-        inv_freq = torch.where(long, self.long_factors(x.device), self.original_inv_freq.to(x.device))
-        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, head_dim / 2)
+        short, long = self.inverse_frequencies(x.device)
+        inv_freq = torch.where(torch.max(position_ids) + 1 > self.limit, long, short)  # no host sync, traceable
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
@@ -253,12 +257,15 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def adjust_generation_fn(self, *args, **kwargs):
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
         """After ``from_pretrained`` reads the generation config: Phi-3-vision's repo has no
         generation_config.json, and transformers then builds one from config.json's raw keys, which lack
         ``pad_token_id``. The original's generation config came from the config object (pad 32000, spec
-        §1.2), so unset token ids are taken from the config."""
-        super().adjust_generation_fn(*args, **kwargs)
+        §1.2), so the unset token ids of a generation config made from the model's config are taken from
+        the config (one passed to ``from_pretrained``, or a file that is not from the config, stays as it is)."""
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if generation_config is not None or not self.generation_config._from_model_config:
+            return
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self.generation_config, name, None) is None:
                 setattr(self.generation_config, name, getattr(self.config, name, None))

@@ -180,6 +180,8 @@ class Phi3VProcessor(ProcessorMixin):
 
         all_images = [image for group in images_per_prompt for image in group]
         if not all_images:  # text only: the tokenizer's own truncation and padding, as in the original
+            if truncation is None:  # the tokenizer's rule: max_length truncates when padding is not asked for
+                truncation = max_length is not None and padding is False
             sequences = self.tokenizer(prompts, truncation=truncation, max_length=max_length).input_ids
             self._check_length(sequences)
             length = (max_length or self.tokenizer.model_max_length) if padding == "max_length" else 0
