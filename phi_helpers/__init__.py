@@ -7,7 +7,7 @@
 
 The whole public API:
     load_model(model_id, device, dtype, attn, num_crops, quantize) -> (model, processor)
-    load_image(src) -> PIL.Image                    path / http(s) URL / bytes / PIL image
+    load_image(src) -> PIL.Image                    path / http(s) or data: URL / bytes / PIL image
     build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
     ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, **generate_kwargs) -> str
