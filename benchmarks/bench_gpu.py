@@ -118,7 +118,8 @@ def measure(args, name: str, attn, generate_kwargs: dict) -> None:
 
         first = seconds(run(1), args.device, args.repeats)
         total = seconds(run(args.new_tokens + 1), args.device, args.repeats)
-        cells.append(f"{batch * args.new_tokens / max(total - first, 1e-9):>11.1f}")
+        rate = f"{batch * args.new_tokens / (total - first):.1f}" if total > first else "n/a"  # noise can exceed the decode time
+        cells.append(f"{rate:>11}")
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:>10.2f}" if args.device == "cuda" else f"{'-':>10}"
     print(f"{name:<36}{''.join(cells)}{peak}", flush=True)
     del model

@@ -29,6 +29,7 @@ Numbers: docs/quantization.md.
 import argparse
 import gc
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -147,7 +148,8 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
         "resident_gib": resident_after / 2**30,
         "own_after_gib": own_after / 2**30,
         "prefill_s": prefill,
-        "decode_ms_per_token": 1000 * (total - prefill) / (tokens - 1),
+        # too few tokens on a noisy machine can leave nothing after the prefill: no figure then
+        "decode_ms_per_token": 1000 * (total - prefill) / (tokens - 1) if total > prefill else math.nan,
         "tokens": new,
         "prompt_tokens": inputs["input_ids"].shape[1],
     }

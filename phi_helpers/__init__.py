@@ -22,8 +22,9 @@ SpecialTokenError; a prompt you write in the chat format yourself (starting with
 Environment variable PHI_HELPERS_MODEL is the model load_model() loads when no model id is passed (a hub
 id, a local path, or `tiny` for a small random checkpoint used by tests and offline dry runs).
 
-Importing this package registers the native Phi-3-vision classes (model_type "phi3_v") with
-AutoConfig, AutoModelForCausalLM, AutoImageProcessor and AutoProcessor. More: docs/native-implementation.md.
+Importing this package registers the native Phi-3-vision classes (model_type "phi3_v") with AutoConfig,
+AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, AutoImageProcessor and AutoProcessor.
+More: docs/native-implementation.md.
 
 Layers, each importing only from those below it: errors < models (phi3_v) < testing < api < tutorial < cli.
 More in the modules: phi_helpers.api.generation (stream_chunks, generate_batch), .api.structured,
