@@ -165,7 +165,7 @@ def test_missing_local_folder_is_reported_clearly(no_env_model, forbid_loading, 
     assert isinstance(info.value, OSError)
 
 
-@pytest.mark.parametrize("model_id", [Path("models/phi35-finetuned"), "phi35_local", "./x/y", "a/b/c"])
+@pytest.mark.parametrize("model_id", [Path("models/phi35-finetuned"), "phi35_local", "./x/y", "a/b/c", "pyproject.toml"])
 def test_a_folder_that_is_not_there_is_never_looked_up_on_the_hub(no_env_model, forbid_loading, model_id):
     """Only owner/name goes to the hub: a Path, a bare name or a longer path is a local folder, whose name
     must not leave the machine (forbid_loading fails on any from_pretrained call)."""

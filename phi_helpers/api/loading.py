@@ -232,7 +232,7 @@ def _check_source(source: str, local: bool = False) -> str:
     """A source that is not a hub id (``owner/name``) must be an existing folder: the hub's own error for
     it is confusing, and looking it up would send a local folder's name to the hub. ``local``: a Path."""
     path = Path(source).expanduser()
-    if path.exists():
+    if path.is_dir():
         return str(path)
     hub_id = not local and source.count("/") == 1 and not source.startswith((".", "/", "~", "\\")) and not os.path.isabs(source)
     if not hub_id:
