@@ -23,7 +23,8 @@ The JSON Schema subset that is enforced (anything else is refused before generat
   ``additionalProperties`` (true, false or a schema; when absent, no extra properties are written),
   ``items`` (one schema for every item), ``minItems``, ``maxItems``,
   ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
-  back-references, matched anywhere in the value as JSON Schema says), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
+  back-references, matched anywhere in the value as JSON Schema says, and naming no control character,
+  quote or backslash, which the grammar would write unescaped), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
   ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...``;
@@ -283,14 +284,20 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
             place = " inside [^...]" if token.negated else ""
             return [f"{where}: {token.text}{place} in a pattern ({pattern!r}): the grammar reads \\w and \\d as ASCII, so "
                     "it would allow letters or digits of other scripts that the check refuses; list the characters"]
-        if token.text == "\\U":
+        if token.text.startswith("\\U"):
             return [f"{where}: \\U in a pattern ({pattern!r}): the grammar would read it as the letter U; "
                     "write the character itself"]
-    full_match = whole_value_pattern(pattern)
-    if full_match is None:
+    unsafe = next((token for token in tokens if _names_unescaped_char(token)), None)
+    if unsafe is not None:
+        return [f"{where}: {unsafe.text!r} in a pattern ({pattern!r}): the grammar would write that character unescaped, "
+                "which is not valid JSON; leave control characters, \" and \\ out of a pattern (a [^...] class may "
+                "exclude them), or check them after extraction"]
+    branches = _anchored_branches(tokens)
+    if branches is None:
         return [f"{where}: ^ or $ inside a pattern ({pattern!r}); they can only begin or end it (or a top-level | branch)"]
+    as_written = "|".join("".join(token.text for token in core) for _, core, _ in branches)  # no anchors: no warnings
     try:
-        for regex in ("".join(token.text for token in tokens), full_match):  # first as written: errors point at the user's text
+        for regex in (as_written, whole_value_pattern(pattern)):  # first as written: errors point at the user's text
             xgrammar.Grammar.from_regex(regex)
     except RuntimeError as error:
         return [f"{where}: a pattern the grammar cannot express ({pattern!r}: {_xgrammar_reason(error)})"]
@@ -307,24 +314,51 @@ def whole_value_pattern(pattern: str) -> str | None:
     Two spellings xgrammar reads otherwise are rewritten: a ``]`` first in a class (``[]a]``, ``[^]]``)
     becomes ``\]``, and a named group ``(?P<name>...)`` a plain one.
     """
+    branches = _anchored_branches(_regex_tokens(pattern))
+    if branches is None:
+        return None
+    return "|".join(("" if start else ".*") + "(?:" + "".join(token.text for token in core) + ")" + ("" if end else ".*")
+                    for start, core, end in branches)
+
+
+def _anchored_branches(tokens: list["_RegexToken"]) -> list[tuple[bool, list["_RegexToken"], bool]] | None:
+    """The top-level ``|`` branches as (starts with ``^``, the tokens between the anchors, ends with ``$``);
+    None if a ``^`` or ``$`` stands anywhere else."""
     branches, branch = [], []
-    for token in _regex_tokens(pattern):
+    for token in tokens:
         if token.text == "|" and token.depth == 0 and not token.in_class:
             branches.append(branch)
             branch = []
         else:
             branch.append(token)
     branches.append(branch)
-    whole = []
+    found = []
     for branch in branches:
-        anchored_start = bool(branch) and branch[0].is_anchor("^")
-        anchored_end = len(branch) > anchored_start and branch[-1].is_anchor("$")
-        core = branch[anchored_start : len(branch) - anchored_end]
+        start = bool(branch) and branch[0].is_anchor("^")
+        end = len(branch) > start and branch[-1].is_anchor("$")
+        core = branch[start : len(branch) - end]
         if any(token.is_anchor("^") or token.is_anchor("$") for token in core):
             return None
-        text = "".join(token.text for token in core)
-        whole.append(("" if anchored_start else ".*") + f"(?:{text})" + ("" if anchored_end else ".*"))
-    return "|".join(whole)
+        found.append((start, core, end))
+    return found
+
+
+# What a JSON string must escape; xgrammar writes a character a pattern names as it is.
+_JSON_ESCAPED = [chr(code) for code in range(0x20)] + ['"', "\\"]
+_CHARACTER_SETS = {".", "[", "[^", "]"} | {f"\\{letter}" for letter in "sSwWdD"}
+
+
+def _names_unescaped_char(token: "_RegexToken") -> bool:
+    """Whether ``token`` names a control character, ``"`` or ``\\`` that the value may contain: xgrammar
+    drops those from ``.``, from shorthands such as ``\\s`` and from classes that also name other
+    characters, but keeps one named on its own (``\\n``, ``[\\n]``, ``\\x22``, ``[\\x00-\\x1f]``), unescaped."""
+    if token.negated or token.text in _CHARACTER_SETS:
+        return False
+    try:
+        named = re.compile(f"[{token.text}]" if token.in_class else token.text)
+    except re.error:  # "(", "*" and other operators: no character of their own
+        return False
+    return any(named.fullmatch(char) for char in _JSON_ESCAPED)
 
 
 @dataclass(frozen=True)
@@ -346,8 +380,9 @@ def _regex_tokens(pattern: str) -> list[_RegexToken]:
     in_class = negated = False
     while index < len(pattern):
         char = pattern[index]
-        if char == "\\":
-            text, index = pattern[index : index + 2], index + 2
+        if char == "\\":  # one escape: \\x41, \\u0041, \\U0001F600 and \\012 whole
+            escape = re.match(r"\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|0[0-7]{0,2}|.)", pattern[index:], re.DOTALL)
+            text, index = escape.group(), index + escape.end()
         elif in_class:
             in_class, negated = (False, False) if char == "]" else (True, negated)
             text, index = char, index + 1
