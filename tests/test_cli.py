@@ -317,7 +317,7 @@ def test_unsupported_schema_fails_before_loading_the_model(capsys, tmp_path, ima
     schema.write_text(json.dumps({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}))
     code, out, err = run(capsys, "predict", "--image", image, "--task", "extract", "--schema", schema, *FAST)
     assert code == 1 and out == "" and "cannot enforce" in err and "(root)/properties/a: 'not'" in err
-    assert tiny_model.calls == 0
+    assert err.startswith(f"error: The schema file '{schema}': ") and tiny_model.calls == 0
 
 
 # ----------------------------------------------------------------------------------------------

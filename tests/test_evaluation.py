@@ -252,6 +252,18 @@ def test_a_pdf_image_is_refused_before_the_model_loads(capsys, data, tiny_model,
     assert code == 1 and err == f"error: {message}\n" and tiny_model.calls == 0
 
 
+
+def test_a_schema_that_cannot_be_enforced_names_its_file_before_the_model_loads(capsys, data, tiny_model):
+    picture(data / "a.png")
+    (data / "odd.schema.json").write_text('{"type": "object", "properties": {"tab": {"type": "string", "pattern": "^a\\\\tb$"}}}')
+    (data / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "task": "extract", "schema": "odd.schema.json",
+                                                     "expected": {"tab": "a\tb"}}) + "\n")
+    code, out, err = run(capsys, "eval", "--data", data)
+    assert code == 1 and out == "" and tiny_model.calls == 0
+    assert err.startswith(f"error: The schema file '{data / 'odd.schema.json'}': ") and "not valid JSON" in err
+    assert run(capsys, "eval", "--data", data, "--no-constrain", "--max-new-tokens", "4")[0] == 0 and tiny_model.calls == 1
+
+
 def test_cut_off_extractions_suggest_raising_max_new_tokens(capsys, monkeypatch, tmp_path, cli_model_and_processor):
     (tmp_path / "total.schema.json").write_text('{"type": "object", "properties": {"total": {"type": "number"}}}')
     lines = [{"image": "cut.png", "task": "extract", "schema": "total.schema.json", "expected": {"total": 4.5}},

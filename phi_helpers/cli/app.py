@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
-from ..api.constrained import check_supported
 from ..api.loading import load_model, requested_model_id
 from ..api.prompts import check_user_text
-from ..api.structured import load_schema
 from ..errors import InvalidArgumentError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from .evaluate import run_eval_command
@@ -36,7 +34,7 @@ from .outputs import (
 from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
-from .tasks import TASKS, chunks, predict, predict_items, task_prompt
+from .tasks import TASKS, chunks, predict, predict_items, read_schema, task_prompt
 
 
 PREDICT_EXAMPLES = """\
@@ -261,11 +259,10 @@ def load_for_cli(args):
 def run_predict(args) -> int:
     """The ``predict`` command: one image -> an answer; many images -> JSON lines."""
     lines = _check_predict_args(args)
-    schema = load_schema(args.schema) if args.task == "extract" else None
-    # A special token in --prompt (or the schema) is refused now, before the (slow) model loading.
+    # A broken or unsupported schema, or a special token in --prompt (or the schema), is refused now,
+    # before the (slow) model loading.
+    schema = read_schema(args.schema, args.constrain) if args.task == "extract" else None
     check_user_text(task_prompt(args.task, args.prompt, schema), "prompt")
-    if schema is not None and args.constrain:
-        check_supported(schema)  # an unsupported feature fails now, before the model is loaded
     if args.engine == "ray":
         return run_ray(args, schema, model=requested_model(args))
     if lines:

@@ -12,14 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from ..api.constrained import check_supported
 from ..api.metrics import character_error_rate, error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
 from ..api.structured import load_schema
 from ..errors import CommandLineError, ManifestError
 from .inputs import Item, is_pdf
 from .outputs import check_output_path, holds_records, json_safe, model_info, progress_bar, write_atomically
-from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items, read_schema
 
 MANIFEST = "manifest.jsonl"
 MAX_MANIFEST_PROBLEMS = 10  # read_manifest names this many malformed lines at most
@@ -345,9 +344,7 @@ def run_eval_command(args, load) -> int:
     """``phi-helpers eval``: check the set, load the model with ``load()``, run, print, write the report."""
     entries = read_manifest(args.data, args.limit)
     for schema in sorted({entry["schema"] for entry in entries if "schema" in entry}):
-        loaded = load_schema(schema)  # a broken or unsupported schema fails now, not after loading the model
-        if args.constrain:
-            check_supported(loaded)
+        read_schema(schema, args.constrain)  # a broken or unsupported schema fails now, not after loading the model
     if args.output:
         check_report_path(Path(args.output), Path(args.data))
     model, processor = load()

@@ -19,11 +19,11 @@ never raises for a bad item.
 
 import json
 
-from ..api.constrained import read_answer
+from ..api.constrained import check_supported, read_answer
 from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
 from ..api.prompts import Chat, build_prompt
-from ..api.structured import check_extraction
-from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError
+from ..api.structured import check_extraction, load_schema
+from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaNotSupportedError
 from .inputs import Item
 from .outputs import error_record, item_fields
 
@@ -53,6 +53,18 @@ RETRY_PROMPT = (
 
 
 MAX_PROBLEMS_SHOWN = 5  # a retry prompt lists at most this many problems (the first ones, sorted by field)
+
+
+def read_schema(path, constrain: bool) -> dict:
+    """The JSON Schema in file ``path``, checked now (before the slow model loading); with ``constrain``,
+    also that constrained decoding can enforce it. Every refusal names the file."""
+    schema = load_schema(path)
+    if constrain:
+        try:
+            check_supported(schema)
+        except SchemaNotSupportedError as error:
+            raise SchemaNotSupportedError(f"The schema file '{path}': {error}") from None
+    return schema
 
 
 def task_prompt(task: str, question: str | None = None, schema: dict | None = None) -> str:
