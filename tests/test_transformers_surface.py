@@ -6,6 +6,8 @@ that moved, so an upgrade (./run.sh test-latest) says at once what to adapt.
 import dataclasses
 import inspect
 import json
+import logging
+import shutil
 import warnings
 
 import pytest
@@ -307,6 +309,24 @@ def test_checkpoint_keys_load_unchanged_into_our_clip_subclass(tiny_checkpoint):
     _, info = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], surface(item)
 
+
+
+def test_load_report_and_mismatched_keys(tiny_checkpoint, tmp_path, caplog):
+    item = ("from_pretrained(output_loading_info=True, ignore_mismatched_sizes=True) -> mismatched_keys of "
+            "(key, checkpoint shape, model shape); the LOAD REPORT logged on transformers.modeling_utils")
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "reshaped"
+    shutil.copytree(tiny_checkpoint, folder)
+    weights = load_file(folder / "model.safetensors")
+    expected = weights["model.norm.weight"].shape
+    weights["model.norm.weight"] = torch.ones(7)
+    save_file(weights, folder / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"):
+        _, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
+    assert set(info["mismatched_keys"]) == {("model.norm.weight", torch.Size([7]), expected)}, surface(item)
+    assert any(record.name == "transformers.modeling_utils" and "LOAD REPORT" in record.getMessage()
+               for record in caplog.records), surface(item)
 
 def test_no_split_module_names_exist(model):
     item = "_no_split_modules class names Phi3DecoderLayer, CLIPEncoderLayer"

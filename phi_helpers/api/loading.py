@@ -20,9 +20,11 @@ Phi-3.5-vision-instruct. ``"tiny"`` (as argument or variable) builds a tiny *ran
 and offline dry runs; its answers are meaningless.
 """
 
+import contextlib
 import ctypes
 import gc
 import json
+import logging
 import os
 import shutil
 import struct
@@ -86,8 +88,13 @@ def load_model(
     model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device}
     if quantization is not None:
         model_kwargs["quantization_config"] = quantization
-    model, info = _from_pretrained(AutoModelForCausalLM, source, output_loading_info=True, **model_kwargs)
+    with _held_load_report() as load_reports:
+        model, info = _from_pretrained(
+            AutoModelForCausalLM, source, output_loading_info=True, ignore_mismatched_sizes=True, **model_kwargs
+        )
     _check_loaded(model.eval(), info, label)
+    for report in load_reports:  # nothing missing or reshaped: transformers' own report (unexpected keys...)
+        logging.getLogger(report.name).handle(report)
     use_fused_int8_kernel(model)  # int8 weights on CPU: PyTorch's fused kernel while decoding
     return_freed_memory()
 
@@ -316,6 +323,34 @@ def _check_loaded(model, info: dict, label: str) -> None:
             f"The checkpoint '{label}' lacks {len(missing)} of the model's weights ({shown}); they would be "
             "random. Download or copy the checkpoint again (all its model-*.safetensors files)."
         )
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = ", ".join(f"{key} {list(found)} instead of {list(expected)}" for key, found, expected in mismatched[:3])
+        raise ModelLoadError(
+            f"The checkpoint '{label}' holds {len(mismatched)} weight(s) of another shape than its config.json "
+            f"describes ({shown}{', ...' if len(mismatched) > 3 else ''}). The weights and config.json come from "
+            "different models, or a file was edited: download or copy the checkpoint again."
+        )
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    """Hold back transformers' LOAD REPORT table (logged by ``from_pretrained``) while loading: a missing
+    or reshaped weight gets our one-line error instead; the caller logs the held reports otherwise."""
+    held = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
 
 
 def _from_pretrained(auto_class, source: str, **kwargs):
