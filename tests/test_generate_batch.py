@@ -89,6 +89,41 @@ def test_prompts_past_the_original_context_are_prefilled_in_one_pass(monkeypatch
     assert cache.get_seq_length() == 0  # left to generate
 
 
+def test_a_batch_that_can_reach_the_long_rope_factors_keeps_every_row_to_the_end(monkeypatch, cli_model_and_processor):
+    """Past original_max_position_embeddings the factors follow the longest row: if that row left the
+    batch when done, the others would switch back to the short factors mid-answer. Such a batch runs as
+    one plain generate, as the original does."""
+    model, processor = cli_model_and_processor
+    steps = 8
+    long_text = "<|user|>\n" + "No picture here, just a long question. " * 120 + "<|end|>\n<|assistant|>\n"
+    prompts, pictures = [PROMPTS[0], long_text, PROMPTS[2]], lambda: [images()[0], [], []]
+    inputs = generation.encode(model, processor, prompts, pictures(), steps)
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    longest = lengths.index(max(lengths))
+    limit = max(lengths) + 1  # the longest row's answer crosses it; the others' never do
+    assert sorted(lengths)[-2] + steps < limit  # otherwise the test proves nothing: change PROMPTS
+    monkeypatch.setattr(model.config, "original_max_position_embeddings", limit)
+    monkeypatch.setattr(model.model.rotary_emb, "limit", limit)
+    with torch.inference_mode():
+        plain = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
+    plain = plain[:, inputs["input_ids"].shape[1] :].tolist()
+    stop = plain[longest][3]  # the longest row ends after 4 tokens (or earlier)
+    assert any(stop not in tokens for tokens in plain)  # otherwise nobody would go on: change the prompts
+    monkeypatch.setattr(generation, "_stop_token_ids", lambda model, processor: [stop])
+    with torch.inference_mode():
+        reference = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=stop, pad_token_id=0)
+    reference = reference[:, inputs["input_ids"].shape[1] :].tolist()
+    batch_sizes = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(out.logits.shape[0]), with_kwargs=True)
+    try:
+        results = generate_batch(model, processor, prompts, pictures(), max_new_tokens=steps)
+    finally:
+        hook.remove()
+    assert set(batch_sizes[len(prompts):]) == {len(prompts)}  # after the prompts (one at a time), nobody left
+    for row, result in enumerate(results):
+        expected = reference[row][: reference[row].index(stop)] if stop in reference[row] else reference[row]
+        assert result.text == processor.tokenizer.decode(expected, skip_special_tokens=True).strip(), f"row {row}"
+
 def test_batches_of_the_wrong_shape_are_refused_with_what_to_pass(cli_model_and_processor):
     model, processor = cli_model_and_processor
     prompt, picture = "<|user|>\n<|image_1|>\nHi<|end|>\n<|assistant|>\n", Image.new("RGB", (40, 30))

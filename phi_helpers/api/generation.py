@@ -354,13 +354,22 @@ def generate_batch(
     padded, until the longest answer ends). Each answer is that of one plain batched ``generate`` call
     up to rounding (tests/test_generate_batch.py finds the same tokens). On a CPU, the decoding steps'
     linear layers run on oneDNN while 4 to 64 rows are going (``batch_linear``).
+
+    A batch whose longest prompt plus ``max_new_tokens`` can reach past 4096 tokens
+    (``original_max_position_embeddings``) runs as one plain ``generate``, finished rows staying in it:
+    past 4096 the model rotates every row with the long RoPE factors, as the original does, so a short
+    prompt batched with a long one can get another answer than on its own.
     """
     _check_batch(prompts, images)
     settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
     stop_ids = set(settings["eos_token_id"])
-    timer, round_end = FirstTokenTimer(), _AnyRowFinished(stop_ids)
-    settings["stopping_criteria"] = StoppingCriteriaList([timer, round_end])
+    timer = FirstTokenTimer()
+    # Past original_max_position_embeddings (4096) the RoPE factors are chosen from the longest row, so a
+    # long row leaving would change the others' factors mid-answer: such a batch runs as one generate.
+    limit = getattr(model.config, "original_max_position_embeddings", None)
+    rounds = limit is None or inputs["input_ids"].shape[1] + max_new_tokens <= limit
+    settings["stopping_criteria"] = StoppingCriteriaList([timer, _AnyRowFinished(stop_ids)] if rounds else [timer])
     images_per_row = [len(group) for group in images]
     prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
     rows = list(range(len(prompts)))  # the rows of the batch still generating, as indices of prompts
