@@ -147,6 +147,26 @@ def test_every_setting_that_changes_the_answer_is_in_the_request(change, field):
     assert outputs.request_differences(before, after) == [field]
 
 
+
+def test_a_model_folder_is_one_request_however_it_is_spelled(monkeypatch, tmp_path):
+    """A local folder is recorded by its absolute path: ./m and /abs/m are one model, while m from two
+    working folders are two (a rerun must not skip items answered by another model)."""
+    for name in ("one/m", "two/m"):
+        (tmp_path / name).mkdir(parents=True)
+
+    def request(model):
+        args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "caption", "--model", model, *FAST])
+        return outputs.request_fields(args, None, cli.requested_model(args))
+
+    monkeypatch.chdir(tmp_path / "one")
+    spelled, absolute = request("./m"), request(str(tmp_path / "one" / "m"))
+    assert spelled["model"] == str(tmp_path / "one" / "m") and outputs.request_differences(spelled, absolute) == []
+    old_line = {**spelled, "model": "m"}  # written before folders were recorded by absolute path, in one/
+    assert outputs.request_differences(old_line, absolute) == []
+    monkeypatch.chdir(tmp_path / "two")
+    assert outputs.request_differences(spelled, request("m")) == ["model"]
+    assert request("someone/model")["model"] == "someone/model"  # a hub id stays as it is
+
 def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
     schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
     schema.write_text(json.dumps(SCHEMA))

@@ -57,13 +57,20 @@ def request_fields(args, schema: dict | None, model: str) -> dict:
         "task": args.task,
         "prompt": args.prompt,
         "schema_sha256": None if schema is None else hashlib.sha256(canonical_json(schema).encode()).hexdigest(),
-        "model": model,
+        "model": model_key(model),
         "dtype": args.dtype,
         "num_crops": args.num_crops,
         "max_new_tokens": args.max_new_tokens,
         "constrained": args.constrain if args.task == "extract" else None,
         "quantize": None if args.quantize == "none" else args.quantize,
     }
+
+
+def model_key(model: str) -> str:
+    """A local model folder by its absolute path (``./m`` and ``/home/me/m`` are one model, ``m`` in two
+    folders two); a hub id, or "tiny", as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
 
 
 def canonical_json(value) -> str:
@@ -75,6 +82,8 @@ def request_differences(stored, request: dict) -> list[str]:
     """The names of the request fields in which a stored ``"request"`` differs from ``request``."""
     if not isinstance(stored, dict):
         return ["request"]  # a line written before requests were recorded
+    if isinstance(stored.get("model"), str):  # lines written before folders were recorded by absolute path
+        stored = {**stored, "model": model_key(stored["model"])}
     return sorted(key for key in stored.keys() | request.keys() if stored.get(key) != request.get(key))
 
 
