@@ -451,6 +451,7 @@ def test_collect_items_kinds(folder, pdf):
         (["--task", "ocr", "--batch-size", "0"], "expected a number >= 1"),
         (["--task", "ocr", "--max-new-tokens", "many"], "expected a whole number"),
         (["--task", "ocr", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--task", "ocr", "--model", ""], "argument --model: is empty ('')"),  # an unset shell variable
     ],
 )
 def test_usage_errors_exit_2(capsys, image, tiny_model, argv, message):

@@ -167,6 +167,42 @@ def test_a_model_folder_is_one_request_however_it_is_spelled(monkeypatch, tmp_pa
     assert outputs.request_differences(spelled, request("m")) == ["model"]
     assert request("someone/model")["model"] == "someone/model"  # a hub id stays as it is
 
+
+def test_a_file_saved_over_in_place_is_run_again(capsys, tmp_path, folder, generations):
+    """An in-place save keeps the file's inode (its identity for resuming): its modification time,
+    recorded in the line, tells that the answer is about the old picture."""
+    output = tmp_path / "out.jsonl"
+    args = ["predict", "--image", folder, "--task", "caption", "--output", output, *FAST]
+    assert run(capsys, *args)[0] == 0
+    first = last_per_item(lines_of(output))[(str(folder / "a.png"), None)]
+    assert first["path"] == str(folder / "a.png") and first["modified"] == (folder / "a.png").stat().st_mtime_ns
+    inode = (folder / "a.png").stat().st_ino
+    with open(folder / "a.png", "r+b") as file:  # a new picture in the same file
+        file.write((folder / "b.png").read_bytes())
+    os.utime(folder / "a.png", ns=(first["modified"] + 10**9, first["modified"] + 10**9))  # coarse clocks
+    assert (folder / "a.png").stat().st_ino == inode
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "1 of 2 items were modified since their last line" in err and generations == [2, 1]
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "Nothing left to do." in err and generations == [2, 1]
+
+
+def test_a_rerun_from_another_folder_never_takes_another_file_for_a_done_one(capsys, monkeypatch, tmp_path, generations):
+    """Lines name the file by its absolute path too: "a.png" answered in one folder is not the "a.png"
+    of another folder run into the same output, and is found again from any folder."""
+    output = tmp_path / "out.jsonl"
+    for name, colour in (("one", "red"), ("two", "blue")):
+        (tmp_path / name).mkdir()
+        picture(tmp_path / name / "a.png", colour)
+    monkeypatch.chdir(tmp_path / "one")
+    assert run(capsys, "predict", "--image", ".", "--task", "caption", "--output", output, *FAST)[0] == 0
+    monkeypatch.chdir(tmp_path / "two")
+    code, _, err = run(capsys, "predict", "--image", ".", "--task", "caption", "--output", output, *FAST)
+    assert code == 0 and "already done" not in err and generations == [1, 1]  # two's a.png is another file
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "predict", "--image", "one/a.png", "two/a.png", "--task", "caption", "--output", output, *FAST)
+    assert code == 0 and "2 of 2 items are already done" in err and generations == [1, 1]
+
 def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
     schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
     schema.write_text(json.dumps(SCHEMA))

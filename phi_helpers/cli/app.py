@@ -148,7 +148,7 @@ def _add_no_constrain_option(parser: argparse.ArgumentParser) -> None:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command: which model, where, and how much to generate."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", metavar="ID_OR_PATH", help=f"hub id or local folder; 'tiny' for a tiny random test model "
+    group.add_argument("--model", type=_model, metavar="ID_OR_PATH", help=f"hub id or local folder; 'tiny' for a tiny random test model "
                        f"(default: $PHI_HELPERS_MODEL, else {DEFAULT_MODEL_ID})")
     group.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (CUDA, then MPS, then CPU)")
     group.add_argument("--dtype", choices=DTYPE_SHORT_NAMES, default="auto",
@@ -176,6 +176,16 @@ def _positive_int(text: str) -> int:
         return check_whole_number(value, "N", minimum=1)
     except InvalidArgumentError:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}") from None
+
+
+def _model(text: str) -> str:
+    """argparse type of --model: not empty (an unset shell variable), which would mean another model."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"is empty ({text!r}); give a hub id such as {DEFAULT_MODEL_ID}, a local folder or 'tiny' "
+            "(is a shell variable unset?), or leave --model out for $PHI_HELPERS_MODEL or the default"
+        )
+    return text
 
 
 def _num_crops(text: str) -> int:
@@ -272,7 +282,7 @@ def run_predict(args) -> int:
 
 def requested_model(args) -> str:
     """The model the user asked for: --model, else $PHI_HELPERS_MODEL, else the default."""
-    return requested_model_id(args.model or None)
+    return requested_model_id(args.model)
 
 
 def task_options(args, schema) -> dict:

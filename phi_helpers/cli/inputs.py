@@ -7,7 +7,7 @@ pixels are only read when ``item.load()`` is called.
 import fnmatch
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,11 +32,18 @@ PDF_LOAD_ERRORS = {  # FPDF_GetLastError() after a failed FPDF_LoadDocument -> w
 
 @dataclass
 class Item:
-    """One image to process: a file, a URL, or one page of a PDF (``page`` counts from 1)."""
+    """One image to process: a file, a URL, or one page of a PDF (``page`` counts from 1).
+
+    ``collect_all`` also notes a local file's absolute ``path`` and its modification time
+    (``modified``, in ns) as they were when the items were collected: an output line records both, so
+    that a re-run from another folder finds the same file, and a file saved over since is run again.
+    """
 
     source: str
     page: int | None = None
-    loader: Callable | None = None  # how to read the pixels; default: load_image(source)
+    loader: Callable | None = None  # how to read the pixels; default: load_image(path or source)
+    path: str | None = None
+    modified: int | None = None
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -45,7 +52,20 @@ class Item:
 
     def load(self):
         """Read the image (an RGB PIL image). Raises ImageLoadError if it cannot be read."""
-        return self.loader() if self.loader else load_image(self.source)
+        return self.loader() if self.loader else load_image(self.path or self.source)
+
+
+def stamped(item: Item) -> Item:
+    """``item`` with the absolute ``path`` and the ``modified`` time of its local file as they are now
+    (taken before the file is read: a change while it is read shows on the next run); a URL, or a
+    file that cannot be seen, as it is."""
+    if is_url(item.source):
+        return item
+    try:
+        status = os.stat(item.source)
+    except OSError:
+        return item
+    return replace(item, path=os.path.abspath(item.source), modified=status.st_mtime_ns)
 
 
 def is_url(spec: str) -> bool:
@@ -159,7 +179,7 @@ def collect_all(specs: list[str]) -> list[Item]:
     """``collect_items`` of several ``--image`` values, in order, each item once: a file named by two
     values (``a.png`` and ``scans/``, the same name twice, two links to it) is listed under its first name."""
     items = [item for spec in specs for item in collect_items(spec)]
-    return _once(items, key=lambda item: (file_identity(item.source), item.page))
+    return [stamped(item) for item in _once(items, key=lambda item: (file_identity(item.source), item.page))]
 
 
 def _once(things: list, key=lambda path: file_identity(path)) -> list:
@@ -202,17 +222,20 @@ def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
     return items
 
 
-def item_at(source: str, page: int | None = None) -> Item:
-    """The item that ``collect_items`` made for the key ``(source, page)``, rebuilt from the key alone.
+def item_at(source: str, page: int | None = None, path: str | None = None, modified: int | None = None) -> Item:
+    """The item that ``collect_all`` made for ``(source, page)`` (and its ``path`` and ``modified``),
+    rebuilt from these plain values.
 
-    Lets another process (a Ray replica) read the pixels of an item it was sent as two plain values.
+    Lets another process (a Ray replica) read the pixels of an item it was sent as plain values: a
+    local file is read from its absolute ``path`` when given, whatever that process's working folder.
     A PDF without a page number is one that could not be opened: loading it raises the same error.
     """
+    where = path or source
     if page is not None:
-        return Item(source, page, loader=_page_loader(Path(source), page))
+        return Item(source, page, loader=_page_loader(Path(where), page), path=path, modified=modified)
     if not is_url(source) and is_pdf(source):
-        return _items_for_files([Path(source)], strict=False)[0]
-    return Item(source)
+        return replace(_items_for_files([Path(where)], strict=False)[0], source=source, path=path, modified=modified)
+    return Item(source, path=path, modified=modified)
 
 
 def pdf_items(path: Path) -> list[Item]:

@@ -88,7 +88,8 @@ def request_differences(stored, request: dict) -> list[str]:
 
 
 def item_fields(item: Item) -> dict:
-    """``{"source": ...}`` plus ``"page"`` for a PDF page: the start of every output line.
+    """``{"source": ...}`` plus ``"page"`` for a PDF page, and a local file's absolute ``"path"`` and
+    ``"modified"`` time (ns) when it was collected: the start of every output line.
 
     A name that is not valid UTF-8 also gets ``"source_b64"``, its exact bytes (see the module docs).
     """
@@ -97,6 +98,8 @@ def item_fields(item: Item) -> dict:
         fields["source_b64"] = base64.b64encode(_fs_bytes(item.source)).decode("ascii")
     if item.page is not None:
         fields["page"] = item.page
+    if item.path is not None and printable(item.path) == item.path:  # else source_b64 names the file
+        fields["path"], fields["modified"] = item.path, item.modified
     return fields
 
 
@@ -182,6 +185,7 @@ def quantize_name(model) -> str | None:
     return "int4" if "Int4" in quant_type else "int8" if "Int8" in quant_type else str(config.get("quant_method"))
 
 
+ITEM_KEYS = ("source", "source_b64", "page", "path", "modified")
 RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "constrained", "image_size")
 
 
@@ -193,7 +197,7 @@ def make_record(result: dict, task: str, schema: str | None, info: dict, request
     ``request_fields`` (what a re-run compares to decide whether the line is still wanted). Both
     engines of ``phi-helpers predict`` (in-process and Ray) build their lines here.
     """
-    record = {key: result[key] for key in ("source", "source_b64", "page") if key in result}
+    record = {key: result[key] for key in ITEM_KEYS if key in result}
     record["task"] = task
     if schema:
         record["schema"] = schema
@@ -216,16 +220,21 @@ def read_records(path) -> list[dict]:
     return [record for _, _, record in _lines(path) if record is not None]
 
 
-RESUME_FIELDS = ("request", "error", "valid", "constrained")  # what a re-run reads of an item's last line
+RESUME_FIELDS = ("request", "error", "valid", "constrained", "modified")  # what a re-run reads of an item's last line
 
 
 def last_records(path) -> dict:
     """The ``RESUME_FIELDS`` of each item's last record in the JSONL file ``path``, by ``resume_key``
-    (read line by line: the memory it takes grows with the items, not with the file or the answers)."""
-    return {
-        resume_key(*record_key(record)): {key: record[key] for key in RESUME_FIELDS if key in record}
-        for _, _, record in _lines(path) if record is not None
-    }
+    (read line by line: the memory it takes grows with the items, not with the file or the answers).
+    A line's file is its absolute ``"path"`` when it has one (its ``"source"`` may be relative to
+    another folder)."""
+    last = {}
+    for _, _, record in _lines(path):
+        if record is not None:
+            source, page = record_key(record)
+            file = record["path"] if isinstance(record.get("path"), str) else source
+            last[resume_key(file, page)] = {key: record[key] for key in RESUME_FIELDS if key in record}
+    return last
 
 
 def resume_key(source: str, page: int | None) -> tuple:
@@ -319,6 +328,7 @@ class ResumePlan:
     done: int = 0  # skipped: their last line answers this very request
     failed: int = 0  # retried: their last line is an error for this request
     other_request: int = 0  # redone: their last line answers another request
+    changed: int = 0  # redone: their file was modified after their last line's run collected it
     differences: set = field(default_factory=set)  # which request fields differ, over those items
 
     def summary(self, total: int, path) -> list[str]:
@@ -328,6 +338,8 @@ class ResumePlan:
             lines.append(f"{self.done} of {total} items are already done for this request in {path}; skipping them.")
         if self.failed:
             lines.append(f"{self.failed} of {total} items failed in an earlier run of this request; retrying them.")
+        if self.changed:
+            lines.append(f"{self.changed} of {total} items were modified since their last line in {path}; running them again.")
         if self.other_request:
             lines.append(
                 f"{self.other_request} of {total} items in {path} answer another request (it differs in: "
@@ -346,7 +358,9 @@ def plan_resume(items: list[Item], path, request: dict) -> ResumePlan:
             plan.todo.append(item)
             continue
         differences = request_differences(record.get("request"), request)
-        if differences:
+        if None not in (record.get("modified"), item.modified) and record["modified"] != item.modified:
+            plan.changed += 1
+        elif differences:
             plan.other_request += 1
             plan.differences.update(differences)
         elif "error" in record:

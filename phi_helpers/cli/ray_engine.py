@@ -11,7 +11,7 @@
 
 How the work is split:
 
-* ``item_dataset`` makes a Ray Dataset with one row per image or PDF page: ``{"source", "page"}``,
+* ``item_dataset`` makes a Ray Dataset with one row per image or PDF page: ``{"source", "page", "path", "modified"}``,
   the same keys as ``collect_all`` (local paths, globs and PDFs are listed by ``collect_items`` itself).
   Sources on another filesystem (``s3://``, ``gs://``, ``file://``..., whatever ``pyarrow.fs`` opens) are
   listed here and their PDFs are split into pages by Ray tasks. Pixels are read inside the replicas.
@@ -59,7 +59,7 @@ MAX_BLOCKS = 10_000
 # The columns of a Parquet output, in record order. ``answer`` is text: the answer of caption, ocr and
 # vqa, the JSON text of an extract answer. Fields of a record not named here go to ``extra`` (JSON text).
 PARQUET_COLUMNS = {
-    "source": "string", "page": "int64", "task": "string", "schema": "string", "error": "string",
+    "source": "string", "page": "int64", "path": "string", "modified": "int64", "task": "string", "schema": "string", "error": "string",
     "prompt": "string", "answer": "string", "valid": "bool", "errors": "list<string>", "raw": "list<string>",
     "attempts": "int64", "image_size": "list<int64>", "model": "string", "device": "string", "dtype": "string",
     "attention": "string", "num_crops": "int64", "prompt_tokens": "int64", "generated_tokens": "int64",
@@ -116,7 +116,8 @@ def dashboard_url(context) -> str | None:
 
 
 def item_dataset(specs: list[str] | str, skip: set | None = None):
-    """A Ray Dataset of the items that ``specs`` name: one row ``{"source", "page"}`` per image or PDF page.
+    """A Ray Dataset of the items that ``specs`` name: one row ``{"source", "page", "path", "modified"}`` per
+    image or PDF page (``path`` and ``modified``: see ``Item``; None for a remote file).
 
     Local files, folders, globs, PDFs and http(s) URLs give exactly the items of ``collect_all``
     (in the same order). A URI of another filesystem (``s3://bucket/scans/``, ``gs://...``,
@@ -127,16 +128,17 @@ def item_dataset(specs: list[str] | str, skip: set | None = None):
     specs = [specs] if isinstance(specs, str) else list(specs)
     skip = skip or set()
     local = collect_all([spec for spec in specs if not is_remote(spec)])
-    rows = [{"source": item.source, "page": item.page} for item in local if item.key not in skip]
+    rows = [{"source": item.source, "page": item.page, "path": item.path, "modified": item.modified}
+            for item in local if item.key not in skip]
     blocks = min(-(-len(rows) // ITEMS_PER_BLOCK), MAX_BLOCKS)
     datasets = [ray.data.from_items(rows, override_num_blocks=blocks)] if rows else []
     remote_files = [uri for spec in specs if is_remote(spec) for uri in list_remote(spec)]
     if remote_files:
-        files = ray.data.from_items([{"source": uri, "page": None} for uri in remote_files])
+        files = ray.data.from_items([{"source": uri, "page": None, "path": None, "modified": None} for uri in remote_files])
         pages = files.flat_map(_RemotePages(frozenset(skip)), num_cpus=0)  # I/O: leave the CPUs to the replicas
         datasets.append(pages)
     if not datasets:
-        return ray.data.from_items([{"source": "", "page": 0}]).limit(0)
+        return ray.data.from_items([{"source": "", "page": 0, "path": "", "modified": 0}]).limit(0)
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -178,7 +180,7 @@ class _RemotePages:
                 pages = list(range(1, len(pdfium.PdfDocument(_read_uri(uri))) + 1)) or [None]
             except Exception:  # noqa: BLE001  (reported as this item's error when the replica loads it)
                 pages = [None]
-        return [{"source": uri, "page": page} for page in pages if (uri, page) not in self.skip]
+        return [{"source": uri, "page": page, "path": None, "modified": None} for page in pages if (uri, page) not in self.skip]
 
 
 def remote_item(uri: str, page: int | None) -> Item:
@@ -271,11 +273,11 @@ class Replica:
         self.info = model_info(self.model, self.processor)
 
     def __call__(self, batch):
-        """``batch``: a pyarrow table of items ``{"source", "page"}`` -> ``{"record": [JSON text, ...]}``."""
+        """``batch``: a pyarrow table of items ``{"source", "page", "path", "modified"}`` -> ``{"record": [JSON text, ...]}``."""
         rows = batch.to_pylist()
         items = [
             remote_item(row["source"], row["page"]) if is_remote(row["source"])
-            else item_at(row["source"], row["page"])
+            else item_at(row["source"], row["page"], row.get("path"), row.get("modified"))
             for row in rows
         ]
         results = predict_items(self.model, self.processor, items, self.task, **self.task_options)
