@@ -4,8 +4,11 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -224,11 +227,64 @@ def test_hub_failures_become_a_short_model_load_error(no_env_model, monkeypatch)
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
 
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, timeout: None)  # the hub answers the probe
     monkeypatch.setattr(AutoProcessor, "from_pretrained", offline)
     with pytest.raises(ModelLoadError, match="(?s)couldn.t connect.*PHI_HELPERS_MODEL=tiny") as info:
         load_model("someone/some-model", device="cpu")
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
+
+
+class NameNotResolved(Exception):
+    """What the hub's HTTP client raises without a network (httpx2.ConnectError today)."""
+
+
+def unreachable(repo_id, timeout):
+    raise NameNotResolved("[Errno -2] Name or service not known")
+
+
+def test_an_unreachable_hub_fails_at_once_unless_the_cache_holds_the_model(no_env_model, forbid_loading, monkeypatch):
+    """The hub's lookups retry every file for ~20 s without a network (minutes in all): one quick probe
+    says so at once."""
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    with pytest.raises(ModelLoadError, match=r"huggingface.co cannot be reached \(\[Errno -2\] Name or service not known\) "
+                       r"to download 'someone/model', and the Hugging Face cache does not hold it"):
+        load_model("someone/model", device="cpu")
+
+
+def test_an_unreachable_hub_loads_the_cached_copy_without_retries(no_env_model, monkeypatch, tiny_checkpoint, capsys):
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: f"/cache/{repo_id}/{filename}")
+    calls = []
+    for auto_class in (AutoProcessor, AutoModelForCausalLM):
+        real = auto_class.from_pretrained
+
+        def cached(source, real=real, **kwargs):
+            calls.append(kwargs.get("local_files_only"))
+            return real(tiny_checkpoint, **{key: value for key, value in kwargs.items() if key != "local_files_only"})
+
+        monkeypatch.setattr(auto_class, "from_pretrained", cached)
+    load_model("someone/model", device="cpu")
+    assert calls == [True, True]
+    assert "huggingface.co cannot be reached ([Errno -2] Name or service not known): loading 'someone/model' from the Hugging Face cache" in capsys.readouterr().out
+
+
+def test_a_model_the_hub_does_not_have_is_named_before_loading(no_env_model, forbid_loading, monkeypatch):
+    def not_found(repo_id, timeout):
+        raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co")))
+
+    monkeypatch.setattr(huggingface_hub, "model_info", not_found)
+    with pytest.raises(ModelLoadError, match="There is no model 'someone/modle' on the Hugging Face hub, or it is private"):
+        load_model("someone/modle", device="cpu")
+
+
+def test_hf_hub_offline_asks_the_hub_nothing(no_env_model, monkeypatch, tiny_checkpoint):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: pytest.fail("the hub was asked"))
+    for auto_class in (AutoProcessor, AutoModelForCausalLM):
+        monkeypatch.setattr(auto_class, "from_pretrained", lambda source, real=auto_class.from_pretrained, **kwargs: real(tiny_checkpoint, **kwargs))
+    load_model("someone/model", device="cpu")
 
 # --- load_model on the tiny checkpoint --------------------------------------------------------------
 

@@ -31,7 +31,9 @@ import struct
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
@@ -82,10 +84,13 @@ def load_model(
     source, label = _resolve_source(model_id)
     if Path(source).is_dir():
         check_checkpoint_files(Path(source))
+        hub_kwargs = {}
+    else:
+        hub_kwargs = _hub_access(source)
 
-    processor_kwargs = {} if num_crops is None else {"num_crops": num_crops}
+    processor_kwargs = {**hub_kwargs} if num_crops is None else {**hub_kwargs, "num_crops": num_crops}
     processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
-    model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device}
+    model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device, **hub_kwargs}
     if quantization is not None:
         model_kwargs["quantization_config"] = quantization
     with _held_load_report() as load_reports:
@@ -249,6 +254,38 @@ def _check_source(source: str, local: bool = False) -> str:
         )
     return source
 
+
+HUB_PROBE_SECONDS = 10
+
+
+def _hub_access(repo_id: str) -> dict:
+    """One quick request to the hub before loading ``repo_id`` from it (the hub's own lookups retry each
+    file for about 20 s when the network is down: minutes in all). Returns extra ``from_pretrained``
+    arguments: ``local_files_only`` when the hub cannot be reached and the Hugging Face cache holds
+    the model. Raises ModelLoadError when the hub says there is no such model, or cannot be reached
+    and the cache does not hold it. Nothing is asked with ``HF_HUB_OFFLINE=1``."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return {}
+    try:
+        huggingface_hub.model_info(repo_id, timeout=HUB_PROBE_SECONDS)
+        return {}
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"There is no model '{repo_id}' on the Hugging Face hub, or it is private (then log in first: "
+            f"hf auth login). Check the id (e.g. '{DEFAULT_MODEL_ID}')."
+        ) from None
+    except HfHubHTTPError:  # the hub answered (a gated model, server trouble): from_pretrained says what
+        return {}
+    except Exception as error:  # noqa: BLE001  (no answer: the HTTP client's own connection and timeout errors)
+        reason = " ".join(str(error).split()) or type(error).__name__
+    if huggingface_hub.try_to_load_from_cache(repo_id, "config.json") is not None:
+        print(f"huggingface.co cannot be reached ({reason}): loading '{repo_id}' from the Hugging Face cache.")
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"huggingface.co cannot be reached ({reason}) to download '{repo_id}', and the Hugging Face cache does "
+        "not hold it. Check your internet connection (or proxy), or pass a local folder. For an offline dry run "
+        "set PHI_HELPERS_MODEL=tiny."
+    )
 
 def check_checkpoint_files(folder: Path) -> None:
     """Raise ModelLoadError naming the file if a local checkpoint folder is visibly broken.
