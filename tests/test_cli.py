@@ -417,13 +417,14 @@ def test_a_failing_batch_is_retried_item_by_item(capsys, monkeypatch, tmp_path, 
 
 def test_interrupted_last_line_is_moved_aside(tmp_path):
     output = tmp_path / "out.jsonl"
-    output.write_text('{"source": "a.png", "answer": "x"}\n{"source": "b.png", "error": "boom"}\n{"source": "c.pn')
+    good = '{"source": "a.png", "task": "ocr", "answer": "x"}\n{"source": "b.png", "task": "ocr", "error": "boom"}\n'
+    output.write_text(good + '{"source": "c.pn')
     assert outputs.repair_jsonl(output) == 1
-    assert output.read_text() == '{"source": "a.png", "answer": "x"}\n{"source": "b.png", "error": "boom"}\n'
+    assert output.read_text() == good
     assert outputs.torn_path(output).read_text() == '{"source": "c.pn\n'  # kept, not lost
     assert outputs.repair_jsonl(output) == 0  # nothing left to repair
     with outputs.JsonlWriter(output) as writer:
-        writer.write({"source": "c.png", "page": 2, "answer": "y"})
+        writer.write({"source": "c.png", "page": 2, "task": "ocr", "answer": "y"})
     assert [outputs.record_key(record) for record in outputs.read_records(output)] == [("a.png", None), ("b.png", None), ("c.png", 2)]
 
 
@@ -522,11 +523,12 @@ def test_runtime_errors_exit_1_in_one_line(capsys, monkeypatch, tmp_path, tiny_m
 def test_a_failed_run_loses_nothing(capsys, tmp_path, folder):
     single, lines = tmp_path / "single.json", tmp_path / "lines.jsonl"
     single.write_text("keep me\n")
-    lines.write_text('{"source": "earlier.png", "answer": "keep me too"}\n')
+    lines.write_text('{"source": "earlier.png", "task": "ocr", "answer": "keep me too"}\n')
     assert run(capsys, "predict", "--image", tmp_path / "missing.png", "--task", "ocr", "--output", single)[0] == 1
     assert single.read_text() == "keep me\n"
     assert run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", lines, *FAST)[0] == 0
-    assert read_lines(lines)[0] == {"source": "earlier.png", "answer": "keep me too"} and len(read_lines(lines)) == 4
+    assert read_lines(lines)[0] == {"source": "earlier.png", "task": "ocr", "answer": "keep me too"}
+    assert len(read_lines(lines)) == 4
 
 
 def test_unexpected_errors_are_one_line_too(capsys, monkeypatch, image):

@@ -5,6 +5,8 @@ message and the exit code. Nothing here touches the network (servers listen on 1
 """
 
 import base64
+import builtins
+import errno
 import functools
 import glob
 import http.server
@@ -31,7 +33,7 @@ from phi_helpers.api.images import load_image
 from phi_helpers.api.parsing import extract_json
 from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
-from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError
+from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError, ModelLoadError
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
 
@@ -203,6 +205,26 @@ def test_a_rerun_from_another_folder_never_takes_another_file_for_a_done_one(cap
     code, _, err = run(capsys, "predict", "--image", "one/a.png", "two/a.png", "--task", "caption", "--output", output, *FAST)
     assert code == 0 and "2 of 2 items are already done" in err and generations == [1, 1]
 
+def test_a_moved_project_folder_is_still_done(capsys, monkeypatch, tmp_path, generations):
+    """After ``mv proj proj2`` no file is at a line's recorded "path": the same command run in the new
+    folder finds the files by their relative "source" (their "modified" time shows they are the same)."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    picture(project / "a.png", "red")
+    picture(project / "b.png", "blue")
+    monkeypatch.chdir(project)
+    args = ["predict", "--image", ".", "--task", "caption", "--output", "out.jsonl", *FAST]
+    assert run(capsys, *args)[0] == 0
+    project.rename(tmp_path / "proj2")
+    monkeypatch.chdir(tmp_path / "proj2")
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "2 of 2 items are already done" in err and generations == [2]
+    picture(tmp_path / "proj2" / "a.png", "green")  # another picture under the old name: its time differs
+    os.utime("a.png", ns=(1, 1))
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "1 of 2 items were modified since their last line" in err and generations == [2, 1]
+
+
 def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
     schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
     schema.write_text(json.dumps(SCHEMA))
@@ -232,7 +254,8 @@ def test_a_new_request_field_that_is_unset_keeps_old_lines(tmp_path, folder):
     """Adding a key to request_fields with the value None does not make old lines foreign."""
     item = inputs.Item(str(folder / "a.png"))
     old_request = {"task": "ocr", "prompt": None}
-    (tmp_path / "o.jsonl").write_text(json.dumps({"source": item.source, "request": old_request, "answer": "x"}) + "\n")
+    line = {"source": item.source, "task": "ocr", "request": old_request, "answer": "x"}
+    (tmp_path / "o.jsonl").write_text(json.dumps(line) + "\n")
     plan = outputs.plan_resume([item], tmp_path / "o.jsonl", {**old_request, "quantize": None})
     assert (plan.todo, plan.done) == ([], 1)
     plan = outputs.plan_resume([item], tmp_path / "o.jsonl", {**old_request, "quantize": "4bit"})
@@ -380,6 +403,36 @@ def test_a_file_that_is_not_results_is_not_appended_to(capsys, tmp_path, folder,
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["one image", "a folder"])
+def test_another_programs_json_lines_are_not_results(capsys, tmp_path, folder, no_model, many):
+    """Lines with a "source" string are not ours without one of our tasks: the file is refused whole,
+    not repaired (a line moved to .torn, blank lines dropped) and appended to."""
+    data = tmp_path / "data.jsonl"
+    content = b'{"source": "wiki", "text": "hello"}\n\n{"source": "books", "page": 12.5}\n'
+    data.write_bytes(content)
+    image = folder if many else folder / "a.png"
+    err = _refused(capsys, "predict", "--image", image, "--task", "caption", "--output", data, *FAST)
+    assert "holds something other than phi-helpers results (line 1: " in err
+    assert data.read_bytes() == content and not (tmp_path / "data.jsonl.torn").exists()
+
+
+@pytest.mark.parametrize("name", ["victim.png", "victim.pdf", "victim.bin"])
+def test_a_single_answer_or_a_report_never_replaces_a_file_that_is_not_text(capsys, tmp_path, folder, no_model, name):
+    """A slip of the tab key (--output scan.png) must not turn a picture or a document into text."""
+    victim = tmp_path / name
+    if name.endswith(".png"):
+        picture(victim)
+    else:  # a PDF (pure ASCII, as hand-made ones can be), or bytes that are not UTF-8
+        victim.write_bytes(minimal_pdf("0 0 100 50") if name.endswith(".pdf") else "café".encode("latin-1") * 100)
+    before = victim.read_bytes()
+    err = _refused(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--output", victim, *FAST)
+    assert "holds something other than text" in err and "the answer would replace it" in err
+    eval_set = Path(__file__).parents[1] / "data" / "eval"
+    err = _refused(capsys, "eval", "--data", eval_set, "--limit", "1", "--output", victim, *FAST)
+    assert "holds something other than text" in err and "the report would replace it" in err
+    assert victim.read_bytes() == before
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one image", "a folder"])
 def test_devices_and_pipes_are_refused_without_reading_them(capsys, tmp_path, folder, no_model, many):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)  # reading it to resume would wait for a writer forever
@@ -433,7 +486,7 @@ def test_one_image_into_a_jsonl_file_adds_a_line(capsys, tmp_path, folder, gener
 
 def test_a_line_with_wrong_field_types_is_moved_aside(capsys, tmp_path, folder, generations):
     output = tmp_path / "out.jsonl"
-    edited = json.dumps({"source": str(folder / "a.png"), "page": [1, 2], "answer": "x"})
+    edited = json.dumps({"source": str(folder / "a.png"), "page": [1, 2], "task": "ocr", "answer": "x"})
     output.write_text(edited + "\n")
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
     assert code == 0 and "1 line(s) of" in err and "broken by an edit" in err
@@ -542,9 +595,26 @@ def test_two_runs_never_write_one_file(capsys, tmp_path, folder, no_model):
     assert not output.exists()  # the lock's empty file is gone again
 
 
+@pytest.mark.parametrize("failure, exit_code", [(KeyboardInterrupt, 130), (ModelLoadError("no model"), 1)],
+                         ids=["ctrl-c", "model-load-error"])
+def test_a_run_that_stops_early_keeps_a_linked_output(capsys, monkeypatch, tmp_path, folder, failure, exit_code):
+    """--output is a link to a file not made yet: the empty file made through it goes again, the link stays."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "lnk").mkdir()
+    link = tmp_path / "lnk" / "out.jsonl"
+    link.symlink_to(tmp_path / "real" / "out.jsonl")
+
+    def load(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(cli, "load_model", load)
+    code, _, _ = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", link, *FAST)
+    assert code == exit_code and link.is_symlink() and not (tmp_path / "real" / "out.jsonl").exists()
+
+
 def test_the_lock_follows_a_repaired_file(tmp_path):
     output = tmp_path / "out.jsonl"
-    output.write_text('{"source": "a.png", "answer": "x"}\n{"source": "b.p')
+    output.write_text('{"source": "a.png", "task": "ocr", "answer": "x"}\n{"source": "b.p')
     with outputs.OutputLock(output) as lock:
         assert outputs.repair_jsonl(output) == 1  # replaced the file: a new inode
         lock.follow()
@@ -597,6 +667,92 @@ def test_glob_matches_like_the_standard_library_without_links(tmp_path, monkeypa
     for pattern in ("*.png", "**/*.png", "x/**/*.png", "*/*.png", "**", "?.*", "[ab].*"):
         wanted = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         assert inputs.glob_files(pattern) == wanted, pattern
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders this user may not read
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def locked(monkeypatch, tmp_path) -> Path:
+    """A folder this user may not enter, as ``chmod 000`` makes it for anyone but root (these tests may
+    run as root, whom the kernel lets in): listing it, or looking at or opening anything in it, also
+    through a link, is "permission denied" (as Python 3.11's pathlib then raises too)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    picture(locked / "b.png", "green")
+
+    def denied(real, listing=False):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, bytes, os.PathLike)):
+                where = os.path.realpath(path)
+                if where.startswith(f"{locked}{os.sep}") or (listing and where == str(locked)):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "stat", denied(os.stat))
+    monkeypatch.setattr(os, "scandir", denied(os.scandir, listing=True))
+    monkeypatch.setattr(os, "listdir", denied(os.listdir, listing=True))
+    monkeypatch.setattr(builtins, "open", denied(builtins.open))
+    return locked
+
+
+def _errors(output: Path) -> dict:
+    return {record["source"]: record["error"] for record in lines_of(output) if "error" in record}
+
+
+def test_an_unreadable_file_in_a_folder_is_one_failed_item(capsys, tmp_path, folder, locked, generations):
+    (folder / "c.png").symlink_to(locked / "b.png")
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
+    assert code == 1 and "2 of 3 items done" in err and generations == [2]
+    (message,) = _errors(output).values()
+    assert message.startswith(f"Could not read '{folder / 'c.png'}' (Permission denied). Check that you may read it")
+
+
+def test_unreadable_values_among_several_are_failed_items(capsys, tmp_path, folder, locked, generations):
+    """Among several --image values, a file, a folder or a pattern's folder that cannot be read is one
+    failed item each; the others run."""
+    output = tmp_path / "out.jsonl"
+    argv = [folder / "a.png", locked / "b.png", f"{locked}/*.png", folder / "b.png"]
+    code, _, err = run(capsys, "predict", "--image", *argv, "--task", "caption", "--output", output, *FAST)
+    assert code == 1 and "2 of 4 items done" in err and generations == [2]
+    errors = _errors(output)
+    assert sorted(errors) == sorted([str(locked / "b.png"), str(locked)])
+    assert errors[str(locked / "b.png")].startswith(
+        f"Could not read '{locked / 'b.png'}' (Permission denied). Check that you may read it")
+    assert errors[str(locked)].startswith(
+        f"Could not list the folder '{locked}' (Permission denied), so none of its files were run. Check")
+    assert inputs.is_multi_input(str(locked / "b.png")) is False and inputs.is_multi_input(f"{locked}/*.png") is True
+
+
+@pytest.mark.parametrize("spec", ["file", "folder", "pattern"])
+def test_one_unreadable_image_value_fails_at_once_with_advice(capsys, tmp_path, locked, spec, no_model):
+    image = {"file": locked / "b.png", "folder": locked, "pattern": f"{locked}/*.png"}[spec]
+    output = [] if spec == "file" else ["--output", tmp_path / "out.jsonl"]
+    code, out, err = run(capsys, "predict", "--image", image, "--task", "caption", *output, *FAST)
+    assert code == 1 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("error: Could not ") and "(Permission denied)" in err and "Check that you may read" in err
+
+
+def test_a_subfolder_that_cannot_be_listed_is_a_warning(capsys, tmp_path, folder, locked, generations):
+    """Under **, a folder that cannot be entered is left out with a warning that names it; the others run."""
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "predict", "--image", f"{tmp_path}/**/*.png", "--task", "caption", "--output", output,
+                       *FAST)
+    assert code == 0 and generations == [2]
+    assert f"warning: could not list the folder '{locked}' (Permission denied) under '{tmp_path}/**/*.png': its files " \
+           "were not included" in err
+
+
+def test_a_folder_of_folders_points_to_a_pattern(tmp_path):
+    (tmp_path / "scans" / "2024").mkdir(parents=True)
+    picture(tmp_path / "scans" / "2024" / "a.png")
+    with pytest.raises(ImageLoadError, match=r"contains no image or PDF files .*; for the files of its sub-folders use "
+                       r"a pattern \(quoted\): --image '.*/scans/\*\*/\*\.png'\.$"):
+        inputs.collect_items(str(tmp_path / "scans"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,8 +889,9 @@ def test_refs_inside_the_schema_work(capsys, tmp_path, folder):
         ({"image": "link/outside.png", "task": "ocr", "expected": "x"}, "the image path 'link/outside.png' leads outside"),
         ({"image": "in.png", "task": "extract", "expected": {}, "schema": "../s.json"}, "the schema path '../s.json' leads outside"),
         ({"image": 7, "task": "ocr", "expected": "x"}, "image must be a file name (a non-empty string), not 7"),
+        ({"image": "in\u0000.png", "task": "ocr", "expected": "x"}, "the image path 'in\\x00.png' contains a NUL character"),
     ],
-    ids=["dotdot", "absolute", "symlink", "schema", "not-a-string"],
+    ids=["dotdot", "absolute", "symlink", "schema", "not-a-string", "nul"],
 )
 def test_manifest_paths_must_stay_in_the_data_folder(capsys, tmp_path, tiny_model, line, message):
     picture(tmp_path / "outside.png")

@@ -141,6 +141,30 @@ def test_the_replica_reads_a_remote_pdf_page(scans):
     assert image.size == (240, 180) and image.getpixel((5, 5)) == (128, 128, 128)
 
 
+def test_a_local_ray_sends_no_usage_statistics(monkeypatch):
+    """A local Ray would send usage statistics to usage-stats.ray.io and probe cloud metadata services:
+    start_ray turns that off before ray.init (no Ray starts here), unless the user chose otherwise."""
+    seen = []
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            seen.append(os.environ.get("RAY_USAGE_STATS_ENABLED"))
+
+    monkeypatch.setattr(ray_engine, "require_ray", FakeRay)
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # whatever start_ray sets goes with the test
+    ray_engine.start_ray("ray://head:10001")  # a cluster the user named keeps its own setting
+    ray_engine.start_ray()
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "1"
+    ray_engine.start_ray()
+    assert seen == [None, "0", "1"]
+    scaling = (Path(__file__).parents[1] / "docs" / "scaling.md").read_text()
+    assert "RAY_USAGE_STATS_ENABLED=0" in scaling and "usage-stats.ray.io" in scaling
+
+
 def test_without_ray_the_engine_says_what_to_install(capsys, monkeypatch, tmp_path, scans):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as when it is not installed
     with pytest.raises(RayNotInstalledError, match=r'pip install "phi_helpers\[ray\]"'):

@@ -18,8 +18,10 @@ greyscale) instead.
 
 import base64
 import binascii
+import errno
 import io
 import os
+import stat
 import struct
 import threading
 import time
@@ -107,17 +109,46 @@ def _data_url_bytes(url: str) -> bytes:
 def _from_path(path: Path) -> Image.Image:
     """Open a local file, with a specific message for each way a path can be wrong."""
     path = path.expanduser()
-    if not path.exists():
+    try:
+        status = path.stat()
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name, which no file has
+        if isinstance(error, OSError) and not is_missing(error):
+            raise unreadable_error(path, error) from None
         raise ImageLoadError(
             f"No file at '{path}'. Check the spelling; relative paths start from the current "
             f"directory, which is '{Path.cwd()}'."
-        )
-    if path.is_dir():
+        ) from None
+    if stat.S_ISDIR(status.st_mode):
         raise ImageLoadError(f"'{path}' is a directory, not an image file. Pass the path of one image inside it.")
-    if path.stat().st_size == 0:
+    if status.st_size == 0:
         raise ImageLoadError(f"'{path}' is empty (0 bytes). Re-save or re-download the image.")
-    with open(path, "rb") as file:  # closed on return: the decoded image does not need the file
+    try:
+        file = open(path, "rb")
+    except OSError as error:
+        raise unreadable_error(path, error) from None
+    with file:  # closed on return: the decoded image does not need the file
         return _decode(lambda: Image.open(file), f"'{path}'")
+
+
+# What pathlib's exists() takes for "nothing there"; any other OSError (permission denied, an I/O
+# error) means that something may be there but cannot be seen, which needs another remedy.
+_MISSING_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
+
+
+def is_missing(error: OSError) -> bool:
+    """Whether ``error`` (from stat or open) means that nothing is at the path, not that it cannot be seen."""
+    return error.errno in _MISSING_ERRNOS
+
+
+def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadError:
+    """The ImageLoadError for a file (or, with ``folder``, a folder to list) that the system would not
+    let us read: it names the path and the system's reason, and says what to check."""
+    reason = error.strerror or type(error).__name__
+    if folder:
+        return ImageLoadError(f"Could not list the folder '{path}' ({reason}), so none of its files were run. Check "
+                              "that you may read and enter it and every folder above it (ls -ld), then run again.")
+    return ImageLoadError(f"Could not read '{path}' ({reason}). Check that you may read it and enter every folder "
+                          "above it (ls -ld), then run again.")
 
 
 def _from_bytes(data: bytes, source: str) -> Image.Image:

@@ -27,9 +27,9 @@ from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input
 from .outputs import (
-    JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, error_message, finish_run, input_files,
-    item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume, schema_advice,
-    write_atomically,
+    JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, check_replaceable, error_message,
+    finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
+    schema_advice, write_atomically,
 )
 from .ray_engine import run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
@@ -296,6 +296,7 @@ def run_single(args, schema) -> int:
     image = item.load()  # a missing file, unreadable image or bad URL fails here, before loading the model
     if args.output:
         check_output_path(Path(args.output), inputs=input_files([item], args.schema))
+        check_replaceable(Path(args.output))  # not an image or a PDF named by a slip of the tab key
     model, processor = load_for_cli(args)
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
     result = {**item_fields(item), "image_size": list(image.size), **result}

@@ -17,7 +17,9 @@ from ..api.report import format_table
 from ..api.structured import load_schema
 from ..errors import CommandLineError, ManifestError
 from .inputs import Item, is_pdf
-from .outputs import check_output_path, holds_records, json_safe, model_info, progress_bar, write_atomically
+from .outputs import (
+    check_output_path, check_replaceable, holds_records, json_safe, model_info, progress_bar, write_atomically,
+)
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items, read_schema
 
 MANIFEST = "manifest.jsonl"
@@ -153,6 +155,9 @@ def _inside(data_dir: Path, relative, field: str, where: str) -> Path:
     once ``..`` and symbolic links are resolved."""
     if not isinstance(relative, str) or not relative:
         raise ManifestError(f"{where}: {field} must be a file name (a non-empty string), not {relative!r}.")
+    if "\0" in relative:  # no file name holds one; Path.resolve would fail with "embedded null byte"
+        raise ManifestError(f"{where}: the {field} path {relative!r} contains a NUL character (\\u0000), which no "
+                            f"file name can hold. Fix the \"{field}\" field of this line.")
     path = data_dir / relative
     if Path(relative).is_absolute() or not path.resolve().is_relative_to(data_dir.resolve()):
         raise ManifestError(
@@ -364,7 +369,8 @@ def run_eval_command(args, load) -> int:
 def check_report_path(path: Path, data_dir: Path) -> None:
     """``check_output_path`` for the report, which replaces the file: inside the set's folder
     ``data_dir`` it may replace only an earlier report (never the manifest, an image, a schema, notes),
-    and nowhere a file of results (JSON lines of ``phi-helpers predict``)."""
+    and nowhere a file of results (JSON lines of ``phi-helpers predict``) or a file that is not text
+    (``check_replaceable``: a PDF or an image named by a slip)."""
     check_output_path(path)
     inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir))
     if inside and path.exists() and not _is_report(path):
@@ -373,6 +379,7 @@ def check_report_path(path: Path, data_dir: Path) -> None:
     if holds_records(path):
         raise CommandLineError(f"--output '{path}' holds results of phi-helpers predict; the report would replace "
                                "them. Give the report another file name, e.g. report.json.")
+    check_replaceable(path, "the report")
 
 
 def _is_report(path: Path) -> bool:

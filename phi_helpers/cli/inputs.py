@@ -7,6 +7,8 @@ pixels are only read when ``item.load()`` is called.
 import fnmatch
 import glob
 import os
+import stat
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -14,7 +16,7 @@ from typing import Callable
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
-from ..api.images import check_pixel_count, load_image
+from ..api.images import check_pixel_count, is_missing, load_image, unreadable_error
 from ..errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
@@ -88,17 +90,38 @@ def check_not_empty(spec: str) -> None:
 
 def is_multi_input(spec: str) -> bool:
     """True when ``--image`` names many images (a folder, a glob pattern or a PDF): JSONL output.
-    Raises ImageLoadError for an empty value (``check_not_empty``)."""
+    Raises ImageLoadError for an empty value (``check_not_empty``). A path that cannot be seen
+    (permission denied) counts as one image, unless it is a pattern: reading it then fails with advice."""
     check_not_empty(spec)
     if is_url(spec):
         return False
     path = Path(spec).expanduser()
-    if path.is_dir() or (path.is_file() and is_pdf(path)):
-        return True
-    return not path.exists() and glob.has_magic(spec)
+    try:
+        status = _stat(path)
+    except OSError:
+        return glob.has_magic(spec)
+    if status is None:
+        return glob.has_magic(spec)
+    return stat.S_ISDIR(status.st_mode) or (stat.S_ISREG(status.st_mode) and is_pdf(path))
 
 
-def collect_items(spec: str) -> list[Item]:
+def _stat(path: Path) -> os.stat_result | None:
+    """``os.stat(path)``, or None when nothing is there (where pathlib's ``exists()`` is False).
+
+    Any other OSError (permission denied: a folder above it cannot be entered) is raised: pathlib's
+    ``is_dir()`` and ``exists()`` raise it too (Python 3.11), and it must not be taken for "missing".
+    """
+    try:
+        return os.stat(path)
+    except ValueError:  # a NUL in the name: no file has one
+        return None
+    except OSError as error:
+        if is_missing(error):
+            return None
+        raise
+
+
+def collect_items(spec: str, strict: bool = True) -> list[Item]:
     """Turn an ``--image`` argument into the list of items to process.
 
     * an ``http(s)://`` URL or an image file -> one item;
@@ -110,6 +133,13 @@ def collect_items(spec: str) -> list[Item]:
     Folders reached through a symbolic link are not entered (no symlink loops), and a file reached
     under several names (symbolic or hard links) is listed once, under its first name in sorted order.
 
+    One bad item never stops the others: a file in a folder or matched by a pattern that cannot be
+    read (permission denied) is an item that fails, with advice, when it is loaded. Under a pattern, a
+    sub-folder that cannot be listed is left out with a warning on stderr (``warn_unlisted``).
+    ``spec`` itself, when it cannot be read (a file, the folder, or the folder a pattern starts in),
+    raises ImageLoadError with advice if ``strict`` (it is the only input), else is one failing item,
+    like an unusable PDF.
+
     Raises ImageLoadError when ``spec`` is empty or blank, or nothing is there (missing file, empty
     folder, pattern without matches).
     """
@@ -117,45 +147,125 @@ def collect_items(spec: str) -> list[Item]:
     if is_url(spec):
         return [Item(spec)]
     path = Path(spec).expanduser()
-    if path.is_dir():
-        files = _once(sorted(p for p in path.iterdir() if p.is_file() and _is_supported(p)))
-        if not files:
-            raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}).")
-        return _items_for_files(files, strict=False)
-    if path.exists():
-        return _items_for_files([path], strict=True)
+    try:
+        status = _stat(path)
+    except OSError as error:
+        if glob.has_magic(spec):  # "locked/*.png": the walk says which folder cannot be listed
+            return _pattern_items(spec, strict)
+        return [_failed(path, unreadable_error(path, error), strict)]
+    if status is not None and stat.S_ISDIR(status.st_mode):
+        return _folder_items(path, strict)
+    if status is not None:
+        return _items_for_files([path], strict=strict)
     if glob.has_magic(spec):
-        files = _once([p for p in glob_files(spec) if _is_supported(p)])
-        if not files:
-            raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}).")
-        return _items_for_files(files, strict=False)
+        return _pattern_items(spec, strict)
     raise ImageLoadError(
         f"No file or folder at '{path}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
 
 
-def glob_files(pattern: str) -> list[Path]:
+def _folder_items(path: Path, strict: bool) -> list[Item]:
+    """The items of a folder's own image files and PDFs, sorted (``collect_items``)."""
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as error:
+        return [_failed(path, unreadable_error(path, error, folder=True), strict)]
+    files = _once([entry for entry in entries if _is_supported(entry) and _is_file_or_unreadable(entry)])
+    if not files:
+        hint = ""
+        if any(_is_folder(entry) for entry in entries):
+            hint = f"; for the files of its sub-folders use a pattern (quoted): --image '{path / '**' / '*.png'}'"
+        raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}){hint}.")
+    return _items_for_files(files, strict=False)
+
+
+def _pattern_items(spec: str, strict: bool) -> list[Item]:
+    """The items of the files that the glob pattern ``spec`` matches (``collect_items``)."""
+    found = []
+    files = _once([p for p in glob_files(spec, found) if _is_supported(p)])
+    unlisted = [error for error in found if not is_missing(error)]  # a missing folder just matches nothing
+    root = glob_root(spec)
+    for error in unlisted:
+        if Path(error.filename) == root:  # the folder the pattern starts in: none of its files can be seen
+            return [_failed(root, unreadable_error(root, error, folder=True), strict)]
+    warn_unlisted(unlisted, spec)
+    if not files:
+        raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}).")
+    return _items_for_files(files, strict=False)
+
+
+def warn_unlisted(errors: list[OSError], spec: str) -> None:
+    """Say on stderr which sub-folders the walk of pattern ``spec`` could not list.
+
+    A warning, not a failed item: a tree often holds folders of no concern that the user may not
+    enter (``lost+found``, another user's), and their failure would fail every run. The warning says
+    that their files were not run, so that a folder the user meant is not missed unnoticed.
+    """
+    for error in errors:
+        print(f"warning: could not list the folder '{error.filename}' ({error.strerror}) under '{spec}': its files "
+              "were not included. Check that you may read and enter it (ls -ld), then run again to add them.",
+              file=sys.stderr)
+
+
+def _failed(path: Path, error: ImageLoadError, strict: bool) -> Item:
+    """An item for ``path`` that fails with ``error`` when loaded; ``error`` is raised now if ``strict``."""
+    if strict:
+        raise error
+    return Item(str(path), loader=_raiser(error))
+
+
+def _is_file_or_unreadable(path: Path) -> bool:
+    """Whether ``path`` is a file, or may be one that cannot be seen (a link into a folder that may not
+    be entered): it is then an item that fails, naming it, when it is read."""
+    try:
+        status = _stat(path)
+    except OSError:
+        return True
+    return status is not None and stat.S_ISREG(status.st_mode)
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        status = _stat(path)
+    except OSError:
+        return False
+    return status is not None and stat.S_ISDIR(status.st_mode)
+
+
+def glob_files(pattern: str, unlisted: list | None = None) -> list[Path]:
     """The files that match a glob ``pattern`` (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted.
 
     Like ``glob.glob(pattern, recursive=True)`` (names starting with a dot only match a pattern that
     starts with a dot), but the folder walk never follows a symbolic link to a folder, so a symlink
     loop cannot repeat files or make the walk endless; a pattern without ``**`` is searched no deeper
-    than it has parts.
+    than it has parts. A name that matches but cannot be seen (a link into a folder that may not be
+    entered) is listed: reading it fails, naming it. The folders that cannot be listed are skipped;
+    their OSErrors (``.filename`` is the folder) are appended to ``unlisted``, if given.
     """
-    parts = Path(os.path.expanduser(pattern)).parts
-    first_magic = next(index for index, part in enumerate(parts) if glob.has_magic(part))
-    root, wanted = Path(*parts[:first_magic]), parts[first_magic:]  # Path() is "."
+    root, wanted = _split_pattern(pattern)
     deepest = None if "**" in wanted else len(wanted) - 1  # folders below root that can match
-    matches = []
-    for folder, subfolders, names in os.walk(root, followlinks=False):
+    matches, onerror = [], (None if unlisted is None else unlisted.append)
+    for folder, subfolders, names in os.walk(root, followlinks=False, onerror=onerror):
         relative = Path(folder).relative_to(root).parts
         if deepest is not None and len(relative) >= deepest:
             subfolders.clear()
         for name in names:
-            if _glob_match(wanted, (*relative, name)) and (Path(folder) / name).is_file():
+            if _glob_match(wanted, (*relative, name)) and _is_file_or_unreadable(Path(folder) / name):
                 matches.append(Path(folder) / name)
     return sorted(matches)
+
+
+def glob_root(pattern: str) -> Path:
+    """The folder where the walk of a glob ``pattern`` starts: its parts before the first wildcard ("." if none)."""
+    return _split_pattern(pattern)[0]
+
+
+def _split_pattern(pattern: str) -> tuple[Path, tuple]:
+    """A glob pattern as (the folder before its first wildcard, the parts from there on)."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    first_magic = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    return Path(*parts[:first_magic]), parts[first_magic:]  # Path() is "."
 
 
 def _glob_match(pattern: tuple, parts: tuple) -> bool:
@@ -177,8 +287,10 @@ def _glob_match(pattern: tuple, parts: tuple) -> bool:
 
 def collect_all(specs: list[str]) -> list[Item]:
     """``collect_items`` of several ``--image`` values, in order, each item once: a file named by two
-    values (``a.png`` and ``scans/``, the same name twice, two links to it) is listed under its first name."""
-    items = [item for spec in specs for item in collect_items(spec)]
+    values (``a.png`` and ``scans/``, the same name twice, two links to it) is listed under its first name.
+    A value that cannot be read fails the command only when it is the only one; among several it is
+    one failing item (one bad item never stops the others)."""
+    items = [item for spec in specs for item in collect_items(spec, strict=len(specs) == 1)]
     return [stamped(item) for item in _once(items, key=lambda item: (file_identity(item.source), item.page))]
 
 
@@ -235,7 +347,18 @@ def item_at(source: str, page: int | None = None, path: str | None = None, modif
         return Item(source, page, loader=_page_loader(Path(where), page), path=path, modified=modified)
     if not is_url(source) and is_pdf(source):
         return replace(_items_for_files([Path(where)], strict=False)[0], source=source, path=path, modified=modified)
+    if not is_url(source) and _is_folder(Path(where)):  # a folder that collect_items could not list
+        return Item(source, loader=_raiser(_unlisted_folder_error(Path(where))), path=path, modified=modified)
     return Item(source, path=path, modified=modified)
+
+
+def _unlisted_folder_error(path: Path) -> ImageLoadError:
+    """Why the folder ``path`` cannot be listed (it is an item only when it could not be)."""
+    try:
+        os.scandir(path).close()
+    except OSError as error:
+        return unreadable_error(path, error, folder=True)
+    return ImageLoadError(f"'{path}' is a folder that could not be listed when the items were collected; run again.")
 
 
 def pdf_items(path: Path) -> list[Item]:
@@ -284,7 +407,9 @@ def _open_pdf(path) -> pdfium.PdfDocument:
     try:
         size = os.stat(path).st_size
     except OSError as error:
-        raise ImageLoadError(f"Could not open '{path}': {error.strerror}.") from None
+        if is_missing(error):
+            raise ImageLoadError(f"Could not open '{path}': {error.strerror}.") from None
+        raise unreadable_error(path, error) from None
     if size == 0:
         raise ImageLoadError(f"The PDF '{path}' is empty (0 bytes). Re-save or re-download it.")
     handle = pdfium_c.FPDF_LoadDocument(os.fsencode(path), None)

@@ -15,6 +15,7 @@ in base64 (``os.fsdecode(base64.b64decode(record["source_b64"]))`` gives the pat
 """
 
 import base64
+import codecs
 import contextlib
 import hashlib
 import json
@@ -37,6 +38,7 @@ from ..errors import CommandLineError, PhiHelpersError
 from .inputs import Item, file_identity, is_url
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
+TASKS = ("caption", "ocr", "vqa", "extract")  # the tasks of phi-helpers predict: every record names one in "task"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,16 +227,27 @@ RESUME_FIELDS = ("request", "error", "valid", "constrained", "modified")  # what
 
 def last_records(path) -> dict:
     """The ``RESUME_FIELDS`` of each item's last record in the JSONL file ``path``, by ``resume_key``
-    (read line by line: the memory it takes grows with the items, not with the file or the answers).
-    A line's file is its absolute ``"path"`` when it has one (its ``"source"`` may be relative to
-    another folder)."""
+    (read line by line: the memory it takes grows with the items, not with the file or the answers)."""
     last = {}
     for _, _, record in _lines(path):
         if record is not None:
             source, page = record_key(record)
-            file = record["path"] if isinstance(record.get("path"), str) else source
-            last[resume_key(file, page)] = {key: record[key] for key in RESUME_FIELDS if key in record}
+            key = resume_key(_record_file(record, source), page)
+            last[key] = {name: record[name] for name in RESUME_FIELDS if name in record}
     return last
+
+
+def _record_file(record: dict, source: str) -> str:
+    """The file a line is about: its absolute ``"path"`` while a file is there (its ``"source"`` may be
+    relative to another folder); else its ``"source"``, from the folder the command runs in now.
+
+    A project folder that was moved or renamed (``mv proj proj2``) leaves no file at the recorded
+    paths, and the same command run in the new folder names the same files by the same relative
+    sources: they are still done. Should the source now name another file, ``plan_resume`` runs it
+    again unless it has the recorded modification time.
+    """
+    path = record.get("path")
+    return path if isinstance(path, str) and os.path.exists(path) else source
 
 
 def resume_key(source: str, page: int | None) -> tuple:
@@ -256,18 +269,37 @@ def _lines(path):
 
 
 def _parse_line(line: bytes) -> dict | None:
-    """The record on one line, or None if the line is not a record: a JSON object whose ``"source"``
-    is a string, whose ``"page"`` (if any) a whole number and whose ``"source_b64"`` (if any) a string."""
-    try:
-        record = json.loads(line.removeprefix(BOM).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not (isinstance(record, dict) and isinstance(record.get("source"), str)):
+    """The record on one line, or None if the line is not a record: a JSON object of ours
+    (``_is_ours``) whose ``"source"`` is a string, whose ``"page"`` (if any) a whole number and whose
+    ``"source_b64"`` (if any) a string."""
+    record = _json_value(line)
+    if not (_is_ours(record) and isinstance(record.get("source"), str)):
         return None
     page, name = record.get("page"), record.get("source_b64", "")
     if not (page is None or type(page) is int) or not isinstance(name, str):
         return None
     return record
+
+
+def _json_value(line: bytes):
+    """The JSON value on a line, or ``NOT_JSON`` if it does not parse."""
+    try:
+        return json.loads(line.removeprefix(BOM).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return NOT_JSON
+
+
+NOT_JSON = object()  # what _json_value returns for a line that does not parse
+
+
+def _is_ours(value) -> bool:
+    """Whether a JSON value is a line ``phi-helpers predict`` wrote (maybe edited since): an object whose
+    ``"task"`` is one of ``TASKS``, as ``make_record`` makes every line, answers and errors alike.
+
+    A ``"source"`` string alone is not enough: other programs' JSON lines have one too (a corpus with
+    ``{"source": "wiki", "text": ...}``), and such a file must be refused, not repaired and appended to.
+    """
+    return isinstance(value, dict) and isinstance(value.get("task"), str) and value["task"] in TASKS
 
 
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark an editor may put before the first line
@@ -276,10 +308,15 @@ MAX_RECORD_BYTES = 1 << 20  # a longer first line is not a record: holds_records
 
 
 def _looks_like_a_record(line: bytes) -> bool:
-    """Whether a line that is not a record was meant to be one: cut off by a kill or a full disk, or
-    broken by an edit (it begins like every line ``JsonlWriter`` writes)."""
+    """Whether a line that is not a record was meant to be one: it begins like every line
+    ``JsonlWriter`` writes, and it is either not JSON (cut off by a kill or a full disk, broken by an
+    edit) or one of our lines whose fields an edit broke (``_is_ours``). A line that parses as other
+    JSON belongs to someone else's file."""
     line = line.removeprefix(BOM)
-    return line.startswith(RECORD_START) or RECORD_START.startswith(line)
+    if not (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
+        return False
+    value = _json_value(line)
+    return value is NOT_JSON or _is_ours(value)
 
 
 def repair_jsonl(path) -> int:
@@ -486,7 +523,7 @@ class OutputLock:
         self._created = False
 
     def __enter__(self) -> "OutputLock":
-        self._created = not self.path.exists()
+        self._created = not os.path.exists(self.path)  # a dangling link too: the file it names is made now
         self.follow()
         return self
 
@@ -510,8 +547,12 @@ class OutputLock:
         if self._fd is None:
             return
         if self._created and os.fstat(self._fd).st_size == 0:
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
+            # The file the path leads to, not the path: a symbolic link the user made to a file that did
+            # not exist yet (--output lnk/out.jsonl -> real/out.jsonl) stays; the empty file made through it goes.
+            target = os.path.realpath(self.path)
+            if _is_file_at(self._fd, Path(target)):
+                with contextlib.suppress(OSError):
+                    os.remove(target)
         os.close(self._fd)
 
 
@@ -622,6 +663,45 @@ def holds_records(path: Path) -> bool:
     except OSError:
         return False
     return False
+
+
+TEXT_PROBE_BYTES = 8192  # how much of an existing --output check_replaceable reads to tell text from a document
+
+
+def check_replaceable(path: Path, what: str = "the answer") -> None:
+    """Fail early (before loading the model) if ``path`` exists and holds something other than text.
+
+    A single answer and an eval report replace their ``--output``: a tab-completion slip
+    (``--output scan.png``, ``--output contract.pdf``) must not turn a picture or a document into
+    text. Only the first ``TEXT_PROBE_BYTES`` are read (an image is not read through): text is valid
+    UTF-8 (a character cut off at the end of them counts) without NUL bytes, and not a PDF. ``what``
+    names what would replace the file in the message.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(TEXT_PROBE_BYTES)
+    except OSError:  # nothing there yet (check_output_path has said whether it can be written)
+        return
+    if not _is_text(head):
+        raise CommandLineError(
+            f"--output '{path}' holds something other than text (an image, a PDF or another binary file); {what} "
+            "would replace it. Choose another --output (a new file name), or move this file away first."
+        )
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether the first bytes of a file are text: UTF-8 (the last character may be cut off), no NUL
+    byte, and not the start of a PDF (some PDFs are all ASCII)."""
+    if b"\0" in head or head.startswith(PDF_SIGNATURE):
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+PDF_SIGNATURE = b"%PDF-"
 
 
 def write_atomically(path: Path, text: str) -> None:

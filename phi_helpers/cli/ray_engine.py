@@ -49,6 +49,7 @@ from .outputs import (
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
+USAGE_STATS_VARIABLE = "RAY_USAGE_STATS_ENABLED"  # start_ray sets it to 0 for a local Ray
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
 WEB_SCHEMES = ("http://", "https://")  # fetched by the replicas themselves (load_image), not by a filesystem
 # Ray hands out work by blocks: small blocks spread the items over the replicas (Ray Data joins blocks
@@ -84,7 +85,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
 
     Returns Ray's context; ``dashboard_url(context)`` is where the Ray dashboard is. Reuses the Ray
     this process already started or joined. A local Ray gets ``num_cpus`` CPUs (default: this
-    machine's count), a small object store and quiet logs; stop it with ``ray.shutdown()``.
+    machine's count), a small object store, quiet logs and no usage statistics sent to Ray's servers
+    (``RAY_USAGE_STATS_ENABLED=0`` unless set already); stop it with ``ray.shutdown()``.
     ``dashboard``: ``None`` starts the dashboard when its packages are installed
     (``pip install "ray[default]"``; ``phi_helpers[ray]`` installs only Ray Data), ``False`` never.
     """
@@ -94,6 +96,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution
     if address:
         return ray.init(address=address, logging_level="ERROR")
+    # A local Ray reports usage statistics to usage-stats.ray.io by default, and to describe the
+    # machine it asks cloud metadata services (169.254.169.254). Nothing the user did not ask for may
+    # leave the machine: off, unless the user set RAY_USAGE_STATS_ENABLED themselves. (A cluster joined
+    # with an address keeps its own setting.)
+    os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
     return ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,

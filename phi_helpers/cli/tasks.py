@@ -25,9 +25,8 @@ from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction, load_schema
 from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaNotSupportedError
 from .inputs import Item
-from .outputs import error_record, item_fields
+from .outputs import TASKS, error_record, item_fields  # TASKS: every record's "task" is one of them
 
-TASKS = ("caption", "ocr", "vqa", "extract")
 BATCH_SIZE = 4  # images per generate call, by default
 
 TASK_PROMPTS = {
