@@ -11,6 +11,7 @@ from phi_helpers import SchemaNotSupportedError
 from phi_helpers.api import constrained
 from phi_helpers.api.constrained import MAX_SCHEMA_CHARS, check_supported, compile_schema
 from phi_helpers.api.structured import load_schema
+from phi_helpers.errors import InvalidArgumentError
 
 VOCAB, STOP = 32064, [32007]  # the model's vocabulary, <|end|>
 DRAFT_07 = "http://json-schema.org/draft-07/schema#"
@@ -351,3 +352,85 @@ def test_openapi_and_pydantic_v1_keywords_get_advice(keyword, value, advice):
     with pytest.raises(SchemaNotSupportedError) as error:
         check_supported(root({"type": "string", keyword: value}))
     assert "(root)/properties/total" in str(error.value) and advice in str(error.value)
+
+
+# --- keywords the grammar would ignore, and settings that fight the mask -----------------------------------------
+
+IGNORED_BY_THE_GRAMMAR = [
+    ({"$ref": "#/$defs/Color", "enum": ["red"]}, "enum next to $ref (the grammar follows the $ref alone: move them"),
+    ({"anyOf": [{"type": "integer"}, {"type": "null"}], "minimum": 0, "maximum": 120},
+     "maximum, minimum next to anyOf (the grammar follows the anyOf alone: repeat them inside each branch)"),
+    ({"type": "integer", "anyOf": [{"type": "integer"}, {"type": "string"}]}, "type next to anyOf"),
+    ({"type": "array", "minItems": 1}, 'an array without "items" (give "items": one schema that every item follows'),
+    ({"type": "array", "maxItems": 3}, 'an array without "items" (give "items": one schema that every item follows; '
+                                       "without it the grammar allows only [])"),
+    ({"type": "string", "pattern": "(?i)^abc$"}, "an inline flag such as (?i) in a pattern"),
+    ({"type": "string", "id": "x"}, "'id': draft-04's identifier of the schema: remove it"),
+]
+
+
+@pytest.mark.parametrize("total,message", IGNORED_BY_THE_GRAMMAR, ids=[message[:30] for _total, message in IGNORED_BY_THE_GRAMMAR])
+def test_keywords_the_grammar_would_ignore_are_refused_at_their_place(total, message):
+    """Before: accepted, then every finished answer failed the final check ("Please report this")."""
+    with pytest.raises(SchemaNotSupportedError) as caught:
+        check_supported(root(total, **{"$defs": {"Color": {"type": "string", "enum": ["red", "green"]}}}))
+    assert f"(root)/properties/total: {message}" in str(caught.value)
+
+
+def test_draft_03s_required_true_is_refused():
+    """Valid in draft-03 (so the meta-schema passes it), ignored by the grammar: every answer failed."""
+    schema = {"$schema": "http://json-schema.org/draft-03/schema#", "type": "object",
+              "properties": {"a": {"type": "string", "required": True}}}
+    with pytest.raises(SchemaNotSupportedError, match="\\(root\\)/properties/a: \"required\": true \\(draft-03's form"):
+        check_supported(schema)
+
+
+def test_pydantics_annotations_next_to_ref_and_any_of_are_fine():
+    check_supported(root({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None, "title": "Total"},
+                         **{"$defs": {"B": {"type": "string"}}},
+                         properties={"total": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None},
+                                     "b": {"$ref": "#/$defs/B", "description": "the b"}}))
+
+
+def test_settings_that_ban_tokens_are_refused_with_a_schema(cli_model_and_processor):
+    """no_repeat_ngram_size bans JSON's own repeats ('"},{"'): with the mask, no token was left and the
+    answer failed with a bare RuntimeError."""
+    from phi_helpers.api.generation import generation_settings
+
+    model, processor = cli_model_and_processor
+    schema = root({"type": "string"})
+    for kwargs in ({"no_repeat_ngram_size": 3}, {"min_new_tokens": 5}, {"bad_words_ids": [[100]]}):
+        with pytest.raises(InvalidArgumentError, match=f"{next(iter(kwargs))} with a schema: they ban or force tokens"):
+            generation_settings(model, processor, 16, kwargs, schema)
+    generation_settings(model, processor, 16, {"no_repeat_ngram_size": 3}, None)  # without a schema: as asked
+    generation_settings(model, processor, 16, {"no_repeat_ngram_size": 0, "repetition_penalty": 1.2}, schema)
+
+
+def test_a_checked_schema_is_neither_checked_nor_compiled_again(cli_model_and_processor, monkeypatch):
+    """A maxLength in the thousands takes seconds to build: once per schema, not on every call."""
+    tokenizer = cli_model_and_processor[1].tokenizer
+    schema = root({"type": "string", "maxLength": 7})
+    first = compile_schema(tokenizer, schema, VOCAB, STOP)
+    checks = []
+    monkeypatch.setattr(constrained, "_check_supported", lambda schema: checks.append(schema))
+    assert compile_schema(tokenizer, json.loads(json.dumps(schema)), VOCAB, STOP) is first and checks == []
+    reordered = {key: schema[key] for key in reversed(schema)}  # another key order: the answer's order may differ
+    compile_schema(tokenizer, reordered, VOCAB, STOP)
+    assert checks == [reordered]
+
+
+def test_a_number_too_large_for_a_float_is_not_a_valid_answer():
+    from phi_helpers.api.structured import validation_errors
+
+    assert validation_errors({"total": float("inf")}, root({"type": "number"})) == [
+        "total: a number too large for a 64-bit float (read as inf)"]
+    assert validation_errors(json.loads('{"total": [1e400]}'), root({"type": "array", "items": {"type": "number"}}))
+
+
+def test_a_schema_file_with_a_huge_integer_is_named(tmp_path):
+    from phi_helpers.errors import SchemaError
+
+    path = tmp_path / "big.schema.json"
+    path.write_text('{"type": "object", "maxProperties": ' + "9" * 5000 + "}")
+    with pytest.raises(SchemaError, match=f"The schema file '{re.escape(str(path))}' cannot be read: Exceeds the limit"):
+        load_schema(path)

@@ -56,7 +56,7 @@ import xgrammar
 from jsonschema.exceptions import best_match
 from transformers import LogitsProcessor
 
-from ..errors import JSONExtractionError, JSONTruncatedError, SchemaNotSupportedError
+from ..errors import InvalidArgumentError, JSONExtractionError, JSONTruncatedError, SchemaNotSupportedError
 from .structured import VENDOR_PREFIX, check_schema, schema_validator, validation_errors
 
 # Annotations: they change no valid answer, so they are ignored and left out of the grammar, as are vendor
@@ -90,6 +90,9 @@ KEYWORD_ADVICE = {
     "allOf": 'merge its parts into one schema (pydantic v1\'s "allOf": [{"$ref": ...}] is the "$ref" alone)',
     "multipleOf": "remove it and check the value after extraction",
     "prefixItems": 'give one schema in "items" that every item follows',
+    "additionalItems": 'it goes with tuple "items", which are not supported: give one schema in "items"',
+    "dependencies": "remove it and check the dependency after extraction",
+    "id": "draft-04's identifier of the schema: remove it (or write \"$id\")",
 }
 # OpenAPI's formats of numbers: annotations (a JSON Schema validator checks formats of strings only).
 NUMBER_FORMATS = ("int32", "int64", "float", "double")
@@ -125,7 +128,32 @@ def check_supported(schema) -> None:
     """Raise ``SchemaNotSupportedError`` (listing every problem) unless constrained decoding enforces all of
     ``schema`` and some answer satisfies it. A schema larger than ``MAX_SCHEMA_CHARS`` is refused first,
     in milliseconds, before anything is compiled; the last check builds the grammar (``json_grammar``,
-    no tokenizer needed), so that nothing is left to fail once a model is loaded."""
+    no tokenizer needed), so that nothing is left to fail once a model is loaded. A schema that passed
+    is not checked again (its JSON text is remembered): a long ``maxLength`` takes seconds to build."""
+    text = _schema_text(schema)
+    if text is None:
+        _check_supported(schema)
+    elif text not in _SUPPORTED:
+        _check_supported(schema)
+        _SUPPORTED[text] = True
+        while len(_SUPPORTED) > SCHEMAS_REMEMBERED:
+            _SUPPORTED.pop(next(iter(_SUPPORTED)))
+
+
+SCHEMAS_REMEMBERED = 64  # checked schemas, and compiled grammars per tokenizer, kept for the next call
+_SUPPORTED: dict[str, bool] = {}  # the JSON text of schemas check_supported accepted, oldest first
+
+
+def _schema_text(schema) -> str | None:
+    """``schema`` as JSON text in its own key order (the order of properties is the order of the answer),
+    or None if it is not JSON (``check_schema`` then says why)."""
+    try:
+        return json.dumps(schema, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _check_supported(schema) -> None:
     try:
         check_schema(schema)
     except ValueError as error:
@@ -202,13 +230,30 @@ def _untyped(schema: dict, where: str) -> list[str]:
             for keyword, kind in TYPED_KEYWORDS.items() if keyword in schema]
 
 
+def _beside_ref_or_any_of(schema: dict, where: str) -> list[str]:
+    """Keywords next to ``$ref`` or ``anyOf``: the grammar follows the reference (or the branches) alone,
+    so they would be ignored while writing and then checked, failing every answer."""
+    for keyword, advice in (("$ref", "move them into the schema it names"), ("anyOf", "repeat them inside each branch")):
+        if keyword in schema:
+            others = sorted(key for key in schema if key != keyword and key not in ANNOTATIONS and not _descriptive(key))
+            if others:
+                return [f"{where}: {', '.join(others)} next to {keyword} (the grammar follows the {keyword} alone: {advice})"]
+    return []
+
+
 def _unsupported(schema, where: str) -> list[str]:
     """A message for every keyword, format or $ref of one subschema that is not supported."""
     if isinstance(schema, list):
         return [f"{where}: tuple items, a list of schemas, are not supported (give one schema that every item follows)"]
     if not isinstance(schema, dict):
         return [f"{where}: a boolean schema ({json.dumps(schema)}) is only supported as additionalProperties"]
-    problems = _untyped(schema, where)
+    problems = _untyped(schema, where) + _beside_ref_or_any_of(schema, where)
+    if "array" in _types(schema) and "items" not in schema and not {"enum", "const"} & schema.keys():
+        problems.append(f'{where}: an array without "items" (give "items": one schema that every item follows; '
+                        "without it the grammar allows only [])")
+    if "required" in schema and not isinstance(schema["required"], list):
+        problems.append(f"{where}: \"required\": {json.dumps(schema['required'])} (draft-03's form: list the names in "
+                        '"required" of the object that holds the properties)')
     unknown = sorted(key for key in set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS if not _descriptive(key))
     problems += [f"{where}: {keyword!r}" + (f": {KEYWORD_ADVICE[keyword]}" if keyword in KEYWORD_ADVICE else "")
                  for keyword in unknown]
@@ -276,6 +321,9 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
     """Why the grammar cannot enforce a ``pattern`` as Python's ``re`` (which validates answers) reads it."""
     if re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", pattern):
         return [f"{where}: a pattern with a look-around or back-reference ({pattern!r})"]
+    if re.search(r"(?<!\\)(\\\\)*\(\?[aiLmsux-]+[:)]", pattern):
+        return [f"{where}: an inline flag such as (?i) in a pattern ({pattern!r}; the grammar cannot read it: write "
+                "both cases, e.g. [Aa])"]
     if re.search(r"(?<!\\)(\\\\)*\\[AZz]", pattern):  # xgrammar would read \A as the letter A
         return [f"{where}: \\A, \\Z or \\z in a pattern ({pattern!r}; write ^ and $)"]
     tokens = _regex_tokens(pattern)
@@ -295,7 +343,9 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
     branches = _anchored_branches(tokens)
     if branches is None:
         return [f"{where}: ^ or $ inside a pattern ({pattern!r}); they can only begin or end it (or a top-level | branch)"]
-    as_written = "|".join("".join(token.text for token in core) for _, core, _ in branches)  # no anchors: no warnings
+    # As written, but without the anchors between branches (xgrammar warns of a ^ or $ in the middle).
+    cores = ["".join(token.text for token in core) for _, core, _ in branches]
+    as_written = ("^" if branches[0][0] else "") + "|".join(cores) + ("$" if branches[-1][2] else "")
     try:
         for regex in (as_written, whole_value_pattern(pattern)):  # first as written: errors point at the user's text
             xgrammar.Grammar.from_regex(regex)
@@ -570,7 +620,8 @@ def _rewrite_for_grammar(copy: dict) -> dict:
     return copy
 
 
-# One grammar compiler per tokenizer: building it reads the whole vocabulary (about a second).
+# One grammar compiler per tokenizer: building it reads the whole vocabulary (about a second). Each keeps
+# the grammars it compiled last: tokenizer -> {(vocab_size, stop ids): (compiler, {schema text: grammar})}.
 _COMPILERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -581,18 +632,29 @@ def grammar_compiler(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> x
     knows 32045 tokens; the ids in between have no text and are always masked. ``stop_token_ids``
     (``<|end|>``, ``<|endoftext|>``...) are the only tokens allowed once the JSON is complete.
     """
+    return _compiler_and_grammars(tokenizer, vocab_size, stop_token_ids)[0]
+
+
+def _compiler_and_grammars(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> tuple:
     key = (vocab_size, tuple(stop_token_ids))
     compilers = _COMPILERS.setdefault(tokenizer, {})
     if key not in compilers:
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
-        compilers[key] = xgrammar.GrammarCompiler(info)
+        compilers[key] = (xgrammar.GrammarCompiler(info), {})
     return compilers[key]
 
 
 def compile_schema(tokenizer, schema: dict, vocab_size: int, stop_token_ids: list[int]) -> xgrammar.CompiledGrammar:
-    """Check ``schema`` (``SchemaNotSupportedError`` if a feature is not enforced) and compile it to a grammar."""
+    """Check ``schema`` (``SchemaNotSupportedError`` if a feature is not enforced) and compile it to a
+    grammar; the last ``SCHEMAS_REMEMBERED`` grammars of each compiler are kept for the next call."""
     check_supported(schema)
-    return grammar_compiler(tokenizer, vocab_size, stop_token_ids).compile_grammar(json_grammar(schema))
+    compiler, grammars = _compiler_and_grammars(tokenizer, vocab_size, stop_token_ids)
+    text = _schema_text(schema)
+    if text not in grammars:
+        grammars[text] = compiler.compile_grammar(json_grammar(schema))
+        while len(grammars) > SCHEMAS_REMEMBERED:
+            grammars.pop(next(iter(grammars)))
+    return grammars[text]
 
 
 class SchemaConstraint(LogitsProcessor):
@@ -615,7 +677,10 @@ class SchemaConstraint(LogitsProcessor):
         else:
             for matcher, token in zip(self.matchers, input_ids[:, -1].tolist()):
                 if not matcher.is_terminated() and not matcher.accept_token(token):
-                    raise RuntimeError(f"Token {token} was chosen although the JSON Schema's mask forbids it.")
+                    raise InvalidArgumentError(
+                        f"Token {token} was chosen although the JSON Schema's mask forbids it: another logits "
+                        "processor ruled out every token the schema allows. Leave it out when you pass a schema."
+                    )
         for row, matcher in enumerate(self.matchers):
             if matcher.is_terminated():
                 self.bitmask[row] = -1  # all bits set: the row is finished, generate pads it

@@ -245,6 +245,14 @@ def encode(model, processor, prompts, images: list, max_new_tokens: int):
     return inputs
 
 
+# generate() settings whose logits processors ban or force tokens regardless of a schema's mask.
+_TOKEN_BANNING_KWARGS = (
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+    "begin_suppress_tokens", "sequence_bias", "min_length", "min_new_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "force_words_ids", "constraints",
+)
+
+
 def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict, schema: dict | None = None) -> dict:
     """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn;
     with a ``schema``, the token mask of constrained decoding (compiled here, before any generation)."""
@@ -263,6 +271,13 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
         raise InvalidArgumentError(
             "A schema constrains one answer token by token, which beam search (num_beams > 1) does not follow; "
             "leave num_beams out."
+        )
+    banning = [name for name in _TOKEN_BANNING_KWARGS if settings.get(name) not in (None, 0, [], {})]
+    if schema is not None and banning:
+        raise InvalidArgumentError(
+            f"{', '.join(banning)} with a schema: they ban or force tokens on their own, which can rule out every "
+            "token the schema allows (JSON repeats its own pieces, such as '\"},{\"'); leave them out: the "
+            "schema decides which tokens may come."
         )
     settings.setdefault("do_sample", any(name in settings for name in _SAMPLING_KWARGS))
     settings.setdefault("eos_token_id", _stop_token_ids(model, processor))

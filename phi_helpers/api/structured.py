@@ -11,6 +11,7 @@ prompt, so ``check_schema`` refuses it.
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -56,11 +57,24 @@ def check_extraction(text: str, schema: dict) -> tuple[object, list[str]]:
 def validation_errors(data, schema: dict) -> list[str]:
     """The JSON Schema violations of ``data`` as sorted strings like ``"total: 'abc' is not of type 'number'"``."""
     validator = schema_validator(schema)
-    problems = []
+    problems = list(_infinite_numbers(data, []))
     for error in validator.iter_errors(data):
         where = "/".join(str(part) for part in error.absolute_path) or "(root)"
         problems.append(f"{where}: {error.message}")
     return sorted(problems)
+
+
+def _infinite_numbers(data, path: list):
+    """A problem for every number in ``data`` too large for a float (JSON allows ``1e400``; Python reads
+    it as infinity, which no schema bound catches and which is not JSON when written back)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield f"{'/'.join(map(str, path)) or '(root)'}: a number too large for a 64-bit float (read as {data})"
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _infinite_numbers(value, [*path, key])
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _infinite_numbers(value, [*path, index])
 
 
 def check_schema(schema) -> None:
@@ -125,7 +139,8 @@ def _check_refs(node, resolver, path: list[int], finished: set[int], where: str,
         if target in path:
             raise SchemaError(
                 f"The schema is recursive: the $ref {reference!r} (at {where}) leads back to a schema that contains it. "
-                "A recursive schema cannot be turned into a finite prompt; write out a fixed number of levels instead."
+                "Recursive schemas are not supported (answers could nest without end); write out a fixed number of "
+                "levels instead."
             )
         if target not in finished:
             _check_refs(resolved.contents, resolved.resolver, [*path, target], finished, reference, depth + 1)
@@ -171,6 +186,8 @@ def load_schema(path) -> dict:
         ) from None
     except RecursionError:
         raise SchemaError(f"The schema file '{path}' is nested too deeply to read.") from None
+    except ValueError as error:  # an integer of more than 4,300 digits (Python's limit on int conversion)
+        raise SchemaError(f"The schema file '{path}' cannot be read: {error}.") from None
     try:
         check_schema(schema)
     except SchemaError as error:
