@@ -434,3 +434,10 @@ def test_a_schema_file_with_a_huge_integer_is_named(tmp_path):
     path.write_text('{"type": "object", "maxProperties": ' + "9" * 5000 + "}")
     with pytest.raises(SchemaError, match=f"The schema file '{re.escape(str(path))}' cannot be read: Exceeds the limit"):
         load_schema(path)
+
+
+def test_a_pattern_whose_grammar_would_take_minutes_is_refused_at_once():
+    started = time.perf_counter()
+    with pytest.raises(SchemaNotSupportedError, match=r"a repetition count above 10,000 in a pattern \('\^\[A-Z\]\{1,50000\}\$'\)"):
+        check_supported(root({"type": "string", "pattern": "^[A-Z]{1,50000}$"}))
+    assert time.perf_counter() - started < 5  # 129 s to compile, before
