@@ -280,7 +280,7 @@ def test_a_model_the_hub_does_not_have_is_named_before_loading(no_env_model, for
 
 
 def test_hf_hub_offline_asks_the_hub_nothing(no_env_model, monkeypatch, tiny_checkpoint):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: pytest.fail("the hub was asked"))
     for auto_class in (AutoProcessor, AutoModelForCausalLM):
         monkeypatch.setattr(auto_class, "from_pretrained", lambda source, real=auto_class.from_pretrained, **kwargs: real(tiny_checkpoint, **kwargs))

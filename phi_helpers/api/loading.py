@@ -264,7 +264,7 @@ def _hub_access(repo_id: str) -> dict:
     arguments: ``local_files_only`` when the hub cannot be reached and the Hugging Face cache holds
     the model. Raises ModelLoadError when the hub says there is no such model, or cannot be reached
     and the cache does not hold it. Nothing is asked with ``HF_HUB_OFFLINE=1``."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if huggingface_hub.is_offline_mode():
         return {}
     try:
         huggingface_hub.model_info(repo_id, timeout=HUB_PROBE_SECONDS)
