@@ -498,12 +498,13 @@ def test_numbers_json_cannot_hold_are_written_as_text(capsys, tmp_path, folder, 
     schema, output = tmp_path / "s.json", tmp_path / "out.jsonl"
     schema.write_text(json.dumps(SCHEMA))
     argv = ["predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, "--no-constrain"]
-    assert run(capsys, *argv, "--output", output)[0] == 0
+    assert run(capsys, *argv, "--output", output)[0] == 1  # NaN is no JSON number: not a valid answer
 
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
 
-    assert json.loads(output.read_text(), parse_constant=refuse)["answer"] == {"total": "NaN"}
+    record = json.loads(output.read_text().splitlines()[-1], parse_constant=refuse)
+    assert record["answer"] == {"total": "NaN"} and record["valid"] is False and "total: NaN is not a JSON number" in record["errors"]
 
 
 def test_too_many_crops_is_a_usage_error(capsys, folder, no_model):

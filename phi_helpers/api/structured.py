@@ -65,10 +65,12 @@ def validation_errors(data, schema: dict) -> list[str]:
 
 
 def _infinite_numbers(data, path: list):
-    """A problem for every number in ``data`` too large for a float (JSON allows ``1e400``; Python reads
-    it as infinity, which no schema bound catches and which is not JSON when written back)."""
+    """A problem for every number in ``data`` that is not a finite float: ``1e400`` (valid JSON, read as
+    infinity) and Python's extensions ``NaN`` and ``Infinity``. No schema bound catches them, and they
+    are not JSON when written back."""
     if isinstance(data, float) and not math.isfinite(data):
-        yield f"{'/'.join(map(str, path)) or '(root)'}: a number too large for a 64-bit float (read as {data})"
+        where = "/".join(map(str, path)) or "(root)"
+        yield f"{where}: {'NaN is not a JSON number' if math.isnan(data) else f'a number too large for a 64-bit float (read as {data})'}"
     elif isinstance(data, dict):
         for key, value in data.items():
             yield from _infinite_numbers(value, [*path, key])
