@@ -188,7 +188,7 @@ schemas/passport.schema.json  JSON Schema (draft 2020-12) of a passport answer
 Paths are relative to this folder.
 
 - `id`: a short name for reports, e.g. `receipt_01`.
-- `image`: the image file.
+- `image`: the image file (one picture: a PDF or a multi-page TIFF is refused).
 - `task`: `"ocr"` (transcribe the text) or `"extract"` (answer with a JSON object).
 - `expected`: for `ocr` the exact text; for `extract` the expected JSON object, valid against `schema`.
 - `schema` (`extract` only): the JSON Schema the answer should follow.

@@ -11,6 +11,11 @@ channel (16-bit greyscale is scaled, not clipped to white). Anything that goes
 wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeout``) that names the source and says
 what to do.
 
+A multi-page TIFF (a scanned fax, a multi-page scan) is a document: ``load_image`` gives its first
+page, ``load_page(path, n)`` page ``n`` (with the same checks) and ``count_pages(path)`` how many it has;
+``phi-helpers predict --image scan.tif`` answers every page. An animated GIF, PNG or WebP is one
+picture: its first frame.
+
 Note: this friendly conversion is done here, in the user-facing loader. The model's own image
 processor stays faithful to the original and would turn transparent pixels black (and clip 16-bit
 greyscale) instead.
@@ -18,6 +23,7 @@ greyscale) instead.
 
 import base64
 import binascii
+import contextlib
 import errno
 import io
 import os
@@ -33,7 +39,7 @@ import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageDownloadTimeout, ImageLoadError
+from ..errors import ImageDownloadTimeout, ImageLoadError, check_whole_number
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
 _CHUNK_SIZE = 64 * 1024
@@ -44,6 +50,9 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFE
 
 def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_seconds: float = 120) -> Image.Image:
     """Return ``src`` as an upright, fully loaded RGB PIL image.
+
+    A multi-page TIFF gives its first page (``load_page`` reads any page; ``phi-helpers predict`` runs
+    every page, one line each), an animated GIF, PNG or WebP its first frame.
 
     Args:
         src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, a base64
@@ -106,9 +115,59 @@ def _data_url_bytes(url: str) -> bytes:
         raise ImageLoadError("The data: URL's base64 part is damaged; copy the image again.") from None
 
 
-def _from_path(path: Path) -> Image.Image:
-    """Open a local file, with a specific message for each way a path can be wrong."""
+def load_page(src, page: int) -> Image.Image:
+    """Page ``page`` (counting from 1) of the multi-page TIFF at path ``src``, or in the bytes ``src``, as
+    ``load_image`` returns images: the same checks (a missing, empty or unreadable file, the pixel
+    limit: every page is checked, not only the first, which is all that Pillow checks on opening), the
+    same conversion to upright 8-bit RGB. ``count_pages`` says how many pages there are; page 1 of
+    any other image is the image (an animated GIF's first frame).
+
+    Raises ImageLoadError as ``load_image`` does, and for a page the file does not have;
+    InvalidArgumentError for a ``page`` that is not a whole number of at least 1.
+    """
+    check_whole_number(page, "page", minimum=1)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _from_bytes(bytes(src), f"the {len(src)} bytes you passed", page)
+    if isinstance(src, str) and _is_url(src):
+        raise ImageLoadError(f"load_page() reads a file, not a URL ({src}). Download the file and pass its path.")
+    if not isinstance(src, (str, os.PathLike)):
+        raise ImageLoadError(f"load_page() cannot read a {type(src).__name__}. Pass a file path or the file's bytes "
+                             "(for a PIL image, call image.seek(page - 1) and pass it to load_image).")
+    return _from_path(Path(src), page)
+
+
+def count_pages(src) -> int:
+    """How many pages the image file at path ``src`` (or in the bytes ``src``) has: a TIFF's pages, 1 for
+    any other image.
+
+    Only the headers are read, no pixels (a TIFF's pages are a chain of directories that give each
+    page's size and place in the file): listing a folder of large scans stays quick. An animated GIF,
+    PNG or WebP counts as one page: its frames are one moving picture, not a document's pages. Raises
+    ImageLoadError, with the advice of ``load_image``, for a file that cannot be read.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        with _decoding(f"the {len(data)} bytes you passed"):
+            return _page_count(Image.open(io.BytesIO(data)))
+    path = Path(src).expanduser()
+    with _open_file(path) as file, _decoding(f"'{path}'"):
+        return _page_count(Image.open(file))
+
+
+def _page_count(image: Image.Image) -> int:
+    """A TIFF's pages (``n_frames`` reads only their headers); 1 for any other image."""
+    return image.n_frames if image.format == "TIFF" else 1
+
+
+def _from_path(path: Path, page: int | None = None) -> Image.Image:
+    """Open a local file (page ``page`` of it, if given) and decode it."""
     path = path.expanduser()
+    with _open_file(path) as file:  # closed on return: the decoded image does not need the file
+        return _decode(lambda: Image.open(file), f"'{path}'", page)
+
+
+def _open_file(path: Path):
+    """``open(path, "rb")``, with a specific message for each way a path can be wrong."""
     try:
         status = path.stat()
     except (OSError, ValueError) as error:  # ValueError: a NUL in the name, which no file has
@@ -123,11 +182,9 @@ def _from_path(path: Path) -> Image.Image:
     if status.st_size == 0:
         raise ImageLoadError(f"'{path}' is empty (0 bytes). Re-save or re-download the image.")
     try:
-        file = open(path, "rb")
+        return open(path, "rb")
     except OSError as error:
         raise unreadable_error(path, error) from None
-    with file:  # closed on return: the decoded image does not need the file
-        return _decode(lambda: Image.open(file), f"'{path}'")
 
 
 # What pathlib's exists() takes for "nothing there"; any other OSError (permission denied, an I/O
@@ -151,15 +208,38 @@ def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadErr
                           "above it (ls -ld), then run again.")
 
 
-def _from_bytes(data: bytes, source: str) -> Image.Image:
+def _from_bytes(data: bytes, source: str, page: int | None = None) -> Image.Image:
     """Decode an image held in memory (bytes passed in, or a finished download)."""
     if not data:
         raise ImageLoadError(f"{source} is empty (0 bytes); there is no image to read.")
-    return _decode(lambda: Image.open(io.BytesIO(data)), source)
+    return _decode(lambda: Image.open(io.BytesIO(data)), source, page)
 
 
-def _decode(open_image, source: str) -> Image.Image:
-    """Call ``open_image()``, read all pixels, and normalise the result to upright RGB.
+def _decode(open_image, source: str, page: int | None = None) -> Image.Image:
+    """Call ``open_image()``, turn to page ``page`` if given, read all pixels, and normalise the result
+    to upright RGB (the page's own EXIF orientation: Pillow reloads it on each page)."""
+    with _decoding(source if page is None else f"page {page} of {source}"):
+        image = open_image()
+        if page is not None:
+            _turn_to(image, page, source)
+        image.load()
+        return _to_rgb(_upright(image))
+
+
+def _turn_to(image: Image.Image, page: int, source: str) -> None:
+    """Make page ``page`` (from 1) of ``image`` the one that is read. Pillow checks the pixel count of
+    the first page only, when it opens the file: a later page is checked here, before it is decoded."""
+    pages = _page_count(image)
+    if page > pages:
+        raise ImageLoadError(f"{source} has {pages} page{'s' * (pages != 1)}, so there is no page {page}. Ask for a "
+                             "page from 1 to that count; if the file was replaced since its pages were counted, run again.")
+    image.seek(page - 1)
+    check_pixel_count(*image.size, f"page {page} of {source}")
+
+
+@contextlib.contextmanager
+def _decoding(source: str):
+    """Turn what Pillow raises while it reads ``source`` into an ImageLoadError that names it.
 
     Pillow's decompression-bomb *warning* (an image between MAX_IMAGE_PIXELS and twice that) is
     turned into an error too, so a hostile or absurdly large image is refused, not half-processed.
@@ -167,9 +247,9 @@ def _decode(open_image, source: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = open_image()
-            image.load()
-            return _to_rgb(_upright(image))
+            yield
+    except ImageLoadError:  # ours, with its advice; a ValueError, which would be taken for Pillow's below
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_many_pixels_error(source, str(error)) from None
     except _DECODE_ERRORS as error:
@@ -368,4 +448,4 @@ def _timeout_error(url: str, timeout: float) -> ImageDownloadTimeout:
     )
 
 
-__all__ = ["load_image", "check_pixel_count"]
+__all__ = ["load_image", "load_page", "count_pages", "check_pixel_count"]

@@ -46,11 +46,12 @@ examples:
   phi-helpers predict --image scans/ --task ocr --output scans.jsonl             # a folder
   phi-helpers predict --image "scans/**/*.png" --task ocr --output scans.jsonl   # a glob (quote it)
   phi-helpers predict --image report.pdf --task caption --output pages.jsonl     # every page of a PDF
+  phi-helpers predict --image fax.tif --task ocr --output fax.jsonl              # every page of a TIFF
   phi-helpers predict --image scans/ --task ocr --output scans.jsonl --engine ray --replicas 2   # Ray, this machine
   phi-helpers predict --image s3://bucket/scans/ --task ocr --output scans.parquet --engine ray --address auto --replicas 8
 
-Folders, globs, PDFs and several --image values give one JSON line per image or PDF page in the
---output file. Lines are written as soon as they are ready; running the same command again skips
+Folders, globs, PDFs, multi-page TIFFs and several --image values give one JSON line per image or
+page in the --output file (an animated GIF is one image: its first frame). Lines are written as soon as they are ready; running the same command again skips
 the items already answered for the same request (task, prompt, schema, model and settings), retries
 those that failed (their lines have an "error") and redoes those answered for another request.
 """
@@ -95,7 +96,8 @@ def _add_predict_parser(commands) -> None:
     )
     parser.add_argument(
         "--image", required=True, nargs="+", action="extend", metavar="PATH_OR_URL",
-        help="an image file or http(s) URL; or a folder, a glob pattern or a PDF (one result per image/page); "
+        help="an image file or http(s) URL; or a folder, a glob pattern, a PDF or a multi-page TIFF (one result "
+        "per image/page); "
         "several values are allowed",
     )
     parser.add_argument(
@@ -212,7 +214,8 @@ def _check_predict_args(args) -> bool:
         predict_parser.error("--address and --replicas are options of --engine ray")
     many = len(args.image) > 1 or is_multi_input(args.image[0]) or args.engine == "ray"
     if many and not args.output:
-        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF or several images, "
+        predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF, a multi-page TIFF or several "
+                             "images, "
                              "and with --engine ray (results are written as JSON lines)")
     lines = many or (args.output is not None and appends_lines(Path(args.output)))
     if lines and args.format == "txt":

@@ -16,7 +16,7 @@ from ..api.metrics import character_error_rate, error_rate, field_matches, leven
 from ..api.report import format_table
 from ..api.structured import load_schema
 from ..errors import CommandLineError, ManifestError
-from .inputs import Item, is_pdf
+from .inputs import Item, is_multi_page_tiff, is_pdf
 from .outputs import (
     check_output_path, check_replaceable, holds_records, json_safe, model_info, progress_bar, write_atomically,
 )
@@ -38,7 +38,7 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
     ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
     paths, no ``..`` or symbolic link that leads out); the images and schema files must exist, and an
-    image must not be a PDF. The manifest is UTF-8 text, with or without a byte order mark; only
+    image must not be a document of several pages (a PDF, a multi-page TIFF): an item scores one image. The manifest is UTF-8 text, with or without a byte order mark; only
     ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of every malformed
     item (up to ``MAX_MANIFEST_PROBLEMS``), so that one run shows what to fix.
     """
@@ -133,6 +133,13 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
         raise ManifestError(
             f"{where}: the image '{checked['image']}' is a PDF; eval scores one image per item. Render the page to "
             "PNG first (e.g. pdftoppm -png -r 144), or use phi-helpers predict --image FILE.pdf for PDFs."
+        )
+    if is_multi_page_tiff(checked["image"]):
+        raise ManifestError(
+            f"{where}: the image '{checked['image']}' is a TIFF of several pages; eval scores one image per item. "
+            "Save the page you mean as its own file (e.g. tiffsplit, or in Python: "
+            "phi_helpers.api.images.load_page('FILE.tif', N).save('page.png')), "
+            "or use phi-helpers predict --image FILE.tif for every page."
         )
     if "schema" in entry:
         checked["schema"] = _existing(data_dir, entry["schema"], "schema", where)

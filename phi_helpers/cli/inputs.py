@@ -1,6 +1,7 @@
-"""What ``--image`` names, as a list of items: image files, URLs, folders, globs and PDF pages.
+"""What ``--image`` names, as a list of items: image files, URLs, folders, globs and the pages of PDFs
+and multi-page TIFFs.
 
-``collect_items`` turns what the user typed into ``Item``s (one per image file or PDF page) whose
+``collect_items`` turns what the user typed into ``Item``s (one per image file or document page) whose
 pixels are only read when ``item.load()`` is called.
 """
 
@@ -16,10 +17,11 @@ from typing import Callable
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
-from ..api.images import check_pixel_count, is_missing, load_image, unreadable_error
+from ..api.images import check_pixel_count, count_pages, is_missing, load_image, load_page, unreadable_error
 from ..errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+TIFF_SUFFIXES = {".tif", ".tiff"}  # files that may hold several pages (a scanned fax): counted when listed
 PDF_SCALE = 2.0  # PDF pages are 72 points per inch: scale 2 renders them at 144 dpi
 PDF_PAGE_TOO_LARGE = ("Split the PDF so that this page is left out, or scale its pages down to a usual paper size "
                       "(e.g. print it to a PDF on A4 or Letter)")
@@ -34,7 +36,8 @@ PDF_LOAD_ERRORS = {  # FPDF_GetLastError() after a failed FPDF_LoadDocument -> w
 
 @dataclass
 class Item:
-    """One image to process: a file, a URL, or one page of a PDF (``page`` counts from 1).
+    """One image to process: a file, a URL, or one page of a PDF or of a multi-page TIFF (``page`` counts
+    from 1; a one-page TIFF is an image, without a page).
 
     ``collect_all`` also notes a local file's absolute ``path`` and its modification time
     (``modified``, in ns) as they were when the items were collected: an output line records both, so
@@ -80,6 +83,22 @@ def is_pdf(path) -> bool:
     return Path(path).suffix.lower() == ".pdf"
 
 
+def is_tiff(path) -> bool:
+    """True for a file name that ends in ``.tif`` or ``.tiff`` (any case): one that may hold pages."""
+    return Path(path).suffix.lower() in TIFF_SUFFIXES
+
+
+def is_multi_page_tiff(path) -> bool:
+    """True for a TIFF file of more than one page (a document: one item per page, like a PDF). Only
+    its headers are read. False for a TIFF that cannot be read: loading it says why."""
+    if not is_tiff(path):
+        return False
+    try:
+        return count_pages(path) > 1
+    except ImageLoadError:
+        return False
+
+
 def check_not_empty(spec: str) -> None:
     """Refuse an empty or blank ``--image`` value (an unset shell variable), which as a path would be
     the current folder, with an ImageLoadError."""
@@ -89,7 +108,8 @@ def check_not_empty(spec: str) -> None:
 
 
 def is_multi_input(spec: str) -> bool:
-    """True when ``--image`` names many images (a folder, a glob pattern or a PDF): JSONL output.
+    """True when ``--image`` names many images (a folder, a glob pattern, a PDF or a multi-page TIFF):
+    JSONL output.
     Raises ImageLoadError for an empty value (``check_not_empty``). A path that cannot be seen
     (permission denied) counts as one image, unless it is a pattern: reading it then fails with advice."""
     check_not_empty(spec)
@@ -102,7 +122,9 @@ def is_multi_input(spec: str) -> bool:
         return glob.has_magic(spec)
     if status is None:
         return glob.has_magic(spec)
-    return stat.S_ISDIR(status.st_mode) or (stat.S_ISREG(status.st_mode) and is_pdf(path))
+    if stat.S_ISDIR(status.st_mode):
+        return True
+    return stat.S_ISREG(status.st_mode) and (is_pdf(path) or is_multi_page_tiff(path))
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -124,8 +146,8 @@ def _stat(path: Path) -> os.stat_result | None:
 def collect_items(spec: str, strict: bool = True) -> list[Item]:
     """Turn an ``--image`` argument into the list of items to process.
 
-    * an ``http(s)://`` URL or an image file -> one item;
-    * a PDF -> one item per page;
+    * an ``http(s)://`` URL or an image file -> one item (an animated GIF, PNG or WebP too: its first frame);
+    * a PDF or a multi-page TIFF -> one item per page;
     * a folder -> its image files and PDFs (not its sub-folders), sorted by name;
     * a glob pattern such as ``"scans/*.png"`` or ``"scans/**/*.jpg"`` -> the matching image files
       and PDFs, sorted. Quote the pattern so that your shell does not expand it.
@@ -138,7 +160,7 @@ def collect_items(spec: str, strict: bool = True) -> list[Item]:
     sub-folder that cannot be listed is left out with a warning on stderr (``warn_unlisted``).
     ``spec`` itself, when it cannot be read (a file, the folder, or the folder a pattern starts in),
     raises ImageLoadError with advice if ``strict`` (it is the only input), else is one failing item,
-    like an unusable PDF.
+    like an unusable PDF or TIFF.
 
     Raises ImageLoadError when ``spec`` is empty or blank, or nothing is there (missing file, empty
     folder, pattern without matches).
@@ -318,20 +340,27 @@ def file_identity(source) -> tuple | str:
 
 
 def _items_for_files(files: list[Path], strict: bool) -> list[Item]:
-    """Items for image files and PDF pages. A PDF that cannot be opened raises when it was the only
-    input (``strict``); among many files it becomes one item that fails (and is reported) when loaded."""
+    """Items for image files and the pages of PDFs and TIFFs. A PDF or TIFF whose pages cannot be
+    counted raises when it was the only input (``strict``); among many files it becomes one item that
+    fails (and is reported) when loaded."""
     items = []
     for path in files:
-        if not is_pdf(path):
-            items.append(Item(str(path)))
-            continue
         try:
-            items.extend(pdf_items(path))
+            items.extend(_file_items(path))
         except ImageLoadError as error:
             if strict:
                 raise
             items.append(Item(str(path), loader=_raiser(error)))
     return items
+
+
+def _file_items(path: Path) -> list[Item]:
+    """The items of one file: a PDF's or TIFF's pages, or the image."""
+    if is_pdf(path):
+        return pdf_items(path)
+    if is_tiff(path):
+        return tiff_items(path)
+    return [Item(str(path))]
 
 
 def item_at(source: str, page: int | None = None, path: str | None = None, modified: int | None = None) -> Item:
@@ -340,7 +369,8 @@ def item_at(source: str, page: int | None = None, path: str | None = None, modif
 
     Lets another process (a Ray replica) read the pixels of an item it was sent as plain values: a
     local file is read from its absolute ``path`` when given, whatever that process's working folder.
-    A PDF without a page number is one that could not be opened: loading it raises the same error.
+    A PDF without a page number is one that could not be opened: loading it raises the same error (a
+    TIFF without one is read by ``load_image``, which raises it too, or is a one-page TIFF).
     """
     where = path or source
     if page is not None:
@@ -364,6 +394,16 @@ def _unlisted_folder_error(path: Path) -> ImageLoadError:
 def pdf_items(path: Path) -> list[Item]:
     """One item per page of the PDF at ``path``; pages are rendered (at ``PDF_SCALE``) only when loaded."""
     count = _pdf_page_count(path)
+    return [Item(str(path), page=n, loader=_page_loader(path, n)) for n in range(1, count + 1)]
+
+
+def tiff_items(path: Path) -> list[Item]:
+    """One item per page of a multi-page TIFF (a scanned fax is a document, as a PDF is); a one-page
+    TIFF is one item without a page number, as any image. Only the headers are read here (``count_pages``);
+    each page is decoded when loaded, with ``load_image``'s checks (``load_page``)."""
+    count = count_pages(path)
+    if count == 1:
+        return [Item(str(path))]
     return [Item(str(path), page=n, loader=_page_loader(path, n)) for n in range(1, count + 1)]
 
 
@@ -425,7 +465,10 @@ def _open_pdf(path) -> pdfium.PdfDocument:
 
 
 def _page_loader(path: Path, page: int) -> Callable:
-    return lambda: render_pdf_page(path, page)
+    """How to read page ``page`` of the PDF or TIFF at ``path``."""
+    if is_pdf(path):
+        return lambda: render_pdf_page(path, page)
+    return lambda: load_page(path, page)
 
 
 def _raiser(error: Exception) -> Callable:

@@ -90,8 +90,8 @@ def request_differences(stored, request: dict) -> list[str]:
 
 
 def item_fields(item: Item) -> dict:
-    """``{"source": ...}`` plus ``"page"`` for a PDF page, and a local file's absolute ``"path"`` and
-    ``"modified"`` time (ns) when it was collected: the start of every output line.
+    """``{"source": ...}`` plus ``"page"`` for a page of a PDF or TIFF, and a local file's absolute
+    ``"path"`` and ``"modified"`` time (ns) when it was collected: the start of every output line.
 
     A name that is not valid UTF-8 also gets ``"source_b64"``, its exact bytes (see the module docs).
     """

@@ -11,10 +11,11 @@
 
 How the work is split:
 
-* ``item_dataset`` makes a Ray Dataset with one row per image or PDF page: ``{"source", "page", "path", "modified"}``,
-  the same keys as ``collect_all`` (local paths, globs and PDFs are listed by ``collect_items`` itself).
-  Sources on another filesystem (``s3://``, ``gs://``, ``file://``..., whatever ``pyarrow.fs`` opens) are
-  listed here and their PDFs are split into pages by Ray tasks. Pixels are read inside the replicas.
+* ``item_dataset`` makes a Ray Dataset with one row per image or page (of a PDF or a multi-page TIFF):
+  ``{"source", "page", "path", "modified"}``, the same keys as ``collect_all`` (local paths, globs, PDFs
+  and TIFFs are listed by ``collect_items`` itself). Sources on another filesystem (``s3://``, ``gs://``,
+  ``file://``..., whatever ``pyarrow.fs`` opens) are listed here and their PDFs and TIFFs are split into
+  pages by Ray tasks. Pixels are read inside the replicas.
 * ``predict_dataset`` runs ``Replica`` in a pool of ``replicas`` Ray actors (one GPU each when the
   cluster has GPUs, else CPU). Each replica loads the model once and runs batches of ``batch_size``
   items through ``predict_items``, the function the in-process CLI uses, and builds each line with
@@ -39,10 +40,10 @@ from pathlib import Path
 import pypdfium2 as pdfium
 from transformers.utils import logging as hf_logging
 
-from ..api.images import load_image
+from ..api.images import count_pages, load_image, load_page
 from ..api.loading import load_model, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
-from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, item_at
+from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, is_pdf, is_tiff, item_at
 from .outputs import (
     JsonlWriter, OutputLock, check_answers, check_output_path, finish_run, input_files, make_record, model_info,
     progress_bar, request_fields, resume,
@@ -124,12 +125,12 @@ def dashboard_url(context) -> str | None:
 
 def item_dataset(specs: list[str] | str, skip: set | None = None):
     """A Ray Dataset of the items that ``specs`` name: one row ``{"source", "page", "path", "modified"}`` per
-    image or PDF page (``path`` and ``modified``: see ``Item``; None for a remote file).
+    image or page of a PDF or multi-page TIFF (``path`` and ``modified``: see ``Item``; None for a remote file).
 
     Local files, folders, globs, PDFs and http(s) URLs give exactly the items of ``collect_all``
     (in the same order). A URI of another filesystem (``s3://bucket/scans/``, ``gs://...``,
-    ``file:///...``) names a file or a folder (its files, not its sub-folders, sorted); its PDFs are
-    split into pages by Ray tasks. ``skip``: keys ``(source, page)`` to leave out (finished items).
+    ``file:///...``) names a file or a folder (its files, not its sub-folders, sorted); its PDFs and
+    TIFFs are split into pages by Ray tasks. ``skip``: keys ``(source, page)`` to leave out (finished items).
     """
     ray = require_ray()
     specs = [specs] if isinstance(specs, str) else list(specs)
@@ -174,27 +175,41 @@ def list_remote(uri: str) -> list[str]:
 
 @dataclass(frozen=True)
 class _RemotePages:
-    """flat_map: a remote file -> its items (one per page for a PDF, the file itself otherwise)."""
+    """flat_map: a remote file -> its items (one per page for a PDF or a multi-page TIFF, the file itself
+    otherwise, as ``collect_items`` does for local files)."""
 
     skip: frozenset = frozenset()
 
     def __call__(self, row: dict) -> list[dict]:
         uri = row["source"]
-        if not uri.lower().endswith(".pdf"):
-            pages = [None]
-        else:
-            try:
-                pages = list(range(1, len(pdfium.PdfDocument(_read_uri(uri))) + 1)) or [None]
-            except Exception:  # noqa: BLE001  (reported as this item's error when the replica loads it)
-                pages = [None]
-        return [{"source": uri, "page": page, "path": None, "modified": None} for page in pages if (uri, page) not in self.skip]
+        return [{"source": uri, "page": page, "path": None, "modified": None}
+                for page in _remote_pages(uri) if (uri, page) not in self.skip]
+
+
+def _remote_pages(uri: str) -> list[int | None]:
+    """The pages of a remote file, numbered as ``collect_items`` numbers a local file's: 1..n for a PDF or
+    a multi-page TIFF (whose pixels are not decoded here); ``[None]`` for an image, a one-page TIFF, or a
+    file whose pages cannot be counted (its error is reported when the replica loads it)."""
+    if not (is_pdf(uri) or is_tiff(uri)):
+        return [None]
+    try:
+        data = _read_uri(uri)
+        count = len(pdfium.PdfDocument(data)) if is_pdf(uri) else count_pages(data)
+    except Exception:  # noqa: BLE001  (reported as this item's error when the replica loads it)
+        return [None]
+    if count == 0 or (count == 1 and is_tiff(uri)):
+        return [None]
+    return list(range(1, count + 1))
 
 
 def remote_item(uri: str, page: int | None) -> Item:
-    """An item whose pixels are read from a filesystem URI (a PDF page is rendered from the file's bytes)."""
+    """An item whose pixels are read from a filesystem URI (a PDF page is rendered from the file's bytes,
+    a TIFF page decoded from them as ``load_page`` does)."""
     def load():
         data = _read_uri(uri)
-        if page is None and not uri.lower().endswith(".pdf"):
+        if page is not None and is_tiff(uri):
+            return load_page(data, page)
+        if page is None and not is_pdf(uri):
             return load_image(data)
         try:
             document = pdfium.PdfDocument(data)

@@ -5,7 +5,7 @@
     from phi_helpers.cli.tasks import predict
 
     model, processor = load_model()
-    items = collect_items("scans/")                  # a file, URL, folder, glob or PDF
+    items = collect_items("scans/")                  # a file, URL, folder, glob, PDF or TIFF
     images = [item.load() for item in items[:4]]
     for result in predict(model, processor, images, task="ocr"):
         print(result["answer"])
@@ -172,7 +172,7 @@ def _round(value: float | None) -> float | None:
 def predict_items(model, processor, items: list[Item], task: str, **task_kwargs) -> list[dict]:
     """Run ``task`` on a list of items as one batch; never raises for a bad item.
 
-    Each returned dict starts with the item's ``source`` (and ``page`` for PDF pages) and has either
+    Each returned dict starts with the item's ``source`` (and ``page`` for the pages of PDFs and TIFFs) and has either
     the result of ``predict`` plus ``image_size``, or ``error``. An item whose image cannot be read
     gets its error at once; if the batch itself fails, its items are run again one by one, so that
     only the item that causes the failure is reported as failed.
