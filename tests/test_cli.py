@@ -453,6 +453,7 @@ def test_collect_items_kinds(folder, pdf):
         (["--task", "ocr", "--max-new-tokens", "many"], "expected a whole number"),
         (["--task", "ocr", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["--task", "ocr", "--model", ""], "argument --model: is empty ('')"),  # an unset shell variable
+        (["--task", "ocr", "--max-new-tokens", "1000000000"], "do not fit the model's context of 131,072 tokens"),
     ],
 )
 def test_usage_errors_exit_2(capsys, image, tiny_model, argv, message):

@@ -23,7 +23,7 @@ from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAM
 from ..api.loading import load_model, requested_model_id
 from ..api.prompts import check_user_text
 from ..errors import InvalidArgumentError, check_whole_number
-from ..models.phi3_v.image_processing_phi3_v import check_num_crops
+from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input
 from .outputs import (
@@ -162,7 +162,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        "or torchao) or int4 (CUDA with bitsandbytes); default: none")
     group.add_argument("--num-crops", type=_num_crops, metavar="N", help="image crops of 336 px: more = finer detail, "
                        "more tokens (default: the checkpoint's, 4 for Phi-3.5-vision)")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+    group.add_argument("--max-new-tokens", type=_max_new_tokens, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                        help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
     group.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                        help=f"images per generate call when there are many (default: {DEFAULT_BATCH_SIZE})")
@@ -188,6 +188,16 @@ def _model(text: str) -> str:
             "(is a shell variable unset?), or leave --model out for $PHI_HELPERS_MODEL or the default"
         )
     return text
+
+
+def _max_new_tokens(text: str) -> int:
+    """argparse type of --max-new-tokens: a count the model's context can hold (else every item would
+    fail, after the model loaded)."""
+    count = _positive_int(text)
+    if count >= CONTEXT_LENGTH:
+        raise argparse.ArgumentTypeError(f"{count:,} tokens do not fit the model's context of {CONTEXT_LENGTH:,} "
+                                         "tokens, prompt included; a long answer needs a few thousand at most")
+    return count
 
 
 def _num_crops(text: str) -> int:
