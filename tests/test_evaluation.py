@@ -422,7 +422,7 @@ def test_eval_report_is_strict_json_when_the_answer_is_not(capsys, monkeypatch, 
         raise ValueError(f"{constant} is not JSON")
 
     item = json.loads(report_path.read_text(), parse_constant=refuse)["items"][0]
-    assert item["answer"] == {"total": "NaN"} and item["fields"] == {"total": False} and item["valid"] is True
+    assert item["answer"] == {"total": "NaN"} and item["fields"] == {"total": False} and item["valid"] is False  # NaN: no JSON number
 
 
 def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_path):
