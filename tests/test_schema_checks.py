@@ -167,7 +167,16 @@ def test_patterns_xgrammar_reads_otherwise_are_refused_at_their_place(pattern, m
     assert f"(root)/properties/total: {message}" in str(error.value)
 
 
-def test_whatever_else_the_grammar_cannot_build_is_found_by_check_supported(monkeypatch):
+@pytest.fixture
+def uncached(monkeypatch):
+    """check_supported and compile_schema remember the schemas they passed: these tests watch them work."""
+    monkeypatch.setattr(constrained, "_SUPPORTED", {})
+    for compilers in constrained._COMPILERS.values():
+        for _compiler, grammars in compilers.values():
+            grammars.clear()
+
+
+def test_whatever_else_the_grammar_cannot_build_is_found_by_check_supported(monkeypatch, uncached):
     def refuse(*args, **kwargs):
         raise RuntimeError("[12:00:00] /project/cpp/json_schema_converter.cc:1: something new")
 
@@ -184,7 +193,7 @@ ANNOTATED = [
 
 
 @pytest.mark.parametrize("annotation", ANNOTATED, ids=[next(iter(annotation)) for annotation in ANNOTATED])
-def test_annotations_are_ignored_and_left_out_of_the_grammar(cli_model_and_processor, monkeypatch, annotation):
+def test_annotations_are_ignored_and_left_out_of_the_grammar(cli_model_and_processor, monkeypatch, annotation, uncached):
     """They change no valid answer (JSON Schema 2020-12: the content keywords are annotations, never decoded
     or checked), so they are neither refused nor given to xgrammar."""
     given, from_json_schema = [], constrained.xgrammar.Grammar.from_json_schema
