@@ -19,6 +19,16 @@ def images():
     return [[Image.new("RGB", (200, 120), "red")], [Image.new("RGB", (90, 160), "blue"), Image.new("RGB", (64, 64), "white")], []]
 
 
+def generate_counting_rows(model, processor, prompts, pictures, steps):
+    """generate_batch's results, and the number of rows of every forward pass it made."""
+    batch_sizes = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(out.logits.shape[0]), with_kwargs=True)
+    try:
+        return generate_batch(model, processor, prompts, pictures, max_new_tokens=steps), batch_sizes
+    finally:
+        hook.remove()
+
+
 def test_finished_rows_leave_the_batch_and_answers_equal_one_plain_generate(monkeypatch, cli_model_and_processor):
     model, processor = cli_model_and_processor
     steps = 8
@@ -30,12 +40,7 @@ def test_finished_rows_leave_the_batch_and_answers_equal_one_plain_generate(monk
     # Make the third token of row 0 a stop token: row 0 ends after 3 tokens (or earlier), the others go on.
     stop = plain[0][2]
     monkeypatch.setattr(generation, "_stop_token_ids", lambda model, processor: [stop])
-    batch_sizes = []
-    hook = model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(out.logits.shape[0]), with_kwargs=True)
-    try:
-        results = generate_batch(model, processor, PROMPTS, images(), max_new_tokens=steps)
-    finally:
-        hook.remove()
+    results, batch_sizes = generate_counting_rows(model, processor, PROMPTS, images(), steps)
     for row, result in enumerate(results):
         expected = plain[row][: plain[row].index(stop) + 1] if stop in plain[row] else plain[row]
         assert result.generated_tokens == len(expected), f"row {row}"
@@ -113,12 +118,7 @@ def test_a_batch_that_can_reach_the_long_rope_factors_keeps_every_row_to_the_end
     with torch.inference_mode():
         reference = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=stop, pad_token_id=0)
     reference = reference[:, inputs["input_ids"].shape[1] :].tolist()
-    batch_sizes = []
-    hook = model.register_forward_hook(lambda module, args, kwargs, out: batch_sizes.append(out.logits.shape[0]), with_kwargs=True)
-    try:
-        results = generate_batch(model, processor, prompts, pictures(), max_new_tokens=steps)
-    finally:
-        hook.remove()
+    results, batch_sizes = generate_counting_rows(model, processor, prompts, pictures(), steps)
     assert set(batch_sizes[len(prompts):]) == {len(prompts)}  # after the prompts (one at a time), nobody left
     for row, result in enumerate(results):
         expected = reference[row][: reference[row].index(stop)] if stop in reference[row] else reference[row]

@@ -191,34 +191,33 @@ def test_another_models_folder_is_refused_before_loading(no_env_model, forbid_lo
         load_model(folder, device="cpu")
 
 
-def test_a_checkpoint_without_some_weights_is_refused(no_env_model, tiny_checkpoint, tmp_path, caplog):
-    """Missing weights would be random numbers: the model would answer, wrongly, without a word."""
-    folder = tmp_path / "partial"
+def edited_checkpoint(tiny_checkpoint, tmp_path, edit) -> Path:
+    """A copy of the tiny checkpoint whose weights (a dict of tensors) went through ``edit``."""
+    folder = tmp_path / "edited"
     shutil.copytree(tiny_checkpoint, folder)
     weights = load_file(folder / "model.safetensors")
-    save_file({name: t for name, t in weights.items() if not name.startswith("lm_head")}, folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors")
+    return folder
+
+
+def test_a_checkpoint_without_some_weights_is_refused(no_env_model, tiny_checkpoint, tmp_path, caplog):
+    """Missing weights would be random numbers: the model would answer, wrongly, without a word."""
+    folder = edited_checkpoint(tiny_checkpoint, tmp_path, lambda weights: weights.pop("lm_head.weight"))
     with pytest.raises(ModelLoadError, match="lacks 1 of the model's weights \\(lm_head.weight\\)"):
         load_model(folder, device="cpu")
     assert "LOAD REPORT" not in caplog.text  # one message, not transformers' table before it
 
 
 def test_a_weight_of_another_shape_is_a_model_load_error(no_env_model, tiny_checkpoint, tmp_path, caplog):
-    folder = tmp_path / "reshaped"
-    shutil.copytree(tiny_checkpoint, folder)
-    weights = load_file(folder / "model.safetensors")
-    weights["model.norm.weight"] = torch.ones(7)
-    save_file(weights, folder / "model.safetensors")
+    folder = edited_checkpoint(tiny_checkpoint, tmp_path, lambda weights: weights.update({"model.norm.weight": torch.ones(7)}))
     with pytest.raises(ModelLoadError, match=r"1 weight\(s\) of another shape .*\(model.norm.weight \[7\] instead of \[\d+\]\)"):
         load_model(folder, device="cpu")
     assert "LOAD REPORT" not in caplog.text
 
 
 def test_transformers_report_of_unexpected_weights_is_still_shown(no_env_model, tiny_checkpoint, tmp_path, caplog):
-    folder = tmp_path / "extra"
-    shutil.copytree(tiny_checkpoint, folder)
-    weights = load_file(folder / "model.safetensors")
-    weights["model.extra.weight"] = torch.ones(3)
-    save_file(weights, folder / "model.safetensors")
+    folder = edited_checkpoint(tiny_checkpoint, tmp_path, lambda weights: weights.update({"model.extra.weight": torch.ones(3)}))
     load_model(folder, device="cpu")
     assert "LOAD REPORT" in caplog.text and "model.extra.weight" in caplog.text
 
