@@ -133,14 +133,7 @@ def check_supported(schema) -> None:
     in milliseconds, before anything is compiled; the last check builds the grammar (``json_grammar``,
     no tokenizer needed), so that nothing is left to fail once a model is loaded. A schema that passed
     is not checked again (its JSON text is remembered): a long ``maxLength`` takes seconds to build."""
-    text = _schema_text(schema)
-    if text is None:
-        _check_supported(schema)
-    elif text not in _SUPPORTED:
-        _check_supported(schema)
-        _SUPPORTED[text] = True
-        while len(_SUPPORTED) > SCHEMAS_REMEMBERED:
-            _SUPPORTED.pop(next(iter(_SUPPORTED)))
+    _remembered(_SUPPORTED, _schema_text(schema), lambda: _check_supported(schema) or True)
 
 
 SCHEMAS_REMEMBERED = 64  # checked schemas, and compiled grammars per tokenizer, kept for the next call
@@ -151,9 +144,21 @@ def _schema_text(schema) -> str | None:
     """``schema`` as JSON text in its own key order (the order of properties is the order of the answer),
     or None if it is not JSON (``check_schema`` then says why)."""
     try:
-        return json.dumps(schema, ensure_ascii=False, allow_nan=False)
+        return json.dumps(schema, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):
         return None
+
+
+def _remembered(cache: dict, key: str | None, make):
+    """``make()``, kept in ``cache`` under ``key`` for the next call (the oldest dropped beyond
+    ``SCHEMAS_REMEMBERED``); made afresh each time when ``key`` is None. An exception is not kept."""
+    if key is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+        while len(cache) > SCHEMAS_REMEMBERED:
+            cache.pop(next(iter(cache)))
+    return cache[key]
 
 
 def _check_supported(schema) -> None:
@@ -656,12 +661,7 @@ def compile_schema(tokenizer, schema: dict, vocab_size: int, stop_token_ids: lis
     grammar; the last ``SCHEMAS_REMEMBERED`` grammars of each compiler are kept for the next call."""
     check_supported(schema)
     compiler, grammars = _compiler_and_grammars(tokenizer, vocab_size, stop_token_ids)
-    text = _schema_text(schema)
-    if text not in grammars:
-        grammars[text] = compiler.compile_grammar(json_grammar(schema))
-        while len(grammars) > SCHEMAS_REMEMBERED:
-            grammars.pop(next(iter(grammars)))
-    return grammars[text]
+    return _remembered(grammars, _schema_text(schema), lambda: compiler.compile_grammar(json_grammar(schema)))
 
 
 class SchemaConstraint(LogitsProcessor):
