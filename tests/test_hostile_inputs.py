@@ -225,6 +225,21 @@ def test_a_moved_project_folder_is_still_done(capsys, monkeypatch, tmp_path, gen
     assert code == 0 and "1 of 2 items were modified since their last line" in err and generations == [2, 1]
 
 
+
+def test_a_copied_project_folder_is_still_done_while_the_original_stays(capsys, monkeypatch, tmp_path, generations):
+    """cp -a proj proj3: the lines' recorded paths still name the original's files, but the copies under
+    the same relative names kept the recorded modification times: they are the files the lines answer."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    picture(project / "a.png", "red")
+    monkeypatch.chdir(project)
+    args = ["predict", "--image", ".", "--task", "caption", "--output", "out.jsonl", *FAST]
+    assert run(capsys, *args)[0] == 0
+    shutil.copytree(project, tmp_path / "proj3")  # copies the modification times, as cp -a does
+    monkeypatch.chdir(tmp_path / "proj3")
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "1 of 1 items are already done" in err and generations == [1]
+
 def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
     schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
     schema.write_text(json.dumps(SCHEMA))
@@ -421,8 +436,8 @@ def test_a_single_answer_or_a_report_never_replaces_a_file_that_is_not_text(caps
     victim = tmp_path / name
     if name.endswith(".png"):
         picture(victim)
-    else:  # a PDF (pure ASCII, as hand-made ones can be), or bytes that are not UTF-8
-        victim.write_bytes(minimal_pdf("0 0 100 50") if name.endswith(".pdf") else "café".encode("latin-1") * 100)
+    else:  # a PDF (pure ASCII, as hand-made ones can be), or binary bytes
+        victim.write_bytes(minimal_pdf("0 0 100 50") if name.endswith(".pdf") else b"\x00\x01\xfe data" * 100)
     before = victim.read_bytes()
     err = _refused(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--output", victim, *FAST)
     assert "holds something other than text" in err and "the answer would replace it" in err
@@ -430,6 +445,15 @@ def test_a_single_answer_or_a_report_never_replaces_a_file_that_is_not_text(caps
     err = _refused(capsys, "eval", "--data", eval_set, "--limit", "1", "--output", victim, *FAST)
     assert "holds something other than text" in err and "the report would replace it" in err
     assert victim.read_bytes() == before
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_text_file_in_another_encoding_is_replaced_as_asked(capsys, tmp_path, folder, encoding):
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes("café notes\n".encode(encoding))  # utf-16: with its byte order mark, as Notepad saves
+    code, _, err = run(capsys, "predict", "--image", folder / "a.png", "--task", "ocr", "--output", notes, *FAST)
+    assert code == 0, err
+    assert "café" not in notes.read_text(encoding="utf-8", errors="replace")
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["one image", "a folder"])

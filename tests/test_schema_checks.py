@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from phi_helpers import SchemaNotSupportedError
 from phi_helpers.api import constrained
@@ -412,6 +413,9 @@ def test_settings_that_ban_tokens_are_refused_with_a_schema(cli_model_and_proces
         with pytest.raises(InvalidArgumentError, match=f"{next(iter(kwargs))} with a schema: they ban or force tokens"):
             generation_settings(model, processor, 16, kwargs, schema)
     generation_settings(model, processor, 16, {"no_repeat_ngram_size": 3}, None)  # without a schema: as asked
+    generation_settings(model, processor, 16, {"suppress_tokens": torch.tensor([5, 6])}, None)  # ids as a tensor
+    with pytest.raises(InvalidArgumentError, match="suppress_tokens with a schema"):
+        generation_settings(model, processor, 16, {"suppress_tokens": torch.tensor([5, 6])}, schema)
     generation_settings(model, processor, 16, {"no_repeat_ngram_size": 0, "repetition_penalty": 1.2}, schema)
 
 

@@ -1,6 +1,7 @@
 """A multi-page TIFF (a scanned fax) is a document: one item, one line, per page, as a PDF. An animated
 GIF is one picture: one item, its first frame. ``load_image`` keeps giving a TIFF's first page."""
 
+import io
 import json
 from pathlib import Path
 
@@ -158,3 +159,37 @@ def test_an_eval_manifest_refuses_a_multi_page_tiff_as_a_pdf(tmp_path):
     message = str(caught.value)
     assert "line 1: the image" in message and "is a TIFF of several pages; eval scores one image per item" in message
     assert "line 2" not in message  # a one-page TIFF is an image
+
+
+def test_a_thumbnail_or_overview_in_a_tiff_is_not_a_page(tmp_path):
+    """TIFF tag 254 (NewSubfileType) bit 0 marks a reduced-resolution copy of another image: a preview,
+    or a pyramid's overview level. Counted as a page, it made one photo a two-page document."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), "red").save(buffer, format="TIFF", save_all=True,
+                                          append_images=[Image.new("RGB", (16, 12), "red")], tiffinfo={254: 0})
+    data = buffer.getvalue()
+    entry = b"\xfe\x00\x04\x00\x01\x00\x00\x00\x00\x00\x00\x00"  # tag 254, LONG, 1 value: 0
+    second = data.index(entry, data.index(entry) + 1)
+    (tmp_path / "photo.tif").write_bytes(data[: second + 8] + b"\x01" + data[second + 9 :])  # the second image: a preview
+    assert count_pages(tmp_path / "photo.tif") == 1 and count_pages(data) == 2
+    assert [item.key for item in inputs.collect_items(str(tmp_path / "photo.tif"))] == [(str(tmp_path / "photo.tif"), None)]
+    assert load_page(tmp_path / "photo.tif", 1).size == (80, 60)
+
+
+def test_a_tiff_page_with_a_damaged_header_is_an_image_load_error(tmp_path):
+    """Pillow raises KeyError for some damaged page headers; it stopped a whole folder ("KeyError: 0")."""
+    buffer = io.BytesIO()
+    pages = [Image.new("RGB", (60, 40), (0, 80 * n, 0)) for n in range(3)]
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    data = bytearray(buffer.getvalue())
+    entry = data.index(b"\x03\x01\x03\x00\x01\x00\x00\x00", len(data) // 2)  # a later page's Compression tag
+    data[entry + 8 : entry + 10] = b"\x39\x30"  # compression 12345: unknown to Pillow
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "bad.tif").write_bytes(bytes(data))
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "scans" / "good.png")
+    items = inputs.collect_items(str(tmp_path / "scans"))  # no KeyError: one bad item at most
+    for item in items:
+        try:
+            item.load()
+        except ImageLoadError:
+            pass

@@ -154,11 +154,12 @@ def _remembered(cache: dict, key: str | None, make):
     ``SCHEMAS_REMEMBERED``); made afresh each time when ``key`` is None. An exception is not kept."""
     if key is None:
         return make()
-    if key not in cache:
-        cache[key] = make()
-        while len(cache) > SCHEMAS_REMEMBERED:
-            cache.pop(next(iter(cache)))
-    return cache[key]
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        for oldest in list(cache)[: max(0, len(cache) - SCHEMAS_REMEMBERED)]:  # threads may drop the same one
+            cache.pop(oldest, None)
+    return value
 
 
 def _check_supported(schema) -> None:

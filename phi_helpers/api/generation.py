@@ -253,6 +253,18 @@ _TOKEN_BANNING_KWARGS = (
 )
 
 
+def _is_set(value) -> bool:
+    """Whether a generate() setting asks for something: not None, 0 or empty (a tensor or array of ids too)."""
+    if value is None:
+        return False
+    if isinstance(value, (int, float)):
+        return value != 0
+    try:
+        return len(value) > 0
+    except TypeError:  # no length: a 0-d tensor, an object
+        return True
+
+
 def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: dict, schema: dict | None = None) -> dict:
     """generate() keyword arguments: greedy unless sampling is asked for, stop at the end of the turn;
     with a ``schema``, the token mask of constrained decoding (compiled here, before any generation)."""
@@ -272,8 +284,8 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
             "A schema constrains one answer token by token, which beam search (num_beams > 1) does not follow; "
             "leave num_beams out."
         )
-    banning = [name for name in _TOKEN_BANNING_KWARGS if settings.get(name) not in (None, 0, [], {})]
-    if schema is not None and banning:
+    banning = [] if schema is None else [name for name in _TOKEN_BANNING_KWARGS if _is_set(settings.get(name))]
+    if banning:
         raise InvalidArgumentError(
             f"{', '.join(banning)} with a schema: they ban or force tokens on their own, which can rule out every "
             "token the schema allows (JSON repeats its own pieces, such as '\"},{\"'); leave them out: the "

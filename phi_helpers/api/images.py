@@ -45,7 +45,8 @@ _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
 _CHUNK_SIZE = 64 * 1024
 _SMALLER_IMAGE = "Use a smaller image (scale it down, or cut it into parts)"  # what to do about too many pixels
 # Errors Pillow raises for data it cannot decode (it is not consistent about which one).
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError,
+                  KeyError, IndexError)  # KeyError, IndexError: Pillow on a TIFF page with a damaged header
 
 
 def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_seconds: float = 120) -> Image.Image:
@@ -155,8 +156,25 @@ def count_pages(src) -> int:
 
 
 def _page_count(image: Image.Image) -> int:
-    """A TIFF's pages (``n_frames`` reads only their headers); 1 for any other image."""
-    return image.n_frames if image.format == "TIFF" else 1
+    """A TIFF's pages (``_page_frames``); 1 for any other image."""
+    return len(_page_frames(image))
+
+
+REDUCED_RESOLUTION = 1  # bit 0 of a TIFF image's NewSubfileType (tag 254): a thumbnail or overview of another
+
+
+def _page_frames(image: Image.Image) -> list[int]:
+    """The frames of ``image`` that are pages: a TIFF's images except reduced-resolution copies of another
+    (thumbnails, the overview levels of a pyramid); frame 0 of any other image. Only headers are read."""
+    if image.format != "TIFF":
+        return [0]
+    frames = []
+    for frame in range(image.n_frames):
+        image.seek(frame)
+        if not int(image.tag_v2.get(254, 0)) & REDUCED_RESOLUTION:
+            frames.append(frame)
+    image.seek(0)
+    return frames or [0]
 
 
 def _from_path(path: Path, page: int | None = None) -> Image.Image:
@@ -229,11 +247,12 @@ def _decode(open_image, source: str, page: int | None = None) -> Image.Image:
 def _turn_to(image: Image.Image, page: int, source: str) -> None:
     """Make page ``page`` (from 1) of ``image`` the one that is read. Pillow checks the pixel count of
     the first page only, when it opens the file: a later page is checked here, before it is decoded."""
-    pages = _page_count(image)
+    frames = _page_frames(image)
+    pages = len(frames)
     if page > pages:
         raise ImageLoadError(f"{source} has {pages} page{'s' * (pages != 1)}, so there is no page {page}. Ask for a "
                              "page from 1 to that count; if the file was replaced since its pages were counted, run again.")
-    image.seek(page - 1)
+    image.seek(frames[page - 1])
     check_pixel_count(*image.size, f"page {page} of {source}")
 
 

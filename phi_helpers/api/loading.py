@@ -386,6 +386,11 @@ def _held_load_report():
     logger.addFilter(hold)
     try:
         yield held
+    except BaseException:  # transformers' own error may point to its report ("look at the above report")
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
+        raise
     finally:
         logger.removeFilter(hold)
 

@@ -238,8 +238,8 @@ def last_records(path) -> dict:
 
 
 def _record_file(record: dict, source: str) -> str:
-    """The file a line is about: its absolute ``"path"`` while a file is there (its ``"source"`` may be
-    relative to another folder); else its ``"source"``, from the folder the command runs in now.
+    """The file a line is about: its ``"source"`` from the folder the command runs in now, unless its
+    absolute ``"path"`` names another file that is there (the source may be relative to another folder).
 
     A project folder that was moved or renamed (``mv proj proj2``) leaves no file at the recorded
     paths, and the same command run in the new folder names the same files by the same relative
@@ -247,7 +247,14 @@ def _record_file(record: dict, source: str) -> str:
     again unless it has the recorded modification time.
     """
     path = record.get("path")
-    return path if isinstance(path, str) and os.path.exists(path) else source
+    if not (isinstance(path, str) and os.path.exists(path)) or file_identity(path) == file_identity(source):
+        return source
+    # Both name files, different ones: a copy of the project (cp -a proj proj2) or another folder's file
+    # of the same name. The line is about the copy only if the copy kept the recorded modification time.
+    try:
+        return source if os.stat(source).st_mtime_ns == record.get("modified") else path
+    except OSError:
+        return path
 
 
 def resume_key(source: str, page: int | None) -> tuple:
@@ -673,8 +680,8 @@ def check_replaceable(path: Path, what: str = "the answer") -> None:
 
     A single answer and an eval report replace their ``--output``: a tab-completion slip
     (``--output scan.png``, ``--output contract.pdf``) must not turn a picture or a document into
-    text. Only the first ``TEXT_PROBE_BYTES`` are read (an image is not read through): text is valid
-    UTF-8 (a character cut off at the end of them counts) without NUL bytes, and not a PDF. ``what``
+    text. Only the first ``TEXT_PROBE_BYTES`` are read (an image is not read through): text is UTF-16
+    with its byte order mark, or has no NUL byte and is not a PDF (``_is_text``). ``what``
     names what would replace the file in the message.
     """
     try:
@@ -690,15 +697,12 @@ def check_replaceable(path: Path, what: str = "the answer") -> None:
 
 
 def _is_text(head: bytes) -> bool:
-    """Whether the first bytes of a file are text: UTF-8 (the last character may be cut off), no NUL
-    byte, and not the start of a PDF (some PDFs are all ASCII)."""
-    if b"\0" in head or head.startswith(PDF_SIGNATURE):
-        return False
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError:
-        return False
-    return True
+    """Whether the first bytes of a file are text: UTF-16 with its byte order mark (Windows' "Unicode"),
+    or no NUL byte (images and office documents have some in their first bytes) and not the start of
+    a PDF (some PDFs are all ASCII). Text in any 8-bit encoding (UTF-8, Latin-1...) counts."""
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True
+    return b"\0" not in head and not head.startswith(PDF_SIGNATURE)
 
 
 PDF_SIGNATURE = b"%PDF-"
