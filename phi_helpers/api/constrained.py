@@ -133,11 +133,16 @@ def check_supported(schema) -> None:
     in milliseconds, before anything is compiled; the last check builds the grammar (``json_grammar``,
     no tokenizer needed), so that nothing is left to fail once a model is loaded. A schema that passed
     is not checked again (its JSON text is remembered): a long ``maxLength`` takes seconds to build."""
-    _remembered(_SUPPORTED, _schema_text(schema), lambda: _check_supported(schema) or True)
+    _supported_grammar(schema)
+
+
+def _supported_grammar(schema) -> xgrammar.Grammar:
+    """The grammar of ``schema`` (``json_grammar``) once ``_check_supported`` has passed it, remembered."""
+    return _remembered(_SUPPORTED, _schema_text(schema), lambda: _check_supported(schema))
 
 
 SCHEMAS_REMEMBERED = 64  # checked schemas, and compiled grammars per tokenizer, kept for the next call
-_SUPPORTED: dict[str, bool] = {}  # the JSON text of schemas check_supported accepted, oldest first
+_SUPPORTED: dict[str, xgrammar.Grammar] = {}  # schema text -> the grammar of a schema that passed, oldest first
 
 
 def _schema_text(schema) -> str | None:
@@ -162,7 +167,7 @@ def _remembered(cache: dict, key: str | None, make):
     return value
 
 
-def _check_supported(schema) -> None:
+def _check_supported(schema) -> xgrammar.Grammar:
     try:
         check_schema(schema)
     except ValueError as error:
@@ -188,7 +193,7 @@ def _check_supported(schema) -> None:
         )
     if messages:
         raise SchemaNotSupportedError(" ".join(messages))
-    json_grammar(schema)  # anything else xgrammar cannot build, found before a model is loaded
+    return json_grammar(schema)  # anything else xgrammar cannot build, found before a model is loaded
 
 
 def _check_size(schema: dict) -> None:
@@ -660,9 +665,9 @@ def _compiler_and_grammars(tokenizer, vocab_size: int, stop_token_ids: list[int]
 def compile_schema(tokenizer, schema: dict, vocab_size: int, stop_token_ids: list[int]) -> xgrammar.CompiledGrammar:
     """Check ``schema`` (``SchemaNotSupportedError`` if a feature is not enforced) and compile it to a
     grammar; the last ``SCHEMAS_REMEMBERED`` grammars of each compiler are kept for the next call."""
-    check_supported(schema)
+    grammar = _supported_grammar(schema)  # checked first; built once (seconds for a long maxLength)
     compiler, grammars = _compiler_and_grammars(tokenizer, vocab_size, stop_token_ids)
-    return _remembered(grammars, _schema_text(schema), lambda: compiler.compile_grammar(json_grammar(schema)))
+    return _remembered(grammars, _schema_text(schema), lambda: compiler.compile_grammar(grammar))
 
 
 class SchemaConstraint(LogitsProcessor):

@@ -232,29 +232,30 @@ def last_records(path) -> dict:
     for _, _, record in _lines(path):
         if record is not None:
             source, page = record_key(record)
-            key = resume_key(_record_file(record, source), page)
-            last[key] = {name: record[name] for name in RESUME_FIELDS if name in record}
+            last[_record_identity(record, source), page] = {name: record[name] for name in RESUME_FIELDS if name in record}
     return last
 
 
-def _record_file(record: dict, source: str) -> str:
-    """The file a line is about: its ``"source"`` from the folder the command runs in now, unless its
-    absolute ``"path"`` names another file that is there (the source may be relative to another folder).
+def _record_identity(record: dict, source: str) -> tuple | str:
+    """The ``file_identity`` of the file a line is about: its ``"source"``, from the folder the command
+    runs in now, unless its absolute ``"path"`` names another file that is there and the source's file
+    does not have the recorded modification time.
 
-    A project folder that was moved or renamed (``mv proj proj2``) leaves no file at the recorded
-    paths, and the same command run in the new folder names the same files by the same relative
-    sources: they are still done. Should the source now name another file, ``plan_resume`` runs it
-    again unless it has the recorded modification time.
+    A project folder that was moved (``mv proj proj2``) leaves no file at the recorded paths, and one
+    copied with its times (``cp -a proj proj3``) has the recorded times: in both, the same command run
+    in the new folder finds the same files by their relative sources, still done. Another folder's file
+    of the same name has another time: the line stays with its own path. Should the source name another
+    file all the same, ``plan_resume`` compares its modification time again.
     """
+    here = file_identity(source)
     path = record.get("path")
-    if not (isinstance(path, str) and os.path.exists(path)) or file_identity(path) == file_identity(source):
-        return source
-    # Both name files, different ones: a copy of the project (cp -a proj proj2) or another folder's file
-    # of the same name. The line is about the copy only if the copy kept the recorded modification time.
+    there = file_identity(path) if isinstance(path, str) else here
+    if isinstance(there, str) or there == here:  # nothing at the recorded path, or the same file
+        return here
     try:
-        return source if os.stat(source).st_mtime_ns == record.get("modified") else path
+        return here if os.stat(source).st_mtime_ns == record.get("modified") else there
     except OSError:
-        return path
+        return there
 
 
 def resume_key(source: str, page: int | None) -> tuple:
