@@ -70,7 +70,8 @@ def _infinite_numbers(data, path: list):
     are not JSON when written back."""
     if isinstance(data, float) and not math.isfinite(data):
         where = "/".join(map(str, path)) or "(root)"
-        yield f"{where}: {'NaN is not a JSON number' if math.isnan(data) else f'a number too large for a 64-bit float (read as {data})'}"
+        problem = "NaN is not a JSON number" if math.isnan(data) else f"a number too large for a 64-bit float (read as {data})"
+        yield f"{where}: {problem}"
     elif isinstance(data, dict):
         for key, value in data.items():
             yield from _infinite_numbers(value, [*path, key])

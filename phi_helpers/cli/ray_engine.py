@@ -61,8 +61,8 @@ MAX_BLOCKS = 10_000
 # The columns of a Parquet output, in record order. ``answer`` is text: the answer of caption, ocr and
 # vqa, the JSON text of an extract answer. Fields of a record not named here go to ``extra`` (JSON text).
 PARQUET_COLUMNS = {
-    "source": "string", "page": "int64", "path": "string", "modified": "int64", "task": "string", "schema": "string", "error": "string",
-    "prompt": "string", "answer": "string", "valid": "bool", "errors": "list<string>", "raw": "list<string>",
+    "source": "string", "page": "int64", "path": "string", "modified": "int64", "task": "string", "schema": "string",
+    "error": "string", "prompt": "string", "answer": "string", "valid": "bool", "errors": "list<string>", "raw": "list<string>",
     "attempts": "int64", "image_size": "list<int64>", "model": "string", "device": "string", "dtype": "string",
     "attention": "string", "num_crops": "int64", "prompt_tokens": "int64", "generated_tokens": "int64",
     "seconds_to_first_token": "double", "total_seconds": "double", "batch_size": "int64", "extra": "string",
