@@ -402,6 +402,20 @@ def test_pydantics_annotations_next_to_ref_and_any_of_are_fine():
                                      "b": {"$ref": "#/$defs/B", "description": "the b"}}))
 
 
+def test_definitions_no_ref_reaches_are_not_checked_and_those_reached_through_others_are():
+    """A shared library of definitions may hold some that the grammar cannot enforce; unused, they change
+    no answer. Before: any unsupported keyword in any definition refused the whole schema."""
+    library = {"Code": {"type": "string", "enum": ["A", "B"]}, "Pair": {"$ref": "#/$defs/a~1b"},
+               "a/b": {"type": "integer"}, "Either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+               "Not3": {"type": "integer", "not": {"const": 3}}}
+    check_supported(root({"$ref": "#/$defs/Code"}, **{"$defs": library}))
+    with pytest.raises(SchemaNotSupportedError) as caught:  # reached through Pair, then a/b
+        check_supported(root({"$ref": "#/$defs/Pair"}, **{"$defs": {**library, "a/b": library["Not3"]}}))
+    assert "(root)/$defs/a/b: 'not'" in str(caught.value) and "Either" not in str(caught.value)
+    with pytest.raises(SchemaNotSupportedError, match="definitions/Either: 'oneOf'"):
+        check_supported(root({"$ref": "#/definitions/Either"}, definitions={"Either": library["Either"]}))
+
+
 def test_settings_that_ban_tokens_are_refused_with_a_schema(cli_model_and_processor):
     """no_repeat_ngram_size bans JSON's own repeats ('"},{"'): with the mask, no token was left and the
     answer failed with a bare RuntimeError."""

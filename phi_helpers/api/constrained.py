@@ -27,7 +27,7 @@ The JSON Schema subset that is enforced (anything else is refused before generat
   quote or backslash, which the grammar would write unescaped), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
   ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
-  to ``#/$defs/...`` or ``#/definitions/...``;
+  to ``#/$defs/...`` or ``#/definitions/...`` (a definition no ``$ref`` reaches is not checked);
 * annotations are allowed and ignored: ``$schema``, ``$id``, ``$anchor``, ``$comment``, ``title``,
   ``description``, ``default``, ``examples``, ``readOnly``, ``writeOnly``, ``deprecated``,
   ``contentMediaType``, ``contentEncoding``, ``contentSchema``, and vendor extensions (``x-order``...).
@@ -50,6 +50,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import torch
 import xgrammar
@@ -172,6 +173,7 @@ def _check_supported(schema) -> xgrammar.Grammar:
         check_schema(schema)
     except ValueError as error:
         raise SchemaNotSupportedError(str(error)) from None
+    schema = _without_unused_definitions(schema)
     _check_size(schema)
     problems, contradictions = [], []
     if schema.get("type") != "object":
@@ -194,6 +196,28 @@ def _check_supported(schema) -> xgrammar.Grammar:
     if messages:
         raise SchemaNotSupportedError(" ".join(messages))
     return json_grammar(schema)  # anything else xgrammar cannot build, found before a model is loaded
+
+
+def _without_unused_definitions(schema: dict) -> dict:
+    """``schema`` keeping only the ``$defs`` (or ``definitions``) that some ``$ref`` reaches from its root:
+    the others change no answer, so what they hold is neither checked nor compiled (a library of
+    definitions shared between schemas may hold some that constrained decoding does not support)."""
+    libraries = {key: schema[key] for key in ("$defs", "definitions") if isinstance(schema.get(key), dict)}
+    used = {key: {} for key in libraries}
+    todo = [{key: value for key, value in schema.items() if key not in libraries}]
+    while todo:
+        for _where, node in _walk(todo.pop(), ""):
+            reference = node.get("$ref") if isinstance(node, dict) else None
+            found = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", reference) if isinstance(reference, str) else None
+            if found is None:
+                continue
+            key, name = found[1], unquote(found[2]).replace("~1", "/").replace("~0", "~")  # a JSON pointer's escapes
+            if name not in libraries.get(key, {}):
+                return schema  # not found here (check_schema resolved it): keep every definition, check them all
+            if name not in used[key]:
+                used[key][name] = libraries[key][name]
+                todo.append(used[key][name])
+    return {key: used.get(key, value) for key, value in schema.items()}
 
 
 def _check_size(schema: dict) -> None:
