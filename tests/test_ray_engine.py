@@ -15,6 +15,7 @@ from PIL import Image
 
 from cli_runner import run
 from phi_helpers.cli import ray_engine
+from phi_helpers.cli.inputs import collect_all
 from phi_helpers.errors import RayNotInstalledError
 
 FAST = ["--num-crops", "1", "--max-new-tokens", "4"]
@@ -81,9 +82,13 @@ def test_ray_records_equal_the_single_process_run(capsys, monkeypatch, tmp_path,
         assert without_run_fields(on_ray[key]) == without_run_fields(record), key
     assert "error" in on_ray[(str(scans / "broken.png"), None)]
 
-    # Run again: every item that worked is skipped, only the broken one is tried again.
+    # Run again: every item that worked is skipped, only the broken one is tried again. The inputs are
+    # listed once (before: twice, so a warning about a folder that cannot be listed was printed twice).
+    listings = []
+    monkeypatch.setattr(ray_engine, "collect_all", lambda specs: listings.append(specs) or collect_all(specs))
     code, _, err = run(capsys, *common, "--output", tmp_path / "ray.jsonl", "--engine", "ray", "--replicas", "2")
     assert code == 1 and "9 of 10 items are already done" in err
+    assert len(listings) == 1
     assert len((tmp_path / "ray.jsonl").read_text().splitlines()) == 11
 
 

@@ -123,7 +123,7 @@ def dashboard_url(context) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def item_dataset(specs: list[str] | str, skip: set | None = None):
+def item_dataset(specs: list[str] | str, skip: set | None = None, local: list[Item] | None = None):
     """A Ray Dataset of the items that ``specs`` name: one row ``{"source", "page", "path", "modified"}`` per
     image or page of a PDF or multi-page TIFF (``path`` and ``modified``: see ``Item``; None for a remote file).
 
@@ -131,11 +131,13 @@ def item_dataset(specs: list[str] | str, skip: set | None = None):
     (in the same order). A URI of another filesystem (``s3://bucket/scans/``, ``gs://...``,
     ``file:///...``) names a file or a folder (its files, not its sub-folders, sorted); its PDFs and
     TIFFs are split into pages by Ray tasks. ``skip``: keys ``(source, page)`` to leave out (finished items).
+    ``local``: the local items when they are already collected (their folders are not listed again).
     """
     ray = require_ray()
     specs = [specs] if isinstance(specs, str) else list(specs)
     skip = skip or set()
-    local = collect_all([spec for spec in specs if not is_remote(spec)])
+    if local is None:
+        local = collect_all([spec for spec in specs if not is_remote(spec)])
     rows = [{"source": item.source, "page": item.page, "path": item.path, "modified": item.modified}
             for item in local if item.key not in skip]
     blocks = min(-(-len(rows) // ITEMS_PER_BLOCK), MAX_BLOCKS)
@@ -482,7 +484,7 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
         if url:
             print(f"Ray dashboard: {url}", file=sys.stderr)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts records, on stderr
-        items = item_dataset(args.image, skip=finished)
+        items = item_dataset(args.image, skip=finished, local=local)
         total = None if any(is_remote(spec) for spec in args.image) else items.count()
         if total == 0:
             print("Nothing left to do.", file=sys.stderr)
