@@ -1,6 +1,8 @@
 """Image processor against the worked examples and formulas of the specification (§4)."""
 
 import multiprocessing
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -286,6 +288,31 @@ def test_other_modes_give_pils_bytes_too(mode, monkeypatch):
     got = bilinear_resize.resize_bilinear(image, (700, 333), threads=2)
     assert got.mode == mode
     assert np.array_equal(np.asarray(got), np.asarray(image.resize((700, 333), Image.Resampling.BILINEAR)))
+
+
+def test_a_pool_is_not_replaced_between_handing_it_out_and_queueing_on_it(monkeypatch):
+    """Two threads resizing at once, the second needing more threads: the second replaces the pool and
+    shuts the old one down. Before, that could happen after the first thread got the old pool and before
+    it queued its strips: "cannot schedule new futures after shutdown" (a threaded server, at random)."""
+    monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)
+    monkeypatch.setattr(bilinear_resize, "_POOL", None)
+    monkeypatch.setattr(bilinear_resize, "_POOL_SIZE", 0)
+    image, bigger = noise(600, 400, seed=1), noise(900, 700, seed=2)
+    others = []
+
+    class Pool(ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):  # the first strip: another thread needs a larger pool right now
+            if not others:
+                others.append(threading.Thread(target=bilinear_resize.resize_bilinear, args=(bigger, (300, 200)),
+                                               kwargs={"threads": 3}))
+                others[0].start()
+                others[0].join(timeout=0.5)  # it waits for the lock (before: it shut this pool down)
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(bilinear_resize, "ThreadPoolExecutor", Pool)
+    got = bilinear_resize.resize_bilinear(image, (500, 400), threads=2)
+    others[0].join()
+    assert np.array_equal(np.asarray(got), np.asarray(image.resize((500, 400), Image.Resampling.BILINEAR)))
 
 
 def _resize_in_child(queue):

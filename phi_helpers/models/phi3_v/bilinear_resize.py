@@ -128,7 +128,7 @@ def _by_bands(image: Image.Image, size: tuple[int, int], bands, threads: int, wr
         else:
             out.paste(part, (0, top))
 
-    list(_pool(threads).map(band, *zip(*bands)))  # list(): a band's error is raised here
+    _on_threads(threads, band, *zip(*bands))
     return out
 
 
@@ -162,7 +162,7 @@ def _one_pass(image: Image.Image, size: tuple[int, int], threads: int, write=Non
     if threads == 1:
         strip(0, across)
     else:
-        list(_pool(threads).map(strip, cuts[:-1], cuts[1:]))  # list(): a strip's error is raised here
+        _on_threads(threads, strip, cuts[:-1], cuts[1:])
     return out
 
 
@@ -171,17 +171,27 @@ _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The process's resize threads, kept from call to call: threads started afresh for every image
-    made the 4032x3024 case 15% slower (their first allocations fault in fresh memory pages). Grows
-    when more threads are asked for; a forked child process starts without it."""
-    global _POOL, _POOL_SIZE
+def _on_threads(threads: int, work, *arguments) -> None:
+    """``work`` called with each tuple of ``arguments`` on the process's resize threads; the first error
+    is raised here. The calls are queued while the pool cannot be replaced: another thread that needs a
+    larger pool meanwhile shuts this one down, and a shut-down pool still runs what was queued but
+    takes nothing more."""
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < threads:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)  # its idle threads end; work already queued still runs
-            _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="phi_helpers-resize"), threads
-        return _POOL
+        calls = [_pool(threads).submit(work, *one) for one in zip(*arguments)]
+    for call in calls:
+        call.result()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The process's resize threads (call with ``_POOL_LOCK`` held), kept from call to call: threads
+    started afresh for every image made the 4032x3024 case 15% slower (their first allocations fault in
+    fresh memory pages). Grows when more threads are asked for; a forked child process starts without it."""
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE < threads:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)  # its idle threads end; work already queued still runs
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="phi_helpers-resize"), threads
+    return _POOL
 
 
 def _forget_pool_in_child() -> None:
