@@ -5,8 +5,12 @@ Each subclass also derives from the built-in exception a caller would expect (``
 wrong *and* what to do about it. This is the lowest layer of the package: it imports nothing from it.
 
 ``check_whole_number`` is the one check for counts (``num_crops``, ``max_new_tokens``, ``num_images``...)
-so that every layer refuses ``0``, ``1.5``, ``"2"`` or ``True`` with the same words.
+so that every layer refuses ``0``, ``1.5``, ``"2"`` or ``True`` with the same words (and takes numpy's
+and torch's integers, which computed counts often are).
 """
+
+import numbers
+import operator
 
 
 class PhiHelpersError(Exception):
@@ -99,7 +103,7 @@ class RayNotInstalledError(MissingDependencyError):
     """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "phi_helpers[ray]"``."""
 
 
-class SchemaNotSupportedError(PhiHelpersError, ValueError):
+class SchemaNotSupportedError(SchemaError):
     """A JSON Schema uses a feature that constrained decoding cannot enforce (refused before generating)."""
 
 
@@ -120,11 +124,20 @@ class QuantizationBackendMissingError(QuantizationUnavailableError, ImportError)
 
 
 def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> int:
-    """Return ``value`` if it is an ``int`` (not a bool) >= ``minimum``; else raise InvalidArgumentError.
+    """Return ``value`` as an ``int`` if it is a whole number (not a bool) >= ``minimum``: a Python,
+    numpy or torch integer; else raise InvalidArgumentError.
 
     >>> check_whole_number(4, "num_crops", minimum=1)
     4
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) and not _is_integer_tensor(value):
         raise InvalidArgumentError(f"{name} must be a whole number of at least {minimum}{hint}, got {value!r}.")
-    return value
+    if operator.index(value) < minimum:
+        raise InvalidArgumentError(f"{name} must be a whole number of at least {minimum}{hint}, got {value!r}.")
+    return operator.index(value)
+
+
+def _is_integer_tensor(value) -> bool:
+    """A one-number integer tensor (``torch.tensor(8)``), which ``operator.index`` reads as that number."""
+    return (type(value).__name__ == "Tensor" and value.ndim == 0 and str(value.dtype) != "torch.bool"
+            and not value.is_floating_point() and not value.is_complex())

@@ -135,3 +135,18 @@ def test_batches_of_the_wrong_shape_are_refused_with_what_to_pass(cli_model_and_
     ]:
         with pytest.raises(PromptError, match=message):
             generate_batch(model, processor, prompts, images, max_new_tokens=2)
+
+
+def test_questions_and_images_are_taken_as_ask_takes_them(cli_model_and_processor, tmp_path):
+    """A plain question gets the chat template, and an image may be a path or have transparency, as in
+    ``ask``. Before: the question went to the model without the template (no error, worse answers), a path
+    was refused, and a transparent PNG was read another way than ``ask`` reads it."""
+    model, processor = cli_model_and_processor
+    clear = Image.new("RGBA", (120, 90), (255, 0, 0, 0))  # transparent red: white in ask, red in the processor
+    clear.save(tmp_path / "clear.png")
+    questions, pictures = ["What is this?", "Hi", "And this?"], [[clear], [], [str(tmp_path / "clear.png")]]
+    batch = generate_batch(model, processor, questions, pictures, max_new_tokens=6)
+    alone = [generation.ask(model, processor, q, images=p, max_new_tokens=6) for q, p in zip(questions, pictures)]
+    assert [result.text for result in batch] == alone
+    templated = generate_batch(model, processor, [generation.build_prompt("Hi", num_images=0)], [[]], max_new_tokens=6)
+    assert templated[0].text == alone[1]

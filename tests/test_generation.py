@@ -1,13 +1,16 @@
 """ask / stream_chunks on the tiny random model: prompts, stop tokens, streaming, Chat, errors."""
 
+import json
+import re
 import threading
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt, extract
-from phi_helpers.errors import InvalidArgumentError, SchemaError
+from phi_helpers.errors import InvalidArgumentError, JSONTruncatedError, SchemaError
 from phi_helpers.api import generation
 from phi_helpers.api.generation import stream_chunks
 
@@ -128,9 +131,74 @@ def test_settings_ask_cannot_honour_are_refused_before_generating(monkeypatch, m
 def test_extract_without_a_schema_is_refused_before_generating(monkeypatch, model_and_processor):
     model, processor = model_and_processor
     calls = record_generate(monkeypatch, model, reply_ids=[32007])
-    with pytest.raises(SchemaError, match="needs a JSON Schema"):
+    with pytest.raises(SchemaError, match="must be a dict, got NoneType: for a free answer, use ask"):
         extract(model, processor, "Extract", None)
     assert calls == []
+
+
+@pytest.mark.parametrize("schema,advice", [
+    ('{"type": "object"}', "json.loads(text)"),
+    ("schemas/receipt.schema.json", "load_schema(path)"),
+])
+def test_a_schema_that_is_not_a_dict_says_how_to_get_one(monkeypatch, model_and_processor, schema, advice):
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    for call in (lambda: extract(model, processor, "Extract", schema), lambda: ask(model, processor, "Extract", schema=schema)):
+        with pytest.raises(SchemaError, match=re.escape(advice)):  # the same error from both (before: two kinds)
+            call()
+    assert calls == []
+
+
+def test_an_invalid_or_unsupported_schema_is_a_schema_error(model_and_processor):
+    """SchemaNotSupportedError is a SchemaError: ``except SchemaError`` catches every unusable schema."""
+    model, processor = model_and_processor
+    for schema in ({"type": "object", "properties": {"a": {"type": "foo"}}}, {"type": "object", "not": {}}):
+        with pytest.raises(SchemaError):
+            extract(model, processor, "Extract", schema)
+
+
+def test_a_cut_off_extraction_leaves_the_question_last_in_the_chat(model_and_processor):
+    """Before: the cut-off JSON was added as the answer, and the retry failed with "not the model's turn"."""
+    model, processor = model_and_processor
+    schema = {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}
+    chat = Chat().add_user("What is n?")
+    with pytest.raises(JSONTruncatedError) as caught:
+        extract(model, processor, chat, schema, max_new_tokens=2)
+    assert caught.value.text and [m["role"] for m in chat.messages] == ["user"]
+    data = extract(model, processor, chat, schema, max_new_tokens=60)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    assert json.loads(chat.messages[-1]["content"]) == data
+
+
+@pytest.mark.parametrize("swap,message", [
+    (lambda model, processor: (model, processor.tokenizer), "The processor argument is a tokenizer"),
+    (lambda model, processor: (processor, model), "not a model (the two are swapped: model first)"),
+    (lambda model, processor: (model, None), "The processor argument is None"),
+    (lambda model, processor: (model, processor.image_processor), "is a Phi3VImageProcessor, not the model's processor"),
+    (lambda model, processor: ("tiny", processor), "The model argument is a str, not a model"),
+])
+def test_a_wrong_model_or_processor_is_named_before_anything_runs(model_and_processor, image, swap, message):
+    """Before: bare AttributeErrors from inside transformers or torch."""
+    model, processor = swap(*model_and_processor)
+    for call in (lambda: ask(model, processor, "Hi", images=[image]),
+                 lambda: generation.generate_batch(model, processor, ["Hi"], [[image]])):
+        with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+            call()
+
+
+def test_counts_from_numpy_and_torch_are_whole_numbers(model_and_processor):
+    model, processor = model_and_processor
+    assert ask(model, processor, "Hi", max_new_tokens=np.int64(2)) == ask(model, processor, "Hi", max_new_tokens=torch.tensor(2))
+    with pytest.raises(InvalidArgumentError, match="got tensor\\(True\\)"):
+        ask(model, processor, "Hi", max_new_tokens=torch.tensor(True))
+
+
+def test_stream_is_a_bool_and_brings_its_own_streamer(model_and_processor):
+    model, processor = model_and_processor
+    with pytest.raises(InvalidArgumentError, match="stream must be True or False"):
+        ask(model, processor, "Hi", stream="no")
+    with pytest.raises(InvalidArgumentError, match="either stream=True or streamer="):  # before: streamer ignored
+        ask(model, processor, "Hi", stream=True, streamer=object())
 
 
 def test_templated_prompt_is_used_as_is(monkeypatch, model_and_processor, image):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from ..errors import InvalidArgumentError, PromptError, SchemaError, check_whole_number
+from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
 from .constrained import SchemaConstraint, compile_schema, read_answer
@@ -68,6 +68,7 @@ def ask(
         SpecialTokenError: the question or a chat turn contains ``<|end|>``, ``<|user|>``... (see prompts).
         SchemaNotSupportedError: ``schema`` uses a feature the constraint cannot enforce (before generating).
     """
+    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, stream, generate_kwargs)
     if stream:
         return _print_stream(
             stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs)
@@ -100,14 +101,18 @@ def extract(
     Raises:
         SchemaNotSupportedError: the schema uses a feature that is not enforced (nothing is generated);
             the supported subset is listed in ``help(phi_helpers.api.constrained)``.
-        JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it.
+        JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it. With a
+            ``Chat``, the cut-off answer is not added to it: call ``extract`` again with more tokens.
     """
-    if not isinstance(schema, dict):
-        raise SchemaError(
-            f"extract() needs a JSON Schema (a dict) to follow, got {type(schema).__name__}; for a free answer use ask()."
-        )
+    _check_schema_type(schema)
+    asked = len(prompt_or_chat) if isinstance(prompt_or_chat, Chat) else None
     answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
-    return read_answer(answer, schema)
+    try:
+        return read_answer(answer, schema)
+    except JSONTruncatedError:
+        if asked is not None:  # the question stays the last turn: extract(..., chat) again with more tokens
+            prompt_or_chat._withdraw(asked)
+        raise
 
 
 def stream_chunks(
@@ -120,6 +125,7 @@ def stream_chunks(
     stop iterating early (``break``, ``.close()``, or a KeyboardInterrupt), generation is stopped. With a
     ``Chat``, the text generated so far is appended as the answer, unless generation failed.
     """
+    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, True, generate_kwargs)
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
@@ -205,6 +211,61 @@ class _StopFlag(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _check_call(model, processor, max_new_tokens, schema, stream, generate_kwargs: dict) -> int:
+    """Refuse what would otherwise fail deep inside transformers (or be ignored); ``max_new_tokens`` as an int."""
+    check_model_and_processor(model, processor)
+    if schema is not None:
+        _check_schema_type(schema)
+    if not isinstance(stream, bool):
+        raise InvalidArgumentError(f"stream must be True or False, got {stream!r}.")
+    if stream and generate_kwargs.get("streamer") is not None:
+        raise InvalidArgumentError(
+            "stream=True brings its own streamer: pass either stream=True or streamer=..., not both "
+            "(stream_chunks(...) gives the pieces of text to show them your way)."
+        )
+    return check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
+
+
+def check_model_and_processor(model, processor) -> None:
+    """``InvalidArgumentError`` unless ``model`` is a Phi-3-vision model and ``processor`` its processor
+    (what ``load_model`` returns, in that order): a tokenizer, an image processor or a swapped pair would
+    otherwise fail with an AttributeError from inside transformers."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "generate") or config is None:
+        swapped = " (the two are swapped: model first)" if hasattr(processor, "generate") else ""
+        raise InvalidArgumentError(
+            f"The model argument is a {type(model).__name__}, not a model{swapped}: pass what load_model() returns, "
+            "model, processor = load_model(...), as ask(model, processor, ...)."
+        )
+    if getattr(config, "model_type", None) != "phi3_v":
+        raise InvalidArgumentError(
+            f"These helpers run Phi-3-vision and Phi-3.5-vision (model_type 'phi3_v'); this model is "
+            f"{getattr(config, 'model_type', None)!r}. Load one with phi_helpers.load_model()."
+        )
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+        kind = "a tokenizer" if hasattr(processor, "convert_tokens_to_ids") else f"a {type(processor).__name__}"
+        kind = "None" if processor is None else kind
+        raise InvalidArgumentError(
+            f"The processor argument is {kind}, not the model's processor (which holds the tokenizer and the image "
+            "processor): pass what load_model() returns, or AutoProcessor.from_pretrained(<the same checkpoint>)."
+        )
+
+
+def _check_schema_type(schema) -> None:
+    """``SchemaError`` for a schema that is not a dict, saying how to get one from what was passed."""
+    if isinstance(schema, dict):
+        return
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        how = f"a pydantic model gives its schema with {schema.__name__}.model_json_schema()"
+    elif isinstance(schema, str) and schema.lstrip().startswith("{"):
+        how = "JSON text becomes a dict with json.loads(text)"
+    elif isinstance(schema, (str, bytes)) or hasattr(schema, "__fspath__"):
+        how = "read a schema file with phi_helpers.api.structured.load_schema(path)"
+    else:
+        how = "for a free answer, use ask() without a schema"
+    raise SchemaError(f"A JSON Schema must be a dict, got {type(schema).__name__}: {how}.")
 
 
 def _prepare(processor, prompt_or_chat, images) -> tuple[str, list, Chat | None]:
@@ -370,8 +431,8 @@ def generate_batch(
 
     With a ``schema``, every answer is constrained to JSON that follows it (one schema for the batch).
 
-    ``prompts`` are chat-format prompts with ``<|image_N|>`` tags and ``images[i]`` is the list of
-    images of ``prompts[i]``. The processor left-pads the prompts to the same length (generation
+    ``prompts`` are questions or chat-format prompts, as in ``ask``, and ``images[i]`` is the list of
+    images of ``prompts[i]`` (anything ``load_image`` accepts). The processor left-pads the prompts to the same length (generation
     appends on the right, so every row's last prompt token must be in the last column).
 
     The prompts are encoded one at a time into one KV cache (`_prefill_in_groups`). Decoding then
@@ -387,7 +448,8 @@ def generate_batch(
     past 4096 the model rotates every row with the long RoPE factors, as the original does, so a short
     prompt batched with a long one can get another answer than on its own.
     """
-    _check_batch(prompts, images)
+    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, False, {})
+    prompts, images = _batch(processor, prompts, images)
     settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
     stop_ids = set(settings["eos_token_id"])
@@ -435,8 +497,10 @@ def generate_batch(
     return results
 
 
-def _check_batch(prompts, images) -> None:
-    """``prompts`` a non-empty list of strings, ``images`` one list (of a prompt's images) per prompt."""
+def _batch(processor, prompts, images) -> tuple[list[str], list[list]]:
+    """The prompts in chat format and their images loaded, as ``ask`` prepares one prompt: a plain
+    question gets the chat template and its image tags, an image is anything ``load_image`` accepts.
+    ``prompts`` must be a non-empty list of strings, ``images`` one list (of a prompt's images) per prompt."""
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise PromptError("generate_batch needs a non-empty list of prompts (strings); for one prompt use ask().")
     if not isinstance(images, (list, tuple)) or len(images) != len(prompts) or not all(isinstance(g, (list, tuple)) for g in images):
@@ -444,6 +508,10 @@ def _check_batch(prompts, images) -> None:
             f"generate_batch needs one list of images per prompt ({len(prompts)} lists, [] for a prompt without "
             "images), e.g. images=[[receipt], [], [page1, page2]]."
         )
+    images = [[load_image(image) for image in group] for group in images]
+    prompts = [prompt if is_chat_format(prompt) else build_prompt(prompt, num_images=len(group), processor=processor)
+               for prompt, group in zip(prompts, images)]
+    return prompts, images
 
 
 def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: PreallocatedCache) -> None:

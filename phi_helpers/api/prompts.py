@@ -51,7 +51,7 @@ def build_prompt(question: str, num_images: int = 1, system: str | None = None, 
     '<|user|>\\n<|image_1|>\\nWhat is this?<|end|>\\n<|assistant|>\\n'
     """
     check_user_text(question, "question", processor)
-    check_whole_number(num_images, "num_images")
+    num_images = check_whole_number(num_images, "num_images")
     messages = []
     if system:
         check_user_text(system, "system message", processor)
@@ -191,6 +191,11 @@ class Chat:
         self._turns.insert(len(self._turns) if position is None else position, turn)
         return self
 
+    def _withdraw(self, position: int) -> None:
+        """Remove the model's answer at ``position`` (``extract`` withdraws one that was cut off)."""
+        if position < len(self._turns) and self._turns[position].get("generated"):
+            del self._turns[position]
+
     @property
     def messages(self) -> list[dict]:
         """The conversation as ``[{"role": ..., "content": ...}]``, image tags numbered in order.
@@ -240,7 +245,7 @@ class Chat:
         The text of every turn stays; a removed image's tag simply disappears and the remaining
         images are renumbered from ``<|image_1|>``. Use this to make a long chat fit the context.
         """
-        check_whole_number(keep_last, "keep_last")
+        keep_last = check_whole_number(keep_last, "keep_last")
         to_drop = max(len(self.images) - keep_last, 0)
         remaining = to_drop
         for turn in self._turns:  # oldest first
