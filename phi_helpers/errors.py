@@ -100,7 +100,7 @@ class MRZError(PhiHelpersError, ValueError):
 
 
 class RayNotInstalledError(MissingDependencyError):
-    """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "phi_helpers[ray]"``."""
+    """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "ray[data]>=2.60,<3"``."""
 
 
 class SchemaNotSupportedError(SchemaError):

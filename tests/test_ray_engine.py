@@ -6,6 +6,7 @@ the run (``seconds_to_first_token``, ``total_seconds``, ``batch_size``: Ray cuts
 """
 
 import json
+import re
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from cli_runner import run
 from phi_helpers.cli import ray_engine
 from phi_helpers.cli.inputs import collect_all
-from phi_helpers.errors import RayNotInstalledError
+from phi_helpers.errors import InvalidArgumentError, RayNotInstalledError
 
 FAST = ["--num-crops", "1", "--max-new-tokens", "4"]
 RUN_FIELDS = ("seconds_to_first_token", "total_seconds", "batch_size")  # how long and in which batch: may differ
@@ -26,7 +27,7 @@ SCHEMA = {"type": "object", "required": ["total"], "properties": {"total": {"typ
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for this module: 2 CPUs (as on CI's machines), held by the 2 replicas; no dashboard."""
-    ray = pytest.importorskip("ray", reason='the Ray engine tests need pip install "phi_helpers[ray]"')
+    ray = pytest.importorskip("ray", reason='the Ray engine tests need pip install "ray[data]>=2.60,<3"')
     ray_engine.start_ray(num_cpus=2, dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # The fault-injecting loader below lives in this test module, which Ray's workers cannot import.
@@ -172,10 +173,10 @@ def test_a_local_ray_sends_no_usage_statistics(monkeypatch):
 
 def test_without_ray_the_engine_says_what_to_install(capsys, monkeypatch, tmp_path, scans):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as when it is not installed
-    with pytest.raises(RayNotInstalledError, match=r'pip install "phi_helpers\[ray\]"'):
+    with pytest.raises(RayNotInstalledError, match=re.escape('pip install "ray[data]>=2.60,<3"')):
         ray_engine.require_ray()
     code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "o.jsonl", "--engine", "ray")
-    assert code == 1 and 'pip install "phi_helpers[ray]"' in err
+    assert code == 1 and 'pip install "ray[data]>=2.60,<3"' in err
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -190,3 +191,17 @@ def test_a_missing_input_fails_before_ray_starts(capsys, tmp_path):
                        "--output", tmp_path / "o.jsonl", "--engine", "ray")
     assert code == 1 and "No file or folder" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_items_made_before_ray_stopped_are_refused_with_what_to_do(monkeypatch, local_ray, scans):
+    """Notebook 06 re-run after its "Stop Ray" cell: the old dataset's rows were gone with the old Ray, and
+    Ray failed with a KeyError of its own (ObjectRef ...) while the progress bar stayed at 0."""
+    import ray
+
+    items = ray_engine.item_dataset(str(scans / "scan_0.png"))
+    monkeypatch.setattr(ray_engine, "_ray_session", lambda ray: "a Ray started later")
+    with pytest.raises(InvalidArgumentError, match="made in a Ray that has stopped since: start it with start_ray"):
+        ray_engine.predict_dataset(items, "caption", "tiny")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(InvalidArgumentError, match="Ray is not running: start it with start_ray"):
+        ray_engine.predict_dataset(items, "caption", "tiny")

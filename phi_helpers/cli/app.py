@@ -118,7 +118,7 @@ def _add_predict_parser(commands) -> None:
     engine = parser.add_argument_group("engine")
     engine.add_argument("--engine", choices=("process", "ray"), default="process",
                         help='process: this Python process (default); ray: Ray Data, one model replica per worker '
-                        '(pip install "phi_helpers[ray]")')
+                        '(pip install "ray[data]>=2.60,<3")')
     engine.add_argument("--address", metavar="ADDR", help="with --engine ray: the Ray cluster to use (e.g. auto, "
                         "ray://head:10001); default: start a local Ray on this machine")
     engine.add_argument("--replicas", type=_positive_int, metavar="N", help="with --engine ray: model replicas working "

@@ -24,7 +24,7 @@ How the work is split:
 * ``write_records`` streams the records to a JSONL file (appended, with a progress bar; the same
   file the CLI writes) or writes Parquet with Ray's writer (a folder of part files).
 
-Ray is an optional extra: ``pip install "phi_helpers[ray]"``. This module imports without it; the
+Ray is an optional extra (``INSTALL_RAY``: ``pip install "ray[data]>=2.60,<3"``). This module imports without it; the
 functions raise ``RayNotInstalledError`` when it is missing.
 """
 
@@ -42,7 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from ..api.images import count_pages, load_image, load_page
 from ..api.loading import load_model, requested_model_id
-from ..errors import CommandLineError, ImageLoadError, RayNotInstalledError
+from ..errors import CommandLineError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
 from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, is_pdf, is_tiff, item_at
 from .outputs import (
     JsonlWriter, OutputLock, check_answers, check_output_path, finish_run, input_files, make_record, model_info,
@@ -69,6 +69,10 @@ PARQUET_COLUMNS = {
 }
 
 
+# What the extra "ray" of pyproject.toml installs (phi_helpers is installed from its repository, not PyPI).
+INSTALL_RAY = 'pip install "ray[data]>=2.60,<3"  (in the repository: pip install -e ".[ray]")'
+
+
 def require_ray():
     """Import and return ``ray`` (with Ray Data), or raise ``RayNotInstalledError`` saying what to install."""
     try:
@@ -76,7 +80,7 @@ def require_ray():
         importlib.import_module("ray.data")
     except ImportError as error:
         raise RayNotInstalledError(
-            f'The Ray engine needs Ray Data, which is not installed ({error}). Install it with: pip install "phi_helpers[ray]"'
+            f"The Ray engine needs Ray Data, which is not installed ({error}). Install it with: {INSTALL_RAY}"
         ) from None
     return ray
 
@@ -89,7 +93,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     machine's count), a small object store, quiet logs and no usage statistics sent to Ray's servers
     (``RAY_USAGE_STATS_ENABLED=0`` unless set already); stop it with ``ray.shutdown()``.
     ``dashboard``: ``None`` starts the dashboard when its packages are installed
-    (``pip install "ray[default]"``; ``phi_helpers[ray]`` installs only Ray Data), ``False`` never.
+    (``pip install "ray[default]"``; ``INSTALL_RAY`` installs only Ray Data), ``False`` never.
     """
     ray = require_ray()
     if ray.is_initialized():
@@ -148,8 +152,18 @@ def item_dataset(specs: list[str] | str, skip: set | None = None, local: list[It
         pages = files.flat_map(_RemotePages(frozenset(skip)), num_cpus=0)  # I/O: leave the CPUs to the replicas
         datasets.append(pages)
     if not datasets:
-        return ray.data.from_items([{"source": "", "page": 0, "path": "", "modified": 0}]).limit(0)
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        datasets = [ray.data.from_items([{"source": "", "page": 0, "path": "", "modified": 0}]).limit(0)]
+    dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    dataset._phi_helpers_ray = _ray_session(ray)  # its rows live in this Ray's object store (predict_dataset checks)
+    return dataset
+
+
+def _ray_session(ray) -> str | None:
+    """Which Ray this process is connected to (the driver's node id: new at every start), or None."""
+    try:
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001  (a client connection without it: no check)
+        return None
 
 
 def is_remote(spec: str) -> bool:
@@ -352,6 +366,13 @@ def predict_dataset(
         device, dtype, attn, num_crops, quantize: passed to ``load_model`` in each replica (for a model id).
     """
     ray = require_ray()
+    made_in = getattr(items, "_phi_helpers_ray", None)
+    if not ray.is_initialized() or made_in not in (None, _ray_session(ray)):
+        stopped = "Ray is not running" if not ray.is_initialized() else "The items were made in a Ray that has stopped since"
+        raise InvalidArgumentError(
+            f"{stopped}: start it with start_ray(), then make the items again with item_dataset(...) (a dataset's "
+            "rows live in the Ray it was made in, and ray.shutdown() removes them)."
+        )
     if gpus_per_replica is None:
         gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     if model is None:
