@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, TextIt
 
 import phi_helpers  # noqa: F401  (registers the Auto classes)
 from phi_helpers import FlashAttentionUnavailableError, PromptImageMismatchError
+from phi_helpers.errors import InvalidArgumentError
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
 from phi_helpers.testing import FIXTURES, make_tiny_checkpoint
@@ -300,6 +301,14 @@ def test_mismatched_image_positions_are_a_clear_error(model, processor):
 
 
 # --- generation ----------------------------------------------------------------------------------
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_like_the_original(model):
+    """The original embeds them and fails (IndexError); a clamp to the last row would answer something."""
+    vocab = model.config.vocab_size
+    with pytest.raises(InvalidArgumentError, match=f"token id {vocab}, beyond the model's vocabulary of {vocab} ids"):
+        model(input_ids=torch.tensor([[1, 5, vocab]]))
+    model(input_ids=torch.tensor([[1, 5, vocab - 1]]))
 
 
 def test_cached_generate_equals_greedy_recomputation(model, processor):

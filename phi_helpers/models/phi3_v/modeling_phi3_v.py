@@ -196,8 +196,14 @@ class Phi3VModel(Phi3Model):
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, first_step=True) -> torch.Tensor:
         """Token embeddings with image features scattered in, row-major over (batch, sequence)."""
         positions = self.image_positions(input_ids)
+        if bool((input_ids >= self.config.vocab_size).any()):  # the original fails on them too (an IndexError)
+            raise InvalidArgumentError(
+                f"input_ids hold token id {int(input_ids.max())}, beyond the model's vocabulary of "
+                f"{self.config.vocab_size} ids: they come from another tokenizer. Build the inputs with this "
+                "model's processor."
+            )
         # Out of place: the caller's input_ids (and generate's running sequence) stay untouched.
-        embeds = self.embed_tokens(input_ids.clamp(0, self.config.vocab_size - 1))
+        embeds = self.embed_tokens(input_ids.clamp(min=0))
         if not positions.any():  # text only (or a decoding step): the vision tower does not run
             return embeds
         if pixel_values is None or image_sizes is None:
