@@ -8,13 +8,14 @@
 The whole public API:
     load_model(model_id, device, dtype, attn, num_crops, quantize) -> (model, processor)
     load_image(src) -> PIL.Image                    path / http(s) or data: URL / bytes / PIL image
-    build_prompt(question, num_images, system)      chat-template prompt with <|image_N|> tags
+    build_prompt(question, num_images, system, processor)   chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
-    ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, **generate_kwargs) -> str
+    ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, **generate_kwargs) -> str
     extract(model, processor, prompt_or_chat, schema, images, ...) -> dict   JSON that always follows schema
     extract_json(text) -> dict | list               JSON object inside a model answer
     environment_report() -> dict                    versions, devices, flash-attn, memory needs
-    PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do
+    PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do; the common
+        ones (PromptError, ImageLoadError, SchemaError, InvalidArgumentError...) import from phi_helpers
 
 Special tokens (<|end|>, <|user|>, <|image_1|>...) typed into a question or chat turn are refused with
 SpecialTokenError; a prompt you write in the chat format yourself (starting with <|user|>) is used as is.
@@ -27,9 +28,9 @@ AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, AutoImageProce
 More: docs/native-implementation.md.
 
 Layers, each importing only from those below it: errors < models (phi3_v) < testing < api < tutorial < cli.
-More in the modules: phi_helpers.api.generation (stream_chunks, generate_batch), .api.structured,
-.api.metrics, .api.quantization, .cli.ray_engine (predict_dataset), .tutorial.widgets (chat_box),
-.tutorial.profiling, .tutorial.mrz; `phi-helpers --help`.
+More in the modules: phi_helpers.api.generation (stream_chunks; generate_batch: many prompts in one
+batch), .api.structured, .api.metrics, .api.quantization, .cli.ray_engine (predict_dataset),
+.tutorial.widgets (chat_box), .tutorial.profiling, .tutorial.mrz; `phi-helpers --help`.
 """
 
 import logging
@@ -41,7 +42,7 @@ import logging
 for _logger in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
 
-from .models import phi3_v as _phi3_v  # noqa: E402,F401  (registers the Auto classes on import)
+from .models import phi3_v  # noqa: E402  (registers the Auto classes on import)
 from .errors import (
     ContextLengthError,
     DeviceUnavailableError,
@@ -49,11 +50,14 @@ from .errors import (
     ImageAspectRatioError,
     ImageDownloadTimeout,
     ImageLoadError,
+    InvalidArgumentError,
     JSONExtractionError,
     JSONTruncatedError,
     ModelLoadError,
     PhiHelpersError,
+    PromptError,
     PromptImageMismatchError,
+    SchemaError,
     SchemaNotSupportedError,
     SpecialTokenError,
 )
@@ -63,6 +67,8 @@ from .api.loading import load_model
 from .api.parsing import extract_json
 from .api.prompts import Chat, build_prompt
 from .api.report import environment_report
+
+del phi3_v  # phi_helpers.models.phi3_v stays importable; help(phi_helpers) lists the package, not an alias
 
 # No __all__ on purpose: with one, help(phi_helpers) would print the full documentation of every
 # name in it (several screens). The module docstring above lists the public API; help(ask) etc. tell more.

@@ -107,3 +107,17 @@ def test_predict_goes_down_to_the_model():
     assert "phi_helpers.models.phi3_v.processing_phi3_v" in GRAPH["phi_helpers.api.generation"]
     for module in ("phi_helpers.api.generation", "phi_helpers.api.prompts", "phi_helpers.models.phi3_v.modeling_phi3_v"):
         assert not any(target.startswith(("phi_helpers.cli", "phi_helpers.tutorial")) for target in GRAPH[module])
+
+
+def test_the_public_api_fits_one_screen_and_every_name_it_lists_exists():
+    import pydoc
+    import re
+
+    import phi_helpers
+
+    screen = pydoc.render_doc(phi_helpers, renderer=pydoc.plaintext)
+    assert len(screen.splitlines()) <= 60 and "SUBMODULES" not in screen  # no alias module under the package
+    listed = re.findall(r"^    (\w+)(?=[( ])", phi_helpers.__doc__.split("The whole public API:")[1], re.MULTILINE)
+    assert {"load_model", "ask", "extract", "Chat", "PhiHelpersError"} <= set(listed)
+    for name in [*listed, "PromptError", "SchemaError", "InvalidArgumentError", "ImageLoadError"]:
+        assert hasattr(phi_helpers, name), name
