@@ -1,7 +1,9 @@
 """Image processor against the worked examples and formulas of the specification (§4)."""
 
 import multiprocessing
+import re
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -151,6 +153,43 @@ def test_unusable_inputs_are_clear_errors():
         Phi3VImageProcessor()([])
 
 
+# (shape, dtype, the advice): Image.fromarray raised a bare TypeError for the first two and read the third,
+# which may be channels-first, as a 3-pixel-high RGBA image.
+BAD_ARRAYS = [
+    ((3, 300, 400), np.uint8, "looks channels-first (3 channels first): use array.transpose(1, 2, 0)."),
+    ((300, 400, 1), np.uint8, "one channel on the last axis: use array[..., 0] (greyscale)."),
+    ((3, 100, 4), np.uint8, "may be channels-first (3 channels) or 3 pixels high. Channels-first: use array.transpose"),
+    ((1, 300, 400), np.uint8, "looks channels-first (1 channel first): use array[0] (greyscale)."),
+    ((2, 30, 40, 3), np.uint8, "a batch of images: pass them as a list, list(array)."),
+    ((300, 400, 2), np.uint8, "holds 2 values per pixel, not 3 (RGB) or 4 (RGBA)."),
+    ((300, 400, 3), np.float32, "uint8 first: (array * 255).round().astype(numpy.uint8) for values in 0..1"),
+    ((300, 400), np.uint16, "(array // 257).astype(numpy.uint8) for 16-bit values"),
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "advice"), BAD_ARRAYS, ids=[f"{s}-{np.dtype(d)}" for s, d, _ in BAD_ARRAYS])
+def test_arrays_in_another_layout_are_refused_with_the_conversion_to_use(shape, dtype, advice):
+    with pytest.raises(ImageLoadError, match=re.escape(advice)) as caught:
+        Phi3VImageProcessor(num_crops=4)(np.zeros(shape, dtype))
+    message = str(caught.value)
+    assert message.startswith(f"Cannot use a numpy array of shape {shape} and dtype {np.dtype(dtype)} as an image: ")
+    assert message.endswith("Images are accepted as a uint8 numpy array of shape (height, width) or (height, width, "
+                            "3 or 4): greyscale, RGB or RGBA.")
+
+
+def test_greyscale_rgb_and_rgba_arrays_give_the_numbers_of_their_pil_images():
+    processor = Phi3VImageProcessor(num_crops=4)
+    rgb = np.asarray(noise(400, 300, seed=5))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])
+    for array in (rgb, rgb[..., 0], rgba, rgb[::-1]):  # the last one is a view with negative strides
+        assert torch.equal(processor(array)["pixel_values"], processor(Image.fromarray(array))["pixel_values"])
+
+
+def test_a_torch_tensor_is_refused_with_the_conversion_to_use():
+    with pytest.raises(ImageLoadError, match=r"got a torch Tensor of shape \(3, 30, 40\)\. .*to_pil_image\(tensor\)"):
+        Phi3VImageProcessor(num_crops=4)(torch.zeros(3, 30, 40, dtype=torch.uint8))
+
+
 def test_num_crops_must_leave_its_costliest_image_inside_the_context():
     # a column of n tiles: n·(144 + 12) + 144 + 12 + 1 tokens (spec §4.6); 131,072 is the checkpoints' context
     assert max_image_tokens(16) == (16 + 1) * 144 + 1 + (16 + 1) * 12 == 2653
@@ -288,6 +327,32 @@ def test_other_modes_give_pils_bytes_too(mode, monkeypatch):
     got = bilinear_resize.resize_bilinear(image, (700, 333), threads=2)
     assert got.mode == mode
     assert np.array_equal(np.asarray(got), np.asarray(image.resize((700, 333), Image.Resampling.BILINEAR)))
+
+
+def test_a_large_image_in_memory_is_resized_as_pil_resizes_it(monkeypatch):
+    """``Image.crop`` checks its box against MAX_IMAGE_PIXELS as if it were opening a file: the strips of a
+    large image already in memory (30000x30000, which PIL's own resize takes) raised DecompressionBombError
+    in a worker thread, and at 14000x14000 printed Pillow's warning. A small limit here makes a small
+    image count as large: every strip is beyond twice it."""
+    monkeypatch.setattr(bilinear_resize, "MIN_PIXELS_PER_THREAD", 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    image = noise(600, 400, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for size in [(500, 333), (590, 100), (1344, 1008)]:  # both pass orders, up and down: strips cropped
+            expected = np.asarray(image.resize(size, Image.Resampling.BILINEAR))
+            got = bilinear_resize.resize_bilinear(image, size, threads=3)
+            assert np.array_equal(np.asarray(got), expected)
+            written = np.zeros_like(expected)
+
+            def write(strip, x, y):
+                written[y : y + strip.shape[0], x : x + strip.shape[1]] = strip
+
+            bilinear_resize.resize_bilinear(image, size, threads=3, write=write)
+            assert np.array_equal(written, expected)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        grey = noise(900, 500, seed=6, mode="L")
+        assert torch.equal(Phi3VImageProcessor(num_crops=4)(grey)["pixel_values"], reference_pixel_values([grey], 4))
 
 
 def test_a_pool_is_not_replaced_between_handing_it_out_and_queueing_on_it(monkeypatch):

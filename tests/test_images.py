@@ -6,14 +6,16 @@ import os
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, features
 
 from phi_helpers import ImageDownloadTimeout, ImageLoadError, load_image
-from phi_helpers.api.images import check_pixel_count
+from phi_helpers.api.images import check_pixel_count, count_pages, load_page
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -147,16 +149,42 @@ def test_data_urls_are_read_and_an_empty_path_is_named(png_path):
         load_image("  ")
 
 
-def test_exif_orientation_is_applied(tmp_path):
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def phone_photo(tmp_path) -> Path:
+    """A 40x20 JPEG stored sideways, with Orientation 6: "rotate 90 degrees clockwise to display"."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"
+    exif[ORIENTATION] = 6
     path = tmp_path / "phone.jpg"
     two_colour_image().save(path, exif=exif, quality=100)
-    loaded = load_image(path)
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    loaded = load_image(phone_photo(tmp_path))
     assert loaded.size == (20, 40)  # width and height swapped
     top, bottom = loaded.getpixel((10, 3)), loaded.getpixel((10, 36))
     assert top[0] > 200 and top[2] < 50  # the stored left (red) half is now on top
     assert bottom[2] > 200 and bottom[0] < 50
+
+
+def test_a_pil_image_straight_from_image_open_is_turned_upright(tmp_path):
+    with Image.open(phone_photo(tmp_path)) as opened:
+        assert opened.format == "JPEG" and opened.size == (40, 20)
+        assert load_image(opened).size == (20, 40)
+        assert opened.size == (40, 20)  # the caller's image is left as it is
+
+
+def test_a_pil_image_the_user_turned_or_changed_is_used_as_given(tmp_path):
+    """Pillow copies the EXIF data, Orientation tag included, into a transposed, rotated or converted
+    image: a photo the user had already turned upright was turned a second time, back to sideways."""
+    with Image.open(phone_photo(tmp_path)) as opened:
+        turned = [opened.transpose(Image.Transpose.ROTATE_270), opened.rotate(-90, expand=True)]
+        for image in turned:
+            assert image.format is None and image.getexif().get(ORIENTATION) == 6  # the tag came along
+            assert load_image(image).size == (20, 40)
+        assert load_image(opened.convert("RGB")).size == (40, 20)  # changed by the user: as given
 
 
 # --- errors for local sources -----------------------------------------------------------------------
@@ -194,8 +222,75 @@ def test_corrupt_and_truncated_data_raise_image_load_error(tmp_path):
 
 
 def test_unsupported_type_says_what_is_accepted():
-    with pytest.raises(ImageLoadError, match="cannot read a int.*file path.*URL"):
+    with pytest.raises(ImageLoadError, match="cannot read a int.*file path.*URL.*uint8 numpy array"):
         load_image(42)
+
+
+def test_numpy_arrays_are_read_as_the_image_processor_reads_them():
+    """ask(..., images=array) goes through load_image: it refused the arrays that generate_batch (the
+    processor) takes."""
+    assert_two_colours(load_image(numpy.asarray(two_colour_image())))
+    grey = load_image(numpy.full((3, 5), 200, numpy.uint8))
+    assert grey.size == (5, 3) and grey.getpixel((0, 0)) == (200, 200, 200)
+    transparent = numpy.zeros((2, 2, 4), numpy.uint8)
+    assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)  # as for any image: onto white
+    sideways = numpy.asarray(two_colour_image()).transpose(2, 0, 1)  # channels first: (3, 20, 40)
+    with pytest.raises(ImageLoadError, match=r"shape \(3, 20, 40\) .*use array\.transpose\(1, 2, 0\)"):
+        load_image(sideways)
+
+
+def test_a_torch_tensor_is_refused_with_the_conversion_to_use():
+    with pytest.raises(ImageLoadError, match=r"cannot read a torch Tensor \(shape \(3, 10, 10\)\)") as caught:
+        load_image(torch.zeros(3, 10, 10, dtype=torch.uint8))
+    message = str(caught.value)
+    assert "torchvision.transforms.functional.to_pil_image(tensor)" in message
+    assert "Image.fromarray(tensor.permute(1, 2, 0).numpy())" in message
+
+
+def ftyp(major: bytes, *compatible: bytes) -> bytes:
+    """The ftyp box that starts an ISO base media file (HEIC, AVIF, MP4), then bytes that are no image."""
+    box = b"ftyp" + major + b"\0\0\0\0" + b"".join(compatible)
+    return (4 + len(box)).to_bytes(4, "big") + box + b"\0" * 64
+
+
+SVG_ADVICE = "SVG is not supported: convert it to PNG"
+HEIC_ADVICE = ("HEIC/HEIF is not supported by Pillow: convert it to JPEG or PNG, or install pillow-heif and register "
+               "it (pip install pillow-heif, then import pillow_heif; pillow_heif.register_heif_opener())")
+UNSUPPORTED = [
+    (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', SVG_ADVICE),
+    (b'\xef\xbb\xbf<?xml version="1.0"?>\n<!-- Inkscape -->\n<!DOCTYPE svg>\n<SVG width="1"/>', SVG_ADVICE),
+    (ftyp(b"heic", b"mif1", b"heic"), HEIC_ADVICE),
+    (ftyp(b"mif1", b"heic"), HEIC_ADVICE),
+    (ftyp(b"msf1", b"hevc"), HEIC_ADVICE),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "it is a PDF, a document, not an image"),
+]
+
+
+@pytest.mark.parametrize(("data", "advice"), UNSUPPORTED, ids=["svg", "svg-xml", "heic", "heif", "heif-sequence",
+                                                                 "pdf"])
+def test_formats_pillow_cannot_read_are_named_with_what_to_do(tmp_path, data, advice):
+    """They got the advice for corrupt data ("corrupt, truncated or not an image at all")."""
+    path = tmp_path / "picture"
+    path.write_bytes(data)
+    for source, name in ((path, f"'{path}'"), (data, f"the {len(data)} bytes you passed"),
+                         (io.BytesIO(data), "the file object you passed")):
+        message = str(pytest.raises(ImageLoadError, load_image, source).value)
+        assert message.startswith(f"Could not read {name}: it is ") and advice in message
+        assert "corrupt" not in message
+    assert advice in str(pytest.raises(ImageLoadError, count_pages, path).value)
+
+
+def test_a_damaged_avif_is_not_called_heic_and_a_real_one_loads(tmp_path):
+    """AVIF shares HEIF's container and its brand mif1; Pillow 13 reads it."""
+    for data in (ftyp(b"avif", b"mif1", b"miaf"), ftyp(b"mif1", b"avif")):
+        message = str(pytest.raises(ImageLoadError, load_image, data).value)
+        assert "HEIC" not in message and "corrupt" in message
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec")
+    path = tmp_path / "photo.avif"
+    Image.new("RGB", (16, 8), RED).save(path, quality=100)
+    loaded = load_image(path)
+    assert loaded.size == (16, 8) and loaded.getpixel((8, 4))[0] > 200
 
 
 def test_other_url_schemes_are_refused():
@@ -203,30 +298,50 @@ def test_other_url_schemes_are_refused():
         load_image("ftp://example.com/cat.png")
 
 
-@pytest.mark.parametrize("size", [(40, 40), (100, 100)], ids=["bomb-warning-range", "bomb-error-range"])
-def test_decompression_bombs_are_refused(monkeypatch, tmp_path, size):
-    path = tmp_path / "bomb.png"
-    Image.new("RGB", size).save(path)
-    # 1600 pixels is between the limit and twice the limit, where Pillow would only warn;
-    # 10000 pixels is beyond twice the limit, where Pillow raises DecompressionBombError.
+RAISE_THE_LIMIT = "In your own Python code, if you trust this file, you can raise PIL.Image.MAX_IMAGE_PIXELS first."
+
+
+def test_an_image_pillow_only_warns_about_is_loaded_without_the_warning(monkeypatch, tmp_path):
+    """Pillow opens images of up to twice MAX_IMAGE_PIXELS (it warns above once), and so does the original
+    pipeline (Image.open + processor); load_image refused them (a 108-megapixel phone photo). Here 1600
+    pixels lie between a limit of 1000 and twice it; so does the second page of the TIFF."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageLoadError, match="MAX_IMAGE_PIXELS"):
-        load_image(path)
+    path, scan = tmp_path / "big.png", tmp_path / "scan.tif"
+    Image.new("RGB", (40, 40)).save(path)
+    Image.new("L", (10, 10)).save(scan, save_all=True, append_images=[Image.new("L", (40, 40))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would fail the test
+        assert load_image(path).size == (40, 40)
+        assert load_image(path.read_bytes()).size == (40, 40)
+        assert load_page(scan, 2).size == (40, 40)
+
+
+def test_an_image_pillow_refuses_to_open_is_refused_as_very_large(monkeypatch, tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(path)  # 10,000 pixels: beyond twice the limit, where Pillow raises
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    message = str(pytest.raises(ImageLoadError, load_image, path).value)
+    assert message.startswith(f"Refusing to decode '{path}': it is a very large image (10,000 pixels, more than "
+                              "Pillow opens: 2 x PIL.Image.MAX_IMAGE_PIXELS = 2,000; ")
+    assert message.endswith(RAISE_THE_LIMIT)
 
 
 def test_the_pixel_limit_error_says_what_to_do_with_and_without_python(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    check_pixel_count(40, 25, "the page")  # 1000 pixels: allowed
+    check_pixel_count(40, 50, "the page")  # 2000 pixels, twice the limit: allowed, as Pillow opens it
     with pytest.raises(ImageLoadError) as caught:
-        check_pixel_count(40, 26, "the image")
+        check_pixel_count(40, 51, "the image")
     message = str(caught.value)
-    assert message.startswith("Refusing to decode the image: ") and "(40 x 26 = 1,040 pixels)" in message
+    assert message.startswith("Refusing to decode the image: it is a very large image (40 x 51 = 2,040 pixels, "
+                              "more than Pillow opens: 2 x PIL.Image.MAX_IMAGE_PIXELS = 2,000; ")
     assert "Use a smaller image (scale it down, or cut it into parts)." in message
-    assert message.endswith("In your own Python code, if you trust this file, you can raise PIL.Image.MAX_IMAGE_PIXELS first.")
+    assert message.endswith(RAISE_THE_LIMIT)
     with pytest.raises(ImageLoadError) as caught:
-        check_pixel_count(40, 26, "page 3", remedy="Split the PDF")
-    assert "pixels). Split the PDF. In your own Python code" in str(caught.value)
+        check_pixel_count(40, 51, "page 3", remedy="Split the PDF")
+    assert "look like this). Split the PDF. In your own Python code" in str(caught.value)
     assert "Use a smaller image" not in str(caught.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    check_pixel_count(10**6, 10**6, "anything")  # None: no limit
 
 
 # --- URLs (a tiny HTTP server on 127.0.0.1) ---------------------------------------------------------
@@ -334,3 +449,10 @@ def test_connection_refused_is_a_load_error_not_a_timeout():
     with pytest.raises(ImageLoadError, match="Could not download") as info:
         load_image(f"http://127.0.0.1:{port}/image.png", timeout=2)
     assert not isinstance(info.value, ImageDownloadTimeout)
+
+
+def test_the_message_for_data_that_is_no_image_does_not_show_pillows_buffer():
+    """The chat box's upload of a .json file said "cannot identify image file <_io.BytesIO object at 0x7f...>"."""
+    with pytest.raises(ImageLoadError) as caught:
+        load_image(b'{"a": 1}' * 40)
+    assert "cannot identify image file)" in str(caught.value) and "object at 0x" not in str(caught.value)

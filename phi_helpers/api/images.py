@@ -1,15 +1,27 @@
-"""Load an image from wherever a learner has it: a path, a URL, raw bytes, a file object or PIL.
+"""Load an image from wherever a learner has it: a path, a URL, raw bytes, a file object, PIL or numpy.
 
     from phi_helpers import load_image
     image = load_image("notebooks/images/chart.png")
     image = load_image("https://example.com/photo.jpg")
 
 Whatever the source, you get back the same thing: a fully loaded RGB ``PIL.Image.Image`` that is
-upright (the EXIF orientation of phone photos is applied), has no transparency (transparent
-pixels are painted onto white, which is what a person looking at the image sees) and 8 bits per
-channel (16-bit greyscale is scaled, not clipped to white). Anything that goes
-wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeout``) that names the source and says
-what to do.
+upright, has no transparency (transparent pixels are painted onto white, which is what a person
+looking at the image sees) and 8 bits per channel (16-bit greyscale is scaled, not clipped to white).
+Anything that goes wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeout``) that names the
+source and says what to do; formats Pillow cannot read (SVG, HEIC/HEIF, PDF) are named as such.
+
+Upright: the EXIF orientation of phone photos is applied to what ``load_image`` decodes itself (a
+path, a URL, bytes, a file object) and to a PIL image straight from ``Image.open`` (its ``.format`` is
+set). A PIL image you made or changed (``.format`` is None: ``transpose``, ``rotate``, ``convert``,
+``copy``...) is used as it is: Pillow copies the EXIF data, tag included, into such images, so a photo
+you already turned upright would otherwise be turned a second time. A numpy array (uint8, (height,
+width) or (height, width, 3 or 4)) has no orientation either.
+
+Size: an image is refused only where Pillow itself refuses to open one, above twice
+``PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default), where a decompression bomb (a small
+file that decodes to a huge image) is suspected. A 108-megapixel phone photo loads, and Pillow's
+warning for images above once the limit is not printed. Raise ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no
+limit) to open larger files you trust.
 
 A multi-page TIFF (a scanned fax, a multi-page scan) is a document: ``load_image`` gives its first
 page, ``load_page(path, n)`` page ``n`` (with the same checks) and ``count_pages(path)`` how many it has;
@@ -27,6 +39,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import stat
 import struct
 import threading
@@ -36,10 +49,12 @@ from pathlib import Path
 
 import numpy
 import requests
+import torch
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDownloadTimeout, ImageLoadError, check_whole_number
+from ..models.phi3_v.image_processing_phi3_v import ARRAY_LAYOUT, TENSOR_ADVICE, image_from_array
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
 _CHUNK_SIZE = 64 * 1024
@@ -55,10 +70,17 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     A multi-page TIFF gives its first page (``load_page`` reads any page; ``phi-helpers predict`` runs
     every page, one line each), an animated GIF, PNG or WebP its first frame.
 
+    Upright means: the EXIF orientation tag is applied to a file, URL or bytes, and to a PIL image
+    straight from ``Image.open`` (``image.format`` is set, e.g. "JPEG"). A PIL image you made or changed
+    (``image.format`` is None, e.g. after ``transpose`` or ``rotate``) is used as it is, tag or not: Pillow
+    copies the tag into such images, so an image you already turned would be turned again.
+
     Args:
         src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, a base64
             ``data:`` URL, the image file's content as ``bytes``/``bytearray``, an open binary file
-            object, or a PIL image (a converted copy is returned; your image is not changed).
+            object, a PIL image (a converted copy is returned; your image is not changed), or a uint8
+            numpy array of shape (height, width) or (height, width, 3 or 4). A torch tensor is refused
+            with the conversion to use.
             Transparency becomes white; 16-bit greyscale (scans, scientific cameras) is scaled to 8 bits.
         timeout: seconds to wait for a URL's server to answer, and for each piece of the download.
         max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
@@ -66,13 +88,18 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
             (slow or hostile) server keeps sending.
 
     Raises:
-        ImageLoadError: missing, empty or corrupt file, a failed download, a decompression bomb, or
-            an unsupported ``src`` type. The message says which source and what to do.
+        ImageLoadError: missing, empty or corrupt file, a format Pillow cannot read (SVG, HEIC), a
+            failed download, an image above twice ``PIL.Image.MAX_IMAGE_PIXELS`` (which Pillow refuses
+            to open), or an unsupported ``src`` type. The message says which source and what to do.
         ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds, or the download
             took longer than ``max_seconds``.
     """
-    if isinstance(src, Image.Image):
-        return _decode(lambda: src, "the PIL image you passed")
+    if isinstance(src, Image.Image):  # .format is set only on an image straight from Image.open
+        return _decode(lambda: src, "the PIL image you passed", upright=src.format is not None)
+    if isinstance(src, numpy.ndarray):
+        return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False)
+    if isinstance(src, torch.Tensor):
+        raise ImageLoadError(f"load_image() cannot read a torch Tensor (shape {tuple(src.shape)}). {TENSOR_ADVICE}")
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _from_bytes(bytes(src), f"the {len(src)} bytes you passed")
     if isinstance(src, str) and _is_url(src):
@@ -84,10 +111,10 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     if isinstance(src, (str, os.PathLike)):
         return _from_path(Path(src))
     if hasattr(src, "read"):
-        return _decode(lambda: Image.open(src), "the file object you passed")
+        return _decode(lambda: Image.open(src), "the file object you passed", head=lambda: _first_bytes(src))
     raise ImageLoadError(
         f"load_image() cannot read a {type(src).__name__}. Pass a file path, an http(s) URL, bytes, "
-        "an open binary file or a PIL image."
+        f"an open binary file, a PIL image or {ARRAY_LAYOUT}."
     )
 
 
@@ -148,10 +175,10 @@ def count_pages(src) -> int:
     """
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
-        with _decoding(f"the {len(data)} bytes you passed"):
+        with _decoding(f"the {len(data)} bytes you passed", head=lambda: data[:_SNIFF_BYTES]):
             return _page_count(Image.open(io.BytesIO(data)))
     path = Path(src).expanduser()
-    with _open_file(path) as file, _decoding(f"'{path}'"):
+    with _open_file(path) as file, _decoding(f"'{path}'", head=lambda: _first_bytes(file)):
         return _page_count(Image.open(file))
 
 
@@ -181,7 +208,7 @@ def _from_path(path: Path, page: int | None = None) -> Image.Image:
     """Open a local file (page ``page`` of it, if given) and decode it."""
     path = path.expanduser()
     with _open_file(path) as file:  # closed on return: the decoded image does not need the file
-        return _decode(lambda: Image.open(file), f"'{path}'", page)
+        return _decode(lambda: Image.open(file), f"'{path}'", page, head=lambda: _first_bytes(file))
 
 
 def _open_file(path: Path):
@@ -230,18 +257,20 @@ def _from_bytes(data: bytes, source: str, page: int | None = None) -> Image.Imag
     """Decode an image held in memory (bytes passed in, or a finished download)."""
     if not data:
         raise ImageLoadError(f"{source} is empty (0 bytes); there is no image to read.")
-    return _decode(lambda: Image.open(io.BytesIO(data)), source, page)
+    return _decode(lambda: Image.open(io.BytesIO(data)), source, page, head=lambda: data[:_SNIFF_BYTES])
 
 
-def _decode(open_image, source: str, page: int | None = None) -> Image.Image:
+def _decode(open_image, source: str, page: int | None = None, *, upright: bool = True, head=bytes) -> Image.Image:
     """Call ``open_image()``, turn to page ``page`` if given, read all pixels, and normalise the result
-    to upright RGB (the page's own EXIF orientation: Pillow reloads it on each page)."""
-    with _decoding(source if page is None else f"page {page} of {source}"):
+    to RGB, upright unless ``upright`` is False (the page's own EXIF orientation: Pillow reloads it on
+    each page). ``head()`` gives the data's first bytes (none by default), to name a format Pillow
+    cannot read."""
+    with _decoding(source if page is None else f"page {page} of {source}", head):
         image = open_image()
         if page is not None:
             _turn_to(image, page, source)
         image.load()
-        return _to_rgb(_upright(image))
+        return _to_rgb(_upright(image) if upright else image)
 
 
 def _turn_to(image: Image.Image, page: int, source: str) -> None:
@@ -257,45 +286,112 @@ def _turn_to(image: Image.Image, page: int, source: str) -> None:
 
 
 @contextlib.contextmanager
-def _decoding(source: str):
-    """Turn what Pillow raises while it reads ``source`` into an ImageLoadError that names it.
+def _decoding(source: str, head=bytes):
+    """Turn what Pillow raises while it reads ``source`` into an ImageLoadError that names it; data
+    Pillow cannot identify is named by its first bytes, ``head()``, if it is a known format Pillow
+    cannot read (`_unsupported_format`).
 
-    Pillow's decompression-bomb *warning* (an image between MAX_IMAGE_PIXELS and twice that) is
-    turned into an error too, so a hostile or absurdly large image is refused, not half-processed.
+    Pillow refuses to open an image of more than twice MAX_IMAGE_PIXELS (DecompressionBombError), and
+    only warns between once and twice that: the same limit as ``Image.open`` + the processor, the
+    original pipeline, so a 108-megapixel phone photo loads. The warning is not printed: the image is
+    used, not suspected.
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
     except ImageLoadError:  # ours, with its advice; a ValueError, which would be taken for Pillow's below
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise _too_many_pixels_error(source, str(error)) from None
+    except Image.DecompressionBombError as error:
+        raise _too_many_pixels_error(source, _pixel_count_in(str(error))) from None
     except _DECODE_ERRORS as error:
+        unsupported = _unsupported_format(head()) if isinstance(error, UnidentifiedImageError) else ""
+        if unsupported:
+            raise ImageLoadError(f"Could not read {source}: {unsupported}") from None
+        detail = re.sub(r" <_io\.\w+ object at 0x[0-9a-f]+>", "", str(error))  # Pillow names its BytesIO
         raise ImageLoadError(
-            f"Could not read {source} as an image ({type(error).__name__}: {error}). The data may be "
+            f"Could not read {source} as an image ({type(error).__name__}: {detail}). The data may be "
             "corrupt, truncated or not an image at all; open it in an image viewer, or re-save it as PNG/JPEG."
         ) from None
 
 
+_SNIFF_BYTES = 4096  # enough for an XML declaration, comments and a DOCTYPE before an SVG's <svg tag
+# ISO base media (ftyp) brands of HEIC/HEIF stills and sequences; AVIF shares the container and "mif1",
+# but Pillow 13 reads it, so a file whose brands include avif/avis is never called HEIC.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _unsupported_format(head: bytes) -> str:
+    """What to do with data whose first bytes ``head`` show a format Pillow cannot read (SVG, HEIC/HEIF,
+    PDF), as sentences; "" for anything else (corrupt data keeps the general advice)."""
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # a UTF-8 byte order mark, then blanks
+    if text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!--", b"<!doctype")) and b"<svg" in text):
+        return ("it is an SVG file (a vector drawing). SVG is not supported: convert it to PNG (export it from "
+                "Inkscape or a browser, or use cairosvg) and load that.")
+    if _heif_brands(head):
+        return ("it is a HEIC/HEIF image (the format of iPhone photos). HEIC/HEIF is not supported by Pillow: "
+                "convert it to JPEG or PNG, or install pillow-heif and register it (pip install pillow-heif, then "
+                "import pillow_heif; pillow_heif.register_heif_opener()) before loading it.")
+    if head.startswith(b"%PDF-"):
+        return ("it is a PDF, a document, not an image. Render its pages as images first (with pypdfium2), or "
+                "run phi-helpers predict --image on the file: it answers each page.")
+    return ""
+
+
+def _heif_brands(head: bytes) -> bool:
+    """Whether ``head`` starts with an ISO base media ``ftyp`` box whose major brand is HEIC/HEIF's and
+    none of whose brands is AVIF's."""
+    if head[4:8] != b"ftyp":
+        return False
+    size = int.from_bytes(head[:4], "big")
+    brands = {head[at : at + 4] for at in range(16, min(size, len(head)) - 3, 4)} | {head[8:12]}
+    return head[8:12] in HEIF_BRANDS and not brands & AVIF_BRANDS
+
+
+def _first_bytes(file) -> bytes:
+    """The first bytes of an open binary file (Pillow reads it from the start too), or b"" if it cannot
+    be read again."""
+    try:
+        file.seek(0)
+        head = file.read(_SNIFF_BYTES)
+    except (OSError, ValueError, AttributeError):  # not seekable, closed
+        return b""
+    return head if isinstance(head, bytes) else b""
+
+
 def check_pixel_count(width: int, height: int, source: str, remedy: str = _SMALLER_IMAGE) -> None:
     """Raise ImageLoadError if a ``width`` x ``height`` image has more pixels than ``load_image``
-    accepts (``PIL.Image.MAX_IMAGE_PIXELS``; ``None`` there means no limit). Used before producing
-    pixels another way, e.g. before rendering a PDF page. ``remedy`` says what the user can do about
-    it (a sentence without its full stop), before the advice for Python code."""
-    limit = Image.MAX_IMAGE_PIXELS
+    accepts: more than Pillow opens, twice ``PIL.Image.MAX_IMAGE_PIXELS`` (``None`` there means no
+    limit). Used before producing pixels another way, e.g. before rendering a PDF page or decoding a
+    later page of a TIFF. ``remedy`` says what the user can do about it (a sentence without its full
+    stop), before the advice for Python code."""
+    limit = pixel_limit()
     if limit is not None and width * height > limit:
         raise _too_many_pixels_error(source, f"{width:,} x {height:,} = {width * height:,} pixels", remedy)
+
+
+def pixel_limit() -> int | None:
+    """The most pixels an image may have: Pillow's own refusal threshold, 2 x ``PIL.Image.MAX_IMAGE_PIXELS``
+    (read at each call: a program may raise it), None for no limit. Between once and twice that, Pillow
+    only warns, and the original pipeline (``Image.open`` + processor) goes on."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def _pixel_count_in(message: str) -> str:
+    """"N pixels" from the message of Pillow's DecompressionBombError ("Image size (N pixels) exceeds
+    ..."), the whole message if it is worded otherwise."""
+    found = re.search(r"\((\d+) pixels\)", message)
+    return f"{int(found[1]):,} pixels" if found else message
 
 
 def _too_many_pixels_error(source: str, detail: str, remedy: str = _SMALLER_IMAGE) -> ImageLoadError:
     """The error for an image over the pixel limit: ``remedy`` works from the command line too; raising
     the limit is only possible in Python code."""
     return ImageLoadError(
-        f"Refusing to decode {source}: it has more pixels than Pillow allows "
-        f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}), which is how decompression-bomb "
-        f"attacks look ({detail}). {remedy}. In your own Python code, if you trust this file, you can "
-        "raise PIL.Image.MAX_IMAGE_PIXELS first."
+        f"Refusing to decode {source}: it is a very large image ({detail}, more than Pillow opens: "
+        f"2 x PIL.Image.MAX_IMAGE_PIXELS = {pixel_limit() or 0:,}; decompression-bomb attacks look like this). "
+        f"{remedy}. In your own Python code, if you trust this file, you can raise PIL.Image.MAX_IMAGE_PIXELS first."
     )
 
 
@@ -467,4 +563,4 @@ def _timeout_error(url: str, timeout: float) -> ImageDownloadTimeout:
     )
 
 
-__all__ = ["load_image", "load_page", "count_pages", "check_pixel_count"]
+__all__ = ["load_image", "load_page", "count_pages", "check_pixel_count", "pixel_limit"]

@@ -410,8 +410,8 @@ def tiff_items(path: Path) -> list[Item]:
 def render_pdf_page(path, page: int, scale: float = PDF_SCALE):
     """Render page ``page`` (counting from 1) of a PDF as an RGB PIL image with pypdfium2.
 
-    A page whose bitmap would have more pixels than images may have (``PIL.Image.MAX_IMAGE_PIXELS``,
-    the decompression-bomb guard of ``load_image``) is refused before anything is rendered, with a
+    A page whose bitmap would have more pixels than images may have (twice ``PIL.Image.MAX_IMAGE_PIXELS``,
+    the decompression-bomb guard of ``load_image``: ``pixel_limit``) is refused before anything is rendered, with a
     message that names the page and its size and says how to make the PDF usable.
     """
     document = _open_pdf(path)

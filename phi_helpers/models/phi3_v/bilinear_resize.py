@@ -151,7 +151,7 @@ def _one_pass(image: Image.Image, size: tuple[int, int], threads: int, write=Non
             box, part_size, at = (0, start, image.width, end), (size[0], end - start), (0, start)
         else:
             box, part_size, at = (start, 0, end, image.height), (end - start, size[1]), (start, 0)
-        part = image if (start, end) == (0, across) else image.crop(box)
+        part = image if (start, end) == (0, across) else crop(image, box)
         if part.size != part_size:
             part = part.resize(part_size, BILINEAR)
         if write:
@@ -164,6 +164,19 @@ def _one_pass(image: Image.Image, size: tuple[int, int], threads: int, write=Non
     else:
         _on_threads(threads, strip, cuts[:-1], cuts[1:])
     return out
+
+
+def crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """``image.crop(box)`` for a whole-number ``box`` inside ``image``, without Pillow's decompression-bomb
+    check: the same pixels, from the same C function (``Image.crop`` is this call after its checks).
+
+    ``Image.crop`` checks the box against ``PIL.Image.MAX_IMAGE_PIXELS`` as if the strip were a file being
+    opened: it warns above that and raises DecompressionBombError above twice that, which made a large
+    image already in memory fail here, in a worker thread, where PIL's plain ``resize`` (the original)
+    succeeds. The check guards decoding; these pixels are decoded already. (Switching the global limit
+    off for the call is no way out: other threads read it.) Only this module's Pillow 13 path calls this.
+    """
+    return image._new(image.im.crop(box))
 
 
 _POOL: ThreadPoolExecutor | None = None

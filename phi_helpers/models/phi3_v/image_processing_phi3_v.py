@@ -105,13 +105,77 @@ def num_image_tokens(canvas_h: int, canvas_w: int) -> int:
     return (h_c * w_c + 1) * TOKENS_PER_TILE + 1 + (h_c + 1) * TOKENS_PER_ROW
 
 
+ARRAY_LAYOUT = "a uint8 numpy array of shape (height, width) or (height, width, 3 or 4): greyscale, RGB or RGBA"
+TENSOR_ADVICE = (
+    "Convert a torch tensor to a PIL image first: torchvision.transforms.functional.to_pil_image(tensor) (a "
+    "channels-first float tensor in 0..1, or uint8), or Image.fromarray(tensor.permute(1, 2, 0).numpy()) for a "
+    "uint8 (3, height, width) tensor."
+)
+
+
+def image_from_array(array: np.ndarray) -> Image.Image:
+    """``Image.fromarray(array)`` for the arrays that the processor and ``phi_helpers.load_image`` accept
+    (`ARRAY_LAYOUT`); ImageLoadError for any other, naming its shape and dtype and the conversion to use.
+
+    ``Image.fromarray`` alone guesses from the shape: a channels-first (3, h, w) array, what torchvision
+    users hold, fails with a bare TypeError, and one that happens to end in 3 or 4, e.g. (3, 100, 4), is
+    silently read as a 3-pixel-high RGBA image. Such a shape could be either layout, so it is refused too.
+    """
+    problem = _array_problem(array)
+    if problem:
+        raise ImageLoadError(
+            f"Cannot use a numpy array of shape {tuple(array.shape)} and dtype {array.dtype} as an image: "
+            f"{problem} Images are accepted as {ARRAY_LAYOUT}."
+        )
+    return Image.fromarray(array)
+
+
+_TO_UINT8 = {  # numpy dtype kind -> how to turn such an array into uint8 pixels
+    "f": "(array * 255).round().astype(numpy.uint8) for values in 0..1, array.astype(numpy.uint8) for 0..255",
+    "b": "array.astype(numpy.uint8) * 255 (True is white)",
+    "i": "array.astype(numpy.uint8) for values in 0..255, (array // 257).astype(numpy.uint8) for 16-bit values",
+}
+
+
+def _array_problem(array: np.ndarray) -> str:
+    """What is wrong with ``array`` as an image, with the fix (a sentence); "" if it is usable."""
+    shape = array.shape
+    if array.dtype != np.uint8:
+        return f"convert it to uint8 first: {_TO_UINT8.get(array.dtype.kind, _TO_UINT8['i'])}."
+    if array.ndim == 2:
+        return ""
+    if array.ndim == 4 and shape[0] == 1:
+        return "this is a batch of one image: pass array[0]."
+    if array.ndim == 4:
+        return "this is a batch of images: pass them as a list, list(array)."
+    if array.ndim != 3:
+        return f"an image has 2 or 3 dimensions, not {array.ndim}."
+    channels_first = shape[0] in (1, 3, 4)
+    if channels_first and shape[2] in (3, 4):
+        return (f"it may be channels-first ({shape[0]} channels) or {shape[0]} pixels high. Channels-first: "
+                f"use {'array[0]' if shape[0] == 1 else 'array.transpose(1, 2, 0)'}; an image that small: pass "
+                "Image.fromarray(array).")
+    if channels_first:
+        fix = "array[0] (greyscale)" if shape[0] == 1 else "array.transpose(1, 2, 0)"
+        return f"it looks channels-first ({shape[0]} channel{'s' * (shape[0] > 1)} first): use {fix}."
+    if shape[2] == 1:
+        return "it has one channel on the last axis: use array[..., 0] (greyscale)."
+    if shape[2] not in (3, 4):
+        return f"the last axis holds {shape[2]} values per pixel, not 3 (RGB) or 4 (RGBA)."
+    return ""
+
+
 def _to_pil(image) -> Image.Image:
+    """``image`` as a PIL image: a PIL image itself, or an array that `image_from_array` accepts."""
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
-        return Image.fromarray(image)
+    if isinstance(image, np.ndarray):
+        return image_from_array(image)
+    if isinstance(image, torch.Tensor):
+        raise ImageLoadError(f"Expected a PIL image or a numpy array, got a torch Tensor of shape "
+                             f"{tuple(image.shape)}. {TENSOR_ADVICE}")
     raise ImageLoadError(
-        f"Expected a PIL image (or an HxWxC uint8 numpy array), got {type(image).__name__}. "
+        f"Expected a PIL image (or {ARRAY_LAYOUT}), got {type(image).__name__}. "
         "Use phi_helpers.load_image(...) to read paths, URLs and bytes."
     )
 
@@ -278,4 +342,4 @@ class Phi3VImageProcessor(BaseImageProcessor):
         return self.preprocess(images, **kwargs)
 
 
-__all__ = ["Phi3VImageProcessor", "hd_canvas_size", "num_image_tokens"]
+__all__ = ["Phi3VImageProcessor", "hd_canvas_size", "image_from_array", "num_image_tokens"]
