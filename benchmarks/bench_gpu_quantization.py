@@ -20,6 +20,7 @@ Random weights say nothing about answer quality; only the real checkpoint can sh
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -102,8 +103,27 @@ def run_variant(folder: str, name: str, tokens: int, device: str) -> dict:
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "prompt_tokens": inputs["input_ids"].shape[1],
         "prefill_s": prefill,
-        "decode_tokens_per_s": (tokens - 1) / (total - prefill),
+        "decode_tokens_per_s": decode_tokens_per_s(tokens, total, prefill),
     }
+
+
+def decode_tokens_per_s(tokens: int, total: float, prefill: float) -> float:
+    """Tokens per second after the first; nan when the timed answer took no longer than the timed prefill
+    (too few tokens on a busy machine: a negative or infinite rate would be noise, not a measurement)."""
+    return (tokens - 1) / (total - prefill) if total > prefill else math.nan
+
+
+def format_row(name: str, row: dict) -> str:
+    """One line of the table: the measurements ("n/a" where there is none), or the whole error message."""
+    if "error" in row:
+        return f"{name:<7} not available: {row['error'].splitlines()[-1]}"
+    return (f"{name:<7} {_number(row['host_peak_gib'], 17, 2)} {_number(row['gpu_loaded_gib'], 14, 2)} "
+            f"{_number(row['gpu_peak_gib'], 12, 2)} {_number(row['prefill_s'], 9, 2)} "
+            f"{_number(row['decode_tokens_per_s'], 12, 1)}   ({row['prompt_tokens']} prompt tokens)")
+
+
+def _number(value: float, width: int, decimals: int) -> str:
+    return f"{'n/a':>{width}}" if math.isnan(value) else f"{value:>{width}.{decimals}f}"
 
 
 def _rss_bytes() -> int:
@@ -150,11 +170,7 @@ def main() -> None:
             )
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             row = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-400:]}
-            if "error" in row:
-                print(f"{name:<7} not available: {row['error'].splitlines()[-1][:150]}")
-                continue
-            print(f"{name:<7} {row['host_peak_gib']:>17.2f} {row['gpu_loaded_gib']:>14.2f} {row['gpu_peak_gib']:>12.2f} "
-                  f"{row['prefill_s']:>9.2f} {row['decode_tokens_per_s']:>12.1f}   ({row['prompt_tokens']} prompt tokens)")
+            print(format_row(name, row))
 
 
 if __name__ == "__main__":

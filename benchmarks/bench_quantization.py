@@ -7,7 +7,7 @@ A mid-size random Phi-3.5-vision (same layout as the real one, smaller widths: s
 once to a temporary folder in bf16, like the official safetensors. Each variant then runs in a fresh
 subprocess, so that its peak RSS is its own:
 
-* weights: the bytes of the loaded tensors (int8 tensors: data + scales); "LM": the language model's
+* weights: the bytes of the loaded tensors (int8 tensors: data + scales, ``weights_bytes``); "LM": the language model's
   (everything but the vision tower and projection), whose int8 size the issue's target is about;
 * RSS / own: the process's resident memory after answering minus before loading, with and without
   the pages of the memory-mapped safetensors file (which the OS can drop; "own" is RssAnon: weights,
@@ -82,7 +82,7 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
     from phi_helpers import load_model
     from phi_helpers.api.kv_cache import PreallocatedCache
     from phi_helpers.api.loading import return_freed_memory
-    from phi_helpers.api.quantization import use_fused_int8_kernel
+    from phi_helpers.api.quantization import tensor_bytes, use_fused_int8_kernel, weights_bytes
     from phi_helpers.api.generation import ask  # noqa: F401  (the same import cost for every variant)
     from phi_helpers.errors import PhiHelpersError
     from phi_helpers.testing import make_tiny_checkpoint  # noqa: F401
@@ -141,9 +141,9 @@ def run_variant(folder: str, name: str, tokens: int) -> dict:
         "forced_agreement": sum(a == b for a, b in zip(predicted, reference)),
         "variant": name,
         "load_peak_anon_gib": anon_peak / 2**30,
-        "weights_gib": sum(_tensor_bytes(p) for p in model.parameters()) / 2**30,
+        "weights_gib": weights_bytes(model) / 2**30,
         "language_model_gib": sum(
-            _tensor_bytes(p) for n, p in model.named_parameters() if not n.startswith("model.vision_embed_tokens")
+            tensor_bytes(p) for n, p in model.named_parameters() if not n.startswith("model.vision_embed_tokens")
         ) / 2**30,
         "resident_gib": resident_after / 2**30,
         "own_after_gib": own_after / 2**30,
@@ -180,14 +180,6 @@ def _anon_bytes() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def _tensor_bytes(parameter) -> int:
-    """Bytes of a parameter; a torchao tensor subclass counts its inner tensors (int8 data, scales)."""
-    names = getattr(parameter, "tensor_data_names", None)
-    if names is None:
-        return parameter.numel() * parameter.element_size()
-    return sum(getattr(parameter, name).numel() * getattr(parameter, name).element_size() for name in names)
 
 
 def _rss_bytes() -> int:
@@ -253,14 +245,15 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
     print("-" * len(header))
     for name, row in results.items():
         if "error" in row:
-            print(f"{name:<11} not available: {row['error'].splitlines()[-1][:150]}")
+            print(f"{name:<11} not available: {row['error'].splitlines()[-1]}")
             continue
         agree = _agreement(base["tokens"], row["tokens"])
         print(
             f"{name:<11} {row['weights_gib']:>11.3f} {row['language_model_gib']:>7.3f} "
             f"{row['language_model_gib'] / base['language_model_gib']:>6.2f} {row['resident_gib']:>8.3f} "
             f"{row['own_after_gib']:>8.3f} {row['load_peak_anon_gib']:>9.3f} {row['prefill_s']:>9.2f} {base['prefill_s'] / row['prefill_s']:>8.2f} "
-            f"{row['decode_ms_per_token']:>13.1f} {base['decode_ms_per_token'] / row['decode_ms_per_token']:>8.2f} "
+            f"{_number(row['decode_ms_per_token'], 13, 1)} "
+            f"{_number(base['decode_ms_per_token'] / row['decode_ms_per_token'], 8, 2)} "
             f"{agree:>3}/{tokens} {row['forced_agreement']:>3}/{tokens}"
         )
     print("\nLM GiB: the language model's weights (all but the vision tower and projection); RSS: the "
@@ -269,6 +262,11 @@ def report(results: dict, counts: dict, file_gib: float, tokens: int) -> None:
           "load peak: own memory's peak while loading; speed-up: "
           "fp32's time / the variant's; agree: greedy tokens equal to fp32's up to the first difference; "
           "forced: next-token predictions equal to fp32's when fed fp32's tokens.")
+
+
+def _number(value: float, width: int, decimals: int) -> str:
+    """A table cell; "n/a" for a time too few tokens left unmeasured (nan) and the speed-ups built on it."""
+    return f"{'n/a':>{width}}" if math.isnan(value) else f"{value:>{width}.{decimals}f}"
 
 
 def _agreement(reference: list[int], tokens: list[int]) -> int:

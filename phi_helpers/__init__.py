@@ -35,7 +35,7 @@ batch), .api.structured, .api.metrics, .api.quantization, .cli.ray_engine (predi
 
 import logging
 
-# transformers imports torchao whenever it is installed (phi_helpers[quantize]), and torchao then logs that
+# transformers imports torchao whenever it is installed (the extra "quantize"), and torchao then logs that
 # its CUDA-only kernels cannot load (on machines without them) and makes torch warn about a deprecated
 # call. Harmless, but it would fill the stderr of every notebook and command: only these two loggers are
 # quieted, to errors.

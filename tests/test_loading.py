@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 import phi_helpers.testing
 from phi_helpers import FlashAttentionUnavailableError, load_model
 from phi_helpers.api import loading
-from phi_helpers.errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError
-from phi_helpers.api.loading import pick_attention, pick_device, pick_dtype
+from phi_helpers.errors import ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError
+from phi_helpers.api.loading import check_checkpoint_files, pick_attention, pick_device, pick_dtype
 
 
 @pytest.fixture
@@ -27,11 +27,24 @@ def no_gpu(monkeypatch):
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """Pretend there is one CUDA GPU with native bf16 (tests switch bf16 off where needed)."""
+    """Pretend there is one CUDA GPU with native bf16 (tests switch bf16 off where needed), of the
+    Hopper generation (compute capability 9.0) with 80 GiB free."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake H100")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (80 * 2**30, 80 * 2**30))
+
+
+@pytest.fixture
+def h100_and_t4(fake_cuda, monkeypatch):
+    """GPU 0 an H100, GPU 1 a T4 (Turing, compute capability 7.5, 15 GiB), flash-attn installed."""
+    gpus = {0: ("Fake H100", (9, 0)), 1: ("Fake T4", (7, 5))}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpus[index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: gpus[index][1])
+    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
 
 
 @pytest.fixture
@@ -75,6 +88,8 @@ def test_explicit_devices(fake_cuda, monkeypatch):
 def test_cuda_asked_for_on_a_machine_without_it(no_gpu):
     with pytest.raises(DeviceUnavailableError, match="no CUDA GPU.*device='auto' or 'cpu'"):
         pick_device("cuda")
+    with pytest.raises(DeviceUnavailableError, match="^device='cuda:1' was asked for"):  # what was asked, not 'cuda'
+        pick_device("cuda:1")
 
 
 @pytest.mark.parametrize("typo", ["gpu", "cuda:x", "cpu:0", ""])
@@ -112,7 +127,7 @@ def test_dtype_typos_list_the_valid_choices(typo):
 # --- pick_attention ---------------------------------------------------------------------------------
 
 
-def test_auto_attention(monkeypatch):
+def test_auto_attention(monkeypatch, fake_cuda):
     monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
     assert pick_attention("auto", "cuda", torch.bfloat16) == ("flash_attention_2", "flash-attn installed")
     assert pick_attention("auto", "cuda", torch.float32)[0] == "sdpa"
@@ -137,11 +152,32 @@ def test_flash_attention_asked_for_without_flash_attn(monkeypatch):
     assert isinstance(info.value, ImportError)
 
 
-def test_flash_attention_needs_half_precision(monkeypatch):
+def test_flash_attention_needs_half_precision(monkeypatch, fake_cuda):
     monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
     assert pick_attention("flash_attention_2", "cuda", torch.float16)[0] == "flash_attention_2"
     with pytest.raises(ValueError, match="bf16 or fp16"):
         pick_attention("flash_attention_2", "cuda", torch.float32)
+
+
+def test_auto_attention_takes_sdpa_on_a_gpu_older_than_ampere(h100_and_t4):
+    """flash-attn's own check sees only the package and CUDA; on a T4, V100 or RTX 20xx flash-attn 2 fails
+    when the model runs. The GPU asked for counts (cuda:1 here), not GPU 0."""
+    assert pick_attention("auto", "cuda:1", torch.float16) == (
+        "sdpa", "GPU older than Ampere (flash-attn 2 needs compute capability 8.0+)"
+    )
+    assert pick_attention("auto", "cuda:0", torch.float16) == ("flash_attention_2", "flash-attn installed")
+    assert pick_attention("auto", "cuda", torch.bfloat16)[0] == "flash_attention_2"  # "cuda" is GPU 0
+
+
+def test_flash_attention_asked_for_on_a_gpu_older_than_ampere(h100_and_t4, no_env_model, forbid_loading):
+    with pytest.raises(FlashAttentionUnavailableError) as info:
+        pick_attention("flash_attention_2", "cuda:1", torch.float16)
+    message = str(info.value)
+    assert "Ampere generation or newer (compute capability 8.0+" in message
+    assert "cuda:1 (Fake T4) has compute capability 7.5" in message and "attn='sdpa'" in message
+    assert pick_attention("flash_attention_2", "cuda:0", torch.float16) == ("flash_attention_2", "asked for")
+    with pytest.raises(FlashAttentionUnavailableError, match="compute capability 7.5"):  # before anything is loaded
+        load_model("microsoft/Phi-3.5-vision-instruct", device="cuda:1", dtype="fp16", attn="flash_attention_2")
 
 
 # --- load_model: errors come before loading ---------------------------------------------------------
@@ -188,6 +224,88 @@ def test_another_models_folder_is_refused_before_loading(no_env_model, forbid_lo
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ModelLoadError, match="holds a 'llama' model"):
+        load_model(folder, device="cpu")
+
+
+def copied_checkpoint(tiny_checkpoint, tmp_path, remove=(), config=None) -> Path:
+    """A copy of the tiny checkpoint without the files ``remove``, its config.json updated with ``config``."""
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, folder)
+    for name in remove:
+        (folder / name).unlink()
+    if config:
+        (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "missing", ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "model.safetensors"]
+)
+def test_a_folder_missing_a_checkpoint_file_names_it(no_env_model, forbid_loading, tiny_checkpoint, tmp_path, missing):
+    """Without tokenizer.json transformers asks for sentencepiece; without preprocessor_config.json or the
+    weights it sends a local folder's user to huggingface.co and their internet connection."""
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path, remove=[missing])
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder, device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"The checkpoint file '{folder / missing}' is unusable: it is missing")
+    assert "Copy or download the checkpoint again" in message
+    assert "huggingface" not in message.lower() and "internet" not in message
+
+
+def test_a_folder_saved_by_transformers_keeps_the_image_settings_in_processor_config(tiny_checkpoint, tmp_path):
+    """save_pretrained writes the image processor's settings into processor_config.json, and no
+    preprocessor_config.json: such a folder is complete."""
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path, remove=["preprocessor_config.json"])
+    settings = json.loads((tiny_checkpoint / "preprocessor_config.json").read_text())
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": settings, "processor_class": "Phi3VProcessor"}))
+    check_checkpoint_files(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": {**settings, "num_crops": -1}}))
+    with pytest.raises(ModelLoadError, match=r"processor_config.json' is unusable: its num_crops is -1"):
+        check_checkpoint_files(folder)
+
+
+def test_shards_without_their_index_are_named(no_env_model, forbid_loading, tiny_checkpoint, tmp_path):
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(folder, device="cpu")
+    assert str(info.value).startswith(f"The checkpoint file '{folder / 'model.safetensors.index.json'}' is unusable: it is missing")
+    assert "model-00001-of-00002.safetensors" in str(info.value)
+
+
+def test_num_crops_0_in_preprocessor_config_names_the_file(no_env_model, tiny_checkpoint, tmp_path, capsys):
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**settings, "num_crops": 0}))
+    with pytest.raises(ModelLoadError, match=r"preprocessor_config.json' is unusable: its num_crops is 0, not a whole number"):
+        load_model(folder, device="cpu")
+    _, processor = load_model(folder, device="cpu", num_crops=2)  # the argument replaces the file's value
+    assert processor.image_processor.num_crops == 2
+
+
+def test_a_local_folder_error_gives_no_hub_or_network_advice(no_env_model, tiny_checkpoint, monkeypatch):
+    def transformers_error(source, **kwargs):
+        raise OSError(
+            f"Can't load image processor for '{source}'. If you were trying to load it from "
+            "'https://huggingface.co/models', make sure you don't have a local directory with the same name. "
+            f"Otherwise, make sure '{source}' is the correct path to a directory containing a preprocessor_config.json file"
+        )
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", transformers_error)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tiny_checkpoint, device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"Could not load the folder '{tiny_checkpoint}': Can't load image processor")
+    assert f"Make sure '{tiny_checkpoint}' is the correct path" in message
+    assert "huggingface" not in message.lower() and "internet" not in message and "PHI_HELPERS_MODEL" not in message
+
+
+def test_a_config_whose_head_size_does_not_match_the_rope_factors(no_env_model, forbid_loading, tiny_checkpoint, tmp_path):
+    """transformers would fail while building the model with 'Attempting to broadcast a dimension of length 24'."""
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path, config={"num_attention_heads": 4, "num_key_value_heads": 4})
+    with pytest.raises(ConfigurationError, match=r"config.json's rope_scaling long_factor has 48 entries, but head_dim/2 is 24 "
+                       r"\(hidden_size 192 / num_attention_heads 4 = head_dim 48\): the config does not belong to these weights"):
         load_model(folder, device="cpu")
 
 
@@ -269,6 +387,17 @@ def test_an_unreachable_hub_loads_the_cached_copy_without_retries(no_env_model, 
     assert "huggingface.co cannot be reached ([Errno -2] Name or service not known): loading 'someone/model' from the Hugging Face cache" in capsys.readouterr().out
 
 
+def test_an_owner_name_id_that_may_have_meant_a_folder(no_env_model, forbid_loading, monkeypatch, tmp_path):
+    """'models/phi35' is an owner/name, so it goes to the hub; when it is not found there, the message also
+    says there is no such folder here (the user may have mistyped a folder under models/)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "phi35-finetuned").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    with pytest.raises(ModelLoadError, match=rf"There is no folder 'models/phi35' here either \(relative paths start from '{tmp_path}'\)"):
+        load_model("models/phi35", device="cpu")
+
+
 def test_a_model_the_hub_does_not_have_is_named_before_loading(no_env_model, forbid_loading, monkeypatch):
     def not_found(repo_id, timeout):
         raise RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co")))
@@ -348,6 +477,60 @@ def test_env_tiny_builds_once_into_the_cache_and_warns_loudly(monkeypatch, tmp_p
     assert loading._tiny_checkpoint() == cached
     assert len(builds) == 2 and (cached / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-phi-3.5-vision"]  # no temporary folders left
+
+
+# --- memory: a warning before loading what would not fit --------------------------------------------
+
+
+def test_a_warning_before_loading_what_does_not_fit(no_env_model, tiny_checkpoint, monkeypatch, capsys):
+    """Warned, not refused: the line comes before the model loads, and the model still loads."""
+    monkeypatch.setattr(loading, "available_memory", lambda device: (0.001, "of RAM available"))
+    model, _ = load_model(tiny_checkpoint, device="cpu")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[0].startswith("Warning: the model needs about ") and "float32" in lines[0]
+    assert "but cpu has only 0.0 GiB of RAM available: loading may run out of memory. Use load_model(dtype='bf16') (about " in lines[0]
+    assert "or load_model(quantize='int8') (about " in lines[0]
+    assert lines[1].startswith(f"Loaded {tiny_checkpoint} on cpu") and len(lines) == 2
+    assert model.dtype == torch.float32
+
+
+def stop_at_the_hub(monkeypatch):
+    """The hub cannot be reached and the cache is empty: load_model stops right after its checks."""
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+
+
+def test_a_16_gb_laptop_without_a_gpu_is_warned_before_fp32_is_loaded(no_env_model, no_gpu, forbid_loading, monkeypatch, capsys):
+    """README: fp32 on CPU keeps ~17 GB of RAM in use. The real model's 15.4 GiB of fp32 weights + 1.1 GiB of
+    activations do not fit into the 10 GiB a 16 GB laptop has free."""
+    monkeypatch.setattr(loading, "available_memory", lambda device: (10.0, "of RAM available"))
+    stop_at_the_hub(monkeypatch)
+    with pytest.raises(ModelLoadError):
+        load_model("microsoft/Phi-3.5-vision-instruct")
+    out = capsys.readouterr().out
+    assert ("Warning: the model needs about 16.5 GiB (15.4 GiB of weights in float32 + 1.09 GiB of activations at num_crops=4), "
+            "but cpu has only 10.0 GiB of RAM available: loading may run out of memory. Use load_model(dtype='bf16') "
+            "(about 8.3 GiB) or load_model(quantize='int8') (about 4.8 GiB).") in out
+    monkeypatch.setattr(loading, "available_memory", lambda device: (20.0, "of RAM available"))
+    with pytest.raises(ModelLoadError):
+        load_model("microsoft/Phi-3.5-vision-instruct")
+    assert "Warning" not in capsys.readouterr().out
+
+
+def test_the_warning_looks_at_the_free_memory_of_the_gpu_asked_for(no_env_model, h100_and_t4, forbid_loading, monkeypatch, capsys):
+    free = {0: 80 * 2**30, 1: int(7.79 * 2**30)}  # an 8 GB laptop GPU as cuda:1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free[index], free[index]))
+    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: False)
+    stop_at_the_hub(monkeypatch)
+    with pytest.raises(ModelLoadError):
+        load_model("microsoft/Phi-3.5-vision-instruct", device="cuda:1")
+    out = capsys.readouterr().out
+    assert "Warning: the model needs about 8.3 GiB (7.7 GiB of weights in bfloat16 + 0.55 GiB" in out
+    assert "but cuda:1 has only 7.8 GiB free on GPU 1" in out
+    assert "Use load_model(quantize='int8') (about 4.8 GiB) or load_model(quantize='int4') (about 3.3 GiB)." in out
+    with pytest.raises(ModelLoadError):
+        load_model("microsoft/Phi-3.5-vision-instruct", device="cuda:0")
+    assert "Warning" not in capsys.readouterr().out
 
 
 def test_load_model_returns_the_memory_freed_while_loading(monkeypatch, tiny_checkpoint):

@@ -2,6 +2,10 @@
 
 import importlib.util
 import json
+import math
+import shutil
+import warnings
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -15,13 +19,14 @@ from phi_helpers import Chat, ask, extract, load_model
 from phi_helpers.api import quantization
 from phi_helpers.api.generation import generate_batch, stream_chunks
 from phi_helpers.api.quantization import (
-    FUSED_INT8_MAX_ROWS, SKIP_MODULES, FusedInt8Linear, quantization_config, use_fused_int8_kernel,
+    FUSED_INT8_MAX_ROWS, SKIP_MODULES, FusedInt8Linear, quantization_config, tensor_bytes, use_fused_int8_kernel,
+    weights_bytes,
 )
 from phi_helpers.cli.outputs import model_info
-from phi_helpers.errors import QuantizationBackendMissingError, QuantizationUnavailableError
+from phi_helpers.errors import InvalidArgumentError, QuantizationBackendMissingError, QuantizationUnavailableError
 
 INT8_KERNEL = (torch.ops.aten._weight_int8pack_mm.default,)
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="pip install 'phi_helpers[quantize]'")
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason='pip install "torchao>=0.15"')
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n"
 
 
@@ -126,6 +131,108 @@ def test_decoding_uses_the_fused_int8_kernel_and_prefill_torchaos_path(int8_mode
     assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
 
 
+@needs_torchao
+def test_weights_bytes_counts_int8_weights_at_their_real_size(int8_model, tiny_checkpoint):
+    """get_memory_footprint counts a torchao int8 weight at its bf16 size (notebook 00 printed the bf16
+    figure for an int8 model); weights_bytes counts its int8 data and its scales."""
+    model, _ = int8_model
+    layer = model.model.layers[0].mlp.down_proj
+    weight = layer.weight  # int8 data, a float32 scale and an int8 zero point per output row
+    assert tensor_bytes(weight) == layer.out_features * (layer.in_features + weight.scale.element_size() + 1)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    assert weights_bytes(bf16) == 2 * sum(parameter.numel() for parameter in bf16.parameters())
+    assert model.get_memory_footprint() == bf16.get_memory_footprint()  # what the notebook showed before
+    assert weights_bytes(model) < 0.8 * weights_bytes(bf16)
+
+
+def test_weights_bytes_of_a_plain_model():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False)).to(torch.float16)
+    assert weights_bytes(model) == (4 * 3 + 3 + 3 * 2) * 2
+
+
+@pytest.fixture(scope="module")
+def saved_int8_folder(int8_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved-int8")
+    model, processor = int8_model
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@needs_torchao
+def test_a_saved_int8_folder_loads_quantized_without_quantize(saved_int8_folder, capsys):
+    """Its config.json holds the quantization_config: the printed line says so, and "auto" picks bf16 as
+    for quantize="int8" (not fp32 beside int8, the slow path)."""
+    model, _ = load_model(saved_int8_folder, device="cpu")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "| bfloat16 (quantized model: the other weights in bf16) |" in line
+    assert "| int8 weights (torchao, saved quantized) |" in line
+    assert model.dtype == torch.bfloat16 and type(model.model.layers[0].mlp.down_proj) is FusedInt8Linear
+    assert model_info(model, _)["quantize"] == "int8"
+
+
+@needs_torchao
+def test_a_saved_int8_folder_with_quantize_int8_gets_no_second_config(saved_int8_folder, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(saved_int8_folder, device="cpu", quantize="int8")
+    assert not [str(w.message) for w in caught if "quantization_config" in str(w.message)]
+    assert "int8 weights (torchao, saved quantized)" in capsys.readouterr().out
+
+
+def saved_int8_config(tiny_checkpoint, tmp_path) -> Path:
+    """The tiny checkpoint with the quantization_config a saved int8 model's config.json holds."""
+    folder = tmp_path / "int8"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "torchao", "modules_to_not_convert": ["model.vision_embed_tokens"],
+        "quant_type": {"default": {"_type": "Int8WeightOnlyConfig", "_version": 2, "_data": {}}},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_saved_int8_folder_without_torchao_names_the_install_command(monkeypatch, tiny_checkpoint, tmp_path):
+    """transformers' own error is an untyped "ValueError: TorchAoConfig requires torchao to be installed"."""
+    folder = saved_int8_config(tiny_checkpoint, tmp_path)
+    monkeypatch.setattr(quantization, "_installed", lambda package: False)
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(QuantizationBackendMissingError, match=r'holds int8 weights quantized with torchao .*pip install "torchao>=0\.15"'):
+        load_model(folder, device="cpu")
+
+
+def test_a_saved_int8_folder_cannot_be_quantized_otherwise(monkeypatch, tiny_checkpoint, tmp_path):
+    folder = saved_int8_config(tiny_checkpoint, tmp_path)
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(InvalidArgumentError, match="holds int8 weights .* quantize='int4' cannot apply"):
+        load_model(folder, device="cpu", quantize="int4")
+    with pytest.raises(QuantizationUnavailableError, match="Apple GPUs"):
+        quantization.saved_quantization({"quant_method": "torchao", "quant_type": "Int8WeightOnlyConfig"}, None, "mps")
+
+
+def load_benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_rows_show_n_a_for_a_rate_it_could_not_measure_and_whole_messages():
+    """On a busy machine the timed answer can take less than the timed prefill: no rate, not a negative one."""
+    bench = load_benchmark("bench_gpu_quantization")
+    assert math.isnan(bench.decode_tokens_per_s(4, total=0.5, prefill=0.6))
+    assert bench.decode_tokens_per_s(5, total=3.0, prefill=1.0) == 2.0
+    row = {"host_peak_gib": 0.1, "gpu_loaded_gib": math.nan, "gpu_peak_gib": math.nan, "prefill_s": 0.6,
+           "decode_tokens_per_s": math.nan, "prompt_tokens": 100}
+    line = bench.format_row("bf16", row)
+    assert "nan" not in line and "-" not in line and line.count("n/a") == 3
+    message = ("QuantizationUnavailableError: quantize='int4' on CPU is not available: it needs bitsandbytes on a CUDA GPU "
+               "(`pip install bitsandbytes`). On CPU use quantize='int8' (torchao), about a quarter of the fp32 weights' memory.")
+    assert bench.format_row("int4", {"error": message}) == f"int4    not available: {message}"
+
+
 # --- what runs where: checked before anything is loaded ----------------------------------------------
 
 
@@ -157,7 +264,7 @@ def test_mps_has_no_quantization_backend():
 
 def test_missing_torchao_names_the_install_command(monkeypatch):
     monkeypatch.setattr(quantization, "_installed", lambda package: False)
-    with pytest.raises(QuantizationBackendMissingError, match=r"pip install 'phi_helpers\[quantize\]'") as info:
+    with pytest.raises(QuantizationBackendMissingError, match=r'pip install "torchao>=0\.15"') as info:
         quantization_config("int8", "cpu", torch.float32)
     assert isinstance(info.value, ImportError) and isinstance(info.value, QuantizationUnavailableError)
     with pytest.raises(QuantizationBackendMissingError, match="pip install bitsandbytes"):

@@ -9,8 +9,9 @@ import torch
 import transformers
 
 from phi_helpers import environment_report
+from phi_helpers.api import report as report_module
 from phi_helpers.versions import TESTED_VERSIONS
-from phi_helpers.api.report import memory_estimate
+from phi_helpers.api.report import GIB, memory_estimate, memory_verdict
 
 
 def test_versions_and_host_facts_match_this_interpreter():
@@ -62,24 +63,77 @@ def test_cpu_only_machine(monkeypatch):
     assert report["bf16_supported"] is False and report["flash_attn_available"] is False
 
 
-def fake_gpu(monkeypatch, name, memory_gib, major):
+def fake_gpu(monkeypatch, name, memory_gib, major, free_gib=None):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda index=0: SimpleNamespace(name=name, total_memory=memory_gib * 2**30)
     )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: major >= 8)
+    free = int((memory_gib if free_gib is None else free_gib) * 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free, int(memory_gib * 2**30)))
 
 
 def test_gpu_facts_and_whether_the_weights_fit(monkeypatch, capsys):
-    fake_gpu(monkeypatch, "Fake T4", 15, major=7)
+    fake_gpu(monkeypatch, "Fake T4", 15, major=7, free_gib=14.6)
     report = environment_report()
-    assert report["gpu_name"] == "Fake T4" and report["gpu_memory_gib"] == 15.0
+    assert report["gpu_name"] == "Fake T4" and report["gpu_memory_gib"] == 15.0 and report["gpu_free_gib"] == 14.6
     assert report["bf16_supported"] is False
     table = capsys.readouterr().out
-    assert "Fake T4 (15.0 GiB)" in table
-    assert "weights in float32       15.4 GiB  (does NOT fit in GPU: 15.0 GiB)" in table
-    assert "weights in bfloat16      7.7 GiB  (fits in GPU)" in table
+    assert "Fake T4 (15.0 GiB, 14.6 free)" in table
+    assert "weights in float32       15.4 GiB  (does not fit in GPU: needs 16.5 GiB with activations, 14.6 free)" in table
+    assert "weights in bfloat16      7.7 GiB  (fits in GPU: needs 8.3 GiB with activations, 14.6 free)" in table
+
+
+@pytest.mark.parametrize(
+    "gpu, memory_gib, expected",
+    [
+        ("8 GB laptop GPU", 7.79, {"bfloat16": "does not fit", "int8 + bf16": "fits", "int4 + bf16": "fits"}),
+        ("RTX 3080 10 GB", 9.77, {"bfloat16": "tight", "int8 + bf16": "fits"}),
+        ("RTX 3060 12 GB", 11.76, {"bfloat16": "fits", "float32": "does not fit"}),
+        ("V100 16 GB", 15.77, {"float32": "does not fit", "bfloat16": "fits"}),
+        ("A100 40 GB", 39.4, {"float32": "fits"}),
+    ],
+)
+def test_the_gpu_verdict_counts_the_activations_as_the_docs_do(monkeypatch, gpu, memory_gib, expected):
+    """README: "Use a GPU with ≥ 12 GB" (bf16); notebook 00: int8 fits 8 GB GPUs, int4 6 GB ones. The
+    weights alone (7.7 GiB in bf16) would fit the 8 GB GPU, weights + activations do not."""
+    fake_gpu(monkeypatch, gpu, memory_gib, major=8)
+    fits = environment_report(print_report=False)["fits"]
+    assert {name: fits[name] for name in expected} == expected
+
+
+def test_a_16_gb_laptop_without_a_gpu(monkeypatch, capsys):
+    """Notebook 00: fp32 fits only 32 GB machines, bf16 a 16 GB laptop only just, int8 fits; the RAM that
+    counts is what is available (a 16 GB laptop with a browser open has about 10 GB)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(report_module, "_total_ram_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(report_module, "_available_ram_bytes", lambda: 10 * GIB)
+    report = environment_report()
+    assert report["ram_available_gib"] == 10.0
+    assert report["fits"]["float32"] == "does not fit" and report["fits"]["bfloat16"] == "tight"
+    assert report["fits"]["int8 + bf16"] == "fits"
+    table = capsys.readouterr().out
+    assert "RAM                      16.0 GiB, 10.0 available" in table
+    assert "weights in float32       15.4 GiB  (does not fit in RAM: needs 16.5 GiB with activations, 10.0 available)" in table
+    assert "weights in bfloat16      7.7 GiB  (tight in RAM: needs 8.3 GiB with activations, 10.0 available)" in table
+
+
+def test_without_the_available_ram_the_total_counts(monkeypatch):
+    """The reviewer's case: 16 GiB of RAM, fp32 said "fits" though 15.4 GiB of weights + 1.1 of activations do not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(report_module, "_total_ram_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(report_module, "_available_ram_bytes", lambda: None)
+    assert environment_report(print_report=False)["fits"]["float32"] == "does not fit"
+
+
+def test_memory_verdict_matches_the_readme():
+    """README: fp32 on CPU has ~17 GB of RAM in use, "have about 20 GB free"."""
+    need = memory_estimate()["need_gib"]
+    assert need["float32"] == 16.5 and need["bfloat16"] == 8.3 and need["int8 + bf16"] == 4.8
+    assert memory_verdict(need["float32"], 20e9 / GIB) == "fits"
+    assert memory_verdict(need["float32"], 18e9 / GIB) == "tight"
+    assert memory_verdict(need["float32"], 17e9 / GIB) == "does not fit"
 
 
 def test_printed_table_is_aligned(capsys):

@@ -8,7 +8,14 @@ Three choices are made for you, each by a small function you can call yourself:
 * ``pick_device``: the first available of CUDA GPU, Apple GPU (MPS), CPU;
 * ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU
   (bfloat16 on CPU for a quantized model);
-* ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA, half precision), else sdpa.
+* ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA GPU of the Ampere generation
+  or newer, half precision), else sdpa.
+
+Before loading, a local folder is checked for the files a checkpoint needs (``check_checkpoint_files``),
+and one line warns when the model would not fit into the memory available (weights + activations,
+``phi_helpers.api.report.memory_need``): an out-of-memory crash kills a notebook kernel without a word.
+A folder saved from a quantized model (config.json's ``quantization_config``) loads its weights as
+they are stored.
 
 The weights go straight from the checkpoint files to the chosen device (``device_map``): on a GPU
 machine the host RAM holds one tensor at a time, not the whole model. ``quantize="int8"`` (or
@@ -26,6 +33,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import sys
@@ -39,10 +47,15 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from transformers.utils import is_flash_attn_2_available
 
 from .. import testing
-from ..errors import DeviceUnavailableError, InvalidArgumentError, ModelLoadError, check_whole_number
+from ..errors import (
+    ConfigurationError, DeviceUnavailableError, FlashAttentionUnavailableError, InvalidArgumentError, ModelLoadError,
+    check_whole_number,
+)
+from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM, check_flash_attention
 from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES
-from .quantization import check_quantize, quantization_config, use_fused_int8_kernel
+from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
+from .report import NUM_CROPS, available_memory, memory_need
 
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"
@@ -50,6 +63,11 @@ _TINY_FILES = (
     "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"
 )
 _COMPLETE_MARKER = ".phi_helpers_complete"
+# Files a checkpoint folder must hold besides config.json, the weights and the image processor's settings
+# (preprocessor_config.json in the hub's checkpoints; processor_config.json in a folder saved with
+# transformers 5). Without tokenizer.json transformers falls back to converting a slow tokenizer and
+# asks for sentencepiece, which does not help.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def load_model(
@@ -72,21 +90,32 @@ def load_model(
             checkpoint's value (4 for Phi-3.5-vision, 16 for Phi-3-vision).
         quantize: ``None``, "int8" (CPU: torchao; CUDA: bitsandbytes or torchao) or "int4" (CUDA with
             bitsandbytes). Weight-only, language model only; see ``phi_helpers.api.quantization``.
+            A folder saved from a quantized model loads quantized without it.
 
-    All choices are checked before anything is downloaded. Prints one line saying what was chosen.
+    All choices are checked before anything is downloaded. Prints one line saying what was chosen, and
+    a warning line before loading when the model would not fit into the memory available.
     """
     device, device_reason = pick_device(device)
-    dtype, dtype_reason = pick_dtype(dtype, device, quantized=check_quantize(quantize) is not None)
-    attn, attn_reason = pick_attention(attn, device, dtype)
-    quantization, quantization_note = quantization_config(quantize, device, dtype)
+    asked_quantize = check_quantize(quantize)
     if num_crops is not None:
-        check_whole_number(num_crops, "num_crops", minimum=1, hint=" (None: the checkpoint's value)")
+        num_crops = check_whole_number(num_crops, "num_crops", minimum=1, hint=" (None: the checkpoint's value)")
     source, label = _resolve_source(model_id)
-    if Path(source).is_dir():
-        check_checkpoint_files(Path(source))
-        hub_kwargs = {}
+    local = Path(source).is_dir()
+    config, model_config = None, None
+    if local:
+        check_checkpoint_files(Path(source), check_num_crops=num_crops is None)
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+        model_config = _phi3v_config(config)
+    saved = config.get("quantization_config") if config else None  # a folder saved from a quantized model
+    dtype, dtype_reason = pick_dtype(dtype, device, quantized=asked_quantize is not None or saved is not None)
+    attn, attn_reason = pick_attention(attn, device, dtype)
+    if saved is not None:  # loaded as stored: a second quantization_config would only draw a warning
+        quantization, (quantized_as, quantization_note) = None, saved_quantization(saved, asked_quantize, device)
     else:
-        hub_kwargs = _hub_access(source)
+        quantization, quantization_note = quantization_config(asked_quantize, device, dtype)
+        quantized_as = asked_quantize
+    _warn_if_short_of_memory(model_config, device, dtype, quantized_as, num_crops, can_quantize=saved is None)
+    hub_kwargs = {} if local else _hub_access(source)
 
     processor_kwargs = {**hub_kwargs} if num_crops is None else {**hub_kwargs, "num_crops": num_crops}
     processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
@@ -104,12 +133,57 @@ def load_model(
     return_freed_memory()
 
     used_attn = getattr(model.config, "_attn_implementation", attn)
-    quantized = f" | {quantization_note}" if quantization is not None else ""
+    quantized = f" | {quantization_note}" if quantized_as is not None else ""
     print(
         f"Loaded {label} on {device} ({device_reason}) | {_dtype_name(dtype)} ({dtype_reason}) | "
         f"attention: {used_attn} ({attn_reason}){quantized} | num_crops={processor.image_processor.num_crops}"
     )
     return model, processor
+
+
+def _warn_if_short_of_memory(
+    config: Phi3VConfig | None, device: str, dtype: torch.dtype, quantize: str | None, num_crops, can_quantize: bool
+) -> None:
+    """Print one line when the weights + activations (``memory_need``; ``config``: a local folder's, None:
+    the real model's sizes) exceed the memory ``device`` has available, naming the options that need less
+    (quantization where it runs and the weights are not stored quantized already). A warning, not a
+    refusal: swap, or memory other programs are about to free, may still let it load."""
+    available, where = available_memory(device)
+    if available is None or (quantize is not None and quantize not in QUANTIZE_CHOICES):
+        return
+    num_crops = num_crops or NUM_CROPS
+    need = memory_need(config, dtype, quantize, num_crops)
+    if need["need_gib"] <= available:
+        return
+    options = [("dtype='bf16'", torch.bfloat16, None)]
+    if can_quantize and device != "mps":
+        options.append(("quantize='int8'", torch.bfloat16, "int8"))
+    if can_quantize and device.startswith("cuda"):
+        options.append(("quantize='int4'", torch.bfloat16, "int4"))
+    smaller = []
+    for call, option_dtype, option_quantize in options:
+        option_need = memory_need(config, option_dtype, option_quantize, num_crops)["need_gib"]
+        if option_need < need["need_gib"]:
+            smaller.append(f"load_model({call}) (about {option_need:.1f} GiB)")
+    fix = f"Use {' or '.join(smaller)}" if smaller else "Close other programs or use a machine with more memory"
+    print(
+        f"Warning: the model needs about {need['need_gib']:.1f} GiB ({need['weights_gib']:.1f} GiB of weights in "
+        f"{_dtype_name(dtype)}{f' with {quantize}' if quantize else ''} + {need['activations_gib']:.2f} GiB of "
+        f"activations at num_crops={num_crops}), but {device} has only {available:.1f} GiB {where}: loading may run "
+        f"out of memory. {fix}."
+    )
+
+
+def _phi3v_config(config: dict) -> Phi3VConfig | None:
+    """The ``Phi3VConfig`` of a local folder's config.json, built before anything is loaded, so that a
+    config this package refuses (``ConfigurationError``) is refused first. None for other faults: they are
+    left to transformers, whose error says what is wrong when it loads."""
+    try:
+        return Phi3VConfig(**config)
+    except ConfigurationError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def return_freed_memory() -> None:
@@ -144,7 +218,7 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(
-                "device='cuda' was asked for, but PyTorch sees no CUDA GPU. Use device='auto' or 'cpu', or "
+                f"device={device!r} was asked for, but PyTorch sees no CUDA GPU. Use device='auto' or 'cpu', or "
                 "install a CUDA build of PyTorch on a machine with an NVIDIA GPU "
                 f"(this PyTorch is {torch.__version__})."
             )
@@ -187,13 +261,21 @@ def pick_dtype(dtype="auto", device: str = "cpu", quantized: bool = False) -> tu
 
 
 def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[str, str]:
-    """Return ``(attention implementation, reason)``. flash_attention_2 needs flash-attn, CUDA and fp16/bf16."""
+    """Return ``(attention implementation, reason)``. flash_attention_2 needs flash-attn, fp16/bf16 and a
+    CUDA GPU of the Ampere generation or newer (compute capability 8.0+; ``device`` names which GPU)."""
     name = str(attn).strip().lower()
     if name not in _ATTENTIONS:
         raise InvalidArgumentError(f"Unknown attention {attn!r}. Choose one of {', '.join(map(repr, _ATTENTIONS))}.")
     on_cuda = device.startswith("cuda")
     if name == "flash_attention_2":
         check_flash_attention(is_flash_attn_2_available(), on_cuda, dtype)
+        older = _older_than_ampere(device)
+        if older:
+            raise FlashAttentionUnavailableError(
+                f"attn='flash_attention_2' needs an NVIDIA GPU of the Ampere generation or newer (compute capability "
+                f"8.0+: A100, RTX 30xx/40xx, L4, H100...), but {older}; flash-attn 2 would fail when the model runs. "
+                "Use attn='sdpa' (PyTorch's built-in fast attention), which gives the same answers."
+            )
         return name, "asked for"
     if name != "auto":
         return name, "asked for"
@@ -203,7 +285,20 @@ def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype =
         return "sdpa", "flash-attn needs fp16/bf16"
     if not is_flash_attn_2_available():
         return "sdpa", "flash-attn not installed"
+    if _older_than_ampere(device):
+        return "sdpa", "GPU older than Ampere (flash-attn 2 needs compute capability 8.0+)"
     return "flash_attention_2", "flash-attn installed"
+
+
+def _older_than_ampere(device: str) -> str | None:
+    """How the CUDA GPU ``device`` ("cuda" is GPU 0, "cuda:1" GPU 1) falls short if it is older than Ampere
+    (T4, V100, RTX 20xx: compute capability below 8.0, which flash-attn 2 does not support); else None.
+    flash-attn's own availability check looks only at the package and CUDA, not at the GPU."""
+    index = torch.device(device).index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) >= (8, 0):
+        return None
+    return f"{device} ({_gpu_name(index)}) has compute capability {major}.{minor}"
 
 
 def _gpu_name(index: int = 0) -> str:
@@ -272,7 +367,7 @@ def _hub_access(repo_id: str) -> dict:
     except RepositoryNotFoundError:
         raise ModelLoadError(
             f"There is no model '{repo_id}' on the Hugging Face hub, or it is private (then log in first: "
-            f"hf auth login). Check the id (e.g. '{DEFAULT_MODEL_ID}')."
+            f"hf auth login). Check the id (e.g. '{DEFAULT_MODEL_ID}').{_no_folder_either(repo_id)}"
         ) from None
     except HfHubHTTPError:  # the hub answered (a gated model, server trouble): from_pretrained says what
         return {}
@@ -284,16 +379,29 @@ def _hub_access(repo_id: str) -> dict:
     raise ModelLoadError(
         f"huggingface.co cannot be reached ({reason}) to download '{repo_id}', and the Hugging Face cache does "
         "not hold it. Check your internet connection (or proxy), or pass a local folder. For an offline dry run "
-        "set PHI_HELPERS_MODEL=tiny."
+        f"set PHI_HELPERS_MODEL=tiny.{_no_folder_either(repo_id)}"
     )
 
-def check_checkpoint_files(folder: Path) -> None:
+
+def _no_folder_either(repo_id: str) -> str:
+    """An owner/name that is not a folder went to the hub; 'models/phi35' may have meant a folder, so the
+    hub's answer also says there is none (not for the default model, which nobody typed)."""
+    if repo_id == DEFAULT_MODEL_ID:
+        return ""
+    return f" There is no folder '{repo_id}' here either (relative paths start from '{Path.cwd()}')."
+
+
+def check_checkpoint_files(folder: Path, check_num_crops: bool = True) -> None:
     """Raise ModelLoadError naming the file if a local checkpoint folder is visibly broken.
 
-    Every ``*.json`` file must parse; ``config.json`` must exist; every weights shard named by
-    ``model.safetensors.index.json`` must exist; every safetensors file must hold as many bytes as
-    its header announces (a download or copy that stopped early is truncated). Cheap: only the
-    headers of the weights are read.
+    Every ``*.json`` file must parse; ``config.json``, ``tokenizer.json`` and ``tokenizer_config.json``
+    must exist, and the image processor's settings (``preprocessor_config.json``, or the
+    ``image_processor`` part of ``processor_config.json`` that ``save_pretrained`` writes), with a valid
+    ``num_crops`` unless ``check_num_crops`` is False (``load_model(num_crops=...)`` replaces it); the
+    weights must exist (``model.safetensors``, the shards ``model.safetensors.index.json`` names, or
+    PyTorch ``.bin`` files), and every safetensors file must hold as many bytes as its header announces (a
+    download or copy that stopped early is truncated). Cheap: only the headers of the weights are read.
+    transformers' own errors for these cases name no file, or send a local folder's user to the hub.
     """
     if not (folder / "config.json").is_file():
         raise _broken_file_error(folder / "config.json", "it is missing")
@@ -309,14 +417,55 @@ def check_checkpoint_files(folder: Path) -> None:
             f"'{folder}' holds {f'a {model_type!r} model' if model_type else 'no model_type'} (config.json), not Phi-3-vision or Phi-3.5-vision "
             f"(model_type 'phi3_v'). Pass a folder holding one of those, or a hub id such as '{DEFAULT_MODEL_ID}'."
         )
+    for name in _TOKENIZER_FILES:
+        if not (folder / name).is_file():
+            raise _broken_file_error(folder / name, "it is missing")
+    path, settings = _image_processor_settings(folder)
+    if check_num_crops and "num_crops" in settings:
+        try:
+            check_whole_number(settings["num_crops"], "num_crops", minimum=1)
+        except InvalidArgumentError:
+            raise _broken_file_error(
+                path, f"its num_crops is {settings['num_crops']!r}, not a whole number of at least 1 (Phi-3.5-vision's "
+                "is 4, Phi-3-vision's 16; load_model(num_crops=...) overrides it)"
+            ) from None
+    for shard in _weight_files(folder):
+        _check_safetensors(shard)
+
+
+def _image_processor_settings(folder: Path) -> tuple[Path, dict]:
+    """``(file, settings)`` of the image processor, where transformers looks: the ``image_processor`` part
+    of processor_config.json (written by ``save_pretrained``), else preprocessor_config.json (the hub's)."""
+    processor = folder / "processor_config.json"
+    if processor.is_file():
+        settings = json.loads(processor.read_text(encoding="utf-8"))
+        if isinstance(settings, dict) and isinstance(settings.get("image_processor"), dict):
+            return processor, settings["image_processor"]
+    preprocessor = folder / "preprocessor_config.json"
+    if not preprocessor.is_file():
+        raise _broken_file_error(preprocessor, "it is missing")
+    settings = json.loads(preprocessor.read_text(encoding="utf-8"))
+    return preprocessor, settings if isinstance(settings, dict) else {}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers will read from ``folder`` (none for a PyTorch .bin checkpoint);
+    raises ModelLoadError when there are no weights it can read."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        shards = sorted({folder / name for name in weight_map.values()})
-    else:
-        shards = sorted(folder.glob("*.safetensors"))
-    for shard in shards:
-        _check_safetensors(shard)
+        return sorted({folder / name for name in weight_map.values()})
+    if (folder / "model.safetensors").is_file():
+        return sorted(folder.glob("*.safetensors"))
+    if any(folder.glob("pytorch_model*.bin")):
+        return []
+    parts = sorted(path.name for path in folder.glob("*.safetensors"))
+    if parts:  # shards without the index that lists them: transformers looks for model.safetensors only
+        raise _broken_file_error(
+            index, f"it is missing, and the weights are split into files ({', '.join(parts[:2])}"
+            f"{', ...' if len(parts) > 2 else ''}) that only it lists"
+        )
+    raise _broken_file_error(folder / "model.safetensors", "it is missing (and no other weights file is there)")
 
 
 def _check_safetensors(path: Path) -> None:
@@ -339,9 +488,12 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _broken_file_error(path: Path, problem: str) -> ModelLoadError:
+    """The error for a broken file of a local folder; the hub's cache is mentioned only for a folder in it
+    (``.../models--owner--name/snapshots/...``), the only case where it helps."""
+    in_hub_cache = any(part.startswith("models--") for part in path.parts)
     return ModelLoadError(
-        f"The checkpoint file '{path}' is unusable: {problem}. Copy or download the checkpoint again "
-        "(for a hub model: delete it from the Hugging Face cache and load it once more)."
+        f"The checkpoint file '{path}' is unusable: {problem}. Copy or download the checkpoint again"
+        + (" (delete it from the Hugging Face cache and load it once more)." if in_hub_cache else ".")
     )
 
 
@@ -396,14 +548,29 @@ def _held_load_report():
 
 
 def _from_pretrained(auto_class, source: str, **kwargs):
-    """``auto_class.from_pretrained`` with download/lookup failures turned into a short ModelLoadError."""
+    """``auto_class.from_pretrained`` with download/lookup failures turned into a short ModelLoadError; for
+    a local folder without advice about the hub and the network, which were never asked."""
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, SafetensorError, json.JSONDecodeError) as error:
+        if Path(source).is_dir():
+            raise ModelLoadError(
+                f"Could not load the folder '{source}': {_without_hub_advice(str(error))}\nCheck that it holds the "
+                "whole checkpoint (config.json, the weights, tokenizer.json, tokenizer_config.json and "
+                "preprocessor_config.json), or copy or download it again."
+            ) from None
         raise ModelLoadError(
             f"Could not load '{source}': {error}\nCheck the model id (e.g. '{DEFAULT_MODEL_ID}') or folder, your "
             "internet connection and free disk space. For an offline dry run set PHI_HELPERS_MODEL=tiny."
         ) from None
+
+
+def _without_hub_advice(text: str) -> str:
+    """transformers' error text without its sentences about huggingface.co and the network ("If you were
+    trying to load it from 'https://huggingface.co/models', ..."): a local folder was read."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    kept = [sentence for sentence in sentences if "huggingface.co" not in sentence and "internet" not in sentence.lower()]
+    return " ".join(kept).replace("Otherwise, make sure", "Make sure")
 
 
 def _tiny_checkpoint() -> Path:

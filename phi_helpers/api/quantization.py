@@ -23,9 +23,15 @@ On CPU, torchao's int8 matmul converts the whole weight to bf16 on every call, w
 than fp32. ``use_fused_int8_kernel`` (called by ``load_model``) lets the quantized layers multiply with
 PyTorch's fused int8 CPU kernel instead when few rows come in (decoding), keeping torchao's tensors, so
 saving and reloading are unchanged.
+
+A folder saved from a quantized model holds its weights quantized and says so in config.json
+(``quantization_config``): ``saved_quantization`` checks that they can be loaded here, and
+``load_model`` loads them as they are. ``weights_bytes`` counts what quantized weights really take
+(``model.get_memory_footprint()`` counts a torchao int8 weight at its bf16 size).
 """
 
 import importlib.util
+import json
 import sys
 
 import torch
@@ -44,7 +50,7 @@ SKIP_MODULES = {"int8": [VISION_PREFIX], "int4": [VISION_PREFIX, "lm_head"]}
 # Bytes per quantized weight, scales included: int8 has one scale per output row (negligible),
 # NF4 one absmax per 64 weights (+ double quantization: about 0.13 bit).
 BITS_PER_WEIGHT = {"int8": 8.0, "int4": 4.13}
-_INSTALL_TORCHAO = "pip install 'phi_helpers[quantize]'  (installs torchao)"
+_INSTALL_TORCHAO = 'pip install "torchao>=0.15"  (the extra "quantize"; in the repository: pip install -e ".[quantize]")'
 # Up to this many rows (tokens x batch) the fused int8 kernel beats torchao's convert-then-multiply on CPU;
 # above it (prefill) torchao's path is faster (benchmarks/bench_quantization.py, docs/quantization.md).
 FUSED_INT8_MAX_ROWS = 32
@@ -62,10 +68,7 @@ def quantization_config(quantize, device: str, dtype: torch.dtype):
         return None, "not quantized"
     kind = device.split(":")[0]
     if kind == "mps":
-        raise QuantizationUnavailableError(
-            f"quantize={name!r} is not available on Apple GPUs (MPS): neither torchao nor bitsandbytes has MPS "
-            "kernels. Use dtype='fp16' (half the memory of fp32), or device='cpu' with quantize='int8'."
-        )
+        raise _no_mps_kernels(f"quantize={name!r} is")
     if kind == "cuda" and _installed("bitsandbytes"):
         return _bitsandbytes(name, dtype), f"{name} weights (bitsandbytes)"
     if name == "int4":
@@ -73,7 +76,7 @@ def quantization_config(quantize, device: str, dtype: torch.dtype):
         raise (QuantizationBackendMissingError if kind == "cuda" else QuantizationUnavailableError)(
             f"quantize='int4' on {where} is not available: it needs bitsandbytes on a CUDA GPU "
             "(`pip install bitsandbytes`). "
-            + ("On CPU use quantize='int8' (torchao), a quarter of the fp32 weights' memory."
+            + ("On CPU use quantize='int8' (torchao), about a quarter of the fp32 weights' memory."
                if kind == "cpu" else "Or use quantize='int8', which torchao can do.")
         )
     if not _installed("torchao"):
@@ -86,6 +89,74 @@ def quantization_config(quantize, device: str, dtype: torch.dtype):
 
     config = TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=SKIP_MODULES["int8"])
     return config, "int8 weights (torchao)"
+
+
+def saved_quantization(quantization: dict, quantize, device: str) -> tuple[str, str]:
+    """Check that the quantized weights of a saved folder (config.json's ``quantization_config``) can be
+    loaded on ``device``; return ``(format name, note of load_model's printed line)``, e.g.
+    ``("int8", "int8 weights (torchao, saved quantized)")``.
+
+    The weights are loaded as they are stored: ``quantize`` (what the caller asked for) may be ``None`` or
+    the same format, not another one (transformers cannot quantize quantized weights again). A missing
+    backend raises ``QuantizationBackendMissingError`` with the pip command (transformers' own error is an
+    untyped ValueError that names no command).
+    """
+    name = quantize_name(quantization)
+    asked = check_quantize(quantize)
+    if asked is not None and asked != name:
+        raise InvalidArgumentError(
+            f"This checkpoint holds {name} weights (config.json's quantization_config), so quantize={asked!r} cannot "
+            f"apply: leave quantize out (or pass {name!r}), or load the original, unquantized checkpoint with "
+            f"quantize={asked!r}."
+        )
+    method = str(quantization.get("quant_method"))
+    if device.split(":")[0] == "mps":
+        raise _no_mps_kernels(f"This checkpoint holds {name} weights ({method}), which is")
+    install = {"torchao": _INSTALL_TORCHAO, "bitsandbytes": "pip install bitsandbytes"}.get(method)
+    if install is not None and not _installed(method):
+        raise QuantizationBackendMissingError(
+            f"This checkpoint holds {name} weights quantized with {method} (config.json's quantization_config); "
+            f"loading them needs {method}: {install}. Then restart the Python kernel."
+        )
+    return name, f"{name} weights ({method}, saved quantized)"
+
+
+def quantize_name(quantization: dict) -> str:
+    """"int8" / "int4" for a ``quantization_config`` (as a dict), else its ``quant_method``."""
+    if quantization.get("load_in_4bit"):
+        return "int4"
+    if quantization.get("load_in_8bit"):
+        return "int8"
+    quant_type = json.dumps(quantization.get("quant_type", ""))  # torchao: {"default": {"_type": "Int8WeightOnlyConfig"...
+    return "int4" if "Int4" in quant_type else "int8" if "Int8" in quant_type else str(quantization.get("quant_method"))
+
+
+def _no_mps_kernels(what: str) -> QuantizationUnavailableError:
+    return QuantizationUnavailableError(
+        f"{what} not available on Apple GPUs (MPS): neither torchao nor bitsandbytes has MPS kernels. Use "
+        "dtype='fp16' (half the memory of fp32), or device='cpu' with quantize='int8'."
+    )
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """The bytes ``tensor`` really holds. A torchao tensor subclass (``Int8Tensor``...) reports the element
+    size of the dtype it computes in, so ``numel() * element_size()`` (and transformers'
+    ``get_memory_footprint``) would count an int8 weight as bf16: its inner tensors (int8 data, scales)
+    are counted instead."""
+    names = getattr(tensor, "tensor_data_names", None)
+    if names is None:
+        return tensor.numel() * tensor.element_size()
+    inner = (getattr(tensor, name, None) for name in (*names, *getattr(tensor, "optional_tensor_data_names", ())))
+    return sum(tensor_bytes(part) for part in inner if part is not None)
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters as they are stored: quantized weights at their real size.
+
+    >>> weights_bytes(nn.Linear(4, 2))  # 8 weights + 2 biases, 4 bytes each
+    40
+    """
+    return sum(tensor_bytes(parameter) for parameter in model.parameters())
 
 
 class FusedInt8Linear(nn.Linear):
@@ -160,6 +231,7 @@ def _installed(package: str) -> bool:
 
 
 __all__ = [
-    "quantization_config", "check_quantize", "use_fused_int8_kernel", "FusedInt8Linear",
-    "QUANTIZE_CHOICES", "SKIP_MODULES", "VISION_PREFIX", "BITS_PER_WEIGHT",
+    "quantization_config", "check_quantize", "use_fused_int8_kernel", "FusedInt8Linear", "saved_quantization",
+    "quantize_name", "tensor_bytes", "weights_bytes", "QUANTIZE_CHOICES", "SKIP_MODULES", "VISION_PREFIX",
+    "BITS_PER_WEIGHT",
 ]

@@ -11,6 +11,12 @@ each dtype and quantization, and adds the KV cache and activations for a number 
     from phi_helpers.api.report import memory_estimate
     memory_estimate(num_crops=16, prompt_tokens=64, new_tokens=512)["activations_gib"]
 
+Whether a format fits (``memory_verdict``) compares what running needs, weights + activations, with
+the memory *available* (free RAM, or free memory on the GPU), not the total: "fits" leaves
+``HEADROOM_GIB`` for what the estimate does not count (Python and its libraries, the CUDA context,
+allocator slack, the notebook), "tight" leaves less, "does not fit" means the estimate alone is larger.
+``load_model`` warns with the same numbers before it loads (``memory_need``, ``available_memory``).
+
 ``format_table`` is the package's one text-table printer (this report, ``phi-helpers eval``, the
 attention comparison of notebook 05).
 """
@@ -37,7 +43,15 @@ from ..versions import TESTED_VERSIONS
 from .quantization import BITS_PER_WEIGHT, SKIP_MODULES, VISION_PREFIX
 
 GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The request the activations are computed for unless told otherwise: one image of NUM_CROPS crops, a
+# question of PROMPT_TOKENS text tokens, an answer of NEW_TOKENS tokens.
+NUM_CROPS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, 512
+# Memory that running needs beyond weights + activations: Python, torch and transformers (about 1 GiB of
+# the process), the CUDA context (0.3-0.5 GiB), allocator slack. With it the docs' rules come out: fp32 on
+# CPU wants about 20 GB free (README), bf16 a GPU of 12 GB, int8 an 8 GB GPU (notebook 00).
+HEADROOM_GIB = 2.0
+# Bytes of the activations per compute dtype (the dtype of the unquantized parameters; fp16 as bf16).
+_ACTIVATION_BYTES = {"bfloat16": 2, "float32": 4}
 # Weight formats of the table: (name, quantize or None, bytes of every parameter it does not quantize).
 _WEIGHT_FORMATS = (
     ("float32", None, 4),
@@ -50,7 +64,7 @@ _WEIGHT_FORMATS = (
 
 
 def environment_report(
-    print_report: bool = True, num_crops: int = 4, prompt_tokens: int = 64, new_tokens: int = 512
+    print_report: bool = True, num_crops: int = NUM_CROPS, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS
 ) -> dict:
     """Collect versions, devices and memory facts; print them as a table unless ``print_report=False``.
 
@@ -58,19 +72,26 @@ def environment_report(
     computed for: one image, a question of ``prompt_tokens`` text tokens, an answer of ``new_tokens``.
 
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
-    ``gpu_name``, ``gpu_memory_gib``, ``bf16_supported``, ``weights_gib``, ``activations_gib`` ...) and
-    ``warnings``, a list of messages (printed below the table), e.g. when torch or transformers is not the
-    tested version.
+    ``gpu_name``, ``gpu_memory_gib``, ``gpu_free_gib``, ``bf16_supported``, ``ram_available_gib``,
+    ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``fits`` (per weight format: "fits", "tight"
+    or "does not fit" in the free GPU memory, or the available RAM without a GPU) and ``warnings``, a list
+    of messages (printed below the table), e.g. when torch or transformers is not the tested version.
     """
     memory = memory_estimate(num_crops=num_crops, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     report = {**_software(), **_devices(), **_host(), **memory}
+    available, _ = _memory_for_the_model(report)
+    report["fits"] = {
+        name: memory_verdict(need, available) if available else None for name, need in report["need_gib"].items()
+    }
     report["warnings"] = _version_warnings(report)
     if print_report:
         print(_format(report))
     return report
 
 
-def memory_estimate(config=None, num_crops: int = 4, prompt_tokens: int = 64, new_tokens: int = 512) -> dict:
+def memory_estimate(
+    config=None, num_crops: int = NUM_CROPS, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS
+) -> dict:
     """Weights and activation memory of Phi-3(.5)-vision, computed from its config.
 
     Args:
@@ -84,30 +105,80 @@ def memory_estimate(config=None, num_crops: int = 4, prompt_tokens: int = 64, ne
     8 bits with int8; ``vision``: CLIP tower + projection; ``other``: embeddings, norms); ``weights_gib``
     per weight format (``"int8 + bf16"``: what int8 quantizes in int8, the other parameters in bf16);
     ``sequence_tokens``; ``activations_gib`` per compute dtype: KV cache + CLIP hidden states + the
-    largest MLP intermediate.
+    largest MLP intermediate; ``need_gib`` per weight format: its weights + the activations in its
+    compute dtype, what running needs (``memory_verdict`` compares it with the free memory).
     """
     config = config or _default_config()
     groups = parameter_groups(config)
-    total = sum(groups.values())
-    weights = {}
-    for name, quantize, other_bytes in _WEIGHT_FORMATS:
-        quantized = 0
-        if quantize is not None:
-            quantized = groups["decoder_linear"] + (0 if "lm_head" in SKIP_MODULES[quantize] else groups["lm_head"])
-        weights[name] = round((quantized * BITS_PER_WEIGHT.get(quantize, 0) / 8 + (total - quantized) * other_bytes) / GIB, 1)
-    image_tokens = max_image_tokens(num_crops)
-    sequence = image_tokens + prompt_tokens + new_tokens
+    weights = {name: _weights_gib(groups, quantize, other_bytes) for name, quantize, other_bytes in _WEIGHT_FORMATS}
+    activations = {
+        dtype: _activations_gib(config, num_crops, prompt_tokens, new_tokens, size) for dtype, size in _ACTIVATION_BYTES.items()
+    }
+    compute = {size: dtype for dtype, size in _ACTIVATION_BYTES.items()}
     return {
-        "model_parameters": total,
+        "model_parameters": sum(groups.values()),
         "parameter_groups": groups,
-        "weights_gib": weights,
+        "weights_gib": {name: round(gib, 1) for name, gib in weights.items()},
         "num_crops": num_crops,
-        "sequence_tokens": sequence,
-        "activations_gib": {
-            dtype: round(_activation_bytes(config, num_crops, image_tokens + prompt_tokens, sequence, size) / GIB, 2)
-            for dtype, size in (("bfloat16", 2), ("float32", 4))
+        "sequence_tokens": max_image_tokens(num_crops) + prompt_tokens + new_tokens,
+        "activations_gib": {dtype: round(gib, 2) for dtype, gib in activations.items()},
+        "need_gib": {
+            name: round(weights[name] + activations[compute[other_bytes]], 1) for name, _, other_bytes in _WEIGHT_FORMATS
         },
     }
+
+
+def memory_need(
+    config=None, dtype: torch.dtype = torch.float32, quantize: str | None = None, num_crops: int = NUM_CROPS,
+    prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS,
+) -> dict:
+    """``weights_gib``, ``activations_gib`` and their sum ``need_gib`` (not rounded: a tiny model's are
+    a few MiB) for the model loaded in ``dtype`` with ``quantize`` (None, "int8", "int4"), for the request
+    of ``memory_estimate``: what ``load_model`` compares with the available memory before it loads."""
+    config = config or _default_config()
+    weights = _weights_gib(parameter_groups(config), quantize, dtype.itemsize)
+    activations = _activations_gib(config, num_crops, prompt_tokens, new_tokens, dtype.itemsize)
+    return {"weights_gib": weights, "activations_gib": activations, "need_gib": weights + activations}
+
+
+def memory_verdict(need_gib: float, available_gib: float) -> str:
+    """"fits", "tight" or "does not fit": ``need_gib`` (weights + activations) against ``available_gib``.
+
+    "fits" leaves at least ``HEADROOM_GIB`` for what the estimate does not count; "tight" leaves less
+    (it may run with nothing else open); "does not fit": the estimate alone is larger.
+
+    >>> memory_verdict(16.5, 10.0), memory_verdict(8.3, 10.0), memory_verdict(5.9, 10.0)
+    ('does not fit', 'tight', 'fits')
+    """
+    if need_gib + HEADROOM_GIB <= available_gib:
+        return "fits"
+    return "tight" if need_gib <= available_gib else "does not fit"
+
+
+def available_memory(device: str = "cpu") -> tuple[float | None, str]:
+    """``(GiB, what it is)``: the memory ``device`` can still give, None if unknown. A CUDA GPU: its free
+    memory (``"cuda:1"``: GPU 1; ``"cuda"``: GPU 0, as ``load_model`` reports it); otherwise the RAM the
+    system can give (Apple GPUs share it)."""
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return _gpu_free_bytes(index) / GIB, f"free on GPU {index}"
+    available = _available_ram_bytes()
+    return (available / GIB if available else None), "of RAM available"
+
+
+def _weights_gib(groups: dict, quantize: str | None, other_bytes: int) -> float:
+    """GiB of the weights when ``quantize`` stores its modules in ``BITS_PER_WEIGHT`` bits and every
+    other parameter takes ``other_bytes``."""
+    quantized = 0
+    if quantize is not None:
+        quantized = groups["decoder_linear"] + (0 if "lm_head" in SKIP_MODULES[quantize] else groups["lm_head"])
+    total = sum(groups.values())
+    return (quantized * BITS_PER_WEIGHT.get(quantize, 0) / 8 + (total - quantized) * other_bytes) / GIB
+
+
+def _activations_gib(config, num_crops: int, prompt_tokens: int, new_tokens: int, size: int) -> float:
+    prompt = max_image_tokens(num_crops) + prompt_tokens
+    return _activation_bytes(config, num_crops, prompt, prompt + new_tokens, size) / GIB
 
 
 def parameter_groups(config) -> dict:
@@ -189,6 +260,7 @@ def _devices() -> dict:
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_name": properties.name if cuda else None,
         "gpu_memory_gib": round(properties.total_memory / GIB, 1) if cuda else None,
+        "gpu_free_gib": round(_gpu_free_bytes(0) / GIB, 1) if cuda else None,
         "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
         "mps_available": bool(mps_backend is not None and mps_backend.is_available()),
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
@@ -197,13 +269,39 @@ def _devices() -> dict:
 
 
 def _host() -> dict:
-    """Usable CPU cores and total RAM of this machine."""
+    """Usable CPU cores, total and available RAM of this machine."""
     if hasattr(os, "sched_getaffinity"):  # cores this process may use (containers often limit it)
         cpus = len(os.sched_getaffinity(0))
     else:
         cpus = os.cpu_count()
-    ram = _total_ram_bytes()
-    return {"cpu_count": cpus, "ram_gib": round(ram / GIB, 1) if ram else None}
+    ram, available = _total_ram_bytes(), _available_ram_bytes()
+    return {
+        "cpu_count": cpus,
+        "ram_gib": round(ram / GIB, 1) if ram else None,
+        "ram_available_gib": round(available / GIB, 1) if available else None,
+    }
+
+
+def _available_ram_bytes() -> int | None:
+    """RAM the system can give a new program without swapping (Linux's MemAvailable: free memory plus
+    caches it can drop; psutil reads the same on macOS and Windows); None if unknown."""
+    try:
+        import psutil  # a dependency of accelerate, which phi_helpers requires; not of phi_helpers itself
+    except ImportError:
+        return None
+    try:
+        return psutil.virtual_memory().available
+    except (OSError, RuntimeError):
+        return None
+
+
+def _gpu_free_bytes(index: int) -> int:
+    """Free memory of CUDA GPU ``index`` (other programs' memory excluded); its total if the driver
+    cannot say."""
+    try:
+        return torch.cuda.mem_get_info(index)[0]
+    except (RuntimeError, AssertionError):  # AssertionError: a PyTorch without CUDA
+        return torch.cuda.get_device_properties(index).total_memory
 
 
 def _total_ram_bytes() -> int | None:
@@ -224,7 +322,7 @@ def _total_ram_bytes() -> int | None:
 def _format(report: dict) -> str:
     """The report as an aligned two-column text table."""
     yes_no = {True: "yes", False: "no"}
-    gpu = f"{report['gpu_name']} ({report['gpu_memory_gib']} GiB)" if report["cuda_available"] else "none"
+    gpu = f"{report['gpu_name']} ({report['gpu_memory_gib']} GiB, {report['gpu_free_gib']} free)" if report["cuda_available"] else "none"
     flash = "available" if report["flash_attn_available"] else (
         "installed, but needs a CUDA GPU" if report["flash_attn_installed"] else "not installed (optional, CUDA only)"
     )
@@ -239,10 +337,10 @@ def _format(report: dict) -> str:
         ("Apple MPS", yes_no[report["mps_available"]]),
         ("flash-attn", flash),
         ("CPU cores", str(report["cpu_count"])),
-        ("RAM", f"{report['ram_gib']} GiB" if report["ram_gib"] else "unknown"),
+        ("RAM", _ram(report)),
     ]
     for dtype, gib in report["weights_gib"].items():
-        rows.append((f"weights in {dtype}", f"{gib} GiB{_fits(report, gib)}"))
+        rows.append((f"weights in {dtype}", f"{gib} GiB{_fits(report, dtype)}"))
     request = f"num_crops={report['num_crops']}, {report['sequence_tokens']} tokens"
     for dtype, gib in report["activations_gib"].items():
         rows.append((f"activations in {dtype}", f"{gib} GiB (KV cache + activations, {request})"))
@@ -253,7 +351,9 @@ def _format(report: dict) -> str:
         f"model's Linear layers (quantize='int8'/'int4' stores these in 8/4 bits; int8 also the {groups['lm_head']:,} "
         f"of lm_head), {groups['vision']:,} in the vision "
         "tower and projection. The activations (KV cache, image tokens) come on top of the weights, for one image "
-        "and one answer; long chats and many images need more."
+        "and one answer; long chats and many images need more. 'fits': weights + activations leave "
+        f"{HEADROOM_GIB:g} GiB of the free memory for Python, the libraries and the CUDA context; 'tight': less; "
+        "'does not fit': the estimate alone is larger."
     )
     lines += ["", textwrap.fill(note, width=90, initial_indent="Note: ", subsequent_indent="      ")]
     for warning in report["warnings"]:
@@ -301,12 +401,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fits(report: dict, gib: float) -> str:
-    """A hint whether weights of ``gib`` GiB fit into the GPU memory (or into RAM without a GPU)."""
-    memory, where = (report["gpu_memory_gib"], "GPU") if report["cuda_available"] else (report["ram_gib"], "RAM")
-    if not memory:
+def _ram(report: dict) -> str:
+    if not report["ram_gib"]:
+        return "unknown"
+    available = f", {report['ram_available_gib']} available" if report["ram_available_gib"] else ""
+    return f"{report['ram_gib']} GiB{available}"
+
+
+def _memory_for_the_model(report: dict) -> tuple[float | None, str]:
+    """``(GiB, where)`` the model would use: the free memory of GPU 0 (what ``load_model`` picks), else
+    the available RAM (the total where that is unknown)."""
+    if report["cuda_available"]:
+        return report["gpu_free_gib"], "GPU"
+    return report["ram_available_gib"] or report["ram_gib"], "RAM"
+
+
+def _fits(report: dict, name: str) -> str:
+    """Whether weight format ``name`` fits, with the two numbers behind the verdict."""
+    memory, where = _memory_for_the_model(report)
+    if not report["fits"][name]:
         return ""
-    return f"  (fits in {where})" if gib < memory else f"  (does NOT fit in {where}: {memory} GiB)"
+    free = "free" if where == "GPU" else "available"
+    return f"  ({report['fits'][name]} in {where}: needs {report['need_gib'][name]} GiB with activations, {memory} {free})"
 
 
-__all__ = ["environment_report", "format_table"]
+__all__ = ["environment_report", "memory_estimate", "memory_need", "memory_verdict", "available_memory", "format_table"]

@@ -34,6 +34,7 @@ try:
 except ImportError:  # Windows: runs on one output are not locked against each other
     fcntl = None
 
+from ..api import quantization
 from ..errors import CommandLineError, PhiHelpersError
 from .inputs import Item, file_identity, is_url
 
@@ -173,18 +174,12 @@ def model_info(model, processor) -> dict:
 
 
 def quantize_name(model) -> str | None:
-    """"int8" / "int4" for a model loaded with ``quantize=``, None for a model in plain dtype."""
+    """"int8" / "int4" for a model loaded with ``quantize=`` (or from a folder saved quantized), None for a
+    model in plain dtype."""
     config = getattr(model.config, "quantization_config", None)
     if config is None:
         return None
-    if not isinstance(config, dict):
-        config = config.to_dict()
-    if config.get("load_in_4bit"):
-        return "int4"
-    if config.get("load_in_8bit"):
-        return "int8"
-    quant_type = json.dumps(config.get("quant_type", ""))  # torchao: {"default": {"_type": "Int8WeightOnlyConfig"...
-    return "int4" if "Int4" in quant_type else "int8" if "Int8" in quant_type else str(config.get("quant_method"))
+    return quantization.quantize_name(config if isinstance(config, dict) else config.to_dict())
 
 
 ITEM_KEYS = ("source", "source_b64", "page", "path", "modified")

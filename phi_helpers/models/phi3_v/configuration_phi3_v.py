@@ -12,6 +12,9 @@ The official config.json files are read unchanged. Three things need care on tra
   Setting the vision tower's attention is explicit: ``attn_implementation={"": "eager", "vision_config": "eager"}``.
 * config.json has no vision config: the original code hard-codes CLIP ViT-L/14 at 336 px, which is the
   default of ``vision_config`` here. Tiny test checkpoints store a small ``vision_config`` instead.
+
+A config whose LongRoPE factor lists do not match its head size (an edited hidden_size or
+num_attention_heads) is refused with a ConfigurationError naming both numbers.
 """
 
 from transformers import CLIPVisionConfig, Phi3Config
@@ -123,11 +126,31 @@ class Phi3VConfig(Phi3Config):
                 self.sliding_window is not None and self.sliding_window > self.max_position_embeddings
             )
         super().__post_init__(**kwargs)
+        self._check_rope_factors()
         if self.vision_config.hidden_size != self.img_processor["image_dim_out"]:
             raise ConfigurationError(
                 f"vision_config.hidden_size ({self.vision_config.hidden_size}) must equal "
                 f"img_processor['image_dim_out'] ({self.img_processor['image_dim_out']})."
             )
+
+    def _check_rope_factors(self) -> None:
+        """LongRoPE has one factor per pair of rotated dimensions: head_dim/2 of them. Another count means
+        hidden_size or num_attention_heads was changed without the factor lists; transformers would only
+        log it here and fail later, while the model is built, with a tensor broadcasting RuntimeError."""
+        rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        if rope.get("rope_type") != "longrope":
+            return
+        head_dim = self.hidden_size // self.num_attention_heads
+        pairs = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+        for name in ("long_factor", "short_factor"):
+            factors = rope.get(name)
+            if isinstance(factors, list) and len(factors) != pairs:
+                raise ConfigurationError(
+                    f"config.json's rope_scaling {name} has {len(factors)} entries, but head_dim/2 is {pairs} "
+                    f"(hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} = head_dim "
+                    f"{head_dim}): the config does not belong to these weights. Use the config.json that came with "
+                    "the checkpoint (copy or download it again)."
+                )
 
     @property
     def _attn_implementation(self):
