@@ -81,6 +81,7 @@ def test_real_config_traps():
         (dict(embd_layer={"with_learnable_separator": False}), "with_learnable_separator"),
         (dict(embd_layer={"projection_cls": "linear"}), "projection_cls"),
         (dict(img_processor={"model_name": "openai/clip-vit-base-patch32"}), "model_name"),
+        (dict(img_processor={"type_feature": "cls_patch"}), "type_feature'\\] is 'cls_patch'"),
     ],
 )
 def test_configs_of_image_embeddings_the_checkpoints_do_not_use_are_refused(change, message):

@@ -121,6 +121,11 @@ class Phi3VConfig(Phi3Config):
                 f"img_processor['model_name'] is {self.img_processor['model_name']!r}; the image embedding is "
                 f"built for {DEFAULT_IMG_PROCESSOR['model_name']} (its size is set by vision_config)."
             )
+        if self.img_processor.get("type_feature", "patch") != "patch":  # the original also knows "cls_patch"
+            raise ConfigurationError(
+                f"img_processor['type_feature'] is {self.img_processor['type_feature']!r}; this implementation "
+                "defines only the checkpoints' 'patch' features (the CLS token dropped)."
+            )
         if self.reset_cache_at_original_max is None:
             self.reset_cache_at_original_max = bool(
                 self.sliding_window is not None and self.sliding_window > self.max_position_embeddings
