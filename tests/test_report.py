@@ -1,6 +1,7 @@
 """environment_report: facts about this machine, memory needs of the model, a readable table."""
 
 import os
+import platform
 import sys
 from types import SimpleNamespace
 
@@ -152,13 +153,23 @@ def test_print_report_false_prints_nothing(capsys):
 
 
 def test_no_warning_with_the_tested_versions(monkeypatch):
+    monkeypatch.setattr(platform, "python_version", lambda: TESTED_VERSIONS["python"] + ".7")
     monkeypatch.setattr(torch, "__version__", TESTED_VERSIONS["torch"] + "+cpu")  # a local label is the same release
     monkeypatch.setattr(transformers, "__version__", TESTED_VERSIONS["transformers"])
     assert environment_report(print_report=False)["warnings"] == []
 
 
+def test_warns_when_python_is_not_the_locks(monkeypatch):
+    monkeypatch.setattr(platform, "python_version", lambda: "3.12.1")
+    monkeypatch.setattr(torch, "__version__", TESTED_VERSIONS["torch"])
+    monkeypatch.setattr(transformers, "__version__", TESTED_VERSIONS["transformers"])
+    [warning] = environment_report(print_report=False)["warnings"]
+    assert warning.startswith(f"Python 3.12.1 runs this, but the lock is resolved for Python {TESTED_VERSIONS['python']}")
+
+
 @pytest.mark.parametrize("library", [torch, transformers])
 def test_warns_when_torch_or_transformers_is_not_the_tested_version(monkeypatch, capsys, library):
+    monkeypatch.setattr(platform, "python_version", lambda: TESTED_VERSIONS["python"] + ".7")
     monkeypatch.setattr(torch, "__version__", TESTED_VERSIONS["torch"])
     monkeypatch.setattr(transformers, "__version__", TESTED_VERSIONS["transformers"])
     monkeypatch.setattr(library, "__version__", "9.9.9")

@@ -236,8 +236,14 @@ def _software() -> dict:
 
 
 def _version_warnings(report: dict) -> list[str]:
-    """One message per library (torch, transformers) whose installed version is not the tested one."""
+    """One message for Python, and per library (torch, transformers), whose version is not the tested one."""
     messages = []
+    if ".".join(report["python"].split(".")[:2]) != TESTED_VERSIONS["python"]:
+        messages.append(
+            f"Python {report['python']} runs this, but the lock is resolved for Python {TESTED_VERSIONS['python']}: "
+            "some pinned versions may be missing or behave differently here. If something fails, use Python "
+            f"{TESTED_VERSIONS['python']} (PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab)."
+        )
     for name in ("torch", "transformers"):
         installed, tested = report[name].split("+")[0], TESTED_VERSIONS[name]  # "2.13.0+cpu" is 2.13.0
         if installed != tested:
