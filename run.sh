@@ -18,11 +18,12 @@ locked_version() {  # the version of package $1 in the lock
 
 venv() {  # create (once) and activate the virtual environment in folder $1
   [ -x "$1/bin/python" ] || "${PYTHON:-python3}" -m venv "$1"
-  local version
+  local version locked  # the lock is resolved for TESTED_VERSIONS["python"] (phi_helpers/versions.py)
   version="$("$1/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-  if [ "$version" != "3.11" ]; then  # the lock is resolved for 3.11 (README, "Set-up")
-    echo "warning: $1 uses Python $version; the lock is resolved for Python 3.11, so some pinned versions may" >&2
-    echo "  have no wheels here. If the install fails: rm -rf $1 and run again with PYTHON=python3.11 ./run.sh ..." >&2
+  locked="$(sed -n 's/.*"python": "\([0-9.]*\)".*/\1/p' phi_helpers/versions.py)"
+  if [ "$version" != "$locked" ]; then
+    echo "warning: $1 uses Python $version; the lock is resolved for Python $locked, so some pinned versions may" >&2
+    echo "  have no wheels here. If the install fails: rm -rf $1 and run again with PYTHON=python$locked ./run.sh ..." >&2
   fi
   # shellcheck disable=SC1091
   . "$1/bin/activate"

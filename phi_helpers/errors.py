@@ -100,7 +100,7 @@ class MRZError(PhiHelpersError, ValueError):
 
 
 class RayNotInstalledError(MissingDependencyError):
-    """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra: ``pip install "ray[data]>=2.60,<3"``."""
+    """``--engine ray`` / ``predict_dataset`` need Ray Data, an optional extra (``phi_helpers.cli.ray_engine.INSTALL_RAY`` says how to install it)."""
 
 
 class SchemaNotSupportedError(SchemaError):
@@ -130,9 +130,8 @@ def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> in
     >>> check_whole_number(4, "num_crops", minimum=1)
     4
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) and not _is_integer_tensor(value):
-        raise InvalidArgumentError(f"{name} must be a whole number of at least {minimum}{hint}, got {value!r}.")
-    if operator.index(value) < minimum:
+    whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or _is_integer_tensor(value))
+    if not whole or operator.index(value) < minimum:
         raise InvalidArgumentError(f"{name} must be a whole number of at least {minimum}{hint}, got {value!r}.")
     return operator.index(value)
 

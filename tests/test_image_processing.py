@@ -402,3 +402,11 @@ def test_a_forked_child_gets_its_own_threads(monkeypatch):
         child.kill()
     assert child.exitcode == 0, "the child hung or failed"
     assert queue.get(timeout=5)
+
+
+def test_num_crops_from_numpy_is_kept_as_a_plain_int(tmp_path):
+    """A numpy count was stored as it came: repr, to_json_string and save_pretrained then failed."""
+    processor = Phi3VImageProcessor(num_crops=np.int64(4))
+    assert type(processor.num_crops) is int
+    processor.save_pretrained(tmp_path)
+    assert '"num_crops": 4' in processor.to_json_string()

@@ -153,9 +153,11 @@ ORIENTATION = 0x0112  # the EXIF tag
 
 
 def phone_photo(tmp_path) -> Path:
-    """A 40x20 JPEG stored sideways, with Orientation 6: "rotate 90 degrees clockwise to display"."""
+    """A 40x20 JPEG stored sideways, with Orientation 6: "rotate 90 degrees clockwise to display", and its
+    stored size in the Exif IFD (PixelXDimension, PixelYDimension), as cameras write them."""
     exif = Image.Exif()
     exif[ORIENTATION] = 6
+    exif.get_ifd(0x8769).update({0xA002: 40, 0xA003: 20})
     path = tmp_path / "phone.jpg"
     two_colour_image().save(path, exif=exif, quality=100)
     return path
@@ -176,15 +178,27 @@ def test_a_pil_image_straight_from_image_open_is_turned_upright(tmp_path):
         assert opened.size == (40, 20)  # the caller's image is left as it is
 
 
-def test_a_pil_image_the_user_turned_or_changed_is_used_as_given(tmp_path):
-    """Pillow copies the EXIF data, Orientation tag included, into a transposed, rotated or converted
-    image: a photo the user had already turned upright was turned a second time, back to sideways."""
+def test_a_pil_image_the_user_turned_is_not_turned_again(tmp_path):
+    """Pillow copies the EXIF data, Orientation tag included, into a transposed or rotated image: a photo
+    the user had already turned upright was turned a second time, back to sideways."""
     with Image.open(phone_photo(tmp_path)) as opened:
-        turned = [opened.transpose(Image.Transpose.ROTATE_270), opened.rotate(-90, expand=True)]
+        turned = [opened.transpose(Image.Transpose.ROTATE_270), opened.rotate(-90, expand=True),
+                  opened.rotate(-90, expand=True).resize((30, 60))]
         for image in turned:
             assert image.format is None and image.getexif().get(ORIENTATION) == 6  # the tag came along
-            assert load_image(image).size == (20, 40)
-        assert load_image(opened.convert("RGB")).size == (40, 20)  # changed by the user: as given
+            assert load_image(image).size == image.size
+
+
+def test_a_pil_image_the_user_converted_resized_or_cropped_is_still_turned_upright(tmp_path):
+    """Its pixels are still stored sideways: the tag is followed, as for the file."""
+    with Image.open(phone_photo(tmp_path)) as opened:
+        for image in (opened.convert("RGB"), opened.resize((80, 40)), opened.crop((2, 0, 38, 20))):
+            assert load_image(image).size == image.size[::-1]
+        without_size = opened.convert("RGB")
+        without_size.info["exif"] = b""  # no recorded size: the tag alone decides
+        without_size.getexif().clear()
+        without_size.getexif()[ORIENTATION] = 6
+        assert load_image(without_size).size == (20, 40)
 
 
 # --- errors for local sources -----------------------------------------------------------------------

@@ -239,7 +239,7 @@ def copied_checkpoint(tiny_checkpoint, tmp_path, remove=(), config=None) -> Path
 
 
 @pytest.mark.parametrize(
-    "missing", ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "model.safetensors"]
+    "missing", ["tokenizer.json", "preprocessor_config.json", "model.safetensors"]
 )
 def test_a_folder_missing_a_checkpoint_file_names_it(no_env_model, forbid_loading, tiny_checkpoint, tmp_path, missing):
     """Without tokenizer.json transformers asks for sentencepiece; without preprocessor_config.json or the
@@ -494,6 +494,17 @@ def test_a_warning_before_loading_what_does_not_fit(no_env_model, tiny_checkpoin
     assert model.dtype == torch.float32
 
 
+def test_the_warning_counts_the_folders_own_num_crops(no_env_model, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Phi-3-vision's folder says 16 crops: its activations are counted for 16, not for Phi-3.5's 4."""
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**settings, "num_crops": 16}))
+    monkeypatch.setattr(loading, "available_memory", lambda device: (0.001, "of RAM available"))
+    load_model(folder, device="cpu")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert "activations at num_crops=16)" in lines[0] and lines[1].endswith("num_crops=16")
+
+
 def stop_at_the_hub(monkeypatch):
     """The hub cannot be reached and the cache is empty: load_model stops right after its checks."""
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
@@ -541,3 +552,16 @@ def test_load_model_returns_the_memory_freed_while_loading(monkeypatch, tiny_che
     monkeypatch.setattr(loading, "return_freed_memory", lambda: calls.append(1) or original())
     load_model(str(tiny_checkpoint), device="cpu")
     assert calls == [1]
+
+
+def test_a_folder_without_tokenizer_config_loads_as_before(no_env_model, tiny_checkpoint, tmp_path):
+    """tokenizer.json alone gives the same tokenizer (transformers' defaults); such a folder loaded before."""
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path, remove=["tokenizer_config.json"])
+    check_checkpoint_files(folder)
+
+
+def test_a_model_saved_without_its_processor_is_told_to_save_the_processor(no_env_model, tiny_checkpoint, tmp_path):
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path, remove=["tokenizer.json", "tokenizer_config.json",
+                                                                    "preprocessor_config.json"])
+    with pytest.raises(ModelLoadError, match=r"also needs processor\.save_pretrained\(folder\)"):
+        check_checkpoint_files(folder)

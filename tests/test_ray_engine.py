@@ -199,9 +199,11 @@ def test_items_made_before_ray_stopped_are_refused_with_what_to_do(monkeypatch, 
     import ray
 
     items = ray_engine.item_dataset(str(scans / "scan_0.png"))
-    monkeypatch.setattr(ray_engine, "_ray_session", lambda ray: "a Ray started later")
-    with pytest.raises(InvalidArgumentError, match="made in a Ray that has stopped since: start it with start_ray"):
-        ray_engine.predict_dataset(items, "caption", "tiny")
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    ray.shutdown()
     with pytest.raises(InvalidArgumentError, match="Ray is not running: start it with start_ray"):
         ray_engine.predict_dataset(items, "caption", "tiny")
+    ray_engine.start_ray(num_cpus=2, dashboard=False)  # as the module's fixture started it
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with pytest.raises(InvalidArgumentError, match="made in a Ray that has stopped since: start it with start_ray"):
+        ray_engine.predict_dataset(items, "caption", "tiny")
+    ray_engine.predict_dataset(ray_engine.item_dataset(str(scans / "scan_0.png")), "caption", "tiny")  # made again: fine

@@ -180,3 +180,11 @@ def test_warns_when_torch_or_transformers_is_not_the_tested_version(monkeypatch,
     assert "./run.sh" in warning and "requirements.txt" in warning
     printed = " ".join(capsys.readouterr().out.split())
     assert f"Warning: {name} 9.9.9 is installed" in printed
+
+
+def test_int4_without_a_cuda_gpu_is_not_said_to_fit(monkeypatch, capsys):
+    """int4 needs bitsandbytes on a CUDA GPU: load_model refuses it on a CPU, so "fits in RAM" misled."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    report = environment_report()
+    assert report["fits"]["int4 + bf16"] == report_module.NEEDS_CUDA
+    assert "(needs a CUDA GPU)" in capsys.readouterr().out

@@ -10,12 +10,13 @@ looking at the image sees) and 8 bits per channel (16-bit greyscale is scaled, n
 Anything that goes wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeout``) that names the
 source and says what to do; formats Pillow cannot read (SVG, HEIC/HEIF, PDF) are named as such.
 
-Upright: the EXIF orientation of phone photos is applied to what ``load_image`` decodes itself (a
-path, a URL, bytes, a file object) and to a PIL image straight from ``Image.open`` (its ``.format`` is
-set). A PIL image you made or changed (``.format`` is None: ``transpose``, ``rotate``, ``convert``,
-``copy``...) is used as it is: Pillow copies the EXIF data, tag included, into such images, so a photo
-you already turned upright would otherwise be turned a second time. A numpy array (uint8, (height,
-width) or (height, width, 3 or 4)) has no orientation either.
+Upright: the EXIF orientation tag of phone photos is applied, to files, URLs, bytes and PIL images
+alike (a PIL image you converted, resized or cropped keeps the tag, and its pixels are still stored
+sideways). One exception: Pillow also copies the tag into an image you turned yourself (``rotate``,
+``transpose``), so a PIL image whose tag asks for a quarter turn but whose shape already is the
+photo's turned shape (its EXIF records the stored width and height) is taken as upright, not turned a
+second time. ``ImageOps.exif_transpose`` turns a photo and removes the tag: the safe way to turn one.
+A numpy array (uint8, (height, width) or (height, width, 3 or 4)) has no orientation.
 
 Size: an image is refused only where Pillow itself refuses to open one, above twice
 ``PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default), where a decompression bomb (a small
@@ -38,6 +39,7 @@ import binascii
 import contextlib
 import errno
 import io
+import math
 import os
 import re
 import stat
@@ -70,10 +72,9 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     A multi-page TIFF gives its first page (``load_page`` reads any page; ``phi-helpers predict`` runs
     every page, one line each), an animated GIF, PNG or WebP its first frame.
 
-    Upright means: the EXIF orientation tag is applied to a file, URL or bytes, and to a PIL image
-    straight from ``Image.open`` (``image.format`` is set, e.g. "JPEG"). A PIL image you made or changed
-    (``image.format`` is None, e.g. after ``transpose`` or ``rotate``) is used as it is, tag or not: Pillow
-    copies the tag into such images, so an image you already turned would be turned again.
+    Upright means: the EXIF orientation tag is applied, except to a PIL image that you already turned
+    (``rotate``/``transpose`` keep the tag): one whose shape is the photo's stored shape (recorded in its
+    EXIF) turned by the quarter turn the tag asks for.
 
     Args:
         src: a file path (``str`` or ``pathlib.Path``), an ``http://`` / ``https://`` URL, a base64
@@ -95,7 +96,7 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
             took longer than ``max_seconds``.
     """
     if isinstance(src, Image.Image):  # .format is set only on an image straight from Image.open
-        return _decode(lambda: src, "the PIL image you passed", upright=src.format is not None)
+        return _decode(lambda: src, "the PIL image you passed", upright=not _turned_already(src))
     if isinstance(src, numpy.ndarray):
         return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False)
     if isinstance(src, torch.Tensor):
@@ -153,7 +154,7 @@ def load_page(src, page: int) -> Image.Image:
     Raises ImageLoadError as ``load_image`` does, and for a page the file does not have;
     InvalidArgumentError for a ``page`` that is not a whole number of at least 1.
     """
-    check_whole_number(page, "page", minimum=1)
+    page = check_whole_number(page, "page", minimum=1)
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _from_bytes(bytes(src), f"the {len(src)} bytes you passed", page)
     if isinstance(src, str) and _is_url(src):
@@ -393,6 +394,31 @@ def _too_many_pixels_error(source: str, detail: str, remedy: str = _SMALLER_IMAG
         f"2 x PIL.Image.MAX_IMAGE_PIXELS = {pixel_limit() or 0:,}; decompression-bomb attacks look like this). "
         f"{remedy}. In your own Python code, if you trust this file, you can raise PIL.Image.MAX_IMAGE_PIXELS first."
     )
+
+
+ORIENTATION = 0x0112  # the EXIF tag that says how to turn the stored pixels for display
+_EXIF_IFD, _PIXEL_X, _PIXEL_Y = 0x8769, 0xA002, 0xA003  # the stored width and height, in the Exif IFD
+_QUARTER_TURNS = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def _turned_already(image: Image.Image) -> bool:
+    """Whether a PIL image the caller passed is upright already although its EXIF orientation tag asks for
+    a quarter turn: its shape is nearer to the stored shape turned (the EXIF's PixelXDimension x
+    PixelYDimension, swapped) than to the stored shape. Pillow copies the tag into ``rotate`` and
+    ``transpose`` results; a converted, resized or cropped image keeps the stored shape and is turned.
+    Without the recorded size (or for a square one) the tag is followed."""
+    try:
+        exif = image.getexif()
+        if exif.get(ORIENTATION) not in _QUARTER_TURNS:
+            return False
+        stored = exif.get_ifd(_EXIF_IFD)
+        width, height = int(stored.get(_PIXEL_X, 0)), int(stored.get(_PIXEL_Y, 0))
+    except Exception:  # noqa: BLE001  (broken EXIF data: follow the tag, as _upright does)
+        return False
+    if width <= 0 or height <= 0 or width == height or image.width == 0 or image.height == 0:
+        return False
+    shape, stored_shape = image.width / image.height, width / height
+    return abs(math.log(shape * stored_shape)) < abs(math.log(shape / stored_shape))
 
 
 def _upright(image: Image.Image) -> Image.Image:

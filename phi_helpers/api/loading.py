@@ -63,11 +63,12 @@ _TINY_FILES = (
     "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"
 )
 _COMPLETE_MARKER = ".phi_helpers_complete"
-# Files a checkpoint folder must hold besides config.json, the weights and the image processor's settings
+# What a checkpoint folder must hold besides config.json, the weights and the image processor's settings
 # (preprocessor_config.json in the hub's checkpoints; processor_config.json in a folder saved with
-# transformers 5). Without tokenizer.json transformers falls back to converting a slow tokenizer and
-# asks for sentencepiece, which does not help.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# transformers 5): without tokenizer.json transformers falls back to converting a slow tokenizer and asks
+# for sentencepiece, which does not help. (tokenizer_config.json is not needed: the defaults load.)
+_TOKENIZER_FILE = "tokenizer.json"
+_SAVE_PROCESSOR_TOO = "a folder written by model.save_pretrained(folder) also needs processor.save_pretrained(folder)"
 
 
 def load_model(
@@ -114,7 +115,8 @@ def load_model(
     else:
         quantization, quantization_note = quantization_config(asked_quantize, device, dtype)
         quantized_as = asked_quantize
-    _warn_if_short_of_memory(model_config, device, dtype, quantized_as, num_crops, can_quantize=saved is None)
+    crops = num_crops or (_image_processor_settings(Path(source))[1].get("num_crops") if local else None)
+    _warn_if_short_of_memory(model_config, device, dtype, quantized_as, crops, can_quantize=saved is None)
     hub_kwargs = {} if local else _hub_access(source)
 
     processor_kwargs = {**hub_kwargs} if num_crops is None else {**hub_kwargs, "num_crops": num_crops}
@@ -394,9 +396,9 @@ def _no_folder_either(repo_id: str) -> str:
 def check_checkpoint_files(folder: Path, check_num_crops: bool = True) -> None:
     """Raise ModelLoadError naming the file if a local checkpoint folder is visibly broken.
 
-    Every ``*.json`` file must parse; ``config.json``, ``tokenizer.json`` and ``tokenizer_config.json``
-    must exist, and the image processor's settings (``preprocessor_config.json``, or the
-    ``image_processor`` part of ``processor_config.json`` that ``save_pretrained`` writes), with a valid
+    Every ``*.json`` file must parse; ``config.json`` and ``tokenizer.json`` must exist, and the image
+    processor's settings (``preprocessor_config.json``, or the ``image_processor`` part of
+    ``processor_config.json`` that ``save_pretrained`` writes), with a valid
     ``num_crops`` unless ``check_num_crops`` is False (``load_model(num_crops=...)`` replaces it); the
     weights must exist (``model.safetensors``, the shards ``model.safetensors.index.json`` names, or
     PyTorch ``.bin`` files), and every safetensors file must hold as many bytes as its header announces (a
@@ -417,9 +419,8 @@ def check_checkpoint_files(folder: Path, check_num_crops: bool = True) -> None:
             f"'{folder}' holds {f'a {model_type!r} model' if model_type else 'no model_type'} (config.json), not Phi-3-vision or Phi-3.5-vision "
             f"(model_type 'phi3_v'). Pass a folder holding one of those, or a hub id such as '{DEFAULT_MODEL_ID}'."
         )
-    for name in _TOKENIZER_FILES:
-        if not (folder / name).is_file():
-            raise _broken_file_error(folder / name, "it is missing")
+    if not (folder / _TOKENIZER_FILE).is_file():
+        raise _broken_file_error(folder / _TOKENIZER_FILE, f"it is missing ({_SAVE_PROCESSOR_TOO})")
     path, settings = _image_processor_settings(folder)
     if check_num_crops and "num_crops" in settings:
         try:
@@ -443,7 +444,7 @@ def _image_processor_settings(folder: Path) -> tuple[Path, dict]:
             return processor, settings["image_processor"]
     preprocessor = folder / "preprocessor_config.json"
     if not preprocessor.is_file():
-        raise _broken_file_error(preprocessor, "it is missing")
+        raise _broken_file_error(preprocessor, f"it is missing, and so is processor_config.json ({_SAVE_PROCESSOR_TOO})")
     settings = json.loads(preprocessor.read_text(encoding="utf-8"))
     return preprocessor, settings if isinstance(settings, dict) else {}
 
@@ -556,8 +557,8 @@ def _from_pretrained(auto_class, source: str, **kwargs):
         if Path(source).is_dir():
             raise ModelLoadError(
                 f"Could not load the folder '{source}': {_without_hub_advice(str(error))}\nCheck that it holds the "
-                "whole checkpoint (config.json, the weights, tokenizer.json, tokenizer_config.json and "
-                "preprocessor_config.json), or copy or download it again."
+                "whole checkpoint (config.json, the weights, tokenizer.json and preprocessor_config.json or "
+                "processor_config.json), or copy or download it again."
             ) from None
         raise ModelLoadError(
             f"Could not load '{source}': {error}\nCheck the model id (e.g. '{DEFAULT_MODEL_ID}') or folder, your "

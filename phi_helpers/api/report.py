@@ -52,6 +52,7 @@ NUM_CROPS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, 512
 HEADROOM_GIB = 2.0
 # Bytes of the activations per compute dtype (the dtype of the unquantized parameters; fp16 as bf16).
 _ACTIVATION_BYTES = {"bfloat16": 2, "float32": 4}
+NEEDS_CUDA = "needs a CUDA GPU"  # the verdict of a weight format that cannot load here (int4 without CUDA)
 # Weight formats of the table: (name, quantize or None, bytes of every parameter it does not quantize).
 _WEIGHT_FORMATS = (
     ("float32", None, 4),
@@ -74,7 +75,8 @@ def environment_report(
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
     ``gpu_name``, ``gpu_memory_gib``, ``gpu_free_gib``, ``bf16_supported``, ``ram_available_gib``,
     ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``fits`` (per weight format: "fits", "tight"
-    or "does not fit" in the free GPU memory, or the available RAM without a GPU) and ``warnings``, a list
+    or "does not fit" in the free GPU memory, or the available RAM without a GPU; ``NEEDS_CUDA`` for int4
+    without one) and ``warnings``, a list
     of messages (printed below the table), e.g. when torch or transformers is not the tested version.
     """
     memory = memory_estimate(num_crops=num_crops, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
@@ -83,6 +85,8 @@ def environment_report(
     report["fits"] = {
         name: memory_verdict(need, available) if available else None for name, need in report["need_gib"].items()
     }
+    if not report["cuda_available"]:  # int4 needs bitsandbytes on a CUDA GPU (quantization_config refuses it)
+        report["fits"].update({name: NEEDS_CUDA for name, quantize, _ in _WEIGHT_FORMATS if quantize == "int4"})
     report["warnings"] = _version_warnings(report)
     if print_report:
         print(_format(report))
@@ -242,7 +246,7 @@ def _version_warnings(report: dict) -> list[str]:
         messages.append(
             f"Python {report['python']} runs this, but the lock is resolved for Python {TESTED_VERSIONS['python']}: "
             "some pinned versions may be missing or behave differently here. If something fails, use Python "
-            f"{TESTED_VERSIONS['python']} (PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab)."
+            f"{TESTED_VERSIONS['python']}: rm -rf .venv, then PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab."
         )
     for name in ("torch", "transformers"):
         installed, tested = report[name].split("+")[0], TESTED_VERSIONS[name]  # "2.13.0+cpu" is 2.13.0
@@ -425,8 +429,8 @@ def _memory_for_the_model(report: dict) -> tuple[float | None, str]:
 def _fits(report: dict, name: str) -> str:
     """Whether weight format ``name`` fits, with the two numbers behind the verdict."""
     memory, where = _memory_for_the_model(report)
-    if not report["fits"][name]:
-        return ""
+    if report["fits"][name] in (None, NEEDS_CUDA):
+        return f"  ({NEEDS_CUDA})" if report["fits"][name] else ""
     free = "free" if where == "GPU" else "available"
     return f"  ({report['fits'][name]} in {where}: needs {report['need_gib'][name]} GiB with activations, {memory} {free})"
 

@@ -31,7 +31,7 @@ from .outputs import (
     finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
     schema_advice, write_atomically,
 )
-from .ray_engine import run_ray
+from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .tasks import TASKS, chunks, predict, predict_items, read_schema, task_prompt
@@ -118,7 +118,7 @@ def _add_predict_parser(commands) -> None:
     engine = parser.add_argument_group("engine")
     engine.add_argument("--engine", choices=("process", "ray"), default="process",
                         help='process: this Python process (default); ray: Ray Data, one model replica per worker '
-                        '(pip install "ray[data]>=2.60,<3")')
+                        f'({INSTALL_RAY})')
     engine.add_argument("--address", metavar="ADDR", help="with --engine ray: the Ray cluster to use (e.g. auto, "
                         "ray://head:10001); default: start a local Ray on this machine")
     engine.add_argument("--replicas", type=_positive_int, metavar="N", help="with --engine ray: model replicas working "

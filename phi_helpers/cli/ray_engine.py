@@ -158,10 +158,12 @@ def item_dataset(specs: list[str] | str, skip: set | None = None, local: list[It
     return dataset
 
 
-def _ray_session(ray) -> str | None:
-    """Which Ray this process is connected to (the driver's node id: new at every start), or None."""
+def _ray_session(ray) -> tuple | None:
+    """Which Ray connection this process has, or None: the driver's node id (new when a local Ray starts
+    again) and job id (new when the driver connects to a running cluster again)."""
     try:
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        context = ray.get_runtime_context()
+        return (context.get_node_id(), context.get_job_id()) if ray.is_initialized() else None
     except Exception:  # noqa: BLE001  (a client connection without it: no check)
         return None
 

@@ -39,7 +39,7 @@ def check_num_crops(num_crops, context_length: int = CONTEXT_LENGTH) -> int:
     >>> check_num_crops(16)
     16
     """
-    check_whole_number(num_crops, "num_crops", minimum=1)
+    num_crops = check_whole_number(num_crops, "num_crops", minimum=1)  # a plain int, also from numpy or torch
     if max_image_tokens(num_crops) > context_length:
         raise InvalidArgumentError(
             f"num_crops={num_crops} is too many: one image could take {max_image_tokens(num_crops):,} tokens, "

@@ -196,7 +196,8 @@ class Phi3VModel(Phi3Model):
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, first_step=True) -> torch.Tensor:
         """Token embeddings with image features scattered in, row-major over (batch, sequence)."""
         positions = self.image_positions(input_ids)
-        if bool((input_ids >= self.config.vocab_size).any()):  # the original fails on them too (an IndexError)
+        if first_step and bool((input_ids >= self.config.vocab_size).any()):  # the original fails too (IndexError);
+            # a decoding step's ids come from lm_head, always in the vocabulary (no GPU sync for them)
             raise InvalidArgumentError(
                 f"input_ids hold token id {int(input_ids.max())}, beyond the model's vocabulary of "
                 f"{self.config.vocab_size} ids: they come from another tokenizer. Build the inputs with this "
