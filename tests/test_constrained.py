@@ -222,7 +222,7 @@ def test_a_pattern_matches_anywhere_in_the_value_as_json_schema_says(cli_model_a
 
 
 @pytest.mark.parametrize("pattern", ["^[A-Z]", "@", "^X|Y$", "^[^]]$", "[]a]", "^(?P<code>[a-c]+)$", "a\\|b", "[|^$]", "^$", "",
-                                     "^[^\\n]*$", "^[ -~]+$", "^\\x41"])
+                                     "^[^\\n]*$", "^[ -~]+$", "^\\x41", "^[\\tab]+$"])
 def test_the_grammar_accepts_exactly_what_the_check_accepts(cli_model_and_processor, pattern):
     """For every value xgrammar can write in a patterned string (no quote, backslash or control
     character), the grammar allows it if and only if Python's re.search (which checks answers) does."""
@@ -240,7 +240,7 @@ def test_the_grammar_accepts_exactly_what_the_check_accepts(cli_model_and_proces
     ("(?:^a)", "^ or $ inside a pattern"),
     # xgrammar writes a character the pattern names on its own as it is: a raw tab, quote or backslash is not JSON
     ("^a\\t$", "'\\\\t' in a pattern"), ('^"[a-z]+"$', "'\"' in a pattern"), ("^[\\x00-\\x1f]+$", "'\\\\x00' in a pattern"),
-    ("^[a\\\\]$", "'\\\\\\\\' in a pattern"), ("^\\x22$", "not valid JSON"), ("^[\\b]$", "not valid JSON"),
+    ("^[\\n\\t]+$", "'\\\\n' in a pattern"), ("^\\x22$", "not valid JSON"), ("^[\\b]$", "not valid JSON"),
 ])
 def test_patterns_the_grammar_would_read_otherwise_are_refused(cli_model_and_processor, pattern, message):
     _model, processor = cli_model_and_processor
@@ -248,7 +248,9 @@ def test_patterns_the_grammar_would_read_otherwise_are_refused(cli_model_and_pro
         compile_schema(processor.tokenizer, {"type": "string", "pattern": pattern}, 32064, [32007])
 
 
-@pytest.mark.parametrize("pattern", ["^[^\\n]*$", '^[^"\\\\]+$', "^\\s*$", "^.*$", "^[ -~]+$", "^\\x41$", "^a$|^b$|c"])
+@pytest.mark.parametrize("pattern", ["^[^\\n]*$", '^[^"\\\\]+$', "^\\s*$", "^.*$", "^[ -~]+$", "^\\x41$", "^a$|^b$|c",
+                                     # a class that also names other characters: xgrammar leaves them out of it
+                                     "^[\\t ]+$", '^[a-z"]+$', "^[a\\\\]$", "^[\\x00-z]+$"])
 def test_patterns_that_leave_out_what_json_escapes_are_kept_quietly(cli_model_and_processor, capfd, pattern):
     """Control characters, quotes and backslashes excluded (or left to ".", "\\s", wide classes, which the
     grammar writes without them) are fine; anchors on branches no longer make xgrammar print a warning."""
@@ -256,6 +258,19 @@ def test_patterns_that_leave_out_what_json_escapes_are_kept_quietly(cli_model_an
     schema = {"type": "object", "properties": {"v": {"type": "string", "pattern": pattern}}}
     compile_schema(processor.tokenizer, schema, 32064, [32007])
     assert "Warning" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("pattern, plain, left_out", [("^[\\t ]+$", " ", "\t"), ('^[a-z"]+$', "ab", '"'), ("^[a\\\\]+$", "a", "\\")])
+def test_a_class_that_also_names_other_characters_never_writes_what_json_escapes(cli_model_and_processor, pattern, plain, left_out):
+    """What the check relies on to accept such a class (before: refused): xgrammar leaves the control
+    character, quote or backslash out of it, raw and escaped, so every answer is valid JSON."""
+    _model, processor = cli_model_and_processor
+    grammar = compile_schema(processor.tokenizer, {"type": "object", "properties": {"v": {"type": "string", "pattern": pattern}},
+                                                  "required": ["v"]}, 32064, [32007])
+    for value, allowed in ((plain, True), (left_out, False)):
+        raw, escaped = '{"v":"' + value + '"}', json.dumps({"v": value}, separators=(",", ":"))
+        assert xgrammar.GrammarMatcher(grammar).accept_string(escaped) is allowed
+        assert xgrammar.GrammarMatcher(grammar).accept_string(raw) is allowed
 
 
 def test_ids_beyond_the_tokenizer_are_always_masked(cli_model_and_processor):

@@ -24,7 +24,8 @@ The JSON Schema subset that is enforced (anything else is refused before generat
   ``items`` (one schema for every item), ``minItems``, ``maxItems``,
   ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
   back-references, matched anywhere in the value as JSON Schema says, and naming no control character,
-  quote or backslash, which the grammar would write unescaped), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
+  quote or backslash on its own, which the grammar would write unescaped; a class with other characters
+  beside one, ``[\\t ]``, is fine: the grammar leaves it out), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
   ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...`` (a definition no ``$ref`` reaches is not checked);
@@ -377,7 +378,8 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
         if token.text.startswith("\\U"):
             return [f"{where}: \\U in a pattern ({pattern!r}): the grammar would read it as the letter U; "
                     "write the character itself"]
-    unsafe = next((token for token in tokens if _names_unescaped_char(token)), None)
+    mixed = _mixed_classes(tokens)
+    unsafe = next((token for index, token in enumerate(tokens) if index not in mixed and _names_unescaped_char(token)), None)
     if unsafe is not None:
         return [f"{where}: {unsafe.text!r} in a pattern ({pattern!r}): the grammar would write that character unescaped, "
                 "which is not valid JSON; leave control characters, \" and \\ out of a pattern (a [^...] class may "
@@ -451,6 +453,32 @@ def _names_unescaped_char(token: "_RegexToken") -> bool:
     except re.error:  # "(", "*" and other operators: no character of their own
         return False
     return any(named.fullmatch(char) for char in _JSON_ESCAPED)
+
+
+def _mixed_classes(tokens: list["_RegexToken"]) -> set[int]:
+    """Indices of the tokens of every ``[...]`` class that also names a character JSON writes as it is:
+    xgrammar leaves control characters, ``"`` and ``\\`` out of such a class (``[\\t ]`` allows a
+    space only), and writes them unescaped only from a class of nothing else (``[\\n\\t]``)."""
+    mixed, start = set(), None
+    for index, token in enumerate(tokens):
+        if start is None and token.in_class and token.text in ("[", "[^"):
+            start = index
+        elif start is not None and token.text == "]":
+            body = "".join(member.text for member in tokens[start + 1 : index])
+            if _names_a_plain_char(body):
+                mixed.update(range(start, index + 1))
+            start = None
+    return mixed
+
+
+def _names_a_plain_char(class_body: str) -> bool:
+    """Whether the class ``[class_body]`` matches some character that JSON does not escape (tried up to
+    U+07FF: a class of only rarer characters beside a control character is refused, to be safe)."""
+    try:
+        named = re.compile(f"[{class_body}]")
+    except re.error:
+        return False
+    return any(named.fullmatch(chr(code)) for code in range(0x20, 0x800) if chr(code) not in _JSON_ESCAPED)
 
 
 @dataclass(frozen=True)
