@@ -4,7 +4,7 @@
     python benchmarks/bench_gpu.py --device cpu --tiny  # dry run: a tiny config on CPU, same code path
 
 Prints, for each attention implementation that is usable here (sdpa; flash_attention_2 where
-flash-attn imports; both with the KV cache ``ask`` uses, ``PreallocatedCache``) and for sdpa with a
+load_model's "auto" would pick it: flash-attn installed, an Ampere or newer GPU; both with the KV cache ``ask`` uses, ``PreallocatedCache``) and for sdpa with a
 static KV cache plus ``torch.compile``:
 
 * prefill seconds at 4 and 16 crops (one 1344x1344 image: vision tower + prompt, KV cache filled);
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig
-from transformers.utils import is_flash_attn_2_available
 
 import phi_helpers  # noqa: F401  (registers the classes)
 from phi_helpers.api.kv_cache import PreallocatedCache
+from phi_helpers.api.loading import pick_attention
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
@@ -142,10 +142,11 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     configurations = [("sdpa", "sdpa", {})]
-    if args.device == "cuda" and is_flash_attn_2_available():
+    attention, reason = pick_attention("auto", args.device, torch.bfloat16)  # load_model's rule (Ampere+, flash-attn)
+    if attention == "flash_attention_2":
         configurations.append(("flash_attention_2", "flash_attention_2", {}))
     else:
-        print(f"{'flash_attention_2':<36}skipped: flash-attn is not installed (pip install flash-attn --no-build-isolation)")
+        print(f"{'flash_attention_2':<36}skipped: {reason} (pip install flash-attn --no-build-isolation, on an Ampere+ GPU)")
     # With a static cache on CUDA, generate compiles the decoding step itself (torch.compile through
     # generation_config.compile_config; the prefill runs uncompiled). On the CPU dry run nothing is compiled.
     configurations.append(("sdpa + static cache + torch.compile", "sdpa", {"cache_implementation": "static"}))

@@ -7,13 +7,13 @@
 
 The whole public API:
     load_model(model_id, device, dtype, attn, num_crops, quantize) -> (model, processor)
-    load_image(src) -> PIL.Image                    path / http(s) or data: URL / bytes / PIL image
+    load_image(src) -> PIL.Image                    path / http(s) or data: URL / bytes / PIL / numpy
     build_prompt(question, num_images, system, processor)   chat-template prompt with <|image_N|> tags
     Chat                                            multi-turn conversation with images
     ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, **generate_kwargs) -> str
     extract(model, processor, prompt_or_chat, schema, images, ...) -> dict   JSON that always follows schema
     extract_json(text) -> dict | list               JSON object inside a model answer
-    environment_report() -> dict                    versions, devices, flash-attn, memory needs
+    environment_report() -> dict                    versions, devices, flash-attn, does the model fit
     PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do; the common
         ones (PromptError, ImageLoadError, SchemaError, InvalidArgumentError...) import from phi_helpers
 

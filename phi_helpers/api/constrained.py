@@ -188,7 +188,7 @@ def _check_supported(schema) -> xgrammar.Grammar:
         messages.append(
             "This JSON Schema uses features that constrained decoding cannot enforce: " + "; ".join(problems)
             + ". Remove them (or check them yourself after extraction), or use the unconstrained path "
-            "(the command line's --no-constrain). Supported: see help(phi_helpers.api.constrained)."
+            "(the command line's --no-constrain, in Python ask() without a schema or predict_dataset(..., constrain=False)). Supported: see help(phi_helpers.api.constrained)."
         )
     if contradictions:
         messages.append(
@@ -234,7 +234,7 @@ def _check_size(schema: dict) -> None:
         f"other annotations not counted), more than MAX_SCHEMA_CHARS = {MAX_SCHEMA_CHARS:,}: compiling it would take "
         f"minutes and could not be interrupted.{largest} Make it smaller: for a long list of allowed values, use "
         '"type": "string" and check the value after extraction; or use the unconstrained path '
-        "(the command line's --no-constrain)."
+        "(the command line's --no-constrain, in Python ask() without a schema or predict_dataset(..., constrain=False))."
     )
 
 
@@ -546,7 +546,7 @@ def json_grammar(schema: dict) -> xgrammar.Grammar:
     except (RuntimeError, ValueError) as error:
         raise SchemaNotSupportedError(
             f"The JSON Schema cannot be compiled to a grammar: {_xgrammar_reason(error)}. Change that part of the "
-            "schema, or use the unconstrained path (the command line's --no-constrain)."
+            "schema, or use the unconstrained path (the command line's --no-constrain, in Python ask() without a schema or predict_dataset(..., constrain=False))."
         ) from None
 
 

@@ -95,7 +95,8 @@ def extract(
     parses and validates whatever the model is, with greedy or sampled decoding. Tell the model what
     to extract in the question: the schema is enforced, not shown to it.
 
-        schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+        total = {"type": "number", "minimum": 0, "maximum": 100000}  # bound numbers: an open one can run on
+        schema = {"type": "object", "properties": {"total": total}, "required": ["total"]}
         data = extract(model, processor, "What is the total of this receipt?", schema, images=[receipt])
 
     Raises:
@@ -505,7 +506,7 @@ def _batch(processor, prompts, images) -> tuple[list[str], list[list]]:
         raise PromptError("generate_batch needs a non-empty list of prompts (strings); for one prompt use ask().")
     if not isinstance(images, (list, tuple)) or len(images) != len(prompts) or not all(isinstance(g, (list, tuple)) for g in images):
         raise PromptError(
-            f"generate_batch needs one list of images per prompt ({len(prompts)} lists, [] for a prompt without "
+            f"generate_batch needs one list of images per prompt ({len(prompts)} list(s), [] for a prompt without "
             "images), e.g. images=[[receipt], [], [page1, page2]]."
         )
     images = [[load_image(image) for image in group] for group in images]

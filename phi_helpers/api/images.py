@@ -11,11 +11,13 @@ Anything that goes wrong becomes an ``ImageLoadError`` (or ``ImageDownloadTimeou
 source and says what to do; formats Pillow cannot read (SVG, HEIC/HEIF, PDF) are named as such.
 
 Upright: the EXIF orientation tag of phone photos is applied, to files, URLs, bytes and PIL images
-alike (a PIL image you converted, resized or cropped keeps the tag, and its pixels are still stored
-sideways). One exception: Pillow also copies the tag into an image you turned yourself (``rotate``,
-``transpose``), so a PIL image whose tag asks for a quarter turn but whose shape already is the
-photo's turned shape (its EXIF records the stored width and height) is taken as upright, not turned a
-second time. ``ImageOps.exif_transpose`` turns a photo and removes the tag: the safe way to turn one.
+alike (a PIL image you converted or resized keeps the tag, and its pixels are still stored sideways).
+One exception: Pillow also copies the tag into an image you turned yourself (``rotate``,
+``transpose``), so a PIL image whose tag asks for a quarter turn (orientations 5-8) but whose shape is
+nearer to the photo's turned shape than to its stored one (the EXIF records the stored width and
+height) is taken as upright, not turned a second time. Only shapes tell, so a crop that changes the
+shape, or a half turn of your own, can still be judged wrong: ``ImageOps.exif_transpose`` first (it
+turns the photo and removes the tag) is the safe way to turn or crop a photo.
 A numpy array (uint8, (height, width) or (height, width, 3 or 4)) has no orientation.
 
 Size: an image is refused only where Pillow itself refuses to open one, above twice
@@ -95,7 +97,7 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds, or the download
             took longer than ``max_seconds``.
     """
-    if isinstance(src, Image.Image):  # .format is set only on an image straight from Image.open
+    if isinstance(src, Image.Image):  # not turned again if the user turned it already (_turned_already)
         return _decode(lambda: src, "the PIL image you passed", upright=not _turned_already(src))
     if isinstance(src, numpy.ndarray):
         return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False)
@@ -405,7 +407,7 @@ def _turned_already(image: Image.Image) -> bool:
     """Whether a PIL image the caller passed is upright already although its EXIF orientation tag asks for
     a quarter turn: its shape is nearer to the stored shape turned (the EXIF's PixelXDimension x
     PixelYDimension, swapped) than to the stored shape. Pillow copies the tag into ``rotate`` and
-    ``transpose`` results; a converted, resized or cropped image keeps the stored shape and is turned.
+    ``transpose`` results; a converted or resized image keeps the stored shape and is turned.
     Without the recorded size (or for a square one) the tag is followed."""
     try:
         exif = image.getexif()

@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM, check_flash_attention
-from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES
+from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES, HUB_NUM_CROPS
 from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
 from .report import NUM_CROPS, available_memory, memory_need
 
@@ -86,7 +86,9 @@ def load_model(
             set, else "microsoft/Phi-3.5-vision-instruct". An explicit ``model_id`` always wins.
         device: "auto", "cuda" (or "cuda:1"...), "mps" or "cpu". The weights are loaded straight onto it.
         dtype: "auto", "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32", or a torch dtype.
-        attn: "auto", "sdpa", "eager" or "flash_attention_2".
+        attn: "auto", "sdpa", "eager" or "flash_attention_2". "auto": flash_attention_2 where flash-attn is
+            installed, on an Ampere or newer CUDA GPU in half precision, else sdpa. "eager" sets the language
+            model; the vision tower keeps sdpa (the same numbers, faster) unless flash_attention_2 is used.
         num_crops: image crops of 336x336 pixels (more = finer detail, more tokens). ``None`` keeps the
             checkpoint's value (4 for Phi-3.5-vision, 16 for Phi-3-vision).
         quantize: ``None``, "int8" (CPU: torchao; CUDA: bitsandbytes or torchao) or "int4" (CUDA with
@@ -115,7 +117,9 @@ def load_model(
     else:
         quantization, quantization_note = quantization_config(asked_quantize, device, dtype)
         quantized_as = asked_quantize
-    crops = num_crops or (_image_processor_settings(Path(source))[1].get("num_crops") if local else None)
+    crops = num_crops or (  # the checkpoint's own: a local folder's, or an official checkpoint's
+        _image_processor_settings(Path(source))[1].get("num_crops") if local else HUB_NUM_CROPS.get(source.lower())
+    )
     _warn_if_short_of_memory(model_config, device, dtype, quantized_as, crops, can_quantize=saved is None)
     hub_kwargs = {} if local else _hub_access(source)
 

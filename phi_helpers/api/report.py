@@ -77,7 +77,7 @@ def environment_report(
     ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``fits`` (per weight format: "fits", "tight"
     or "does not fit" in the free GPU memory, or the available RAM without a GPU; ``NEEDS_CUDA`` for int4
     without one) and ``warnings``, a list
-    of messages (printed below the table), e.g. when torch or transformers is not the tested version.
+    of messages (printed below the table), e.g. when Python, torch or transformers is not the tested version.
     """
     memory = memory_estimate(num_crops=num_crops, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     report = {**_software(), **_devices(), **_host(), **memory}
@@ -246,7 +246,7 @@ def _version_warnings(report: dict) -> list[str]:
         messages.append(
             f"Python {report['python']} runs this, but the lock is resolved for Python {TESTED_VERSIONS['python']}: "
             "some pinned versions may be missing or behave differently here. If something fails, use Python "
-            f"{TESTED_VERSIONS['python']}: rm -rf .venv, then PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab."
+            f"{TESTED_VERSIONS['python']} (with run.sh: rm -rf .venv, then PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab)."
         )
     for name in ("torch", "transformers"):
         installed, tested = report[name].split("+")[0], TESTED_VERSIONS[name]  # "2.13.0+cpu" is 2.13.0

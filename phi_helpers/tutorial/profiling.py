@@ -16,7 +16,7 @@ For each option ("eager", "sdpa", "flash_attention_2") ``compare_attention`` loa
   resident memory from ``resource.getrusage`` (cumulative: it never goes down, so an option measured
   after a bigger one shows the bigger one's peak).
 
-Options that cannot run here (flash_attention_2 without flash-attn or without a CUDA GPU) become rows
+Options that cannot run here (flash_attention_2 without flash-attn, without a CUDA GPU, or on one older than Ampere) become rows
 with ``available=False`` and the reason, not errors. Rows keep the greedy ``answer`` too, so you can
 check that the implementations compute the same thing.
 """
