@@ -559,6 +559,11 @@ def test_names_that_are_not_utf8_are_recorded_losslessly(capsys, tmp_path, folde
     code, _, err = run(capsys, *args)  # the lossless name finds the finished item again
     assert code == 1 and "3 of 4 items are already done" in err and "1 of 4 items failed in an earlier run" in err
 
+    assert "path" not in good and good["modified"] == os.stat(strange).st_mtime_ns
+    os.utime(strange, ns=(good["modified"] + 10**9, good["modified"] + 10**9))  # saved over: run again
+    code, _, err = run(capsys, *args)  # before: no "modified" in the line, so the edit went unseen
+    assert "1 of 4 items were modified since their last line" in err
+
 
 def test_huge_encrypted_and_empty_pdfs_fail_alone(capsys, tmp_path, folder):
     (folder / "c_huge.pdf").write_bytes(minimal_pdf("0 0 20000 20000"))
@@ -770,6 +775,25 @@ def test_a_subfolder_that_cannot_be_listed_is_a_warning(capsys, tmp_path, folder
     assert code == 0 and generations == [2]
     assert f"warning: could not list the folder '{locked}' (Permission denied) under '{tmp_path}/**/*.png': its files " \
            "were not included" in err
+
+
+def test_photos_pillow_cannot_read_are_named_not_silently_left_out(tmp_path, capsys):
+    """A folder of iPhone photos (HEIC) was "a folder without images", and an SVG among JPEGs vanished
+    without a word. AVIF, which Pillow reads, is an image of the folder."""
+    mixed, phone = tmp_path / "mixed", tmp_path / "phone"
+    mixed.mkdir(), phone.mkdir()
+    picture(mixed / "a.png")
+    Image.new("RGB", (30, 20), "red").save(mixed / "b.avif")
+    (mixed / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    for name in ("IMG_1.HEIC", "IMG_2.heic"):
+        (phone / name).write_bytes(b"\0\0\0\x18ftypheic")
+    assert [Path(item.source).name for item in inputs.collect_items(str(mixed))] == ["a.png", "b.avif"]
+    assert f"warning: under '{mixed}', 1 SVG file was left out (logo.svg): Pillow cannot read it, convert it to " \
+           "JPEG or PNG; then run again to add them." in capsys.readouterr().err
+    for spec in (str(phone), str(phone / "*")):
+        with pytest.raises(ImageLoadError, match=r"; 2 HEIC/HEIF files were left out \(IMG_1.HEIC, IMG_2.heic\): "
+                           r"Pillow cannot read them, convert them to JPEG or PNG\.$"):
+            inputs.collect_items(spec)
 
 
 def test_a_folder_of_folders_points_to_a_pattern(tmp_path):

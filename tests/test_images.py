@@ -465,8 +465,11 @@ def test_connection_refused_is_a_load_error_not_a_timeout():
     assert not isinstance(info.value, ImageDownloadTimeout)
 
 
-def test_the_message_for_data_that_is_no_image_does_not_show_pillows_buffer():
-    """The chat box's upload of a .json file said "cannot identify image file <_io.BytesIO object at 0x7f...>"."""
-    with pytest.raises(ImageLoadError) as caught:
-        load_image(b'{"a": 1}' * 40)
-    assert "cannot identify image file)" in str(caught.value) and "object at 0x" not in str(caught.value)
+def test_the_message_for_data_that_is_no_image_does_not_show_pillows_file_object(tmp_path):
+    """The chat box's upload of a .json file said "cannot identify image file <_io.BytesIO object at 0x7f...>",
+    a text file "<_io.BufferedReader name='...'>"."""
+    (tmp_path / "notes.txt").write_text("hello")
+    for source in (b'{"a": 1}' * 40, tmp_path / "notes.txt"):
+        with pytest.raises(ImageLoadError) as caught:
+            load_image(source)
+        assert "cannot identify image file)" in str(caught.value) and "<_io." not in str(caught.value)

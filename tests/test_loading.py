@@ -249,7 +249,7 @@ def test_a_folder_missing_a_checkpoint_file_names_it(no_env_model, forbid_loadin
         load_model(folder, device="cpu")
     message = str(info.value)
     assert message.startswith(f"The checkpoint file '{folder / missing}' is unusable: it is missing")
-    assert "Copy or download the checkpoint again" in message
+    assert "copy or download the checkpoint again" in message.lower()
     assert "huggingface" not in message.lower() and "internet" not in message
 
 
@@ -488,8 +488,9 @@ def test_a_warning_before_loading_what_does_not_fit(no_env_model, tiny_checkpoin
     model, _ = load_model(tiny_checkpoint, device="cpu")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[0].startswith("Warning: the model needs about ") and "float32" in lines[0]
-    assert "but cpu has only 0.0 GiB of RAM available: loading may run out of memory. Use load_model(dtype='bf16') (about " in lines[0]
-    assert "or load_model(quantize='int8') (about " in lines[0]
+    assert "but cpu has only 1 MiB of RAM available: loading may run out of memory. Use load_model(dtype='bf16') " \
+           "(command line: --dtype bf16; about " in lines[0]
+    assert "or load_model(quantize='int8') (command line: --quantize int8; about " in lines[0]
     assert lines[1].startswith(f"Loaded {tiny_checkpoint} on cpu") and len(lines) == 2
     assert model.dtype == torch.float32
 
@@ -521,7 +522,8 @@ def test_a_16_gb_laptop_without_a_gpu_is_warned_before_fp32_is_loaded(no_env_mod
     out = capsys.readouterr().out
     assert ("Warning: the model needs about 16.5 GiB (15.4 GiB of weights in float32 + 1.09 GiB of activations at num_crops=4), "
             "but cpu has only 10.0 GiB of RAM available: loading may run out of memory. Use load_model(dtype='bf16') "
-            "(about 8.3 GiB) or load_model(quantize='int8') (about 4.8 GiB).") in out
+            "(command line: --dtype bf16; about 8.3 GiB) or load_model(quantize='int8') (command line: --quantize int8; "
+            "about 4.8 GiB).") in out
     monkeypatch.setattr(loading, "available_memory", lambda device: (20.0, "of RAM available"))
     with pytest.raises(ModelLoadError):
         load_model("microsoft/Phi-3.5-vision-instruct")
@@ -538,7 +540,8 @@ def test_the_warning_looks_at_the_free_memory_of_the_gpu_asked_for(no_env_model,
     out = capsys.readouterr().out
     assert "Warning: the model needs about 8.3 GiB (7.7 GiB of weights in bfloat16 + 0.55 GiB" in out
     assert "but cuda:1 has only 7.8 GiB free on GPU 1" in out
-    assert "Use load_model(quantize='int8') (about 4.8 GiB) or load_model(quantize='int4') (about 3.3 GiB)." in out
+    assert ("Use load_model(quantize='int8') (command line: --quantize int8; about 4.8 GiB) or "
+            "load_model(quantize='int4') (command line: --quantize int4; about 3.3 GiB).") in out
     with pytest.raises(ModelLoadError):
         load_model("microsoft/Phi-3.5-vision-instruct", device="cuda:0")
     assert "Warning" not in capsys.readouterr().out
@@ -563,5 +566,10 @@ def test_a_folder_without_tokenizer_config_loads_as_before(no_env_model, tiny_ch
 def test_a_model_saved_without_its_processor_is_told_to_save_the_processor(no_env_model, tiny_checkpoint, tmp_path):
     folder = copied_checkpoint(tiny_checkpoint, tmp_path, remove=["tokenizer.json", "tokenizer_config.json",
                                                                     "preprocessor_config.json"])
-    with pytest.raises(ModelLoadError, match=r"also needs processor\.save_pretrained\(folder\)"):
+    with pytest.raises(ModelLoadError, match=r"tokenizer.json' is unusable: it is missing\. If you saved this folder with "
+                       r"model\.save_pretrained\(folder\), save the processor into it too: processor\.save_pretrained\(folder\)\."):
+        check_checkpoint_files(folder)
+    (folder / "tokenizer.json").write_bytes((tiny_checkpoint / "tokenizer.json").read_bytes())
+    (folder / "processor_config.json").write_text('{"processor_class": "Phi3VProcessor"}')  # the hub's small one
+    with pytest.raises(ModelLoadError, match="it is missing, and processor_config.json holds no image_processor settings"):
         check_checkpoint_files(folder)

@@ -311,7 +311,7 @@ def _decoding(source: str, head=bytes):
         unsupported = _unsupported_format(head()) if isinstance(error, UnidentifiedImageError) else ""
         if unsupported:
             raise ImageLoadError(f"Could not read {source}: {unsupported}") from None
-        detail = re.sub(r" <_io\.\w+ object at 0x[0-9a-f]+>", "", str(error))  # Pillow names its BytesIO
+        detail = re.sub(r" <_io\.\w+ [^>]*>", "", str(error))  # Pillow names its file object (the source is named)
         raise ImageLoadError(
             f"Could not read {source} as an image ({type(error).__name__}: {detail}). The data may be "
             "corrupt, truncated or not an image at all; open it in an image viewer, or re-save it as PNG/JPEG."

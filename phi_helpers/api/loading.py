@@ -68,7 +68,9 @@ _COMPLETE_MARKER = ".phi_helpers_complete"
 # transformers 5): without tokenizer.json transformers falls back to converting a slow tokenizer and asks
 # for sentencepiece, which does not help. (tokenizer_config.json is not needed: the defaults load.)
 _TOKENIZER_FILE = "tokenizer.json"
-_SAVE_PROCESSOR_TOO = "a folder written by model.save_pretrained(folder) also needs processor.save_pretrained(folder)"
+# What a folder saved with model.save_pretrained alone lacks, and the remedy for it.
+_SAVE_PROCESSOR_TOO = ("If you saved this folder with model.save_pretrained(folder), save the processor into it too: "
+                       "processor.save_pretrained(folder). Otherwise copy or download the checkpoint again")
 
 
 def load_model(
@@ -161,23 +163,28 @@ def _warn_if_short_of_memory(
     need = memory_need(config, dtype, quantize, num_crops)
     if need["need_gib"] <= available:
         return
-    options = [("dtype='bf16'", torch.bfloat16, None)]
+    options = [("dtype='bf16'", "--dtype bf16", torch.bfloat16, None)]
     if can_quantize and device != "mps":
-        options.append(("quantize='int8'", torch.bfloat16, "int8"))
+        options.append(("quantize='int8'", "--quantize int8", torch.bfloat16, "int8"))
     if can_quantize and device.startswith("cuda"):
-        options.append(("quantize='int4'", torch.bfloat16, "int4"))
+        options.append(("quantize='int4'", "--quantize int4", torch.bfloat16, "int4"))
     smaller = []
-    for call, option_dtype, option_quantize in options:
+    for argument, option, option_dtype, option_quantize in options:
         option_need = memory_need(config, option_dtype, option_quantize, num_crops)["need_gib"]
         if option_need < need["need_gib"]:
-            smaller.append(f"load_model({call}) (about {option_need:.1f} GiB)")
+            smaller.append(f"load_model({argument}) (command line: {option}; about {_gib(option_need)})")
     fix = f"Use {' or '.join(smaller)}" if smaller else "Close other programs or use a machine with more memory"
     print(
-        f"Warning: the model needs about {need['need_gib']:.1f} GiB ({need['weights_gib']:.1f} GiB of weights in "
-        f"{_dtype_name(dtype)}{f' with {quantize}' if quantize else ''} + {need['activations_gib']:.2f} GiB of "
-        f"activations at num_crops={num_crops}), but {device} has only {available:.1f} GiB {where}: loading may run "
+        f"Warning: the model needs about {_gib(need['need_gib'])} ({_gib(need['weights_gib'])} of weights in "
+        f"{_dtype_name(dtype)}{f' with {quantize}' if quantize else ''} + {_gib(need['activations_gib'], 2)} of "
+        f"activations at num_crops={num_crops}), but {device} has only {_gib(available)} {where}: loading may run "
         f"out of memory. {fix}."
     )
+
+
+def _gib(gib: float, digits: int = 1) -> str:
+    """A memory size for a message: "15.4 GiB", or "26 MiB" below a tenth of a GiB (tiny test models)."""
+    return f"{gib:.{digits}f} GiB" if gib >= 0.1 else f"{gib * 1024:.0f} MiB"
 
 
 def _phi3v_config(config: dict) -> Phi3VConfig | None:
@@ -424,7 +431,7 @@ def check_checkpoint_files(folder: Path, check_num_crops: bool = True) -> None:
             f"(model_type 'phi3_v'). Pass a folder holding one of those, or a hub id such as '{DEFAULT_MODEL_ID}'."
         )
     if not (folder / _TOKENIZER_FILE).is_file():
-        raise _broken_file_error(folder / _TOKENIZER_FILE, f"it is missing ({_SAVE_PROCESSOR_TOO})")
+        raise _broken_file_error(folder / _TOKENIZER_FILE, "it is missing", _SAVE_PROCESSOR_TOO)
     path, settings = _image_processor_settings(folder)
     if check_num_crops and "num_crops" in settings:
         try:
@@ -448,7 +455,8 @@ def _image_processor_settings(folder: Path) -> tuple[Path, dict]:
             return processor, settings["image_processor"]
     preprocessor = folder / "preprocessor_config.json"
     if not preprocessor.is_file():
-        raise _broken_file_error(preprocessor, f"it is missing, and so is processor_config.json ({_SAVE_PROCESSOR_TOO})")
+        processor_part = "holds no image_processor settings" if processor.is_file() else "is missing too"
+        raise _broken_file_error(preprocessor, f"it is missing, and processor_config.json {processor_part}", _SAVE_PROCESSOR_TOO)
     settings = json.loads(preprocessor.read_text(encoding="utf-8"))
     return preprocessor, settings if isinstance(settings, dict) else {}
 
@@ -492,12 +500,12 @@ def _check_safetensors(path: Path) -> None:
         raise _broken_file_error(path, f"it is truncated: {size:,} bytes instead of {8 + header_size + data_size:,}")
 
 
-def _broken_file_error(path: Path, problem: str) -> ModelLoadError:
+def _broken_file_error(path: Path, problem: str, remedy: str = "Copy or download the checkpoint again") -> ModelLoadError:
     """The error for a broken file of a local folder; the hub's cache is mentioned only for a folder in it
     (``.../models--owner--name/snapshots/...``), the only case where it helps."""
     in_hub_cache = any(part.startswith("models--") for part in path.parts)
     return ModelLoadError(
-        f"The checkpoint file '{path}' is unusable: {problem}. Copy or download the checkpoint again"
+        f"The checkpoint file '{path}' is unusable: {problem}. {remedy}"
         + (" (delete it from the Hugging Face cache and load it once more)." if in_hub_cache else ".")
     )
 

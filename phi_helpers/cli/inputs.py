@@ -20,7 +20,10 @@ import pypdfium2.raw as pdfium_c
 from ..api.images import check_pixel_count, count_pages, is_missing, load_image, load_page, unreadable_error
 from ..errors import ImageLoadError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif"}
+# Image files Pillow cannot read: folders and patterns leave them out with a warning that says what to do
+# (named one by one, each is an item whose error says what it is).
+UNREADABLE_SUFFIXES = {".heic": "HEIC/HEIF", ".heif": "HEIC/HEIF", ".svg": "SVG"}
 TIFF_SUFFIXES = {".tif", ".tiff"}  # files that may hold several pages (a scanned fax): counted when listed
 PDF_SCALE = 2.0  # PDF pages are 72 points per inch: scale 2 renders them at 144 dpi
 PDF_PAGE_TOO_LARGE = ("Split the PDF so that this page is left out, or scale its pages down to a usual paper size "
@@ -194,18 +197,22 @@ def _folder_items(path: Path, strict: bool) -> list[Item]:
     except OSError as error:
         return [_failed(path, unreadable_error(path, error, folder=True), strict)]
     files = _once([entry for entry in entries if _is_supported(entry) and _is_file_or_unreadable(entry)])
+    unreadable = [entry for entry in entries if entry.suffix.lower() in UNREADABLE_SUFFIXES and _is_file_or_unreadable(entry)]
     if not files:
-        hint = ""
+        hint = f"; {_left_out(unreadable)}" if unreadable else ""
         if any(_is_folder(entry) for entry in entries):
-            hint = f"; for the files of its sub-folders use a pattern (quoted): --image '{path / '**' / '*.png'}'"
+            hint += f"; for the files of its sub-folders use a pattern (quoted): --image '{path / '**' / '*.png'}'"
         raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}){hint}.")
+    warn_left_out(unreadable, str(path))
     return _items_for_files(files, strict=False)
 
 
 def _pattern_items(spec: str, strict: bool) -> list[Item]:
     """The items of the files that the glob pattern ``spec`` matches (``collect_items``)."""
     found = []
-    files = _once([p for p in glob_files(spec, found) if _is_supported(p)])
+    matches = glob_files(spec, found)
+    files = _once([p for p in matches if _is_supported(p)])
+    unreadable = [p for p in matches if p.suffix.lower() in UNREADABLE_SUFFIXES]
     unlisted = [error for error in found if not is_missing(error)]  # a missing folder just matches nothing
     root = glob_root(spec)
     for error in unlisted:
@@ -213,8 +220,26 @@ def _pattern_items(spec: str, strict: bool) -> list[Item]:
             return [_failed(root, unreadable_error(root, error, folder=True), strict)]
     warn_unlisted(unlisted, spec)
     if not files:
-        raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}).")
+        hint = f"; {_left_out(unreadable)}" if unreadable else ""
+        raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}){hint}.")
+    warn_left_out(unreadable, spec)
     return _items_for_files(files, strict=False)
+
+
+def warn_left_out(paths: list[Path], spec: str) -> None:
+    """Say on stderr which image files under ``spec`` were left out because Pillow cannot read them
+    (``UNREADABLE_SUFFIXES``: HEIC/HEIF photos, SVG drawings), and what to do: a warning, as for a folder
+    that cannot be listed, so that a folder of JPEGs with one SVG logo still runs clean."""
+    if paths:
+        print(f"warning: under '{spec}', {_left_out(paths)}; then run again to add them.", file=sys.stderr)
+
+
+def _left_out(paths: list[Path]) -> str:
+    """``"2 HEIC/HEIF files were left out (a.heic, b.heic): Pillow cannot read them, convert them to JPEG or PNG"``."""
+    kinds = " and ".join(sorted({UNREADABLE_SUFFIXES[path.suffix.lower()] for path in paths}))
+    names = ", ".join(path.name for path in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    were, them = ("file was", "it") if len(paths) == 1 else ("files were", "them")
+    return f"{len(paths)} {kinds} {were} left out ({names}): Pillow cannot read {them}, convert {them} to JPEG or PNG"
 
 
 def warn_unlisted(errors: list[OSError], spec: str) -> None:

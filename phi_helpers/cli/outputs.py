@@ -101,8 +101,10 @@ def item_fields(item: Item) -> dict:
         fields["source_b64"] = base64.b64encode(_fs_bytes(item.source)).decode("ascii")
     if item.page is not None:
         fields["page"] = item.page
-    if item.path is not None and printable(item.path) == item.path:  # else source_b64 names the file
-        fields["path"], fields["modified"] = item.path, item.modified
+    if item.path is not None:
+        if printable(item.path) == item.path:  # else source_b64 names the file (and a re-run finds it by that)
+            fields["path"] = item.path
+        fields["modified"] = item.modified  # so that a re-run sees the file was saved over, whatever its name
     return fields
 
 
