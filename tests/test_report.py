@@ -188,3 +188,12 @@ def test_int4_without_a_cuda_gpu_is_not_said_to_fit(monkeypatch, capsys):
     report = environment_report()
     assert report["fits"]["int4 + bf16"] == report_module.NEEDS_CUDA
     assert "(needs a CUDA GPU)" in capsys.readouterr().out
+
+
+def test_int8_on_a_mac_says_it_runs_with_device_cpu(monkeypatch, capsys):
+    """load_model() picks the Apple GPU, where quantize='int8' is refused: the row says where it fits."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    environment_report()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("weights in int8")]
+    assert rows and all("in RAM with device='cpu': needs" in row for row in rows)

@@ -432,6 +432,8 @@ def _fits(report: dict, name: str) -> str:
     if report["fits"][name] in (None, NEEDS_CUDA):
         return f"  ({NEEDS_CUDA})" if report["fits"][name] else ""
     free = "free" if where == "GPU" else "available"
+    if name.startswith("int8") and report["mps_available"] and not report["cuda_available"]:
+        where += " with device='cpu'"  # quantized weights have no Apple GPU (MPS) kernels
     return f"  ({report['fits'][name]} in {where}: needs {report['need_gib'][name]} GiB with activations, {memory} {free})"
 
 

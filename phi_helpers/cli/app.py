@@ -22,7 +22,7 @@ from pathlib import Path
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
 from ..api.loading import load_model, requested_model_id
 from ..api.prompts import check_user_text
-from ..errors import InvalidArgumentError, check_whole_number
+from ..errors import InvalidArgumentError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input
@@ -214,6 +214,11 @@ def _check_predict_args(args) -> bool:
     predict_parser = args.parser  # set_defaults(parser=...): its .error() shows the predict usage line
     if args.task == "vqa" and not (args.prompt and args.prompt.strip()):
         predict_parser.error('--task vqa needs a question: add --prompt "..."')
+    if args.prompt:
+        try:  # a special token typed into --prompt is a usage error like the others (exit 2)
+            check_user_text(args.prompt, "--prompt")
+        except PromptError as error:
+            predict_parser.error(str(error))
     if args.task == "extract" and not args.schema:
         predict_parser.error("--task extract needs a JSON Schema: add --schema FILE.json")
     if args.schema and args.task != "extract":

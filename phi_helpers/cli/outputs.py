@@ -427,7 +427,8 @@ def resume(path, items: list[Item], request: dict) -> ResumePlan:
     return plan
 
 
-RETRY = "run the same command again to retry them"
+RETRY = ("run the same command again to retry them (a file that cannot be read as an image stays failed: fix, "
+         "convert or remove it first)")
 
 
 def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
