@@ -131,9 +131,10 @@ def check_whole_number(value, name: str, minimum: int = 0, hint: str = "") -> in
     4
     """
     whole = not isinstance(value, bool) and (isinstance(value, numbers.Integral) or _is_integer_tensor(value))
-    if not whole or operator.index(value) < minimum:
+    number = operator.index(value) if whole else None
+    if number is None or number < minimum:
         raise InvalidArgumentError(f"{name} must be a whole number of at least {minimum}{hint}, got {value!r}.")
-    return operator.index(value)
+    return number
 
 
 def _is_integer_tensor(value) -> bool:

@@ -122,6 +122,10 @@ _MONTH_DAY = r"((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\
 DATE_PATTERN = rf"^({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)$"
 _SAMPLE_DATES = ("0001-01-01", "1988-03-14", "2024-02-29", "9999-12-31")  # a date pattern must accept these
 
+# The advice of every refusal: how to get an answer without the grammar.
+UNCONSTRAINED_PATH = ("the unconstrained path (the command line's --no-constrain, in Python ask() without a schema or "
+                      "predict_dataset(..., constrain=False))")
+
 # JSON text written by the model: no spaces, properties in the schema's order (short, stable answers).
 SEPARATORS = (",", ":")
 
@@ -187,8 +191,8 @@ def _check_supported(schema) -> xgrammar.Grammar:
     if problems:
         messages.append(
             "This JSON Schema uses features that constrained decoding cannot enforce: " + "; ".join(problems)
-            + ". Remove them (or check them yourself after extraction), or use the unconstrained path "
-            "(the command line's --no-constrain, in Python ask() without a schema or predict_dataset(..., constrain=False)). Supported: see help(phi_helpers.api.constrained)."
+            + f". Remove them (or check them yourself after extraction), or use {UNCONSTRAINED_PATH}. Supported: see "
+            "help(phi_helpers.api.constrained)."
         )
     if contradictions:
         messages.append(
@@ -233,8 +237,7 @@ def _check_size(schema: dict) -> None:
         f"This JSON Schema is too large for constrained decoding: {size:,} characters of JSON (descriptions and "
         f"other annotations not counted), more than MAX_SCHEMA_CHARS = {MAX_SCHEMA_CHARS:,}: compiling it would take "
         f"minutes and could not be interrupted.{largest} Make it smaller: for a long list of allowed values, use "
-        '"type": "string" and check the value after extraction; or use the unconstrained path '
-        "(the command line's --no-constrain, in Python ask() without a schema or predict_dataset(..., constrain=False))."
+        f'"type": "string" and check the value after extraction; or use {UNCONSTRAINED_PATH}.'
     )
 
 
@@ -546,7 +549,7 @@ def json_grammar(schema: dict) -> xgrammar.Grammar:
     except (RuntimeError, ValueError) as error:
         raise SchemaNotSupportedError(
             f"The JSON Schema cannot be compiled to a grammar: {_xgrammar_reason(error)}. Change that part of the "
-            "schema, or use the unconstrained path (the command line's --no-constrain, in Python ask() without a schema or predict_dataset(..., constrain=False))."
+            f"schema, or use {UNCONSTRAINED_PATH}."
         ) from None
 
 

@@ -68,11 +68,13 @@ def ask(
         SpecialTokenError: the question or a chat turn contains ``<|end|>``, ``<|user|>``... (see prompts).
         SchemaNotSupportedError: ``schema`` uses a feature the constraint cannot enforce (before generating).
     """
-    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, stream, generate_kwargs)
-    if stream:
+    if not isinstance(stream, bool):
+        raise InvalidArgumentError(f"stream must be True or False, got {stream!r}.")
+    if stream:  # stream_chunks checks the rest
         return _print_stream(
             stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs)
         )
+    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming=False)
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
@@ -126,7 +128,7 @@ def stream_chunks(
     stop iterating early (``break``, ``.close()``, or a KeyboardInterrupt), generation is stopped. With a
     ``Chat``, the text generated so far is appended as the answer, unless generation failed.
     """
-    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, True, generate_kwargs)
+    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming=True)
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
     inputs = encode(model, processor, prompt, image_list, max_new_tokens)
@@ -214,14 +216,13 @@ class _StopFlag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _check_call(model, processor, max_new_tokens, schema, stream, generate_kwargs: dict) -> int:
-    """Refuse what would otherwise fail deep inside transformers (or be ignored); ``max_new_tokens`` as an int."""
+def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict, streaming: bool) -> int:
+    """Refuse what would otherwise fail deep inside transformers (or be ignored: a ``streamer`` beside the
+    one that ``streaming`` brings); ``max_new_tokens`` as an int."""
     check_model_and_processor(model, processor)
     if schema is not None:
         _check_schema_type(schema)
-    if not isinstance(stream, bool):
-        raise InvalidArgumentError(f"stream must be True or False, got {stream!r}.")
-    if stream and generate_kwargs.get("streamer") is not None:
+    if streaming and generate_kwargs.get("streamer") is not None:
         raise InvalidArgumentError(
             "stream=True brings its own streamer: pass either stream=True or streamer=..., not both "
             "(stream_chunks(...) gives the pieces of text to show them your way)."
@@ -449,7 +450,7 @@ def generate_batch(
     past 4096 the model rotates every row with the long RoPE factors, as the original does, so a short
     prompt batched with a long one can get another answer than on its own.
     """
-    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, False, {})
+    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, {}, streaming=False)
     prompts, images = _batch(processor, prompts, images)
     settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
