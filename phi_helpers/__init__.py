@@ -13,9 +13,13 @@ The whole public API:
     ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, **generate_kwargs) -> str
     extract(model, processor, prompt_or_chat, schema, images, ...) -> dict   JSON that always follows schema
     extract_json(text) -> dict | list               JSON object inside a model answer
+    load_schema(path) -> dict                       a JSON Schema file, checked, for ask/extract(schema=)
     environment_report() -> dict                    versions, devices, flash-attn, does the model fit
-    PhiHelpersError and its subclasses (phi_helpers.errors): every error says what to do; the common
-        ones (PromptError, ImageLoadError, SchemaError, InvalidArgumentError...) import from phi_helpers
+    PhiHelpersError and its subclasses: every error says what to do. All live in phi_helpers.errors; the
+        common ones import from phi_helpers too: PromptError, ImageLoadError, SchemaError,
+        InvalidArgumentError, and those of load_model (ModelLoadError, ConfigurationError,
+        DeviceUnavailableError, FlashAttentionUnavailableError, QuantizationUnavailableError and its
+        subclass QuantizationBackendMissingError)
 
 Special tokens (<|end|>, <|user|>, <|image_1|>...) typed into a question or chat turn are refused with
 SpecialTokenError; a prompt you write in the chat format yourself (starting with <|user|>) is used as is.
@@ -41,9 +45,11 @@ import logging
 # quieted, to errors.
 for _logger in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
+del logging, _logger  # not part of the package's namespace
 
 from .models import phi3_v  # noqa: E402  (registers the Auto classes on import)
 from .errors import (
+    ConfigurationError,
     ContextLengthError,
     DeviceUnavailableError,
     FlashAttentionUnavailableError,
@@ -57,6 +63,8 @@ from .errors import (
     PhiHelpersError,
     PromptError,
     PromptImageMismatchError,
+    QuantizationBackendMissingError,
+    QuantizationUnavailableError,
     SchemaError,
     SchemaNotSupportedError,
     SpecialTokenError,
@@ -67,8 +75,11 @@ from .api.loading import load_model
 from .api.parsing import extract_json
 from .api.prompts import Chat, build_prompt
 from .api.report import environment_report
+from .api.structured import load_schema
 
 del phi3_v  # phi_helpers.models.phi3_v stays importable; help(phi_helpers) lists the package, not an alias
 
 # No __all__ on purpose: with one, help(phi_helpers) would print the full documentation of every
 # name in it (several screens). The module docstring above lists the public API; help(ask) etc. tell more.
+# So `from phi_helpers import *` gives those names and the package's own modules (api, errors, models,
+# testing, versions), nothing else.

@@ -121,3 +121,19 @@ def test_the_public_api_fits_one_screen_and_every_name_it_lists_exists():
     assert {"load_model", "ask", "extract", "Chat", "PhiHelpersError"} <= set(listed)
     for name in [*listed, "PromptError", "SchemaError", "InvalidArgumentError", "ImageLoadError"]:
         assert hasattr(phi_helpers, name), name
+
+
+def test_import_star_gives_the_public_names_and_no_leftovers():
+    """The docstring's names, the errors load_model raises and load_schema (which an error message and
+    notebook 06 name); not the logging module or the loop variable that quiets two loggers on import."""
+    import phi_helpers
+
+    namespace = {}
+    exec("from phi_helpers import *", namespace)
+    assert "logging" not in namespace and not hasattr(phi_helpers, "_logger")
+    for name in ("load_schema", "ModelLoadError", "ConfigurationError", "QuantizationUnavailableError",
+                 "QuantizationBackendMissingError", "DeviceUnavailableError", "FlashAttentionUnavailableError"):
+        assert name in namespace, name
+    from phi_helpers.api.structured import load_schema
+
+    assert phi_helpers.load_schema is load_schema

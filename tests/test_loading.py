@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi_helpers.testing
 from phi_helpers import FlashAttentionUnavailableError, load_model
-from phi_helpers.api import loading
+from phi_helpers.api import loading, report  # report: where pick_attention lives
 from phi_helpers.errors import ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError
-from phi_helpers.api.loading import check_checkpoint_files, pick_attention, pick_device, pick_dtype
+from phi_helpers.api.loading import check_checkpoint_files, pick_device, pick_dtype
+from phi_helpers.api.report import pick_attention
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def h100_and_t4(fake_cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpus[index][0])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: gpus[index][1])
-    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: True)
 
 
 @pytest.fixture
@@ -128,11 +129,11 @@ def test_dtype_typos_list_the_valid_choices(typo):
 
 
 def test_auto_attention(monkeypatch, fake_cuda):
-    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: True)
     assert pick_attention("auto", "cuda", torch.bfloat16) == ("flash_attention_2", "flash-attn installed")
     assert pick_attention("auto", "cuda", torch.float32)[0] == "sdpa"
     assert pick_attention("auto", "cpu", torch.bfloat16)[0] == "sdpa"
-    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: False)
     assert pick_attention("auto", "cuda", torch.float16) == ("sdpa", "flash-attn not installed")
 
 
@@ -144,7 +145,7 @@ def test_explicit_attention():
 
 
 def test_flash_attention_asked_for_without_flash_attn(monkeypatch):
-    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: False)
     with pytest.raises(FlashAttentionUnavailableError) as info:
         pick_attention("flash_attention_2", "cuda", torch.bfloat16)
     assert "pip install flash-attn --no-build-isolation" in str(info.value)
@@ -153,7 +154,7 @@ def test_flash_attention_asked_for_without_flash_attn(monkeypatch):
 
 
 def test_flash_attention_needs_half_precision(monkeypatch, fake_cuda):
-    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: True)
     assert pick_attention("flash_attention_2", "cuda", torch.float16)[0] == "flash_attention_2"
     with pytest.raises(ValueError, match="bf16 or fp16"):
         pick_attention("flash_attention_2", "cuda", torch.float32)
@@ -352,8 +353,8 @@ def test_hub_failures_become_a_short_model_load_error(no_env_model, monkeypatch)
 
 
 
-class NameNotResolved(Exception):
-    """What the hub's HTTP client raises without a network (httpx2.ConnectError today)."""
+class NameNotResolved(httpx2.ConnectError):
+    """What the hub's HTTP client raises without a network."""
 
 
 def unreachable(repo_id, timeout):
@@ -396,6 +397,26 @@ def test_an_owner_name_id_that_may_have_meant_a_folder(no_env_model, forbid_load
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
     with pytest.raises(ModelLoadError, match=rf"There is no folder 'models/phi35' here either \(relative paths start from '{tmp_path}'\)"):
         load_model("models/phi35", device="cpu")
+
+
+@pytest.mark.parametrize("typo", ["microsoft/Phi 3.5 vision", "owner/name..x"])
+def test_an_id_the_hub_would_refuse_is_a_model_load_error(no_env_model, forbid_loading, monkeypatch, typo):
+    """The hub's HFValidationError (a ValueError naming no remedy) is not what load_model raises."""
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: pytest.fail("the hub was asked"))
+    with pytest.raises(ModelLoadError, match=rf"^'{typo}' is not a valid hub id: .*\. Check the id \(e\.g\. "
+                       r"'microsoft/Phi-3\.5-vision-instruct'\) or pass a local folder\. There is no folder"):
+        load_model(typo, device="cpu")
+
+
+def test_only_network_failures_count_as_an_unreachable_hub(no_env_model, forbid_loading, monkeypatch):
+    """A fault that is not the network's (here a bug) is not reported as 'huggingface.co cannot be reached'."""
+    def broken(repo_id, timeout):
+        raise TypeError("a bug, not the network")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", broken)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: None)
+    with pytest.raises(TypeError, match="a bug"):
+        load_model("someone/model", device="cpu")
 
 
 def test_a_model_the_hub_does_not_have_is_named_before_loading(no_env_model, forbid_loading, monkeypatch):
@@ -533,7 +554,7 @@ def test_a_16_gb_laptop_without_a_gpu_is_warned_before_fp32_is_loaded(no_env_mod
 def test_the_warning_looks_at_the_free_memory_of_the_gpu_asked_for(no_env_model, h100_and_t4, forbid_loading, monkeypatch, capsys):
     free = {0: 80 * 2**30, 1: int(7.79 * 2**30)}  # an 8 GB laptop GPU as cuda:1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free[index], free[index]))
-    monkeypatch.setattr(loading, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: False)
     stop_at_the_hub(monkeypatch)
     with pytest.raises(ModelLoadError):
         load_model("microsoft/Phi-3.5-vision-instruct", device="cuda:1")

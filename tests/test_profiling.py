@@ -3,7 +3,8 @@
 import pytest
 from PIL import Image
 
-from phi_helpers.tutorial.profiling import compare_attention, format_table
+from phi_helpers.api.choices import ATTENTIONS
+from phi_helpers.tutorial.profiling import ATTENTION_OPTIONS, compare_attention, format_table
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +62,18 @@ def test_format_table_names_every_option(rows):
 def test_unknown_option_is_reported_not_raised(_no_override, tiny_checkpoint):
     rows = compare_attention(model_id=str(tiny_checkpoint), options=["flash_attention_3"], device="cpu", verbose=False)
     assert rows[0]["available"] is False and "Unknown attention" in rows[0]["reason"]
+
+
+def test_one_name_is_one_option_not_its_letters(_no_override, tiny_checkpoint):
+    rows = compare_attention(model_id=str(tiny_checkpoint), options="flash_attention_2", device="cpu", verbose=False)
+    assert [row["attention"] for row in rows] == ["flash_attention_2"]
+
+
+def test_an_unknown_option_names_the_valid_ones(_no_override, tiny_checkpoint):
+    [row] = compare_attention(model_id=str(tiny_checkpoint), options=["flash"], device="cpu", verbose=False)
+    assert row["reason"] == "Unknown attention 'flash'. Choose one of 'auto', 'sdpa', 'eager', 'flash_attention_2'."
+
+
+def test_the_options_are_load_models_choices_eager_first():
+    assert ATTENTION_OPTIONS == ("eager", "sdpa", "flash_attention_2")
+    assert set(ATTENTION_OPTIONS) == set(ATTENTIONS) - {"auto"}

@@ -197,3 +197,24 @@ def test_int8_on_a_mac_says_it_runs_with_device_cpu(monkeypatch, capsys):
     environment_report()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("weights in int8")]
     assert rows and all("in RAM with device='cpu': needs" in row for row in rows)
+
+
+@pytest.mark.parametrize(
+    "gpu, capability, expected",
+    [
+        ("Fake T4", (7, 5), "not used, load_model picks sdpa: GPU older than Ampere (flash-attn 2 needs compute capability 8.0+)"),
+        ("Fake H100", (9, 0), "available (load_model picks flash_attention_2)"),
+    ],
+)
+def test_the_flash_attn_row_is_what_load_model_picks(monkeypatch, capsys, gpu, capability, expected):
+    """flash-attn installed on a T4 (compute capability 7.5): load_model picks sdpa, since flash-attn 2 needs an
+    Ampere or newer GPU; the report said "available" from flash-attn's own check, which looks at no GPU."""
+    fake_gpu(monkeypatch, gpu, 15, major=capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpu)
+    monkeypatch.setattr(report_module, "is_flash_attn_2_available", lambda: True)
+    report = environment_report()
+    assert report["flash_attn_available"] is (capability >= (8, 0))
+    assert (report["attention"], report["attention_reason"]) == report_module.pick_attention("auto", "cuda", torch.float16)
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("flash-attn ")]
+    assert row.split(None, 1)[1] == expected

@@ -9,7 +9,8 @@ Three choices are made for you, each by a small function you can call yourself:
 * ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU
   (bfloat16 on CPU for a quantized model);
 * ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA GPU of the Ampere generation
-  or newer, half precision), else sdpa.
+  or newer, half precision), else sdpa. It lives in ``phi_helpers.api.report``, whose
+  ``environment_report`` shows the same choice.
 
 Before loading, a local folder is checked for the files a checkpoint needs (``check_checkpoint_files``),
 and one line warns when the model would not fit into the memory available (weights + activations,
@@ -29,6 +30,7 @@ and offline dry runs; its answers are meaningless.
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import logging
@@ -41,21 +43,21 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import httpx, validate_repo_id  # httpx: the hub's HTTP client (httpx2 since hub 2.0)
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoProcessor
-from transformers.utils import is_flash_attn_2_available
 
 from .. import testing
 from ..errors import (
-    ConfigurationError, DeviceUnavailableError, FlashAttentionUnavailableError, InvalidArgumentError, ModelLoadError,
+    ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError,
     check_whole_number,
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
-from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM, check_flash_attention
-from .choices import ATTENTIONS as _ATTENTIONS, DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES, HUB_NUM_CROPS
+from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM
+from .choices import DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES, HUB_NUM_CROPS
 from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
-from .report import NUM_CROPS, available_memory, memory_need
+from .report import NUM_CROPS, available_memory, memory_need, mps_available, pick_attention
 
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"
@@ -100,6 +102,40 @@ def load_model(
     All choices are checked before anything is downloaded. Prints one line saying what was chosen, and
     a warning line before loading when the model would not fit into the memory available.
     """
+    plan = _plan_load(model_id, device, dtype, attn, num_crops, quantize)
+    _warn_if_short_of_memory(
+        plan.model_config, plan.device, plan.dtype, plan.quantized_as, plan.crops, can_quantize=not plan.stored_quantized
+    )
+    model, processor = _load(plan)
+    print(_summary_line(plan, model, processor))
+    return model, processor
+
+
+@dataclasses.dataclass
+class _LoadPlan:
+    """What ``load_model`` decides before it loads anything; each choice with the reason it prints."""
+
+    source: str  # what from_pretrained gets: a local folder or a hub id
+    label: str  # how the summary line names it
+    local: bool  # source is a local folder (else a hub id)
+    model_config: Phi3VConfig | None  # the local folder's config; None: the hub's (read when loading)
+    device: str
+    device_reason: str
+    dtype: torch.dtype
+    dtype_reason: str
+    attn: str
+    attn_reason: str
+    num_crops: int | None  # asked for; None keeps the checkpoint's own
+    crops: int | None  # what the processor will use, if known before loading (for the memory estimate)
+    quantization: object  # the quantization_config for from_pretrained, or None
+    quantized_as: str | None  # "int8" or "int4" when the weights are (or will be) quantized
+    quantization_note: str | None  # how, for the summary line
+    stored_quantized: bool  # a folder saved from a quantized model: its weights load as they are stored
+
+
+def _plan_load(model_id, device, dtype, attn, num_crops, quantize) -> _LoadPlan:
+    """Check every argument of ``load_model`` and decide the source, device, dtype, attention and
+    quantization; a local folder's files are checked here, nothing is downloaded."""
     device, device_reason = pick_device(device)
     asked_quantize = check_quantize(quantize)
     if num_crops is not None:
@@ -122,31 +158,43 @@ def load_model(
     crops = num_crops or (  # the checkpoint's own: a local folder's, or an official checkpoint's
         _image_processor_settings(Path(source))[1].get("num_crops") if local else HUB_NUM_CROPS.get(source.lower())
     )
-    _warn_if_short_of_memory(model_config, device, dtype, quantized_as, crops, can_quantize=saved is None)
-    hub_kwargs = {} if local else _hub_access(source)
+    return _LoadPlan(
+        source=source, label=label, local=local, model_config=model_config, device=device, device_reason=device_reason,
+        dtype=dtype, dtype_reason=dtype_reason, attn=attn, attn_reason=attn_reason, num_crops=num_crops, crops=crops,
+        quantization=quantization, quantized_as=quantized_as, quantization_note=quantization_note,
+        stored_quantized=saved is not None,
+    )
 
-    processor_kwargs = {**hub_kwargs} if num_crops is None else {**hub_kwargs, "num_crops": num_crops}
-    processor = _from_pretrained(AutoProcessor, source, **processor_kwargs)
-    model_kwargs = {"dtype": dtype, "attn_implementation": attn, "device_map": device, **hub_kwargs}
-    if quantization is not None:
-        model_kwargs["quantization_config"] = quantization
+
+def _load(plan: _LoadPlan) -> tuple:
+    """``(model, processor)`` loaded as ``plan`` says (from the hub: after one quick probe of it); raises
+    ModelLoadError if the weights are not a complete Phi-3(.5)-vision."""
+    hub_kwargs = {} if plan.local else _hub_access(plan.source)
+    processor_kwargs = {**hub_kwargs} if plan.num_crops is None else {**hub_kwargs, "num_crops": plan.num_crops}
+    processor = _from_pretrained(AutoProcessor, plan.source, **processor_kwargs)
+    model_kwargs = {"dtype": plan.dtype, "attn_implementation": plan.attn, "device_map": plan.device, **hub_kwargs}
+    if plan.quantization is not None:
+        model_kwargs["quantization_config"] = plan.quantization
     with _held_load_report() as load_reports:
         model, info = _from_pretrained(
-            AutoModelForCausalLM, source, output_loading_info=True, ignore_mismatched_sizes=True, **model_kwargs
+            AutoModelForCausalLM, plan.source, output_loading_info=True, ignore_mismatched_sizes=True, **model_kwargs
         )
-    _check_loaded(model.eval(), info, label)
+    _check_loaded(model.eval(), info, plan.label)
     for report in load_reports:  # nothing missing or reshaped: transformers' own report (unexpected keys...)
         logging.getLogger(report.name).handle(report)
     use_fused_int8_kernel(model)  # int8 weights on CPU: PyTorch's fused kernel while decoding
     return_freed_memory()
-
-    used_attn = getattr(model.config, "_attn_implementation", attn)
-    quantized = f" | {quantization_note}" if quantized_as is not None else ""
-    print(
-        f"Loaded {label} on {device} ({device_reason}) | {_dtype_name(dtype)} ({dtype_reason}) | "
-        f"attention: {used_attn} ({attn_reason}){quantized} | num_crops={processor.image_processor.num_crops}"
-    )
     return model, processor
+
+
+def _summary_line(plan: _LoadPlan, model, processor) -> str:
+    """The line ``load_model`` prints: what was loaded, where, how, and why."""
+    used_attn = getattr(model.config, "_attn_implementation", plan.attn)
+    quantized = f" | {plan.quantization_note}" if plan.quantized_as is not None else ""
+    return (
+        f"Loaded {plan.label} on {plan.device} ({plan.device_reason}) | {_dtype_name(plan.dtype)} ({plan.dtype_reason}) | "
+        f"attention: {used_attn} ({plan.attn_reason}){quantized} | num_crops={processor.image_processor.num_crops}"
+    )
 
 
 def _warn_if_short_of_memory(
@@ -225,7 +273,7 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
     if kind == "auto":
         if torch.cuda.is_available():
             return "cuda", _gpu_name()
-        if _mps_available():
+        if mps_available():
             return "mps", "Apple GPU"
         return "cpu", "no GPU found"
     if kind == "cuda":
@@ -242,7 +290,7 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
                 f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})."
             )
         return name, _gpu_name(index)
-    if kind == "mps" and not _mps_available():
+    if kind == "mps" and not mps_available():
         raise DeviceUnavailableError(
             "device='mps' was asked for, but the Apple GPU backend (MPS) is not available: it needs a Mac with "
             "Apple silicon and a recent PyTorch. Use device='auto' or 'cpu'."
@@ -273,54 +321,8 @@ def pick_dtype(dtype="auto", device: str = "cpu", quantized: bool = False) -> tu
     return torch.float32, "CPU default; dtype='bf16' halves the memory"
 
 
-def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[str, str]:
-    """Return ``(attention implementation, reason)``. flash_attention_2 needs flash-attn, fp16/bf16 and a
-    CUDA GPU of the Ampere generation or newer (compute capability 8.0+; ``device`` names which GPU)."""
-    name = str(attn).strip().lower()
-    if name not in _ATTENTIONS:
-        raise InvalidArgumentError(f"Unknown attention {attn!r}. Choose one of {', '.join(map(repr, _ATTENTIONS))}.")
-    on_cuda = device.startswith("cuda")
-    if name == "flash_attention_2":
-        check_flash_attention(is_flash_attn_2_available(), on_cuda, dtype)
-        older = _older_than_ampere(device)
-        if older:
-            raise FlashAttentionUnavailableError(
-                f"attn='flash_attention_2' needs an NVIDIA GPU of the Ampere generation or newer (compute capability "
-                f"8.0+: A100, RTX 30xx/40xx, L4, H100...), but {older}; flash-attn 2 would fail when the model runs. "
-                "Use attn='sdpa' (PyTorch's built-in fast attention), which gives the same answers."
-            )
-        return name, "asked for"
-    if name != "auto":
-        return name, "asked for"
-    if not on_cuda:
-        return "sdpa", "flash-attn needs a CUDA GPU"
-    if dtype not in _HALF:
-        return "sdpa", "flash-attn needs fp16/bf16"
-    if not is_flash_attn_2_available():
-        return "sdpa", "flash-attn not installed"
-    if _older_than_ampere(device):
-        return "sdpa", "GPU older than Ampere (flash-attn 2 needs compute capability 8.0+)"
-    return "flash_attention_2", "flash-attn installed"
-
-
-def _older_than_ampere(device: str) -> str | None:
-    """How the CUDA GPU ``device`` ("cuda" is GPU 0, "cuda:1" GPU 1) falls short if it is older than Ampere
-    (T4, V100, RTX 20xx: compute capability below 8.0, which flash-attn 2 does not support); else None.
-    flash-attn's own availability check looks only at the package and CUDA, not at the GPU."""
-    index = torch.device(device).index or 0
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) >= (8, 0):
-        return None
-    return f"{device} ({_gpu_name(index)}) has compute capability {major}.{minor}"
-
-
 def _gpu_name(index: int = 0) -> str:
     return torch.cuda.get_device_name(index)
-
-
-def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -350,7 +352,8 @@ def _resolve_source(model_id) -> tuple[str, str]:
 
 def _check_source(source: str, local: bool = False) -> str:
     """A source that is not a hub id (``owner/name``) must be an existing folder: the hub's own error for
-    it is confusing, and looking it up would send a local folder's name to the hub. ``local``: a Path."""
+    it is confusing, and looking it up would send a local folder's name to the hub. ``local``: a Path.
+    A hub id must follow the hub's rules for names (checked here, before any request)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return str(path)
@@ -360,6 +363,13 @@ def _check_source(source: str, local: bool = False) -> str:
             f"No model folder at '{path}'. Check the path (relative paths start from '{Path.cwd()}'), or pass a "
             f"hub id such as '{DEFAULT_MODEL_ID}' (owner/name)."
         )
+    try:  # the hub's own rules for names (no spaces, no '..'); its error would name no remedy
+        validate_repo_id(source)
+    except HFValidationError as error:
+        raise ModelLoadError(
+            f"'{source}' is not a valid hub id: {str(error).rstrip('.')}. Check the id (e.g. '{DEFAULT_MODEL_ID}') "
+            f"or pass a local folder.{_no_folder_either(source)}"
+        ) from None
     return source
 
 
@@ -384,7 +394,7 @@ def _hub_access(repo_id: str) -> dict:
         ) from None
     except HfHubHTTPError:  # the hub answered (a gated model, server trouble): from_pretrained says what
         return {}
-    except Exception as error:  # noqa: BLE001  (no answer: the HTTP client's own connection and timeout errors)
+    except (httpx.TransportError, OSError) as error:  # no answer: no network, a timeout, a proxy or TLS failure
         reason = " ".join(str(error).split()) or type(error).__name__
     if huggingface_hub.try_to_load_from_cache(repo_id, "config.json") is not None:
         print(f"huggingface.co cannot be reached ({reason}): loading '{repo_id}' from the Hugging Face cache.")
@@ -628,4 +638,4 @@ def _print_tiny_notice() -> None:
     print("\n".join([border, *(f"!! {line:<{width - 3}}!!" for line in lines), border]))
 
 
-__all__ = ["load_model", "requested_model_id", "pick_device", "pick_dtype", "pick_attention"]
+__all__ = ["load_model", "requested_model_id", "pick_device", "pick_dtype"]

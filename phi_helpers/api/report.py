@@ -19,27 +19,33 @@ allocator slack, the notebook), "tight" leaves less, "does not fit" means the es
 
 ``format_table`` is the package's one text-table printer (this report, ``phi-helpers eval``, the
 attention comparison of notebook 05).
+
+The machine facts ``load_model`` decides by live here too, so that the report and ``load_model`` follow
+one rule: ``mps_available`` and ``pick_attention`` (flash_attention_2 where flash-attn is installed, on an
+Ampere or newer CUDA GPU in half precision, else sdpa).
 """
 
+import functools
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import sys
 import textwrap
 from pathlib import Path
 
-import functools
-import json
-
 import torch
 import transformers
 from transformers.utils import is_flash_attn_2_available
 
+from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 from ..models.phi3_v import Phi3VConfig, Phi3VForCausalLM
 from ..models.phi3_v.image_processing_phi3_v import max_image_tokens
-from ..testing import FIXTURES
+from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES, check_flash_attention
+from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT
 from ..versions import TESTED_VERSIONS
+from .choices import ATTENTIONS
 from .quantization import BITS_PER_WEIGHT, SKIP_MODULES, VISION_PREFIX
 
 GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
@@ -74,7 +80,9 @@ def environment_report(
 
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
     ``gpu_name``, ``gpu_memory_gib``, ``gpu_free_gib``, ``bf16_supported``, ``ram_available_gib``,
-    ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``fits`` (per weight format: "fits", "tight"
+    ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``attention`` and ``attention_reason`` (what
+    ``load_model(attn="auto")`` picks on GPU 0, and why; None without a CUDA GPU; ``flash_attn_available``:
+    it picks flash_attention_2), ``fits`` (per weight format: "fits", "tight"
     or "does not fit" in the free GPU memory, or the available RAM without a GPU; ``NEEDS_CUDA`` for int4
     without one) and ``warnings``, a list
     of messages (printed below the table), e.g. when Python, torch or transformers is not the tested version.
@@ -170,6 +178,55 @@ def available_memory(device: str = "cpu") -> tuple[float | None, str]:
     return (available / GIB if available else None), "of RAM available"
 
 
+def mps_available() -> bool:
+    """Whether PyTorch can use the Apple GPU (MPS) on this machine."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """Return ``(attention implementation, reason)``. flash_attention_2 needs flash-attn, fp16/bf16 and a
+    CUDA GPU of the Ampere generation or newer (compute capability 8.0+; ``device`` names which GPU).
+
+    The one rule for it: ``load_model`` asks it, and ``environment_report`` shows its answer for GPU 0."""
+    name = str(attn).strip().lower()
+    if name not in ATTENTIONS:
+        raise InvalidArgumentError(f"Unknown attention {attn!r}. Choose one of {', '.join(map(repr, ATTENTIONS))}.")
+    on_cuda = device.startswith("cuda")
+    if name == "flash_attention_2":
+        check_flash_attention(is_flash_attn_2_available(), on_cuda, dtype)
+        older = _older_than_ampere(device)
+        if older:
+            raise FlashAttentionUnavailableError(
+                f"attn='flash_attention_2' needs an NVIDIA GPU of the Ampere generation or newer (compute capability "
+                f"8.0+: A100, RTX 30xx/40xx, L4, H100...), but {older}; flash-attn 2 would fail when the model runs. "
+                "Use attn='sdpa' (PyTorch's built-in fast attention), which gives the same answers."
+            )
+        return name, "asked for"
+    if name != "auto":
+        return name, "asked for"
+    if not on_cuda:
+        return "sdpa", "flash-attn needs a CUDA GPU"
+    if dtype not in HALF_DTYPES:
+        return "sdpa", "flash-attn needs fp16/bf16"
+    if not is_flash_attn_2_available():
+        return "sdpa", "flash-attn not installed"
+    if _older_than_ampere(device):
+        return "sdpa", "GPU older than Ampere (flash-attn 2 needs compute capability 8.0+)"
+    return "flash_attention_2", "flash-attn installed"
+
+
+def _older_than_ampere(device: str) -> str | None:
+    """How the CUDA GPU ``device`` ("cuda" is GPU 0, "cuda:1" GPU 1) falls short if it is older than Ampere
+    (T4, V100, RTX 20xx: compute capability below 8.0, which flash-attn 2 does not support); else None.
+    flash-attn's own availability check looks only at the package and CUDA, not at the GPU."""
+    index = torch.device(device).index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) >= (8, 0):
+        return None
+    return f"{device} ({torch.cuda.get_device_name(index)}) has compute capability {major}.{minor}"
+
+
 def _weights_gib(groups: dict, quantize: str | None, other_bytes: int) -> float:
     """GiB of the weights when ``quantize`` stores its modules in ``BITS_PER_WEIGHT`` bits and every
     other parameter takes ``other_bytes``."""
@@ -219,7 +276,7 @@ def _activation_bytes(config, num_crops: int, prompt: int, sequence: int, size: 
 
 @functools.cache
 def _default_config() -> Phi3VConfig:
-    return Phi3VConfig(**json.loads((FIXTURES / "config.json").read_text()))
+    return Phi3VConfig(**json.loads((VENDORED_CHECKPOINT / "config.json").read_text()))
 
 
 def _software() -> dict:
@@ -260,10 +317,13 @@ def _version_warnings(report: dict) -> list[str]:
 
 
 def _devices() -> dict:
-    """CUDA GPU (name, memory, bf16), Apple MPS, and flash-attn availability."""
+    """CUDA GPU (name, memory, bf16), Apple MPS, and the attention ``load_model`` picks on GPU 0."""
     cuda = torch.cuda.is_available()
     properties = torch.cuda.get_device_properties(0) if cuda else None
-    mps_backend = getattr(torch.backends, "mps", None)
+    bf16 = bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+    attention, attention_reason = None, None
+    if cuda:  # what load_model(attn="auto") picks on GPU 0, in the half precision it loads in there (pick_dtype)
+        attention, attention_reason = pick_attention("auto", "cuda", torch.bfloat16 if bf16 else torch.float16)
     return {
         "cuda_available": cuda,
         "cuda_version": torch.version.cuda,
@@ -271,10 +331,12 @@ def _devices() -> dict:
         "gpu_name": properties.name if cuda else None,
         "gpu_memory_gib": round(properties.total_memory / GIB, 1) if cuda else None,
         "gpu_free_gib": round(_gpu_free_bytes(0) / GIB, 1) if cuda else None,
-        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
-        "mps_available": bool(mps_backend is not None and mps_backend.is_available()),
+        "bf16_supported": bf16,
+        "mps_available": mps_available(),
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
-        "flash_attn_available": is_flash_attn_2_available(),
+        "flash_attn_available": attention == "flash_attention_2",
+        "attention": attention,
+        "attention_reason": attention_reason,
     }
 
 
@@ -333,9 +395,13 @@ def _format(report: dict) -> str:
     """The report as an aligned two-column text table."""
     yes_no = {True: "yes", False: "no"}
     gpu = f"{report['gpu_name']} ({report['gpu_memory_gib']} GiB, {report['gpu_free_gib']} free)" if report["cuda_available"] else "none"
-    flash = "available" if report["flash_attn_available"] else (
-        "installed, but needs a CUDA GPU" if report["flash_attn_installed"] else "not installed (optional, CUDA only)"
-    )
+    if report["cuda_available"]:  # pick_attention's answer: the attention load_model takes, and why
+        flash = (
+            f"available (load_model picks {report['attention']})" if report["flash_attn_available"]
+            else f"not used, load_model picks {report['attention']}: {report['attention_reason']}"
+        )
+    else:
+        flash = "installed, but needs a CUDA GPU" if report["flash_attn_installed"] else "not installed (optional, CUDA only)"
     rows = [
         ("Python", f"{report['python']} ({report['python_executable']})"),
         ("torch", report["torch"]),
@@ -437,4 +503,7 @@ def _fits(report: dict, name: str) -> str:
     return f"  ({report['fits'][name]} in {where}: needs {report['need_gib'][name]} GiB with activations, {memory} {free})"
 
 
-__all__ = ["environment_report", "memory_estimate", "memory_need", "memory_verdict", "available_memory", "format_table"]
+__all__ = [
+    "environment_report", "memory_estimate", "memory_need", "memory_verdict", "available_memory", "format_table",
+    "mps_available", "pick_attention",
+]

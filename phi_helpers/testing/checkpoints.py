@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from ..errors import InvalidArgumentError
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import Phi3VForCausalLM
-from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT as FIXTURES
+from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 VARIANTS = ("phi-3-vision", "phi-3.5-vision")
 
@@ -48,7 +49,7 @@ def tiny_config_dict(variant: str = "phi-3.5-vision") -> dict:
     """
     if variant not in VARIANTS:
         raise InvalidArgumentError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    config = json.loads((FIXTURES / "config.json").read_text())
+    config = json.loads((VENDORED_CHECKPOINT / "config.json").read_text())
     config.update(TINY_SIZES)
     config["vision_config"] = dict(TINY_VISION)
     config["img_processor"] = {**config["img_processor"], "image_dim_out": TINY_VISION["hidden_size"]}
@@ -91,19 +92,19 @@ def make_tiny_checkpoint(path, variant: str = "phi-3.5-vision", seed: int = 0) -
     model = Phi3VForCausalLM(Phi3VConfig(**json.loads(json.dumps(config))))
     save_file(_random_weights(model, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
 
-    preprocessor = json.loads((FIXTURES / "preprocessor_config.json").read_text())
-    generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000}
+    preprocessor = json.loads((VENDORED_CHECKPOINT / "preprocessor_config.json").read_text())
     if variant == "phi-3.5-vision":
         preprocessor.update(num_crops=4, do_convert_rgb=True)
         preprocessor["auto_map"]["AutoImageProcessor"] = "processing_phi3_v.Phi3VImageProcessor"
-    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    if variant == "phi-3.5-vision":  # the hub repo also ships a processor_config.json pointing at remote code
+        # The hub repo also ships a processor_config.json pointing at remote code, and a
+        # generation_config.json; Phi-3-vision's repo has neither (spec §1.2).
         processor = {"auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}, "processor_class": "Phi3VProcessor"}
+        generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000}
         (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    if variant == "phi-3.5-vision":  # Phi-3-vision's repo has none (spec §1.2)
         (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     for name in TOKENIZER_FILES:
-        shutil.copyfile(FIXTURES / name, path / name)
+        shutil.copyfile(VENDORED_CHECKPOINT / name, path / name)
     return path
 
 

@@ -30,12 +30,14 @@ from contextlib import redirect_stdout
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..api.choices import ATTENTIONS
 from ..api.generation import ask
-from ..api.loading import load_model, pick_attention, pick_device, pick_dtype
-from ..api.report import GIB, format_table as _table
+from ..api.loading import load_model, pick_device, pick_dtype
+from ..api.report import GIB, format_table as _table, mps_available, pick_attention
 from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 
-ATTENTION_OPTIONS = ("eager", "sdpa", "flash_attention_2")  # the choices of load_model(attn=...), slowest first
+# The choices of load_model(attn=...) but "auto": eager (the plain reference, slowest) first, then the others.
+ATTENTION_OPTIONS = ("eager", *(name for name in ATTENTIONS if name not in ("auto", "eager")))
 
 
 def compare_attention(
@@ -57,7 +59,7 @@ def compare_attention(
         image: anything ``load_image`` accepts, or ``None`` for a text-only question.
         question: the question asked with every option (greedy decoding, so answers are comparable).
         max_new_tokens: the longest answer; keep it small, the model is loaded once per option.
-        options: attention implementations to try (default: eager, sdpa, flash_attention_2).
+        options: attention implementations to try, a list or one name (default: eager, sdpa, flash_attention_2).
         device, dtype: passed to ``load_model`` (``"auto"`` picks for this machine, as in notebook 00).
         num_crops: passed to ``load_model``; more crops = more image tokens = more attention work.
         warmup: run a 2-token answer first, so one-off start-up costs are not counted as speed.
@@ -67,7 +69,7 @@ def compare_attention(
     ``device``, ``dtype``, ``load_s``, ``first_token_s``, ``total_s``, ``new_tokens``,
     ``tokens_per_s``, ``peak_memory_gib``, ``memory_note`` and ``answer``.
     """
-    options = list(ATTENTION_OPTIONS if options is None else options)
+    options = [options] if isinstance(options, str) else list(ATTENTION_OPTIONS if options is None else options)
     device_name, _ = pick_device(device)
     torch_dtype, _ = pick_dtype(dtype, device_name)
     rows = []
@@ -76,7 +78,8 @@ def compare_attention(
         try:
             pick_attention(option, device_name, torch_dtype)  # raises if it cannot run here
         except (FlashAttentionUnavailableError, InvalidArgumentError) as error:
-            row["reason"] = _first_sentence(str(error))
+            # why, in its first sentence; a wrong argument keeps its whole message (an unknown name: the valid ones)
+            row["reason"] = str(error) if isinstance(error, InvalidArgumentError) else _first_sentence(str(error))
             rows.append(row)
             _progress(verbose, f"{option}: not available: {row['reason']}")
             continue
@@ -216,9 +219,8 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    mps = getattr(torch, "mps", None)
-    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        mps.empty_cache()
+    if mps_available():
+        torch.mps.empty_cache()
 
 
 def _first_sentence(text: str) -> str:

@@ -1,6 +1,6 @@
 """Configuration of Phi-3-vision / Phi-3.5-vision (model_type "phi3_v") on transformers 5.
 
-The official config.json files are read unchanged. Three things need care on transformers 5
+The official config.json files are read unchanged. Four things need care on transformers 5
 (see docs/native-implementation.md):
 
 * ``rope_scaling: {"type": "su", ...}`` is the legacy name of LongRoPE and is renamed to ``longrope``
@@ -47,6 +47,9 @@ DEFAULT_IMG_PROCESSOR = {
     "name": "clip_vision_model",
     "num_img_tokens": 144,
 }
+# embd_layer: the original can vary these switches, but only these values describe the checkpoints (it
+# asserts use_hd_transform == with_learnable_separator and builds other classes otherwise), so a config
+# that sets another value is refused.
 DEFAULT_EMBD_LAYER = {
     "embedding_cls": "image",
     "hd_transform_order": "sub_glb",
@@ -54,11 +57,6 @@ DEFAULT_EMBD_LAYER = {
     "use_hd_transform": True,
     "with_learnable_separator": True,
 }
-
-
-# The parts of embd_layer the original can vary but only these values describe the checkpoints (the
-# original asserts use_hd_transform == with_learnable_separator and builds other classes otherwise).
-HD_EMBEDDING = {key: DEFAULT_EMBD_LAYER[key] for key in ("embedding_cls", "hd_transform_order", "projection_cls", "use_hd_transform", "with_learnable_separator")}
 
 
 def split_attn_implementation(requested: str | dict | None) -> str | dict | None:
@@ -110,7 +108,7 @@ class Phi3VConfig(Phi3Config):
                 )
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
         self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
-        for key, value in HD_EMBEDDING.items():
+        for key, value in DEFAULT_EMBD_LAYER.items():
             if self.embd_layer[key] != value:
                 raise ConfigurationError(
                     f"embd_layer[{key!r}] is {self.embd_layer[key]!r}; this implementation defines only the "
