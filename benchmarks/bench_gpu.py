@@ -29,7 +29,7 @@ from transformers import AutoConfig
 
 import phi_helpers  # noqa: F401  (registers the classes)
 from phi_helpers.api.kv_cache import PreallocatedCache
-from phi_helpers.api.loading import pick_attention
+from phi_helpers.api.hardware import pick_attention
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
 from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM

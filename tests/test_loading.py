@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi_helpers.testing
 from phi_helpers import FlashAttentionUnavailableError, load_model
-from phi_helpers.api import loading, report  # report: where pick_attention lives
+from phi_helpers.api import hardware, loading
 from phi_helpers.errors import ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError
 from phi_helpers.api.loading import check_checkpoint_files, pick_device, pick_dtype
-from phi_helpers.api.report import pick_attention
+from phi_helpers.api.hardware import pick_attention
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def h100_and_t4(fake_cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpus[index][0])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: gpus[index][1])
-    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: True)
 
 
 @pytest.fixture
@@ -129,11 +129,11 @@ def test_dtype_typos_list_the_valid_choices(typo):
 
 
 def test_auto_attention(monkeypatch, fake_cuda):
-    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: True)
     assert pick_attention("auto", "cuda", torch.bfloat16) == ("flash_attention_2", "flash-attn installed")
     assert pick_attention("auto", "cuda", torch.float32)[0] == "sdpa"
     assert pick_attention("auto", "cpu", torch.bfloat16)[0] == "sdpa"
-    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: False)
     assert pick_attention("auto", "cuda", torch.float16) == ("sdpa", "flash-attn not installed")
 
 
@@ -145,7 +145,7 @@ def test_explicit_attention():
 
 
 def test_flash_attention_asked_for_without_flash_attn(monkeypatch):
-    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: False)
     with pytest.raises(FlashAttentionUnavailableError) as info:
         pick_attention("flash_attention_2", "cuda", torch.bfloat16)
     assert "pip install flash-attn --no-build-isolation" in str(info.value)
@@ -154,7 +154,7 @@ def test_flash_attention_asked_for_without_flash_attn(monkeypatch):
 
 
 def test_flash_attention_needs_half_precision(monkeypatch, fake_cuda):
-    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: True)
     assert pick_attention("flash_attention_2", "cuda", torch.float16)[0] == "flash_attention_2"
     with pytest.raises(ValueError, match="bf16 or fp16"):
         pick_attention("flash_attention_2", "cuda", torch.float32)
@@ -554,7 +554,7 @@ def test_a_16_gb_laptop_without_a_gpu_is_warned_before_fp32_is_loaded(no_env_mod
 def test_the_warning_looks_at_the_free_memory_of_the_gpu_asked_for(no_env_model, h100_and_t4, forbid_loading, monkeypatch, capsys):
     free = {0: 80 * 2**30, 1: int(7.79 * 2**30)}  # an 8 GB laptop GPU as cuda:1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free[index], free[index]))
-    monkeypatch.setattr(report, "is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: False)
     stop_at_the_hub(monkeypatch)
     with pytest.raises(ModelLoadError):
         load_model("microsoft/Phi-3.5-vision-instruct", device="cuda:1")

@@ -10,9 +10,9 @@ import torch
 import transformers
 
 from phi_helpers import environment_report
-from phi_helpers.api import report as report_module
+from phi_helpers.api import hardware, report as report_module
 from phi_helpers.versions import TESTED_VERSIONS
-from phi_helpers.api.report import GIB, memory_estimate, memory_verdict
+from phi_helpers.api.hardware import GIB, memory_estimate, memory_verdict
 
 
 def test_versions_and_host_facts_match_this_interpreter():
@@ -108,8 +108,8 @@ def test_a_16_gb_laptop_without_a_gpu(monkeypatch, capsys):
     """Notebook 00: fp32 fits only 32 GB machines, bf16 a 16 GB laptop only just, int8 fits; the RAM that
     counts is what is available (a 16 GB laptop with a browser open has about 10 GB)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(report_module, "_total_ram_bytes", lambda: 16 * GIB)
-    monkeypatch.setattr(report_module, "_available_ram_bytes", lambda: 10 * GIB)
+    monkeypatch.setattr(hardware, "total_ram_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(hardware, "available_ram_bytes", lambda: 10 * GIB)
     report = environment_report()
     assert report["ram_available_gib"] == 10.0
     assert report["fits"]["float32"] == "does not fit" and report["fits"]["bfloat16"] == "tight"
@@ -123,8 +123,8 @@ def test_a_16_gb_laptop_without_a_gpu(monkeypatch, capsys):
 def test_without_the_available_ram_the_total_counts(monkeypatch):
     """The reviewer's case: 16 GiB of RAM, fp32 said "fits" though 15.4 GiB of weights + 1.1 of activations do not."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(report_module, "_total_ram_bytes", lambda: 16 * GIB)
-    monkeypatch.setattr(report_module, "_available_ram_bytes", lambda: None)
+    monkeypatch.setattr(hardware, "total_ram_bytes", lambda: 16 * GIB)
+    monkeypatch.setattr(hardware, "available_ram_bytes", lambda: None)
     assert environment_report(print_report=False)["fits"]["float32"] == "does not fit"
 
 
@@ -212,9 +212,9 @@ def test_the_flash_attn_row_is_what_load_model_picks(monkeypatch, capsys, gpu, c
     fake_gpu(monkeypatch, gpu, 15, major=capability[0])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: gpu)
-    monkeypatch.setattr(report_module, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(hardware, "is_flash_attn_2_available", lambda: True)
     report = environment_report()
     assert report["flash_attn_available"] is (capability >= (8, 0))
-    assert (report["attention"], report["attention_reason"]) == report_module.pick_attention("auto", "cuda", torch.float16)
+    assert (report["attention"], report["attention_reason"]) == hardware.pick_attention("auto", "cuda", torch.float16)
     [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("flash-attn ")]
     assert row.split(None, 1)[1] == expected

@@ -9,12 +9,12 @@ Three choices are made for you, each by a small function you can call yourself:
 * ``pick_dtype``: bfloat16 on GPUs that support it, float16 on older GPUs and MPS, float32 on CPU
   (bfloat16 on CPU for a quantized model);
 * ``pick_attention``: flash_attention_2 when flash-attn is installed (CUDA GPU of the Ampere generation
-  or newer, half precision), else sdpa. It lives in ``phi_helpers.api.report``, whose
-  ``environment_report`` shows the same choice.
+  or newer, half precision), else sdpa. It lives in ``phi_helpers.api.hardware``, with the machine
+  facts ``environment_report`` shows, so the report shows the same choice.
 
 Before loading, a local folder is checked for the files a checkpoint needs (``check_checkpoint_files``),
 and one line warns when the model would not fit into the memory available (weights + activations,
-``phi_helpers.api.report.memory_need``): an out-of-memory crash kills a notebook kernel without a word.
+``phi_helpers.api.hardware.memory_need``): an out-of-memory crash kills a notebook kernel without a word.
 A folder saved from a quantized model (config.json's ``quantization_config``) loads its weights as
 they are stored.
 
@@ -57,7 +57,7 @@ from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM
 from .choices import DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES, HUB_NUM_CROPS
 from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
-from .report import NUM_CROPS, available_memory, memory_need, mps_available, pick_attention
+from .hardware import NUM_CROPS, available_memory, memory_need, mps_available, pick_attention
 
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"

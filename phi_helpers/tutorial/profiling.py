@@ -32,8 +32,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..api.choices import ATTENTIONS
 from ..api.generation import ask
+from ..api.hardware import GIB, mps_available, pick_attention
 from ..api.loading import load_model, pick_device, pick_dtype
-from ..api.report import GIB, format_table as _table, mps_available, pick_attention
+from ..api.report import format_table as _table
 from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 
 # The choices of load_model(attn=...) but "auto": eager (the plain reference, slowest) first, then the others.
