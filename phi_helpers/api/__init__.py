@@ -6,7 +6,8 @@ imports from the module that holds it:
 
     choices        what load_model accepts: DEFAULT_MODEL_ID, DEVICES, DTYPES, ATTENTIONS
     loading        load_model and its choices: pick_device, pick_dtype, check_checkpoint_files
-    report         environment_report, memory_estimate / memory_need, pick_attention, format_table
+    hardware       what the machine has and the model needs: pick_attention, memory_estimate / memory_need
+    report         environment_report (shows those facts), format_table
     images         load_image
     prompts        build_prompt, Chat
     generation     ask, extract, stream_chunks, generate_batch (many prompts in one batch)
