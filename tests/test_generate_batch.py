@@ -150,3 +150,18 @@ def test_questions_and_images_are_taken_as_ask_takes_them(cli_model_and_processo
     assert [result.text for result in batch] == alone
     templated = generate_batch(model, processor, [generation.build_prompt("Hi", num_images=0)], [[]], max_new_tokens=6)
     assert templated[0].text == alone[1]
+
+
+def test_text_only_batches_are_padded_on_the_left_and_answer_as_ask_does(cli_model_and_processor):
+    """Before: a batch without images was padded on the right (the tokenizer's side), so the shorter
+    prompts went on after their padding and got other answers than on their own."""
+    model, processor = cli_model_and_processor
+    questions = ["Write a long story about a cat please.", "Hi", "word " * 30]
+    inputs = generation.encode(model, processor, [generation.build_prompt(q, num_images=0) for q in questions], [[]] * 3, 4)
+    assert inputs["attention_mask"][:, -1].all() and not inputs["attention_mask"][:, 0].all()  # padding on the left
+    batch = generate_batch(model, processor, questions, [[], [], []], max_new_tokens=10)
+    assert [result.text for result in batch] == [generation.ask(model, processor, q, max_new_tokens=10) for q in questions]
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}
+    batch = generate_batch(model, processor, questions, [[], [], []], max_new_tokens=10, schema=schema)
+    alone = [generation.ask(model, processor, q, max_new_tokens=10, schema=schema) for q in questions]
+    assert [result.text for result in batch] == alone

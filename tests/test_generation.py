@@ -1,5 +1,7 @@
 """ask / stream_chunks on the tiny random model: prompts, stop tokens, streaming, Chat, errors."""
 
+import copy
+import gc
 import json
 import re
 import threading
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 
 from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt, extract
-from phi_helpers.errors import InvalidArgumentError, JSONTruncatedError, SchemaError
+from phi_helpers.errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError
 from phi_helpers.api import generation
 from phi_helpers.api.generation import stream_chunks
 
@@ -303,6 +305,33 @@ def test_a_streamed_answer_goes_after_its_question_even_if_the_chat_moved_on(mon
     assert chat.messages[1]["content"].startswith(first.strip()) and chat.messages[2]["content"] == "Second question?"
 
 
+def test_a_stream_left_unfinished_is_closed_by_the_chats_next_question(monkeypatch, model_and_processor):
+    """Before: the generator kept in ``chunks`` went on generating to max_new_tokens, the next ask
+    answered the same question again, and collecting ``chunks`` then added a second answer."""
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model)
+    chat = Chat().add_user("Tell a story.")
+    chunks = stream_chunks(model, processor, chat, max_new_tokens=300, min_new_tokens=300)
+    for index, piece in enumerate(chunks):
+        if index == 2:
+            break
+    result = run_with_watchdog(lambda: ask(model, processor, chat, max_new_tokens=4))
+    assert isinstance(result.get("error"), PromptError), result  # the partial answer went in first:
+    assert "not the model's turn" in str(result["error"])  # the chat ends with it, not with the question
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] and chat.messages[1]["content"]
+    assert calls[0]["output"].shape[1] - calls[0]["input_ids"].shape[1] < 300  # generation stopped there
+    del chunks
+    gc.collect()
+    assert len(chat) == 2  # its later clean-up added nothing
+    chunks = stream_chunks(model, processor, chat.add_user("Go on."), max_new_tokens=300, min_new_tokens=300)
+    next(chunks)
+    assert len(copy.deepcopy(chat)) == 3  # a chat with an open stream copies (without the stream)
+    chat.add_user("And then?")  # typed after breaking out: the partial answer still goes after its question
+    ask(model, processor, chat, max_new_tokens=4)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in chat.messages][2:5:2] == ["Go on.", "And then?"]
+
+
 # --- Chat -------------------------------------------------------------------------------------------
 
 
@@ -351,3 +380,7 @@ def test_context_limit_is_prompt_plus_new_tokens(monkeypatch, model_and_processo
     ask(model, processor, "Hi", max_new_tokens=5)  # exactly fills the context: allowed
     with pytest.raises(ContextLengthError, match=f"{prompt_tokens + 6:,} in all"):
         ask(model, processor, "Hi", max_new_tokens=6)
+
+
+def test_the_module_lists_its_public_names():
+    assert generation.__all__ == ["ask", "extract", "stream_chunks", "generate_batch", "Generation"]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from PIL import Image
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria
 
-from phi_helpers.api import generation
-from phi_helpers.api.kv_cache import PreallocatedCache, PreallocatedLayer
+from phi_helpers.api import generation, kv_cache
+from phi_helpers.api.kv_cache import GROWTH, PreallocatedCache, PreallocatedLayer
 
 PROMPTS = [
     "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n",
@@ -94,3 +94,65 @@ def test_ask_uses_a_cache_sized_for_prompt_and_answer(monkeypatch, cli_model_and
     monkeypatch.setattr(model, "generate", spy)
     generation.ask(model, processor, "What is this?", max_new_tokens=4)
     assert isinstance(caches[0], PreallocatedCache) and caches[0].layers[0].capacity > 4
+
+
+def test_buffers_start_small_and_double_up_to_the_capacity(monkeypatch):
+    """Before: the whole capacity was allocated at the first step (max_new_tokens=32768 reserved 12 GiB
+    of the real model's memory, even for a one-token answer)."""
+    monkeypatch.setattr(kv_cache, "GROWTH", 4)
+    layer, written, rooms = PreallocatedLayer(capacity=100), [], []
+    for step in range(120):  # a prompt of 3 tokens, then one token at a time, past the capacity
+        keys = torch.randn(1, 2, 3 if step == 0 else 1, 5)
+        layer.update(keys, -keys)
+        written.append(keys)
+        rooms.append(layer.key_buffer.shape[2])
+    assert sorted(set(rooms)) == [7, 14, 28, 56, 100, 200]  # 3 + 4, doubled, capped at 100; then past it
+    assert torch.equal(layer.keys, torch.cat(written, dim=2)) and torch.equal(layer.values, -layer.keys)
+
+
+class StopAfter(StoppingCriteria):
+    """Ends generation after ``tokens`` new tokens, whatever the model writes."""
+
+    def __init__(self, tokens):
+        self.tokens, self.calls = tokens, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), self.calls >= self.tokens, dtype=torch.bool)
+
+
+def spy_caches(monkeypatch, model):
+    caches, generate = [], model.generate
+
+    def spy(**kwargs):
+        caches.append((kwargs.get("cache"), kwargs["input_ids"].shape[1]))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return caches
+
+
+def test_a_short_answer_with_a_huge_max_new_tokens_takes_little_memory(monkeypatch, cli_model_and_processor):
+    model, processor = cli_model_and_processor
+    caches = spy_caches(monkeypatch, model)
+    generation.ask(model, processor, "What is this?", max_new_tokens=30_000, stopping_criteria=[StopAfter(2)])
+    cache, prompt = caches[0]
+    assert cache.layers[0].capacity == prompt + 30_000
+    assert cache.layers[0].key_buffer.shape[2] == prompt + GROWTH
+
+
+def test_a_long_answer_grows_the_buffers_and_equals_dynamic_cache(monkeypatch, cli_model_and_processor):
+    model, processor = cli_model_and_processor
+    monkeypatch.setattr(kv_cache, "GROWTH", 2)
+    reference = generation.ask(model, processor, "Tell a story.", max_new_tokens=24, min_new_tokens=24,
+                               cache=DynamicCache(config=model.config))
+    caches = spy_caches(monkeypatch, model)
+    rooms = []
+    hook = model.register_forward_hook(lambda *args: rooms.append(caches[0][0].layers[0].key_buffer.shape[2]))
+    try:
+        answer = generation.ask(model, processor, "Tell a story.", max_new_tokens=24, min_new_tokens=24)
+    finally:
+        hook.remove()
+    prompt = caches[0][1]
+    assert answer == reference
+    assert rooms[0] == prompt + 2 and rooms[-1] == prompt + 24  # grew from 2 answer tokens to all 24

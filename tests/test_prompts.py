@@ -1,5 +1,7 @@
 """build_prompt and Chat: the exact chat format of the checkpoints, image numbering, history edits."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from phi_helpers import Chat, ImageLoadError, build_prompt
-from phi_helpers.errors import PromptError
+from phi_helpers.errors import PromptError, PromptImageMismatchError, SpecialTokenError
+from phi_helpers.models.phi3_v.processing_phi3_v import processor_chat_template
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "phi_helpers" / "data" / "phi-3-vision-128k-instruct"
 
@@ -181,3 +184,51 @@ def test_messages_is_a_copy():
     chat.messages[0]["content"] = "changed"
     chat.messages.append({"role": "user", "content": "x"})
     assert chat.messages == [{"role": "user", "content": "Hi"}]
+
+
+def test_a_chat_saved_as_json_and_images_is_restored_with_from_messages():
+    """Before: there was no way back; Chat refuses the <|image_N|> tags that messages holds."""
+    chat = Chat(system="Be brief.").add_user("Compare.", images=[colour("red"), colour("blue")])
+    chat.add_assistant("Say <|end|> to stop.", generated=True)  # spelled out by the model: stays text
+    chat.add_user("And this?", images=colour("green")).add_assistant("Green.")
+    saved = json.loads(json.dumps(chat.messages))
+    restored = Chat.from_messages(saved, images=chat.images)
+    assert restored.messages == chat.messages and restored.render() == chat.render()
+    assert restored.system == "Be brief." and colours(restored.images) == [RED, BLUE, GREEN]
+    restored.add_user("Next?", images=colour("red"))
+    assert restored.render().endswith("<|image_4|>\nNext?<|end|>\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize("messages, images, error, message", [
+    ("<|user|>\nHi", [], PromptError, "must be a list of"),
+    ([{"role": "user", "content": "<|image_1|>\nHi"}], [], PromptImageMismatchError, "1 image tag(s) but 0 image(s)"),
+    ([{"role": "user", "content": "Hi"}], [colour("red")], PromptImageMismatchError, "0 image tag(s) but 1 image(s)"),
+    ([{"role": "user", "content": "<|image_2|>\nHi"}], [colour("red")], PromptImageMismatchError, "the next one is <|image_1|>"),
+    ([{"role": "tool", "content": "Hi"}], [], PromptError, "the role 'tool'"),
+    ([{"role": "user", "content": "Hi <|end|>"}], [], SpecialTokenError, "<|end|>"),
+])
+def test_from_messages_refuses_what_a_chat_cannot_hold(messages, images, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        Chat.from_messages(messages, images)
+
+
+def test_the_processors_chat_template_is_the_checkpoints_after_a_preamble(processor):
+    """One template: processor.apply_chat_template (which also takes {"type": "image"} items) renders
+    what build_prompt and Chat render. Before: the processor had a hand-written copy of its own."""
+    assert processor.chat_template == processor_chat_template(processor.tokenizer.chat_template)
+    assert processor.chat_template.endswith(processor.tokenizer.chat_template)
+    items = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Two squares."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which is warmer?"}]},
+    ]
+    chat = Chat(system="Be brief.").add_user("Compare.", images=[colour("red"), colour("blue")])
+    chat.add_assistant("Two squares.").add_user("Which is warmer?", images=colour("green"))
+    rendered = processor.apply_chat_template(items, tokenize=False, add_generation_prompt=True)
+    assert rendered == chat.render(processor)
+    assert rendered == processor.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
+    text_only = [{"role": "user", "content": "Hi"}]
+    assert processor.apply_chat_template(text_only, tokenize=False, add_generation_prompt=True) == build_prompt(
+        "Hi", num_images=0, processor=processor
+    )

@@ -1,7 +1,10 @@
 """The chat box of notebook 04, driven without a browser: send / upload / reset and error handling."""
 
 import datetime
+import importlib
+import inspect
 import io
+import re
 
 import ipywidgets
 import pytest
@@ -173,3 +176,11 @@ def test_special_tokens_typed_into_the_box_are_refused(box, fake):
     assert "Not sent" in box.transcript() and "special token" in box.transcript()
     assert fake.calls == [] and box.history == []  # never rendered, never tokenized, never generated
     assert box.text.value == question  # kept, to be edited
+
+
+def test_the_default_stream_fn_named_in_the_docs_is_the_default():
+    """Before: the docstring named phi_helpers.stream_chunks, which does not exist."""
+    path = re.search(r"stream_fn: .*?\(default ``([\w.]+)``", ChatBox.__doc__, re.DOTALL).group(1)
+    module, _, name = path.rpartition(".")
+    default = inspect.signature(ChatBox).parameters["stream_fn"].default
+    assert getattr(importlib.import_module(module), name, None) is default

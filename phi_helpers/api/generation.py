@@ -5,11 +5,14 @@
     answer = ask(model, processor, question, images=[img], stream=True)   # prints as it goes
     data = extract(model, processor, "Extract the fields.", schema, images=[img])  # a dict, always valid
 
-What ``ask`` does, step by step (each step is a small function below):
-1. ``_prepare``: turn the question (or Chat) into a prompt string and a list of PIL images.
-2. ``encode``: run the processor, check that prompt + answer fit the context, move tensors to the model.
+What ``ask`` does, step by step (each step is a small function below; ``_setup`` runs steps 1-4 for
+``ask`` and ``stream_chunks``):
+1. ``_check_call``: refuse arguments that would fail deep inside transformers, or be ignored.
+2. ``_prepare``: turn the question (or Chat) into a prompt string and a list of PIL images.
 3. ``generation_settings``: greedy decoding, stop on ``<|end|>`` / ``<|endoftext|>``.
-4. ``model.generate``, then decode only the new tokens.
+4. ``encode``: run the processor, check that prompt + answer fit the context, move tensors to the model;
+   then ``_add_cache`` gives ``generate`` the KV cache of ``kv_cache``.
+5. ``model.generate``, then decode only the new tokens.
 
 ``stream_chunks`` is the streaming version as a generator of text pieces; ``ask(stream=True)``
 prints those pieces, and a notebook widget can show them instead.
@@ -18,14 +21,18 @@ prints those pieces, and a notebook widget can show them instead.
 to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns that answer as a dict.
 """
 
+import numbers
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
+)
 
 from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError, check_whole_number
+from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
 from .constrained import SchemaConstraint, compile_schema, read_answer
@@ -60,13 +67,20 @@ def ask(
         schema: a JSON Schema: the answer can only be JSON that follows it (compact, in the schema's
             property order), unless cut off by ``max_new_tokens``. ``extract`` also parses it.
         **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7``).
-            Decoding is greedy (deterministic) unless you pass sampling settings.
+            Decoding is greedy (deterministic) unless you pass sampling settings. A ``generation_config``
+            counts with the fields it sets (keywords you pass beside it win); ``eos_token_id`` may name
+            tokens (``"<|end|>"``); ``stop_strings`` get the tokenizer for you. One more that is not
+            generate's: ``num_crops`` sets the image tiles for this call (default: the processor's).
+            Outputs beyond the text (``return_dict_in_generate``, ``output_scores``) are refused: the
+            message shows how to call ``model.generate`` for them.
 
     Raises:
         ContextLengthError: the prompt (text + image tokens) plus ``max_new_tokens`` does not fit.
         PromptImageMismatchError: the prompt's ``<|image_N|>`` tags do not match the images.
         SpecialTokenError: the question or a chat turn contains ``<|end|>``, ``<|user|>``... (see prompts).
         SchemaNotSupportedError: ``schema`` uses a feature the constraint cannot enforce (before generating).
+        InvalidArgumentError: a setting that cannot work (``num_beams=0``, ``top_p=1.5``, ``max_length``...);
+            the message says what to pass instead.
     """
     if not isinstance(stream, bool):
         raise InvalidArgumentError(f"stream must be True or False, got {stream!r}.")
@@ -74,11 +88,7 @@ def ask(
         return _print_stream(
             stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs)
         )
-    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming=False)
-    prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
-    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
-    inputs = encode(model, processor, prompt, image_list, max_new_tokens)
-    _add_cache(model, inputs, settings)
+    inputs, settings, chat = _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
     answer = _decode_answer(processor, output[0, inputs["input_ids"].shape[1] :].tolist(), settings["eos_token_id"])
@@ -108,13 +118,12 @@ def extract(
             ``Chat``, the cut-off answer is not added to it: call ``extract`` again with more tokens.
     """
     _check_schema_type(schema)
-    asked = len(prompt_or_chat) if isinstance(prompt_or_chat, Chat) else None
     answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
     try:
         return read_answer(answer, schema)
     except JSONTruncatedError:
-        if asked is not None:  # the question stays the last turn: extract(..., chat) again with more tokens
-            prompt_or_chat._withdraw(asked)
+        if isinstance(prompt_or_chat, Chat):  # the question stays the last turn: extract(..., chat) again with more tokens
+            prompt_or_chat._withdraw(len(prompt_or_chat) - 1)
         raise
 
 
@@ -126,15 +135,24 @@ def stream_chunks(
 
     Generation runs in a background thread. If the thread fails, its exception is raised here. If you
     stop iterating early (``break``, ``.close()``, or a KeyboardInterrupt), generation is stopped. With a
-    ``Chat``, the text generated so far is appended as the answer, unless generation failed.
+    ``Chat``, the text generated so far is appended as the answer, unless generation failed; a stream
+    you broke out of but kept (``chunks = stream_chunks(...)``) is closed by the chat's next ``ask``,
+    ``extract`` or ``stream_chunks``, so its partial answer goes in first and the turns stay in order.
+    The arguments are checked and the prompt is encoded when you call it; generation starts with the
+    first piece you ask for.
     """
-    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming=True)
-    prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
-    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
-    inputs = encode(model, processor, prompt, image_list, max_new_tokens)
-    _add_cache(model, inputs, settings)
-    asked = len(chat) if chat is not None else 0  # the answer goes right after this question
+    inputs, settings, chat = _setup(
+        model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, streaming=True
+    )
+    chunks = _stream(model, processor, inputs, settings, chat, asked=len(chat) if chat is not None else 0)
+    if chat is not None:
+        chat._stream_started(chunks)  # closed by the chat's next question (Chat._close_stream)
+    return chunks
 
+
+def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, asked: int):
+    """The generator ``stream_chunks`` returns: generate in a thread, yield its text pieces; with a
+    ``chat``, its answer goes in at position ``asked``, right after its question."""
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
     streamer = _AnswerStreamer(processor.tokenizer, settings["eos_token_id"])
@@ -216,18 +234,128 @@ class _StopFlag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict, streaming: bool) -> int:
-    """Refuse what would otherwise fail deep inside transformers (or be ignored: a ``streamer`` beside the
-    one that ``streaming`` brings); ``max_new_tokens`` as an int."""
+def _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs: dict, streaming=False):
+    """What ``ask`` and ``stream_chunks`` do before generating (steps 1-4 of the module doc): check the call,
+    prepare the prompt, settings and inputs, add the KV cache. Returns (inputs, settings, the Chat or None)."""
+    max_new_tokens, generate_kwargs = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming)
+    num_crops = generate_kwargs.pop("num_crops", None)  # the processor's setting, for this call's images
+    prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
+    inputs = encode(model, processor, prompt, image_list, max_new_tokens, num_crops)
+    _add_cache(model, inputs, settings)
+    return inputs, settings, chat
+
+
+# generate() outputs that only a dict result holds: ask returns the answer's text instead.
+_OUTPUT_KWARGS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states")
+_GENERATE_YOURSELF = (
+    "call model.generate on the processor's inputs yourself: inputs = processor(text=build_prompt(question, "
+    "num_images=len(images)), images=images or None, return_tensors='pt').to(model.device); output = "
+    "model.generate(**inputs, max_new_tokens=64, do_sample=False, return_dict_in_generate=True, output_scores=True)"
+)
+# generate() settings that are numbers in a range: the test, and how the error message says it.
+_NUMBER_RANGES = {
+    "temperature": (lambda value: value >= 0, "of at least 0 (0 means greedy)"),
+    "top_p": (lambda value: 0 < value <= 1, "above 0 and at most 1"),
+    "min_p": (lambda value: 0 <= value <= 1, "from 0 to 1"),
+    "typical_p": (lambda value: 0 < value <= 1, "above 0 and at most 1"),
+    "repetition_penalty": (lambda value: value > 0, "above 0 (1 means no penalty)"),
+}
+
+
+def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict, streaming: bool) -> tuple[int, dict]:
+    """Refuse what would otherwise fail deep inside transformers or be ignored. Returns ``max_new_tokens``
+    as an int and the generate() settings (``_check_generate_kwargs``)."""
     check_model_and_processor(model, processor)
     if schema is not None:
         _check_schema_type(schema)
-    if streaming and generate_kwargs.get("streamer") is not None:
+    max_new_tokens = check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
+    return max_new_tokens, _check_generate_kwargs(model, processor, generate_kwargs, streaming)
+
+
+def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: bool) -> dict:
+    """The generate() settings asked for, checked: those of a ``generation_config`` among them (keywords
+    beside it win), ``eos_token_id`` as ids, ``num_crops`` (the processor's) a valid number of crops."""
+    kwargs = dict(generate_kwargs)
+    if kwargs.get("generation_config") is not None:
+        kwargs = {**_config_settings(model, kwargs.pop("generation_config")), **kwargs}
+    if streaming and kwargs.get("streamer") is not None:
         raise InvalidArgumentError(
             "stream=True brings its own streamer: pass either stream=True or streamer=..., not both "
             "(stream_chunks(...) gives the pieces of text to show them your way)."
         )
-    return check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
+    if kwargs.get("max_length") is not None:
+        raise InvalidArgumentError(
+            "max_length is not used here: the answer's length is max_new_tokens (the prompt does not count), "
+            "so pass max_new_tokens=... instead."
+        )
+    asked_for = [name for name in _OUTPUT_KWARGS if kwargs.get(name)]
+    if asked_for:
+        raise InvalidArgumentError(
+            f"{', '.join(asked_for)}: ask(), extract() and stream_chunks() return the answer's text, not "
+            f"generate()'s output. For scores and the other outputs, {_GENERATE_YOURSELF}."
+        )
+    if kwargs.get("cache_implementation") == "offloaded" and model.device.type == "cpu":
+        raise InvalidArgumentError(
+            "cache_implementation='offloaded' keeps the KV cache in CPU memory while a GPU computes; this model "
+            "runs on the CPU already, so leave it out."
+        )
+    if kwargs.get("num_crops") is not None:
+        kwargs["num_crops"] = check_num_crops(kwargs["num_crops"])
+    if kwargs.get("num_beams") is not None:
+        kwargs["num_beams"] = check_whole_number(kwargs["num_beams"], "num_beams", minimum=1)
+        if streaming and kwargs["num_beams"] > 1:
+            raise InvalidArgumentError(
+                "Beam search (num_beams > 1) chooses its answer only at the end, so it cannot be streamed: "
+                "leave num_beams out to stream, or call ask(..., num_beams=...) without stream=True."
+            )
+    if kwargs.get("top_k") is not None:
+        kwargs["top_k"] = check_whole_number(kwargs["top_k"], "top_k", hint=" (0 turns top-k off)")
+    for name, (allowed, wording) in _NUMBER_RANGES.items():
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool) and allowed(value)):
+            raise InvalidArgumentError(f"{name} must be a number {wording}, got {value!r}.")
+    if kwargs.get("eos_token_id") is not None:
+        kwargs["eos_token_id"] = _token_ids(processor, kwargs["eos_token_id"])
+    return kwargs
+
+
+def _config_settings(model, config) -> dict:
+    """The settings a ``generation_config`` asks for: its fields that differ from the model's own generation
+    config (which ``generate`` starts from anyway), so that passing that one changes nothing."""
+    if not isinstance(config, GenerationConfig):
+        raise InvalidArgumentError(
+            f"generation_config must be a transformers GenerationConfig, got {type(config).__name__}; "
+            "or pass the settings as keywords, e.g. do_sample=True, temperature=0.7."
+        )
+    own = model.generation_config.to_dict()
+    fields = {
+        name: value for name, value in config.to_dict().items()
+        if value is not None and not name.startswith("_") and name != "transformers_version" and value != own.get(name)
+    }
+    if "max_new_tokens" in fields:
+        raise InvalidArgumentError(
+            f"generation_config sets max_new_tokens={fields['max_new_tokens']}: pass max_new_tokens="
+            f"{fields['max_new_tokens']} as an argument of its own instead (256 when left out)."
+        )
+    return fields
+
+
+def _token_ids(processor, tokens):
+    """``eos_token_id`` with every token string (``"<|end|>"``) replaced by its id."""
+    strings = [token for token in (tokens if isinstance(tokens, (list, tuple)) else [tokens]) if isinstance(token, str)]
+    if not strings:
+        return tokens
+    vocab = processor.tokenizer.get_vocab()
+    unknown = [token for token in strings if token not in vocab]
+    if unknown:
+        raise InvalidArgumentError(
+            f"eos_token_id={unknown[0]!r} is not a token of the tokenizer: pass token ids or single tokens such "
+            f"as '<|end|>'; to stop when the answer contains a piece of text, pass stop_strings=[{unknown[0]!r}]."
+        )
+    if isinstance(tokens, str):
+        return vocab[tokens]
+    return [vocab[token] if isinstance(token, str) else token for token in tokens]
 
 
 def check_model_and_processor(model, processor) -> None:
@@ -273,6 +401,7 @@ def _check_schema_type(schema) -> None:
 def _prepare(processor, prompt_or_chat, images) -> tuple[str, list, Chat | None]:
     """Return (prompt string, loaded images, the Chat or None) for any kind of input ``ask`` accepts."""
     if isinstance(prompt_or_chat, Chat):
+        prompt_or_chat._close_stream()  # a stream left unfinished: its partial answer goes in first
         if images is not None:
             raise PromptError(
                 "A Chat carries its own images: attach them with chat.add_user(text, images=...) and call "
@@ -291,14 +420,16 @@ def _prepare(processor, prompt_or_chat, images) -> tuple[str, list, Chat | None]
     return build_prompt(prompt_or_chat, num_images=len(image_list), processor=processor), image_list, None
 
 
-def encode(model, processor, prompts, images: list, max_new_tokens: int):
+def encode(model, processor, prompts, images: list, max_new_tokens: int, num_crops: int | None = None):
     """Processor output on the model's device (pixel values in the model's dtype), length-checked.
 
     ``prompts`` is one prompt with ``images`` its list of images, or a list of prompts with ``images``
-    one list per prompt (a left-padded batch).
+    one list per prompt: a batch, padded on the left whether or not it has images (generation appends
+    on the right, so every row's last prompt token must be in the last column). ``num_crops``: the
+    processor's setting for these images (default: ``processor.image_processor.num_crops``).
     """
     check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
-    inputs = processor(text=prompts, images=images or None, return_tensors="pt")
+    inputs = processor(text=prompts, images=images or None, padding_side="left", num_crops=num_crops, return_tensors="pt")
     input_ids = inputs["input_ids"]
     image_tokens = int(((input_ids == getattr(processor, "image_token_id", None)) | (input_ids < 0)).sum(dim=1).max())
     check_context_length(input_ids.shape[1], model.config.max_position_embeddings, max_new_tokens, image_tokens)
@@ -357,6 +488,8 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
     settings.setdefault("do_sample", any(name in settings for name in _SAMPLING_KWARGS))
     settings.setdefault("eos_token_id", _stop_token_ids(model, processor))
     settings.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
+    if settings.get("stop_strings"):  # generate needs the tokenizer to find them
+        settings.setdefault("tokenizer", processor.tokenizer)
     settings["max_new_tokens"] = max_new_tokens
     if schema is not None:
         vocab_size = model.config.vocab_size  # the logits' width (32064 > the tokenizer's 32045)
@@ -369,8 +502,9 @@ def generation_settings(model, processor, max_new_tokens: int, generate_kwargs: 
 
 
 def _add_cache(model, inputs, settings: dict) -> None:
-    """A KV cache sized for prompt + answer, filled in place (``kv_cache``), unless the caller gave one."""
-    if "cache" not in settings and "past_key_values" not in settings:
+    """A KV cache for prompt + answer, filled in place (``kv_cache``), unless the caller gave one, asked
+    for none (``use_cache=False``) or asked transformers for one of its own (``cache_implementation``)."""
+    if not ({"cache", "past_key_values", "cache_implementation"} & settings.keys()) and settings.get("use_cache", True):
         settings["cache"] = PreallocatedCache(model.config, inputs["input_ids"].shape[1] + settings["max_new_tokens"])
 
 
@@ -389,9 +523,6 @@ def _decode_answer(processor, new_tokens: list[int], stop_ids) -> str:
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
     end = next((index for index, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
     return processor.tokenizer.decode(new_tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-
-
-__all__ = ["ask", "extract", "stream_chunks"]
 
 
 @dataclass
@@ -434,8 +565,9 @@ def generate_batch(
     With a ``schema``, every answer is constrained to JSON that follows it (one schema for the batch).
 
     ``prompts`` are questions or chat-format prompts, as in ``ask``, and ``images[i]`` is the list of
-    images of ``prompts[i]`` (anything ``load_image`` accepts). The processor left-pads the prompts to the same length (generation
-    appends on the right, so every row's last prompt token must be in the last column).
+    images of ``prompts[i]`` (anything ``load_image`` accepts). ``encode`` pads the prompts on the left to the
+    same length, with or without images (generation appends on the right, so every row's last prompt token
+    must be in the last column).
 
     The prompts are encoded one at a time into one KV cache (`_prefill_in_groups`). Decoding then
     runs ``model.generate`` for all rows in rounds: a round ends as soon as some answer ends, the
@@ -450,7 +582,7 @@ def generate_batch(
     past 4096 the model rotates every row with the long RoPE factors, as the original does, so a short
     prompt batched with a long one can get another answer than on its own.
     """
-    max_new_tokens = _check_call(model, processor, max_new_tokens, schema, {}, streaming=False)
+    max_new_tokens, _ = _check_call(model, processor, max_new_tokens, schema, {}, streaming=False)
     prompts, images = _batch(processor, prompts, images)
     settings = generation_settings(model, processor, max_new_tokens, {}, schema)
     inputs = encode(model, processor, prompts, images, max_new_tokens)
@@ -596,3 +728,6 @@ def _answer_length(tokens: list[int], stop_ids: set[int]) -> int:
         if token in stop_ids:
             return index + 1
     return len(tokens)
+
+
+__all__ = ["ask", "extract", "stream_chunks", "generate_batch", "Generation"]

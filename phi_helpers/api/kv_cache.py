@@ -3,30 +3,37 @@
 transformers' ``DynamicCache`` appends each new token's keys and values with ``torch.cat``, which copies
 the whole cache of every layer at every step. With 8 rows of 800-token prompts that copy costs more than
 the attention that reads the cache (benchmarks/bench_native.py, "batch"). ``PreallocatedCache`` writes
-into buffers sized for prompt + answer and gives the attention a view of their filled part: the same
+into buffers with room for more tokens and gives the attention a view of their filled part: the same
 keys and values, the same answers, no per-step copy.
 
     cache = PreallocatedCache(model.config, capacity=prompt_tokens + max_new_tokens)
     model.generate(**inputs, cache=cache, max_new_tokens=max_new_tokens)
 
-The whole prompt + ``max_new_tokens`` is allocated at the first step, which is the KV cache figure of
-``memory_estimate`` (a ``DynamicCache`` reaches it only if the answer runs to ``max_new_tokens``).
+``capacity`` is the most the cache is expected to hold, not what it takes at once: the buffers start
+with room for the prompt and ``GROWTH`` (256) answer tokens, and a full buffer is replaced by one twice as
+long (at most ``capacity``), the cache so far copied over once. So a short answer costs little whatever
+``max_new_tokens`` is (the real model in bf16 takes 0.375 MiB per token: ``max_new_tokens=32768`` reserved
+12 GiB up front when the buffers were sized for all of it), and a long answer is copied about
+log2(answer / 256) times instead of at every step. The most it holds is ``capacity`` tokens, the KV cache
+figure of ``memory_estimate``; while a buffer is replaced, the old one is alive too.
 
 ``ask``, ``stream_chunks`` and ``generate_batch`` use it (``generate_batch`` fills it with its prompts one
-row at a time, ``write_rows``). Everything else is ``DynamicCache``'s: a layer
-that outgrows its buffer gets a larger one (twice the size), and after an operation that replaces the
-keys and values (``batch_select_indices``, ``reorder_cache`` for beam search) the next step copies them
-into a new buffer once.
+row at a time, ``write_rows``; its rows grow together). Everything else is ``DynamicCache``'s: after an
+operation that replaces the keys and values (``batch_select_indices``, ``reorder_cache`` for beam search)
+the next step copies them into a new buffer of the same length once; past ``capacity`` a layer still
+grows, by doubling.
 """
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+GROWTH = 256  # room for this many answer tokens at first, and at least this many more when a buffer is full
+
 
 class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys`` / ``values`` are views ``buffer[:, :, :length]`` of buffers of
-    shape (batch, kv_heads, capacity, head_dim), filled in place."""
+    shape (batch, kv_heads, room, head_dim), filled in place; ``room`` grows towards ``capacity``."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -40,9 +47,9 @@ class PreallocatedLayer(DynamicLayer):
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
         if not self._fits(key_states, length, end):
-            capacity = max(self.capacity, end, 2 * length)
-            self.key_buffer = self._new_buffer(self.keys, key_states, length, capacity)
-            self.value_buffer = self._new_buffer(self.values, value_states, length, capacity)
+            room = self._room(length, end)
+            self.key_buffer = self._new_buffer(self.keys, key_states, length, room)
+            self.value_buffer = self._new_buffer(self.values, value_states, length, room)
         self.key_buffer[:, :, length:end].copy_(key_states)
         self.value_buffer[:, :, length:end].copy_(value_states)
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
@@ -57,7 +64,7 @@ class PreallocatedLayer(DynamicLayer):
         if self.key_buffer is None:
             self.lazy_initialization(key_states, value_states)
             _, heads, _, head_dim = key_states.shape
-            shape = (batch, heads, max(self.capacity, end), head_dim)
+            shape = (batch, heads, self._room(0, end), head_dim)
             self.key_buffer, self.value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
         for buffer, states in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
             buffer[rows, :, :start].zero_()
@@ -73,17 +80,28 @@ class PreallocatedLayer(DynamicLayer):
             return False
         return length == 0 or (self.keys.data_ptr() == buffer.data_ptr() and self.keys.shape[0] == buffer.shape[0])
 
+    def _room(self, length: int, end: int) -> int:
+        """The length of new buffers for a cache of ``length`` tokens that must hold ``end``: the old
+        buffers' length if that is enough (rows left the batch, beams were reordered), else twice the cache
+        so far and at least ``GROWTH`` more tokens, but no more than ``capacity`` while ``end`` fits in it."""
+        room = 0 if self.key_buffer is None else self.key_buffer.shape[2]
+        if end > room:
+            room = max(2 * length, end + GROWTH)
+            if end <= self.capacity:
+                room = min(room, self.capacity)
+        return room
+
     @staticmethod
-    def _new_buffer(cached: torch.Tensor, states: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    def _new_buffer(cached: torch.Tensor, states: torch.Tensor, length: int, room: int) -> torch.Tensor:
         batch, heads, _, head_dim = states.shape
-        buffer = states.new_empty(batch, heads, capacity, head_dim)
+        buffer = states.new_empty(batch, heads, room, head_dim)
         if length:
             buffer[:, :, :length].copy_(cached)
         return buffer
 
 
 class PreallocatedCache(DynamicCache):
-    """``DynamicCache(config=...)`` with ``PreallocatedLayer`` layers of ``capacity`` tokens."""
+    """``DynamicCache(config=...)`` with ``PreallocatedLayer`` layers that grow towards ``capacity`` tokens."""
 
     def __init__(self, config, capacity: int):
         super().__init__(config=config)
@@ -97,4 +115,4 @@ class PreallocatedCache(DynamicCache):
             layer.write_rows(first_row, batch, start, source.keys, source.values)
 
 
-__all__ = ["PreallocatedCache", "PreallocatedLayer"]
+__all__ = ["GROWTH", "PreallocatedCache", "PreallocatedLayer"]

@@ -16,7 +16,9 @@ conversation, in the order they are passed.
 Both build ``[{"role": ..., "content": ...}]`` messages and render them with transformers' own
 chat-template machinery and the template *shipped with the checkpoint*: the processor's tokenizer's
 ``chat_template`` when you pass ``processor=``, else the one in the vendored Phi-3-vision
-tokenizer_config.json (identical for Phi-3.5-vision). There is no copy of the template in Python.
+tokenizer_config.json (identical for Phi-3.5-vision). There is no copy of the template in Python: the
+processor's own (``processor.apply_chat_template``, which also takes ``{"type": "image"}`` items) is the
+same template after a preamble that turns such items into tags (``processor_chat_template``).
 
 Special tokens in your text are refused (SpecialTokenError). The prompt is a single string, and a
 tokenizer turns every ``<|end|>`` or ``<|user|>`` in it into the control token, wherever it came from;
@@ -30,14 +32,16 @@ chat format yourself (it starts with ``<|user|>`` or ``<|system|>``, as on the m
 """
 
 import re
+import weakref
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from ..errors import PromptError, SpecialTokenError, check_whole_number
+from ..errors import PromptError, PromptImageMismatchError, SpecialTokenError, check_whole_number
 from ..models.phi3_v.processing_phi3_v import CHECKPOINT_ADDED_TOKENS, CHECKPOINT_CHAT_TEMPLATE, IMAGE_TAG, image_tag
 from .images import load_image
 
 _CHAT_FORMAT_STARTS = ("<|user|>", "<|system|>")  # how a prompt written in the chat format begins
+_LEADING_TAGS = re.compile(r"(?:<\|image_\d+\|>\n)*")  # the image tags ``Chat.messages`` puts before a turn's text
 ZERO_WIDTH_SPACE = "\u200b"
 
 
@@ -147,6 +151,9 @@ class Chat:
 
     If ``ask`` fails (say, with a ContextLengthError), your question stays as the last turn: fix the
     cause, e.g. ``chat.drop_images(keep_last=1)``, and call ``ask(model, processor, chat)`` again.
+
+    To save a chat, store ``chat.messages`` (JSON) and ``chat.images`` (image files); to go on with it
+    later, ``Chat.from_messages(messages, images)``.
     """
 
     def __init__(self, system: str | None = None):
@@ -157,6 +164,50 @@ class Chat:
         self.system = system or None
         # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
         self._turns: list[dict] = []
+        self._stream = None  # a weak reference to the stream_chunks generator writing the next answer
+
+    @classmethod
+    def from_messages(cls, messages: list[dict], images=None) -> "Chat":
+        """The chat that ``messages`` (what ``chat.messages`` gave) and ``images`` (``chat.images``) describe.
+
+            json.dump(chat.messages, file)          # and save chat.images, in order
+            chat = Chat.from_messages(json.load(file), images=[...the same images, in order...])
+
+        A user message may start with the ``<|image_N|>`` lines that ``messages`` writes (numbered over the
+        whole chat); there must be one image per tag. The text is checked as ``add_user`` and
+        ``add_assistant`` check it; a system message may come first.
+        """
+        if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(message, dict) and isinstance(message.get("content"), str) for message in messages
+        ):
+            raise PromptError("messages must be a list of {'role': ..., 'content': '...'} dicts, as chat.messages gives.")
+        images = _as_list(images)
+        first = 1 if messages and messages[0].get("role") == "system" else 0
+        chat, used = cls(system=messages[0]["content"] if first else None), 0
+        for index, message in enumerate(messages[first:], start=first):
+            tags = _LEADING_TAGS.match(message["content"]).group()
+            numbers = [int(number) for number in IMAGE_TAG.findall(tags)]
+            if numbers != list(range(used + 1, used + len(numbers) + 1)):
+                raise PromptImageMismatchError(
+                    f"Message {index} starts with the tags {[image_tag(n) for n in numbers]}, but the images are "
+                    f"numbered over the whole chat: the next one is {image_tag(used + 1)}."
+                )
+            if message.get("role") == "user":
+                chat.add_user(message["content"][len(tags):], images=images[used : used + len(numbers)])
+            elif message.get("role") == "assistant" and not numbers:
+                chat.add_assistant(message["content"])
+            else:
+                raise PromptError(
+                    f"Message {index} has the role {message.get('role')!r}: a chat holds user and assistant "
+                    "messages (images only in user messages), after an optional system message."
+                )
+            used += len(numbers)
+        if used != len(images):
+            raise PromptImageMismatchError(
+                f"The messages have {used} image tag(s) but {len(images)} image(s) were given: pass the chat's "
+                "images (chat.images), in order."
+            )
+        return chat
 
     def add_user(self, text: str, images=None) -> "Chat":
         """Add a user turn. ``images``: one image or a list; anything ``load_image`` accepts.
@@ -190,6 +241,22 @@ class Chat:
         turn = {"role": "assistant", "text": text, "images": [], "generated": generated}
         self._turns.insert(len(self._turns) if position is None else position, turn)
         return self
+
+    def _stream_started(self, chunks) -> None:
+        """Remember the ``stream_chunks`` generator that writes the next answer, without keeping it alive."""
+        self._stream = weakref.ref(chunks)
+
+    def _close_stream(self) -> None:
+        """Close a stream left unfinished (a loop broke out of ``stream_chunks`` but kept the generator): it
+        stops generating and its partial answer goes in, as ``.close()`` does, before the chat goes on."""
+        stream = self._stream() if self._stream is not None else None
+        self._stream = None
+        if stream is not None:
+            stream.close()
+
+    def __getstate__(self) -> dict:
+        """What ``copy`` and ``pickle`` keep: the turns, not a stream still writing into this chat."""
+        return {**self.__dict__, "_stream": None}
 
     def _withdraw(self, position: int) -> None:
         """Remove the model's answer at ``position`` (``extract`` withdraws one that was cut off)."""
@@ -236,6 +303,7 @@ class Chat:
 
     def reset(self) -> "Chat":
         """Forget all turns and images (the system message stays). Returns the chat."""
+        self._close_stream()
         self._turns.clear()
         return self
 

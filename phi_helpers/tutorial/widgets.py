@@ -56,7 +56,7 @@ class ChatBox:
         model, processor: what ``load_model()`` returned.
         max_new_tokens: the longest answer, in tokens.
         system: an optional system message for the conversation.
-        stream_fn: the function that streams an answer (default ``phi_helpers.stream_chunks``;
+        stream_fn: the function that streams an answer (default ``phi_helpers.api.generation.stream_chunks``;
             tests pass a fake with the same signature).
 
     Attributes:

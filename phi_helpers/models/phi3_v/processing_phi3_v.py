@@ -44,23 +44,30 @@ def image_tag(number: int) -> str:
     return f"<|image_{number}|>"
 
 
-# The checkpoint's chat template, extended so that {"type": "image"} items (pipeline / multimodal
-# chat messages) become <|image_N|> tags numbered over the whole conversation. Plain string contents
-# render exactly as the tokenizer's own template.
-CHAT_TEMPLATE = (
-    "{% set image = namespace(count=0) %}"
+# The processor's chat template (processor.apply_chat_template): this preamble, then the tokenizer's own
+# (the checkpoint's) template. The preamble turns list contents (pipeline / multimodal chat messages)
+# into strings, each {"type": "image"} item an <|image_N|> line numbered over the whole conversation, so
+# that the checkpoint's template renders them; string contents pass unchanged.
+_CONTENT_ITEMS_TO_TEXT = (
+    "{% set converted = namespace(messages=[], images=0) %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% set content = namespace(text='') %}"
+    "{% if message['content'] is string %}{% set content.text = message['content'] %}"
     "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{% set image.count = image.count + 1 %}"
-    "{{ '<|image_' + image.count|string + '|>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% if item['type'] == 'image' %}{% set converted.images = converted.images + 1 %}"
+    "{% set content.text = content.text + '<|image_' + converted.images|string + '|>\n' %}"
+    "{% elif item['type'] == 'text' %}{% set content.text = content.text + item['text'] %}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{{ '<|end|>\n' }}"
+    "{% set converted.messages = converted.messages + [{'role': message['role'], 'content': content.text}] %}"
     "{% endfor %}"
-    "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% set messages = converted.messages %}"
 )
+
+
+def processor_chat_template(tokenizer_template: str | None = None) -> str:
+    """The processor's chat template: ``_CONTENT_ITEMS_TO_TEXT`` + the tokenizer's template (default: the
+    checkpoint's), so there is one template, which ``phi_helpers.api.prompts`` renders too."""
+    return _CONTENT_ITEMS_TO_TEXT + (tokenizer_template or CHECKPOINT_CHAT_TEMPLATE)
 
 
 def _image_numbers(prompt: str) -> list[int]:
@@ -117,7 +124,8 @@ class Phi3VProcessor(ProcessorMixin):
     special_image_token = IMAGE_TOKEN  # the original processor's name for it
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+        chat_template = chat_template or processor_chat_template(getattr(tokenizer, "chat_template", None))
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
@@ -263,4 +271,4 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
-__all__ = ["Phi3VProcessor", "CHAT_TEMPLATE", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length"]
+__all__ = ["Phi3VProcessor", "processor_chat_template", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length"]
