@@ -27,8 +27,11 @@ The JSON Schema subset that is enforced (anything else is refused before generat
   quote or backslash on its own, which the grammar would write unescaped; a class with other characters
   beside one, ``[\\t ]``, is fine: the grammar leaves it out), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
   ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
-  ``format: "date"`` (real calendar dates, leap years included), and ``$ref``
+  ``format: "date"`` (real calendar dates, leap years included; no other ``pattern`` next to it), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...`` (a definition no ``$ref`` reaches is not checked);
+* numbers are written as plain decimals, at most ``NUMBER_FRACTION_DIGITS`` (6) digits after the point and
+  no exponent (xgrammar's way of bounding them), within their bounds and within ``UNBOUNDED_NUMBER_LIMIT``
+  (10**18) of zero (integers: where they have no bound), so that every number reads back as a finite float;
 * annotations are allowed and ignored: ``$schema``, ``$id``, ``$anchor``, ``$comment``, ``title``,
   ``description``, ``default``, ``examples``, ``readOnly``, ``writeOnly``, ``deprecated``,
   ``contentMediaType``, ``contentEncoding``, ``contentSchema``, and vendor extensions (``x-order``...).
@@ -51,6 +54,7 @@ import math
 import re
 import weakref
 from dataclasses import dataclass
+from fractions import Fraction
 from urllib.parse import unquote
 
 import torch
@@ -90,18 +94,27 @@ KEYWORD_ADVICE = {
     "uniqueItems": "remove it and check for repeated items after extraction (the grammar does not remember items)",
     "nullable": 'OpenAPI\'s nullable is written in JSON Schema as a type list with "null", e.g. "type": ["string", "null"]',
     "allOf": 'merge its parts into one schema (pydantic v1\'s "allOf": [{"$ref": ...}] is the "$ref" alone)',
-    "multipleOf": "remove it and check the value after extraction",
     "prefixItems": 'give one schema in "items" that every item follows',
     "additionalItems": 'it goes with tuple "items", which are not supported: give one schema in "items"',
     "dependencies": "remove it and check the dependency after extraction",
     "id": "draft-04's identifier of the schema: remove it (or write \"$id\")",
 }
+KEYWORD_DEFAULT_ADVICE = "remove it and check the value after extraction"  # multipleOf, not, if/then/else...
 # OpenAPI's formats of numbers: annotations (a JSON Schema validator checks formats of strings only).
 NUMBER_FORMATS = ("int32", "int64", "float", "double")
 FORMAT_ADVICE = 'use "type": "string" with a "pattern", or format "date"'
 # The integer bounds xgrammar enforces: it stores them as signed 64-bit integers (and refuses any other).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 BOUND_ADVICE = "drop the bound (and check the value after extraction if it matters)"
+# How xgrammar writes a number that has a bound: a plain decimal (no exponent) with at most this many digits
+# after the point, e.g. 0.000001 is the smallest above 0. Its number without a bound has any exponent and any
+# count of digits (1e999 and a 400-digit number read as infinity; Python refuses to read an integer of more
+# than 4,300 digits), so every number and integer gets bounds for the grammar (_grammar_range): a side without
+# one gets UNBOUNDED_NUMBER_LIMIT from zero, and a number's bounds are cut to it (xgrammar's bounded numbers
+# lose digits past 2**63). Larger than any amount in a document, exact as a float, and cheap to compile: a
+# round bound takes a quarter of the time of 2**63's 19 digits (0.5 ms per number; the largest float, 40 ms).
+NUMBER_FRACTION_DIGITS = 6
+UNBOUNDED_NUMBER_LIMIT = 10**18
 
 # The largest schema that is compiled into a grammar, in characters of compact JSON (descriptions and other
 # annotations not counted). xgrammar's compile time grows faster than the schema and ignores Ctrl-C; measured
@@ -120,7 +133,10 @@ _YEAR = r"([1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])"
 _LEAP_YEAR = r"(\d{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
 _MONTH_DAY = r"((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
 DATE_PATTERN = rf"^({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)$"
-_SAMPLE_DATES = ("0001-01-01", "1988-03-14", "2024-02-29", "9999-12-31")  # a date pattern must accept these
+# The only patterns allowed next to format "date": a date's shape (YYYY-MM-DD), which every calendar date matches.
+# The grammar writes DATE_PATTERN for such a string, so any other pattern would be left unenforced.
+_DIGIT = r"(?:\\d|\[0-9\])"
+_DATE_SHAPE = re.compile(rf"\^?{_DIGIT}\{{4\}}-{_DIGIT}\{{2\}}-{_DIGIT}\{{2\}}\$?")
 
 # The advice of every refusal: how to get an answer without the grammar.
 UNCONSTRAINED_PATH = ("the unconstrained path (the command line's --no-constrain, in Python ask() without a schema or "
@@ -191,8 +207,7 @@ def _check_supported(schema) -> xgrammar.Grammar:
     if problems:
         messages.append(
             "This JSON Schema uses features that constrained decoding cannot enforce: " + "; ".join(problems)
-            + f". Remove them (or check them yourself after extraction), or use {UNCONSTRAINED_PATH}. Supported: see "
-            "help(phi_helpers.api.constrained)."
+            + f". Otherwise, use {UNCONSTRAINED_PATH}. Supported: see help(phi_helpers.api.constrained)."
         )
     if contradictions:
         messages.append(
@@ -297,19 +312,18 @@ def _unsupported(schema, where: str) -> list[str]:
         problems.append(f"{where}: \"required\": {json.dumps(schema['required'])} (draft-03's form: list the names in "
                         '"required" of the object that holds the properties)')
     unknown = sorted(key for key in set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS if not _descriptive(key))
-    problems += [f"{where}: {keyword!r}" + (f": {KEYWORD_ADVICE[keyword]}" if keyword in KEYWORD_ADVICE else "")
-                 for keyword in unknown]
+    problems += [f"{where}: {keyword!r}: {KEYWORD_ADVICE.get(keyword, KEYWORD_DEFAULT_ADVICE)}" for keyword in unknown]
     if "format" in schema and schema["format"] not in SUPPORTED_FORMATS and not _number_format(schema):
         problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)}): {FORMAT_ADVICE}")
-    if schema.get("format") == "date" and "pattern" in schema:
-        pattern = re.compile(schema["pattern"])
-        if not all(pattern.search(date) for date in _SAMPLE_DATES):
-            problems.append(f"{where}: a pattern next to format 'date' must accept every YYYY-MM-DD date")
+    if schema.get("format") == "date" and "pattern" in schema and not _date_shaped(schema["pattern"]):
+        problems.append(f"{where}: a pattern next to format 'date' ({schema['pattern']!r}): the grammar writes a calendar "
+                        "date and cannot enforce another pattern as well, so keep one of them (format 'date', or the "
+                        "pattern alone) and check the other after extraction")
     lengths = "minLength" in schema or "maxLength" in schema
     if "pattern" in schema and lengths:
         problems.append(f"{where}: minLength/maxLength next to a pattern (put the length into the pattern)")
     if schema.get("format") == "date" and lengths:
-        problems.append(f"{where}: minLength/maxLength next to format 'date' (a date is always 10 characters)")
+        problems.append(f"{where}: minLength/maxLength next to format 'date' (a date is always 10 characters: remove them)")
     if "pattern" in schema:
         problems += _pattern_problems(schema["pattern"], where)
     ref = schema.get("$ref")
@@ -320,12 +334,57 @@ def _unsupported(schema, where: str) -> list[str]:
             problems.append(f"{where}: {keyword} true/false (draft-04; give the bound itself: \"{keyword}\": 0)")
     if schema.get("additionalProperties", False) is not False:
         problems += [f"{where}: required {name!r} that is not in properties (add it to properties)" for name in _unlisted(schema)]
-    return problems + [f"{where}: {problem}: {BOUND_ADVICE}" for problem in _bound_problems(schema)]
+    problems += [f"{where}: {problem}" for problem in _unwritable_data(schema)]
+    problems += [f"{where}/{key}: the name {json.dumps(name)} holds a lone surrogate, which is not a character (UTF-8 "
+                 "cannot hold it): rename it"
+                 for key in _NAMED_SUBSCHEMAS for name in schema.get(key, {}) if _lone_surrogate(name)]
+    return problems + [f"{where}: {problem}" for problem in _bound_problems(schema)]
+
+
+def _date_shaped(pattern: str) -> bool:
+    """Whether ``pattern`` (next to format "date") is a date's shape, ``^\\d{4}-\\d{2}-\\d{2}$`` or the like, which
+    every calendar date matches: the only kind of pattern the date grammar enforces too."""
+    return pattern == DATE_PATTERN or _DATE_SHAPE.fullmatch(pattern) is not None
+
+
+def _unwritable_data(schema: dict) -> list[str]:
+    """Why the first ``enum`` or ``const`` value of ``schema`` that cannot be written as itself cannot: the grammar
+    copies these values through xgrammar, which reads integers as signed 64-bit and other numbers as 64-bit
+    floats, and text as UTF-8."""
+    for keyword, values in (("enum", schema.get("enum", [])), ("const", [schema["const"]] if "const" in schema else [])):
+        for value in values:
+            for part, problem in _unwritable(value):
+                inside = f" holds {json.dumps(part)[:80]}" if part is not value else ""
+                return [f"{keyword} value {json.dumps(value)[:80]}{inside}: {problem}"]
+    return []
+
+
+def _unwritable(value) -> list[tuple]:
+    """``(part, why)`` for each part of the JSON value ``value`` (itself, an item, a key) that the grammar cannot
+    write as Python reads it back, ``why`` saying what to do; empty if it can write all of it."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        return [(value, "an integer beyond the signed 64-bit range, which the grammar would write as a float (another "
+                        f'number): write it as a string ("{value}") or check it after extraction')]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(value, "not a JSON number (JSON has no NaN or Infinity): remove it")]
+    if isinstance(value, str) and _lone_surrogate(value):
+        return [(value, "a lone surrogate, which is not a character (UTF-8 cannot hold it): remove it")]
+    if isinstance(value, dict):
+        return [found for item in value.items() for part in item for found in _unwritable(part)]
+    if isinstance(value, list):
+        return [found for item in value for found in _unwritable(item)]
+    return []
+
+
+def _lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a surrogate code point (U+D800 to U+DFFF) on its own: JSON's "\\ud800" reads as one."""
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
 
 
 def _number_format(schema: dict) -> bool:
-    """Whether ``schema`` is a number or integer with one of OpenAPI's ``NUMBER_FORMATS`` (an annotation)."""
-    return schema.get("format") in NUMBER_FORMATS and set(_types(schema)) <= {"number", "integer"} and bool(_types(schema))
+    """Whether ``schema`` allows numbers or integers (perhaps with null or other types) and has one of OpenAPI's
+    ``NUMBER_FORMATS``: an annotation (a JSON Schema validator checks formats of strings only)."""
+    return schema.get("format") in NUMBER_FORMATS and bool({"number", "integer"} & set(_types(schema)))
 
 
 def _descriptive(key: str) -> bool:
@@ -335,20 +394,68 @@ def _descriptive(key: str) -> bool:
 
 
 def _bound_problems(schema: dict) -> list[str]:
-    """Why xgrammar cannot enforce a number bound of ``schema`` exactly: an integer's bound (as a whole number)
-    outside the signed 64-bit range, or a number's bound that a 64-bit float does not hold (xgrammar reads it
-    as one, rounded, so it would allow numbers beyond the bound)."""
+    """Why xgrammar cannot enforce a number bound of ``schema`` exactly, with what to do: an integer's bound (as a
+    whole number) outside the signed 64-bit range, a number's bound that a 64-bit float does not hold (xgrammar
+    reads it as one, rounded, so it would allow numbers beyond the bound), or a range so narrow that no number
+    the grammar writes (``NUMBER_FRACTION_DIGITS``) lies inside (xgrammar would allow no number at all)."""
     if _integers_only(schema):
         ends = zip((_lower_bound(schema), _upper_bound(schema)), _integer_range(schema))  # whole is None: no bound
         return [
-            f"{bound[2]} {bound[0]} is outside the integers the grammar can bound ({INT64_MIN} to {INT64_MAX})"
+            f"{bound[2]} {bound[0]} is outside the integers the grammar can bound ({INT64_MIN} to {INT64_MAX}): {BOUND_ADVICE}"
             for bound, whole in ends if whole is not None and not INT64_MIN <= whole <= INT64_MAX
         ]
     bounds = _bounds(schema, "minimum", "exclusiveMinimum") + _bounds(schema, "maximum", "exclusiveMaximum")
-    return [
-        f"{keyword} {value} has more digits than a 64-bit float holds (the grammar would round it)"
+    inexact = [
+        f"{keyword} {value} has more digits than a 64-bit float holds (the grammar would round it): {BOUND_ADVICE}"
         for value, _exclusive, keyword in bounds if not _is_double(value)
     ]
+    if inexact or not {"number", "integer"} & set(_types(schema)) or _empty_range(schema):
+        return inexact
+    lowest, highest = _lower_bound(schema), _upper_bound(schema)
+    for bound, toward in ((lowest, math.inf), (highest, -math.inf)):
+        if bound is not None and math.copysign(1, toward) * _inside(*bound[:2], toward=toward) > UNBOUNDED_NUMBER_LIMIT:
+            return [f"{bound[2]} {bound[0]} leaves only numbers beyond those the grammar writes (within "
+                    f"±{UNBOUNDED_NUMBER_LIMIT:,}, see help(phi_helpers.api.constrained)): {BOUND_ADVICE}"]
+    low, high = (_exact(bound) * 10**NUMBER_FRACTION_DIGITS for bound in _grammar_range(schema))  # in millionths
+    if lowest and highest and math.ceil(low) > math.floor(high):
+        return [f"{lowest[2]} {lowest[0]} and {highest[2]} {highest[0]} leave no number with at most "
+                f"{NUMBER_FRACTION_DIGITS} digits after the point, which is how the grammar writes numbers (as a 64-bit "
+                f"float reads them): widen the range, or {BOUND_ADVICE}"]
+    return []
+
+
+def _grammar_range(schema: dict) -> tuple:
+    """The ``minimum`` and ``maximum`` the grammar gets for the numbers of ``schema`` (which allows numbers or
+    integers), both inclusive (see ``NUMBER_FRACTION_DIGITS``). An integer: its whole bounds, and on a side without
+    one ``UNBOUNDED_NUMBER_LIMIT`` from zero (the end of the signed 64-bit integers where the other bound lies
+    beyond it). A number: an exclusive bound as the next 64-bit float inside it (xgrammar writes
+    ``10000000000000000.3`` above ``"exclusiveMinimum": 1e16``, which reads back as 1e16 itself), and never more
+    than ``UNBOUNDED_NUMBER_LIMIT`` from zero (xgrammar's bounded numbers lose digits past 2**63: between 1e20 and
+    1e22 it allows only 1e20)."""
+    limit = UNBOUNDED_NUMBER_LIMIT
+    if _integers_only(schema):
+        low, high = _integer_range(schema)
+        return (
+            low if low is not None else -limit if high is None or high >= -limit else INT64_MIN,
+            high if high is not None else limit if low is None or low <= limit else INT64_MAX,
+        )
+    low, high = _lower_bound(schema), _upper_bound(schema)
+    return (
+        -limit if low is None else max(_inside(*low[:2], toward=math.inf), -limit),
+        limit if high is None else min(_inside(*high[:2], toward=-math.inf), limit),
+    )
+
+
+def _inside(value, exclusive: bool, toward: float):
+    """The bound ``value`` as an inclusive one: an exclusive bound becomes the next float ``toward`` the inside.
+    A bound no float holds is kept (it is refused, see ``_bound_problems``)."""
+    return math.nextafter(float(value), toward) if exclusive and _is_double(value) else value
+
+
+def _exact(bound) -> Fraction:
+    """The number xgrammar reads for a bound: an integer as it is, a float as its shortest decimal (``0.1``, not the
+    binary 0.1000000000000000055...), the text JSON writes for it."""
+    return Fraction(bound) if isinstance(bound, int) else Fraction(repr(float(bound)))
 
 
 def _is_double(value) -> bool:
@@ -362,7 +469,8 @@ def _is_double(value) -> bool:
 def _pattern_problems(pattern: str, where: str) -> list[str]:
     """Why the grammar cannot enforce a ``pattern`` as Python's ``re`` (which validates answers) reads it."""
     if re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", pattern):
-        return [f"{where}: a pattern with a look-around or back-reference ({pattern!r})"]
+        return [f"{where}: a pattern with a look-around or back-reference ({pattern!r}): rewrite it without them, or check "
+                "the value after extraction"]
     if re.search(r"(?<!\\)(\\\\)*\(\?[aiLmsux-]+[:)]", pattern):
         return [f"{where}: an inline flag such as (?i) in a pattern ({pattern!r}; the grammar cannot read it: write "
                 "both cases, e.g. [Aa])"]
@@ -373,6 +481,9 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
         return [f"{where}: a repetition count above {MAX_PATTERN_REPEAT:,} in a pattern ({pattern!r}): its grammar would "
                 "take minutes to compile; lower it (max_new_tokens bounds the answer anyway)"]
     tokens = _regex_tokens(pattern)
+    if _lone_surrogate(pattern) or any(re.fullmatch(r"\\u[dD][89a-fA-F]..", token.text) for token in tokens):
+        return [f"{where}: a lone surrogate in a pattern ({pattern!r}): it is not a character (UTF-8 cannot hold it), "
+                "so no answer could hold it; remove it"]
     for token in tokens:
         if token.text in ("\\W", "\\D") or (token.negated and token.text in ("\\w", "\\d")):
             place = " inside [^...]" if token.negated else ""
@@ -381,6 +492,9 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
         if token.text.startswith("\\U"):
             return [f"{where}: \\U in a pattern ({pattern!r}): the grammar would read it as the letter U; "
                     "write the character itself"]
+        if token.text == "\\S" and token.in_class:
+            return [f"{where}: \\S inside [...] in a pattern ({pattern!r}): the grammar cannot write it as Python's re reads "
+                    "it; write \\S outside the class (e.g. (?:\\S|-) for [\\S-]), or list the characters"]
     mixed = _mixed_classes(tokens)
     unsafe = next((token for index, token in enumerate(tokens) if index not in mixed and _names_unescaped_char(token)), None)
     if unsafe is not None:
@@ -397,7 +511,8 @@ def _pattern_problems(pattern: str, where: str) -> list[str]:
         for regex in (as_written, whole_value_pattern(pattern)):  # first as written: errors point at the user's text
             xgrammar.Grammar.from_regex(regex)
     except RuntimeError as error:
-        return [f"{where}: a pattern the grammar cannot express ({pattern!r}: {_xgrammar_reason(error)})"]
+        return [f"{where}: a pattern the grammar cannot express ({pattern!r}: {_xgrammar_reason(error)}): rewrite it, "
+                "or check the value after extraction"]
     return []
 
 
@@ -408,14 +523,39 @@ def whole_value_pattern(pattern: str) -> str | None:
     JSON Schema's ``pattern`` matches anywhere in the value (Python's ``re.search``, which checks the
     answers): ``"^[A-Z]"`` accepts "Lindqvist". Given to xgrammar as it is, it would allow only one capital
     letter. So each top-level branch gets ``.*`` where it is not anchored: ``"^[A-Z]"`` -> ``"(?:[A-Z]).*"``.
-    Two spellings xgrammar reads otherwise are rewritten: a ``]`` first in a class (``[]a]``, ``[^]]``)
-    becomes ``\]``, and a named group ``(?P<name>...)`` a plain one.
+    Spellings xgrammar reads otherwise are rewritten (``_regex_tokens``, ``_xgrammar_spelling``): a ``]`` first
+    in a class (``[]a]``, ``[^]]``) or outside one becomes ``\]``, a named group ``(?P<name>...)`` a plain one,
+    a character beyond ASCII ``\u{...}`` and ``\s``, ``\S`` the characters Python's re means by them.
     """
     branches = _anchored_branches(_regex_tokens(pattern))
     if branches is None:
         return None
-    return "|".join(("" if start else ".*") + "(?:" + "".join(token.text for token in core) + ")" + ("" if end else ".*")
+    return "|".join(("" if start else ".*") + "(?:" + "".join(map(_xgrammar_spelling, core)) + ")" + ("" if end else ".*")
                     for start, core, end in branches)
+
+
+# The characters Python's re matches with \s, less the control characters a JSON string escapes (the grammar
+# never writes those), as members of a class in xgrammar's spelling. xgrammar's own \s differs: it allows
+# U+FEFF (which \s refuses) but not U+0085 (which \S refuses).
+_WHITESPACE_CLASS = " \\u{85}\\u{A0}\\u{1680}\\u{2000}-\\u{200A}\\u{2028}\\u{2029}\\u{202F}\\u{205F}\\u{3000}"
+
+
+def _xgrammar_spelling(token: "_RegexToken") -> str:
+    """``token`` spelled so that xgrammar reads it as Python's re does. A character beyond ASCII, written as it is
+    (or escaped, ``\\é``), becomes ``\\u{E9}``: written as it is, xgrammar 0.2.9 lets the ``.``, ``\\s`` and
+    ``[^...]`` of the same pattern write quotes, backslashes and control characters (invalid JSON). So does a
+    ``]`` outside a class, which becomes ``\\]``. ``\\s`` and ``\\S`` (outside a class; refused inside one but
+    ``\\s``) become ``_WHITESPACE_CLASS``."""
+    if token.text == "\\s":
+        return _WHITESPACE_CLASS if token.in_class else f"[{_WHITESPACE_CLASS}]"
+    if token.text == "\\S":
+        return f"[^{_WHITESPACE_CLASS}]"
+    if token.text == "]" and not token.in_class:
+        return "\\]"
+    literal = token.text.removeprefix("\\")  # "é" or "\\é" (other escapes are longer)
+    if len(literal) == 1 and ord(literal) > 0x7F:
+        return f"\\u{{{ord(literal):X}}}"
+    return token.text
 
 
 def _anchored_branches(tokens: list["_RegexToken"]) -> list[tuple[bool, list["_RegexToken"], bool]] | None:
@@ -649,47 +789,76 @@ def _integer_range(schema: dict) -> tuple:
     )
 
 
+# Any JSON value, for the grammar: what "{}", "additionalProperties": true and an object without "properties"
+# allow. xgrammar's own any-value rule has numbers without bounds (see NUMBER_FRACTION_DIGITS), so this one,
+# recursive, is added to the $defs of the grammar's copy of a schema that uses it.
+_ANY_NAME = "phi_helpers_any_value"
+_ANY_REF = f"#/$defs/{_ANY_NAME}"
+_ANY_VALUE = {"anyOf": [
+    {"type": "null"}, {"type": "boolean"}, {"type": "string"},
+    {"type": "number", "minimum": -UNBOUNDED_NUMBER_LIMIT, "maximum": UNBOUNDED_NUMBER_LIMIT},
+    {"type": "array", "items": {"$ref": _ANY_REF}}, {"type": "object", "additionalProperties": {"$ref": _ANY_REF}},
+]}
+
+
 def _grammar_schema(schema):
     """A copy of ``schema`` for the grammar compiler, subschema by subschema (``enum`` and ``const`` values are
-    data and stay as they are): descriptions and other annotations are dropped (they change nothing),
-    ``format: "date"`` becomes ``DATE_PATTERN``, lengths a pattern, an integer's bounds whole numbers,
-    ``["integer", "number"]`` ``"number"``, and infinite or NaN bounds are dropped."""
+    data and stay as they are): see ``_rewrite_for_grammar``; any value (``{}``) becomes ``_ANY_VALUE``."""
+    copy = _grammar_subschema(schema)
+    if isinstance(copy, dict) and any(isinstance(node, dict) and node.get("$ref") == _ANY_REF for _, node in _walk(copy, "")):
+        copy["$defs"] = {**copy.get("$defs", {}), _ANY_NAME: _ANY_VALUE}
+    return copy
+
+
+def _grammar_subschema(schema):
     if not isinstance(schema, dict):
         return schema
     copy = {key: value for key, value in schema.items() if not _descriptive(key)}
     for key in _NAMED_SUBSCHEMAS:
         if key in copy:
-            copy[key] = {name: _grammar_schema(sub) for name, sub in copy[key].items()}
+            copy[key] = {name: _grammar_subschema(sub) for name, sub in copy[key].items()}
     for key in ("additionalProperties", "items"):
         if key in copy:
-            copy[key] = _grammar_schema(copy[key])
+            copy[key] = _grammar_subschema(copy[key])
     if "anyOf" in copy:
-        copy["anyOf"] = [_grammar_schema(sub) for sub in copy["anyOf"]]
+        copy["anyOf"] = [_grammar_subschema(sub) for sub in copy["anyOf"]]
     return _rewrite_for_grammar(copy)
 
 
 def _rewrite_for_grammar(copy: dict) -> dict:
-    """Rewrite the keywords of one subschema (``copy``, changed in place) that xgrammar would get wrong."""
+    """Rewrite the keywords of one subschema (``copy``, changed in place) that xgrammar would get wrong:
+    descriptions and other annotations are gone already (they change nothing), OpenAPI's number formats are
+    dropped, ``format: "date"`` becomes ``DATE_PATTERN``, lengths a pattern, ``["integer", "number"]``
+    ``"number"``, a number's bounds those of ``_grammar_range`` (infinite or NaN ones count as none), and any
+    value (``{}``, ``true``, an object's unnamed properties) ``_ANY_VALUE``."""
+    if not {"type", "enum", "const", "$ref", "anyOf"} & copy.keys():  # {}: any value (keywords of a type are refused)
+        return {"$ref": _ANY_REF}
+    if copy.get("format") in NUMBER_FORMATS:
+        del copy["format"]
     if "pattern" in copy:
         copy["pattern"] = whole_value_pattern(copy["pattern"])  # checked by _pattern_problems: never None
     if copy.get("format") == "date":
         del copy["format"]
-        copy["pattern"] = DATE_PATTERN  # a checked pattern next to it accepts every such date
+        copy["pattern"] = DATE_PATTERN  # a pattern next to it is a date's shape (see _date_shaped)
     if "minLength" in copy or "maxLength" in copy:
         # xgrammar 0.2's length-bounded strings let raw control characters through (invalid JSON);
         # the same bounds as a pattern do not. (Refused together with a pattern, see _unsupported.)
         low, high = copy.pop("minLength", 0), copy.pop("maxLength", "")
         copy["pattern"] = f"^.{{{low},{high}}}$"
+    if "object" in _types(copy) and "properties" not in copy:  # names and values of any kind
+        copy.setdefault("additionalProperties", True)
+    if copy.get("additionalProperties") is True:
+        copy["additionalProperties"] = {"$ref": _ANY_REF}
     if {"integer", "number"} <= set(_types(copy)):  # xgrammar would bound its integers as such (refusing 1.5)
         copy["type"] = [kind for kind in _types(copy) if kind != "integer"]  # every integer is a number
-    if _integers_only(copy):  # xgrammar refuses an integer's bound such as 1.5
-        bounds = dict(zip(("minimum", "maximum"), _integer_range(copy)))
+    if {"integer", "number"} & set(_types(copy)):
+        bounds = dict(zip(("minimum", "maximum"), _grammar_range(copy)))
     else:  # JSON has no Infinity or NaN for xgrammar to read; such a bound allows every number
         bounds = {keyword: value for value, _exclusive, keyword in _bounds(copy, "minimum", "exclusiveMinimum")
                   + _bounds(copy, "maximum", "exclusiveMaximum")}
     for keyword in BOUND_KEYWORDS:
         copy.pop(keyword, None)
-    copy.update({keyword: value for keyword, value in bounds.items() if value is not None})
+    copy.update(bounds)
     return copy
 
 
@@ -730,18 +899,22 @@ class SchemaConstraint(LogitsProcessor):
 
     At each step, for each row of the batch: tell the row's grammar matcher which token was chosen
     last, ask it for the bitmask of allowed next tokens (one bit per token id), and set the score of
-    every other token to ``-inf``. Rows whose JSON is finished (and stopped) are left alone.
+    every other token to ``-inf``. Rows whose JSON is finished (and stopped) are left alone. One more
+    rule than the grammar's: no surrogate after a byte ED (see ``_surrogate_guard``).
     """
 
     def __init__(self, grammar: xgrammar.CompiledGrammar):
         self.grammar = grammar
         self.matchers: list[xgrammar.GrammarMatcher] | None = None
         self.bitmask: torch.Tensor | None = None  # (batch, ceil(vocab / 32)) int32
+        self.surrogate_leads: set[int] = set()  # see _surrogate_guard
+        self.no_surrogate_tails: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.matchers is None:  # first step: nothing generated yet
             self.matchers = [xgrammar.GrammarMatcher(self.grammar) for _ in range(input_ids.shape[0])]
             self.bitmask = xgrammar.allocate_token_bitmask(input_ids.shape[0], self.grammar.tokenizer_info.vocab_size)
+            self.surrogate_leads, self.no_surrogate_tails = _surrogate_guard(self.grammar.tokenizer_info)
         else:
             for matcher, token in zip(self.matchers, input_ids[:, -1].tolist()):
                 if not matcher.is_terminated() and not matcher.accept_token(token):
@@ -749,11 +922,14 @@ class SchemaConstraint(LogitsProcessor):
                         f"Token {token} was chosen although the JSON Schema's mask forbids it: another logits "
                         "processor ruled out every token the schema allows. Leave it out when you pass a schema."
                     )
+        last_tokens = input_ids[:, -1].tolist()
         for row, matcher in enumerate(self.matchers):
             if matcher.is_terminated():
                 self.bitmask[row] = -1  # all bits set: the row is finished, generate pads it
             else:
                 matcher.fill_next_token_bitmask(self.bitmask, row)
+                if last_tokens[row] in self.surrogate_leads:
+                    self.bitmask[row] &= self.no_surrogate_tails
         return apply_mask(scores, self.bitmask)
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -763,6 +939,20 @@ class SchemaConstraint(LogitsProcessor):
         if self.matchers is not None:
             self.matchers = [self.matchers[row] for row in rows]
             self.bitmask = self.bitmask[: len(rows)]
+
+
+def _surrogate_guard(tokenizer_info: xgrammar.TokenizerInfo) -> tuple[set[int], torch.Tensor]:
+    """xgrammar 0.2.9 lets a JSON string hold the bytes of a surrogate code point (ED, then A0 to BF, then one
+    more), which is not UTF-8: the tokenizer decodes them, and the byte tokens after them (the closing quote...),
+    as U+FFFD, and the answer no longer parses. Such bytes come one token each (<0xED>, <0xA0>: the tokenizer's
+    pieces of text are UTF-8), so after a token that ends with the byte ED the tokens that begin with A0 to BF
+    are masked too. Returns the ids of the tokens that end with ED and a bitmask row without those others."""
+    pieces = tokenizer_info.decoded_vocab  # the bytes of each token
+    leads = {token for token, piece in enumerate(pieces) if piece.endswith(b"\xed")}
+    allowed = torch.ones((tokenizer_info.vocab_size + 31) // 32 * 32, dtype=torch.int64)
+    allowed[[token for token, piece in enumerate(pieces) if piece[:1] and 0xA0 <= piece[0] <= 0xBF]] = 0
+    words = (allowed.view(-1, 32) << torch.arange(32)).sum(dim=1)  # bit j of word i: token 32 * i + j
+    return leads, torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def apply_mask(scores: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -779,10 +969,14 @@ def allowed_next_tokens(tokenizer, grammar: xgrammar.CompiledGrammar, text: str)
     """The tokens the mask allows after the answer ``text`` (a prefix of a valid answer), as strings.
 
     For teaching: ``allowed_next_tokens(tokenizer, grammar, '{"sex":"')`` shows what may come next.
+    ``InvalidArgumentError`` if ``text`` is not the beginning of an answer the grammar allows.
     """
     matcher = xgrammar.GrammarMatcher(grammar)
     if not matcher.accept_string(text):
-        raise ValueError(f"{text!r} is not the beginning of an answer that follows the schema.")
+        raise InvalidArgumentError(
+            f"{text!r} is not the beginning of an answer that follows the schema: pass the first characters of a valid "
+            'answer, compact (no spaces) and with the properties in the schema\'s order, such as \'{"name":\'.'
+        )
     bitmask = xgrammar.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
     matcher.fill_next_token_bitmask(bitmask)
     bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32)) & 1  # (words, 32): bit j of word i is token 32 * i + j
@@ -793,16 +987,36 @@ def allowed_next_tokens(tokenizer, grammar: xgrammar.CompiledGrammar, text: str)
 def read_answer(text: str, schema: dict) -> dict:
     """The dict in a constrained answer; ``JSONTruncatedError`` (with ``.text``) if it was cut off.
 
-    The mask guarantees that the text is the beginning of a valid answer, so the only way for it not
-    to parse is that generation stopped early (``max_new_tokens``, or you interrupted it). The
+    The mask guarantees that the text is the beginning of a valid answer, and lets the model end its turn
+    only where the grammar is complete. So an answer that does not parse either stopped early
+    (``max_new_tokens``, an interruption, a stop string: ``JSONTruncatedError``), or the grammar was complete
+    there, a bug (``JSONExtractionError``; also for JSON that Python cannot read, nested 1,000 deep). The
     validation below is a second check that should never fail.
     """
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        raise JSONTruncatedError(
-            f"The answer stopped before its JSON was complete ({len(text)} characters): it ran out of "
-            "max_new_tokens (or was interrupted). Raise max_new_tokens; error.text keeps the partial answer.",
+    except json.JSONDecodeError as error:
+        if not _grammar_complete(text, schema):
+            raise JSONTruncatedError(
+                f"The answer stopped before its JSON was complete ({len(text)} characters): it ran out of "
+                "max_new_tokens (or was interrupted, or a stop string ended it). Raise max_new_tokens; error.text "
+                "keeps the partial answer.",
+                text=text,
+            ) from None
+        raise JSONExtractionError(
+            f"The constrained answer is complete for the grammar but is not valid JSON ({error}): a bug in the grammar "
+            "engine. Please report this with the schema.",
+            text=text,
+        ) from None
+    except RecursionError:  # "[[[[...": a value of any kind ({}) may nest without end
+        raise JSONExtractionError(
+            "The constrained answer nests its JSON deeper than Python's json module reads (1,000 levels): give the "
+            'values of any kind in the schema ({} or an object without "properties") a type.',
+            text=text,
+        ) from None
+    except ValueError as error:  # an integer of more than 4,300 digits, which the grammar's bounds rule out
+        raise JSONExtractionError(
+            f"The constrained answer is JSON that Python cannot read ({error}). Please report this with the schema.",
             text=text,
         ) from None
     problems = validation_errors(data, schema)
@@ -813,6 +1027,14 @@ def read_answer(text: str, schema: dict) -> dict:
             text=text,
         )
     return data
+
+
+def _grammar_complete(text: str, schema: dict) -> bool:
+    """Whether the grammar of ``schema`` accepts ``text`` as a whole answer (where the mask lets the model stop).
+    Built for text, not tokens (an empty vocabulary), on demand: only an answer that does not parse needs it."""
+    compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo([]), cache_enabled=False)
+    matcher = xgrammar.GrammarMatcher(compiler.compile_grammar(_supported_grammar(schema)), terminate_without_stop_token=True)
+    return matcher.accept_string(text) and matcher.is_terminated()
 
 
 __all__ = ["check_supported", "compile_schema", "SchemaConstraint", "allowed_next_tokens", "read_answer"]

@@ -31,7 +31,7 @@ from transformers import (
     DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
 )
 
-from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError, check_whole_number
+from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
@@ -39,6 +39,7 @@ from .constrained import SchemaConstraint, compile_schema, read_answer
 from .images import load_image
 from .kv_cache import PreallocatedCache
 from .prompts import Chat, _as_list, build_prompt, is_chat_format
+from .structured import check_schema_type
 
 # The chat turn ends with <|end|>; <|endoftext|> is the tokenizer's eos. The checkpoints' own
 # generation config only knows "</s>" (id 2), which the model rarely produces, so both are added.
@@ -117,7 +118,7 @@ def extract(
         JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it. With a
             ``Chat``, the cut-off answer is not added to it: call ``extract`` again with more tokens.
     """
-    _check_schema_type(schema)
+    check_schema_type(schema)
     answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
     try:
         return read_answer(answer, schema)
@@ -268,7 +269,7 @@ def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict,
     as an int and the generate() settings (``_check_generate_kwargs``)."""
     check_model_and_processor(model, processor)
     if schema is not None:
-        _check_schema_type(schema)
+        check_schema_type(schema)
     max_new_tokens = check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
     return max_new_tokens, _check_generate_kwargs(model, processor, generate_kwargs, streaming)
 
@@ -381,21 +382,6 @@ def check_model_and_processor(model, processor) -> None:
             f"The processor argument is {kind}, not the model's processor (which holds the tokenizer and the image "
             "processor): pass what load_model() returns, or AutoProcessor.from_pretrained(<the same checkpoint>)."
         )
-
-
-def _check_schema_type(schema) -> None:
-    """``SchemaError`` for a schema that is not a dict, saying how to get one from what was passed."""
-    if isinstance(schema, dict):
-        return
-    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
-        how = f"a pydantic model gives its schema with {schema.__name__}.model_json_schema()"
-    elif isinstance(schema, str) and schema.lstrip().startswith("{"):
-        how = "JSON text becomes a dict with json.loads(text)"
-    elif isinstance(schema, (str, bytes)) or hasattr(schema, "__fspath__"):
-        how = "read a schema file with phi_helpers.api.structured.load_schema(path)"
-    else:
-        how = "for a free answer, use ask() without a schema"
-    raise SchemaError(f"A JSON Schema must be a dict, got {type(schema).__name__}: {how}.")
 
 
 def _prepare(processor, prompt_or_chat, images) -> tuple[str, list, Chat | None]:

@@ -80,12 +80,28 @@ def _infinite_numbers(data, path: list):
             yield from _infinite_numbers(value, [*path, index])
 
 
+def check_schema_type(schema) -> None:
+    """``SchemaError`` for a schema that is not a dict (a JSON object), saying how to get one from what was passed."""
+    if isinstance(schema, dict):
+        return
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        how = f"a pydantic model gives its schema with {schema.__name__}.model_json_schema()"
+    elif isinstance(schema, str) and schema.lstrip().startswith("{"):
+        how = "JSON text becomes a dict with json.loads(text)"
+    elif isinstance(schema, (str, bytes)) or hasattr(schema, "__fspath__"):
+        how = "read a schema file with phi_helpers.load_schema(path)"
+    elif schema is None:
+        how = "for a free answer, use ask() without a schema"
+    else:
+        how = 'a schema is one JSON object, such as {"type": "object", "properties": {...}}'
+    raise SchemaError(f"A JSON Schema must be a dict, got {type(schema).__name__}: {how}.")
+
+
 def check_schema(schema) -> None:
-    """Raise ``SchemaError`` when ``schema`` is not a usable JSON Schema: not valid against its
-    meta-schema, a ``$ref`` that does not point inside it (or that is a ``$dynamicRef``), a recursive
-    ``$ref``, or nesting deeper than ``MAX_SCHEMA_DEPTH``."""
-    if not isinstance(schema, dict):
-        raise SchemaError(f"A JSON Schema must be a JSON object, not {type(schema).__name__}.")
+    """Raise ``SchemaError`` when ``schema`` is not a usable JSON Schema: not a dict (``check_schema_type``), not
+    valid against its meta-schema, a ``$ref`` that does not point inside it (or that is a ``$dynamicRef``), a
+    recursive ``$ref``, or nesting deeper than ``MAX_SCHEMA_DEPTH``."""
+    check_schema_type(schema)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:

@@ -23,7 +23,7 @@ from ..api.constrained import check_supported, read_answer
 from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction, load_schema
-from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaNotSupportedError
+from ..errors import InvalidArgumentError, JSONExtractionError, JSONTruncatedError, PromptError, SchemaNotSupportedError
 from .inputs import Item
 from .outputs import TASKS, error_record, item_fields  # TASKS: every record's "task" is one of them
 
@@ -132,12 +132,15 @@ def predict(
 
 
 def _constrained_result(prompt: str, generation: Generation, schema: dict) -> dict:
-    """The result of one constrained extraction: valid, or cut off by max_new_tokens."""
+    """The result of one constrained extraction: valid, cut off by max_new_tokens (read_answer tells a cut-off
+    answer from one the grammar let end), or, if the grammar engine failed, why the answer is not valid."""
     try:
         data, problems = read_answer(generation.text, schema), []
     except JSONTruncatedError:
         data, problems = None, [f"cut off by max_new_tokens ({generation.generated_tokens} tokens) before the JSON was "
                                 f"complete; the partial answer is in \"raw\""]
+    except JSONExtractionError as error:
+        data, problems = None, [str(error)]
     result = _result(prompt, data, [generation])
     result.update(raw=[generation.text], valid=not problems, errors=problems, attempts=1, constrained=True)
     return result
