@@ -224,9 +224,10 @@ def data(tmp_path) -> Path:
 def test_a_manifest_with_a_byte_order_mark_reads(tmp_path):
     picture(tmp_path / "a.png")
     line = '{"image": "a.png", "task": "ocr", "expected": "x"}\r\n'
-    (tmp_path / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf" + (line * 2).encode())  # as Windows editors save UTF-8
-    assert [entry["expected"] for entry in read_manifest(tmp_path)] == ["x", "x"]
-    (tmp_path / "manifest.jsonl").write_bytes((line + "\ufeff" + line).encode())  # only at the start of the file
+    other = '{"id": "b", "image": "a.png", "task": "ocr", "expected": "y"}\r\n'
+    (tmp_path / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf" + (line + other).encode())  # as Windows editors save UTF-8
+    assert [entry["expected"] for entry in read_manifest(tmp_path)] == ["x", "y"]
+    (tmp_path / "manifest.jsonl").write_bytes((line + "\ufeff" + other).encode())  # only at the start of the file
     with pytest.raises(ManifestError, match="line 2 is not valid JSON"):
         read_manifest(tmp_path)
 

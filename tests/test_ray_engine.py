@@ -207,3 +207,42 @@ def test_items_made_before_ray_stopped_are_refused_with_what_to_do(monkeypatch, 
     with pytest.raises(InvalidArgumentError, match="made in a Ray that has stopped since: start it with start_ray"):
         ray_engine.predict_dataset(items, "caption", "tiny")
     ray_engine.predict_dataset(ray_engine.item_dataset(str(scans / "scan_0.png")), "caption", "tiny")  # made again: fine
+
+
+class DieAlways(DieOnce):
+    """A replica that dies at every batch, as one killed for memory would, restart after restart."""
+
+    def __call__(self):
+        self.marker.unlink(missing_ok=True)
+        return super().__call__()
+
+
+def test_a_replica_that_keeps_dying_fails_the_run_saying_why(capsys, monkeypatch, tmp_path, local_ray, scans,
+                                                             tiny_checkpoint):
+    """A replica killed for memory would be killed again after each restart: a few restarts, then the
+    run fails with a message that names memory (Ray Data's default restarts it forever)."""
+    loaders, dying = [], DieAlways(str(tiny_checkpoint), tmp_path / "killed")
+    monkeypatch.setattr(ray_engine, "ModelLoader", lambda *args: loaders.append(args) or dying)
+    code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "out.jsonl",
+                       "--engine", "ray", "--batch-size", "2", *FAST)
+    assert loaders and code == 1
+    last = err.strip().splitlines()[-1]
+    assert f"replica died {ray_engine.REPLICA_RESTARTS + 1} times" in last and "memory" in last, last
+
+
+def test_sigterm_during_a_ray_run_ends_it_as_ctrl_c_does(capsys, monkeypatch, tmp_path, local_ray, scans):
+    """timeout, scancel, docker stop: SIGTERM stops the run cleanly (exit 130, the interrupted message),
+    not with Ray's abort; the handler that was there before comes back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0, 0
+
+    monkeypatch.setattr(ray_engine, "write_records", terminated)
+    code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "out.jsonl",
+                       "--engine", "ray", *FAST)
+    assert code == 130 and "error: interrupted (everything written so far is kept" in err, err
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -121,13 +121,22 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     )
 
 
+WEB_SCHEMES = ("http", "https")  # the URLs load_image downloads
+PDF_SIGNATURE = b"%PDF-"  # how every PDF file begins
+
+
+def url_scheme(text: str) -> str | None:
+    """The scheme of a URL, lower case (``"https"``, ``"s3"``...), or None for a path: anything with
+    ``://`` is a URL. The one place where the package tells paths and URLs apart."""
+    return text.strip().split("://", 1)[0].lower() if "://" in text else None
+
+
 def _is_url(text: str) -> bool:
-    """True for strings that look like a web address (any scheme), so paths and URLs are told apart."""
-    lowered = text.strip().lower()
-    if lowered.startswith(("http://", "https://")):
+    """True for a web address; ImageLoadError for a URL of another scheme, which load_image cannot fetch."""
+    scheme = url_scheme(text)
+    if scheme in WEB_SCHEMES:
         return True
-    if "://" in lowered:
-        scheme = lowered.split("://", 1)[0]
+    if scheme is not None:
         raise ImageLoadError(
             f"Cannot load {text!r}: only http:// and https:// URLs are supported, not {scheme}://. "
             "Download the file yourself and pass its path."
@@ -336,7 +345,7 @@ def _unsupported_format(head: bytes) -> str:
         return ("it is a HEIC/HEIF image (the format of iPhone photos). HEIC/HEIF is not supported by Pillow: "
                 "convert it to JPEG or PNG, or install pillow-heif and register it (pip install pillow-heif, then "
                 "import pillow_heif; pillow_heif.register_heif_opener()) before loading it.")
-    if head.startswith(b"%PDF-"):
+    if head.startswith(PDF_SIGNATURE):
         return ("it is a PDF, a document, not an image. Render its pages as images first (with pypdfium2), or "
                 "run phi-helpers predict --image on the file: it answers each page.")
     return ""

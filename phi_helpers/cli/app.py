@@ -22,13 +22,14 @@ from pathlib import Path
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
 from ..api.loading import load_model, requested_model_id
 from ..api.prompts import check_user_text
+from ..api.quantization import QUANTIZE_CHOICES
 from ..errors import InvalidArgumentError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input
 from .outputs import (
     JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, check_replaceable, error_message,
-    finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
+    failure_line, finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
     schema_advice, write_atomically,
 )
 from .ray_engine import INSTALL_RAY, run_ray
@@ -157,7 +158,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="default: auto (bf16/fp16 on GPUs, fp32 on CPU)")
     group.add_argument("--attn", choices=ATTENTIONS, default="auto",
                        help="attention implementation (default: auto)")
-    group.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+    group.add_argument("--quantize", choices=("none", *QUANTIZE_CHOICES), default="none",
                        help="weight-only quantization of the language model: int8 (CPU: torchao; CUDA: bitsandbytes "
                        "or torchao) or int4 (CUDA with bitsandbytes); default: none")
     group.add_argument("--num-crops", type=_num_crops, metavar="N", help="image crops of 336 px: more = finer detail, "
@@ -253,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at exit (exit code 120)
         return code
     except KeyboardInterrupt:
-        kept = "nothing was written" if args.command == "eval" else (
-            "everything written so far is kept; run the same command again to go on")
-        print(f"error: interrupted ({kept})", file=sys.stderr)
+        print(f"error: interrupted ({interrupted_note(args)})", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout was closed by its reader (| head): stop quietly, as a shell command would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
@@ -265,6 +264,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 1
+
+
+def interrupted_note(args) -> str:
+    """What an interrupted command leaves behind, and how to go on."""
+    if args.command == "eval":
+        return "nothing was written"
+    if args.engine == "ray" and (args.output or "").lower().endswith(".parquet"):
+        return ("nothing was kept: a Parquet output is written at the end, so a Parquet run cannot resume; run the "
+                "command again to start over, or write to a .jsonl --output, which a re-run goes on from")
+    return "everything written so far is kept; run the same command again to go on"
 
 
 def load_for_cli(args):
@@ -371,13 +380,9 @@ def _predict_into(output: Path, todo: list, args, schema, request: dict) -> int:
                 writer.write(record)
                 if "error" in record:
                     failed += 1
-                    bar.write(f"failed: {record['source']}{_page_suffix(record)}: {record['error']}", file=sys.stderr)
+                    bar.write(failure_line(record), file=sys.stderr)
             bar.update(len(batch))
     return failed
-
-
-def _page_suffix(record: dict) -> str:
-    return f" (page {record['page']})" if "page" in record else ""
 
 
 if __name__ == "__main__":

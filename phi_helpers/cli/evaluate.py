@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..api.metrics import character_error_rate, error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
-from ..api.structured import load_schema
-from ..errors import CommandLineError, ManifestError
+from ..api.structured import load_schema, validation_errors
+from ..errors import CommandLineError, ManifestError, SchemaError
 from .inputs import Item, is_multi_page_tiff, is_pdf
 from .outputs import (
     check_output_path, check_replaceable, holds_records, json_safe, model_info, progress_bar, write_atomically,
@@ -54,13 +54,22 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     if not manifest.is_file():
         raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     entries, problems = [], []
+    lines_of_ids = {}  # id -> the line that gave it first
     text = manifest.read_bytes().removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
     for number, raw in enumerate(text.splitlines(), start=1):
         where = f"{manifest}, line {number}"
         try:
             line = _decode(raw, where)
             if line.strip():
-                entries.append(_check_entry(line, data_dir, where))
+                entry = _check_entry(line, data_dir, where)
+                first = lines_of_ids.setdefault(entry["id"], number)
+                if first != number:
+                    raise ManifestError(
+                        f"{where}: the id {entry['id']!r} is also the id of line {first} (without \"id\", an item's id "
+                        "is its image's name); an item counted twice weighs double in the scores. Give each item "
+                        "its own \"id\", or remove the repeated line."
+                    )
+                entries.append(entry)
         except ManifestError as error:
             problems.append(str(error))
         if limit is not None and len(entries) + len(problems) == limit:
@@ -141,9 +150,28 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
             "phi_helpers.api.images.load_page('FILE.tif', N).save('page.png')), "
             "or use phi-helpers predict --image FILE.tif for every page."
         )
+    if "id" in entry and not (isinstance(entry["id"], str) and entry["id"].strip()):
+        raise ManifestError(f"{where}: \"id\" must be a non-empty string, not {entry['id']!r} (or leave it out: "
+                            "the id is then the image's name).")
     if "schema" in entry:
         checked["schema"] = _existing(data_dir, entry["schema"], "schema", where)
+        _check_expected(entry["expected"], checked["schema"], where)
     return checked
+
+
+def _check_expected(expected: dict, schema_path: Path, where: str) -> None:
+    """Refuse a gold answer that its own schema does not allow (a misspelt key, a number written as text):
+    no answer that follows the schema could ever match it."""
+    try:
+        schema = load_schema(schema_path)
+    except SchemaError as error:
+        raise ManifestError(f"{where}: {error}") from None
+    problems = validation_errors(expected, schema)
+    if problems:
+        raise ManifestError(
+            f"{where}: the expected answer does not follow its schema '{schema_path.name}' ({'; '.join(problems)}); "
+            "an answer that follows the schema could never match it. Fix the \"expected\" field of this line."
+        )
 
 
 def _existing(data_dir: Path, relative, field: str, where: str) -> Path:

@@ -17,7 +17,9 @@ from typing import Callable
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
-from ..api.images import check_pixel_count, count_pages, is_missing, load_image, load_page, unreadable_error
+from ..api.images import (
+    check_pixel_count, count_pages, is_missing, load_image, load_page, unreadable_error, url_scheme,
+)
 from ..errors import ImageLoadError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif"}
@@ -77,8 +79,8 @@ def stamped(item: Item) -> Item:
 
 
 def is_url(spec: str) -> bool:
-    """True for anything with a scheme (``https://...``); load_image rejects the unsupported ones."""
-    return "://" in spec
+    """True for anything with a scheme (``https://...``, ``url_scheme``); load_image rejects the unsupported ones."""
+    return url_scheme(spec) is not None
 
 
 def is_pdf(path) -> bool:
@@ -191,12 +193,14 @@ def collect_items(spec: str, strict: bool = True) -> list[Item]:
 
 
 def _folder_items(path: Path, strict: bool) -> list[Item]:
-    """The items of a folder's own image files and PDFs, sorted (``collect_items``)."""
+    """The items of a folder's own image files and PDFs, sorted (``collect_items``). Hidden files (names
+    that start with ".", such as the "._IMG_0.jpg" a Mac writes beside each file on other disks) are
+    left out, as a glob leaves them out."""
     try:
-        entries = sorted(path.iterdir())
+        entries = sorted(entry for entry in path.iterdir() if not entry.name.startswith("."))
     except OSError as error:
         return [_failed(path, unreadable_error(path, error, folder=True), strict)]
-    files = _once([entry for entry in entries if _is_supported(entry) and _is_file_or_unreadable(entry)])
+    files = _once([entry for entry in entries if is_supported(entry) and _is_file_or_unreadable(entry)])
     unreadable = [entry for entry in entries if entry.suffix.lower() in UNREADABLE_SUFFIXES and _is_file_or_unreadable(entry)]
     if not files:
         hint = f"; {_left_out(unreadable)}" if unreadable else ""
@@ -211,7 +215,7 @@ def _pattern_items(spec: str, strict: bool) -> list[Item]:
     """The items of the files that the glob pattern ``spec`` matches (``collect_items``)."""
     found = []
     matches = glob_files(spec, found)
-    files = _once([p for p in matches if _is_supported(p)])
+    files = _once([p for p in matches if is_supported(p)])
     unreadable = [p for p in matches if p.suffix.lower() in UNREADABLE_SUFFIXES]
     unlisted = [error for error in found if not is_missing(error)]  # a missing folder just matches nothing
     root = glob_root(spec)
@@ -432,15 +436,18 @@ def tiff_items(path: Path) -> list[Item]:
     return [Item(str(path), page=n, loader=_page_loader(path, n)) for n in range(1, count + 1)]
 
 
-def render_pdf_page(path, page: int, scale: float = PDF_SCALE):
+def render_pdf_page(path, page: int, scale: float = PDF_SCALE, data: bytes | None = None):
     """Render page ``page`` (counting from 1) of a PDF as an RGB PIL image with pypdfium2.
 
+    ``path`` names the file (a URI such as ``s3://...`` too, when ``data`` holds its bytes, already read).
     A page whose bitmap would have more pixels than images may have (twice ``PIL.Image.MAX_IMAGE_PIXELS``,
     the decompression-bomb guard of ``load_image``: ``pixel_limit``) is refused before anything is rendered, with a
     message that names the page and its size and says how to make the PDF usable.
     """
-    document = _open_pdf(path)
+    document = _open_pdf(path) if data is None else _open_pdf_bytes(data, path)
     try:
+        if not 1 <= page <= len(document):
+            raise ImageLoadError(f"'{path}' has no page {page}: it has {len(document)} page(s).")
         pdf_page = document[page - 1]
         width, height = pdf_page.get_size()  # in points (1/72 inch)
         source = (f"page {page} of '{path}' ({width:g} x {height:g} points = {width / 72:.1f} x {height / 72:.1f} "
@@ -489,6 +496,18 @@ def _open_pdf(path) -> pdfium.PdfDocument:
     return document
 
 
+def _open_pdf_bytes(data: bytes, name) -> pdfium.PdfDocument:
+    """``_open_pdf`` for the bytes of a PDF read from ``name`` (a URI)."""
+    try:
+        document = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as error:
+        raise ImageLoadError(f"Could not open '{name}' as a PDF ({error}). Is the file complete?") from None
+    if len(document) == 0:
+        document.close()
+        raise ImageLoadError(f"The PDF '{name}' has no pages.")
+    return document
+
+
 def _page_loader(path: Path, page: int) -> Callable:
     """How to read page ``page`` of the PDF or TIFF at ``path``."""
     if is_pdf(path):
@@ -503,8 +522,9 @@ def _raiser(error: Exception) -> Callable:
     return load
 
 
-def _is_supported(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES or is_pdf(path)
+def is_supported(path) -> bool:
+    """True for a file name (a path or a URI) of an image or a PDF: what folders and patterns list."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_pdf(path)
 
 
 def _suffix_list() -> str:

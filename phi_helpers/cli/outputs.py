@@ -35,6 +35,7 @@ except ImportError:  # Windows: runs on one output are not locked against each o
     fcntl = None
 
 from ..api import quantization
+from ..api.images import PDF_SIGNATURE
 from ..errors import CommandLineError, PhiHelpersError
 from .inputs import Item, file_identity, is_url
 
@@ -170,12 +171,12 @@ def model_info(model, processor) -> dict:
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "attention": getattr(model.config, "_attn_implementation", None),
-        "quantize": quantize_name(model),
+        "quantize": model_quantization(model),
         "num_crops": getattr(processor.image_processor, "num_crops", None),
     }
 
 
-def quantize_name(model) -> str | None:
+def model_quantization(model) -> str | None:
     """"int8" / "int4" for a model loaded with ``quantize=`` (or from a folder saved quantized), None for a
     model in plain dtype."""
     config = getattr(model.config, "quantization_config", None)
@@ -316,7 +317,10 @@ def _looks_like_a_record(line: bytes) -> bool:
     """Whether a line that is not a record was meant to be one: it begins like every line
     ``JsonlWriter`` writes, and it is either not JSON (cut off by a kill or a full disk, broken by an
     edit) or one of our lines whose fields an edit broke (``_is_ours``). A line that parses as other
-    JSON belongs to someone else's file."""
+    JSON belongs to someone else's file. A line of NUL bytes only is what a crash or power loss leaves
+    where the last lines were not on disk yet (XFS, ext4): torn too."""
+    if not line.strip(b"\0 \t\r"):
+        return True
     line = line.removeprefix(BOM)
     if not (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
         return False
@@ -431,6 +435,12 @@ RETRY = ("run the same command again to retry them (a file that cannot be read a
          "convert or remove it first)")
 
 
+def failure_line(record: dict) -> str:
+    """The line a run shows (on stderr) for an item that failed: ``failed: SOURCE (page N): ERROR``."""
+    page = f" (page {record['page']})" if "page" in record else ""
+    return f"failed: {record['source']}{page}: {record['error']}"
+
+
 def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
     """Say how a many-item run ended (on stderr) and return its exit code: 1 if any item failed.
     ``retry`` says how to run the failed items again."""
@@ -493,6 +503,7 @@ class JsonlWriter:
     def __init__(self, path):
         self.path = Path(path)
         self._file = None
+        self.written = 0  # lines written by this writer
 
     def __enter__(self) -> "JsonlWriter":
         needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
@@ -502,12 +513,35 @@ class JsonlWriter:
         return self
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Append one line and flush it to disk. ``CommandLineError`` if the disk is full (or the file too
+        large), or if the file was removed or replaced since it was opened: the lines would be lost."""
+        try:
+            self._file.write(json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            raise self._write_error(error) from None
+        self.written += 1
+        if not _is_file_at(self._file.fileno(), self.path):
+            raise CommandLineError(
+                f"--output '{self.path}' was removed or replaced while this run was writing it: the "
+                f"{self.written} result(s) this run wrote went to the old file, no longer at that path. Stopped; run the "
+                "same command again to redo them (and keep the file in place while a run writes it)."
+            )
 
-    def __exit__(self, *exc_info) -> None:
-        self._file.close()
+    def _write_error(self, error: OSError) -> CommandLineError:
+        return CommandLineError(
+            f"Could not write '{self.path}': {error.strerror or error}. The results written before are kept (a "
+            "line cut off now is moved aside on the next run); make room (free disk space, or raise the file-size "
+            "limit) and run the same command again: it goes on from there."
+        )
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            self._file.close()  # flushes again what a failed write left in the buffer
+        except OSError as error:
+            if exc_type is None:  # else the error that stopped the run (the same one, said once) goes on
+                raise self._write_error(error) from None
 
 
 class OutputLock:
@@ -703,8 +737,6 @@ def _is_text(head: bytes) -> bool:
         return True
     return b"\0" not in head and not head.startswith(PDF_SIGNATURE)
 
-
-PDF_SIGNATURE = b"%PDF-"
 
 
 def write_atomically(path: Path, text: str) -> None:

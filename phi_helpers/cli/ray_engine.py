@@ -20,7 +20,7 @@ How the work is split:
   cluster has GPUs, else CPU). Each replica loads the model once and runs batches of ``batch_size``
   items through ``predict_items``, the function the in-process CLI uses, and builds each line with
   ``make_record``: the records are the CLI's by construction. A bad item gets its error record; a
-  replica that dies is restarted by Ray and its batch is run again.
+  replica that dies is restarted by Ray (``REPLICA_RESTARTS`` times at most) and its batch is run again.
 * ``write_records`` streams the records to a JSONL file (appended, with a progress bar; the same
   file the CLI writes) or writes Parquet with Ray's writer (a folder of part files).
 
@@ -33,30 +33,37 @@ import importlib
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pypdfium2 as pdfium
 from transformers.utils import logging as hf_logging
 
-from ..api.images import count_pages, load_image, load_page
+from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
 from ..api.loading import load_model, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
-from .inputs import IMAGE_SUFFIXES, PDF_SCALE, Item, collect_all, is_pdf, is_tiff, item_at
+from .inputs import (
+    UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, warn_left_out,
+)
 from .outputs import (
-    JsonlWriter, OutputLock, check_answers, check_output_path, finish_run, input_files, make_record, model_info,
+    JsonlWriter, OutputLock, check_answers, check_output_path, failure_line, finish_run, input_files, make_record, model_info,
     progress_bar, request_fields, resume,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
 USAGE_STATS_VARIABLE = "RAY_USAGE_STATS_ENABLED"  # start_ray sets it to 0 for a local Ray
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
-WEB_SCHEMES = ("http://", "https://")  # fetched by the replicas themselves (load_image), not by a filesystem
 # Ray hands out work by blocks: small blocks spread the items over the replicas (Ray Data joins blocks
 # into batches of batch_size). Items are two small fields, so blocks stay cheap up to many thousands.
 ITEMS_PER_BLOCK = 4
 MAX_BLOCKS = 10_000
+# A replica whose process dies (killed for memory: the model on a CPU takes ~15 GiB per replica) is
+# restarted this many times at most; then the run fails (Ray's ActorDiedError) instead of reloading forever.
+REPLICA_RESTARTS = 3
 
 # The columns of a Parquet output, in record order. ``answer`` is text: the answer of caption, ocr and
 # vqa, the JSON text of an extract answer. Fields of a record not named here go to ``extra`` (JSON text).
@@ -107,6 +114,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     # with an address keeps its own setting.)
     os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
     return ray.init(
+        address="local",  # a new Ray, even when one runs on this machine already (or RAY_ADDRESS names one)
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         include_dashboard=dashboard,
@@ -170,7 +178,7 @@ def _ray_session(ray) -> tuple | None:
 
 def is_remote(spec: str) -> bool:
     """True for a URI that a filesystem opens (``s3://``...); http(s) URLs and local paths are not."""
-    return "://" in spec and not spec.lower().startswith(WEB_SCHEMES)
+    return url_scheme(spec) not in (None, *WEB_SCHEMES)  # http(s): fetched by the replicas (load_image)
 
 
 def list_remote(uri: str) -> list[str]:
@@ -185,9 +193,11 @@ def list_remote(uri: str) -> list[str]:
     if info.type == fs.FileType.File:
         return [uri]
     found = filesystem.get_file_info(fs.FileSelector(path, recursive=False))
-    files = sorted(f.path for f in found if f.type == fs.FileType.File and _is_supported(f.path))
+    found = [f for f in found if f.type == fs.FileType.File and not f.base_name.startswith(".")]  # as local folders
+    files = sorted(f.path for f in found if is_supported(f.path))
     if not files:
         raise ImageLoadError(f"The folder '{uri}' contains no image or PDF files.")
+    warn_left_out(sorted(Path(f.path) for f in found if Path(f.path).suffix.lower() in UNREADABLE_SUFFIXES), uri)
     return [_uri(scheme, p) for p in files]
 
 
@@ -229,11 +239,7 @@ def remote_item(uri: str, page: int | None) -> Item:
             return load_page(data, page)
         if page is None and not is_pdf(uri):
             return load_image(data)
-        try:
-            document = pdfium.PdfDocument(data)
-            return document[(page or 1) - 1].render(scale=PDF_SCALE).to_pil().convert("RGB")
-        except (pdfium.PdfiumError, IndexError) as error:
-            raise ImageLoadError(f"Could not open page {page or 1} of '{uri}' as a PDF ({error}).") from None
+        return render_pdf_page(uri, page or 1, data=data)  # with its checks: the pixel limit of images
 
     return Item(uri, page, loader=load)
 
@@ -260,11 +266,6 @@ def _uri(scheme: str, path: str) -> str:
     return f"{scheme}://{path}"
 
 
-def _is_supported(path: str) -> bool:
-    suffix = Path(path).suffix.lower()
-    return suffix in IMAGE_SUFFIXES or suffix == ".pdf"
-
-
 # ----------------------------------------------------------------------------------------------
 # Replicas
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +288,7 @@ class ModelLoader:
     quantize: str | None = None
 
     def __call__(self):
+        """``(model, processor)``; what ``load_model`` prints (its choices) goes to stderr: stdout holds answers."""
         with contextlib.redirect_stdout(sys.stderr):
             return load_model(
                 self.model, device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops,
@@ -391,7 +393,8 @@ def predict_dataset(
         compute=ray.data.ActorPoolStrategy(size=replicas),
         num_cpus=cpus_per_replica,
         num_gpus=gpus_per_replica,
-    )  # Ray Data's actor pool restarts a replica that dies and sends its batch again (max_restarts=-1, max_task_retries=-1)
+        max_restarts=REPLICA_RESTARTS,  # Ray Data's default, -1, would restart a replica that runs out of memory forever
+    )  # a replica that dies is restarted and its batch sent again (Ray Data's max_task_retries=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,8 +408,7 @@ def iter_records(records, total: int | None = None, description: str = "predict"
         for row in records.iter_rows():
             record = json.loads(row["record"])
             if "error" in record:
-                page = f" (page {record['page']})" if "page" in record else ""
-                bar.write(f"failed: {record['source']}{page}: {record['error']}", file=sys.stderr)
+                bar.write(failure_line(record), file=sys.stderr)
             bar.update(1)
             yield record
 
@@ -489,11 +491,18 @@ def run_ray(args, schema: dict | None, model: str) -> int:
     local = collect_all([spec for spec in args.image if not is_remote(spec)])
     if not parquet:
         check_output_path(Path(output), inputs=input_files(local, args.schema))
-    with contextlib.nullcontext() if parquet else OutputLock(output) as lock:  # a JSONL output: one run at a time
-        finished = set()
-        if lock is not None:
-            finished = {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
-            lock.follow()
+    if parquet:
+        try:
+            return _run_on_ray(ray, args, schema, model, request, local, finished=set())
+        except KeyboardInterrupt:
+            # Ray writes the part files at the end: an interrupted run keeps nothing and cannot resume (the
+            # message says so, app.main). Its folder goes, so that the same command can run again.
+            if not is_remote(output):
+                shutil.rmtree(output, ignore_errors=True)
+            raise
+    with OutputLock(output) as lock:  # a JSONL output: one run at a time
+        finished = {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
+        lock.follow()
         return _run_on_ray(ray, args, schema, model, request, local, finished)
 
 
@@ -502,6 +511,9 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
     output, parquet = args.output, args.output.lower().endswith(".parquet")
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
+    # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 130 (Ray's
+    # own handler would abort the process and leave the local Ray's processes behind).
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         url = dashboard_url(context)
         if url:
@@ -519,12 +531,27 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
             device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
             quantize=args.quantize,
         )
-        written, failed = write_records(records, output, total, args.task)
+        try:
+            written, failed = write_records(records, output, total, args.task)
+        except ray.exceptions.ActorDiedError as error:
+            raise CommandLineError(
+                f"A model replica died {REPLICA_RESTARTS + 1} times, so the run stopped ({error}). The likely cause is "
+                "memory: the system kills a process that takes too much, and each replica holds a whole model (about "
+                "15 GiB for Phi-3.5-vision on a CPU). Use fewer --replicas, --dtype bf16 or --quantize int8, or a "
+                "machine with more memory; with a .jsonl --output the results written so far are kept and the same "
+                "command goes on from there."
+            ) from None
     finally:
         if started_here:
             ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if parquet:
         return finish_run(written, failed, output, retry="a Parquet output is written once: run them again into a "
                           "new --output (e.g. with --image naming just those files)")
     code = finish_run(written, failed, output)
     return max(code, check_answers(output, local, args.max_new_tokens))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
