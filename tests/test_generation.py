@@ -359,15 +359,17 @@ def test_chat_must_end_with_a_question_and_carries_its_own_images(model_and_proc
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_context_length_error_keeps_the_users_turn(model_and_processor, image, stream):
+def test_context_length_error_keeps_the_users_turn(monkeypatch, model_and_processor, image, stream):
     model, processor = model_and_processor
     chat = Chat().add_user("What is this?", images=image)
     prompt_tokens = processor(text=chat.render(), images=chat.images, return_tensors="pt")["input_ids"].shape[1]
+    monkeypatch.setattr(model.config, "max_position_embeddings", prompt_tokens + 5)  # a short context: fails fast
+    too_many = model.config.max_position_embeddings - prompt_tokens + 1  # the smallest amount that overflows
     with pytest.raises(ContextLengthError) as info:
-        ask(model, processor, chat, max_new_tokens=1_000_000, stream=stream)
+        ask(model, processor, chat, max_new_tokens=too_many, stream=stream)
     message = str(info.value)
     assert f"The prompt is {prompt_tokens:,} tokens" in message
-    assert "1,000,000" in message and f"{model.config.max_position_embeddings:,}" in message
+    assert f"{too_many:,}" in message and f"{model.config.max_position_embeddings:,}" in message
     assert "num_crops" in message and "drop_images" in message
     assert len(chat) == 1 and chat.messages[-1]["role"] == "user"
 
