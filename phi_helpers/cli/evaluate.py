@@ -55,13 +55,14 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
         raise ManifestError(f"No {MANIFEST} in '{data_dir}'. --data must be a folder that contains {MANIFEST}.")
     entries, problems = [], []
     lines_of_ids = {}  # id -> the line that gave it first
+    schemas = {}  # schema path -> the schema, read once for all the lines that name it
     text = manifest.read_bytes().removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
     for number, raw in enumerate(text.splitlines(), start=1):
         where = f"{manifest}, line {number}"
         try:
             line = _decode(raw, where)
             if line.strip():
-                entry = _check_entry(line, data_dir, where)
+                entry = _check_entry(line, data_dir, where, schemas)
                 first = lines_of_ids.setdefault(entry["id"], number)
                 if first != number:
                     raise ManifestError(
@@ -119,8 +120,9 @@ def _parse(line: str, where: str):
         raise ManifestError(f"{where} is not valid JSON: {error}.") from None
 
 
-def _check_entry(line: str, data_dir: Path, where: str) -> dict:
-    """One manifest line, parsed and checked; paths made relative to the manifest's folder."""
+def _check_entry(line: str, data_dir: Path, where: str, schemas: dict) -> dict:
+    """One manifest line, parsed and checked; paths made relative to the manifest's folder. ``schemas``:
+    the schemas read so far, by path (many lines share one), filled as new ones are read."""
     entry = _parse(line, where)
     if not isinstance(entry, dict):
         raise ManifestError(f"{where} must be a JSON object.")
@@ -155,18 +157,19 @@ def _check_entry(line: str, data_dir: Path, where: str) -> dict:
                             "the id is then the image's name).")
     if "schema" in entry:
         checked["schema"] = _existing(data_dir, entry["schema"], "schema", where)
-        _check_expected(entry["expected"], checked["schema"], where)
+        _check_expected(entry["expected"], checked["schema"], where, schemas)
     return checked
 
 
-def _check_expected(expected: dict, schema_path: Path, where: str) -> None:
+def _check_expected(expected: dict, schema_path: Path, where: str, schemas: dict) -> None:
     """Refuse a gold answer that its own schema does not allow (a misspelt key, a number written as text):
     no answer that follows the schema could ever match it."""
-    try:
-        schema = load_schema(schema_path)
-    except SchemaError as error:
-        raise ManifestError(f"{where}: {error}") from None
-    problems = validation_errors(expected, schema)
+    if schema_path not in schemas:
+        try:
+            schemas[schema_path] = load_schema(schema_path)
+        except SchemaError as error:
+            raise ManifestError(f"{where}: {error}") from None
+    problems = validation_errors(expected, schemas[schema_path])
     if problems:
         raise ManifestError(
             f"{where}: the expected answer does not follow its schema '{schema_path.name}' ({'; '.join(problems)}); "
