@@ -1,12 +1,14 @@
 """generate_batch on the tiny random model: finished rows leave the batch, answers stay the same."""
 
+import re
+
 import pytest
 import torch
 from PIL import Image
 
 from phi_helpers.api import generation
 from phi_helpers.api.generation import generate_batch
-from phi_helpers.errors import PromptError
+from phi_helpers.errors import InvalidArgumentError, PromptError
 
 PROMPTS = [
     "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n",
@@ -165,3 +167,36 @@ def test_text_only_batches_are_padded_on_the_left_and_answer_as_ask_does(cli_mod
     batch = generate_batch(model, processor, questions, [[], [], []], max_new_tokens=10, schema=schema)
     alone = [generation.ask(model, processor, q, max_new_tokens=10, schema=schema) for q in questions]
     assert [result.text for result in batch] == alone
+
+
+def test_sampling_settings_and_num_crops_are_taken_as_ask_takes_them(monkeypatch, cli_model_and_processor):
+    """Before: generate_batch took no settings (TypeError), so a batch could neither sample nor set the tiles."""
+    model, processor = cli_model_and_processor
+    questions, pictures = ["What is this?", "Hi"], [[Image.new("RGB", (200, 120), "red")], []]
+    tiles = generate_batch(model, processor, questions, pictures, max_new_tokens=6, num_crops=4)
+    alone = [generation.ask(model, processor, q, images=p, max_new_tokens=6, num_crops=4) for q, p in zip(questions, pictures)]
+    assert [result.text for result in tiles] == alone
+    default = generate_batch(model, processor, questions, pictures, max_new_tokens=6)
+    assert tiles[0].prompt_tokens > default[0].prompt_tokens  # 4 crops: more image tokens than the processor's 1
+    calls = []
+    real_generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kwargs: calls.append(kwargs) or real_generate(**kwargs))
+    torch.manual_seed(0)
+    sampled = generate_batch(model, processor, questions, pictures, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=50)
+    assert calls[0]["do_sample"] is True and calls[0]["temperature"] == 1.5 and calls[0]["top_k"] == 50
+    assert [result.text for result in sampled] != [result.text for result in default]  # not greedy
+    torch.manual_seed(0)
+    again = generate_batch(model, processor, questions, pictures, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=50)
+    assert [result.text for result in again] == [result.text for result in sampled]  # the seed decides
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stop_strings=["x"]), "generate_batch does not take stop_strings"),
+    (dict(min_new_tokens=3), "call ask() once per prompt"),
+    (dict(temprature=0.7), "did you mean temperature=...?"),
+    (dict(top_p=2.0), "top_p must be a number above 0 and at most 1"),
+])
+def test_settings_that_do_not_hold_across_rounds_are_refused(cli_model_and_processor, kwargs, message):
+    model, processor = cli_model_and_processor
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        generate_batch(model, processor, ["Hi"], [[]], max_new_tokens=4, **kwargs)

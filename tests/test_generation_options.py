@@ -119,6 +119,8 @@ def test_a_generation_config_counts_and_keywords_beside_it_win(model_and_process
     (dict(num_crops=0), "num_crops must be a whole number of at least 1"),
     (dict(cache_implementation="offloaded"), "runs on the CPU already"),
     (dict(generation_config={"do_sample": True}), "must be a transformers GenerationConfig"),
+    (dict(temprature=0.7), "temprature= is not a generation setting: did you mean temperature=...?"),
+    (dict(num_crop=4), "did you mean num_crops=...?"),
 ])
 @pytest.mark.parametrize("caller", sorted(CALLERS))
 def test_settings_that_cannot_work_are_refused_before_generating(monkeypatch, model_and_processor, caller, kwargs, message):

@@ -21,6 +21,8 @@ prints those pieces, and a notebook widget can show them instead.
 to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns that answer as a dict.
 """
 
+import difflib
+import inspect
 import numbers
 import threading
 import time
@@ -277,6 +279,7 @@ def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict,
 def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: bool) -> dict:
     """The generate() settings asked for, checked: those of a ``generation_config`` among them (keywords
     beside it win), ``eos_token_id`` as ids, ``num_crops`` (the processor's) a valid number of crops."""
+    _check_names(model, generate_kwargs)
     kwargs = dict(generate_kwargs)
     if kwargs.get("generation_config") is not None:
         kwargs = {**_config_settings(model, kwargs.pop("generation_config")), **kwargs}
@@ -319,6 +322,23 @@ def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: b
     if kwargs.get("eos_token_id") is not None:
         kwargs["eos_token_id"] = _token_ids(processor, kwargs["eos_token_id"])
     return kwargs
+
+
+def _check_names(model, generate_kwargs: dict) -> None:
+    """``InvalidArgumentError`` for a keyword that is no setting of ``generate`` (a typo such as
+    ``temprature=``), naming the closest one; transformers would only say "model_kwargs are not used"."""
+    known = {
+        *GenerationConfig().to_dict(), *inspect.signature(type(model).generate).parameters,
+        *inspect.signature(type(model).forward).parameters, "past_key_values", "tokenizer", "num_crops",
+    } - {"self", "kwargs"}
+    for name in generate_kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}=...? " if close else ""
+            raise InvalidArgumentError(
+                f"{name}= is not a generation setting: {hint}The settings are the fields of transformers' "
+                "GenerationConfig (do_sample, temperature, top_p, repetition_penalty, ...) and num_crops."
+            )
 
 
 def _config_settings(model, config) -> dict:
@@ -542,13 +562,22 @@ class FirstTokenTimer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+# The generate() settings generate_batch takes: they act on each row's own tokens, so they hold across its
+# decoding rounds (settings such as min_new_tokens or stop_strings would start again with every round).
+BATCH_SETTINGS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "num_crops")
+
+
 def generate_batch(
     model, processor, prompts: list[str], images: list[list], max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
-    schema: dict | None = None,
+    schema: dict | None = None, **generate_kwargs,
 ) -> list[Generation]:
-    """Answer several prompts in one batched greedy generation; return one Generation per prompt.
+    """Answer several prompts in one batched generation; return one Generation per prompt.
 
-    With a ``schema``, every answer is constrained to JSON that follows it (one schema for the batch).
+    Decoding is greedy unless you pass sampling settings. With a ``schema``, every answer is constrained
+    to JSON that follows it (one schema for the batch). ``**generate_kwargs``: the settings of
+    ``BATCH_SETTINGS``, as in ``ask`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+    ``typical_p``, ``repetition_penalty``, and ``num_crops`` for this batch's images); for other
+    generate() settings, call ``ask`` once per prompt.
 
     ``prompts`` are questions or chat-format prompts, as in ``ask``, and ``images[i]`` is the list of
     images of ``prompts[i]`` (anything ``load_image`` accepts). ``encode`` pads the prompts on the left to the
@@ -568,10 +597,17 @@ def generate_batch(
     past 4096 the model rotates every row with the long RoPE factors, as the original does, so a short
     prompt batched with a long one can get another answer than on its own.
     """
-    max_new_tokens, _ = _check_call(model, processor, max_new_tokens, schema, {}, streaming=False)
+    max_new_tokens, generate_kwargs = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming=False)
+    others = [name for name in generate_kwargs if name not in BATCH_SETTINGS]
+    if others:
+        raise InvalidArgumentError(
+            f"generate_batch does not take {', '.join(others)}: it decodes in rounds, and only the settings "
+            f"{', '.join(BATCH_SETTINGS)} hold across them. For other settings, call ask() once per prompt."
+        )
+    num_crops = generate_kwargs.pop("num_crops", None)
     prompts, images = _batch(processor, prompts, images)
-    settings = generation_settings(model, processor, max_new_tokens, {}, schema)
-    inputs = encode(model, processor, prompts, images, max_new_tokens)
+    settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
+    inputs = encode(model, processor, prompts, images, max_new_tokens, num_crops)
     stop_ids = set(settings["eos_token_id"])
     timer = FirstTokenTimer()
     # Past original_max_position_embeddings (4096) the RoPE factors are chosen from the longest row, so a
