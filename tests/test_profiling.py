@@ -77,3 +77,19 @@ def test_an_unknown_option_names_the_valid_ones(_no_override, tiny_checkpoint):
 def test_the_options_are_load_models_choices_eager_first():
     assert ATTENTION_OPTIONS == ("eager", "sdpa", "flash_attention_2")
     assert set(ATTENTION_OPTIONS) == set(ATTENTIONS) - {"auto"}
+
+
+def test_quantize_is_passed_to_load_model(capsys, tiny_checkpoint):
+    """Before: compare_attention had no quantize=, so a 16 GB laptop that loads int8 in notebook 00 could not
+    run notebook 05's comparison at all."""
+    pytest.importorskip("torchao")
+    [row] = compare_attention(model_id=str(tiny_checkpoint), options="sdpa", device="cpu", quantize="int8", max_new_tokens=2)
+    assert row["available"] and row["dtype"] == "bfloat16"  # int8 weights compute in bf16 on the CPU
+    assert "int8" in capsys.readouterr().out  # load_model's summary line, shown under the option
+
+
+def test_an_unknown_quantize_is_refused_before_any_model_loads(tiny_checkpoint):
+    from phi_helpers.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="quantize"):
+        compare_attention(model_id=str(tiny_checkpoint), options="sdpa", device="cpu", quantize="int3")

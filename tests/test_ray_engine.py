@@ -246,3 +246,30 @@ def test_sigterm_during_a_ray_run_ends_it_as_ctrl_c_does(capsys, monkeypatch, tm
                        "--engine", "ray", *FAST)
     assert code == 130 and "error: interrupted (everything written so far is kept" in err, err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_more_cpu_replicas_than_the_memory_holds_draw_a_warning(capsys, monkeypatch, local_ray, scans):
+    """Each replica holds a whole model: 4 CPU replicas of Phi-3.5-vision in fp32 want about 70 GiB. Before,
+    nothing said so; the system killed replicas and Ray restarted them until the run failed."""
+    import ray
+
+    items = ray_engine.item_dataset(str(scans / "scan_0.png"))
+    ray_engine.predict_dataset(items, "caption", "tiny", replicas=2)  # a tiny model fits: no warning
+    assert "Warning" not in capsys.readouterr().err
+    cluster = ray.cluster_resources()["memory"] / 2**30
+    monkeypatch.setattr(ray_engine, "planned_memory_gib", lambda *args: cluster / 1.5)  # one replica fits, two do not
+    ray_engine.predict_dataset(items, "caption", "tiny", replicas=2)
+    err = capsys.readouterr().err
+    assert "Warning: 2 replicas each hold their own model" in err and "Use replicas=1 (command line: --replicas 1)" in err
+    ray_engine.predict_dataset(items, "caption", "tiny", replicas=1)
+    assert "Warning" not in capsys.readouterr().err
+
+
+def test_the_memory_a_replica_plans_for_follows_its_load_model_arguments(tiny_checkpoint):
+    from phi_helpers.api.loading import planned_memory_gib
+
+    fp32 = planned_memory_gib("microsoft/Phi-3.5-vision-instruct", "cpu", "auto")  # the real sizes, nothing read
+    assert 14 < fp32 < 20
+    assert planned_memory_gib("microsoft/Phi-3.5-vision-instruct", "cpu", "bf16") < fp32 / 1.8
+    assert planned_memory_gib(str(tiny_checkpoint), "cpu", "auto") < 0.1  # the folder's own config
+    assert planned_memory_gib("/no/such/folder", "cpu", "auto") is None  # load_model will say why

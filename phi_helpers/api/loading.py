@@ -50,7 +50,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 from .. import testing
 from ..errors import (
-    ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError,
+    ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError, PhiHelpersError,
     check_whole_number,
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
@@ -228,6 +228,16 @@ def _warn_if_short_of_memory(
         f"activations at num_crops={num_crops}), but {device} has only {_gib(available)} {where}: loading may run "
         f"out of memory. {fix}."
     )
+
+
+def planned_memory_gib(model_id=None, device="auto", dtype="auto", num_crops=None, quantize=None) -> float | None:
+    """GiB that ``load_model`` with these arguments needs to run (weights + activations, ``memory_need``),
+    computed before anything loads; ``None`` when the arguments do not plan here (``load_model`` says why)."""
+    try:
+        plan = _plan_load(model_id, device, dtype, "auto", num_crops, quantize)
+    except PhiHelpersError:
+        return None
+    return memory_need(plan.model_config, plan.dtype, plan.quantized_as, plan.crops or NUM_CROPS)["need_gib"]
 
 
 def _gib(gib: float, digits: int = 1) -> str:

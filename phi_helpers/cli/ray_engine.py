@@ -44,7 +44,8 @@ import pypdfium2 as pdfium
 from transformers.utils import logging as hf_logging
 
 from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
-from ..api.loading import load_model, requested_model_id
+from ..api.hardware import GIB
+from ..api.loading import load_model, planned_memory_gib, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
 from .inputs import (
     UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, warn_left_out,
@@ -382,6 +383,8 @@ def predict_dataset(
     if model is None:
         model = requested_model_id()  # read here: a cluster's workers do not see this process's environment
     load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops, quantize)
+    if gpus_per_replica == 0 and not callable(model):
+        _warn_if_replicas_exceed_memory(ray, replicas, model, device, dtype, num_crops, quantize)
     options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens, "constrain": constrain}
     return items.map_batches(
         Replica,
@@ -466,6 +469,23 @@ def _parquet_counts(path: str) -> tuple[int, int]:
 
     errors = pq.ParquetDataset(path).read(columns=["error"]).column("error")
     return len(errors), len(errors) - errors.null_count
+
+
+def _warn_if_replicas_exceed_memory(ray, replicas: int, model, device, dtype, num_crops, quantize) -> None:
+    """Print one line (on stderr) when ``replicas`` CPU replicas, each holding its own model, need more
+    memory than the Ray cluster has for tasks: the system would kill replicas, which Ray restarts, slowly,
+    until the run fails. A warning, not a refusal (the estimate leaves out what other programs free)."""
+    need = planned_memory_gib(model, "cpu" if device == "auto" else device, dtype, num_crops, quantize)
+    cluster = ray.cluster_resources().get("memory", 0) / GIB  # Ray's memory for tasks, all nodes together
+    if need is None or not cluster or replicas * need <= cluster:
+        return
+    fit = max(1, int(cluster // need))
+    print(
+        f"Warning: {replicas} replicas each hold their own model, about {need:.1f} GiB each ({replicas * need:.1f} GiB), "
+        f"but the Ray cluster has {cluster:.1f} GiB of memory for tasks: replicas may be killed for memory. Use "
+        f"replicas={fit} (command line: --replicas {fit}), or dtype='bf16' / quantize='int8' (--dtype bf16 / --quantize int8).",
+        file=sys.stderr,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

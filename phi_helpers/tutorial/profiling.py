@@ -34,6 +34,7 @@ from ..api.choices import ATTENTIONS
 from ..api.generation import ask
 from ..api.hardware import GIB, mps_available, pick_attention
 from ..api.loading import load_model, pick_device, pick_dtype
+from ..api.quantization import check_quantize
 from ..api.report import format_table as _table
 from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
 
@@ -50,6 +51,7 @@ def compare_attention(
     device: str = "auto",
     dtype="auto",
     num_crops: int | None = None,
+    quantize: str | None = None,
     warmup: bool = True,
     verbose: bool = True,
 ) -> list[dict]:
@@ -63,6 +65,7 @@ def compare_attention(
         options: attention implementations to try, a list or one name (default: eager, sdpa, flash_attention_2).
         device, dtype: passed to ``load_model`` (``"auto"`` picks for this machine, as in notebook 00).
         num_crops: passed to ``load_model``; more crops = more image tokens = more attention work.
+        quantize: passed to ``load_model`` (``"int8"`` on a 16 GB laptop, as in notebook 00).
         warmup: run a 2-token answer first, so one-off start-up costs are not counted as speed.
         verbose: print one progress line per option.
 
@@ -72,7 +75,7 @@ def compare_attention(
     """
     options = [options] if isinstance(options, str) else list(ATTENTION_OPTIONS if options is None else options)
     device_name, _ = pick_device(device)
-    torch_dtype, _ = pick_dtype(dtype, device_name)
+    torch_dtype, _ = pick_dtype(dtype, device_name, quantized=check_quantize(quantize) is not None)
     rows = []
     for option in options:
         row = _empty_row(option, device_name, torch_dtype)
@@ -85,7 +88,7 @@ def compare_attention(
             _progress(verbose, f"{option}: not available: {row['reason']}")
             continue
         _progress(verbose, f"{option}: loading the model and timing one answer ...")
-        load_kwargs = {"device": device, "dtype": dtype, "attn": option, "num_crops": num_crops}
+        load_kwargs = {"device": device, "dtype": dtype, "attn": option, "num_crops": num_crops, "quantize": quantize}
         if model_id is not None:
             load_kwargs["model_id"] = model_id
         row.update(_measure(load_kwargs, image, question, max_new_tokens, warmup))
