@@ -225,6 +225,15 @@ def test_zero_byte_file_and_empty_bytes_are_refused(tmp_path):
         load_image(b"")
 
 
+def test_a_pipe_or_a_device_is_named_not_called_empty(tmp_path):
+    """``--image <(curl ...)`` or a FIFO: before, "is empty (0 bytes). Re-save or re-download the image"."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/null"):
+        with pytest.raises(ImageLoadError, match=r"is not a regular file \(it is a pipe, such as <\(\.\.\.\), or a device\)"):
+            load_image(path)
+
+
 def test_corrupt_and_truncated_data_raise_image_load_error(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")

@@ -153,7 +153,7 @@ def pick_attention(attn: str = "auto", device: str = "cpu", dtype: torch.dtype =
             raise FlashAttentionUnavailableError(
                 f"attn='flash_attention_2' needs an NVIDIA GPU of the Ampere generation or newer (compute capability "
                 f"8.0+: A100, RTX 30xx/40xx, L4, H100...), but {older}; flash-attn 2 would fail when the model runs. "
-                "Use attn='sdpa' (PyTorch's built-in fast attention), which gives the same answers."
+                "Use attn='sdpa' (PyTorch's built-in fast attention): the same model, its answers equal up to rounding."
             )
         return name, "asked for"
     if name != "auto":

@@ -236,6 +236,11 @@ def _open_file(path: Path):
         ) from None
     if stat.S_ISDIR(status.st_mode):
         raise ImageLoadError(f"'{path}' is a directory, not an image file. Pass the path of one image inside it.")
+    if not stat.S_ISREG(status.st_mode):  # a pipe (<(...), mkfifo), a device, a socket: its size says nothing
+        raise ImageLoadError(
+            f"'{path}' is not a regular file (it is a pipe, such as <(...), or a device): write the image to a "
+            "file first (e.g. ... > image.png) and pass that file's path."
+        )
     if status.st_size == 0:
         raise ImageLoadError(f"'{path}' is empty (0 bytes). Re-save or re-download the image.")
     try:

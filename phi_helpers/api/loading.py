@@ -92,7 +92,7 @@ def load_model(
         dtype: "auto", "bf16"/"bfloat16", "fp16"/"float16", "fp32"/"float32", or a torch dtype.
         attn: "auto", "sdpa", "eager" or "flash_attention_2". "auto": flash_attention_2 where flash-attn is
             installed, on an Ampere or newer CUDA GPU in half precision, else sdpa. "eager" sets the language
-            model; the vision tower keeps sdpa (the same numbers, faster) unless flash_attention_2 is used.
+            model; the vision tower keeps sdpa (the same numbers in fp32, faster) unless flash_attention_2 is used.
         num_crops: image crops of 336x336 pixels (more = finer detail, more tokens). ``None`` keeps the
             checkpoint's value (4 for Phi-3.5-vision, 16 for Phi-3-vision).
         quantize: ``None``, "int8" (CPU: torchao; CUDA: bitsandbytes or torchao) or "int4" (CUDA with

@@ -30,7 +30,7 @@ from .inputs import collect_all, collect_items, is_multi_input
 from .outputs import (
     JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, check_replaceable, error_message,
     failure_line, finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
-    schema_advice, write_atomically,
+    schema_advice, terminate_as_interrupt, write_atomically,
 )
 from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: message + exit code 2 (SystemExit)
     try:
-        code = run_predict(args) if args.command == "predict" else run_eval_command(args, load=lambda: load_for_cli(args))
+        with terminate_as_interrupt():  # timeout, kill: stopped as Ctrl-C stops it, with its message
+            code = run_predict(args) if args.command == "predict" else run_eval_command(args, load=lambda: load_for_cli(args))
         sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at exit (exit code 120)
         return code
     except KeyboardInterrupt:

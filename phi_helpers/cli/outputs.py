@@ -22,8 +22,10 @@ import json
 import math
 import os
 import secrets
+import signal
 import stat
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -762,3 +764,22 @@ def write_atomically(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Inside: SIGTERM (``timeout``, ``kill``, ``docker stop``, a scheduler's cancel) stops the command as
+    Ctrl-C does, so it says what it kept and exits 130, instead of dying without a word. Outside the
+    main thread (where Python cannot set handlers) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -34,9 +34,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +50,7 @@ from .inputs import (
 )
 from .outputs import (
     JsonlWriter, OutputLock, check_answers, check_output_path, failure_line, finish_run, input_files, make_record, model_info,
-    progress_bar, request_fields, resume,
+    progress_bar, request_fields, resume, terminate_as_interrupt,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
 
@@ -531,47 +529,41 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
     output, parquet = args.output, args.output.lower().endswith(".parquet")
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
-    # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 130 (Ray's
-    # own handler would abort the process and leave the local Ray's processes behind).
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 130 (the
+    # handler ray.init installed would abort the process and leave the local Ray's processes behind).
     try:
-        url = dashboard_url(context)
-        if url:
-            print(f"Ray dashboard: {url}", file=sys.stderr)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts records, on stderr
-        items = item_dataset(args.image, skip=finished, local=local)
-        total = None if any(is_remote(spec) for spec in args.image) else items.count()
-        if total == 0:
-            print("Nothing left to do.", file=sys.stderr)
-            return check_answers(output, local, args.max_new_tokens)
-        records = predict_dataset(
-            items, args.task, model, question=args.prompt, schema=schema, schema_path=args.schema, request=request,
-            max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
-            replicas=min(args.replicas or 1, total or sys.maxsize),
-            device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
-            quantize=args.quantize,
-        )
-        try:
-            written, failed = write_records(records, output, total, args.task)
-        except ray.exceptions.ActorDiedError as error:
-            raise CommandLineError(
-                f"A model replica died {REPLICA_RESTARTS + 1} times, so the run stopped ({error}). The likely cause is "
-                "memory: the system kills a process that takes too much, and each replica holds a whole model (about "
-                "15 GiB for Phi-3.5-vision on a CPU). Use fewer --replicas, --dtype bf16 or --quantize int8, or a "
-                "machine with more memory; with a .jsonl --output the results written so far are kept and the same "
-                "command goes on from there."
-            ) from None
+        with terminate_as_interrupt():
+            url = dashboard_url(context)
+            if url:
+                print(f"Ray dashboard: {url}", file=sys.stderr)
+            ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts records, on stderr
+            items = item_dataset(args.image, skip=finished, local=local)
+            total = None if any(is_remote(spec) for spec in args.image) else items.count()
+            if total == 0:
+                print("Nothing left to do.", file=sys.stderr)
+                return check_answers(output, local, args.max_new_tokens)
+            records = predict_dataset(
+                items, args.task, model, question=args.prompt, schema=schema, schema_path=args.schema,
+                request=request, max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
+                replicas=min(args.replicas or 1, total or sys.maxsize),
+                device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
+                quantize=args.quantize,
+            )
+            try:
+                written, failed = write_records(records, output, total, args.task)
+            except ray.exceptions.ActorDiedError as error:
+                raise CommandLineError(
+                    f"A model replica died {REPLICA_RESTARTS + 1} times, so the run stopped ({error}). The likely "
+                    "cause is memory: the system kills a process that takes too much, and each replica holds a whole "
+                    "model (about 15 GiB for Phi-3.5-vision on a CPU). Use fewer --replicas, --dtype bf16 or "
+                    "--quantize int8, or a machine with more memory; with a .jsonl --output the results written so "
+                    "far are kept and the same command goes on from there."
+                ) from None
     finally:
         if started_here:
             ray.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     if parquet:
         return finish_run(written, failed, output, retry="a Parquet output is written once: run them again into a "
                           "new --output (e.g. with --image naming just those files)")
     code = finish_run(written, failed, output)
     return max(code, check_answers(output, local, args.max_new_tokens))
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

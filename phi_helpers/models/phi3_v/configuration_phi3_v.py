@@ -63,8 +63,9 @@ def split_attn_implementation(requested: str | dict | None) -> str | dict | None
     """The attention of each part for an ``attn_implementation`` request.
 
     A dict (``{"": language model, "vision_config": vision tower}``) is taken as it is. A string sets
-    both parts, except "eager": eager attention in CLIP gives the same numbers as SDPA, only slower
-    (it materialises every 577x577 score table), so the vision tower keeps SDPA.
+    both parts, except "eager": eager attention in CLIP gives the same numbers as SDPA in fp32, only slower
+    (it materialises every 577x577 score table), so the vision tower keeps SDPA. (In bf16 the two differ in
+    the last bits; ``{"": "eager", "vision_config": "eager"}`` runs eager everywhere.)
     """
     if requested == "eager":
         return {"": "eager", "vision_config": "sdpa"}
