@@ -31,14 +31,16 @@ def picture(width, height, seed):
     return Image.fromarray(pixels.numpy())
 
 
-def greedy_without_cache(model, inputs, steps):
+def greedy_without_cache(model, inputs, steps, logits_processor=None):
     """Reference decoding: a full forward over the whole sequence at every step."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for _ in range(steps):
         logits = model(
             input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], use_cache=False
-        ).logits
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+        ).logits[:, -1]
+        if logits_processor is not None:
+            logits = logits_processor(ids, logits)
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
 
@@ -355,6 +357,34 @@ def test_phi35_cache_reset_keeps_the_images(tmp_path):
     assert model.config.reset_cache_at_original_max
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert torch.equal(out, greedy_without_cache(model, inputs, 12))
+
+
+def test_an_image_token_the_model_generates_is_text_when_phi35_re_encodes(tmp_path):
+    """The original's images are negative ids, so a generated ``<|image|>`` (32044) is a token like any
+    other, also when the sequence is encoded again past original_max_position_embeddings. Before: that
+    re-encoding counted it as an image position ("757 feature vectors but 758 image positions")."""
+    path = make_tiny_checkpoint(tmp_path, variant="phi-3.5-vision", seed=1)
+    config = json.loads((path / "config.json").read_text())
+    config["original_max_position_embeddings"] = 780
+    (path / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    inputs = processor(PROMPT, picture(640, 480, 14))  # 775 tokens: crosses 780 while decoding
+    prompt = inputs["input_ids"].shape[1]
+
+    def emit_image_token(input_ids, scores):  # the answer's second token is <|image|>
+        if input_ids.shape[1] == prompt + 1:
+            scores = torch.full_like(scores, -1e9)
+            scores[:, model.config.image_token_id] = 0
+        return scores
+
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None, logits_processor=[emit_image_token])
+    assert out[0, prompt + 1] == model.config.image_token_id
+    assert torch.equal(out, greedy_without_cache(model, inputs, 12, emit_image_token))
+    ids = processor("<|user|>\nHello there<|end|>\n<|assistant|>\n")["input_ids"]
+    ids = torch.cat([ids[:, :4], torch.tensor([[model.config.image_token_id]]), ids[:, 4:]], dim=1)  # one lone 32044
+    with torch.no_grad():  # a text token (no pixel_values needed), as in the original
+        assert torch.equal(model(input_ids=ids).logits, model(inputs_embeds=model.model.embed_tokens(ids)).logits)
 
 
 @pytest.mark.parametrize(("variant", "resets"), [("phi-3-vision", False), ("phi-3.5-vision", True)])

@@ -691,7 +691,7 @@ def _prefill_in_groups(model, inputs, images_per_row: list[int], cache: Prealloc
     """
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
     limit = getattr(model.config, "original_max_position_embeddings", None) or input_ids.shape[1]
-    if len(input_ids) <= PREFILL_ROWS or input_ids.shape[1] > limit or model.model.image_positions(input_ids[:, -1]).any():
+    if len(input_ids) <= PREFILL_ROWS or input_ids.shape[1] > limit or model.model.image_positions(input_ids)[:, -1].any():
         return
     first_image = _first_images(images_per_row)
     for top in range(0, len(input_ids), PREFILL_ROWS):

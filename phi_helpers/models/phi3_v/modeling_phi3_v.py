@@ -190,8 +190,15 @@ class Phi3VModel(Phi3Model):
         self.post_init()
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Where image features go: id 32044, or the original processor's negative ids -1, -2, ..."""
-        return (input_ids == self.config.image_token_id) | ((input_ids < 0) & (input_ids > -1_000_000_000))
+        """Where image features go, (B, L) -> (B, L) bool: the runs of id 32044 that the processor writes
+        (one id per image token, hundreds in a row), or the original processor's negative ids -1, -2, ...
+        A lone 32044 is text, as every 32044 is in the original (whose images are negative ids): an
+        ``<|image|>`` the model generated, which Phi-3.5's re-encoding at 4096 tokens reads again."""
+        image = input_ids == self.config.image_token_id
+        in_run = torch.zeros_like(image)
+        in_run[:, 1:] |= image[:, :-1]  # the token before is one too
+        in_run[:, :-1] |= image[:, 1:]  # or the token after
+        return (image & in_run) | ((input_ids < 0) & (input_ids > -1_000_000_000))
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, first_step=True) -> torch.Tensor:
         """Token embeddings with image features scattered in, row-major over (batch, sequence)."""
