@@ -9,6 +9,7 @@ answers replace ``tasks.generate_batch`` (the one function that calls ``model.ge
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -413,6 +414,22 @@ def test_a_failing_batch_is_retried_item_by_item(capsys, monkeypatch, tmp_path, 
     lines = read_lines(output)
     assert ["error" in line for line in lines] == [False, False, True]
     assert lines[2]["error"] == "RuntimeError: CUDA out of memory (pretend)"
+
+
+def test_a_repaired_file_and_its_side_file_keep_the_results_file_permissions_and_group(tmp_path):
+    """The torn line is document text: before, OUTPUT.torn was made world-readable (the umask's mode) beside
+    a results file the user had made private, and the repaired file lost its group."""
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"source": "a.png", "task": "ocr", "answer": "x"}\n{"source": "c.pn')
+    output.chmod(0o640)
+    groups = [g for g in os.getgroups() if g != os.getgid()] or ([1] if os.getuid() == 0 else [])
+    if groups:
+        os.chown(output, -1, groups[0])
+    before = output.stat()
+    assert outputs.repair_jsonl(output) == 1
+    for path in (output, outputs.torn_path(output)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+        assert path.stat().st_gid == before.st_gid, path
 
 
 def test_interrupted_last_line_is_moved_aside(tmp_path):

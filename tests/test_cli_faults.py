@@ -241,3 +241,19 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_keeps_what_was_written(capsys, m
     assert signal.getsignal(signal.SIGTERM) is before
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
     assert code == 0 and len(output.read_text().splitlines()) == 4  # the same command goes on
+
+
+def test_file_names_cannot_send_escape_sequences_to_the_terminal(capsys, tmp_path, folder):
+    """A crafted name in a pile of documents (a window title, cursor moves that hide the "failed:" line):
+    before, it reached the terminal as it was; the records keep the real name (JSON escapes it)."""
+    title = "\x1b]0;PWNED\x07\x1b[2K\x1b[1A"
+    (folder / f"{title}invoice.png").write_bytes(b"not a png")
+    (folder / "\x1b[31mlogo\x1b[0m.svg").write_text("<svg/>")
+    output = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
+    assert code == 1
+    assert "\x1b" not in err and "\x07" not in err
+    assert "failed: " in err and "\\x1b]0;PWNED\\x07\\x1b[2K\\x1b[1Ainvoice.png" in err
+    assert "(\\x1b[31mlogo\\x1b[0m.svg)" in err  # the SVG left out, named
+    sources = [json.loads(line)["source"] for line in output.read_text().splitlines()]
+    assert str(folder / f"{title}invoice.png") in sources

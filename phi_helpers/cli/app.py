@@ -26,7 +26,7 @@ from ..api.quantization import QUANTIZE_CHOICES
 from ..errors import InvalidArgumentError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
-from .inputs import collect_all, collect_items, is_multi_input
+from .inputs import collect_all, collect_items, is_multi_input, terminal_safe
 from .outputs import (
     JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, check_replaceable, error_message,
     failure_line, finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001  (one line, never a traceback; PHI_HELPERS_DEBUG=1 shows it)
         if os.environ.get("PHI_HELPERS_DEBUG"):
             raise
-        print(f"error: {error_message(error)}", file=sys.stderr)
+        print(terminal_safe(f"error: {error_message(error)}"), file=sys.stderr)
         return 1
 
 

@@ -16,7 +16,7 @@ from ..api.metrics import character_error_rate, error_rate, field_matches, leven
 from ..api.report import format_table
 from ..api.structured import load_schema, validation_errors
 from ..errors import CommandLineError, ManifestError, SchemaError
-from .inputs import Item, is_multi_page_tiff, is_pdf
+from .inputs import Item, is_multi_page_tiff, is_pdf, terminal_safe
 from .outputs import (
     check_output_path, check_replaceable, holds_records, json_safe, model_info, progress_bar, write_atomically,
 )
@@ -434,7 +434,7 @@ def report_failures(items: list[dict], output) -> int:
     """Say on stderr which items could not be run, and return the exit code: 1 if any failed."""
     failed = [line for line in items if "error" in line]
     for line in failed:
-        print(f"failed: {line['id']} ({line['image']}): {line['error']}", file=sys.stderr)
+        print(terminal_safe(f"failed: {line['id']} ({line['image']}): {line['error']}"), file=sys.stderr)
     if not failed:
         return 0
     where = f'their items in {output} have an "error"' if output else "the reasons are above"

@@ -230,12 +230,22 @@ def _pattern_items(spec: str, strict: bool) -> list[Item]:
     return _items_for_files(files, strict=False)
 
 
+# Control characters other than newline and tab, as \xNN: a file name from a pile of documents may hold
+# terminal escape sequences (a window title, cursor moves that hide a "failed:" line, the clipboard).
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A)}
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` as a message on stderr may show it: control characters written as ``\\xNN``."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def warn_left_out(paths: list[Path], spec: str) -> None:
     """Say on stderr which image files under ``spec`` were left out because Pillow cannot read them
     (``UNREADABLE_SUFFIXES``: HEIC/HEIF photos, SVG drawings), and what to do: a warning, as for a folder
     that cannot be listed, so that a folder of JPEGs with one SVG logo still runs clean."""
     if paths:
-        print(f"warning: under '{spec}', {_left_out(paths)}; then run again to add them.", file=sys.stderr)
+        print(terminal_safe(f"warning: under '{spec}', {_left_out(paths)}; then run again to add them."), file=sys.stderr)
 
 
 def _left_out(paths: list[Path]) -> str:
@@ -254,9 +264,10 @@ def warn_unlisted(errors: list[OSError], spec: str) -> None:
     that their files were not run, so that a folder the user meant is not missed unnoticed.
     """
     for error in errors:
-        print(f"warning: could not list the folder '{error.filename}' ({error.strerror}) under '{spec}': its files "
-              "were not included. Check that you may read and enter it (ls -ld), then run again to add them.",
-              file=sys.stderr)
+        print(terminal_safe(
+            f"warning: could not list the folder '{error.filename}' ({error.strerror}) under '{spec}': its files were "
+            "not included. Check that you may read and enter it (ls -ld), then run again to add them."
+        ), file=sys.stderr)
 
 
 def _failed(path: Path, error: ImageLoadError, strict: bool) -> Item:

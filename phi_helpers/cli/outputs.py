@@ -39,7 +39,7 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 from ..api import quantization
 from ..api.images import PDF_SIGNATURE
 from ..errors import CommandLineError, PhiHelpersError
-from .inputs import Item, file_identity, is_url
+from .inputs import Item, file_identity, is_url, terminal_safe
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
 TASKS = ("caption", "ocr", "vqa", "extract")  # the tasks of phi-helpers predict: every record names one in "task"
@@ -354,7 +354,10 @@ def repair_jsonl(path) -> int:
     if not torn:
         return 0
     good = [line for _, line, record in _lines(path) if record is not None]
-    with open(torn_path(path), "ab") as side:
+    # The side file holds answers too: it gets the results file's permissions (a new file would get the umask's).
+    side_fd = os.open(torn_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, stat.S_IMODE(os.stat(path).st_mode))
+    with os.fdopen(side_fd, "ab") as side:
+        _keep_owner_and_mode(side.fileno(), os.stat(path))
         side.write(b"".join(line + b"\n" for line in torn))
         side.flush()
         os.fsync(side.fileno())
@@ -440,7 +443,7 @@ RETRY = ("run the same command again to retry them (a file that cannot be read a
 def failure_line(record: dict) -> str:
     """The line a run shows (on stderr) for an item that failed: ``failed: SOURCE (page N): ERROR``."""
     page = f" (page {record['page']})" if "page" in record else ""
-    return f"failed: {record['source']}{page}: {record['error']}"
+    return terminal_safe(f"failed: {record['source']}{page}: {record['error']}")
 
 
 def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
@@ -746,8 +749,8 @@ def write_atomically(path: Path, text: str) -> None:
 
     The rename is atomic: ``path`` holds either its old content or the complete new one, never a
     half-written file, even if the program is interrupted. A file that existed keeps its permissions
-    (a new one gets the usual ones, as ``open`` would make it); a symbolic link stays a link to the
-    new content.
+    and its group (a new one gets the usual ones, as ``open`` would make it); a symbolic link stays a
+    link to the new content.
     """
     target = Path(os.path.realpath(path))
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
@@ -755,7 +758,7 @@ def write_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             if target.exists():
-                os.fchmod(file.fileno(), stat.S_IMODE(target.stat().st_mode))
+                _keep_owner_and_mode(file.fileno(), target.stat())
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
@@ -764,6 +767,14 @@ def write_atomically(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(temporary)
         raise
+
+
+def _keep_owner_and_mode(handle: int, original: os.stat_result) -> None:
+    """Give the open file ``handle`` the group and permission bits of ``original`` (the file it stands in
+    for or sits beside); the group only where this user may set it (a group they belong to)."""
+    with contextlib.suppress(PermissionError):
+        os.fchown(handle, -1, original.st_gid)
+    os.fchmod(handle, stat.S_IMODE(original.st_mode))
 
 
 @contextlib.contextmanager

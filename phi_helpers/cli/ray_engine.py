@@ -107,10 +107,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution
     if address:
         return ray.init(address=address, logging_level="ERROR")
-    # A local Ray reports usage statistics to usage-stats.ray.io by default, and to describe the
-    # machine it asks cloud metadata services (169.254.169.254). Nothing the user did not ask for may
-    # leave the machine: off, unless the user set RAY_USAGE_STATS_ENABLED themselves. (A cluster joined
-    # with an address keeps its own setting.)
+    # A local Ray reports usage statistics to usage-stats.ray.io by default: off, unless the user set
+    # RAY_USAGE_STATS_ENABLED themselves (a cluster joined with an address keeps its own setting). Ray's
+    # dashboard process still probes the cloud metadata address once, whatever the setting: docs/scaling.md.
     os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
     return ray.init(
         address="local",  # a new Ray, even when one runs on this machine already (or RAY_ADDRESS names one)
