@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from phi_helpers import load_model
-from phi_helpers.cli import app as cli_app
 from phi_helpers.testing import make_tiny_checkpoint
 
 
@@ -61,5 +60,5 @@ def tiny_model(monkeypatch, tiny_checkpoint, cli_model_and_processor):
             return cli_model_and_processor
 
     loader = Loader()
-    monkeypatch.setattr(cli_app, "load_model", loader)
+    monkeypatch.setattr("phi_helpers.cli.tasks.load_model", loader)
     return loader

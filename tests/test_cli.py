@@ -233,15 +233,15 @@ def test_prompt_replaces_the_fixed_instruction(capsys, image):
 def test_model_and_quantize_are_passed_as_arguments(monkeypatch):
     seen = []
     monkeypatch.setenv("PHI_HELPERS_MODEL", "from-env")
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: seen.append((a, k, os.environ["PHI_HELPERS_MODEL"])))
+    monkeypatch.setattr("phi_helpers.cli.tasks.load_model", lambda *a, **k: seen.append((a, k, os.environ["PHI_HELPERS_MODEL"])))
     args = cli.build_parser().parse_args(
         ["predict", "--image", "x.png", "--task", "ocr", "--model", "from-flag", "--num-crops", "2", "--quantize", "int8"]
     )
-    cli.load_for_cli(args)
+    cli.ModelLoader.of(args)()
     assert seen[0][0] == ("from-flag",) and seen[0][1]["num_crops"] == 2 and seen[0][1]["quantize"] == "int8"
     assert seen[0][2] == "from-env"  # the environment is left alone: the argument wins inside load_model
     args = cli.build_parser().parse_args(["eval", "--data", "d"])
-    cli.load_for_cli(args)
+    cli.ModelLoader.of(args)()
     assert seen[1][0] == (None,) and seen[1][1]["quantize"] == "none"  # None: $PHI_HELPERS_MODEL, else the default
 
 
@@ -528,7 +528,7 @@ def test_runtime_errors_exit_1_in_one_line(capsys, monkeypatch, tmp_path, tiny_m
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "bad-schema.json").write_text('{"type": "no-such-type"}')
     if "--device" in make_argv(tmp_path):  # the real load_model decides that CUDA is missing
-        monkeypatch.setattr(cli, "load_model", phi_helpers.load_model)
+        monkeypatch.setattr("phi_helpers.cli.tasks.load_model", phi_helpers.load_model)
         monkeypatch.setattr(phi_helpers.api.loading.torch.cuda, "is_available", lambda: False)
     argv = make_argv(tmp_path)
     if "--task" not in argv:

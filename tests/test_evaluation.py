@@ -430,7 +430,7 @@ def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_p
     def load():
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("phi_helpers.cli.app.load_for_cli", lambda args: load())
+    monkeypatch.setattr("phi_helpers.cli.tasks.load_model", lambda *args, **kwargs: load())
     Image.new("RGB", (64, 32), "white").save(tmp_path / "blank.png")
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text('{"id": "blank", "image": "blank.png", "task": "ocr", "expected": "hello"}\n')

@@ -30,6 +30,7 @@ from phi_helpers.api import images as images_module
 from phi_helpers.api import parsing
 from phi_helpers.api.generation import Generation
 from phi_helpers.api.images import load_image
+from phi_helpers.api.loading import requested_model_id
 from phi_helpers.api.parsing import extract_json
 from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
@@ -143,7 +144,7 @@ def test_another_request_redoes_every_item(capsys, tmp_path, folder, generations
 def test_every_setting_that_changes_the_answer_is_in_the_request(change, field):
     base = ["predict", "--image", "x.png", "--task", "caption", *FAST]
     before, after = (
-        outputs.request_fields(args, None, cli.requested_model(args))
+        outputs.request_fields(args, None, requested_model_id(args.model))
         for args in (cli.build_parser().parse_args(base), cli.build_parser().parse_args(base + change))
     )
     assert outputs.request_differences(before, after) == [field]
@@ -158,7 +159,7 @@ def test_a_model_folder_is_one_request_however_it_is_spelled(monkeypatch, tmp_pa
 
     def request(model):
         args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "caption", "--model", model, *FAST])
-        return outputs.request_fields(args, None, cli.requested_model(args))
+        return outputs.request_fields(args, None, requested_model_id(args.model))
 
     monkeypatch.chdir(tmp_path / "one")
     spelled, absolute = request("./m"), request(str(tmp_path / "one" / "m"))
@@ -391,7 +392,7 @@ def no_model(monkeypatch):
     """Make loading the model fail loudly: the checks under test come before it."""
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr("phi_helpers.cli.tasks.load_model", load)
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["one image", "a folder"])
@@ -637,7 +638,7 @@ def test_a_run_that_stops_early_keeps_a_linked_output(capsys, monkeypatch, tmp_p
     def load(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr("phi_helpers.cli.tasks.load_model", load)
     code, _, _ = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", link, *FAST)
     assert code == exit_code and link.is_symlink() and not (tmp_path / "real" / "out.jsonl").exists()
 
@@ -1035,7 +1036,7 @@ def _broken(tmp_path, tiny_checkpoint, name: str, damage) -> Path:
 def test_broken_checkpoints_name_the_file(capsys, monkeypatch, tmp_path, tiny_checkpoint, damage, file, problem):
     checkpoint = _broken(tmp_path, tiny_checkpoint, "ckpt", damage)
     picture(tmp_path / "photo.png")
-    monkeypatch.setattr(cli, "load_model", phi_helpers.load_model)  # the real loader
+    monkeypatch.setattr("phi_helpers.cli.tasks.load_model", phi_helpers.load_model)  # the real loader
     code, out, err = run(capsys, "predict", "--image", tmp_path / "photo.png", "--task", "ocr", "--model", checkpoint,
                          "--device", "cpu", *FAST)
     assert code == 1 and out == "" and "Traceback" not in err

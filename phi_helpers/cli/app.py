@@ -13,14 +13,13 @@ of stdout went away (``| head``). Errors are one line on stderr starting with ``
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
-from ..api.loading import load_model, requested_model_id
+from ..api.loading import requested_model_id
 from ..api.prompts import check_user_text
 from ..api.quantization import QUANTIZE_CHOICES
 from ..errors import InvalidArgumentError, PromptError, check_whole_number
@@ -35,7 +34,7 @@ from .outputs import (
 from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
-from .tasks import TASKS, chunks, predict, predict_items, read_schema, task_prompt
+from .tasks import TASKS, ModelLoader, chunks, predict, predict_items, read_schema, task_prompt
 
 
 PREDICT_EXAMPLES = """\
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # usage errors: message + exit code 2 (SystemExit)
     try:
         with terminate_as_interrupt():  # timeout, kill: stopped as Ctrl-C stops it, with its message
-            code = run_predict(args) if args.command == "predict" else run_eval_command(args, load=lambda: load_for_cli(args))
+            code = run_predict(args) if args.command == "predict" else run_eval_command(args, load=lambda: ModelLoader.of(args)())
         sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at exit (exit code 120)
         return code
     except KeyboardInterrupt:
@@ -277,18 +276,6 @@ def interrupted_note(args) -> str:
     return "everything written so far is kept; run the same command again to go on"
 
 
-def load_for_cli(args):
-    """``load_model`` with the command-line choices (``--model`` unset: ``$PHI_HELPERS_MODEL``, else the default).
-
-    load_model prints what it chose; that goes to stderr, so that stdout holds only the answer.
-    """
-    with contextlib.redirect_stdout(sys.stderr):
-        return load_model(
-            args.model, device=args.device, dtype=args.dtype, attn=args.attn, num_crops=args.num_crops,
-            quantize=args.quantize,
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # predict
 # ----------------------------------------------------------------------------------------------
@@ -302,15 +289,10 @@ def run_predict(args) -> int:
     schema = read_schema(args.schema, args.constrain) if args.task == "extract" else None
     check_user_text(task_prompt(args.task, args.prompt, schema), "prompt")
     if args.engine == "ray":
-        return run_ray(args, schema, model=requested_model(args))
+        return run_ray(args, schema, model=requested_model_id(args.model))
     if lines:
         return run_batch(args, schema)
     return run_single(args, schema)
-
-
-def requested_model(args) -> str:
-    """The model the user asked for: --model, else $PHI_HELPERS_MODEL, else the default."""
-    return requested_model_id(args.model)
 
 
 def task_options(args, schema) -> dict:
@@ -325,10 +307,10 @@ def run_single(args, schema) -> int:
     if args.output:
         check_output_path(Path(args.output), inputs=input_files([item], args.schema))
         check_replaceable(Path(args.output))  # not an image or a PDF named by a slip of the tab key
-    model, processor = load_for_cli(args)
+    model, processor = ModelLoader.of(args)()
     result = predict(model, processor, [image], args.task, **task_options(args, schema))[0]
     result = {**item_fields(item), "image_size": list(image.size), **result}
-    request = request_fields(args, schema, requested_model(args))
+    request = request_fields(args, schema, requested_model_id(args.model))
     record = json_safe(make_record(result, args.task, args.schema, model_info(model, processor), request))
 
     text = json.dumps(record, indent=2, ensure_ascii=False) if args.format == "json" else answer_text(record)
@@ -358,7 +340,7 @@ def run_batch(args, schema) -> int:
     items = collect_all(args.image)
     output = Path(args.output)
     check_output_path(output, inputs=input_files(items, args.schema))
-    request = request_fields(args, schema, requested_model(args))
+    request = request_fields(args, schema, requested_model_id(args.model))
     with OutputLock(output) as lock:  # a second run on the same file stops at once
         todo = resume(output, items, request).todo
         lock.follow()  # resume may have replaced the file (torn lines moved aside): lock the one written now
@@ -371,7 +353,7 @@ def run_batch(args, schema) -> int:
 
 def _predict_into(output: Path, todo: list, args, schema, request: dict) -> int:
     """Load the model, answer ``todo`` in batches, append each record to ``output``; return how many failed."""
-    model, processor = load_for_cli(args)
+    model, processor = ModelLoader.of(args)()
     info = model_info(model, processor)
     failed = 0
     with JsonlWriter(output) as writer, progress_bar(len(todo), args.task) as bar:

@@ -28,7 +28,6 @@ Ray is an optional extra (``INSTALL_RAY``: ``pip install "ray[data]>=2.60,<3"``)
 functions raise ``RayNotInstalledError`` when it is missing.
 """
 
-import contextlib
 import importlib
 import json
 import logging
@@ -43,7 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
 from ..api.hardware import GIB
-from ..api.loading import load_model, planned_memory_gib, requested_model_id
+from ..api.loading import planned_memory_gib, requested_model_id
 from ..errors import CommandLineError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
 from .inputs import (
     UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, warn_left_out,
@@ -52,7 +51,7 @@ from .outputs import (
     JsonlWriter, OutputLock, check_answers, check_output_path, failure_line, finish_run, input_files, make_record, model_info,
     progress_bar, request_fields, resume, terminate_as_interrupt,
 )
-from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, predict_items
 
 USAGE_STATS_VARIABLE = "RAY_USAGE_STATS_ENABLED"  # start_ray sets it to 0 for a local Ray
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
@@ -267,31 +266,6 @@ def _uri(scheme: str, path: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Replicas
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelLoader:
-    """How a replica loads its model: ``load_model`` with these choices, run inside the replica.
-
-    ``model`` is a hub id, a local folder (that every node can read) or ``"tiny"``; it wins over the
-    replica's ``$PHI_HELPERS_MODEL``, as ``--model`` does in the CLI. ``None``: ``load_model``'s choice.
-    The other fields are ``load_model``'s arguments.
-    """
-
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
-    num_crops: int | None = None
-    quantize: str | None = None
-
-    def __call__(self):
-        """``(model, processor)``; what ``load_model`` prints (its choices) goes to stderr: stdout holds answers."""
-        with contextlib.redirect_stdout(sys.stderr):
-            return load_model(
-                self.model, device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops,
-                quantize=self.quantize,
-            )
 
 
 @dataclass

@@ -17,15 +17,50 @@ ONE batched ``generate`` call (``phi_helpers.api.generation.generate_batch``); `
 never raises for a bad item.
 """
 
+import contextlib
 import json
+import sys
+from dataclasses import dataclass
 
 from ..api.constrained import check_supported, read_answer
 from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
+from ..api.loading import load_model
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction, load_schema
 from ..errors import InvalidArgumentError, JSONExtractionError, JSONTruncatedError, PromptError, SchemaNotSupportedError
 from .inputs import Item
 from .outputs import TASKS, error_record, item_fields  # TASKS: every record's "task" is one of them
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """How the command line gets its model: ``load_model`` with these choices, called in this process
+    (``phi-helpers predict`` / ``eval``) or in each Ray replica (``--engine ray``).
+
+    ``model`` is a hub id, a local folder (for Ray: one every node can read) or ``"tiny"``; it wins over
+    ``$PHI_HELPERS_MODEL`` (a replica's too), as ``--model`` does. ``None``: ``load_model``'s choice.
+    The other fields are ``load_model``'s arguments.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    num_crops: int | None = None
+    quantize: str | None = None
+
+    @classmethod
+    def of(cls, args) -> "ModelLoader":
+        """The choices of the command line's ``args`` (``--model``, ``--device``, ... ``--quantize``)."""
+        return cls(args.model, args.device, args.dtype, args.attn, args.num_crops, args.quantize)
+
+    def __call__(self):
+        """``(model, processor)``; what ``load_model`` prints (its choices) goes to stderr: stdout holds answers."""
+        with contextlib.redirect_stdout(sys.stderr):
+            return load_model(
+                self.model, device=self.device, dtype=self.dtype, attn=self.attn, num_crops=self.num_crops,
+                quantize=self.quantize,
+            )
 
 BATCH_SIZE = 4  # images per generate call, by default
 
