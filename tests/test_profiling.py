@@ -1,10 +1,10 @@
-"""compare_attention / format_table (notebook 05) on the tiny random checkpoint, on CPU."""
+"""compare_attention / attention_table (notebook 05) on the tiny random checkpoint, on CPU."""
 
 import pytest
 from PIL import Image
 
 from phi_helpers.api.choices import ATTENTIONS
-from phi_helpers.tutorial.profiling import ATTENTION_OPTIONS, compare_attention, format_table
+from phi_helpers.tutorial.profiling import ATTENTION_OPTIONS, compare_attention, attention_table
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_eager_and_sdpa_agree_greedily(rows):
     assert answers["eager"] == answers["sdpa"]
 
 
-def test_format_table_names_every_option(rows):
-    table = format_table(rows)
+def test_attention_table_names_every_option(rows):
+    table = attention_table(rows)
     for name in ("eager", "sdpa", "flash_attention_2", "not available", "cumulative"):
         assert name in table
 

@@ -1,8 +1,8 @@
 """Time and measure the attention implementations on the machine you are on (tutorial notebook 05).
 
-    from phi_helpers.tutorial.profiling import compare_attention, format_table
+    from phi_helpers.tutorial.profiling import compare_attention, attention_table
     rows = compare_attention(image="images/chart.png", question="Describe this chart.")
-    print(format_table(rows))
+    print(attention_table(rows))
 
 For each option ("eager", "sdpa", "flash_attention_2") ``compare_attention`` loads the model with
 ``load_model(attn=option)``, asks one question greedily, and records:
@@ -98,7 +98,7 @@ def compare_attention(
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def attention_table(rows: list[dict]) -> str:
     """The rows of ``compare_attention`` as an aligned text table (unavailable options say why), with
     the device and how memory was measured underneath."""
     header = ("attention", "load s", "first token s", "total s", "new tokens", "tokens/s", "peak memory")
@@ -239,4 +239,4 @@ def _progress(verbose: bool, text: str) -> None:
         print(text, flush=True)
 
 
-__all__ = ["compare_attention", "format_table", "ATTENTION_OPTIONS"]
+__all__ = ["compare_attention", "attention_table", "ATTENTION_OPTIONS"]
