@@ -121,6 +121,14 @@ def test_a_generation_config_counts_and_keywords_beside_it_win(model_and_process
     (dict(generation_config={"do_sample": True}), "must be a transformers GenerationConfig"),
     (dict(temprature=0.7), "temprature= is not a generation setting: did you mean temperature=...?"),
     (dict(num_crop=4), "did you mean num_crops=...?"),
+    (dict(do_sample="yes"), "do_sample must be True or False, got 'yes'"),  # before: sampled
+    (dict(min_new_tokens=-1), "min_new_tokens must be a whole number of at least 0"),  # before: accepted
+    (dict(stop_strings=5), "stop_strings must be a string or a list of strings, got 5"),
+    (dict(pad_token_id="x"), "pad_token_id must be a whole number"),
+    (dict(bad_words_ids="x"), "bad_words_ids must be a list of lists of token ids"),
+    (dict(logits_processor=[None]), "logits_processor must be a list of callables"),
+    (dict(cache=5), "cache must be a transformers Cache"),
+    (dict(past_key_values=5), "past_key_values must be a transformers Cache"),
 ])
 @pytest.mark.parametrize("caller", sorted(CALLERS))
 def test_settings_that_cannot_work_are_refused_before_generating(monkeypatch, model_and_processor, caller, kwargs, message):
@@ -183,3 +191,22 @@ def test_num_crops_sets_the_image_tiles_of_one_call(monkeypatch, model_and_proce
     expected = processor(text=build_prompt("Describe.", num_images=1), images=[image], num_crops=1)["input_ids"]
     assert torch.equal(calls[-1]["input_ids"], expected)
     assert processor.image_processor.num_crops != 1  # the processor's own setting is unchanged
+
+
+def test_a_model_moved_to_the_meta_device_is_refused_with_what_to_do(model_and_processor):
+    """Before: "Tensor.item() cannot be called on meta tensors" from inside generate."""
+    import copy
+
+    model, processor = model_and_processor
+    on_meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(InvalidArgumentError, match="on the 'meta' device.*load it again with load_model"):
+        ask(on_meta, processor, "Hi", max_new_tokens=2)
+
+
+def test_a_schema_key_that_is_not_a_string_is_named():
+    """Before: TypeError "'int' object is not iterable" from inside the constraint's checks."""
+    from phi_helpers.api.structured import check_schema_type
+    from phi_helpers.errors import SchemaError
+
+    with pytest.raises(SchemaError, match=re.escape("(root)/properties: the key 1 is not a string (int)")):
+        check_schema_type({"type": "object", "properties": {1: {"type": "string"}}})

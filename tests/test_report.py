@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import sys
 from types import SimpleNamespace
 
@@ -218,3 +219,19 @@ def test_the_flash_attn_row_is_what_load_model_picks(monkeypatch, capsys, gpu, c
     assert (report["attention"], report["attention_reason"]) == hardware.pick_attention("auto", "cuda", torch.float16)
     [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("flash-attn ")]
     assert row.split(None, 1)[1] == expected
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_crops=0), "num_crops must be a whole number of at least 1, got 0"),
+    (dict(num_crops=1.5), "num_crops must be a whole number of at least 1, got 1.5"),
+    (dict(num_crops="4"), "num_crops must be a whole number"),
+    (dict(prompt_tokens=-5), "prompt_tokens must be a whole number of at least 0, got -5"),
+    (dict(new_tokens="8"), "new_tokens must be a whole number of at least 1"),
+    (dict(print_report="no"), "print_report must be True or False"),
+])
+def test_a_request_that_cannot_be_is_refused_not_estimated(kwargs, message):
+    """Before: num_crops=0 or -3 got estimates and "fits" verdicts; "4" or None a raw TypeError."""
+    from phi_helpers.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        environment_report(**{"print_report": False, **kwargs})

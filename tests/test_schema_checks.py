@@ -2,6 +2,7 @@
 they pass compiles, and every one that would only fail after the model loaded is refused by them."""
 
 import json
+import os
 import re
 import time
 
@@ -469,3 +470,28 @@ def test_a_pattern_whose_grammar_would_take_minutes_is_refused_at_once():
     with pytest.raises(SchemaNotSupportedError, match=r"a repetition count above 10,000 in a pattern \('\^\[A-Z\]\{1,50000\}\$'\)"):
         check_supported(root({"type": "string", "pattern": "^[A-Z]{1,50000}$"}))
     assert time.perf_counter() - started < 5  # 129 s to compile, before
+
+
+def test_load_schema_refuses_what_is_not_a_schema_file_with_what_to_pass(tmp_path):
+    """Before: raw TypeErrors from pathlib for a dict or None, a read that waited for ever on a FIFO and one
+    that never ended on /dev/zero, and advice about --schema in the Python API."""
+    from phi_helpers.errors import SchemaError
+
+    with pytest.raises(SchemaError, match="this schema is a dict already: pass it as schema= as it is"):
+        load_schema({"type": "object"})
+    for wrong in (None, 5, b"s.json"):
+        with pytest.raises(SchemaError, match="needs the path of a JSON Schema file"):
+            load_schema(wrong)
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(SchemaError, match=r"not a regular file \(a pipe or a device\)"):
+            load_schema(path)
+    with pytest.raises(SchemaError, match="is a directory"):
+        load_schema(tmp_path)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (11 * 2**20))
+    with pytest.raises(SchemaError, match="more than a JSON Schema needs"):
+        load_schema(big)
+    with pytest.raises(SchemaError, match="relative paths start from"):
+        load_schema(tmp_path / "missing.json")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
+    Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
 )
 
 from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, check_whole_number
@@ -315,6 +315,7 @@ def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: b
             )
     if kwargs.get("top_k") is not None:
         kwargs["top_k"] = check_whole_number(kwargs["top_k"], "top_k", hint=" (0 turns top-k off)")
+    _check_types(kwargs)
     for name, (allowed, wording) in _NUMBER_RANGES.items():
         value = kwargs.get(name)
         if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool) and allowed(value)):
@@ -338,6 +339,44 @@ def _check_names(model, generate_kwargs: dict) -> None:
             raise InvalidArgumentError(
                 f"{name}= is not a generation setting: {hint}The settings are the fields of transformers' "
                 "GenerationConfig (do_sample, temperature, top_p, repetition_penalty, ...) and num_crops."
+            )
+
+
+# generate() settings that are whole numbers, and their least value.
+_WHOLE_NUMBERS = {"min_new_tokens": 0, "min_length": 0, "no_repeat_ngram_size": 0, "pad_token_id": 0, "num_return_sequences": 1}
+
+
+def _check_types(kwargs: dict) -> None:
+    """Settings of the wrong type, which transformers would take as something else (``do_sample="yes"``)
+    or fail on deep inside ``generate``: an InvalidArgumentError saying what each must be."""
+    for name, minimum in _WHOLE_NUMBERS.items():
+        if kwargs.get(name) is not None:
+            kwargs[name] = check_whole_number(kwargs[name], name, minimum=minimum)
+    for name in ("do_sample", "use_cache"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {kwargs[name]!r}.")
+    stop = kwargs.get("stop_strings")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(t, str) for t in stop))):
+        raise InvalidArgumentError(f"stop_strings must be a string or a list of strings, got {stop!r}.")
+    for name in ("logits_processor", "stopping_criteria"):
+        items = kwargs.get(name)
+        if items is not None and not (isinstance(items, (list, tuple)) and all(callable(item) for item in items)):
+            kind = "LogitsProcessorList" if name == "logits_processor" else "StoppingCriteriaList"
+            raise InvalidArgumentError(f"{name} must be a list of callables (e.g. a transformers {kind}), got {items!r}.")
+    bad_words = kwargs.get("bad_words_ids")
+    if bad_words is not None and not (
+        isinstance(bad_words, (list, tuple))
+        and all(isinstance(ids, (list, tuple)) and ids and all(type(i) is int for i in ids) for ids in bad_words)
+    ):
+        raise InvalidArgumentError(
+            f"bad_words_ids must be a list of lists of token ids, e.g. processor.tokenizer(['word'], "
+            f"add_special_tokens=False).input_ids, got {bad_words!r}."
+        )
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], Cache):
+            raise InvalidArgumentError(
+                f"{name} must be a transformers Cache (e.g. DynamicCache(config=model.config)), got "
+                f"{type(kwargs[name]).__name__}; leave it out and ask() brings its own."
             )
 
 
@@ -389,6 +428,12 @@ def check_model_and_processor(model, processor) -> None:
         raise InvalidArgumentError(
             f"The model argument is a {type(model).__name__}, not a model{swapped}: pass what load_model() returns, "
             "model, processor = load_model(...), as ask(model, processor, ...)."
+        )
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device) and device.type == "meta" and not getattr(model, "hf_device_map", None):
+        raise InvalidArgumentError(
+            "The model's weights are on the 'meta' device, which holds shapes but no values (after .to('meta'), "
+            "or a model built without its weights): load it again with load_model()."
         )
     if getattr(config, "model_type", None) != "phi3_v":
         raise InvalidArgumentError(

@@ -25,9 +25,9 @@ import os
 import torch
 from transformers.utils import is_flash_attn_2_available
 
-from ..errors import FlashAttentionUnavailableError, InvalidArgumentError
+from ..errors import FlashAttentionUnavailableError, InvalidArgumentError, check_whole_number
 from ..models.phi3_v import Phi3VConfig, Phi3VForCausalLM
-from ..models.phi3_v.image_processing_phi3_v import max_image_tokens
+from ..models.phi3_v.image_processing_phi3_v import check_num_crops, max_image_tokens
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES, check_flash_attention
 from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT
 from .choices import ATTENTIONS
@@ -74,6 +74,7 @@ def memory_estimate(
     compute dtype, what running needs (``memory_verdict`` compares it with the free memory).
     """
     config = config or _default_config()
+    num_crops, prompt_tokens, new_tokens = _check_request(num_crops, prompt_tokens, new_tokens)
     groups = parameter_groups(config)
     weights = {name: _weights_gib(groups, quantize, other_bytes) for name, quantize, other_bytes in WEIGHT_FORMATS}
     activations = {
@@ -101,9 +102,19 @@ def memory_need(
     a few MiB) for the model loaded in ``dtype`` with ``quantize`` (None, "int8", "int4"), for the request
     of ``memory_estimate``: what ``load_model`` compares with the available memory before it loads."""
     config = config or _default_config()
+    num_crops, prompt_tokens, new_tokens = _check_request(num_crops, prompt_tokens, new_tokens)
     weights = _weights_gib(parameter_groups(config), quantize, dtype.itemsize)
     activations = _activations_gib(config, num_crops, prompt_tokens, new_tokens, dtype.itemsize)
     return {"weights_gib": weights, "activations_gib": activations, "need_gib": weights + activations}
+
+
+def _check_request(num_crops, prompt_tokens, new_tokens) -> tuple[int, int, int]:
+    """The request of a memory estimate as ints, or InvalidArgumentError saying what each must be."""
+    return (
+        check_num_crops(num_crops),
+        check_whole_number(prompt_tokens, "prompt_tokens"),
+        check_whole_number(new_tokens, "new_tokens", minimum=1),
+    )
 
 
 def memory_verdict(need_gib: float, available_gib: float) -> str:

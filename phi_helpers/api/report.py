@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..errors import InvalidArgumentError
 from ..versions import TESTED_VERSIONS
 from . import hardware
 from .hardware import (
@@ -48,6 +49,8 @@ def environment_report(
     without one) and ``warnings``, a list
     of messages (printed below the table), e.g. when Python, torch or transformers is not the tested version.
     """
+    if not isinstance(print_report, bool):
+        raise InvalidArgumentError(f"print_report must be True or False, got {print_report!r}.")
     memory = memory_estimate(num_crops=num_crops, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     report = {**_software(), **_devices(), **_host(), **memory}
     available, _ = _memory_for_the_model(report)

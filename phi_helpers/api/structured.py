@@ -12,7 +12,9 @@ prompt, so ``check_schema`` refuses it.
 
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +25,7 @@ import referencing.jsonschema
 from .parsing import extract_json
 from ..errors import SchemaError, JSONExtractionError
 
+MAX_SCHEMA_FILE_BYTES = 10 * 2**20  # a schema file larger than this is not a schema (the largest real ones are kB)
 MAX_SCHEMA_DEPTH = 128  # nesting levels of JSON in a schema, the $refs followed included
 _BASE_URI = "urn:phi-helpers:schema"  # where a schema without "$id" lives for the $ref resolver
 _UNRESOLVABLE = (
@@ -81,8 +84,10 @@ def _infinite_numbers(data, path: list):
 
 
 def check_schema_type(schema) -> None:
-    """``SchemaError`` for a schema that is not a dict (a JSON object), saying how to get one from what was passed."""
+    """``SchemaError`` for a schema that is not a dict (a JSON object), saying how to get one from what was passed,
+    or one with a key that is not a string (JSON's keys are strings: ``{1: ...}`` has no JSON form)."""
     if isinstance(schema, dict):
+        _check_keys(schema)
         return
     if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
         how = f"a pydantic model gives its schema with {schema.__name__}.model_json_schema()"
@@ -95,6 +100,24 @@ def check_schema_type(schema) -> None:
     else:
         how = 'a schema is one JSON object, such as {"type": "object", "properties": {...}}'
     raise SchemaError(f"A JSON Schema must be a dict, got {type(schema).__name__}: {how}.")
+
+
+def _check_keys(schema: dict) -> None:
+    """``SchemaError`` naming the first key below ``schema`` that is not a string, and where it is."""
+    stack, seen = [(schema, "(root)")], set()
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:  # a dict inside itself has no JSON form either; the meta-schema check says so
+            continue
+        seen.add(id(node))
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if not isinstance(key, (str, int)) or (isinstance(node, dict) and not isinstance(key, str)):
+                raise SchemaError(
+                    f"{where}: the key {key!r} is not a string ({type(key).__name__}), but JSON's keys are strings: "
+                    f"write {str(key)!r}."
+                )
+            if isinstance(value, (dict, list)):
+                stack.append((value, f"{where}/{key}"))
 
 
 def check_schema(schema) -> None:
@@ -187,14 +210,29 @@ def _base_uri(schema: dict) -> str:
 def load_schema(path) -> dict:
     """Read a JSON Schema file (UTF-8, with or without a byte order mark) and check it (``check_schema``).
 
-    Raises ``SchemaError`` (a ``ValueError``) naming the file when it is missing, unreadable,
-    not JSON, or not a usable schema.
+    Raises ``SchemaError`` (a ``ValueError``) naming the file when it is missing, unreadable, not a
+    regular file (a pipe, a device), larger than ``MAX_SCHEMA_FILE_BYTES``, not JSON, or not a usable schema.
     """
+    if isinstance(path, dict):
+        raise SchemaError("load_schema reads a schema file; this schema is a dict already: pass it as schema= as it is.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise SchemaError(f"load_schema needs the path of a JSON Schema file (a str or a Path), got {type(path).__name__}.")
     path = Path(path)
     try:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # reading a pipe could wait for ever, /dev/zero would never end
+            kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file (a pipe or a device)"
+            raise SchemaError(f"'{path}' is {kind}: give the path of a .json file that holds the schema.")
+        if status.st_size > MAX_SCHEMA_FILE_BYTES:
+            raise SchemaError(
+                f"The schema file '{path}' has {status.st_size:,} bytes, more than a JSON Schema needs "
+                f"(MAX_SCHEMA_FILE_BYTES = {MAX_SCHEMA_FILE_BYTES:,}): is it the right file?"
+            )
         text = path.read_text(encoding="utf-8-sig")  # a byte order mark (some Windows editors write one) is skipped
     except FileNotFoundError:
-        raise SchemaError(f"No schema file at '{path}'. Check the spelling of --schema.") from None
+        raise SchemaError(
+            f"No schema file at '{path}'. Check the spelling; relative paths start from '{Path.cwd()}'."
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise SchemaError(f"Cannot read the schema file '{path}': {error}") from None
     try:
