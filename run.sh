@@ -27,18 +27,24 @@ venv() {  # create (once) and activate the virtual environment in folder $1
   fi
   # shellcheck disable=SC1091
   . "$1/bin/activate"
-  python -m pip install --quiet --upgrade pip
 }
 
-setup() {  # .venv with exactly the lock's versions, plus this package (editable)
+setup() {  # .venv with exactly the lock's versions, plus this package (editable); offline once installed
   venv .venv
+  local stamp=.venv/installed-lock.sha256 wanted  # the lock and pyproject.toml this .venv was installed from
+  wanted="$(python -c 'import hashlib; print(hashlib.sha256(open("requirements.txt", "rb").read() + open("pyproject.toml", "rb").read()).hexdigest())')"
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ]; then
+    return  # installed from this lock already: no package index needed (a workshop's day without network)
+  fi
+  python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -r requirements.txt
   python -m pip install --quiet --no-deps -e .
+  echo "$wanted" > "$stamp"
 }
 
 lock() {
   venv .venv-lock  # the lock tool lives in its own environment, not in .venv
-  python -m pip install --quiet "$LOCK_TOOL"
+  python -m pip install --quiet --upgrade pip "$LOCK_TOOL"
   CUSTOM_COMPILE_COMMAND="./run.sh lock" pip-compile --quiet --upgrade --upgrade-package "torch==${TORCH:-$(locked_version torch)}" \
     --extra notebooks --extra test --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
     --output-file requirements.txt pyproject.toml
@@ -60,6 +66,7 @@ lock() {
 test_latest() {
   rm -rf .venv-latest
   venv .venv-latest
+  python -m pip install --quiet --upgrade pip
   local torch="torch==${TORCH:-$(locked_version torch)}"  # held: newer PyPI torch wheels are CUDA builds
   python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$torch"
   echo "Drift check with the newest releases pyproject.toml allows ($torch):"

@@ -336,4 +336,7 @@ def main(out_dir: Path = OUT_DIR) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no other arguments
     main()

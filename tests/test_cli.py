@@ -568,3 +568,10 @@ def test_keyboard_interrupt_exits_130(capsys, monkeypatch, image):
     code, _, err = run(capsys, "predict", "--image", image, "--task", "ocr")
     assert code == 130
     assert_one_line_error(err, "interrupted")
+
+
+def test_a_parquet_output_without_the_ray_engine_is_a_usage_error(capsys, tmp_path, image):
+    """Before: JSON lines were written into a file named out.parquet, which no Parquet reader opens."""
+    code, _, err = run(capsys, "predict", "--image", image, image, "--task", "ocr", "--output", tmp_path / "out.parquet", *FAST)
+    assert code == 2 and "Parquet output (--output NAME.parquet) is written by --engine ray" in err
+    assert not (tmp_path / "out.parquet").exists()

@@ -440,9 +440,12 @@ def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_p
     notes.write_text("How this set was made.\n")
     elsewhere = tmp_path.parent / f"{tmp_path.name}-results.json"
     elsewhere.write_text(results.read_text())
+    answer = tmp_path.parent / f"{tmp_path.name}-answer.json"  # predict --format json: one record, indented
+    answer.write_text(json.dumps({"source": "blank.png", "task": "ocr", "answer": "hello", "request": {}}, indent=2))
     for output, message in ((manifest, "is a file of the evaluation set"), (tmp_path / "blank.png", "is a file of the"),
                             (notes, "is a file of the evaluation set"), (results, "is a file of the evaluation set"),
-                            (elsewhere, "holds results of phi-helpers predict")):
+                            (elsewhere, "holds results of phi-helpers predict"),
+                            (answer, "holds results of phi-helpers predict")):
         before = output.read_bytes()
         code, _, err = run(capsys, "eval", "--data", tmp_path, "--output", output)
         assert code == 1 and message in err and output.read_bytes() == before

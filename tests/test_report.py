@@ -235,3 +235,16 @@ def test_a_request_that_cannot_be_is_refused_not_estimated(kwargs, message):
 
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         environment_report(**{"print_report": False, **kwargs})
+
+
+def test_the_memory_request_uses_the_crops_of_the_checkpoint_load_model_would_load(monkeypatch, tmp_path):
+    """Before: always 4 crops, while load_model gives Phi-3-vision its 16: "fits" where it is tight."""
+    from phi_helpers.testing import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "p3v", variant="phi-3-vision")
+    for model, crops in ((None, 4), ("tiny", 4), ("microsoft/Phi-3-vision-128k-instruct", 16), (str(folder), 16)):
+        monkeypatch.delenv("PHI_HELPERS_MODEL", raising=False)
+        if model:
+            monkeypatch.setenv("PHI_HELPERS_MODEL", model)
+        assert environment_report(print_report=False)["num_crops"] == crops, model
+    assert environment_report(print_report=False, num_crops=2)["num_crops"] == 2  # an argument wins

@@ -155,9 +155,7 @@ def _plan_load(model_id, device, dtype, attn, num_crops, quantize) -> _LoadPlan:
     else:
         quantization, quantization_note = quantization_config(asked_quantize, device, dtype)
         quantized_as = asked_quantize
-    crops = num_crops or (  # the checkpoint's own: a local folder's, or an official checkpoint's
-        _image_processor_settings(Path(source))[1].get("num_crops") if local else HUB_NUM_CROPS.get(source.lower())
-    )
+    crops = num_crops or _checkpoint_crops(source, local)
     return _LoadPlan(
         source=source, label=label, local=local, model_config=model_config, device=device, device_reason=device_reason,
         dtype=dtype, dtype_reason=dtype_reason, attn=attn, attn_reason=attn_reason, num_crops=num_crops, crops=crops,
@@ -228,6 +226,24 @@ def _warn_if_short_of_memory(
         f"activations at num_crops={num_crops}), but {device} has only {_gib(available)} {where}: loading may run "
         f"out of memory. {fix}."
     )
+
+
+def checkpoint_num_crops(model_id=None) -> int:
+    """The ``num_crops`` that ``load_model(model_id)`` gets from its checkpoint: a local folder's own, an
+    official checkpoint's (4 for Phi-3.5-vision, 16 for Phi-3-vision); ``NUM_CROPS`` (4) for another hub id,
+    or when the folder cannot be read (``load_model`` says why)."""
+    try:
+        if requested_model_id(model_id).strip().lower() == "tiny":  # a Phi-3.5-vision (not built here: no banner)
+            return HUB_NUM_CROPS[DEFAULT_MODEL_ID.lower()]
+        source, _ = _resolve_source(model_id)
+        return _checkpoint_crops(source, Path(source).is_dir()) or NUM_CROPS
+    except (PhiHelpersError, OSError, ValueError):
+        return NUM_CROPS
+
+
+def _checkpoint_crops(source: str, local: bool) -> int | None:
+    """The checkpoint's own num_crops: a local folder's, or an official checkpoint's; None if unknown."""
+    return _image_processor_settings(Path(source))[1].get("num_crops") if local else HUB_NUM_CROPS.get(source.lower())
 
 
 def planned_memory_gib(model_id=None, device="auto", dtype="auto", num_crops=None, quantize=None) -> float | None:

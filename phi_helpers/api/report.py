@@ -25,20 +25,23 @@ from ..errors import InvalidArgumentError
 from ..versions import TESTED_VERSIONS
 from . import hardware
 from .hardware import (
-    GIB, HEADROOM_GIB, NEW_TOKENS, NUM_CROPS, PROMPT_TOKENS, WEIGHT_FORMATS, memory_estimate, memory_verdict, mps_available,
+    GIB, HEADROOM_GIB, NEW_TOKENS, PROMPT_TOKENS, WEIGHT_FORMATS, memory_estimate, memory_verdict, mps_available,
     pick_attention,
 )
+from .loading import checkpoint_num_crops
 
 NEEDS_CUDA = "needs a CUDA GPU"  # the verdict of a weight format that cannot load here (int4 without CUDA)
 
 
 def environment_report(
-    print_report: bool = True, num_crops: int = NUM_CROPS, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS
+    print_report: bool = True, num_crops: int | None = None, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS
 ) -> dict:
     """Collect versions, devices and memory facts; print them as a table unless ``print_report=False``.
 
     ``num_crops``, ``prompt_tokens`` and ``new_tokens`` describe the request the activation memory is
     computed for: one image, a question of ``prompt_tokens`` text tokens, an answer of ``new_tokens``.
+    ``num_crops=None``: the checkpoint's, of the model ``load_model()`` would load (``$PHI_HELPERS_MODEL``,
+    else Phi-3.5-vision: 4; Phi-3-vision uses 16).
 
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
     ``gpu_name``, ``gpu_memory_gib``, ``gpu_free_gib``, ``bf16_supported``, ``ram_available_gib``,
@@ -51,6 +54,8 @@ def environment_report(
     """
     if not isinstance(print_report, bool):
         raise InvalidArgumentError(f"print_report must be True or False, got {print_report!r}.")
+    if num_crops is None:
+        num_crops = checkpoint_num_crops()
     memory = memory_estimate(num_crops=num_crops, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     report = {**_software(), **_devices(), **_host(), **memory}
     available, _ = _memory_for_the_model(report)

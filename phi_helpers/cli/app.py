@@ -161,7 +161,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="weight-only quantization of the language model: int8 (CPU: torchao; CUDA: bitsandbytes "
                        "or torchao) or int4 (CUDA with bitsandbytes); default: none")
     group.add_argument("--num-crops", type=_num_crops, metavar="N", help="image crops of 336 px: more = finer detail, "
-                       "more tokens (default: the checkpoint's, 4 for Phi-3.5-vision)")
+                       "more tokens (default: the checkpoint's: 4 for Phi-3.5-vision, 16 for Phi-3-vision)")
     group.add_argument("--max-new-tokens", type=_max_new_tokens, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                        help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
     group.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
@@ -227,6 +227,9 @@ def _check_predict_args(args) -> bool:
         predict_parser.error("--no-constrain is only used with --task extract")
     if args.engine != "ray" and (args.address or args.replicas):
         predict_parser.error("--address and --replicas are options of --engine ray")
+    if args.engine != "ray" and (args.output or "").lower().endswith(".parquet"):
+        predict_parser.error("Parquet output (--output NAME.parquet) is written by --engine ray; without it, results are "
+                             "JSON lines: use --output NAME.jsonl, or add --engine ray")
     many = len(args.image) > 1 or is_multi_input(args.image[0]) or args.engine == "ray"
     if many and not args.output:
         predict_parser.error("--output FILE is required when --image is a folder, a glob, a PDF, a multi-page TIFF or several "

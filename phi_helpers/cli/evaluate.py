@@ -374,7 +374,8 @@ def _summary_lines(report: dict) -> str:
         )
     failed = sum("error" in line for line in report["items"])
     if failed:
-        lines.append(f"{failed} item(s) could not be run and count as wrong; see their \"error\" in the JSON report")
+        lines.append(f"{failed} item(s) could not be run and count as wrong: each one's error is on stderr (\"failed: ...\") "
+                     "and in its item's \"error\" (the report file with --output)")
     return "\n".join(lines)
 
 
@@ -414,20 +415,30 @@ def check_report_path(path: Path, data_dir: Path) -> None:
     if inside and path.exists() and not _is_report(path):
         raise CommandLineError(f"--output '{path}' is a file of the evaluation set in '{data_dir}'; the report would "
                                "replace it. Give the report a new file name, e.g. --output report.json.")
-    if holds_records(path):
+    if holds_records(path) or _is_answer(path):
         raise CommandLineError(f"--output '{path}' holds results of phi-helpers predict; the report would replace "
                                "them. Give the report another file name, e.g. report.json.")
     check_replaceable(path, "the report")
 
 
+def _is_answer(path: Path) -> bool:
+    """Whether ``path`` holds one answer of ``phi-helpers predict --format json`` (a JSON object with "source" and "task")."""
+    return {"source", "task"} <= _json_object_keys(path)
+
+
 def _is_report(path: Path) -> bool:
     """Whether ``path`` holds a report that ``eval`` wrote (a JSON object with "items" and "summary")."""
+    return {"items", "summary"} <= _json_object_keys(path)
+
+
+def _json_object_keys(path: Path) -> set:
+    """The keys of the JSON object in file ``path`` (at most ``MAX_REPORT_BYTES`` read); empty for anything else."""
     try:
         with open(path, "rb") as file:
-            report = json.loads(file.read(MAX_REPORT_BYTES + 1))
+            value = json.loads(file.read(MAX_REPORT_BYTES + 1))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(report, dict) and {"items", "summary"} <= report.keys()
+        return set()
+    return set(value) if isinstance(value, dict) else set()
 
 
 def report_failures(items: list[dict], output) -> int:

@@ -528,7 +528,7 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
                 raise CommandLineError(
                     f"A model replica died {REPLICA_RESTARTS + 1} times, so the run stopped ({error}). The likely "
                     "cause is memory: the system kills a process that takes too much, and each replica holds a whole "
-                    "model (about 15 GiB for Phi-3.5-vision on a CPU). Use fewer --replicas, --dtype bf16 or "
+                    "model (about 15 GiB for Phi-3(.5)-vision in fp32 on a CPU). Use fewer --replicas, --dtype bf16 or "
                     "--quantize int8, or a machine with more memory; with a .jsonl --output the results written so "
                     "far are kept and the same command goes on from there."
                 ) from None
