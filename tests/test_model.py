@@ -341,18 +341,22 @@ def test_vision_tower_runs_once_per_generate(model, processor):
     assert len(calls) == 1
 
 
-def test_phi35_cache_reset_keeps_the_images(tmp_path):
-    """Phi-3.5-vision re-encodes everything once the sequence passes original_max_position_embeddings.
-
-    A short threshold (800 instead of 4096) keeps the test fast; the reset must keep pixel_values so the
-    recomputation still sees the image, and the result must equal greedy recomputation without cache.
-    """
+def phi35_resetting_at_780(tmp_path):
+    """A tiny Phi-3.5-vision whose cache reset comes at 780 tokens instead of 4096: (model, processor)."""
     path = make_tiny_checkpoint(tmp_path, variant="phi-3.5-vision", seed=1)
     config = json.loads((path / "config.json").read_text())
     config["original_max_position_embeddings"] = 780
     (path / "config.json").write_text(json.dumps(config))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+
+
+def test_phi35_cache_reset_keeps_the_images(tmp_path):
+    """Phi-3.5-vision re-encodes everything once the sequence passes original_max_position_embeddings.
+
+    A short threshold (780 instead of 4096) keeps the test fast; the reset must keep pixel_values so the
+    recomputation still sees the image, and the result must equal greedy recomputation without cache.
+    """
+    model, processor = phi35_resetting_at_780(tmp_path)
     inputs = processor(PROMPT, picture(640, 480, 14))  # 775 tokens: crosses 780 while decoding
     assert model.config.reset_cache_at_original_max
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None)
@@ -363,12 +367,7 @@ def test_an_image_token_the_model_generates_is_text_when_phi35_re_encodes(tmp_pa
     """The original's images are negative ids, so a generated ``<|image|>`` (32044) is a token like any
     other, also when the sequence is encoded again past original_max_position_embeddings. Before: that
     re-encoding counted it as an image position ("757 feature vectors but 758 image positions")."""
-    path = make_tiny_checkpoint(tmp_path, variant="phi-3.5-vision", seed=1)
-    config = json.loads((path / "config.json").read_text())
-    config["original_max_position_embeddings"] = 780
-    (path / "config.json").write_text(json.dumps(config))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = phi35_resetting_at_780(tmp_path)
     inputs = processor(PROMPT, picture(640, 480, 14))  # 775 tokens: crosses 780 while decoding
     prompt = inputs["input_ids"].shape[1]
 
