@@ -29,6 +29,11 @@ which token to remove. This covers every way text gets in: ``build_prompt``, ``C
 ``--prompt`` and the notebook chat box (they all go through here). A full prompt that you write in the
 chat format yourself (it starts with ``<|user|>`` or ``<|system|>``, as on the model card) is yours:
 ``ask`` and the processor use it as it is.
+
+Text with a surrogate code point (``"\\udc80"``: a file name decoded with ``errors="surrogateescape"``,
+an unpaired ``\\ud800`` escape in JSON) cannot be tokenized. It is refused when it is given (PromptError,
+naming where it is), so a Chat never holds a turn that would break every later ``ask``; the processor
+refuses it in a prompt you write yourself.
 """
 
 import re
@@ -36,8 +41,14 @@ import weakref
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from ..errors import PromptError, PromptImageMismatchError, SpecialTokenError, check_whole_number
-from ..models.phi3_v.processing_phi3_v import CHECKPOINT_ADDED_TOKENS, CHECKPOINT_CHAT_TEMPLATE, IMAGE_TAG, image_tag
+from ..errors import InvalidArgumentError, PromptError, PromptImageMismatchError, SpecialTokenError, check_whole_number
+from ..models.phi3_v.processing_phi3_v import (
+    CHECKPOINT_ADDED_TOKENS,
+    CHECKPOINT_CHAT_TEMPLATE,
+    IMAGE_TAG,
+    check_encodable,
+    image_tag,
+)
 from .images import load_image
 
 _CHAT_FORMAT_STARTS = ("<|user|>", "<|system|>")  # how a prompt written in the chat format begins
@@ -48,8 +59,9 @@ ZERO_WIDTH_SPACE = "\u200b"
 def build_prompt(question: str, num_images: int = 1, system: str | None = None, processor=None) -> str:
     """Return a single-turn prompt: optional system message, ``num_images`` image tags, the question.
 
-    ``processor``: render with its checkpoint's chat template and refuse its special tokens (default:
-    the template and tokens of the vendored Phi-3-vision tokenizer files, the same for Phi-3.5-vision).
+    ``processor``: the model's processor (what ``load_model`` returns second): render with its checkpoint's
+    chat template and refuse its special tokens (default: the template and tokens of the vendored
+    Phi-3-vision tokenizer files, the same for Phi-3.5-vision).
 
     >>> build_prompt("What is this?")
     '<|user|>\\n<|image_1|>\\nWhat is this?<|end|>\\n<|assistant|>\\n'
@@ -71,7 +83,7 @@ def render_messages(messages: list[dict], processor=None) -> str:
     a processor is given and has one, else the vendored checkpoint's. Rendering is transformers' own
     (``render_jinja_template``, what ``tokenizer.apply_chat_template(..., tokenize=False)`` runs).
     """
-    template = getattr(getattr(processor, "tokenizer", None), "chat_template", None) or CHECKPOINT_CHAT_TEMPLATE
+    template = getattr(_tokenizer(processor), "chat_template", None) or CHECKPOINT_CHAT_TEMPLATE
     rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True)
     return rendered[0]
 
@@ -85,16 +97,30 @@ def special_tokens(processor=None) -> tuple[str, ...]:
     """The token strings that must not appear in typed text: the checkpoint's added tokens
     (``<|end|>``, ``<|user|>``, ``<|image|>``, ``<s>``...) plus those of ``processor``'s tokenizer."""
     tokens = set(CHECKPOINT_ADDED_TOKENS)
-    tokenizer = getattr(processor, "tokenizer", None)
+    tokenizer = _tokenizer(processor)
     if tokenizer is not None:
         tokens.update(tokenizer.get_added_vocab())
     return tuple(sorted(tokens))
 
 
+def _tokenizer(processor):
+    """``processor``'s tokenizer, or None when no processor is given. Anything else that is not a processor
+    (the model, a model name, a bare tokenizer) raises InvalidArgumentError instead of being ignored."""
+    if processor is None:
+        return None
+    if not hasattr(processor, "tokenizer"):
+        raise InvalidArgumentError(
+            f"processor must be the model's processor (the second thing load_model() returns: model, processor = "
+            f"load_model(...)), or None for the checkpoint's own chat template; got a {type(processor).__name__}."
+        )
+    return processor.tokenizer
+
+
 def check_user_text(text, what: str, processor=None) -> None:
     """Refuse ``text`` that is not a non-empty string, or that holds an image tag or a special token.
 
-    Raises PromptError (not a string, empty) or SpecialTokenError (``<|image_N|>``, ``<|end|>``...).
+    Raises PromptError (not a string, empty, a surrogate code point) or SpecialTokenError
+    (``<|image_N|>``, ``<|end|>``...).
     """
     if not isinstance(text, str):
         raise PromptError(f"The {what} must be a string, got {type(text).__name__}.")
@@ -104,7 +130,9 @@ def check_user_text(text, what: str, processor=None) -> None:
 
 
 def check_plain_text(text: str, what: str, processor=None) -> None:
-    """Raise SpecialTokenError if ``text`` contains an image tag or a special token (see the module doc)."""
+    """Raise PromptError if ``text`` cannot be tokenized (a surrogate code point), SpecialTokenError if it
+    contains an image tag or a special token (see the module doc)."""
+    check_encodable(text, f"The {what}")
     tag = IMAGE_TAG.search(text)
     if tag:
         raise SpecialTokenError(
@@ -232,11 +260,18 @@ class Chat:
         model spelled out character by character (``<`` ``s`` ``>``) can look like one. Such text stays
         text: in ``messages`` (and so in the prompt) a zero-width space follows its ``<``, so a
         transcribed ``<|system|>`` never becomes a control token and a written ``<|image_1|>`` never
-        asks for an image.
+        asks for an image. (A decoded answer never holds a surrogate code point; text that does is
+        refused either way, since it could not be tokenized.)
         """
+        if not isinstance(generated, bool):
+            raise InvalidArgumentError(f"generated must be True or False, got {generated!r}.")
+        if position is not None:
+            position = check_whole_number(position, "position", hint=" (the number of turns before it) or None")
         if not isinstance(text, str):
             raise PromptError(f"The assistant message must be a string, got {type(text).__name__}.")
-        if not generated:
+        if generated:
+            check_encodable(text, "The assistant message")
+        else:
             check_plain_text(text, "assistant message")
         turn = {"role": "assistant", "text": text, "images": [], "generated": generated}
         self._turns.insert(len(self._turns) if position is None else position, turn)

@@ -202,6 +202,13 @@ class Phi3VModel(Phi3Model):
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, first_step=True) -> torch.Tensor:
         """Token embeddings with image features scattered in, row-major over (batch, sequence)."""
+        if first_step and not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2):  # no GPU sync
+            tensor = isinstance(input_ids, torch.Tensor)
+            got = f"a tensor of shape {tuple(input_ids.shape)}" if tensor else f"a {type(input_ids).__name__}"
+            raise InvalidArgumentError(
+                f"input_ids must be a 2-D tensor (batch, sequence) of token ids, as the processor returns; got {got}. "
+                "For one sequence of ids use ids[None]; for a list, torch.tensor([[...]])."
+            )
         positions = self.image_positions(input_ids)
         if first_step and bool((input_ids >= self.config.vocab_size).any()):  # the original fails too (IndexError);
             # a decoding step's ids come from lm_head, always in the vocabulary (no GPU sync for them)

@@ -9,7 +9,9 @@ Differences from the original processor, on purpose (docs/native-implementation.
 * image positions use the real token id 32044 instead of negative ids -N, so outputs decode and
   ``repetition_penalty`` works; the model still accepts negative ids;
 * a list of prompts, each with its own images, is batched with left padding;
-* bad tags raise PromptImageMismatchError instead of an assert or silently wrong features.
+* bad tags raise PromptImageMismatchError instead of an assert or silently wrong features; a prompt
+  that is not text (or holds a surrogate code point) raises PromptError, a file name given as an image
+  InvalidArgumentError, instead of a TypeError from the tokenizer.
 
 The prompt is tokenized as it is written: ``<|user|>``, ``<|end|>``... in it are control tokens, as on
 the model card. Text a user types is checked for special tokens before it gets into a prompt
@@ -17,6 +19,7 @@ the model card. Text a user types is checked for special tokens before it gets i
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -24,11 +27,12 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from ...errors import ContextLengthError, InvalidArgumentError, PromptImageMismatchError
+from ...errors import ContextLengthError, InvalidArgumentError, PromptError, PromptImageMismatchError
 from .image_processing_phi3_v import flatten_images
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # THE image tag pattern of the package: <|image_1|>, <|image_2|>...
 IMAGE_TOKEN = "<|image|>"
+_SURROGATE = re.compile("[\ud800-\udfff]")  # code points that are not characters: UTF-8 cannot encode them
 PADDING_CHOICES = (False, True, "longest", "max_length", "do_not_pad")  # the tokenizer's; all but "max_length" pad to the longest
 
 # The tokenizer files shipped with Phi-3-vision-128k-instruct (Phi-3.5-vision's are the same): its
@@ -68,6 +72,33 @@ def processor_chat_template(tokenizer_template: str | None = None) -> str:
     """The processor's chat template: ``_CONTENT_ITEMS_TO_TEXT`` + the tokenizer's template (default: the
     checkpoint's), so there is one template, which ``phi_helpers.api.prompts`` renders too."""
     return _CONTENT_ITEMS_TO_TEXT + (tokenizer_template or CHECKPOINT_CHAT_TEMPLATE)
+
+
+def check_encodable(text: str, which: str) -> None:
+    """Raise PromptError if ``text`` holds a surrogate code point (U+D800 to U+DFFF), which the tokenizer
+    cannot encode (it is not a character, and UTF-8 has no bytes for it). ``which``: what the text is,
+    as the message starts ("The question", "Prompt 2"). ``phi_helpers.api.prompts`` checks typed text
+    with it too, so every way in says the same."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise PromptError(
+            f"{which} contains the surrogate code point U+{ord(found.group()):04X} at character {found.start()}, "
+            "which is not a character and cannot be tokenized. It usually comes from bytes decoded with "
+            "errors='surrogateescape' (a file name, os.listdir) or from an unpaired \\ud800 escape in JSON. Fix the "
+            "decoding where the text comes from, or replace it: text.encode('utf-8', 'replace').decode()."
+        )
+
+
+def _are_prompts(value) -> bool:
+    """A prompt (str) or a non-empty list of prompts."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
+
+
+def _which(index: int, count: int) -> str:
+    """How messages name prompt ``index`` of ``count``."""
+    return "The prompt" if count == 1 else f"Prompt {index}"
 
 
 def _image_numbers(prompt: str) -> list[int]:
@@ -177,13 +208,26 @@ class Phi3VProcessor(ProcessorMixin):
         Returns a BatchFeature with ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``
         and ``image_sizes``.
         """
-        if isinstance(images, str) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
+        if _are_prompts(images) and not _are_prompts(text):
             text, images = images, text  # called as processor(images, text)
         if text is None:
             raise InvalidArgumentError("The processor needs a prompt (text=...).")
+        if not _are_prompts(text):
+            raise PromptError(
+                f"text must be a prompt (a string) or a non-empty list of prompts, got {type(text).__name__} "
+                f"{text!r:.60}."
+            )
         if padding not in PADDING_CHOICES:
             raise InvalidArgumentError(f"padding must be one of {PADDING_CHOICES}, got {padding!r}.")
         prompts = [text] if isinstance(text, str) else list(text)
+        for index, prompt in enumerate(prompts):
+            check_encodable(prompt, _which(index, len(prompts)))
+        paths = [image for image in flatten_images(images) if isinstance(image, (str, os.PathLike))]
+        if paths:
+            raise InvalidArgumentError(
+                f"images must be loaded images (PIL images), not file names or URLs such as {str(paths[0])!r:.80}: "
+                "load each one with phi_helpers.load_image(path) first (phi_helpers.ask does this for you)."
+            )
         images_per_prompt = self._split_images(prompts, images)
 
         all_images = [image for group in images_per_prompt for image in group]
@@ -230,7 +274,7 @@ class Phi3VProcessor(ProcessorMixin):
                 f"Got {len(prompts)} prompts but {len(groups)} lists of images; pass one list per prompt."
             )
         for index, (prompt, group) in enumerate(zip(prompts, groups)):
-            which = "The prompt" if len(prompts) == 1 else f"Prompt {index}"
+            which = _which(index, len(prompts))
             if IMAGE_TOKEN in prompt:
                 raise PromptImageMismatchError(
                     f"{which} contains {IMAGE_TOKEN}, the token the processor puts in place of each image's "
@@ -271,4 +315,7 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
-__all__ = ["Phi3VProcessor", "processor_chat_template", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length"]
+__all__ = [
+    "Phi3VProcessor", "processor_chat_template", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length",
+    "check_encodable",
+]
