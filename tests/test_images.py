@@ -4,7 +4,6 @@ import http.server
 import io
 import os
 import socket
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image, features
 
+from local_server import serve
 from phi_helpers import ImageDownloadTimeout, ImageLoadError, load_image
 from phi_helpers.api.images import check_pixel_count, count_pages, load_page
 
@@ -412,12 +412,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(_Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

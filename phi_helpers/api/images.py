@@ -42,6 +42,7 @@ import contextlib
 import errno
 import io
 import math
+import numbers
 import os
 import re
 import stat
@@ -57,7 +58,7 @@ import torch
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageDownloadTimeout, ImageLoadError, check_whole_number
+from ..errors import ImageDownloadTimeout, ImageLoadError, InvalidArgumentError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import ARRAY_LAYOUT, TENSOR_ADVICE, image_from_array
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
@@ -85,10 +86,11 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
             numpy array of shape (height, width) or (height, width, 3 or 4). A torch tensor is refused
             with the conversion to use.
             Transparency becomes white; 16-bit greyscale (scans, scientific cameras) is scaled to 8 bits.
-        timeout: seconds to wait for a URL's server to answer, and for each piece of the download.
+        timeout: seconds to wait for a URL's server to answer, and for each piece of the download
+            (a number above 0: there is no "wait forever").
         max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
         max_seconds: the whole download must be over within this many seconds, however steadily a
-            (slow or hostile) server keeps sending.
+            (slow or hostile) server keeps sending (a number above 0).
 
     Raises:
         ImageLoadError: missing, empty or corrupt file, a format Pillow cannot read (SVG, HEIC), a
@@ -96,17 +98,24 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
             to open), or an unsupported ``src`` type. The message says which source and what to do.
         ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds, or the download
             took longer than ``max_seconds``.
+        InvalidArgumentError: ``timeout``, ``max_seconds`` or ``max_bytes`` is not a number above 0
+            (checked before anything is read or downloaded).
     """
+    _check_seconds(timeout, "timeout")
+    _check_seconds(max_seconds, "max_seconds")
+    max_bytes = check_whole_number(max_bytes, "max_bytes", minimum=1, hint=" (a number of bytes: 50_000_000 is 50 MB)")
     if isinstance(src, Image.Image):  # not turned again if the user turned it already (_turned_already)
+        _check_not_closed(src)
         return _decode(lambda: src, "the PIL image you passed", upright=not _turned_already(src))
     if isinstance(src, numpy.ndarray):
         return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False)
     if isinstance(src, torch.Tensor):
         raise ImageLoadError(f"load_image() cannot read a torch Tensor (shape {tuple(src.shape)}). {TENSOR_ADVICE}")
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _from_bytes(bytes(src), f"the {len(src)} bytes you passed")
+        return _from_given_bytes(bytes(src))
     if isinstance(src, str) and _is_url(src):
-        return _from_bytes(_download(src, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), src)
+        url = src.strip()  # a line read from a file ends in "\n": _is_url strips it, so must the download
+        return _from_bytes(_download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), url)
     if isinstance(src, str) and src.lstrip().lower().startswith("data:"):
         return _from_bytes(_data_url_bytes(src), "the data: URL you passed")
     if isinstance(src, str) and not src.strip():
@@ -114,11 +123,62 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     if isinstance(src, (str, os.PathLike)):
         return _from_path(Path(src))
     if hasattr(src, "read"):
+        _check_binary_and_open(src)
         return _decode(lambda: Image.open(src), "the file object you passed", head=lambda: _first_bytes(src))
     raise ImageLoadError(
         f"load_image() cannot read a {type(src).__name__}. Pass a file path, an http(s) URL, bytes, "
         f"an open binary file, a PIL image or {ARRAY_LAYOUT}."
     )
+
+
+def _check_seconds(value, name: str) -> None:
+    """InvalidArgumentError unless ``value`` is a number of seconds above 0 (not a bool, not infinite:
+    every download has a limit)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise InvalidArgumentError(f"{name} must be a number of seconds above 0 (every download has a time limit), "
+                                   f"got {value!r}.")
+
+
+def _check_not_closed(image: Image.Image) -> None:
+    """ImageLoadError for a PIL image whose pixels can no longer be read.
+
+    ``Image.open`` reads only the header: the pixels are read from the file when they are first used
+    (``image.tile`` lists the parts still to read, from ``image.fp``). An image returned from inside
+    ``with Image.open(path) as image:`` has lost that file (``fp`` is None); ``image.close()`` also frees
+    pixels already read (``image.im`` then raises). An image loaded before its file was closed is fine.
+    """
+    if getattr(image, "tile", None):  # pixels still in the file
+        file = getattr(image, "fp", None)
+        if file is None or getattr(file, "closed", False) is True:
+            raise ImageLoadError(
+                "The PIL image you passed cannot be read: its file was already closed (the `with Image.open(...) "
+                "as im:` block ended, or im.close() was called) before Pillow read its pixels, which it does only "
+                "when they are first used. Call im.load() or im.copy() inside the with block (before closing the "
+                "image), or pass the path instead."
+            )
+        return
+    try:
+        image.im  # noqa: B018  (Image.close() leaves an error here in place of the pixels)
+    except ValueError:
+        raise ImageLoadError(
+            "The PIL image you passed was closed (im.close() frees its pixels), so there is nothing left to read. "
+            "Pass it before you close it, or pass im.copy() or the path instead."
+        ) from None
+
+
+def _check_binary_and_open(file) -> None:
+    """ImageLoadError for a file object that cannot give an image's bytes: a closed one, or one that
+    reads text (``open(path)`` without ``"rb"``, ``io.StringIO``)."""
+    if getattr(file, "closed", False) is True:
+        raise ImageLoadError(
+            f"The file object you passed ({type(file).__name__}) is closed (its `with` block ended, or .close() "
+            "was called), so there is nothing to read. Pass it while it is still open, or pass the path instead."
+        )
+    if isinstance(file, io.TextIOBase):
+        raise ImageLoadError(
+            f"The file object you passed ({type(file).__name__}) reads text, not bytes: an image file must be "
+            'opened in binary mode. Open it with open(path, "rb") instead of open(path), or pass the path itself.'
+        )
 
 
 WEB_SCHEMES = ("http", "https")  # the URLs load_image downloads
@@ -167,7 +227,7 @@ def load_page(src, page: int) -> Image.Image:
     """
     page = check_whole_number(page, "page", minimum=1)
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _from_bytes(bytes(src), f"the {len(src)} bytes you passed", page)
+        return _from_given_bytes(bytes(src), page)
     if isinstance(src, str) and _is_url(src):
         raise ImageLoadError(f"load_page() reads a file, not a URL ({src}). Download the file and pass its path.")
     if not isinstance(src, (str, os.PathLike)):
@@ -270,6 +330,42 @@ def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadErr
                           "above it (ls -ld), then run again.")
 
 
+_LONGEST_PATH = 4096  # bytes in the longest path Linux opens (PATH_MAX)
+
+
+def _from_given_bytes(data: bytes, page: int | None = None) -> Image.Image:
+    """Decode bytes the caller passed (page ``page`` of them, if given); bytes that are no image but the
+    text of a path (``b"photo.png"``, a name from ``os.listdir(b".")``) are named as such."""
+    source = f"the {len(data)} bytes you passed"
+    try:
+        return _from_bytes(data, source, page)
+    except ImageLoadError:
+        path = _path_in(data)
+        if path is None:
+            raise
+        raise ImageLoadError(
+            f"Could not read {source} as an image: they are the text {path!r}, a file path (or URL) given as "
+            f"bytes. Pass it as a str or a pathlib.Path instead ({path!r}, not {data!r}; bytes.decode() turns "
+            "bytes into a str)."
+        ) from None
+
+
+def _path_in(data: bytes) -> str | None:
+    """The path (or URL) that ``data`` spells, or None: short printable text on one line, not a format
+    that ``_unsupported_format`` names (an SVG drawing has "/" too), that names an existing file, or has a
+    folder separator or ends in a file extension (".png")."""
+    if len(data) > _LONGEST_PATH or _unsupported_format(data):
+        return None
+    try:
+        text = data.decode().strip()
+    except UnicodeDecodeError:
+        return None
+    if not text or not text.isprintable():
+        return None
+    looks_like_path = "/" in text or "\\" in text or re.search(r"\.[A-Za-z][A-Za-z0-9]{1,4}$", text)
+    return text if looks_like_path or os.path.exists(text) else None
+
+
 def _from_bytes(data: bytes, source: str, page: int | None = None) -> Image.Image:
     """Decode an image held in memory (bytes passed in, or a finished download)."""
     if not data:
@@ -287,7 +383,15 @@ def _decode(open_image, source: str, page: int | None = None, *, upright: bool =
         if page is not None:
             _turn_to(image, page, source)
         image.load()
-        return _to_rgb(_upright(image) if upright else image)
+        image = _upright(image) if upright else image
+        try:
+            return _to_rgb(image)
+        except ValueError as error:  # a mode Pillow has no conversion for ("La": luminance, premultiplied alpha)
+            raise ImageLoadError(
+                f"Could not convert {source} to RGB: Pillow cannot convert images of mode {image.mode!r} "
+                f"({error}). Convert it to RGB, RGBA, L or LA yourself first (try image.convert(\"RGBA\") or "
+                "image.convert(\"LA\")) and pass that."
+            ) from None
 
 
 def _turn_to(image: Image.Image, page: int, source: str) -> None:
@@ -341,8 +445,12 @@ AVIF_BRANDS = {b"avif", b"avis"}
 
 def _unsupported_format(head: bytes) -> str:
     """What to do with data whose first bytes ``head`` show a format Pillow cannot read (SVG, HEIC/HEIF,
-    PDF), as sentences; "" for anything else (corrupt data keeps the general advice)."""
+    PDF) or a web page (HTML, whatever Content-Type its server sent), as sentences; "" for anything else
+    (corrupt data keeps the general advice)."""
     text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # a UTF-8 byte order mark, then blanks
+    if text.startswith((b"<!doctype html", b"<html")):  # before SVG: a web page may hold an <svg> drawing
+        return ("it is a web page (HTML), not an image: probably the page that shows the image. Open it in a "
+                "browser, right-click the image and copy the image address (or save the image) instead.")
     if text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!--", b"<!doctype")) and b"<svg" in text):
         return ("it is an SVG file (a vector drawing). SVG is not supported: convert it to PNG (export it from "
                 "Inkscape or a browser, or use cairosvg) and load that.")

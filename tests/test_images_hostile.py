@@ -1,0 +1,242 @@
+"""load_image on a reviewer's hostile inputs: closed PIL images and file objects, text-mode files, a path given
+as bytes, URLs with blanks around them, a web page sent without a Content-Type, and bad limits. Each gives a
+typed error that says what to do (or, for the URL, simply works)."""
+
+import http.server
+import io
+import math
+import re
+import subprocess
+import sys
+
+import numpy
+import pytest
+from PIL import Image
+
+from local_server import serve
+from phi_helpers import Chat, ImageLoadError, ask, load_image
+from phi_helpers.api.generation import generate_batch
+from phi_helpers.api.images import load_page
+from phi_helpers.errors import InvalidArgumentError
+
+RED = (255, 0, 0)
+
+
+@pytest.fixture(params=["PNG", "JPEG", "GIF"])
+def image_path(request, tmp_path):
+    path = tmp_path / f"red.{request.param.lower()}"
+    Image.new("RGB", (20, 10), RED).save(path, format=request.param)
+    return path
+
+
+def opened_in_a_with_block(path) -> Image.Image:
+    """The mistake: the image leaves the block that closes its file before Pillow has read its pixels."""
+    with Image.open(path) as image:
+        return image
+
+
+# --- PIL images whose file was closed -----------------------------------------------------------------
+
+
+def test_an_image_returned_from_its_with_block_says_so_and_what_to_do(image_path):
+    with pytest.raises(ImageLoadError, match=r"file was already closed \(the `with Image.open\(\.\.\.\) as im:` block "
+                                             r"ended.*Call im\.load\(\) or im\.copy\(\) inside the with block"):
+        load_image(opened_in_a_with_block(image_path))
+
+
+def test_an_image_closed_before_its_pixels_were_read_says_so(image_path):
+    image = Image.open(image_path)
+    image.close()
+    with pytest.raises(ImageLoadError, match=r"file was already closed .*or im\.close\(\) was called"):
+        load_image(image)
+
+
+def test_an_image_whose_file_object_was_closed_says_so(image_path):
+    with open(image_path, "rb") as file:
+        image = Image.open(file)
+    with pytest.raises(ImageLoadError, match="file was already closed"):
+        load_image(image)
+
+
+def test_an_image_closed_after_loading_says_it_was_closed(image_path):
+    image = Image.open(image_path)
+    image.load()
+    image.close()
+    with pytest.raises(ImageLoadError, match=r"was closed \(im\.close\(\) frees its pixels\)"):
+        load_image(image)
+
+
+def test_an_image_loaded_before_its_file_was_closed_still_loads(image_path):
+    with Image.open(image_path) as image:
+        image.load()
+    assert load_image(image).size == (20, 10)
+    with Image.open(image_path) as image:
+        copy = image.copy()
+    assert load_image(copy).size == (20, 10)
+
+
+def test_with_python_O_it_is_the_same_error_not_an_attribute_error(tmp_path):
+    """Pillow's own check is an assert: under ``python -O`` the mistake was an AttributeError instead."""
+    path = tmp_path / "red.png"
+    Image.new("RGB", (20, 10), RED).save(path)
+    script = ("import sys\nfrom PIL import Image\nfrom phi_helpers import ImageLoadError, load_image\n"
+              "with Image.open(sys.argv[1]) as image:\n    pass\n"
+              "try:\n    load_image(image)\nexcept ImageLoadError as error:\n    print('typed:', error)\n")
+    done = subprocess.run([sys.executable, "-O", "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("typed: ") and "file was already closed" in done.stdout
+
+
+def test_chat_add_user_refuses_a_closed_image_and_adds_nothing(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (20, 10), RED).save(path)
+    chat = Chat()
+    with pytest.raises(ImageLoadError, match="file was already closed"):
+        chat.add_user("What colour is it?", images=[opened_in_a_with_block(path)])
+    assert len(chat) == 0
+
+
+def test_ask_and_generate_batch_refuse_a_closed_image(tmp_path, tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    path = tmp_path / "red.png"
+    Image.new("RGB", (20, 10), RED).save(path)
+    with pytest.raises(ImageLoadError, match="file was already closed"):
+        ask(model, processor, "What colour is it?", images=[opened_in_a_with_block(path)], max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match="file was already closed"):
+        generate_batch(model, processor, ["What colour is it?"], [[opened_in_a_with_block(path)]], max_new_tokens=2)
+
+
+# --- file objects, modes and bytes that are not what they seem -----------------------------------------
+
+
+@pytest.fixture
+def png_path(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (20, 10), RED).save(path)
+    return path
+
+
+def test_a_file_opened_in_text_mode_says_to_open_it_with_rb(png_path):
+    with open(png_path) as file, pytest.raises(ImageLoadError, match=r'reads text, not bytes.*open\(path, "rb"\)'):
+        load_image(file)
+    with pytest.raises(ImageLoadError, match=r'reads text, not bytes.*open\(path, "rb"\)'):
+        load_image(io.StringIO("not an image"))
+
+
+def test_a_closed_file_object_says_it_is_closed(png_path):
+    with open(png_path, "rb") as file:
+        pass
+    buffer = io.BytesIO(png_path.read_bytes())
+    buffer.close()
+    for closed in (file, buffer):
+        with pytest.raises(ImageLoadError, match=r"is closed \(its `with` block ended, or \.close\(\) was called\)"):
+            load_image(closed)
+
+
+def test_a_mode_pillow_cannot_convert_is_named_not_called_corrupt():
+    with pytest.raises(ImageLoadError, match=r"Pillow cannot convert images of mode 'La'.*image\.convert\(\"LA\"\)") as caught:
+        load_image(Image.new("La", (4, 4)))
+    assert "corrupt" not in str(caught.value)
+
+
+@pytest.mark.parametrize("data", [b"red.png", b"photos/cat.jpg", b"C:\\pictures\\cat", b"red.png\n"], ids=repr)
+def test_bytes_that_are_a_path_say_to_pass_a_str_or_path(png_path, monkeypatch, data):
+    monkeypatch.chdir(png_path.parent)  # b"red.png" names a file that exists there; the others look like paths
+    text = data.decode().strip()
+    with pytest.raises(ImageLoadError, match=re.escape(f"they are the text {text!r}, a file path (or URL) given as bytes. "
+                                                       "Pass it as a str or a pathlib.Path")):
+        load_image(data)
+    with pytest.raises(ImageLoadError, match="Pass it as a str or a pathlib.Path"):
+        load_page(data, 1)
+
+
+@pytest.mark.parametrize("data", [b"hello", b"<svg xmlns='http://www.w3.org/2000/svg'/>", b"%PDF-1.7 a/b.png"], ids=repr)
+def test_bytes_that_are_no_path_keep_their_own_message(data):
+    with pytest.raises(ImageLoadError) as caught:
+        load_image(data)
+    assert "pathlib" not in str(caught.value)
+
+
+def test_a_web_page_that_holds_a_drawing_is_called_a_web_page_not_an_svg():
+    with pytest.raises(ImageLoadError, match=r"it is a web page \(HTML\), not an image"):
+        load_image(b"<!DOCTYPE html><html><body><svg></svg></body></html>")
+
+
+# --- URLs (a tiny HTTP server on 127.0.0.1 that counts the requests it gets) ---------------------------
+
+PNG = io.BytesIO()
+Image.new("RGB", (20, 10), RED).save(PNG, format="PNG")
+PNG = PNG.getvalue()
+PAGE = b"\n  <!DOCTYPE html><html><body><img src='red.png'></body></html>"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    requests = 0
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        _Handler.requests += 1
+        routes = {"/red.png": (PNG, "image/png"), "/page-without-type": (PAGE, None), "/page": (PAGE, "text/html")}
+        if self.path not in routes:
+            self.send_error(404)
+            return
+        body, content_type = routes[self.path]
+        self.send_response(200)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(_Handler) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """Make sure requests talks to 127.0.0.1 directly, whatever proxy the machine has configured."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.mark.parametrize("around", [("", "\n"), ("  ", "  "), ("\t", "\r\n")], ids=repr)
+def test_a_url_with_blanks_around_it_downloads_the_url_without_them(server, around):
+    before, after = around
+    assert load_image(f"{before}{server}/red.png{after}").getpixel((0, 0)) == RED
+
+
+def test_a_web_page_without_a_content_type_is_called_a_web_page(server):
+    with pytest.raises(ImageLoadError, match=r"web page.*copy the image address"):
+        load_image(f"{server}/page")  # with the header: as before
+    with pytest.raises(ImageLoadError, match=r"it is a web page \(HTML\), not an image.*copy the image address"):
+        load_image(f"{server}/page-without-type")
+
+
+BAD_LIMITS = [("timeout", 0), ("timeout", -1), ("timeout", "5"), ("timeout", None), ("timeout", math.nan),
+              ("timeout", math.inf), ("timeout", True), ("max_seconds", None), ("max_seconds", 0),
+              ("max_seconds", "120"), ("max_seconds", math.inf), ("max_bytes", None), ("max_bytes", 0),
+              ("max_bytes", -1), ("max_bytes", 1.5), ("max_bytes", "1000")]
+
+
+@pytest.mark.parametrize("name, value", BAD_LIMITS, ids=[f"{name}={value!r}" for name, value in BAD_LIMITS])
+def test_a_bad_limit_is_refused_by_name_before_anything_is_downloaded(server, png_path, name, value):
+    wording = "a whole number of at least 1" if name == "max_bytes" else "a number of seconds above 0"
+    requests_before = _Handler.requests
+    with pytest.raises(InvalidArgumentError, match=f"^{name} must be {wording}") as caught:
+        load_image(f"{server}/red.png", **{name: value})
+    assert str(caught.value).endswith(f"got {value!r}.")
+    assert _Handler.requests == requests_before
+    with pytest.raises(InvalidArgumentError, match=f"^{name} must be"):
+        load_image(png_path, **{name: value})  # a bad argument whatever the source
+
+
+def test_numpy_numbers_are_good_limits(server):
+    image = load_image(f"{server}/red.png", timeout=numpy.int64(5), max_seconds=numpy.float64(30),
+                       max_bytes=numpy.int64(len(PNG)))
+    assert image.getpixel((0, 0)) == RED
