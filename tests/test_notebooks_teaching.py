@@ -9,7 +9,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from transformers import AutoProcessor
 
+from phi_helpers import build_prompt, load_image
 from phi_helpers.api.constrained import allowed_next_tokens, compile_schema
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +39,13 @@ def _section(text: str, heading: str) -> str:
     start = text.index(heading)
     following = re.search(rf"^{level} ", text[start + len(heading):], re.MULTILINE)
     return text[start:start + len(heading) + following.start()] if following else text[start:]
+
+
+def _code_after(name: str, heading: str) -> str:
+    """The first code cell after the markdown cell that holds ``heading``."""
+    cells = _cells(name)
+    start = next(index for index, cell in enumerate(cells) if cell.cell_type == "markdown" and heading in cell.source)
+    return next(cell.source for cell in cells[start:] if cell.cell_type == "code")
 
 
 def _table_rows(text: str) -> list[list[str]]:
@@ -107,6 +116,64 @@ def test_notebook_06_promises_the_dashboard_only_where_it_is_installed():
 def test_the_06_exercise_makes_the_fields_a_document_lacks_optional():
     exercise = _exercise("06_scaling_up.ipynb")
     assert "optional" in exercise and '"required"' in exercise
+
+
+# --- num_crops: Phi-3.5-vision loads 4 crops per image, Phi-3-vision 16 (docs/phi3v-architecture.md §10) ---
+
+
+@pytest.mark.parametrize("loaded", [4, 16], ids=["Phi-3.5-vision", "Phi-3-vision"])
+def test_notebook_03_changes_num_crops_to_a_setting_it_did_not_load(loaded, tiny_checkpoint, monkeypatch, capsys):
+    """Section 5 shows the cost of another num_crops; "16" was no change where 16 is what was loaded."""
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=loaded)
+    monkeypatch.chdir(NOTEBOOKS)
+    cell = _code_after("03_multi_image.ipynb", "## 5. Changing num_crops")
+    exec(cell, {"processor": processor, "image_processor": processor.image_processor, "build_prompt": build_prompt,
+                "question": "What changed?", "scene_1": load_image("images/scene_1.png"),
+                "scene_2": load_image("images/scene_2.png")})
+    counts = dict(re.findall(r"num_crops=(\d+): (\d+) image tokens", capsys.readouterr().out))
+    assert str(loaded) in counts and len(counts) == 2 and len(set(counts.values())) == 2, counts
+    assert processor.image_processor.num_crops == loaded  # set back for the rest of the notebook
+
+
+@pytest.mark.parametrize("loaded", [4, 16], ids=["Phi-3.5-vision", "Phi-3-vision"])
+def test_the_05_solution_times_two_different_num_crops(loaded, tiny_checkpoint, monkeypatch, capsys):
+    """The default (None) and 16 are the same prompt with Phi-3-vision: nothing to compare."""
+    asked = []
+
+    def compare_attention(**kwargs):  # records the setting instead of loading the model
+        asked.append(kwargs["num_crops"])
+        return [{"attention": "sdpa", "available": True, "first_token_s": 1.0}]
+
+    monkeypatch.setattr("phi_helpers.tutorial.profiling.compare_attention", compare_attention)
+    monkeypatch.setattr("phi_helpers.tutorial.profiling.attention_table", lambda rows: "")
+    monkeypatch.chdir(NOTEBOOKS)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=loaded)
+    exec(_code_after("solutions.ipynb", "## 05_without_flash_attention"), {"processor": processor, "load_image": load_image})
+    used = [loaded if num_crops is None else num_crops for num_crops in asked]
+    assert len(used) == 2 and loaded in used and len(set(used)) == 2, used
+
+
+@pytest.mark.parametrize(("name", "heading"), [
+    ("02_ocr_and_documents.ipynb", "## 2. "),
+    ("03_multi_image.ipynb", "## Exercise"),
+    ("05_without_flash_attention.ipynb", "## 1. "),
+    ("05_without_flash_attention.ipynb", "## Exercise"),
+    ("solutions.ipynb", "## 05_without_flash_attention"),
+])
+def test_where_the_default_num_crops_matters_both_checkpoints_are_named(name, heading):
+    text = " ".join(_section(_markdown(name), heading).split())  # lines joined
+    assert "4 for Phi-3.5-vision" in text and "16 for Phi-3-vision" in text, text
+
+
+def test_notebook_03_says_that_multi_image_questions_are_phi_3_5_visions():
+    """Phi-3-vision's intended use is one image; Phi-3.5-vision's card adds multi-image comparison."""
+    opening = _cells("03_multi_image.ipynb")[0].source.split("## What you will learn")[0]
+    assert "Phi-3.5-vision" in opening and "single image" in opening and "weaker" in opening
+
+
+def test_the_timing_guide_says_phi_3_vision_prompts_are_longer():
+    timing = _section(NOTEBOOKS_README, "## How long do they take?")
+    assert "Phi-3-vision" in timing and "1,921" in timing and "757" in timing
 
 
 # --- README.md and notebooks/README.md -----------------------------------------------------------------
