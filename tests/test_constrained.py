@@ -149,7 +149,7 @@ UNSUPPORTED = [
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}}, "(root)/properties/a: 'oneOf': use \"anyOf\""),
     ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "'not'"),
     ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, "'uniqueItems': remove it and check"),
-    ({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}}, "format 'email' (only date): use \"type\": \"string\" with"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "hostname"}}}, "format 'hostname' (only date, date-time, time, uuid, ipv4, email): use \"type\": \"string\" with"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{Lu}$"}}}, "(root)/properties/a/pattern: '^\\\\p{Lu}$' is not a regular"),
     ({"type": "object", "properties": {"a": {"type": []}}}, "(root)/properties/a/type: [] is not valid"),
     ({"type": "object", "properties": {"a": {"type": "integer", "maximum": 99999999999999999999}}},

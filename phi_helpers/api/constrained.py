@@ -10,10 +10,10 @@ which tokens may come next; every other token gets the score ``-inf`` (the *toke
 cannot be chosen, greedy or sampled. The answer therefore always parses and validates, unless it is
 cut off by ``max_new_tokens`` (then ``JSONTruncatedError``, which keeps the partial text).
 
-The grammar engine is xgrammar (the one vLLM and SGLang use): it compiles a schema in milliseconds
-and computes a mask in microseconds, so decoding costs about the same as without it
-(docs/structured-output.md has the numbers). Answers are compact JSON (no spaces) with the
-properties in the schema's order.
+The grammar engine is xgrammar (the one vLLM and SGLang use): it compiles a typical extraction schema in
+tens of milliseconds (once: compiled grammars are kept), and its mask costs well under a millisecond per token
+on a CPU, except while a string with a long length bound is written (docs/structured-output.md has the
+numbers). Answers are compact JSON (no spaces) with the properties in the schema's order.
 
 The JSON Schema subset that is enforced (anything else is refused before generating, with
 ``SchemaNotSupportedError``):
@@ -21,23 +21,30 @@ The JSON Schema subset that is enforced (anything else is refused before generat
 * the root is an object (``"type": "object"``), because ``extract`` returns a dict;
 * ``type`` (one or a list), ``properties``, ``required`` (names that ``properties`` defines),
   ``additionalProperties`` (true, false or a schema; when absent, no extra properties are written),
-  ``items`` (one schema for every item), ``minItems``, ``maxItems``,
-  ``enum``, ``const``, ``anyOf``, ``pattern`` (regular expressions without look-arounds or
+  ``items`` (one schema for every item), ``prefixItems`` (a tuple: ``minItems`` and ``maxItems`` both its
+  length, no ``items``), ``minItems``, ``maxItems``, ``enum``, ``const``, ``anyOf``, ``oneOf`` where it
+  means ``anyOf`` (objects that each require one property with a ``const`` or ``enum`` of their own, as
+  Pydantic's discriminated unions: ``_exclusive_branches``), ``pattern`` (regular expressions without look-arounds or
   back-references, matched anywhere in the value as JSON Schema says, and naming no control character,
   quote or backslash on its own, which the grammar would write unescaped; a class with other characters
-  beside one, ``[\\t ]``, is fine: the grammar leaves it out), ``minLength`` and ``maxLength`` (not next to a ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``,
-  ``exclusiveMaximum`` (an integer's within the signed 64-bit range, a number's exact as a 64-bit float),
-  ``format: "date"`` (real calendar dates, leap years included; no other ``pattern`` next to it), and ``$ref``
+  beside one, ``[\\t ]``, is fine: the grammar leaves it out), ``minLength`` and ``maxLength`` (not next to a
+  ``pattern`` or ``format``), ``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum`` (an integer's
+  within the signed 64-bit range, a number's exact as a 64-bit float), the formats of ``FORMAT_PATTERNS``
+  (``date``: real calendar dates, leap years included; ``date-time``, ``time``, ``uuid``, ``ipv4``, ``email``;
+  no other ``pattern`` next to them), and ``$ref``
   to ``#/$defs/...`` or ``#/definitions/...`` (a definition no ``$ref`` reaches is not checked);
 * numbers are written as plain decimals, at most ``NUMBER_FRACTION_DIGITS`` (6) digits after the point and
   no exponent (xgrammar's way of bounding them), within their bounds and within ``UNBOUNDED_NUMBER_LIMIT``
   (10**18) of zero (integers: where they have no bound), so that every number reads back as a finite float;
 * annotations are allowed and ignored: ``$schema``, ``$id``, ``$anchor``, ``$comment``, ``title``,
   ``description``, ``default``, ``examples``, ``readOnly``, ``writeOnly``, ``deprecated``,
-  ``contentMediaType``, ``contentEncoding``, ``contentSchema``, and vendor extensions (``x-order``...).
+  ``contentMediaType``, ``contentEncoding``, ``contentSchema``, the formats no validator checks
+  (``ANNOTATION_FORMATS``: Pydantic's ``password``, ``path``, ``binary``), and vendor extensions
+  (``x-order``...: name annotations of your own so).
 
 The refusal says what to write instead where there is a common fix: ``anyOf`` for ``oneOf``, a
-``pattern`` (or ``format: "date"``) for other formats, a check after extraction for ``uniqueItems``.
+``pattern`` for other formats, a check after extraction for ``uniqueItems``, the closest keyword for a
+typo (``maxlength``).
 
 Also refused: a schema that contradicts itself (``minimum`` above ``maximum``, an empty ``enum``, an
 ``enum`` value of another ``type``, a ``required`` property that may not be written...: every answer
@@ -48,6 +55,7 @@ What the mask cannot do: make the values right. A passport number that follows t
 still be misread; check values against the document (notebook 02b, the MRZ check digits).
 """
 
+import difflib
 import importlib.util
 import json
 import math
@@ -57,6 +65,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from urllib.parse import unquote
 
+import jsonschema
 import torch
 import xgrammar
 from jsonschema.exceptions import best_match
@@ -75,34 +84,49 @@ DESCRIPTIVE = frozenset({
 })
 ANNOTATIONS = DESCRIPTIVE | {"$schema", "$id", "$defs", "definitions"}
 SUPPORTED_KEYWORDS = frozenset({
-    "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
-    "anyOf", "pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems", "enum",
+    "const", "anyOf", "pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "format", "$ref",
 })
-SUPPORTED_FORMATS = ("date",)
+# The other keywords of JSON Schema (drafts 3 to 2020-12): refused, with KEYWORD_ADVICE or KEYWORD_DEFAULT_ADVICE
+# ("oneOf" is accepted where it means "anyOf", see _exclusive_branches). A keyword in none of these sets is a typo
+# or an annotation of one's own, which is told so (see _keyword_advice).
+OTHER_KEYWORDS = frozenset({
+    "oneOf", "allOf", "not", "if", "then", "else", "multipleOf", "uniqueItems", "contains", "minContains", "maxContains",
+    "patternProperties", "propertyNames", "minProperties", "maxProperties", "dependentRequired", "dependentSchemas",
+    "dependencies", "unevaluatedItems", "unevaluatedProperties", "additionalItems", "$dynamicRef", "$dynamicAnchor",
+    "$recursiveRef", "$recursiveAnchor", "$vocabulary", "id", "divisibleBy", "disallow", "extends",
+})
 BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 TYPED_KEYWORDS = {  # keyword -> the type it constrains (it needs that "type" next to it)
     **dict.fromkeys(BOUND_KEYWORDS, "number"),
     **dict.fromkeys(("pattern", "minLength", "maxLength", "format"), "string"),
-    **dict.fromkeys(("items", "minItems", "maxItems"), "array"),
+    **dict.fromkeys(("items", "prefixItems", "minItems", "maxItems"), "array"),
     **dict.fromkeys(("properties", "required", "additionalProperties"), "object"),
 }
 # What to write instead of an unsupported keyword or format (no semicolons: the problems are listed with them).
 KEYWORD_ADVICE = {
     "oneOf": 'use "anyOf" instead: the model writes one branch either way (a "oneOf" of a schema and '
-             '{"type": "null"} is exactly "anyOf" here)',
+             '{"type": "null"} is exactly "anyOf" here), unless every branch is an object that requires the same '
+             'property with a "const" (or "enum") of its own (a Pydantic discriminated union), which is accepted',
     "uniqueItems": "remove it and check for repeated items after extraction (the grammar does not remember items)",
     "nullable": 'OpenAPI\'s nullable is written in JSON Schema as a type list with "null", e.g. "type": ["string", "null"]',
     "allOf": 'merge its parts into one schema (pydantic v1\'s "allOf": [{"$ref": ...}] is the "$ref" alone)',
-    "prefixItems": 'give one schema in "items" that every item follows',
     "additionalItems": 'it goes with tuple "items", which are not supported: give one schema in "items"',
     "dependencies": "remove it and check the dependency after extraction",
     "id": "draft-04's identifier of the schema: remove it (or write \"$id\")",
+    # Pydantic writes its bounds under their own names where it cannot put them into a type (next to a Union's anyOf)
+    **{name: f'Pydantic\'s {name}= ("{keyword}"), left next to a Union: bound each type of the Union instead '
+             f'(Union[Annotated[int, Field({name}=...)], ...]), or for Union[int, float] write float'
+       for name, keyword in (("ge", "minimum"), ("gt", "exclusiveMinimum"), ("le", "maximum"), ("lt", "exclusiveMaximum"))},
 }
 KEYWORD_DEFAULT_ADVICE = "remove it and check the value after extraction"  # multipleOf, not, if/then/else...
 # OpenAPI's formats of numbers: annotations (a JSON Schema validator checks formats of strings only).
 NUMBER_FORMATS = ("int32", "int64", "float", "double")
-FORMAT_ADVICE = 'use "type": "string" with a "pattern", or format "date"'
+# Formats that jsonschema checks in no draft, so they change no valid answer: annotations (Pydantic writes them
+# for SecretStr, Path and bytes).
+ANNOTATION_FORMATS = ("password", "path", "binary")
+FORMAT_ADVICE = 'use "type": "string" with a "pattern"'
 # The integer bounds xgrammar enforces: it stores them as signed 64-bit integers (and refuses any other).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 BOUND_ADVICE = "drop the bound (and check the value after extraction if it matters)"
@@ -132,11 +156,32 @@ MAX_PATTERN_REPEAT = 10_000
 _YEAR = r"([1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])"
 _LEAP_YEAR = r"(\d{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
 _MONTH_DAY = r"((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
-DATE_PATTERN = rf"^({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)$"
+_DATE = rf"({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+DATE_PATTERN = rf"^{_DATE}$"
 # The only patterns allowed next to format "date": a date's shape (YYYY-MM-DD), which every calendar date matches.
 # The grammar writes DATE_PATTERN for such a string, so any other pattern would be left unenforced.
 _DIGIT = r"(?:\\d|\[0-9\])"
 _DATE_SHAPE = re.compile(rf"\^?{_DIGIT}\{{4\}}-{_DIGIT}\{{2\}}-{_DIGIT}\{{2\}}\$?")
+# format "time" (and the time of "date-time"): RFC 3339's full-time, as jsonschema checks it (rfc3339_validator):
+# 23:59:59 at most (no leap second), a fraction of up to 6 digits (a microsecond, what Python's datetime holds),
+# and "Z" or an offset; T and Z in capitals (jsonschema also takes small ones).
+_TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"  # 0 to 255 without leading zeros, as Python's ipaddress reads it
+_LABEL = r"[A-Za-z0-9]+(-+[A-Za-z0-9]+)*"  # a domain name's label: no hyphen first or last
+# format -> the pattern the grammar writes for it: only strings that jsonschema's check of the format accepts
+# (answers must validate), often fewer ("email": jsonschema only asks for an "@"). Where the check is not
+# installed (date-time and time need rfc3339-validator) or the draft has none, any string passes it.
+FORMAT_PATTERNS = {
+    "date": DATE_PATTERN,
+    "date-time": rf"^{_DATE}T{_TIME}$",
+    "time": rf"^{_TIME}$",
+    "uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+    "ipv4": rf"^({_OCTET}\.){{3}}{_OCTET}$",
+    "email": rf"^[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@({_LABEL}\.)+[A-Za-z]{{2,63}}$",
+}
+# The format checks the patterns are written for: JSON Schema 2020-12's. A draft that checks a format otherwise
+# (draft-03's "time" is HH:MM:SS without an offset) is refused (see _format_checked_otherwise).
+_FORMAT_CHECKS = jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers
 
 # The advice of every refusal: how to get an answer without the grammar.
 UNCONSTRAINED_PATH = ("the unconstrained path (the command line's --no-constrain, in Python ask() without a schema or "
@@ -194,14 +239,14 @@ def _check_supported(schema) -> xgrammar.Grammar:
         check_schema(schema)
     except ValueError as error:
         raise SchemaNotSupportedError(str(error)) from None
-    schema = _without_unused_definitions(schema)
+    schema = _without_unused_definitions(_one_of_as_any_of(schema, schema))
     _check_size(schema)
     problems, contradictions = [], []
     if schema.get("type") != "object":
         problems.append('(root): the root must be "type": "object" (extract returns a dict)')
     validator = schema_validator(schema)
     for where, node in _walk(schema, "(root)"):
-        problems += _unsupported(node, where)
+        problems += _unsupported(node, where) + _format_checked_otherwise(node, where, validator)
         contradictions += _contradictions(node, where, validator) if isinstance(node, dict) else []
     messages = []
     if problems:
@@ -227,17 +272,74 @@ def _without_unused_definitions(schema: dict) -> dict:
     todo = [{key: value for key, value in schema.items() if key not in libraries}]
     while todo:
         for _where, node in _walk(todo.pop(), ""):
-            reference = node.get("$ref") if isinstance(node, dict) else None
-            found = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", reference) if isinstance(reference, str) else None
+            found = _definition_name(node.get("$ref")) if isinstance(node, dict) else None
             if found is None:
                 continue
-            key, name = found[1], unquote(found[2]).replace("~1", "/").replace("~0", "~")  # a JSON pointer's escapes
+            key, name = found
             if name not in libraries.get(key, {}):
                 return schema  # not found here (check_schema resolved it): keep every definition, check them all
             if name not in used[key]:
                 used[key][name] = libraries[key][name]
                 todo.append(used[key][name])
     return {key: used.get(key, value) for key, value in schema.items()}
+
+
+def _definition_name(reference) -> tuple[str, str] | None:
+    """``("$defs", NAME)`` or ``("definitions", NAME)`` for a ``$ref`` to ``#/$defs/NAME`` or ``#/definitions/NAME``
+    (the escapes of a JSON pointer undone), or None for any other reference."""
+    found = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", reference) if isinstance(reference, str) else None
+    return None if found is None else (found[1], unquote(found[2]).replace("~1", "/").replace("~0", "~"))
+
+
+def _resolved(subschema, schema: dict):
+    """``subschema``, or where its ``$ref`` leads in ``schema`` (followed to the end: ``check_schema`` refused
+    cycles); None where a ``$ref`` does not name one of ``schema``'s definitions."""
+    while isinstance(subschema, dict) and "$ref" in subschema:
+        found = _definition_name(subschema["$ref"])
+        subschema = None if found is None else schema.get(found[0], {}).get(found[1])
+    return subschema
+
+
+def _one_of_as_any_of(subschema, schema: dict):
+    """A copy of ``subschema`` (a part of ``schema``) where every ``oneOf`` whose branches exclude each other
+    (``_exclusive_branches``) is an ``anyOf``: it allows exactly the same values, and the grammar enforces
+    ``anyOf``. Any other ``oneOf`` is kept, and refused."""
+    if not isinstance(subschema, dict):
+        return subschema
+    copy = _with_subschemas(subschema, lambda sub: _one_of_as_any_of(sub, schema))
+    if "anyOf" in copy or not isinstance(copy.get("oneOf"), list) or not _exclusive_branches(copy["oneOf"], schema):
+        return copy
+    return {("anyOf" if key == "oneOf" else key): value for key, value in copy.items()}
+
+
+def _exclusive_branches(branches: list, schema: dict) -> bool:
+    """Whether no value can match two of ``branches``: each (its ``$ref`` followed in ``schema``) is an object that
+    requires the same property, and the values each allows there (its ``const`` or ``enum``) are allowed by no
+    other, as in Pydantic's discriminated unions (``Union[Card, Cash] = Field(discriminator="kind")``). A
+    ``oneOf`` of such branches is exactly an ``anyOf``: a value that matches one branch matches no other."""
+    tags = [_tags(_resolved(branch, schema), schema) for branch in branches]
+    for name in set.intersection(*(set(tag) for tag in tags)):
+        # Python's == is the looser equality (True == 1 == 1.0, which JSON Schema tells apart from True), so
+        # values that differ here differ for the validator too
+        if all(first != second for index, values in enumerate(tags) for other in tags[index + 1 :]
+               for first in values[name] for second in other[name]):
+            return True
+    return False
+
+
+def _tags(branch, schema: dict) -> dict:
+    """``{name: the values allowed}`` for each property that the object schema ``branch`` requires and limits to a
+    ``const`` or an ``enum``; empty unless ``branch`` allows objects alone."""
+    if not isinstance(branch, dict) or _types(branch) != ["object"] or not isinstance(branch.get("required"), list):
+        return {}
+    tags = {}
+    for name in branch["required"]:
+        value = _resolved(branch.get("properties", {}).get(name), schema)
+        if isinstance(value, dict) and "const" in value:
+            tags[name] = [value["const"]]
+        elif isinstance(value, dict) and isinstance(value.get("enum"), list):
+            tags[name] = value["enum"]
+    return tags
 
 
 def _check_size(schema: dict) -> None:
@@ -274,8 +376,25 @@ def _subschemas(schema: dict):
         yield "additionalProperties", schema["additionalProperties"]
     if "items" in schema:
         yield "items", schema["items"]
-    for index, sub in enumerate(schema.get("anyOf", [])):
-        yield f"anyOf/{index}", sub
+    for key in ("prefixItems", "anyOf"):  # lists of schemas (a draft that does not know the keyword allows any value)
+        for index, sub in enumerate(schema[key] if isinstance(schema.get(key), list) else []):
+            yield f"{key}/{index}", sub
+
+
+def _with_subschemas(schema: dict, change) -> dict:
+    """A copy of ``schema`` whose subschemas (those of ``_subschemas``) are ``change(subschema)``; the rest (names,
+    ``enum`` and ``const`` data) is kept as it is."""
+    copy = dict(schema)
+    for key in _NAMED_SUBSCHEMAS:
+        if isinstance(copy.get(key), dict):
+            copy[key] = {name: change(sub) for name, sub in copy[key].items()}
+    for key in ("additionalProperties", "items"):
+        if key in copy:
+            copy[key] = change(copy[key])
+    for key in ("prefixItems", "anyOf", "oneOf"):
+        if isinstance(copy.get(key), list):
+            copy[key] = [change(sub) for sub in copy[key]]
+    return copy
 
 
 def _untyped(schema: dict, where: str) -> list[str]:
@@ -289,10 +408,11 @@ def _untyped(schema: dict, where: str) -> list[str]:
 
 def _beside_ref_or_any_of(schema: dict, where: str) -> list[str]:
     """Keywords next to ``$ref`` or ``anyOf``: the grammar follows the reference (or the branches) alone,
-    so they would be ignored while writing and then checked, failing every answer."""
+    so they would be ignored while writing and then checked, failing every answer. (Keywords that are not
+    supported are named on their own, see ``_unsupported``.)"""
     for keyword, advice in (("$ref", "move them into the schema it names"), ("anyOf", "repeat them inside each branch")):
         if keyword in schema:
-            others = sorted(key for key in schema if key != keyword and key not in ANNOTATIONS and not _descriptive(key))
+            others = sorted(key for key in schema if key != keyword and key in SUPPORTED_KEYWORDS)
             if others:
                 return [f"{where}: {', '.join(others)} next to {keyword} (the grammar follows the {keyword} alone: {advice})"]
     return []
@@ -305,25 +425,34 @@ def _unsupported(schema, where: str) -> list[str]:
     if not isinstance(schema, dict):
         return [f"{where}: a boolean schema ({json.dumps(schema)}) is only supported as additionalProperties"]
     problems = _untyped(schema, where) + _beside_ref_or_any_of(schema, where)
-    if "array" in _types(schema) and "items" not in schema and not {"enum", "const"} & schema.keys():
+    if "array" in _types(schema) and not {"items", "prefixItems", "enum", "const"} & schema.keys():
         problems.append(f'{where}: an array without "items" (give "items": one schema that every item follows; '
                         "without it the grammar allows only [])")
+    if "prefixItems" in schema and not isinstance(schema["prefixItems"], list):
+        problems.append(f"{where}: prefixItems {json.dumps(schema['prefixItems'])[:80]} (give a list of schemas, one per "
+                        "position of the tuple)")
+    elif "prefixItems" in schema and not _fixed_tuple(schema):
+        problems.append(f'{where}: prefixItems without a fixed length (a tuple needs "minItems" and "maxItems" both '
+                        f'{len(schema["prefixItems"])}, its number of prefixItems, and no "items", as Pydantic writes '
+                        'tuple[float, float], or else one schema in "items" that every item follows)')
     if "required" in schema and not isinstance(schema["required"], list):
         problems.append(f"{where}: \"required\": {json.dumps(schema['required'])} (draft-03's form: list the names in "
                         '"required" of the object that holds the properties)')
     unknown = sorted(key for key in set(schema) - SUPPORTED_KEYWORDS - ANNOTATIONS if not _descriptive(key))
-    problems += [f"{where}: {keyword!r}: {KEYWORD_ADVICE.get(keyword, KEYWORD_DEFAULT_ADVICE)}" for keyword in unknown]
-    if "format" in schema and schema["format"] not in SUPPORTED_FORMATS and not _number_format(schema):
-        problems.append(f"{where}: format {schema['format']!r} (only {', '.join(SUPPORTED_FORMATS)}): {FORMAT_ADVICE}")
-    if schema.get("format") == "date" and "pattern" in schema and not _date_shaped(schema["pattern"]):
-        problems.append(f"{where}: a pattern next to format 'date' ({schema['pattern']!r}): the grammar writes a calendar "
-                        "date and cannot enforce another pattern as well, so keep one of them (format 'date', or the "
-                        "pattern alone) and check the other after extraction")
+    problems += [f"{where}: {keyword!r}: {_keyword_advice(keyword)}" for keyword in unknown]
+    format_ = schema.get("format")
+    if "format" in schema and format_ not in FORMAT_PATTERNS and not _annotation_format(schema):
+        problems.append(f"{where}: format {format_!r} (only {', '.join(FORMAT_PATTERNS)}): {FORMAT_ADVICE}")
+    if format_ in FORMAT_PATTERNS and "pattern" in schema and not _fits_format(schema["pattern"], format_):
+        problems.append(f"{where}: a pattern next to format {format_!r} ({schema['pattern']!r}): the grammar writes "
+                        f"the format's own pattern and cannot enforce another pattern as well, so keep one of them "
+                        f"(format {format_!r}, or the pattern alone) and check the other after extraction")
     lengths = "minLength" in schema or "maxLength" in schema
     if "pattern" in schema and lengths:
         problems.append(f"{where}: minLength/maxLength next to a pattern (put the length into the pattern)")
-    if schema.get("format") == "date" and lengths:
-        problems.append(f"{where}: minLength/maxLength next to format 'date' (a date is always 10 characters: remove them)")
+    if format_ in FORMAT_PATTERNS and lengths:
+        problems.append(f"{where}: minLength/maxLength next to format {format_!r} (the grammar writes the format's own "
+                        "pattern in their place: remove them, and check the length after extraction if it matters)")
     if "pattern" in schema:
         problems += _pattern_problems(schema["pattern"], where)
     ref = schema.get("$ref")
@@ -341,10 +470,44 @@ def _unsupported(schema, where: str) -> list[str]:
     return problems + [f"{where}: {problem}" for problem in _bound_problems(schema)]
 
 
-def _date_shaped(pattern: str) -> bool:
-    """Whether ``pattern`` (next to format "date") is a date's shape, ``^\\d{4}-\\d{2}-\\d{2}$`` or the like, which
-    every calendar date matches: the only kind of pattern the date grammar enforces too."""
-    return pattern == DATE_PATTERN or _DATE_SHAPE.fullmatch(pattern) is not None
+def _fits_format(pattern: str, format_: str) -> bool:
+    """Whether ``pattern`` (next to ``format_``) is one that the format's own pattern enforces too: that pattern,
+    or for "date" a date's shape, ``^\\d{4}-\\d{2}-\\d{2}$`` or the like, which every calendar date matches."""
+    return pattern == FORMAT_PATTERNS[format_] or (format_ == "date" and _DATE_SHAPE.fullmatch(pattern) is not None)
+
+
+def _fixed_tuple(schema: dict) -> bool:
+    """Whether the ``prefixItems`` of ``schema`` are the whole array (a tuple): ``minItems`` and ``maxItems`` both
+    their number and no ``items``, which xgrammar enforces exactly. (With ``items`` next to them, drafts before
+    2020-12 would check every item against ``items``; with fewer ``minItems``, a tuple may end early.)"""
+    count = len(schema["prefixItems"])
+    return "items" not in schema and schema.get("minItems") == count and schema.get("maxItems") == count
+
+
+def _format_checked_otherwise(schema, where: str, validator) -> list[str]:
+    """A format of ``FORMAT_PATTERNS`` in ``schema`` that the schema's draft (its ``validator``) checks otherwise than
+    JSON Schema 2020-12, for which the patterns are written: draft-03's "time", HH:MM:SS without an offset."""
+    format_ = schema.get("format") if isinstance(schema, dict) else None
+    checker = validator.format_checker.checkers.get(format_)
+    if format_ not in FORMAT_PATTERNS or checker in (None, _FORMAT_CHECKS.get(format_)):
+        return []
+    return [f"{where}: format {format_!r}, which this schema's draft checks otherwise than JSON Schema 2020-12, whose "
+            f"form the grammar writes: {FORMAT_ADVICE}"]
+
+
+def _keyword_advice(keyword: str) -> str:
+    """What to do about ``keyword``, which constrained decoding does not support: ``KEYWORD_ADVICE``, else for a
+    keyword of JSON Schema ``KEYWORD_DEFAULT_ADVICE``, else that it is none (a typo, with the closest keyword, or
+    an annotation of one's own, which is accepted as ``x-...``)."""
+    if keyword in KEYWORD_ADVICE:
+        return KEYWORD_ADVICE[keyword]
+    if keyword in OTHER_KEYWORDS:
+        return KEYWORD_DEFAULT_ADVICE
+    known = {name.lower(): name for name in sorted(SUPPORTED_KEYWORDS | ANNOTATIONS | OTHER_KEYWORDS)}
+    close = difflib.get_close_matches(keyword.lower(), known, n=1, cutoff=0.8)
+    guess, fix = (f' (did you mean "{known[close[0]]}"?)', "correct it") if close else ("", "remove it")
+    return (f'not a JSON Schema keyword{guess}: {fix}, or name an annotation of your own "{VENDOR_PREFIX}{keyword}" '
+            f'(names that start with "{VENDOR_PREFIX}" are accepted and left out of the grammar)')
 
 
 def _unwritable_data(schema: dict) -> list[str]:
@@ -381,10 +544,12 @@ def _lone_surrogate(text: str) -> bool:
     return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
 
 
-def _number_format(schema: dict) -> bool:
-    """Whether ``schema`` allows numbers or integers (perhaps with null or other types) and has one of OpenAPI's
-    ``NUMBER_FORMATS``: an annotation (a JSON Schema validator checks formats of strings only)."""
-    return schema.get("format") in NUMBER_FORMATS and bool({"number", "integer"} & set(_types(schema)))
+def _annotation_format(schema: dict) -> bool:
+    """Whether the ``format`` of ``schema`` is an annotation: one of ``ANNOTATION_FORMATS``, or one of OpenAPI's
+    ``NUMBER_FORMATS`` where ``schema`` allows numbers or integers (perhaps with null or other types: a JSON Schema
+    validator checks formats of strings only)."""
+    format_ = schema.get("format")
+    return format_ in ANNOTATION_FORMATS or (format_ in NUMBER_FORMATS and bool({"number", "integer"} & set(_types(schema))))
 
 
 def _descriptive(key: str) -> bool:
@@ -525,13 +690,14 @@ def whole_value_pattern(pattern: str) -> str | None:
     letter. So each top-level branch gets ``.*`` where it is not anchored: ``"^[A-Z]"`` -> ``"(?:[A-Z]).*"``.
     Spellings xgrammar reads otherwise are rewritten (``_regex_tokens``, ``_xgrammar_spelling``): a ``]`` first
     in a class (``[]a]``, ``[^]]``) or outside one becomes ``\]``, a named group ``(?P<name>...)`` a plain one,
-    a character beyond ASCII ``\u{...}`` and ``\s``, ``\S`` the characters Python's re means by them.
+    a character beyond ASCII ``\u{...}``, ``\s`` and ``\S`` the characters Python's re means by them, and a group's
+    ``?`` ``{0,1}``.
     """
     branches = _anchored_branches(_regex_tokens(pattern))
     if branches is None:
         return None
-    return "|".join(("" if start else ".*") + "(?:" + "".join(map(_xgrammar_spelling, core)) + ")" + ("" if end else ".*")
-                    for start, core, end in branches)
+    return "|".join(("" if start else ".*") + "(?:" + "".join(map(_xgrammar_spelling, [None, *core], core)) + ")"
+                    + ("" if end else ".*") for start, core, end in branches)
 
 
 # The characters Python's re matches with \s, less the control characters a JSON string escapes (the grammar
@@ -540,12 +706,16 @@ def whole_value_pattern(pattern: str) -> str | None:
 _WHITESPACE_CLASS = " \\u{85}\\u{A0}\\u{1680}\\u{2000}-\\u{200A}\\u{2028}\\u{2029}\\u{202F}\\u{205F}\\u{3000}"
 
 
-def _xgrammar_spelling(token: "_RegexToken") -> str:
+def _xgrammar_spelling(previous: "_RegexToken | None", token: "_RegexToken") -> str:
     """``token`` spelled so that xgrammar reads it as Python's re does. A character beyond ASCII, written as it is
     (or escaped, ``\\é``), becomes ``\\u{E9}``: written as it is, xgrammar 0.2.9 lets the ``.``, ``\\s`` and
     ``[^...]`` of the same pattern write quotes, backslashes and control characters (invalid JSON). So does a
     ``]`` outside a class, which becomes ``\\]``. ``\\s`` and ``\\S`` (outside a class; refused inside one but
-    ``\\s``) become ``_WHITESPACE_CLASS``."""
+    ``\\s``) become ``_WHITESPACE_CLASS``. A ``?`` right after a group (``previous``) becomes ``{0,1}``: xgrammar
+    0.2.9 reads ``(x\\d+)?`` in a JSON string as if the ``x`` alone were optional (it wrote "1"), and
+    ``(x\\d+){0,1}`` as Python does."""
+    if token.text == "?" and previous is not None and previous.is_anchor(")"):
+        return "{0,1}"
     if token.text == "\\s":
         return _WHITESPACE_CLASS if token.in_class else f"[{_WHITESPACE_CLASS}]"
     if token.text == "\\S":
@@ -814,32 +984,23 @@ def _grammar_subschema(schema):
     if not isinstance(schema, dict):
         return schema
     copy = {key: value for key, value in schema.items() if not _descriptive(key)}
-    for key in _NAMED_SUBSCHEMAS:
-        if key in copy:
-            copy[key] = {name: _grammar_subschema(sub) for name, sub in copy[key].items()}
-    for key in ("additionalProperties", "items"):
-        if key in copy:
-            copy[key] = _grammar_subschema(copy[key])
-    if "anyOf" in copy:
-        copy["anyOf"] = [_grammar_subschema(sub) for sub in copy["anyOf"]]
-    return _rewrite_for_grammar(copy)
+    return _rewrite_for_grammar(_with_subschemas(copy, _grammar_subschema))
 
 
 def _rewrite_for_grammar(copy: dict) -> dict:
     """Rewrite the keywords of one subschema (``copy``, changed in place) that xgrammar would get wrong:
-    descriptions and other annotations are gone already (they change nothing), OpenAPI's number formats are
-    dropped, ``format: "date"`` becomes ``DATE_PATTERN``, lengths a pattern, ``["integer", "number"]``
-    ``"number"``, a number's bounds those of ``_grammar_range`` (infinite or NaN ones count as none), and any
+    descriptions and other annotations are gone already (they change nothing), formats that are annotations
+    (``_annotation_format``) are dropped, the others become their ``FORMAT_PATTERNS``, lengths a pattern,
+    ``["integer", "number"]`` ``"number"``, a number's bounds those of ``_grammar_range`` (infinite or NaN ones count as none), and any
     value (``{}``, ``true``, an object's unnamed properties) ``_ANY_VALUE``."""
     if not {"type", "enum", "const", "$ref", "anyOf"} & copy.keys():  # {}: any value (keywords of a type are refused)
         return {"$ref": _ANY_REF}
-    if copy.get("format") in NUMBER_FORMATS:
+    if _annotation_format(copy):
         del copy["format"]
     if "pattern" in copy:
         copy["pattern"] = whole_value_pattern(copy["pattern"])  # checked by _pattern_problems: never None
-    if copy.get("format") == "date":
-        del copy["format"]
-        copy["pattern"] = DATE_PATTERN  # a pattern next to it is a date's shape (see _date_shaped)
+    if copy.get("format") in FORMAT_PATTERNS:  # a pattern next to it is enforced by the format's (_fits_format)
+        copy["pattern"] = whole_value_pattern(FORMAT_PATTERNS[copy.pop("format")])  # in xgrammar's spelling
     if "minLength" in copy or "maxLength" in copy:
         # xgrammar 0.2's length-bounded strings let raw control characters through (invalid JSON);
         # the same bounds as a pattern do not. (Refused together with a pattern, see _unsupported.)
