@@ -5,6 +5,8 @@ import contextlib
 import http.server
 import threading
 
+import pytest
+
 
 class QuietServer(http.server.ThreadingHTTPServer):
     """A threading HTTP server that prints nothing when a client hangs up early (a refused or timed-out
@@ -25,3 +27,12 @@ def serve(handler):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """Make sure requests talks to 127.0.0.1 directly, whatever proxy the machine has configured (autouse in
+    every module that imports it)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -13,7 +13,7 @@ import numpy
 import pytest
 from PIL import Image
 
-from local_server import serve
+from local_server import no_proxy, serve  # noqa: F401  (no_proxy: an autouse fixture)
 from phi_helpers import Chat, ImageLoadError, ask, load_image
 from phi_helpers.api.generation import generate_batch
 from phi_helpers.api.images import load_page
@@ -195,14 +195,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     with serve(_Handler) as url:
         yield url
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """Make sure requests talks to 127.0.0.1 directly, whatever proxy the machine has configured."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
 @pytest.mark.parametrize("around", [("", "\n"), ("  ", "  "), ("\t", "\r\n")], ids=repr)
