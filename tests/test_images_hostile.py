@@ -104,6 +104,8 @@ def test_ask_and_generate_batch_refuse_a_closed_image(tmp_path, tiny_model_and_p
         ask(model, processor, "What colour is it?", images=[opened_in_a_with_block(path)], max_new_tokens=2)
     with pytest.raises(ImageLoadError, match="file was already closed"):
         generate_batch(model, processor, ["What colour is it?"], [[opened_in_a_with_block(path)]], max_new_tokens=2)
+    with pytest.raises(ImageLoadError, match="Image 1 cannot be read: its file was already closed"):  # the processor
+        processor(text="<|user|>\n<|image_1|>\nHi<|end|>\n<|assistant|>\n", images=[opened_in_a_with_block(path)])
 
 
 # --- file objects, modes and bytes that are not what they seem -----------------------------------------

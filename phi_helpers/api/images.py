@@ -59,7 +59,7 @@ import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDownloadTimeout, ImageLoadError, InvalidArgumentError, check_whole_number
-from ..models.phi3_v.image_processing_phi3_v import ARRAY_LAYOUT, TENSOR_ADVICE, image_from_array
+from ..models.phi3_v.image_processing_phi3_v import ARRAY_LAYOUT, TENSOR_ADVICE, check_not_closed, image_from_array
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
 _CHUNK_SIZE = 64 * 1024
@@ -105,7 +105,7 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
     _check_seconds(max_seconds, "max_seconds")
     max_bytes = check_whole_number(max_bytes, "max_bytes", minimum=1, hint=" (a number of bytes: 50_000_000 is 50 MB)")
     if isinstance(src, Image.Image):  # not turned again if the user turned it already (_turned_already)
-        _check_not_closed(src)
+        check_not_closed(src, "The PIL image you passed")
         return _decode(lambda: src, "the PIL image you passed", upright=not _turned_already(src))
     if isinstance(src, numpy.ndarray):
         return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False)
@@ -137,33 +137,6 @@ def _check_seconds(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise InvalidArgumentError(f"{name} must be a number of seconds above 0 (every download has a time limit), "
                                    f"got {value!r}.")
-
-
-def _check_not_closed(image: Image.Image) -> None:
-    """ImageLoadError for a PIL image whose pixels can no longer be read.
-
-    ``Image.open`` reads only the header: the pixels are read from the file when they are first used
-    (``image.tile`` lists the parts still to read, from ``image.fp``). An image returned from inside
-    ``with Image.open(path) as image:`` has lost that file (``fp`` is None); ``image.close()`` also frees
-    pixels already read (``image.im`` then raises). An image loaded before its file was closed is fine.
-    """
-    if getattr(image, "tile", None):  # pixels still in the file
-        file = getattr(image, "fp", None)
-        if file is None or getattr(file, "closed", False) is True:
-            raise ImageLoadError(
-                "The PIL image you passed cannot be read: its file was already closed (the `with Image.open(...) "
-                "as im:` block ended, or im.close() was called) before Pillow read its pixels, which it does only "
-                "when they are first used. Call im.load() or im.copy() inside the with block (before closing the "
-                "image), or pass the path instead."
-            )
-        return
-    try:
-        image.im  # noqa: B018  (Image.close() leaves an error here in place of the pixels)
-    except ValueError:
-        raise ImageLoadError(
-            "The PIL image you passed was closed (im.close() frees its pixels), so there is nothing left to read. "
-            "Pass it before you close it, or pass im.copy() or the path instead."
-        ) from None
 
 
 def _check_binary_and_open(file) -> None:

@@ -180,10 +180,38 @@ def _to_pil(image) -> Image.Image:
     )
 
 
+def check_not_closed(image: Image.Image, source: str) -> None:
+    """ImageLoadError for a PIL image whose pixels can no longer be read.
+
+    ``Image.open`` reads only the header: the pixels are read from the file when they are first used
+    (``image.tile`` lists the parts still to read, from ``image.fp``). An image returned from inside
+    ``with Image.open(path) as image:`` has lost that file (``fp`` is None); ``image.close()`` also frees
+    pixels already read (``image.im`` then raises). An image loaded before its file was closed is fine.
+    """
+    if getattr(image, "tile", None):  # pixels still in the file
+        file = getattr(image, "fp", None)
+        if file is None or getattr(file, "closed", False) is True:
+            raise ImageLoadError(
+                f"{source} cannot be read: its file was already closed (the `with Image.open(...) "
+                "as im:` block ended, or im.close() was called) before Pillow read its pixels, which it does only "
+                "when they are first used. Call im.load() or im.copy() inside the with block (before closing the "
+                "image), or pass the path instead."
+            )
+        return
+    try:
+        image.im  # noqa: B018  (Image.close() leaves an error here in place of the pixels)
+    except ValueError:
+        raise ImageLoadError(
+            f"{source} was closed (im.close() frees its pixels), so there is nothing left to read. "
+            "Pass it before you close it, or pass im.copy() or the path instead."
+        ) from None
+
+
 def _to_rgb(image, position: int) -> Image.Image:
     """A decoded RGB PIL image; the original converts every image with ``.convert("RGB")``, which is
     a plain copy for an image that is RGB already, so only other modes are converted."""
     image = _to_pil(image)
+    check_not_closed(image, f"Image {position}")
     try:
         image.load()  # decode a lazily opened file now, so a broken file fails here with a clear error
         return image if image.mode == "RGB" else image.convert("RGB")
