@@ -22,6 +22,7 @@ to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns t
 """
 
 import difflib
+import functools
 import inspect
 import numbers
 import threading
@@ -328,10 +329,7 @@ def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: b
 def _check_names(model, generate_kwargs: dict) -> None:
     """``InvalidArgumentError`` for a keyword that is no setting of ``generate`` (a typo such as
     ``temprature=``), naming the closest one; transformers would only say "model_kwargs are not used"."""
-    known = {
-        *GenerationConfig().to_dict(), *inspect.signature(type(model).generate).parameters,
-        *inspect.signature(type(model).forward).parameters, "past_key_values", "tokenizer", "num_crops",
-    } - {"self", "kwargs"}
+    known = _generation_setting_names(type(model))
     for name in generate_kwargs:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
@@ -340,6 +338,16 @@ def _check_names(model, generate_kwargs: dict) -> None:
                 f"{name}= is not a generation setting: {hint}The settings are the fields of transformers' "
                 "GenerationConfig (do_sample, temperature, top_p, repetition_penalty, ...) and num_crops."
             )
+
+
+@functools.cache
+def _generation_setting_names(model_class) -> frozenset[str]:
+    """The keywords ``generate`` takes for ``model_class``: GenerationConfig's fields, generate's and forward's
+    parameters, and ``num_crops`` (the processor's). Computed once per class."""
+    return frozenset({
+        *GenerationConfig().to_dict(), *inspect.signature(model_class.generate).parameters,
+        *inspect.signature(model_class.forward).parameters, "past_key_values", "tokenizer", "num_crops",
+    } - {"self", "kwargs"})
 
 
 # generate() settings that are whole numbers, and their least value.

@@ -411,24 +411,15 @@ def check_report_path(path: Path, data_dir: Path) -> None:
     and nowhere a file of results (JSON lines of ``phi-helpers predict``) or a file that is not text
     (``check_replaceable``: a PDF or an image named by a slip)."""
     check_output_path(path)
+    keys = _json_object_keys(path)  # an earlier report's ("items", "summary"), or one answer's ("source", "task")
     inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir))
-    if inside and path.exists() and not _is_report(path):
+    if inside and path.exists() and not {"items", "summary"} <= keys:
         raise CommandLineError(f"--output '{path}' is a file of the evaluation set in '{data_dir}'; the report would "
                                "replace it. Give the report a new file name, e.g. --output report.json.")
-    if holds_records(path) or _is_answer(path):
+    if holds_records(path) or {"source", "task"} <= keys:
         raise CommandLineError(f"--output '{path}' holds results of phi-helpers predict; the report would replace "
                                "them. Give the report another file name, e.g. report.json.")
     check_replaceable(path, "the report")
-
-
-def _is_answer(path: Path) -> bool:
-    """Whether ``path`` holds one answer of ``phi-helpers predict --format json`` (a JSON object with "source" and "task")."""
-    return {"source", "task"} <= _json_object_keys(path)
-
-
-def _is_report(path: Path) -> bool:
-    """Whether ``path`` holds a report that ``eval`` wrote (a JSON object with "items" and "summary")."""
-    return {"items", "summary"} <= _json_object_keys(path)
 
 
 def _json_object_keys(path: Path) -> set:

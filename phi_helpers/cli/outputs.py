@@ -354,9 +354,8 @@ def repair_jsonl(path) -> int:
     if not torn:
         return 0
     good = [line for _, line, record in _lines(path) if record is not None]
-    # The side file holds answers too: it gets the results file's permissions (a new file would get the umask's).
-    side_fd = os.open(torn_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, stat.S_IMODE(os.stat(path).st_mode))
-    with os.fdopen(side_fd, "ab") as side:
+    # The side file holds answers too: it gets the results file's permissions and group (not the umask's).
+    with os.fdopen(os.open(torn_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as side:
         _keep_owner_and_mode(side.fileno(), os.stat(path))
         side.write(b"".join(line + b"\n" for line in torn))
         side.flush()
