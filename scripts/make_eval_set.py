@@ -190,7 +190,9 @@ Paths are relative to this folder.
 - `id`: a short name for reports, e.g. `receipt_01`.
 - `image`: the image file (one picture: a PDF or a multi-page TIFF is refused).
 - `task`: `"ocr"` (transcribe the text) or `"extract"` (answer with a JSON object).
-- `expected`: for `ocr` the exact text; for `extract` the expected JSON object, valid against `schema`.
+- `expected`: for `ocr` the exact text; for `extract` the expected JSON object: at least one field,
+  valid against `schema`, and no key that an object's `properties` leave out unless its
+  `additionalProperties` allows it (constrained decoding never writes such a key).
 - `schema` (`extract` only): the JSON Schema the answer should follow.
 
 ```

@@ -1,9 +1,12 @@
 """Metrics (CER, per-field exact match) and the ``eval`` command on the shipped set in data/eval."""
 
 import json
+import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
+import xgrammar
 from PIL import Image
 
 import phi_helpers  # noqa: F401  (registers the native classes)
@@ -11,9 +14,12 @@ from cli_runner import run
 from phi_helpers.api.generation import Generation
 from phi_helpers.cli import tasks
 from phi_helpers.api.images import load_image
+from phi_helpers.api.constrained import compile_schema
 from phi_helpers.api.metrics import character_error_rate, field_matches, levenshtein, normalise_value
 from phi_helpers.api.report import format_table
-from phi_helpers.cli.evaluate import evaluate, read_manifest, report_cut_off, score_entry, summarise
+from phi_helpers.cli.evaluate import (
+    evaluate, format_report, read_manifest, report_cut_off, report_failures, score_entry, summarise,
+)
 from phi_helpers.errors import ManifestError
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
@@ -56,9 +62,31 @@ def test_character_error_rate():
     assert character_error_rate("x", "") == 1.0
 
 
+def test_text_is_compared_in_canonical_unicode_form():
+    """An accent typed as a combining character (NFD, as macOS file names and some OCR output have it) is
+    the same character as the precomposed one; compatibility forms (full width, ligatures) are other
+    characters on the page."""
+    nfd = unicodedata.normalize("NFD", "Café Zoë")
+    assert nfd != "Café Zoë" and field_matches({"merchant": nfd}, {"merchant": "CAFÉ ZOË"}) == {"merchant": True}
+    assert character_error_rate(unicodedata.normalize("NFD", "é"), "é") == 0.0
+    assert character_error_rate(nfd, "Café Zoë") == 0.0
+    assert character_error_rate("Total １２", "Total 12") == pytest.approx(2 / 8)  # full-width digits stay distinct
+    assert character_error_rate("ﬁne", "fine") == pytest.approx(2 / 4)  # so does the ligature "ﬁ" (U+FB01)
+    line = score_entry({"id": "a", "image": "a.png", "image_name": "a.png", "task": "ocr", "expected": "é"},
+                       {"answer": unicodedata.normalize("NFD", "é")})
+    assert (line["cer"], line["edits"], line["reference_chars"]) == (0.0, 0, 1)
+
+
+def test_the_mean_item_cer_is_taken_before_rounding():
+    lines = [score_entry({"id": name, "image": name, "image_name": name, "task": "ocr", "expected": "abc"}, {"answer": answer})
+             for name, answer in (("a", "abd"), ("b", ""))]
+    assert [line["cer"] for line in lines] == [0.3333, 1.0]
+    assert summarise(lines)["ocr"]["mean_item_cer"] == 0.6667  # (1/3 + 1) / 2, not (0.3333 + 1) / 2 = 0.6666
+
+
 @pytest.mark.parametrize("answer, cer", [("hello", 1.0), ("", 0.0), (" \n ", 0.0)])
 def test_an_empty_reference_scores_the_same_for_the_item_and_the_summary(answer, cer):
-    entry = {"id": "blank", "image": "blank.png", "task": "ocr", "expected": ""}
+    entry = {"id": "blank", "image": "blank.png", "image_name": "blank.png", "task": "ocr", "expected": ""}
     line = score_entry(entry, {"answer": answer})
     assert line["cer"] == cer and summarise([line])["ocr"]["cer"] == cer
     right = score_entry({**entry, "expected": "abc"}, {"answer": "abc"})
@@ -96,6 +124,16 @@ def test_field_matches_compares_lists_and_objects_element_by_element():
     assert normalise_value({"a": [" X  y ", 1]}) == {"a": ["x y", 1.0]}
 
 
+def test_extra_keys_are_ignored_at_the_top_level_only():
+    """As metrics.py says: a top-level field is scored on its own, a nested value as a whole."""
+    expected = {"address": {"city": "Lyon"}, "items": [{"name": "tea"}]}
+    answer = {"address": {"city": "LYON"}, "items": [{"name": "Tea"}], "note": "not asked for"}
+    assert field_matches(answer, expected) == {"address": True, "items": True}
+    answer = {"address": {"city": "Lyon", "zip": "69001"}, "items": [{"name": "tea", "amount": 2}]}
+    assert field_matches(answer, expected) == {"address": False, "items": False}
+    assert field_matches({"address": {}, "items": [{}]}, expected) == {"address": False, "items": False}
+
+
 def test_numbers_match_by_exact_value_and_no_answer_is_empty_text():
     """Rounding to 6 decimals took a dose of 4e-7 for 1e-7 and two 17-digit account numbers for one."""
     assert field_matches({"x": 12.50, "n": 3.0}, {"x": 12.5, "n": 3}) == {"x": True, "n": True}
@@ -122,6 +160,54 @@ def test_summary_per_field_and_overall():
     }
     assert extract["exact_match"] == 0.6 and (extract["fields_correct"], extract["fields_total"]) == (3, 5)
     assert extract["valid_answers"] == 2 and extract["all_fields_right"] == 1
+
+
+def test_a_share_of_nothing_is_null_and_shown_as_n_a():
+    """An item scored on no field: no exact match to give (not 0.0), and not all fields right."""
+    line = {"id": "x", "task": "extract", "schema": "s", "fields": {}, "valid": False, "answer": None, "error": "boom"}
+    extract = summarise([line])["extract"]
+    assert extract["exact_match"] is None and extract["all_fields_right"] == 0 and extract["fields_total"] == 0
+    text = format_report(report_of([line]))
+    assert "overall        0      0  n/a" in text.splitlines() and "extract: exact match n/a over 0 fields" in text
+
+
+def report_of(lines: list[dict]) -> dict:
+    """A report as evaluate returns it, for ``lines`` (report lines, as score_entry makes them)."""
+    return {"model": "tiny", "device": "cpu", "dtype": "float32", "constrained": True, "items_evaluated": len(lines),
+            "total_seconds": 1.0, "summary": summarise(lines), "items": lines}
+
+
+def test_each_row_says_what_went_wrong_with_an_extraction():
+    entry = {"id": "r", "image": "r.png", "image_name": "r.png", "task": "extract", "schema": Path("total.json"),
+             "schema_name": "total", "expected": {"total": 4.5}}
+    records = {
+        "right": {"answer": {"total": 4.5}, "valid": True},
+        "not the schema": {"answer": {"total": "4.5"}, "valid": False, "errors": ["total: '4.5' is not of type 'number'"]},
+        "no JSON": {"answer": None, "valid": False, "errors": ["no JSON object in the answer"]},
+        "failed": {"source": "r.png", "error": "Could not read 'r.png' as an image"},
+        "ocr failed": {"source": "r.png", "error": "Could not read 'r.png' as an image"},
+    }
+    lines = [score_entry({**entry, "id": name}, record) for name, record in records.items()]
+    lines[-1] = score_entry({**entry, "id": "ocr failed", "task": "ocr", "expected": "x"}, records["ocr failed"])
+    rows = format_report(report_of(lines)).split("\n\n")[0].splitlines()[2:]
+    assert [row.split("  ")[-1].strip() for row in rows] == [
+        "1/1 fields", "0/1 fields, does not follow the schema", "0/1 fields, invalid JSON", "0/1 fields (error)",
+        "CER 1.000 (error)",
+    ]
+
+
+def test_manifest_text_cannot_break_the_table_or_the_terminal(capsys):
+    """Ids and field names come from the manifest: an escape sequence or a line break is shown, not obeyed."""
+    entry = {"id": "red\x1b[31m\nfake row", "image": "a\nb.png", "image_name": "a\nb.png", "task": "extract",
+             "schema": Path("s.json"), "schema_name": "s", "expected": {"to\ttal\x07": 1}}
+    line = score_entry(entry, {"error": "Could not read 'a\nb.png'"})
+    text = format_report(report_of([line]))
+    assert "\x1b" not in text and "\x07" not in text and "\t" not in text
+    assert "red\\x1b[31m\\x0afake row  extract" in text and "s.to\\x09tal\\x07" in text
+    assert len(text.split("\n\n")[0].splitlines()) == 3  # header, rule, one row
+    report_failures([line], None)
+    failed = capsys.readouterr().err.splitlines()[0]
+    assert failed == "failed: red\\x1b[31m\\x0afake row (a\\x0ab.png): Could not read 'a\\x0ab.png'"
 
 
 def test_format_table_aligns_columns():
@@ -168,6 +254,94 @@ def test_bad_manifests_name_the_line(tmp_path, lines, message):
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ManifestError, match=message):
         read_manifest(tmp_path)
+
+
+def test_an_empty_expected_object_is_refused(tmp_path):
+    picture(tmp_path / "a.png")
+    (tmp_path / "s.json").write_text('{"type": "object", "properties": {"total": {"type": "number"}}}')
+    message = manifest_error(tmp_path, ['{"image": "a.png", "task": "ocr", "expected": "x"}',
+                                        '{"id": "b", "image": "a.png", "task": "extract", "schema": "s.json", "expected": {}}'])
+    assert message.startswith(f"{tmp_path / 'manifest.jsonl'}, line 2: the expected answer is {{}}, which names no field")
+    assert "\n" not in message
+
+
+RECEIPT = {"type": "object", "required": ["total"], "properties": {
+    "total": {"type": "number"}, "subtotal": {"type": "number"},
+    "items": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "amount": {"type": "number"}}}},
+}}
+
+
+@pytest.mark.parametrize("expected, problem", [
+    ({"total": 1, "subtotl": 1}, "(root): the key 'subtotl' is not a property the schema declares (did you mean 'subtotal'?)"),
+    ({"total": 1, "items": [{"name": "tea", "amout": 2}]},
+     "items/0: the key 'amout' is not a property the schema declares (did you mean 'amount'?)"),
+    ({"total": 1, "vendor": "ACME"}, "(root): the key 'vendor' is not a property the schema declares)"),
+])
+def test_an_expected_key_the_schema_does_not_declare_is_refused(tmp_path, expected, problem):
+    """Constrained decoding writes no property that an object's "properties" leave out (without
+    "additionalProperties"), so an expected answer with one could never be matched."""
+    picture(tmp_path / "a.png")
+    (tmp_path / "receipt.schema.json").write_text(json.dumps(RECEIPT))
+    message = manifest_error(tmp_path, [json.dumps({"image": "a.png", "task": "extract", "schema": "receipt.schema.json",
+                                                    "expected": expected})])
+    assert message.startswith(f"{tmp_path / 'manifest.jsonl'}, line 1: the expected answer does not follow its schema")
+    assert f"({problem};" in message or f"({problem}" in message
+
+
+OPEN_OR_CLOSED = [  # (schema, whether an answer may have the key "extra" in the object at "where")
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": True}, True),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "integer"}}, True),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "o": {"type": "object"}}}, True),  # "o": any object
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "o": {"type": "object", "properties": {"b": {"type": "integer"}}}}}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "o": {"type": ["object", "null"], "properties": {"b": {"type": "integer"}}}}}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "o": {"$ref": "#/$defs/b"}},
+      "$defs": {"b": {"type": "object", "properties": {"b": {"type": "integer"}}}}}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "o": {"anyOf": [
+        {"type": "object", "properties": {"b": {"type": "integer"}}}, {"type": "null"}]}}}, False),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "o": {"type": "array", "items": {
+        "type": "object", "properties": {"b": {"type": "integer"}}}}}}, False),
+]
+
+
+@pytest.mark.parametrize("schema, open_", OPEN_OR_CLOSED)
+def test_unknown_keys_are_refused_exactly_where_the_grammar_refuses_them(tmp_path, processor, schema, open_):
+    """The rule of _check_expected is the grammar's: compile the schema and try the answer with an extra key."""
+    nested = "o" in schema["properties"]
+    inner = {"b": 1, "extra": 2}
+    value = [inner] if schema["properties"].get("o", {}).get("type") == "array" else inner
+    answer = {"a": 1, "o": value} if nested else {"a": 1, "extra": 2}
+    grammar = compile_schema(processor.tokenizer, schema, 32064, [32007])
+    assert xgrammar.GrammarMatcher(grammar).accept_string(json.dumps(answer, separators=(",", ":"))) is open_
+    picture(tmp_path / "a.png")
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "task": "extract", "schema": "s.json",
+                                                         "expected": answer}) + "\n")
+    if open_:
+        assert read_manifest(tmp_path)[0]["expected"] == answer
+    else:
+        # a branch of anyOf is named as a whole: no branch allows the object
+        with pytest.raises(ManifestError, match="the key 'extra' is not a property the schema declares|not valid under any"):
+            read_manifest(tmp_path)
+
+
+def test_schemas_that_share_a_file_name_keep_their_own_rows(tmp_path):
+    """Before, receipt.schema.json in two folders (or receipt.v2.schema.json) were all "receipt": one row."""
+    picture(tmp_path / "a.png")
+    paths = ["schemas/receipt.schema.json", "other/receipt.schema.json", "receipt.v2.schema.json",
+             "schemas/passport.schema.json", "r.json", "r.schema.json", "./schemas/../other/receipt.schema.json"]
+    for path in paths:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text('{"type": "object", "properties": {"total": {"type": "number"}}}')
+    (tmp_path / "manifest.jsonl").write_text("".join(
+        json.dumps({"id": str(number), "image": "a.png", "task": "extract", "schema": path, "expected": {"total": 1}}) + "\n"
+        for number, path in enumerate(paths)))
+    entries = read_manifest(tmp_path)
+    lines = [score_entry(entry, {"answer": {"total": number % 2}, "valid": True}) for number, entry in enumerate(entries)]
+    names = ["schemas/receipt", "other/receipt", "receipt.v2", "passport", "r.json", "r.schema.json", "other/receipt"]
+    assert list(summarise(lines)["extract"]["fields"]) == [f"{name}.total" for name in names[:-1]]
+    assert summarise(lines)["extract"]["fields"]["other/receipt.total"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert [line["schema"] for line in lines] == names
 
 
 def test_a_manifest_that_is_not_utf8_names_the_line(tmp_path):
@@ -401,7 +575,7 @@ def test_eval_scores_an_unreadable_image_as_wrong_and_exits_1(capsys, monkeypatc
     assert code == 1
     item = json.loads(report_path.read_text())["items"][0]
     assert item["cer"] == 1.0 and "Could not read" in item["error"] and "(error)" in out
-    assert f"failed: broken ({data / 'broken.png'}): Could not read" in err
+    assert f"failed: broken (broken.png): Could not read '{data / 'broken.png'}'" in err  # the image as the manifest names it
     assert err.strip().splitlines()[-1] == (f'error: 1 of 2 items failed and were scored as wrong (their items in {report_path} '
                                             'have an "error"); fix them and run the same command again')
     code, _, err = run(capsys, "eval", "--data", data, "--max-new-tokens", "2")
@@ -449,6 +623,35 @@ def test_the_report_never_replaces_the_set_or_results(capsys, monkeypatch, tmp_p
         before = output.read_bytes()
         code, _, err = run(capsys, "eval", "--data", tmp_path, "--output", output)
         assert code == 1 and message in err and output.read_bytes() == before
+
+
+def test_reports_from_two_copies_of_a_set_are_equal(capsys, monkeypatch, tmp_path):
+    """The report names each image as the manifest does (relative to --data), not by an absolute path."""
+    first = tmp_path / "checkout-1"
+    (first / "data" / "scans").mkdir(parents=True)
+    picture(first / "data" / "scans" / "a.png")
+    (first / "data" / "scans" / "broken.png").write_bytes(b"not an image")
+    (first / "data" / "manifest.jsonl").write_text('{"id": "a", "image": "scans/a.png", "task": "ocr", "expected": "hi"}\n'
+                                                   '{"id": "b", "image": "scans/broken.png", "task": "ocr", "expected": "hi"}\n')
+    second = tmp_path / "checkout-2"
+    shutil.copytree(first, second)
+    monkeypatch.setattr(tasks, "generate_batch", lambda *args, **kwargs: [Generation("hi", 1, 1, 0.1, 0.1, 1)])
+    reports = []
+    for checkout in (first, second):
+        monkeypatch.chdir(checkout)
+        assert run(capsys, "eval", "--data", "data", "--output", "report.json")[0] == 1  # broken.png failed
+        report = json.loads((checkout / "report.json").read_text())
+        assert [item["image"] for item in report["items"]] == ["scans/a.png", "scans/broken.png"]
+        reports.append({key: value for key, value in report.items() if key != "total_seconds"})
+    assert reports[0] == reports[1]
+
+
+def test_an_output_folder_suggests_a_report_file(capsys, tmp_path, tiny_model):
+    picture(tmp_path / "a.png")
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "task": "ocr", "expected": "x"}\n')
+    code, out, err = run(capsys, "eval", "--data", tmp_path, "--output", tmp_path)
+    assert code == 1 and tiny_model.calls == 0
+    assert err == f"error: --output '{tmp_path}' is a folder; give a file name inside it, e.g. '{tmp_path / 'report.json'}'.\n"
 
 
 def test_every_bad_manifest_line_is_named_at_once(tmp_path):

@@ -1023,6 +1023,18 @@ def _rewrite_for_grammar(copy: dict) -> dict:
     return copy
 
 
+def closed_schema(schema):
+    """A copy of ``schema`` with ``"additionalProperties": false`` in every object schema that lists
+    ``properties`` and says nothing of ``additionalProperties``: the objects as constrained decoding writes
+    them (it writes no other property there; an object without ``properties`` takes any), where JSON Schema
+    alone would let any other key through. ``eval`` checks expected answers against it (a misspelt key)."""
+    if not isinstance(schema, dict):
+        return schema
+    copy = _with_subschemas(schema, closed_schema)
+    if "object" in _types(copy) and "properties" in copy and "additionalProperties" not in copy:
+        copy["additionalProperties"] = False
+    return copy
+
 # One grammar compiler per tokenizer: building it reads the whole vocabulary (about a second). Each keeps
 # the grammars it compiled last: tokenizer -> {(vocab_size, stop ids): (compiler, {schema text: grammar})}.
 _COMPILERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -12,15 +12,33 @@ Two metrics, both small enough to read in a minute:
   reference is empty (``error_rate``).
 * **Per-field exact match** for JSON extraction: each top-level field of the expected object is
   right or wrong. Strings are compared ignoring case and extra whitespace, numbers by value
-  (``40.4`` equals ``40.40``, but the string ``"40.4"`` does not equal the number), lists and
-  objects element by element with the same rules. A missing field, or an answer that is no JSON,
-  counts as wrong. Reported per field and overall.
+  (``40.4`` equals ``40.40``, but the string ``"40.4"`` does not equal the number), lists element
+  by element in order, and objects key by key with the same rules. A missing field, or an answer
+  that is no JSON object, counts as wrong. Reported per field and overall.
+
+  Only the top level is scored field by field: keys of the answer that the expected object does not
+  name are ignored there. Below it, a value must equal the expected value as a whole: a nested object
+  (``"address": {"city": ...}``) is right only with exactly the expected keys, so a key missing from
+  it or one too many makes the whole field wrong, as does one wrong element of a list. Where the
+  schema lists an object's ``properties`` without ``additionalProperties``, constrained decoding
+  writes no other key and eval refuses an expected answer with one; an extra nested key is then a
+  declared property that the expected answer leaves out: write into ``expected`` every property
+  that the document shows.
+
+Both compare text by its characters after Unicode canonical normalisation (NFC, ``normalise_text``):
+``"é"`` typed as one code point (U+00E9) or as ``e`` and a combining accent (U+0301) is the same
+character, as it is on the page. Compatibility forms are not folded (no NFKC): a full-width
+``"１"`` is not ``"1"`` and the ligature ``"ﬁ"`` is not ``"fi"`` in a CER, as they are different
+characters on the page. (Field matching ignores case with ``str.casefold``, which also turns ``"ß"``
+into ``"ss"`` and the ligature ``"ﬁ"`` into ``"fi"``; a full-width digit stays as it is.)
 
     from phi_helpers.api.metrics import character_error_rate, field_matches
     character_error_rate("sitting", "kitten")   # 3 edits / 6 characters = 0.5
     field_matches({"total": 40.4, "merchant": "ACME "}, {"total": 40.40, "merchant": "acme"})
     # {'total': True, 'merchant': True}
 """
+
+import unicodedata
 
 from rapidfuzz.distance import Levenshtein
 
@@ -35,9 +53,12 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def normalise_text(text: str) -> str:
-    """Collapse every run of whitespace (spaces, tabs, line breaks) into one space; strip the ends.
-    ``None`` (no answer) is the empty text."""
-    return " ".join(("" if text is None else str(text)).split())
+    """Canonical Unicode form (NFC: an accent typed as a combining character joins its letter), then
+    every run of whitespace (spaces, tabs, line breaks) as one space and the ends stripped. ``None``
+    (no answer) is the empty text. Compatibility forms stay distinct (no NFKC): a full-width ``"１"``
+    or the ligature ``"ﬁ"`` is a different character on the page from ``"1"`` or ``"fi"``."""
+    text = "" if text is None else str(text)
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def character_error_rate(hypothesis: str, reference: str) -> float:
@@ -61,9 +82,9 @@ def error_rate(edits: int, reference_chars: int) -> float:
 
 
 def normalise_value(value):
-    """A JSON value made comparable: strings case- and whitespace-insensitive, numbers by value."""
+    """A JSON value made comparable: strings case- and whitespace-insensitive (and NFC), numbers by value."""
     if isinstance(value, str):
-        return normalise_text(value).casefold()
+        return normalise_text(value.casefold())  # casefold first: it may take a letter apart ("ǰ"), NFC joins it again
     if isinstance(value, bool):
         return ("boolean", value)  # in Python True == 1: keep true and 1 apart
     if value is None:

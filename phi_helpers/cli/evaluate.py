@@ -5,16 +5,19 @@ defined in ``phi_helpers.api.metrics``.
 """
 
 import codecs
+import difflib
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from ..api.constrained import closed_schema
 from ..api.metrics import character_error_rate, error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
-from ..api.structured import load_schema, validation_errors
+from ..api.structured import load_schema, schema_validator
 from ..errors import CommandLineError, ManifestError, SchemaError
 from .inputs import Item, is_multi_page_tiff, is_pdf, terminal_safe
 from .outputs import (
@@ -33,10 +36,12 @@ EVAL_TASKS = ("ocr", "extract")
 
 
 def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
-    """The items of ``DIR/manifest.jsonl`` (the first ``limit`` of them), checked, with absolute paths.
+    """The items of ``DIR/manifest.jsonl`` (the first ``limit`` of them), checked, with their files' paths.
 
-    Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path) and, for extract items,
-    ``schema`` (a Path). Paths are relative to ``data_dir`` and must stay inside it (no absolute
+    Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path: ``data_dir`` / the manifest's
+    path), ``image_name`` (the manifest's path, relative to ``data_dir``: what the report shows) and, for
+    extract items, ``schema`` (a Path) and ``schema_name`` (its name in the report: ``_schema_names``).
+    Paths are relative to ``data_dir`` and must stay inside it (no absolute
     paths, no ``..`` or symbolic link that leads out); the images and schema files must exist, and an
     image must not be a document of several pages (a PDF, a multi-page TIFF): an item scores one image. The manifest is UTF-8 text, with or without a byte order mark; only
     ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of every malformed
@@ -83,7 +88,35 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
                             + " | ".join(problems[:MAX_MANIFEST_PROBLEMS]))
     if not entries:
         raise ManifestError(f"{manifest} has no items.")
+    names = _schema_names({entry["schema"] for entry in entries if "schema" in entry}, data_dir)
+    for entry in entries:
+        if "schema" in entry:
+            entry["schema_name"] = names[entry["schema"]]
     return entries
+
+
+def _schema_names(paths: set[Path], data_dir: Path) -> dict[Path, str]:
+    """The name of each schema file in the report, before its fields (``receipt.total``): the start of its
+    file name (``schemas/receipt.schema.json``: ``receipt``) where no other of ``paths`` starts the same;
+    else its path in ``data_dir`` without ``.schema.json`` or ``.json`` (``schemas/receipt`` and
+    ``other/receipt``, or ``receipt`` and ``receipt.v2``); else (``r.json`` beside ``r.schema.json``) its
+    whole path. Two schemas never share a name, so their fields never share a row of the field table.
+    (``paths``: the schemas of the items read; with ``--limit``, a name may be shorter than in a whole run.)"""
+    relative = {path: Path(os.path.normpath(path.relative_to(data_dir))).as_posix() for path in paths}
+
+    def start(name: str) -> str:
+        return Path(name).name.split(".")[0]
+
+    def without_suffix(name: str) -> str:
+        return re.sub(r"(\.schema)?\.json$", "", name)
+
+    distinct, names = set(relative.values()), {}
+    for name in distinct:
+        for rule in (start, without_suffix, str):  # the first rule that gives this schema a name of its own
+            if [rule(other) for other in distinct].count(rule(name)) == 1:
+                names[name] = rule(name)
+                break
+    return {path: names[name] for path, name in relative.items()}
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -138,7 +171,7 @@ def _check_entry(line: str, data_dir: Path, where: str, schemas: dict) -> dict:
             raise ManifestError(f"{where}: an extract item's expected answer must be a JSON object.")
         if "schema" not in entry:
             raise ManifestError(f"{where}: an extract item needs a schema.")
-    checked = dict(entry, image=_existing(data_dir, entry["image"], "image", where))
+    checked = dict(entry, image=_existing(data_dir, entry["image"], "image", where), image_name=entry["image"])
     checked.setdefault("id", Path(entry["image"]).stem)
     if is_pdf(checked["image"]):
         raise ManifestError(
@@ -158,23 +191,45 @@ def _check_entry(line: str, data_dir: Path, where: str, schemas: dict) -> dict:
     if "schema" in entry:
         checked["schema"] = _existing(data_dir, entry["schema"], "schema", where)
         _check_expected(entry["expected"], checked["schema"], where, schemas)
+    if entry["task"] == "extract" and not entry["expected"]:  # a schema without "required" allows {}
+        raise ManifestError(f"{where}: the expected answer is {{}}, which names no field to score (the item would "
+                            "count as all fields right whatever the answer). Write the fields the image shows into "
+                            "\"expected\", or leave the line out.")
     return checked
 
 
 def _check_expected(expected: dict, schema_path: Path, where: str, schemas: dict) -> None:
     """Refuse a gold answer that its own schema does not allow (a misspelt key, a number written as text):
-    no answer that follows the schema could ever match it."""
+    no answer that follows the schema could ever match it. A key that the schema does not declare is
+    refused where constrained decoding would never write it (``closed_schema``)."""
     if schema_path not in schemas:
         try:
             schemas[schema_path] = load_schema(schema_path)
         except SchemaError as error:
             raise ManifestError(f"{where}: {error}") from None
-    problems = validation_errors(expected, schemas[schema_path])
+    problems = _schema_problems(expected, closed_schema(schemas[schema_path]))
     if problems:
         raise ManifestError(
             f"{where}: the expected answer does not follow its schema '{schema_path.name}' ({'; '.join(problems)}); "
             "an answer that follows the schema could never match it. Fix the \"expected\" field of this line."
         )
+
+
+def _schema_problems(expected: dict, schema: dict) -> list[str]:
+    """What in ``expected`` breaks ``schema``, sorted, each with its place (``items/0: ...``); a key the
+    schema does not declare is named with the closest one it does."""
+    problems = []
+    for error in schema_validator(schema).iter_errors(expected):
+        where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+        if error.validator == "additionalProperties" and error.validator_value is False:
+            declared = list(error.schema.get("properties", {}))
+            for key in (key for key in error.instance if key not in declared):
+                close = difflib.get_close_matches(key, declared, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{where}: the key {key!r} is not a property the schema declares{hint}")
+        else:
+            problems.append(f"{where}: {error.message}")
+    return sorted(problems)
 
 
 def _existing(data_dir: Path, relative, field: str, where: str) -> Path:
@@ -265,7 +320,7 @@ def score_entry(entry: dict, record: dict) -> dict:
     Numbers JSON cannot hold in an extracted answer (``NaN``, ``1e999``) are written as text
     (``"NaN"``, ``"Infinity"``) after scoring, so that the report stays strict JSON.
     """
-    line = {"id": entry["id"], "image": str(entry["image"]), "task": entry["task"]}
+    line = {"id": entry["id"], "image": entry["image_name"], "task": entry["task"]}
     if "error" in record:
         line["error"] = record["error"]
     if entry["task"] == "ocr":
@@ -278,7 +333,7 @@ def score_entry(entry: dict, record: dict) -> dict:
         line.update(
             answer=json_safe(answer),
             expected=entry["expected"],
-            schema=_schema_name(entry["schema"]),
+            schema=entry["schema_name"],
             fields=field_matches(answer, entry["expected"]),
             valid=record.get("valid", False),
             errors=record.get("errors", []),
@@ -287,16 +342,13 @@ def score_entry(entry: dict, record: dict) -> dict:
     return line
 
 
-def _schema_name(path) -> str:
-    """``schemas/receipt.schema.json`` -> ``receipt``: the prefix of its fields in the report."""
-    return Path(path).name.split(".")[0]
-
-
 def summarise(scored: list[dict]) -> dict:
     """Totals over the items: CER for ocr, per-field and overall exact match for extract.
 
     The ocr CER is all edits / all reference characters (``error_rate``: references that are all
-    empty give 0.0 without edits, 1.0 with any, as an item's CER does).
+    empty give 0.0 without edits, 1.0 with any, as an item's CER does); ``mean_item_cer`` is the mean
+    of the items' CERs before they are rounded for the report. A share of nothing (no field scored)
+    is None (null in the report, "n/a" in the text), not 0.
     """
     summary = {}
     ocr = [line for line in scored if line["task"] == "ocr"]
@@ -306,7 +358,7 @@ def summarise(scored: list[dict]) -> dict:
         summary["ocr"] = {
             "items": len(ocr),
             "cer": round(error_rate(edits, chars), 4),
-            "mean_item_cer": round(sum(line["cer"] for line in ocr) / len(ocr), 4),
+            "mean_item_cer": round(sum(error_rate(line["edits"], line["reference_chars"]) for line in ocr) / len(ocr), 4),
         }
     extract = [line for line in scored if line["task"] == "extract"]
     if extract:
@@ -317,19 +369,24 @@ def summarise(scored: list[dict]) -> dict:
                 counts["correct"] += right
                 counts["total"] += 1
         for counts in fields.values():
-            counts["accuracy"] = round(counts["correct"] / counts["total"], 4)
+            counts["accuracy"] = _share(counts["correct"], counts["total"])
         correct = sum(counts["correct"] for counts in fields.values())
         total = sum(counts["total"] for counts in fields.values())
         summary["extract"] = {
             "items": len(extract),
             "valid_answers": sum(bool(line["valid"]) for line in extract),
-            "all_fields_right": sum(all(line["fields"].values()) for line in extract),
-            "exact_match": round(correct / total, 4) if total else 0.0,
+            "all_fields_right": sum(bool(line["fields"]) and all(line["fields"].values()) for line in extract),
+            "exact_match": _share(correct, total),
             "fields_correct": correct,
             "fields_total": total,
             "fields": fields,
         }
     return summary
+
+
+def _share(part: int, whole: int) -> float | None:
+    """``part / whole`` rounded to 4 places; None when ``whole`` is 0 (nothing was scored: no share to give)."""
+    return round(part / whole, 4) if whole else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,24 +396,41 @@ def summarise(scored: list[dict]) -> dict:
 
 def format_report(report: dict) -> str:
     """The report as the text printed by ``eval``: one table of items, one of fields, a summary."""
-    item_rows = [[line["id"], line["task"], _item_score(line)] for line in report["items"]]
+    item_rows = [[_cell(line["id"]), line["task"], _item_score(line)] for line in report["items"]]
     parts = [format_table(item_rows, ["item", "task", "score"])]
     extract = report["summary"].get("extract")
     if extract:
-        field_rows = [[name, c["correct"], c["total"], f"{c['accuracy']:.3f}"] for name, c in extract["fields"].items()]
-        field_rows.append(["overall", extract["fields_correct"], extract["fields_total"], f"{extract['exact_match']:.3f}"])
+        field_rows = [[_cell(name), c["correct"], c["total"], _shown(c["accuracy"])] for name, c in extract["fields"].items()]
+        field_rows.append(["overall", extract["fields_correct"], extract["fields_total"], _shown(extract["exact_match"])])
         parts.append(format_table(field_rows, ["field", "correct", "total", "exact match"]))
     parts.append(_summary_lines(report))
     return "\n\n".join(parts)
 
 
+def _cell(text: str) -> str:
+    """Text from the manifest (an id, a field's name) as a table cell or in a one-line message: control
+    characters as ``\\xNN`` (``terminal_safe``), and so tabs and line breaks, which would break the table's
+    columns and rows."""
+    return terminal_safe(text.translate({0x09: "\\x09", 0x0A: "\\x0a"}))
+
+
+def _shown(share: float | None) -> str:
+    """A share of the summary as text: ``0.833``, or ``n/a`` for None (nothing was scored)."""
+    return "n/a" if share is None else f"{share:.3f}"
+
+
 def _item_score(line: dict) -> str:
-    if line["task"] == "ocr":
-        score = f"CER {line['cer']:.3f}"
+    """The score of one report line, and what went wrong: the item failed (``(error)``), or its
+    extraction is no JSON (cut off, or unconstrained text) or JSON that does not follow the schema."""
+    if "error" in line:
+        problem = " (error)"
+    elif line["task"] == "extract" and not line["valid"]:
+        problem = ", invalid JSON" if line["answer"] is None else ", does not follow the schema"
     else:
-        right = sum(line["fields"].values())
-        score = f"{right}/{len(line['fields'])} fields" + ("" if line["valid"] else ", invalid JSON")
-    return score + (" (error)" if "error" in line else "")
+        problem = ""
+    if line["task"] == "ocr":
+        return f"CER {line['cer']:.3f}" + problem
+    return f"{sum(line['fields'].values())}/{len(line['fields'])} fields" + problem
 
 
 def _summary_lines(report: dict) -> str:
@@ -369,7 +443,7 @@ def _summary_lines(report: dict) -> str:
         lines.append(f"ocr: character error rate {ocr['cer']:.3f} over {ocr['items']} items (lower is better)")
     if extract:
         lines.append(
-            f"extract: exact match {extract['exact_match']:.3f} over {extract['fields_total']} fields of "
+            f"extract: exact match {_shown(extract['exact_match'])} over {extract['fields_total']} fields of "
             f"{extract['items']} items; {extract['valid_answers']} of {extract['items']} answers valid (higher is better)"
         )
     failed = sum("error" in line for line in report["items"])
@@ -410,6 +484,8 @@ def check_report_path(path: Path, data_dir: Path) -> None:
     ``data_dir`` it may replace only an earlier report (never the manifest, an image, a schema, notes),
     and nowhere a file of results (JSON lines of ``phi-helpers predict``) or a file that is not text
     (``check_replaceable``: a PDF or an image named by a slip)."""
+    if path.is_dir():  # before check_output_path, whose example is a file of results
+        raise CommandLineError(f"--output '{path}' is a folder; give a file name inside it, e.g. '{path / 'report.json'}'.")
     check_output_path(path)
     keys = _json_object_keys(path)  # an earlier report's ("items", "summary"), or one answer's ("source", "task")
     inside = Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data_dir))
@@ -436,7 +512,7 @@ def report_failures(items: list[dict], output) -> int:
     """Say on stderr which items could not be run, and return the exit code: 1 if any failed."""
     failed = [line for line in items if "error" in line]
     for line in failed:
-        print(terminal_safe(f"failed: {line['id']} ({line['image']}): {line['error']}"), file=sys.stderr)
+        print(_cell(f"failed: {line['id']} ({line['image']}): {line['error']}"), file=sys.stderr)  # one line each
     if not failed:
         return 0
     where = f'their items in {output} have an "error"' if output else "the reasons are above"
