@@ -332,6 +332,71 @@ def test_a_stream_left_unfinished_is_closed_by_the_chats_next_question(monkeypat
     assert [m["content"] for m in chat.messages][2:5:2] == ["Go on.", "And then?"]
 
 
+def test_an_interrupt_before_the_first_token_leaves_the_question_unanswered(monkeypatch, model_and_processor, image, capsys):
+    """Before: a streamed ask stopped before its first piece added an empty answer, so the next ask
+    said "It is not the model's turn". Now it is kept unanswered, as an interrupted plain ask keeps it."""
+    model, processor = model_and_processor
+
+    def interrupted(self):  # Ctrl-C while waiting for the first piece
+        raise KeyboardInterrupt
+
+    chat = Chat().add_user("Describe.", images=image)
+    with monkeypatch.context() as patch:
+        patch.setattr(generation._AnswerStreamer, "__next__", interrupted)
+        result = run_with_watchdog(lambda: ask(model, processor, chat, max_new_tokens=8, stream=True))
+    assert result["value"] == ""
+    assert "your question stays unanswered in the chat" in capsys.readouterr().out
+    assert [m["role"] for m in chat.messages] == ["user"]
+    with monkeypatch.context() as patch:  # the same as an interrupted ask without streaming
+        patch.setattr(model, "generate", lambda **kwargs: interrupted(None))
+        with pytest.raises(KeyboardInterrupt):
+            ask(model, processor, chat, max_new_tokens=8)
+    assert [m["role"] for m in chat.messages] == ["user"]
+    assert ask(model, processor, chat, max_new_tokens=8) and len(chat) == 2  # asking again answers it
+
+
+def test_an_empty_answer_that_ended_by_itself_is_kept_streamed_or_not(model_and_processor, image):
+    """Only an interrupted stream leaves the question unanswered: a finished one keeps even an empty answer."""
+    model, processor = model_and_processor
+    first = processor.tokenizer.encode(ask(model, processor, "Hi", max_new_tokens=4), add_special_tokens=False)[0]
+    for stream in (False, True):
+        chat = Chat().add_user("Hi")
+        assert ask(model, processor, chat, max_new_tokens=4, eos_token_id=first, stream=stream) == ""
+        assert chat.messages[-1] == {"role": "assistant", "content": ""}
+
+
+# --- stop strings -----------------------------------------------------------------------------------
+
+
+def test_the_answer_ends_before_the_first_stop_string(model_and_processor, image):
+    """Before: the stop string and the rest of its token stayed in the answer ("...omegaRegister")."""
+    model, processor = model_and_processor
+    full = ask(model, processor, Chat().add_user("Describe.", images=image), max_new_tokens=12)
+    assert "omegaRegister" in full  # the tiny model's greedy answer: the stop string ends inside a token
+    expected = full[: full.index("omegaReg")].strip()
+    for stop_strings in ("omegaReg", ["Roman", "omegaReg"]):  # the first one found in the answer wins
+        chat = Chat().add_user("Describe.", images=image)
+        assert ask(model, processor, chat, max_new_tokens=12, stop_strings=stop_strings) == expected
+        assert chat.messages[-1] == {"role": "assistant", "content": expected}
+        chat = Chat().add_user("Describe.", images=image)
+        pieces = list(stream_chunks(model, processor, chat, max_new_tokens=12, stop_strings=stop_strings))
+        assert "".join(pieces).strip() == expected and chat.messages[-1]["content"] == expected
+
+
+def test_a_stop_string_split_over_streamed_pieces_is_cut_too(monkeypatch, model_and_processor):
+    model, processor = model_and_processor
+    reply = processor.tokenizer.encode("The total is 30.89 dollars.", add_special_tokens=False)
+    record_generate(monkeypatch, model, reply_ids=reply)  # generate's own stop check does not run here
+    pieces = list(stream_chunks(model, processor, "Hi", max_new_tokens=20, stop_strings=["9 dol"]))
+    assert "".join(pieces) == "The total is 30.8"
+    assert ask(model, processor, "Hi", max_new_tokens=20, stop_strings=["9 dol"]) == "The total is 30.8"
+    assert "".join(stream_chunks(model, processor, "Hi", max_new_tokens=20, stop_strings=["x dol"])).strip() == (
+        "The total is 30.89 dollars."  # text held back as a possible stop string comes out in the end
+    )
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        ask(model, processor, "Hi", max_new_tokens=20, stop_strings=["x", ""])
+
+
 # --- Chat -------------------------------------------------------------------------------------------
 
 
@@ -382,6 +447,14 @@ def test_context_limit_is_prompt_plus_new_tokens(monkeypatch, model_and_processo
     ask(model, processor, "Hi", max_new_tokens=5)  # exactly fills the context: allowed
     with pytest.raises(ContextLengthError, match=f"{prompt_tokens + 6:,} in all"):
         ask(model, processor, "Hi", max_new_tokens=6)
+
+
+def test_chats_given_to_generate_batch_say_how_to_pass_them(model_and_processor, image):
+    """Before: "needs a non-empty list of prompts (strings)", with nothing about the Chat."""
+    model, processor = model_and_processor
+    chat = Chat().add_user("Hi", images=image)
+    with pytest.raises(PromptError, match=re.escape("pass [chat.render(processor) for chat in chats]")):
+        generation.generate_batch(model, processor, [chat], [chat.images], max_new_tokens=4)
 
 
 def test_the_module_lists_its_public_names():

@@ -99,6 +99,41 @@ def test_failed_send_keeps_the_text_and_the_history(fake):
     assert box.send_button.disabled is False
 
 
+def test_drop_images_acts_on_the_boxs_own_history(fake):
+    """Before: the overflow message advised chat.drop_images(keep_last=1), but box.chat is a copy, so
+    nothing changed and only Reset (losing everything) helped."""
+    box = ChatBox(None, None, stream_fn=fake)
+    for colour in ("red", "green"):
+        box.upload(png_bytes(colour=colour))
+        box.send(f"What about {colour}?")
+    box.upload(png_bytes(colour="blue"))
+    fake.error = ContextLengthError("The prompt is 140,000 tokens ... (chat.drop_images(keep_last=1) or chat.reset()).")
+    assert box.send("And blue?") is None
+    assert "press Drop old images" in box.transcript()  # what works in the box
+    box.chat.drop_images()
+    assert len(box.chat.images) == 2  # the copy: nothing changed
+    box.drop_button.click()  # box.drop_images(keep_last=1)
+    assert [len(images) for _, images, _ in box.history] == [0, 1] and len(box.pending_images) == 1
+    assert "1 old image(s) removed" in box.transcript()
+    fake.error = None
+    assert box.send() == "The total is 30.89."  # the question was still in the text box
+    assert len(fake.calls[-1]["images"]) == 2 and "<|image_3|>" not in fake.calls[-1]["prompt"]
+    assert [question for question, _, _ in box.history] == ["What about red?", "What about green?", "And blue?"]
+    assert box.drop_images(keep_last=0) == 2 and box.chat.images == []
+
+
+def test_stop_button_before_the_answer_began_keeps_the_question(box):
+    """Before: the box recorded an empty answer and cleared the text box."""
+    def interrupted(model, processor, chat, max_new_tokens=256):
+        raise KeyboardInterrupt
+        yield  # a generator, as stream_chunks
+
+    box._stream = interrupted
+    assert box.send("What is the total?") is None
+    assert box.history == [] and box.text.value == "What is the total?"
+    assert "[stopped]" in box.transcript() and "still in the text box" in box.transcript()
+
+
 def test_empty_question_is_not_sent(box, fake):
     assert box.send("   ") is None
     assert fake.calls == []

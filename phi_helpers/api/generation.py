@@ -63,17 +63,21 @@ def ask(
         prompt_or_chat: a plain question (image tags are added for you; special tokens in it are
             refused), a prompt that is already in chat format (starts with ``<|user|>`` or
             ``<|system|>``; used as it is), or a ``Chat`` (its images are used and
-            the answer is appended to it; if generation fails, your question stays in the chat).
+            the answer is appended to it; if generation fails or is interrupted before the first
+            token, your question stays in the chat, unanswered: ask again to answer it).
         images: one image or a list; anything ``load_image`` accepts. Not used with a ``Chat``.
         max_new_tokens: the longest answer, in tokens.
         stream: print the answer while it is generated. Interrupting the kernel (Ctrl-C / the stop
-            button) stops generation and returns the partial answer.
+            button) stops generation and returns the partial answer (with a Chat, it is added as the
+            answer, unless nothing was generated yet).
         schema: a JSON Schema: the answer can only be JSON that follows it (compact, in the schema's
             property order), unless cut off by ``max_new_tokens``. ``extract`` also parses it.
         **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7``).
             Decoding is greedy (deterministic) unless you pass sampling settings. A ``generation_config``
             counts with the fields it sets (keywords you pass beside it win); ``eos_token_id`` may name
-            tokens (``"<|end|>"``); ``stop_strings`` get the tokenizer for you. One more that is not
+            tokens (``"<|end|>"``). ``stop_strings`` (a string or a list) end the answer where one first
+            appears: the answer (returned, streamed and added to a Chat) is cut just before it, so the
+            stop string itself is not part of it, as in OpenAI-style APIs. One more that is not
             generate's: ``num_crops`` sets the image tiles for this call (default: the processor's).
             Outputs beyond the text (``return_dict_in_generate``, ``output_scores``) are refused: the
             message shows how to call ``model.generate`` for them.
@@ -90,12 +94,14 @@ def ask(
         raise InvalidArgumentError(f"stream must be True or False, got {stream!r}.")
     if stream:  # stream_chunks checks the rest
         return _print_stream(
-            stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs)
+            stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs),
+            chat=isinstance(prompt_or_chat, Chat),
         )
     inputs, settings, chat = _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs)
     with torch.inference_mode():
         output = model.generate(**inputs, **settings)
-    answer = _decode_answer(processor, output[0, inputs["input_ids"].shape[1] :].tolist(), settings["eos_token_id"])
+    new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+    answer = _decode_answer(processor, new_tokens, settings["eos_token_id"], settings.get("stop_strings"))
     if chat is not None:
         chat.add_assistant(answer, generated=True)
     return answer
@@ -139,7 +145,8 @@ def stream_chunks(
 
     Generation runs in a background thread. If the thread fails, its exception is raised here. If you
     stop iterating early (``break``, ``.close()``, or a KeyboardInterrupt), generation is stopped. With a
-    ``Chat``, the text generated so far is appended as the answer, unless generation failed; a stream
+    ``Chat``, the text generated so far is appended as the answer, unless generation failed or was
+    stopped before any text came (the question then stays unanswered, as with ``ask``); a stream
     you broke out of but kept (``chunks = stream_chunks(...)``) is closed by the chat's next ``ask``,
     ``extract`` or ``stream_chunks``, so its partial answer goes in first and the turns stay in order.
     The arguments are checked and the prompt is encoded when you call it; generation starts with the
@@ -166,21 +173,49 @@ def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, a
     )
     thread.start()
     pieces: list[str] = []
+    finished = False  # generation ended by itself (not stopped by the caller)
     try:
-        for piece in streamer:
+        for piece in _until_stop_string(streamer, settings.get("stop_strings")):
             if piece:
                 pieces.append(piece)
                 yield piece
+        finished = True
     finally:  # also runs when the caller stops early: stop the thread, keep what was generated
         stop.set()
         thread.join()
-        if chat is not None and not errors:  # after its question, even if turns were added while it streamed
-            chat.add_assistant("".join(pieces).strip(), generated=True, position=asked)
+        answer = "".join(pieces).strip()
+        # After its question, even if turns were added while it streamed; stopped before any text came,
+        # the question stays unanswered (as when ask() without streaming is interrupted).
+        if chat is not None and not errors and (finished or answer):
+            chat.add_assistant(answer, generated=True, position=asked)
     if errors:
         raise errors[0]
 
 
-def _print_stream(chunks) -> str:
+def _until_stop_string(pieces, stop_strings):
+    """The text of ``pieces`` up to the first stop string (excluded), piece by piece. Text that could be
+    the start of a stop string is held back until the next piece shows whether it is one."""
+    stop_strings = _as_list(stop_strings)
+    text, sent = "", 0
+    for piece in pieces:
+        text += piece
+        cut = _first_stop_string(text, stop_strings)
+        if cut is not None:
+            yield text[sent:cut]
+            return
+        held = max((size for stop in stop_strings for size in range(1, len(stop)) if text.endswith(stop[:size])), default=0)
+        yield text[sent : len(text) - held]
+        sent = len(text) - held
+    yield text[sent:]
+
+
+def _first_stop_string(text: str, stop_strings: list[str]) -> int | None:
+    """Where the first of ``stop_strings`` begins in ``text``, or None if none is in it."""
+    found = [text.find(stop) for stop in stop_strings if stop in text]
+    return min(found) if found else None
+
+
+def _print_stream(chunks, chat: bool) -> str:
     """Print text pieces as they arrive and return them joined; Ctrl-C keeps the partial answer."""
     pieces = []
     try:
@@ -189,7 +224,11 @@ def _print_stream(chunks) -> str:
             _show(piece)
     except KeyboardInterrupt:
         chunks.close()  # stops generation (if it is not stopped already)
-        _show(f"\n[stopped: generation interrupted, returning the partial answer ({len(''.join(pieces))} characters)]")
+        if pieces:
+            note = f"returning the partial answer ({len(''.join(pieces))} characters)"
+        else:
+            note = "before the first token: no answer" + (", your question stays unanswered in the chat" if chat else "")
+        _show(f"\n[stopped: generation interrupted, {note}]")
     _show("\n")
     return "".join(pieces).strip()
 
@@ -366,6 +405,8 @@ def _check_types(kwargs: dict) -> None:
     stop = kwargs.get("stop_strings")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(t, str) for t in stop))):
         raise InvalidArgumentError(f"stop_strings must be a string or a list of strings, got {stop!r}.")
+    if stop is not None and not all(_as_list(stop)):  # "" would be found at once: an empty answer
+        raise InvalidArgumentError(f"stop_strings must not be empty strings, got {stop!r}.")
     for name in ("logits_processor", "stopping_criteria"):
         items = kwargs.get(name)
         if items is not None and not (isinstance(items, (list, tuple)) and all(callable(item) for item in items)):
@@ -577,11 +618,14 @@ def _stop_token_ids(model, processor) -> list[int]:
     return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != unknown))  # no duplicates, in order
 
 
-def _decode_answer(processor, new_tokens: list[int], stop_ids) -> str:
-    """Decode the generated tokens before the first stop token, without special tokens, stripped."""
+def _decode_answer(processor, new_tokens: list[int], stop_ids, stop_strings=None) -> str:
+    """Decode the generated tokens before the first stop token, without special tokens, cut before the
+    first of ``stop_strings`` (a string or a list; see ``ask``), stripped."""
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
     end = next((index for index, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
-    return processor.tokenizer.decode(new_tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+    text = processor.tokenizer.decode(new_tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    cut = _first_stop_string(text, _as_list(stop_strings))
+    return text[:cut].strip()
 
 
 @dataclass
@@ -710,6 +754,11 @@ def _batch(processor, prompts, images) -> tuple[list[str], list[list]]:
     """The prompts in chat format and their images loaded, as ``ask`` prepares one prompt: a plain
     question gets the chat template and its image tags, an image is anything ``load_image`` accepts.
     ``prompts`` must be a non-empty list of strings, ``images`` one list (of a prompt's images) per prompt."""
+    if isinstance(prompts, (list, tuple)) and any(isinstance(p, Chat) for p in prompts):
+        raise PromptError(
+            "generate_batch takes prompts (strings), not Chats: pass [chat.render(processor) for chat in chats] "
+            "and [chat.images for chat in chats]; the answers are not added to the chats."
+        )
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise PromptError("generate_batch needs a non-empty list of prompts (strings); for one prompt use ask().")
     if not isinstance(images, (list, tuple)) or len(images) != len(prompts) or not all(isinstance(g, (list, tuple)) for g in images):

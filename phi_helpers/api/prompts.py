@@ -174,25 +174,38 @@ class Chat:
         answer = ask(model, processor, chat)
 
     Images are numbered over the whole conversation, so the second image anywhere in the chat is
-    ``<|image_2|>``. Every image costs hundreds to thousands of tokens, every turn; use
-    ``drop_images(keep_last=1)`` when a long conversation gets too big for the context.
+    ``<|image_2|>``. Every ``ask`` re-reads the whole history and re-encodes every image in it: nothing
+    is cached between turns, so each turn costs more than the last (the time to the first token grows
+    with the history), and every image costs hundreds to thousands of tokens, every turn. Use
+    ``drop_images(keep_last=1)`` when a long conversation gets slow or too big for the context.
 
-    If ``ask`` fails (say, with a ContextLengthError), your question stays as the last turn: fix the
-    cause, e.g. ``chat.drop_images(keep_last=1)``, and call ``ask(model, processor, chat)`` again.
+    If ``ask`` fails or is interrupted before its first token (say, with a ContextLengthError), your
+    question stays as the last turn: fix the cause, e.g. ``chat.drop_images(keep_last=1)``, and call
+    ``ask(model, processor, chat)`` again. ``pop()`` removes the last turn, e.g. a question you no
+    longer want to ask.
 
     To save a chat, store ``chat.messages`` (JSON) and ``chat.images`` (image files); to go on with it
     later, ``Chat.from_messages(messages, images)``.
     """
 
     def __init__(self, system: str | None = None):
-        if system is not None and not isinstance(system, str):
-            raise PromptError(f"system must be a string or None, got {type(system).__name__}.")
-        if system:
-            check_user_text(system, "system message")
-        self.system = system or None
+        self.system = system  # checked by the property below
         # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
         self._turns: list[dict] = []
         self._stream = None  # a weak reference to the stream_chunks generator writing the next answer
+
+    @property
+    def system(self) -> str | None:
+        """The system message (None for none). Setting it checks it as ``add_user`` checks a question."""
+        return self._system
+
+    @system.setter
+    def system(self, text: str | None) -> None:
+        if text is not None and not isinstance(text, str):
+            raise PromptError(f"system must be a string or None, got {type(text).__name__}.")
+        if text:
+            check_user_text(text, "system message")
+        self._system = text or None
 
     @classmethod
     def from_messages(cls, messages: list[dict], images=None) -> "Chat":
@@ -220,8 +233,8 @@ class Chat:
                     f"Message {index} starts with the tags {[image_tag(n) for n in numbers]}, but the images are "
                     f"numbered over the whole chat: the next one is {image_tag(used + 1)}."
                 )
-            if message.get("role") == "user":
-                chat.add_user(message["content"][len(tags):], images=images[used : used + len(numbers)])
+            if message.get("role") == "user":  # every message, even a question repeated (add_user would skip it)
+                chat._turns.append(_user_turn(message["content"][len(tags):], images[used : used + len(numbers)]))
             elif message.get("role") == "assistant" and not numbers:
                 chat.add_assistant(message["content"])
             else:
@@ -241,10 +254,16 @@ class Chat:
         """Add a user turn. ``images``: one image or a list; anything ``load_image`` accepts.
 
         All images are loaded first, so if one fails nothing is added. Returns the chat.
+
+        The same question (same text, same images) as the last turn, when that one is still
+        unanswered, is not added a second time: re-running a cell whose ask was interrupted asks once.
+        Any other question after an unanswered one is added after it.
         """
-        check_user_text(text, "user message")
-        loaded = [load_image(image) for image in _as_list(images)]
-        self._turns.append({"role": "user", "text": text, "images": loaded})
+        turn = _user_turn(text, images)
+        last = self._turns[-1] if self._turns else None
+        if last is not None and last["role"] == "user" and (last["text"], last["images"]) == (text, turn["images"]):
+            return self
+        self._turns.append(turn)
         return self
 
     def add_assistant(self, text: str, generated: bool = False, position: int | None = None) -> "Chat":
@@ -292,6 +311,13 @@ class Chat:
     def __getstate__(self) -> dict:
         """What ``copy`` and ``pickle`` keep: the turns, not a stream still writing into this chat."""
         return {**self.__dict__, "_stream": None}
+
+    def __copy__(self) -> "Chat":
+        """``copy.copy(chat)``: a chat with turns of its own (the image objects are shared, not copied)."""
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__getstate__())
+        copied._turns = [{**turn, "images": list(turn["images"])} for turn in self._turns]
+        return copied
 
     def _withdraw(self, position: int) -> None:
         """Remove the model's answer at ``position`` (``extract`` withdraws one that was cut off)."""
@@ -342,6 +368,19 @@ class Chat:
         self._turns.clear()
         return self
 
+    def pop(self) -> tuple[dict, list]:
+        """Remove the last turn; return it as ``(message, images)``: its message as ``messages`` gave it
+        and the images that turn added (``[]`` for none). The other turns and their image numbers stay.
+
+            message, images = chat.pop()       # e.g. a question you no longer want answered
+            chat = Chat.from_messages(chat.messages + [message], chat.images + images)   # puts it back
+        """
+        self._close_stream()  # a stream still writing: its answer goes in first, and is the last turn
+        if not self._turns:
+            raise PromptError("The chat is empty: there is no turn to remove.")
+        message = self.messages[-1]
+        return message, self._turns.pop()["images"]
+
     def drop_images(self, keep_last: int = 0) -> int:
         """Remove all but the last ``keep_last`` images from the history; return how many were removed.
 
@@ -370,6 +409,12 @@ class Chat:
             number += len(turn["images"])
             lines.append(f"  {turn['role']}: {labels}{_preview(turn['text'])}")
         return "\n".join(lines)
+
+
+def _user_turn(text: str, images) -> dict:
+    """A user turn of ``text`` and ``images`` (loaded), checked as ``Chat.add_user`` describes."""
+    check_user_text(text, "user message")
+    return {"role": "user", "text": text, "images": [load_image(image) for image in _as_list(images)]}
 
 
 def _as_list(images) -> list:

@@ -10,12 +10,13 @@ or, to drive it from code as well (this is how it is tested, no browser needed):
     box                                   # shows the widget
     box.upload(open("images/receipt.png", "rb").read(), name="receipt.png")
     box.send("What is the total?")        # same as typing it and pressing Send
+    box.drop_images()                     # same as pressing Drop old images
     box.reset()                           # same as pressing Reset
 
-The buttons only call ``send``, ``upload`` and ``reset``. Problems (an unreadable file, a conversation
-too long for the context, ...) are written into the answer area as a short message, never a
-traceback, and a question that could not be answered stays in the text box so you can edit it and
-press Send again.
+The buttons only call ``send``, ``upload``, ``drop_images`` and ``reset``. Problems (an unreadable file,
+a conversation too long for the context, ...) are written into the answer area as a short message,
+never a traceback, and a question that was not answered (an error, or the kernel's stop button before
+the answer began) stays in the text box so you can edit it and press Send again.
 
 Needs ``ipywidgets`` (``pip install ipywidgets``); JupyterLab 4 shows the widgets out of the box.
 """
@@ -29,7 +30,7 @@ from PIL import Image
 from ..api.generation import stream_chunks
 from ..api.images import load_image
 from ..api.prompts import Chat
-from ..errors import MissingDependencyError
+from ..errors import ContextLengthError, MissingDependencyError, check_whole_number
 
 try:
     import ipywidgets as widgets
@@ -60,7 +61,8 @@ class ChatBox:
             tests pass a fake with the same signature).
 
     Attributes:
-        history: the answered turns, a list of ``(question, images, answer)``.
+        history: the answered turns, a list of ``(question, images, answer)``; every question is sent
+            with this whole history, images included.
         pending_images: images uploaded since the last question; they go with the next one.
     """
 
@@ -90,8 +92,9 @@ class ChatBox:
     def send(self, text: str | None = None) -> str | None:
         """Ask ``text`` (default: what is in the text box) with the attached images; stream the answer.
 
-        Returns the answer, or ``None`` if nothing was sent (empty question or an error: the message
-        is shown in the answer area and the question stays in the text box).
+        Returns the answer, or ``None`` if there is none (an empty question, an error, or the kernel's
+        stop button before the answer began): the message is shown in the answer area and the question
+        stays in the text box.
         """
         if text is not None:
             self.text.value = text
@@ -110,15 +113,38 @@ class ChatBox:
         try:
             answer = self._stream_answer(chat)
         except Exception as error:  # noqa: BLE001
-            self._write_error(f"\nNot answered: {error}\nYour question is still in the text box; change it or press Send to retry.")
+            self._write_error(f"\nNot answered: {error}{self._advice(error)}\nYour question is still in the text box; change it or press Send to retry.")
             return None
         finally:
             self._set_busy(False)
+        if answer is None:  # stopped before the first piece: nothing to keep
+            self._write_error("Your question is still in the text box; press Send to ask it again.")
+            return None
         self.history.append((question, images, answer))
         self.pending_images = []
         self._show_pending()
         self.text.value = ""
         return answer
+
+    def drop_images(self, keep_last: int = 1) -> int:
+        """Remove all but the last ``keep_last`` images from the history (as ``Chat.drop_images``; the
+        images attached to your next question stay); return how many were removed.
+
+        Every question is sent with the whole history, images included, so this is what makes a
+        conversation that became too long for the context (or slow) fit again without a Reset: the
+        text of every turn stays.
+        """
+        keep_last = check_whole_number(keep_last, "keep_last")
+        to_drop = max(sum(len(images) for _, images, _ in self.history) - keep_last, 0)
+        remaining = to_drop
+        history = []
+        for question, images, answer in self.history:  # oldest first
+            removed = min(remaining, len(images))
+            history.append((question, images[removed:], answer))
+            remaining -= removed
+        self.history = history
+        self._write(f"[{to_drop} old image(s) removed from the conversation; its text stays]\n\n")
+        return to_drop
 
     def reset(self) -> None:
         """Start a new conversation: forget the history and the attached images, clear the answer area."""
@@ -131,7 +157,9 @@ class ChatBox:
 
     @property
     def chat(self) -> Chat:
-        """The conversation so far as a ``phi_helpers.Chat`` (a fresh copy, built from ``history``)."""
+        """The conversation so far as a ``phi_helpers.Chat``: a copy, built afresh from ``history`` each
+        time you read it, so changing it (``box.chat.drop_images()``...) does not change the box; use
+        ``box.drop_images()`` and ``box.reset()`` for that."""
         chat = Chat(system=self.system)
         for question, images, answer in self.history:
             chat.add_user(question, images=images)
@@ -146,8 +174,18 @@ class ChatBox:
         """The history plus the new question; the history itself changes only once an answer arrives."""
         return self.chat.add_user(question, images=images)
 
-    def _stream_answer(self, chat: Chat) -> str:
-        """Write the answer piece by piece into the answer area and return it."""
+    def _advice(self, error: Exception) -> str:
+        """What helps in this box when the conversation is too long (the error names ``chat`` methods)."""
+        if not isinstance(error, ContextLengthError) or not any(images for _, images, _ in self.history):
+            return ""
+        return (
+            "\nIn this box: press Drop old images (box.drop_images(), which keeps the newest image of the "
+            "conversation and all its text) or Reset (start over); box.chat is a copy, so changing it changes nothing."
+        )
+
+    def _stream_answer(self, chat: Chat) -> str | None:
+        """Write the answer piece by piece into the answer area and return it (None if the kernel's stop
+        button came before the first piece)."""
         pieces = []
         chunks = self._stream(self.model, self.processor, chat, max_new_tokens=self.max_new_tokens)
         try:
@@ -159,6 +197,9 @@ class ChatBox:
             if close is not None:
                 close()
             self._write(" [stopped]")
+            if not pieces:
+                self._write("\n")
+                return None
         self._write("\n\n")
         return "".join(pieces).strip()
 
@@ -171,18 +212,23 @@ class ChatBox:
             placeholder="Ask about the image, then press Send", rows=2, layout=widgets.Layout(width="100%")
         )
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.drop_button = widgets.Button(
+            description="Drop old images", tooltip="Keep the text and only the newest image of the conversation",
+            icon="compress",
+        )
         self.reset_button = widgets.Button(description="Reset", tooltip="Start a new conversation", icon="refresh")
         self.output = widgets.Output(
             layout=widgets.Layout(border="1px solid #ccc", padding="4px", max_height="400px", overflow="auto")
         )
         self.uploader.observe(self._on_upload, names="value")
         self.send_button.on_click(lambda _button: self.send())
+        self.drop_button.on_click(lambda _button: self.drop_images())
         self.reset_button.on_click(lambda _button: self.reset())
         self.widget = widgets.VBox([
             widgets.HBox([self.uploader, self.status]),
             self.preview,
             self.text,
-            widgets.HBox([self.send_button, self.reset_button]),
+            widgets.HBox([self.send_button, self.drop_button, self.reset_button]),
             self.output,
         ])
 
@@ -211,6 +257,7 @@ class ChatBox:
 
     def _set_busy(self, busy: bool) -> None:
         self.send_button.disabled = busy
+        self.drop_button.disabled = busy
         self.reset_button.disabled = busy
         self.send_button.description = "Thinking..." if busy else "Send"
 
