@@ -27,7 +27,7 @@ SCHEMA = {"type": "object", "required": ["total"], "properties": {"total": {"typ
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for this module: 2 CPUs (as on CI's machines), held by the 2 replicas; no dashboard."""
-    ray = pytest.importorskip("ray", reason='the Ray engine tests need pip install "ray[data]>=2.60,<3"')
+    ray = pytest.importorskip("ray", reason='the Ray engine tests need pip install "ray[data]>=2.60,<2.64"')
     ray_engine.start_ray(num_cpus=2, dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # The fault-injecting loader below lives in this test module, which Ray's workers cannot import.
@@ -173,10 +173,10 @@ def test_a_local_ray_sends_no_usage_statistics(monkeypatch):
 
 def test_without_ray_the_engine_says_what_to_install(capsys, monkeypatch, tmp_path, scans):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as when it is not installed
-    with pytest.raises(RayNotInstalledError, match=re.escape('pip install "ray[data]>=2.60,<3"')):
+    with pytest.raises(RayNotInstalledError, match=re.escape('pip install "ray[data]>=2.60,<2.64"')):
         ray_engine.require_ray()
     code, _, err = run(capsys, "predict", "--image", scans, "--task", "ocr", "--output", tmp_path / "o.jsonl", "--engine", "ray")
-    assert code == 1 and 'pip install "ray[data]>=2.60,<3"' in err
+    assert code == 1 and 'pip install "ray[data]>=2.60,<2.64"' in err
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -24,7 +24,7 @@ How the work is split:
 * ``write_records`` streams the records to a JSONL file (appended, with a progress bar; the same
   file the CLI writes) or writes Parquet with Ray's writer (a folder of part files).
 
-Ray is an optional extra (``INSTALL_RAY``: ``pip install "ray[data]>=2.60,<3"``). This module imports without it; the
+Ray is an optional extra (``INSTALL_RAY``: ``pip install "ray[data]>=2.60,<2.64"``). This module imports without it; the
 functions raise ``RayNotInstalledError`` when it is missing.
 """
 
@@ -75,7 +75,7 @@ PARQUET_COLUMNS = {
 
 
 # What the extra "ray" of pyproject.toml installs (phi_helpers is installed from its repository, not PyPI).
-INSTALL_RAY = 'pip install "ray[data]>=2.60,<3"  (in the repository: pip install -e ".[ray]")'
+INSTALL_RAY = 'pip install "ray[data]>=2.60,<2.64"  (in the repository: pip install -e ".[ray]")'
 
 
 def require_ray():
@@ -367,7 +367,9 @@ def predict_dataset(
         compute=ray.data.ActorPoolStrategy(size=replicas),
         num_cpus=cpus_per_replica,
         num_gpus=gpus_per_replica,
-        max_restarts=REPLICA_RESTARTS,  # Ray Data's default, -1, would restart a replica that runs out of memory forever
+        # Ray Data's default, -1, would restart a replica that runs out of memory forever. (A **ray_remote_args
+        # keyword: deprecated in Ray 2.60, removed in 2.64, hence pyproject's ray<2.64.)
+        max_restarts=REPLICA_RESTARTS,
     )  # a replica that dies is restarted and its batch sent again (Ray Data's max_task_retries=-1)
 
 
