@@ -3,10 +3,11 @@
 #   ./run.sh lab          set up .venv from the lock and start JupyterLab on notebooks/
 #   ./run.sh test         set up .venv from the lock and run the unit tests and every notebook (offline, tiny checkpoint)
 #   ./run.sh lock         regenerate the lock (requirements.txt): newest releases pyproject.toml allows, torch kept
-#   ./run.sh test-latest  drift check: throwaway .venv-latest with the newest allowed releases, model tests
+#   ./run.sh test-latest  drift check: throwaway .venv-latest with the newest allowed releases, the unit tests
 # Extra arguments go to jupyter lab / pytest. PYTHON=python3.11 ./run.sh ... picks the interpreter.
-# TORCH=2.x.y ./run.sh lock|test-latest changes torch (default: the lock's; PyPI's Linux wheels of a
-# newer torch are multi-GB CUDA builds).
+# TORCH=2.x.y ./run.sh lock|test-latest changes torch (default: the lock's version, so that a drift is
+# transformers' and the others', not torch's). On Linux, PyPI's torch of any version is the CUDA build
+# (GBs of nvidia-* packages); PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -67,8 +68,9 @@ test_latest() {
   rm -rf .venv-latest
   venv .venv-latest
   python -m pip install --quiet --upgrade pip
-  local torch="torch==${TORCH:-$(locked_version torch)}"  # held: newer PyPI torch wheels are CUDA builds
-  python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]" "$torch"
+  local torch="torch==${TORCH:-$(locked_version torch)}"  # held at the lock's unless TORCH says otherwise
+  # the extras the lock holds: test (pytest, Ray, torchao) and notebooks (ipywidgets for the widget tests)
+  python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[notebooks,test]" "$torch"
   echo "Drift check with the newest releases pyproject.toml allows ($torch):"
   python - <<'PY'
 import importlib.metadata, re
@@ -81,10 +83,8 @@ for name, version in sorted(installed.items()):
         note = "" if locked == version.split("+")[0] else "  (not in the lock)" if locked is None else f"  (lock: {locked})"
         print(f"  {name}=={version}{note}")
 PY
-  python -m pytest -p no:cacheprovider tests/test_transformers_surface.py tests/test_model.py \
-    tests/test_image_processing.py tests/test_processor.py tests/test_loading.py tests/test_generation.py \
-    tests/test_generate_batch.py tests/test_kv_cache.py tests/test_constrained.py tests/test_quantization.py \
-    tests/test_device_map.py "$@"
+  # every unit test (tests/); the notebooks take minutes more and run the same code
+  python -m pytest -p no:cacheprovider tests "$@"
 }
 
 case "${1:-}" in

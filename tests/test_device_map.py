@@ -41,3 +41,23 @@ def test_load_model_loads_straight_onto_the_device(monkeypatch, tiny_checkpoint)
     model, _ = load_model(str(tiny_checkpoint), device="cpu", dtype="bf16")
     assert seen[0]["device_map"] == "cpu" and seen[0]["dtype"] == torch.bfloat16
     assert model.dtype == torch.bfloat16 and not model.training
+
+
+def test_image_prompts_run_with_the_vision_weights_offloaded(tiny_checkpoint, tmp_path):
+    """accelerate offloads what does not fit (here: the vision tower and projection, to disk). Before: an image prompt
+    failed with "Cannot copy out of meta tensor" (the image features were sent to the projection's
+    not-yet-loaded 'meta' device)."""
+    from PIL import Image
+
+    from phi_helpers import ask
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=1)
+    image = Image.new("RGB", (672, 448), (200, 120, 40))
+    on_disk = {"model.vision_embed_tokens": "disk", "model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+               "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, device_map=on_disk, offload_folder=tmp_path, dtype="auto")
+    assert any(p.device.type == "meta" for p in offloaded.model.vision_embed_tokens.parameters())  # offloaded
+    in_memory = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, device_map="cpu", dtype="auto")
+    expected = ask(in_memory, processor, "Describe.", image, max_new_tokens=6)
+    assert ask(offloaded, processor, "Describe.", image, max_new_tokens=6) == expected

@@ -1,18 +1,28 @@
-"""What phi_helpers relies on in transformers: one test per item of docs/native-implementation.md
-("What we rely on in transformers"). A failure names the installed transformers version and the item
-that moved, so an upgrade (./run.sh test-latest) says at once what to adapt.
+"""What phi_helpers relies on in transformers (and in the same way in huggingface_hub, torchao, torch and
+xgrammar): one test per item of docs/native-implementation.md ("What we rely on in transformers"). A
+failure names the installed version of the package and the item that moved, so an upgrade
+(./run.sh test-latest) says at once what to adapt.
 """
 
+import contextlib
 import dataclasses
+import importlib.metadata
 import inspect
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
+import huggingface_hub
 import pytest
 import torch
 import transformers
+import xgrammar
+from huggingface_hub.utils import httpx  # the hub's HTTP client, as api/loading uses it
+from packaging.version import Version
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -28,6 +38,7 @@ from transformers import (
     StoppingCriteriaList,
     pipeline,
 )
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -35,22 +46,23 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import deprecation, is_flash_attn_2_available
+from transformers.utils.chat_template_utils import render_jinja_template
 from transformers.utils.deprecation import deprecate_kwarg
 
 import phi_helpers  # noqa: F401  (registers the Auto classes)
 from phi_helpers import FlashAttentionUnavailableError
 from phi_helpers.models.phi3_v.configuration_phi3_v import Phi3VConfig
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
-from phi_helpers.models.phi3_v.modeling_phi3_v import Phi3VForCausalLM, Phi3VModel
-from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
+from phi_helpers.models.phi3_v.modeling_phi3_v import PAST_KEY_VALUES_REMOVAL_VERSION, Phi3VForCausalLM, Phi3VModel
+from phi_helpers.models.phi3_v.processing_phi3_v import CHECKPOINT_CHAT_TEMPLATE, Phi3VProcessor
 from phi_helpers.testing import FIXTURES, make_tiny_checkpoint
 
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown in this image?<|end|>\n<|assistant|>\n"
 
 
-def surface(item: str) -> str:
-    return f"transformers {transformers.__version__}: {item} moved; see docs/native-implementation.md"
+def surface(item: str, package: str = "transformers") -> str:
+    return f"{package} {importlib.metadata.version(package)}: {item} moved; see docs/native-implementation.md"
 
 
 def parameters(function) -> list[str]:
@@ -112,11 +124,14 @@ def test_causal_lm_output_has_a_cache_field():
     assert fields == ["loss", "logits", "cache", "hidden_states", "attentions"], surface("CausalLMOutputWithPast fields")
 
 
-def test_deprecate_kwarg_maps_the_old_cache_name_with_a_future_warning(model, processor):
-    item = "deprecate_kwarg('past_key_values', ..., new_name='cache')"
+def test_deprecate_kwarg_maps_the_old_cache_name_and_warns_until_the_removal_version(model, processor):
+    """From the removal version on, deprecate_kwarg still maps the old name but no longer warns."""
+    item = f"deprecate_kwarg('past_key_values', {PAST_KEY_VALUES_REMOVAL_VERSION!r}, new_name='cache')"
     inputs = processor("<|user|>\nHi<|end|>\n<|assistant|>\n")
     cache = DynamicCache(config=model.config)
-    with pytest.warns(FutureWarning), torch.no_grad():
+    # deprecation.__version__: the installed transformers version, as deprecate_kwarg compares it
+    before_removal = Version(deprecation.__version__) < Version(PAST_KEY_VALUES_REMOVAL_VERSION)
+    with pytest.warns(FutureWarning) if before_removal else contextlib.nullcontext(), torch.no_grad():
         output = model(**inputs, past_key_values=cache)
     assert output.cache is cache and cache.get_seq_length() == inputs["input_ids"].shape[1], surface(item)
     assert "version" in inspect.signature(deprecate_kwarg).parameters, surface(item)
@@ -189,6 +204,24 @@ def test_without_generation_config_json_the_generation_config_comes_from_config_
     assert output[0, 4].item() == step[0].item() and output[0, 5:].tolist() == [32000, 32000]
 
 
+def test_a_generation_config_made_from_config_json_is_marked_from_model_config(tmp_path):
+    """Our adjust_generation_fn fills the token ids only into a generation config that transformers made
+    from config.json, told apart by ``_from_model_config``. Checked on transformers' own Phi3, without
+    our override (whose bare AttributeError would name nothing)."""
+    item = "GenerationConfig._from_model_config (True when from_pretrained made it from config.json)"
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+    )
+    Phi3ForCausalLM(config).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    made_from_config = Phi3ForCausalLM.from_pretrained(tmp_path).generation_config
+    assert getattr(made_from_config, "_from_model_config", None) is True, surface(item)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+    written = Phi3ForCausalLM.from_pretrained(tmp_path).generation_config
+    assert getattr(written, "_from_model_config", True) in (None, False), surface(item)
+
+
 def test_generate_calls_streamers_and_stopping_criteria_per_token(model, processor):
     """ask(stream=True), the batch timer and the profiler rely on: the first put() is the prompt, then
     one put() and one stopping-criteria call per new token."""
@@ -215,6 +248,16 @@ def test_generate_calls_streamers_and_stopping_criteria_per_token(model, process
     )
     assert puts == [prompt_length, 1, 1, 1, "end"], surface(item)
     assert checks == [prompt_length + 1, prompt_length + 2, prompt_length + 3], surface(item)
+
+
+def test_render_jinja_template_returns_the_texts_and_the_generation_indices():
+    """api/prompts.render_messages renders the checkpoint's chat template with this private function,
+    annotated ``-> str`` but returning a tuple (rendered texts, generation indices) that we unpack."""
+    item = "chat_template_utils.render_jinja_template([messages], chat_template=, add_generation_prompt=) -> (texts, indices)"
+    messages = [{"role": "user", "content": "What is this?"}]
+    result = render_jinja_template([messages], chat_template=CHECKPOINT_CHAT_TEMPLATE, add_generation_prompt=True)
+    assert isinstance(result, tuple) and len(result) == 2, surface(item)
+    assert result[0] == ["<|user|>\nWhat is this?<|end|>\n<|assistant|>\n"], surface(item)
 
 
 def test_pipeline_image_text_to_text(model, processor):
@@ -244,6 +287,17 @@ def test_stored_attn_implementation_reaches_post_init_kwargs():
     item = "PreTrainedConfig.__post_init__(**kwargs) receives config.json's _attn_implementation"
     config = AutoConfig.from_pretrained(FIXTURES)  # stores "_attn_implementation": "flash_attention_2"
     assert config._attn_implementation is None, surface(item)
+
+
+def test_attn_implementation_is_a_config_property_whose_setter_reaches_the_sub_configs():
+    """Phi3VConfig overrides the setter of this property (to keep SDPA in the vision tower) and reads
+    the value back through the property's own getter."""
+    item = "PreTrainedConfig._attn_implementation property (getter; setter that also sets the sub-configs)"
+    attn_property = inspect.getattr_static(PreTrainedConfig, "_attn_implementation", None)
+    assert isinstance(attn_property, property) and attn_property.fset is not None, surface(item)
+    config = Phi3VConfig()
+    config._attn_implementation = "eager"
+    assert (config._attn_implementation, config.vision_config._attn_implementation) == ("eager", "sdpa"), surface(item)
 
 
 def test_sub_config_defaults_build_the_clip_vision_config():
@@ -360,6 +414,18 @@ def test_auto_registration(tiny_checkpoint):
     assert type(AutoTokenizer.from_pretrained(tiny_checkpoint, trust_remote_code=False)) is TokenizersBackend, surface(item)
 
 
+def test_the_tokenizer_is_registered_with_the_v5_parameter():
+    """registration.py passes ``tokenizer_class=`` (``fast_tokenizer_class=`` is deprecated in transformers 5);
+    the official checkpoint's files load as tokenizer.json says, with its ids."""
+    item = "AutoTokenizer.register(config_class, tokenizer_class=)"
+    assert "tokenizer_class" in inspect.signature(AutoTokenizer.register).parameters, surface(item)
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES)  # the official tokenizer files
+    assert type(tokenizer) is TokenizersBackend, surface(item)
+    assert tokenizer("<|user|>\nWhat is shown?<|end|>\n<|assistant|>\n").input_ids == [
+        1, 32010, 29871, 13, 5618, 338, 4318, 29973, 32007, 29871, 13, 32001
+    ], surface(item)
+
+
 def test_tokenizers_backend_loads_tokenizer_json_as_it_is():
     item = "tokenization_utils_tokenizers.TokenizersBackend.from_pretrained"
     tokenizer = TokenizersBackend.from_pretrained(FIXTURES)
@@ -414,10 +480,65 @@ def test_torchao_int8_tensor_fields_and_torchs_fused_int8_kernel():
     linear = torch.nn.Linear(64, 16, bias=False).to(torch.bfloat16)
     torchao_quantization.quantize_(linear, torchao_quantization.Int8WeightOnlyConfig())
     weight = linear.weight
-    assert isinstance(weight, torchao_quantization.Int8Tensor), f"torchao {torchao_quantization.__name__}: {item}"
-    assert weight.qdata.dtype == torch.int8 and weight.qdata.shape == (16, 64), item
-    assert tuple(weight.block_size) == (1, 64) and weight.scale.numel() == 16, item  # one scale per output row
-    assert weight.act_quant_kwargs is None and weight.act_pre_scale is None, item  # weight-only
+    assert isinstance(weight, torchao_quantization.Int8Tensor), surface(item, "torchao")
+    assert weight.qdata.dtype == torch.int8 and weight.qdata.shape == (16, 64), surface(item, "torchao")
+    assert tuple(weight.block_size) == (1, 64) and weight.scale.numel() == 16, surface(item, "torchao")  # one scale per output row
+    assert weight.act_quant_kwargs is None and weight.act_pre_scale is None, surface(item, "torchao")  # weight-only
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     fused = torch._weight_int8pack_mm(x, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
-    assert torch.allclose(fused.float(), x.float() @ weight.dequantize().float().t(), rtol=2e-2, atol=2e-2), item
+    exact = x.float() @ weight.dequantize().float().t()
+    assert torch.allclose(fused.float(), exact, rtol=2e-2, atol=2e-2), surface(item, "torch")
+
+
+# --- xgrammar -----------------------------------------------------------------------------------
+
+
+def test_xgrammars_torch_native_mask_runs_on_cpu():
+    """api/constrained.apply_mask passes backend="torch_native" on MPS and on CUDA without triton, where the
+    CPU tests never go; that backend is plain torch on any device, so it is checked here on the CPU."""
+    item = 'xgrammar.apply_token_bitmask_inplace(scores, bitmask, backend="torch_native")'
+    bitmask = torch.tensor([[0b101, -1]], dtype=torch.int32)  # bit j of word i allows token 32 * i + j
+    scores = torch.zeros(1, 40)
+    try:
+        xgrammar.apply_token_bitmask_inplace(scores, bitmask, backend="torch_native")
+    except Exception as error:  # a renamed backend or argument
+        pytest.fail(f"{surface(item, 'xgrammar')}: {error!r}")
+    allowed = [0, 2] + list(range(32, 40))
+    assert scores[0].isfinite().nonzero().flatten().tolist() == allowed, surface(item, "xgrammar")
+
+
+# --- huggingface_hub (api/loading's probe of the hub) -------------------------------------------
+
+
+def test_the_hub_functions_the_probe_calls_take_its_arguments():
+    """tests/test_loading.py replaces these with lambdas, which would hide a change of their signatures."""
+    item = "model_info(repo_id, timeout=), try_to_load_from_cache(repo_id, filename), is_offline_mode(), utils.httpx.TransportError"
+    assert parameters(huggingface_hub.model_info)[0] == "repo_id", surface(item, "huggingface_hub")
+    assert "timeout" in parameters(huggingface_hub.model_info), surface(item, "huggingface_hub")
+    assert parameters(huggingface_hub.try_to_load_from_cache)[:2] == ["repo_id", "filename"], surface(item, "huggingface_hub")
+    assert parameters(huggingface_hub.is_offline_mode) == [], surface(item, "huggingface_hub")
+    assert issubclass(httpx.ConnectError, httpx.TransportError), surface(item, "huggingface_hub")
+
+
+def probe_the_hub(tmp_path, **environment) -> subprocess.CompletedProcess:
+    """api/loading's probe of the hub for 'someone/model' in a fresh Python (huggingface_hub reads
+    HF_ENDPOINT and HF_HUB_OFFLINE when it is imported), against a local port that refuses connections."""
+    env = {name: value for name, value in os.environ.items() if name not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path), **environment)  # port 9: nothing listens
+    code = "from phi_helpers.api.loading import _hub_access; print(_hub_access('someone/model'))"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_an_unreachable_hub_is_a_model_load_error_naming_the_refusal(tmp_path):
+    item = "model_info(timeout=) raising an httpx.TransportError or OSError when the hub refuses the connection"
+    result = probe_the_hub(tmp_path)
+    assert result.returncode != 0 and "ModelLoadError: huggingface.co cannot be reached" in result.stderr, (
+        surface(item, "huggingface_hub") + "\n" + result.stderr[-2000:]
+    )
+    assert "Connection refused" in result.stderr, result.stderr[-2000:]
+
+
+def test_hf_hub_offline_asks_the_hub_nothing(tmp_path):
+    item = "is_offline_mode() is True with HF_HUB_OFFLINE=1"
+    result = probe_the_hub(tmp_path, HF_HUB_OFFLINE="1")
+    assert result.returncode == 0 and result.stdout.strip() == "{}", surface(item, "huggingface_hub") + "\n" + result.stderr[-2000:]

@@ -158,7 +158,7 @@ class Phi3VConfig(Phi3Config):
 
     @property
     def _attn_implementation(self):
-        return self._attn_implementation_internal
+        return PreTrainedConfig._attn_implementation.fget(self)  # transformers' getter (we only change the setter)
 
     @_attn_implementation.setter
     def _attn_implementation(self, value: str | dict | None):

@@ -23,6 +23,7 @@ from ...errors import FlashAttentionUnavailableError, InvalidArgumentError, Prom
 from .configuration_phi3_v import Phi3VConfig, split_attn_implementation
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes flash-attn computes in
+PAST_KEY_VALUES_REMOVAL_VERSION = "5.40.0"  # as transformers' Phi3: `past_key_values` warns until this version
 
 
 def check_flash_attention(installed: bool, on_cuda: bool = True, dtype: torch.dtype | None = None) -> None:
@@ -138,8 +139,9 @@ class Phi3VImageEmbedding(nn.Module):
             rows, cols = height // self.tile_size, width // self.tile_size
             local = self.tile_grid(self.merge_2x2(features[i, 1 : 1 + rows * cols]), rows, cols)
             pieces += [self.add_row_separators(local)[0], self.glb_GN[0], global_grids[i]]
-        projection = self.img_projection[0]
-        merged = torch.cat(pieces).to(projection.bias.device, projection.bias.dtype)
+        # The projection's dtype; its device is the projection's business: accelerate's hooks bring the input
+        # to its weights (which are on the 'meta' device, not yet loaded, while the module is offloaded).
+        merged = torch.cat(pieces).to(dtype=self.img_projection[0].weight.dtype)
         return self.img_projection(merged)
 
 
@@ -238,7 +240,7 @@ class Phi3VModel(Phi3Model):
         embeds = embeds.masked_scatter(positions[..., None], features.to(embeds.dtype))
         return self.vision_embed_tokens.drop(embeds)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL_VERSION, new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -301,7 +303,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         parts except "eager", which keeps SDPA in the vision tower; a dict sets each part."""
         return super().set_attn_implementation(split_attn_implementation(attn_implementation), allow_all_kernels)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL_VERSION, new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -348,7 +350,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             attentions=outputs.attentions,
         )
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL_VERSION, new_name="cache")
     def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):
         """Phi-3.5-vision re-encodes the whole sequence once it grows past 4096 tokens (long RoPE
         factors from then on); the images must be re-encoded too, so they are kept for that step.
