@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command per job, on a fresh machine:
-#   ./run.sh lab          set up .venv from the lock and start JupyterLab on notebooks/
+#   ./run.sh lab          set up .venv from the lock and start JupyterLab on notebooks/ (its root: the repository)
 #   ./run.sh test         set up .venv from the lock and run the unit tests and every notebook (offline, tiny checkpoint)
 #   ./run.sh lock         regenerate the lock (requirements.txt): newest releases pyproject.toml allows, torch kept
 #   ./run.sh test-latest  drift check: throwaway .venv-latest with the newest allowed releases, the unit tests
@@ -92,7 +92,9 @@ case "${1:-}" in
     shift
     setup
     if [ "$(id -u)" -eq 0 ]; then set -- --allow-root "$@"; fi  # containers often run as root
-    exec jupyter lab --notebook-dir=notebooks "$@"
+    # The repository is the root, so that the notebooks' links to ../docs/ and ../benchmarks/ open;
+    # the file browser starts in notebooks/.
+    exec jupyter lab --notebook-dir=. --LabApp.default_url=/lab/tree/notebooks "$@"
     ;;
   test)
     shift

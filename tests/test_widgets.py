@@ -77,11 +77,14 @@ def test_upload_goes_with_the_next_question_only(box, fake):
 
 
 def test_unreadable_upload_shows_a_message_not_a_traceback(box):
+    """Before: "Could not read the 20 bytes you passed as an image", load_image's words for bytes in code."""
     assert box.upload(b"this is not an image", name="notes.txt") is False
     assert box.pending_images == []
     text = box.transcript()
-    assert "Could not use the upload 'notes.txt'" in text
-    assert "Traceback" not in text
+    assert text.startswith("Not attached: Could not read the uploaded file 'notes.txt' as an image")
+    assert "bytes you passed" not in text and "Traceback" not in text
+    assert box.upload(b"") is False  # no name: the message still speaks of the upload
+    assert "Not attached: the uploaded file is empty (0 bytes)" in box.transcript()
 
 
 def test_failed_send_keeps_the_text_and_the_history(fake):
@@ -140,6 +143,18 @@ def test_empty_question_is_not_sent(box, fake):
     assert "Type a question first" in box.transcript()
 
 
+def test_the_empty_question_hint_goes_once_a_question_is_sent(box, fake):
+    """Before: the hint stayed at the top of the conversation until Reset."""
+    box.send("Hello?")
+    box.send("")
+    box.send("")
+    assert box.transcript().count("Type a question first") == 2
+    assert box.send("What is the total?") == "The total is 30.89."
+    text = box.transcript()
+    assert "Type a question first" not in text
+    assert text.count("Phi: The total is 30.89.") == 2  # the answers stay
+
+
 def test_question_with_its_own_image_tag_is_refused_politely(box, fake):
     assert box.send("<|image_1|> what is this?") is None
     assert fake.calls == []
@@ -184,6 +199,7 @@ def test_upload_button_counts_the_attached_images(box):
     assert [entry["name"] for entry in box.uploader.get_state()["value"]] == ["red.png", "blue.png"]
     browser_upload(box, "broken.png", data=b"not an image")
     assert button_count(box) == 2  # a file that could not be read is not attached
+    assert "Not attached: Could not read the uploaded file 'broken.png' as an image" in box.transcript()
     box.send("What is this?")
     assert button_count(box) == 0  # the images went with the question
     box.upload(png_bytes(), name="green.png")  # from code: the button follows too

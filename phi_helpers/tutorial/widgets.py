@@ -28,7 +28,7 @@ import io
 from PIL import Image
 
 from ..api.generation import stream_chunks
-from ..api.images import load_image
+from ..api.images import _from_bytes
 from ..api.prompts import Chat
 from ..errors import ContextLengthError, MissingDependencyError, check_whole_number
 
@@ -40,6 +40,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 THUMBNAIL_SIZE = 120  # pixels, the longer side of an attached image's preview
+EMPTY_QUESTION = "Type a question first, then press Send.\n"  # a hint, gone once a question is sent
 
 
 def chat_box(model, processor, max_new_tokens: int = 256, system: str | None = None) -> widgets.Widget:
@@ -78,14 +79,15 @@ class ChatBox:
 
     # --- what the buttons do ---------------------------------------------------------------------
 
-    def upload(self, data: bytes, name: str = "image") -> bool:
-        """Attach an image (the file's bytes) to the next question. Returns False if it cannot be read."""
-        try:
-            image = load_image(data)
+    def upload(self, data: bytes, name: str | None = None) -> bool:
+        """Attach an image (the file's bytes; ``name``, the file's name, is shown) to the next question.
+        Returns False if it cannot be read."""
+        try:  # read as load_image reads bytes, with messages that speak of the uploaded file
+            image = _from_bytes(bytes(data), f"the uploaded file '{name}'" if name else "the uploaded file")
         except Exception as error:  # noqa: BLE001  (any failure becomes a message, not a traceback)
-            self._write_error(f"Could not use the upload '{name}': {error}")
+            self._write_error(f"Not attached: {error}")
             return False
-        self.pending_images.append((name, image))
+        self.pending_images.append((name or "image", image))
         self._show_pending()
         return True
 
@@ -100,8 +102,9 @@ class ChatBox:
             self.text.value = text
         question = self.text.value
         if not question.strip():
-            self._write_error("Type a question first, then press Send.")
+            self._write_error(EMPTY_QUESTION)
             return None
+        self._remove_text(EMPTY_QUESTION)  # the hint was followed
         images = [image for _, image in self.pending_images]
         try:
             chat = self._chat_with(question, images)
@@ -237,7 +240,7 @@ class ChatBox:
         if self._mirroring:
             return  # our own write of the attached images below
         for file in change["new"]:
-            self.upload(bytes(file["content"]), name=file.get("name", "image"))
+            self.upload(bytes(file["content"]), name=file.get("name"))
         self._show_pending()
 
     def _show_pending(self) -> None:
@@ -266,6 +269,12 @@ class ChatBox:
 
     def _write_error(self, text: str) -> None:
         self._append("stderr", text.rstrip("\n") + "\n")
+
+    def _remove_text(self, text: str) -> None:
+        """Take every ``text`` out of the messages in the answer area (the answers are left as they are)."""
+        outputs = [{**output, "text": output["text"].replace(text, "")} if output.get("name") == "stderr" else output
+                   for output in self.output.outputs]
+        self.output.outputs = tuple(output for output in outputs if output["text"])
 
     def _append(self, stream: str, text: str) -> None:
         """Add text to the answer area, merged into the last piece when it is the same kind."""
