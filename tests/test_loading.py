@@ -568,6 +568,54 @@ def test_the_warning_looks_at_the_free_memory_of_the_gpu_asked_for(no_env_model,
     assert "Warning" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_warning_tells_who_asked_for_fp32_to_drop_it(no_env_model, no_gpu, forbid_loading, monkeypatch, capsys, quantize):
+    """load_model(quantize='int8', dtype='fp32') was told "Use load_model(quantize='int8')", what it had done; and
+    load_model(dtype='fp32') got the size of int8 + bf16 for quantize='int8', which beside dtype='fp32' is int8 + fp32."""
+    pytest.importorskip("torchao")
+    monkeypatch.setattr(loading, "available_memory", lambda device: (4.0, "of RAM available"))
+    stop_at_the_hub(monkeypatch)
+    with pytest.raises(ModelLoadError):
+        load_model("microsoft/Phi-3.5-vision-instruct", dtype="fp32", quantize=quantize)
+    out = capsys.readouterr().out
+    int8 = ("load_model(quantize='int8', dtype='bf16') or leave dtype out (command line: --quantize int8 --dtype bf16, "
+            "or leave --dtype out; about 4.8 GiB).")
+    if quantize is None:
+        assert "Use load_model(dtype='bf16') (command line: --dtype bf16; about 8.3 GiB) or " + int8 in out
+    else:
+        assert "(5.0 GiB of weights in float32 with int8 + 1.09 GiB of activations at num_crops=4)" in out
+        assert out.rstrip().endswith("loading may run out of memory. Use " + int8), out
+
+
+def test_the_warning_of_a_saved_int8_folder_in_fp32_names_the_dtype_only(no_env_model, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Its weights are int8 already: no quantize= to add, only the fp32 beside them to drop."""
+    pytest.importorskip("torchao")
+    saved = {"quant_method": "torchao", "quant_type": {"default": {"_type": "Int8WeightOnlyConfig"}}}
+    folder = copied_checkpoint(tiny_checkpoint, tmp_path, config={"quantization_config": saved})
+    monkeypatch.setattr(loading, "available_memory", lambda device: (0.001, "of RAM available"))
+
+    def stop(plan):
+        raise ModelLoadError("stopped after the warning")
+
+    monkeypatch.setattr(loading, "_load", stop)
+    with pytest.raises(ModelLoadError, match="stopped after the warning"):
+        load_model(folder, device="cpu", dtype="fp32")
+    out = capsys.readouterr().out
+    assert "Use load_model(dtype='bf16') or leave dtype out (command line: --dtype bf16, or leave --dtype out; about " in out
+    assert "quantize=" not in out.split("Use ")[1]
+
+
+def test_check_device_and_check_dtype_normalise_what_load_model_accepts():
+    """The command line takes the same spellings (one list of choices: phi_helpers.api.choices)."""
+    assert loading.check_device(" CUDA:1 ") == "cuda:1" and loading.check_device("Auto") == "auto"
+    assert loading.check_dtype("BFloat16") is torch.bfloat16 and loading.check_dtype("auto") is None
+    assert loading.check_dtype(torch.float16) is torch.float16
+    with pytest.raises(InvalidArgumentError, match="Unknown device 'tpu'"):
+        loading.check_device("tpu")
+    with pytest.raises(InvalidArgumentError, match="Unknown dtype 'int8'"):
+        loading.check_dtype("int8")
+
+
 def test_load_model_returns_the_memory_freed_while_loading(monkeypatch, tiny_checkpoint):
     """glibc keeps freed heap memory (e.g. int8 quantization's full-precision copies) unless asked to give
     it back: load_model asks once the model is loaded (benchmarks/bench_quantization.py measures it)."""

@@ -139,10 +139,7 @@ def test_run_sh_opens_the_lab_on_the_notebooks_with_the_repository_as_its_root()
 
 
 @pytest.mark.parametrize("name", [
-    *(path.name for path in sorted(NOTEBOOKS.glob("*.ipynb"))
-      if path.name not in ("00_setup.ipynb", "05_without_flash_attention.ipynb")),
-    *(pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="cites files as code text; its owner links them"))
-      for name in ("00_setup.ipynb", "05_without_flash_attention.ipynb")),
+    *(path.name for path in sorted(NOTEBOOKS.glob("*.ipynb"))),
     "README.md",
 ])
 def test_the_files_a_notebook_cites_are_links_that_open_in_the_lab(name):

@@ -1,11 +1,15 @@
 """quantize="int8" for real on CPU (torchao, tiny checkpoint), and the typed errors where it cannot run."""
 
+import importlib.metadata
 import importlib.util
 import json
 import math
+import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -26,7 +30,7 @@ from phi_helpers.cli.outputs import model_info
 from phi_helpers.errors import InvalidArgumentError, QuantizationBackendMissingError, QuantizationUnavailableError
 
 INT8_KERNEL = (torch.ops.aten._weight_int8pack_mm.default,)
-needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason='pip install "torchao>=0.15"')
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason='pip install "torchao>=0.18"')
 PROMPT = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n"
 
 
@@ -198,8 +202,62 @@ def test_a_saved_int8_folder_without_torchao_names_the_install_command(monkeypat
     folder = saved_int8_config(tiny_checkpoint, tmp_path)
     monkeypatch.setattr(quantization, "_installed", lambda package: False)
     monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
-    with pytest.raises(QuantizationBackendMissingError, match=r'holds int8 weights quantized with torchao .*pip install "torchao>=0\.15"'):
+    with pytest.raises(QuantizationBackendMissingError, match=r'holds int8 weights quantized with torchao .*pip install "torchao>=0\.18"'):
         load_model(folder, device="cpu")
+
+
+def installed_torchao(monkeypatch, version: str) -> None:
+    """Pretend that pip installed torchao ``version`` (transformers' own check accepts 0.15 and newer)."""
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "torchao" else real(name))
+
+
+@pytest.mark.parametrize("version", ["0.17.0", "0.12.0"])
+def test_a_torchao_older_than_0_18_is_refused_with_the_upgrade_command(monkeypatch, tiny_checkpoint, tmp_path, version):
+    """torchao 0.15-0.17 make AffineQuantizedTensor weights, which the fused int8 kernel and weights_bytes do not
+    know (int8 would silently decode slowly); below 0.15 transformers raised an untyped ValueError saying
+    "pip install torchao", which does nothing where torchao is installed."""
+    installed_torchao(monkeypatch, version)
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    upgrade = re.escape(f'torchao {version} is installed: pip install -U "torchao>=0.18"')
+    with pytest.raises(QuantizationBackendMissingError, match=f"quantize='int8' needs torchao 0.18 or newer, but {upgrade}"):
+        quantization_config("int8", "cpu", torch.bfloat16)
+    with pytest.raises(QuantizationBackendMissingError, match=upgrade):
+        load_model(str(tiny_checkpoint), device="cpu", quantize="int8")
+    with pytest.raises(QuantizationBackendMissingError, match=f"holds int8 weights quantized with torchao .*{upgrade}"):
+        load_model(saved_int8_config(tiny_checkpoint, tmp_path), device="cpu")
+    installed_torchao(monkeypatch, "0.18.0")
+    assert quantization.torchao_missing("quantize='int8'") is None
+
+
+def test_the_restart_advice_is_given_in_a_notebook_kernel_only(monkeypatch):
+    """A running kernel does not see a package installed after it started (transformers checked at import); a
+    command or script run afresh does, so "restart the kernel" would only confuse there."""
+    monkeypatch.setattr(quantization, "_installed", lambda package: False)
+    monkeypatch.setitem(sys.modules, "IPython", SimpleNamespace(get_ipython=lambda: None))  # imported, no shell runs
+    with pytest.raises(QuantizationBackendMissingError) as info:
+        quantization_config("int8", "cpu", torch.bfloat16)
+    assert "restart" not in str(info.value).lower() and str(info.value).endswith('pip install -e ".[quantize]").')
+    monkeypatch.setitem(sys.modules, "IPython", SimpleNamespace(get_ipython=lambda: "the notebook's shell"))
+    with pytest.raises(QuantizationBackendMissingError, match=r"\. Then restart the kernel \(Kernel > Restart Kernel\)\.$"):
+        quantization_config("int8", "cpu", torch.bfloat16)
+
+
+def saved_nf4_config() -> dict:
+    """The quantization_config of a folder saved from quantize="int4" (bitsandbytes NF4)."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+
+
+def test_a_saved_nf4_folder_on_cpu_says_it_needs_a_cuda_gpu(monkeypatch):
+    """As quantize='int4' on CPU does: installing bitsandbytes alone would not make it load here."""
+    monkeypatch.setattr(quantization, "_installed", lambda package: False)
+    with pytest.raises(QuantizationUnavailableError, match=r"holds int4 weights quantized with bitsandbytes .*needs a CUDA GPU "
+                       r"with bitsandbytes \(`pip install bitsandbytes`\), not cpu\. On CPU load the original, unquantized "
+                       r"checkpoint with quantize='int8'") as info:
+        quantization.saved_quantization(saved_nf4_config(), None, "cpu")
+    assert not isinstance(info.value, ImportError)  # nothing to install fixes it on this machine
+    with pytest.raises(QuantizationBackendMissingError, match=r"holds int4 weights .*needs bitsandbytes: pip install bitsandbytes\.$"):
+        quantization.saved_quantization(saved_nf4_config(), None, "cuda:0")
 
 
 def test_a_saved_int8_folder_cannot_be_quantized_otherwise(monkeypatch, tiny_checkpoint, tmp_path):
@@ -264,7 +322,7 @@ def test_mps_has_no_quantization_backend():
 
 def test_missing_torchao_names_the_install_command(monkeypatch):
     monkeypatch.setattr(quantization, "_installed", lambda package: False)
-    with pytest.raises(QuantizationBackendMissingError, match=r'pip install "torchao>=0\.15"') as info:
+    with pytest.raises(QuantizationBackendMissingError, match=r'needs torchao, which is not installed: pip install "torchao>=0\.18"') as info:
         quantization_config("int8", "cpu", torch.float32)
     assert isinstance(info.value, ImportError) and isinstance(info.value, QuantizationUnavailableError)
     with pytest.raises(QuantizationBackendMissingError, match="pip install bitsandbytes"):

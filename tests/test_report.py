@@ -1,5 +1,6 @@
 """environment_report: facts about this machine, memory needs of the model, a readable table."""
 
+import importlib.util
 import os
 import platform
 import re
@@ -11,7 +12,7 @@ import torch
 import transformers
 
 from phi_helpers import environment_report
-from phi_helpers.api import hardware, report as report_module
+from phi_helpers.api import hardware, quantization, report as report_module
 from phi_helpers.versions import TESTED_VERSIONS
 from phi_helpers.api.hardware import GIB, memory_estimate, memory_verdict
 
@@ -248,3 +249,44 @@ def test_the_memory_request_uses_the_crops_of_the_checkpoint_load_model_would_lo
             monkeypatch.setenv("PHI_HELPERS_MODEL", model)
         assert environment_report(print_report=False)["num_crops"] == crops, model
     assert environment_report(print_report=False, num_crops=2)["num_crops"] == 2  # an argument wins
+
+
+def torchao_row_and_int8_rows(capsys) -> tuple[str, list[str]]:
+    lines = capsys.readouterr().out.splitlines()
+    [row] = [line for line in lines if line.startswith("torchao ")]
+    return row.split(None, 1)[1], [line for line in lines if line.startswith("weights in int8")]
+
+
+def test_the_torchao_row_shows_its_version_or_how_to_install_it(monkeypatch, capsys):
+    """The report showed "weights in int8 + bf16 ... fits" with no word about torchao, which int8 needs on a
+    CPU (flash-attn had its row): now a torchao row, and the int8 rows say they need it while it is missing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(quantization, "torchao_version", lambda: "0.18.0")
+    report = environment_report()
+    row, int8_rows = torchao_row_and_int8_rows(capsys)
+    assert (report["torchao"], report["torchao_missing"], row) == ("0.18.0", None, "0.18.0")
+    assert int8_rows and not any("torchao" in line for line in int8_rows)
+
+    monkeypatch.setattr(quantization, "torchao_version", lambda: None)
+    report = environment_report()
+    row, int8_rows = torchao_row_and_int8_rows(capsys)
+    assert report["torchao"] is None
+    assert row.startswith("""quantize='int8' needs torchao, which is not installed: pip install "torchao>=0.18\"""")
+    assert len(int8_rows) == 2 and all(line.endswith("; needs torchao, see its row)") for line in int8_rows)
+
+    monkeypatch.setattr(quantization, "torchao_version", lambda: "0.17.0")
+    environment_report()
+    row, int8_rows = torchao_row_and_int8_rows(capsys)
+    assert "but torchao 0.17.0 is installed: pip install -U \"torchao>=0.18\"" in row
+    assert all("needs torchao" in line for line in int8_rows)
+
+
+def test_int8_rows_on_a_cuda_gpu_with_bitsandbytes_do_not_need_torchao(monkeypatch, capsys):
+    """There quantize='int8' is bitsandbytes' LLM.int8() (quantization_config)."""
+    fake_gpu(monkeypatch, "Fake A10", 24, major=8)
+    monkeypatch.setattr(quantization, "torchao_version", lambda: None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name == "bitsandbytes" else real_find_spec(name, *args))
+    environment_report()
+    _, int8_rows = torchao_row_and_int8_rows(capsys)
+    assert int8_rows and not any("torchao" in line for line in int8_rows)

@@ -55,7 +55,7 @@ from ..errors import (
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM
-from .choices import DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPES as _DTYPES, HUB_NUM_CROPS
+from .choices import DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPE_SHORT_NAMES, DTYPES as _DTYPES, HUB_NUM_CROPS
 from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
 from .hardware import NUM_CROPS, available_memory, memory_need, mps_available, pick_attention
 
@@ -103,9 +103,7 @@ def load_model(
     a warning line before loading when the model would not fit into the memory available.
     """
     plan = _plan_load(model_id, device, dtype, attn, num_crops, quantize)
-    _warn_if_short_of_memory(
-        plan.model_config, plan.device, plan.dtype, plan.quantized_as, plan.crops, can_quantize=not plan.stored_quantized
-    )
+    _warn_if_short_of_memory(plan)
     model, processor = _load(plan)
     print(_summary_line(plan, model, processor))
     return model, processor
@@ -123,6 +121,7 @@ class _LoadPlan:
     device_reason: str
     dtype: torch.dtype
     dtype_reason: str
+    dtype_asked: bool  # the caller named a dtype (not "auto")
     attn: str
     attn_reason: str
     num_crops: int | None  # asked for; None keeps the checkpoint's own
@@ -148,6 +147,7 @@ def _plan_load(model_id, device, dtype, attn, num_crops, quantize) -> _LoadPlan:
         config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
         model_config = _phi3v_config(config)
     saved = config.get("quantization_config") if config else None  # a folder saved from a quantized model
+    dtype_asked = check_dtype(dtype) is not None
     dtype, dtype_reason = pick_dtype(dtype, device, quantized=asked_quantize is not None or saved is not None)
     attn, attn_reason = pick_attention(attn, device, dtype)
     if saved is not None:  # loaded as stored: a second quantization_config would only draw a warning
@@ -158,7 +158,7 @@ def _plan_load(model_id, device, dtype, attn, num_crops, quantize) -> _LoadPlan:
     crops = num_crops or _checkpoint_crops(source, local)
     return _LoadPlan(
         source=source, label=label, local=local, model_config=model_config, device=device, device_reason=device_reason,
-        dtype=dtype, dtype_reason=dtype_reason, attn=attn, attn_reason=attn_reason, num_crops=num_crops, crops=crops,
+        dtype=dtype, dtype_reason=dtype_reason, dtype_asked=dtype_asked, attn=attn, attn_reason=attn_reason, num_crops=num_crops, crops=crops,
         quantization=quantization, quantized_as=quantized_as, quantization_note=quantization_note,
         stored_quantized=saved is not None,
     )
@@ -195,37 +195,62 @@ def _summary_line(plan: _LoadPlan, model, processor) -> str:
     )
 
 
-def _warn_if_short_of_memory(
-    config: Phi3VConfig | None, device: str, dtype: torch.dtype, quantize: str | None, num_crops, can_quantize: bool
-) -> None:
-    """Print one line when the weights + activations (``memory_need``; ``config``: a local folder's, None:
-    the real model's sizes) exceed the memory ``device`` has available, naming the options that need less
-    (quantization where it runs and the weights are not stored quantized already). A warning, not a
-    refusal: swap, or memory other programs are about to free, may still let it load."""
-    available, where = available_memory(device)
+def _warn_if_short_of_memory(plan: _LoadPlan) -> None:
+    """Print one line when the weights + activations (``memory_need``; a local folder's config, else the real
+    model's sizes) exceed the memory ``plan.device`` has available, naming the options that need less
+    (``_smaller_options``). A warning, not a refusal: swap, or memory other programs are about to free, may
+    still let it load."""
+    available, where = available_memory(plan.device)
+    quantize = plan.quantized_as
     if available is None or (quantize is not None and quantize not in QUANTIZE_CHOICES):
         return
-    num_crops = num_crops or NUM_CROPS
-    need = memory_need(config, dtype, quantize, num_crops)
+    num_crops = plan.crops or NUM_CROPS
+    need = memory_need(plan.model_config, plan.dtype, quantize, num_crops)
     if need["need_gib"] <= available:
         return
-    options = [("dtype='bf16'", "--dtype bf16", torch.bfloat16, None)]
-    if can_quantize and device != "mps":
-        options.append(("quantize='int8'", "--quantize int8", torch.bfloat16, "int8"))
-    if can_quantize and device.startswith("cuda"):
-        options.append(("quantize='int4'", "--quantize int4", torch.bfloat16, "int4"))
     smaller = []
-    for argument, option, option_dtype, option_quantize in options:
-        option_need = memory_need(config, option_dtype, option_quantize, num_crops)["need_gib"]
+    for option_dtype, option_quantize in _smaller_options(plan):
+        option_need = memory_need(plan.model_config, option_dtype, option_quantize, num_crops)["need_gib"]
         if option_need < need["need_gib"]:
-            smaller.append(f"load_model({argument}) (command line: {option}; about {_gib(option_need)})")
+            smaller.append(_option_text(plan, option_dtype, option_quantize, option_need))
     fix = f"Use {' or '.join(smaller)}" if smaller else "Close other programs or use a machine with more memory"
     print(
         f"Warning: the model needs about {_gib(need['need_gib'])} ({_gib(need['weights_gib'])} of weights in "
-        f"{_dtype_name(dtype)}{f' with {quantize}' if quantize else ''} + {_gib(need['activations_gib'], 2)} of "
-        f"activations at num_crops={num_crops}), but {device} has only {_gib(available)} {where}: loading may run "
+        f"{_dtype_name(plan.dtype)}{f' with {quantize}' if quantize else ''} + {_gib(need['activations_gib'], 2)} of "
+        f"activations at num_crops={num_crops}), but {plan.device} has only {_gib(available)} {where}: loading may run "
         f"out of memory. {fix}."
     )
+
+
+def _smaller_options(plan: _LoadPlan) -> list[tuple[torch.dtype, str | None]]:
+    """``(dtype, quantize)`` pairs that may need less memory than ``plan``: its own weights in half precision,
+    then int8 and int4 weights in half precision where they run, unless the weights are stored quantized."""
+    half = plan.dtype if plan.dtype in _HALF else pick_dtype("auto", plan.device, quantized=True)[0]
+    options = [(half, plan.quantized_as)]
+    if not plan.stored_quantized and plan.device != "mps":
+        options.append((half, "int8"))
+    if not plan.stored_quantized and plan.device.startswith("cuda"):
+        options.append((half, "int4"))
+    return [option for option in dict.fromkeys(options) if option != (plan.dtype, plan.quantized_as)]
+
+
+def _option_text(plan: _LoadPlan, dtype: torch.dtype, quantize: str | None, need_gib: float) -> str:
+    """How to ask ``load_model`` (and the command line) for ``dtype`` and ``quantize`` instead of ``plan``'s,
+    e.g. "load_model(quantize='int8') (command line: --quantize int8; about 4.8 GiB)". "auto" gives a
+    quantized model half precision by itself, so a dtype the caller named (fp32) must go: ``dtype='bf16'``
+    or leaving dtype out both do that."""
+    arguments, flags = [], []
+    if quantize is not None and not plan.stored_quantized:
+        arguments.append(f"quantize='{quantize}'")
+        flags.append(f"--quantize {quantize}")
+    short = {_DTYPES[name]: name for name in DTYPE_SHORT_NAMES if name in _DTYPES}[dtype]
+    if dtype != plan.dtype and (plan.dtype_asked or quantize is None):
+        arguments.append(f"dtype='{short}'")
+        flags.append(f"--dtype {short}")
+    call, command, about = f"load_model({', '.join(arguments)})", " ".join(flags), f"about {_gib(need_gib)}"
+    if dtype != plan.dtype and plan.dtype_asked and quantize is not None:
+        return f"{call} or leave dtype out (command line: {command}, or leave --dtype out; {about})"
+    return f"{call} (command line: {command}; {about})"
 
 
 def checkpoint_num_crops(model_id=None) -> int:
@@ -290,12 +315,35 @@ def return_freed_memory() -> None:
             pass
 
 
-def pick_device(device: str = "auto") -> tuple[str, str]:
-    """Return ``(device, reason)``. "auto" picks CUDA, then MPS, then CPU."""
+def check_device(device) -> str:
+    """The device name ``device`` spells, in lower case ("CUDA:1" -> "cuda:1"); InvalidArgumentError (a
+    ValueError) for one ``load_model`` does not know. Whether it is there is ``pick_device``'s question."""
     name = str(device).strip().lower()
     kind = name.split(":")[0]
     if kind not in _DEVICES or (":" in name and (kind != "cuda" or not name.split(":")[1].isdigit())):
         raise InvalidArgumentError(f"Unknown device {device!r}. Choose one of {', '.join(map(repr, _DEVICES))} (or 'cuda:N').")
+    return name
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """The torch dtype ``dtype`` names ("bf16", "BFloat16", torch.bfloat16...), None for "auto";
+    InvalidArgumentError (a ValueError) for one ``load_model`` does not know."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, *_HALF):
+            raise InvalidArgumentError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
+        return dtype
+    name = str(dtype).strip().lower()
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise InvalidArgumentError(f"Unknown dtype {dtype!r}. {_DTYPE_CHOICES}")
+    return _DTYPES[name]
+
+
+def pick_device(device: str = "auto") -> tuple[str, str]:
+    """Return ``(device, reason)``. "auto" picks CUDA, then MPS, then CPU."""
+    name = check_device(device)
+    kind = name.split(":")[0]
     if kind == "auto":
         if torch.cuda.is_available():
             return "cuda", _gpu_name()
@@ -327,15 +375,9 @@ def pick_device(device: str = "auto") -> tuple[str, str]:
 def pick_dtype(dtype="auto", device: str = "cpu", quantized: bool = False) -> tuple[torch.dtype, str]:
     """Return ``(torch dtype, reason)`` for ``device``. "auto": bf16 / fp16 on GPUs, fp32 on CPU, bf16 on
     CPU for a quantized model (its other weights would otherwise take as much memory as the int8 ones)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, *_HALF):
-            raise InvalidArgumentError(f"dtype {dtype} is not supported. {_DTYPE_CHOICES}")
-        return dtype, "asked for"
-    name = str(dtype).strip().lower()
-    if name in _DTYPES:
-        return _DTYPES[name], "asked for"
-    if name != "auto":
-        raise InvalidArgumentError(f"Unknown dtype {dtype!r}. {_DTYPE_CHOICES}")
+    asked = check_dtype(dtype)
+    if asked is not None:
+        return asked, "asked for"
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16, "GPU supports bf16"
@@ -664,4 +706,4 @@ def _print_tiny_notice() -> None:
     print("\n".join([border, *(f"!! {line:<{width - 3}}!!" for line in lines), border]))
 
 
-__all__ = ["load_model", "requested_model_id", "pick_device", "pick_dtype"]
+__all__ = ["load_model", "requested_model_id", "pick_device", "pick_dtype", "check_device", "check_dtype"]

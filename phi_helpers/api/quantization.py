@@ -17,7 +17,9 @@ quantize    CPU                                          CUDA GPU
 ==========  ===========================================  =============================================
 
 Apple GPUs (MPS) have neither backend: use ``dtype="fp16"`` there. Every refusal is a
-``QuantizationUnavailableError`` that says what to install or what to use instead.
+``QuantizationUnavailableError`` that says what to install or what to use instead; torchao must be
+``TORCHAO_MIN_VERSION`` (0.18) or newer (``torchao_missing`` says what is wrong, ``torchao_version`` which is
+installed).
 
 On CPU, torchao's int8 matmul converts the whole weight to bf16 on every call, which makes decoding slower
 than fp32. ``use_fused_int8_kernel`` (called by ``load_model``) lets the quantized layers multiply with
@@ -30,11 +32,13 @@ A folder saved from a quantized model holds its weights quantized and says so in
 (``model.get_memory_footprint()`` counts a torchao int8 weight at its bf16 size).
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
 
 import torch
+from packaging.version import Version
 from torch import nn
 from transformers import BitsAndBytesConfig, TorchAoConfig
 
@@ -50,7 +54,12 @@ SKIP_MODULES = {"int8": [VISION_PREFIX], "int4": [VISION_PREFIX, "lm_head"]}
 # Bytes per quantized weight, scales included: int8 has one scale per output row (negligible),
 # NF4 one absmax per 64 weights (+ double quantization: about 0.13 bit).
 BITS_PER_WEIGHT = {"int8": 8.0, "int4": 4.13}
-_INSTALL_TORCHAO = 'pip install "torchao>=0.15"  (the extra "quantize"; in the repository: pip install -e ".[quantize]")'
+# The oldest torchao that works: from 0.18 on, Int8WeightOnlyConfig makes the Int8Tensor weights (with
+# act_pre_scale) that use_fused_int8_kernel looks for; 0.15-0.17 make AffineQuantizedTensor weights by default,
+# so int8 would lose the fused kernel (and weights_bytes its true size) without a word.
+TORCHAO_MIN_VERSION = "0.18"
+_INSTALL_TORCHAO = (f'pip install "torchao>={TORCHAO_MIN_VERSION}"  (the extra "quantize"; in the repository: '
+                    'pip install -e ".[quantize]")')
 # Up to this many rows (tokens x batch) the fused int8 kernel beats torchao's convert-then-multiply on CPU;
 # above it (prefill) torchao's path is faster (benchmarks/bench_quantization.py, docs/quantization.md).
 FUSED_INT8_MAX_ROWS = 32
@@ -79,11 +88,10 @@ def quantization_config(quantize, device: str, dtype: torch.dtype):
             + ("On CPU use quantize='int8' (torchao), about a quarter of the fp32 weights' memory."
                if kind == "cpu" else "Or use quantize='int8', which torchao can do.")
         )
-    if not _installed("torchao"):
+    missing = torchao_missing("quantize='int8'")
+    if missing is not None:
         raise QuantizationBackendMissingError(
-            f"quantize='int8' needs torchao: {_INSTALL_TORCHAO}"
-            + (", or `pip install bitsandbytes` on this CUDA machine." if kind == "cuda" else ".")
-            + " Then restart the Python kernel."
+            missing + (", or `pip install bitsandbytes` on this CUDA machine." if kind == "cuda" else ".") + _restart_note()
         )
     from torchao.quantization import Int8WeightOnlyConfig  # an optional extra: imported only when asked for
 
@@ -110,14 +118,21 @@ def saved_quantization(quantization: dict, quantize, device: str) -> tuple[str, 
             f"quantize={asked!r}."
         )
     method = str(quantization.get("quant_method"))
-    if device.split(":")[0] == "mps":
+    kind = device.split(":")[0]
+    if kind == "mps":
         raise _no_mps_kernels(f"This checkpoint holds {name} weights ({method}), which is")
-    install = {"torchao": _INSTALL_TORCHAO, "bitsandbytes": "pip install bitsandbytes"}.get(method)
-    if install is not None and not _installed(method):
-        raise QuantizationBackendMissingError(
-            f"This checkpoint holds {name} weights quantized with {method} (config.json's quantization_config); "
-            f"loading them needs {method}: {install}. Then restart the Python kernel."
-        )
+    holds = f"This checkpoint holds {name} weights quantized with {method} (config.json's quantization_config)"
+    if method == "bitsandbytes" and not _installed("bitsandbytes"):
+        if kind != "cuda":  # as for quantize='int4' here: installing bitsandbytes alone would not do
+            raise QuantizationUnavailableError(
+                f"{holds}; loading them needs a CUDA GPU with bitsandbytes (`pip install bitsandbytes`), not {kind}. "
+                "On CPU load the original, unquantized checkpoint with quantize='int8' (torchao)."
+            )
+        raise QuantizationBackendMissingError(f"{holds}; loading them needs bitsandbytes: pip install bitsandbytes."
+                                              + _restart_note())
+    missing = torchao_missing(f"{holds}; loading them") if method == "torchao" else None
+    if missing is not None:
+        raise QuantizationBackendMissingError(missing + "." + _restart_note())
     return name, f"{name} weights ({method}, saved quantized)"
 
 
@@ -226,12 +241,46 @@ def _bitsandbytes(name: str, dtype: torch.dtype) -> BitsAndBytesConfig:
     )
 
 
+def torchao_version() -> str | None:
+    """The version of the installed torchao ("0.18.0"), None when torchao is not installed."""
+    if not _installed("torchao"):
+        return None
+    try:
+        return importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:  # importable without pip's record (a source checkout)
+        return importlib.import_module("torchao").__version__
+
+
+def torchao_missing(what: str) -> str | None:
+    """None when torchao ``TORCHAO_MIN_VERSION`` or newer is installed; else a sentence saying that
+    ``what`` needs it, which version is installed (if any) and the pip command, without a final period:
+
+    "quantize='int8' needs torchao 0.18 or newer, but torchao 0.17.0 is installed: pip install -U ..."
+    """
+    version = torchao_version()
+    if version is None:
+        return f"{what} needs torchao, which is not installed: {_INSTALL_TORCHAO}"
+    if Version(version) < Version(TORCHAO_MIN_VERSION):
+        return (f"{what} needs torchao {TORCHAO_MIN_VERSION} or newer, but torchao {version} is installed: "
+                f'pip install -U "torchao>={TORCHAO_MIN_VERSION}"')
+    return None
+
+
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def _restart_note() -> str:
+    """In a notebook (an IPython shell runs in this process), the kernel must be restarted after a pip install:
+    transformers notes which libraries are installed once, when it is imported. A command or script that is
+    run again after the install needs no note."""
+    ipython = sys.modules.get("IPython")
+    in_a_shell = ipython is not None and ipython.get_ipython() is not None
+    return " Then restart the kernel (Kernel > Restart Kernel)." if in_a_shell else ""
+
+
 __all__ = [
     "quantization_config", "check_quantize", "use_fused_int8_kernel", "FusedInt8Linear", "saved_quantization",
-    "quantize_name", "tensor_bytes", "weights_bytes", "QUANTIZE_CHOICES", "SKIP_MODULES", "VISION_PREFIX",
-    "BITS_PER_WEIGHT",
+    "quantize_name", "tensor_bytes", "weights_bytes", "torchao_version", "torchao_missing", "QUANTIZE_CHOICES",
+    "SKIP_MODULES", "VISION_PREFIX", "BITS_PER_WEIGHT", "TORCHAO_MIN_VERSION",
 ]

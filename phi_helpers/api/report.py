@@ -23,7 +23,7 @@ import transformers
 
 from ..errors import InvalidArgumentError
 from ..versions import TESTED_VERSIONS
-from . import hardware
+from . import hardware, quantization
 from .hardware import (
     GIB, HEADROOM_GIB, NEW_TOKENS, PROMPT_TOKENS, WEIGHT_FORMATS, memory_estimate, memory_verdict, mps_available,
     pick_attention,
@@ -45,7 +45,10 @@ def environment_report(
 
     Returns a dict with the keys shown in the table (``python``, ``torch``, ``cuda_available``,
     ``gpu_name``, ``gpu_memory_gib``, ``gpu_free_gib``, ``bf16_supported``, ``ram_available_gib``,
-    ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``attention`` and ``attention_reason`` (what
+    ``weights_gib``, ``activations_gib``, ``need_gib`` ...), ``torchao`` (its version, None if not
+    installed) and ``torchao_missing`` (None, or what is wrong and the pip command: quantize="int8" needs
+    torchao ``TORCHAO_MIN_VERSION`` or newer, except on a CUDA GPU with bitsandbytes), ``bitsandbytes_installed``,
+    ``attention`` and ``attention_reason`` (what
     ``load_model(attn="auto")`` picks on GPU 0, and why; None without a CUDA GPU; ``flash_attn_available``:
     it picks flash_attention_2), ``fits`` (per weight format: "fits", "tight"
     or "does not fit" in the free GPU memory, or the available RAM without a GPU; ``NEEDS_CUDA`` for int4
@@ -84,6 +87,9 @@ def _software() -> dict:
         "transformers": transformers.__version__,
         "phi_helpers": version,
         "phi_helpers_path": str(package_dir),
+        "torchao": quantization.torchao_version(),
+        "torchao_missing": quantization.torchao_missing("quantize='int8'"),
+        "bitsandbytes_installed": importlib.util.find_spec("bitsandbytes") is not None,
     }
 
 
@@ -166,6 +172,7 @@ def _format(report: dict) -> str:
         ("bf16 on GPU (native)", yes_no[report["bf16_supported"]]),
         ("Apple MPS", yes_no[report["mps_available"]]),
         ("flash-attn", flash),
+        ("torchao", report["torchao_missing"] or report["torchao"]),
         ("CPU cores", str(report["cpu_count"])),
         ("RAM", _ram(report)),
     ]
@@ -247,14 +254,27 @@ def _memory_for_the_model(report: dict) -> tuple[float | None, str]:
 
 
 def _fits(report: dict, name: str) -> str:
-    """Whether weight format ``name`` fits, with the two numbers behind the verdict."""
+    """Whether weight format ``name`` fits, with the two numbers behind the verdict; for int8 without a
+    usable torchao, that it needs torchao (the torchao row says how to install it)."""
     memory, where = _memory_for_the_model(report)
-    if report["fits"][name] in (None, NEEDS_CUDA):
-        return f"  ({NEEDS_CUDA})" if report["fits"][name] else ""
-    free = "free" if where == "GPU" else "available"
-    if name.startswith("int8") and report["mps_available"] and not report["cuda_available"]:
-        where += " with device='cpu'"  # quantized weights have no Apple GPU (MPS) kernels
-    return f"  ({report['fits'][name]} in {where}: needs {report['need_gib'][name]} GiB with activations, {memory} {free})"
+    verdict = report["fits"][name]
+    notes = []
+    if verdict == NEEDS_CUDA:
+        notes.append(NEEDS_CUDA)
+    elif verdict is not None:
+        free = "free" if where == "GPU" else "available"
+        if name.startswith("int8") and report["mps_available"] and not report["cuda_available"]:
+            where += " with device='cpu'"  # quantized weights have no Apple GPU (MPS) kernels
+        notes.append(f"{verdict} in {where}: needs {report['need_gib'][name]} GiB with activations, {memory} {free}")
+    if name.startswith("int8") and _int8_needs_torchao(report):
+        notes.append("needs torchao, see its row")
+    return f"  ({'; '.join(notes)})" if notes else ""
+
+
+def _int8_needs_torchao(report: dict) -> bool:
+    """quantize='int8' cannot load here until torchao is installed (or upgraded): it needs torchao except on a
+    CUDA GPU with bitsandbytes (``quantization_config``)."""
+    return report["torchao_missing"] is not None and not (report["cuda_available"] and report["bitsandbytes_installed"])
 
 
 __all__ = ["NEEDS_CUDA", "environment_report", "format_table"]

@@ -18,10 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES
-from ..api.loading import requested_model_id
+from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES, DTYPES
+from ..api.loading import check_device, check_dtype, requested_model_id
 from ..api.prompts import check_user_text
-from ..api.quantization import QUANTIZE_CHOICES
+from ..api.quantization import QUANTIZE_CHOICES, check_quantize
 from ..errors import InvalidArgumentError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
@@ -152,12 +152,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=_model, metavar="ID_OR_PATH", help=f"hub id or local folder; 'tiny' for a tiny random test model "
                        f"(default: $PHI_HELPERS_MODEL, else {DEFAULT_MODEL_ID})")
-    group.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (CUDA, then MPS, then CPU)")
-    group.add_argument("--dtype", choices=DTYPE_SHORT_NAMES, default="auto",
-                       help="default: auto (bf16/fp16 on GPUs, fp32 on CPU)")
+    group.add_argument("--device", type=_device, default="auto", metavar=f"{{{','.join(DEVICES)},cuda:N}}",
+                       help="default: auto (CUDA, then MPS, then CPU)")
+    group.add_argument("--dtype", type=_dtype, default="auto", metavar=f"{{{','.join(DTYPE_SHORT_NAMES)}}}",
+                       help="default: auto (bf16/fp16 on GPUs; on CPU fp32, or bf16 for quantized weights: --quantize "
+                       "int8 or a folder saved quantized)")
     group.add_argument("--attn", choices=ATTENTIONS, default="auto",
                        help="attention implementation (default: auto)")
-    group.add_argument("--quantize", choices=("none", *QUANTIZE_CHOICES), default="none",
+    group.add_argument("--quantize", type=_quantize, default="none", metavar=f"{{none,{','.join(QUANTIZE_CHOICES)}}}",
                        help="weight-only quantization of the language model: int8 (CPU: torchao; CUDA: bitsandbytes "
                        "or torchao) or int4 (CUDA with bitsandbytes); default: none")
     group.add_argument("--num-crops", type=_num_crops, metavar="N", help="image crops of 336 px: more = finer detail, "
@@ -178,6 +180,36 @@ def _positive_int(text: str) -> int:
         return check_whole_number(value, "N", minimum=1)
     except InvalidArgumentError:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}") from None
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: load_model's device names, any case ("CUDA:1" -> "cuda:1")."""
+    try:
+        return check_device(text)
+    except InvalidArgumentError:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DEVICES)} or cuda:N)") from None
+
+
+def _dtype(text: str) -> str:
+    """argparse type of --dtype: load_model's dtype names, any case, as the short name ("bfloat16" -> "bf16")."""
+    try:
+        dtype = check_dtype(text)
+    except InvalidArgumentError:
+        other_names = ", ".join(name for name in DTYPES if name not in DTYPE_SHORT_NAMES)
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(DTYPE_SHORT_NAMES)}; or {other_names})"
+        ) from None
+    return "auto" if dtype is None else next(name for name in DTYPE_SHORT_NAMES if DTYPES.get(name) == dtype)
+
+
+def _quantize(text: str) -> str:
+    """argparse type of --quantize: load_model's quantize names, any case ("INT8" -> "int8"); "none"."""
+    try:
+        return check_quantize(text) or "none"
+    except InvalidArgumentError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from none, {', '.join(QUANTIZE_CHOICES)})"
+        ) from None
 
 
 def _model(text: str) -> str:
