@@ -575,3 +575,18 @@ def test_a_parquet_output_without_the_ray_engine_is_a_usage_error(capsys, tmp_pa
     code, _, err = run(capsys, "predict", "--image", image, image, "--task", "ocr", "--output", tmp_path / "out.parquet", *FAST)
     assert code == 2 and "Parquet output (--output NAME.parquet) is written by --engine ray" in err
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("name", ["out.csv", "out.JSON", "out.txt"])
+def test_many_images_into_a_file_named_for_another_format_is_a_usage_error(capsys, tmp_path, image, name):
+    """Before: JSON lines went into out.csv with exit 0, and pandas.read_csv read them as a meaningless table."""
+    code, _, err = run(capsys, "predict", "--image", image, image, "--task", "ocr", "--output", tmp_path / name, *FAST)
+    assert code == 2 and "name the file NAME.jsonl" in err
+    assert not (tmp_path / name).exists()
+
+
+def test_a_single_answer_may_still_go_to_a_json_file(capsys, tmp_path, image):
+    code, _, err = run(capsys, "predict", "--image", image, "--task", "ocr", "--format", "json",
+                       "--output", tmp_path / "answer.json", *FAST)
+    assert code == 0, err
+    assert json.loads((tmp_path / "answer.json").read_text())["task"] == "ocr"

@@ -240,6 +240,9 @@ def _num_crops(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+OTHER_FORMAT_SUFFIXES = (".csv", ".tsv", ".json", ".txt", ".xlsx", ".xls")  # names of formats JSON lines are not
+
+
 def _check_predict_args(args) -> bool:
     """Usage errors argparse cannot see by itself (exit code 2). Returns True if the results are JSON
     lines appended to --output: many images, or an --output that ends in .jsonl or holds results."""
@@ -268,6 +271,10 @@ def _check_predict_args(args) -> bool:
                              "images, "
                              "and with --engine ray (results are written as JSON lines)")
     lines = many or (args.output is not None and appends_lines(Path(args.output)))
+    suffix = Path(args.output or "").suffix.lower()
+    if lines and suffix in OTHER_FORMAT_SUFFIXES and not appends_lines(Path(args.output)):
+        predict_parser.error(f"results of many images are JSON lines, not {suffix[1:].upper()}: name the file NAME.jsonl "
+                             f"(a {suffix} file of JSON lines would be misread by the programs that open {suffix} files)")
     if lines and args.format == "txt":
         predict_parser.error("--format txt is for a single image; many images, and an --output that ends in .jsonl "
                              "or holds earlier results, are always written as JSON lines")
