@@ -95,15 +95,15 @@ def test_a_full_disk_names_the_file_and_says_a_rerun_goes_on(capsys, monkeypatch
 
 
 def test_an_interrupted_parquet_run_says_nothing_is_kept_and_can_run_again(capsys, monkeypatch, tmp_path, folder):
-    """Ray writes a Parquet output's part files at the end: Ctrl-C keeps nothing, and the folder it began
-    goes, so that the same command runs again (a JSONL output is the one that resumes)."""
+    """A Parquet output is not read back to resume: Ctrl-C keeps nothing, and the folder it began (with the
+    part files written so far) goes, so that the same command runs again (a JSONL output is the one that resumes)."""
     pytest.importorskip("ray")
     from phi_helpers.cli import ray_engine
 
     output = tmp_path / "out.parquet"
 
     def interrupted(*args, **kwargs):
-        output.mkdir()  # what Ray's writer has made when Ctrl-C comes
+        output.mkdir()  # what the writer has made when Ctrl-C comes
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ray_engine, "_run_on_ray", interrupted)
@@ -257,3 +257,41 @@ def test_file_names_cannot_send_escape_sequences_to_the_terminal(capsys, tmp_pat
     assert "(\\x1b[31mlogo\\x1b[0m.svg)" in err  # the SVG left out, named
     sources = [json.loads(line)["source"] for line in output.read_text().splitlines()]
     assert str(folder / f"{title}invoice.png") in sources
+
+
+def test_new_weights_saved_into_the_same_model_folder_redo_the_items(capsys, monkeypatch, tmp_path, folder, tiny_checkpoint):
+    """The request named a local model by its folder only: weights fine-tuned and saved into the same folder
+    kept the old answers ("4 of 4 items are already done ... Nothing left to do"). Lines written before the
+    model's files were recorded still count as done."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    output = tmp_path / "out.jsonl"
+    argv = ["predict", "--image", folder, "--task", "caption", "--output", output, "--model", model, *FAST]
+    calls = calls_of_generate(monkeypatch)
+    assert run(capsys, *argv)[0] == 0 and len(calls) == 4
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "4 of 4 items are already done" in err and len(calls) == 4
+
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved over: a new time
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and len(calls) == 8, err
+    assert "4 of 4 items in" in err and "(it differs in: the model's files (config.json or weights" in err, err
+
+    lines = [json.loads(line) for line in output.read_text().splitlines()]  # as an older version wrote them
+    for line in lines:
+        del line["request"]["model_files"]
+    output.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "4 of 4 items are already done" in err and len(calls) == 8, err
+
+
+def test_a_hub_model_is_known_by_the_commit_of_its_cached_snapshot(monkeypatch, tmp_path):
+    """Read offline from the Hugging Face cache (no request); nothing when the model is not downloaded."""
+    cache = {"owner/name": str(tmp_path / "models--owner--name" / "snapshots" / "0123abcd" / "config.json")}
+    monkeypatch.setattr(outputs.huggingface_hub, "try_to_load_from_cache", lambda repo, name: cache.get(repo))
+    assert outputs.model_files("owner/name") == "0123abcd"
+    assert outputs.model_files("owner/other") is None
+    assert outputs.model_files("tiny") is None

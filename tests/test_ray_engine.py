@@ -273,3 +273,130 @@ def test_the_memory_a_replica_plans_for_follows_its_load_model_arguments(tiny_ch
     assert planned_memory_gib("microsoft/Phi-3.5-vision-instruct", "cpu", "bf16") < fp32 / 1.8
     assert planned_memory_gib(str(tiny_checkpoint), "cpu", "auto") < 0.1  # the folder's own config
     assert planned_memory_gib("/no/such/folder", "cpu", "auto") is None  # load_model will say why
+
+
+class RecordRows:
+    """Stands in for what ``predict_dataset`` returns, with the one method the driver consumes records by."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def iter_rows(self):
+        return ({"record": json.dumps(record)} for record in self.records)
+
+
+def test_parquet_is_written_by_the_driver_in_few_part_files_with_progress_and_failures(capsys, monkeypatch, tmp_path):
+    """Before, a Parquet output took two Ray stages of unbounded light tasks: a 295-item run started 48
+    worker processes (~450 MB each) and ran out of memory, 65 items made 16 part files of 8 KB, and no
+    progress or failed: line was shown. The records now come to the driver, as for JSON lines."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    monkeypatch.setattr(ray_engine, "ROWS_PER_PART", 4)
+    records = [{"source": f"scan_{index}.png", "task": "ocr", "answer": "text"} for index in range(8)]
+    records += [{"source": "broken.png", "task": "ocr", "error": "'broken.png' is empty (0 bytes)."},
+                {"source": "doc.pdf", "page": 2, "task": "ocr", "error": "Could not render page 2 of 'doc.pdf'"}]
+    output = tmp_path / "ocr.parquet"
+    assert ray_engine.write_records(RecordRows(records), output, total=10, description="ocr") == (10, 2)
+
+    parts = sorted(output.iterdir())
+    assert [part.suffix for part in parts] == [".parquet"] * 3  # 4 + 4 + 2 records
+    table = pq.read_table(output)
+    assert table.schema == ray_engine.parquet_schema() and table.num_rows == 10
+    err = capsys.readouterr().err
+    assert "failed: broken.png: 'broken.png' is empty" in err and "failed: doc.pdf (page 2): Could not render" in err
+    assert "ocr: 100%" in err and "10/10" in err
+    assert ray_engine._failed_sources(str(output)) == ["broken.png", "doc.pdf"]
+    assert ray_engine._parquet_retry(str(output)).endswith("into a new --output, with --image broken.png doc.pdf")
+    assert ray_engine.write_records(RecordRows([]), tmp_path / "none.parquet") == (0, 0)
+    assert pq.read_table(tmp_path / "none.parquet").num_rows == 0  # an empty run's folder still reads back
+
+
+class FakeRay:
+    """A Ray that records how ``start_ray`` calls ``ray.init`` (no Ray starts); ``failure`` is raised by init."""
+
+    def __init__(self, failure: Exception | None = None):
+        self.failure, self.calls, self.stopped = failure, [], 0
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+        if self.failure:
+            raise self.failure
+
+    def shutdown(self):
+        self.stopped += 1
+
+
+def test_a_local_ray_keeps_its_workers_lines_out_of_the_driver(monkeypatch):
+    """Notebook 06 showed walls of red worker lines (a model banner per replica, Ray's dedup notices, a
+    crash dump of one of Ray's own tasks): a local Ray's workers write to its session folder; a cluster
+    joined by address keeps Ray's default. Replica errors reach the user in the records all the same."""
+    fake = FakeRay()
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: fake)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    ray_engine.start_ray(num_cpus=1, dashboard=False)
+    ray_engine.start_ray("ray://head:10001")
+    assert fake.calls[0]["log_to_driver"] is False and "log_to_driver" not in fake.calls[1]
+    assert "/tmp/ray/session_latest/logs" in ray_engine.start_ray.__doc__
+
+
+def test_a_ray_that_does_not_start_is_a_typed_error_that_says_what_to_do(monkeypatch):
+    from phi_helpers.errors import DeviceUnavailableError
+
+    timeout = Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+    fake = FakeRay(timeout)
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: fake)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    with pytest.raises(DeviceUnavailableError, match=r"Ray did not start on this machine \(The current node timed out "
+                       r"during startup.*\)\. The machine is probably busy: run it again .*close other notebooks' kernels"):
+        ray_engine.start_ray()
+    assert fake.stopped == 1  # what the failed start left connected is let go
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: FakeRay(ConnectionError("Failed to connect to Ray cluster")))
+    with pytest.raises(DeviceUnavailableError, match="Could not connect to the Ray cluster at 'ray://head:10001'"):
+        ray_engine.start_ray("ray://head:10001")
+
+
+def test_items_before_start_ray_are_refused_instead_of_starting_a_default_ray(monkeypatch, scans):
+    """item_dataset before start_ray() started Ray's default (a 6.4 GiB object store, another banner),
+    which the later start_ray() then reused with none of its settings."""
+    fake = FakeRay()
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: fake)
+    with pytest.raises(InvalidArgumentError, match=r"Ray is not running: start it with start_ray\(\) first"):
+        ray_engine.item_dataset(str(scans))
+    assert fake.calls == []
+
+
+def test_the_tiny_model_notice_comes_once_on_stderr_not_stdout(capsys, local_ray, scans):
+    """stdout may carry results (| jq): under --engine ray the notice went there (the driver planned the
+    replicas' memory with it printed); each replica's own copy stays in Ray's logs."""
+    items = ray_engine.item_dataset(str(scans / "scan_0.png"))
+    capsys.readouterr()
+    ray_engine.predict_dataset(items, "caption", "tiny", gpus_per_replica=0)
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("TINY RANDOM") == 1
+    ray_engine.predict_dataset(items, "caption", "tiny", gpus_per_replica=1)  # GPU replicas: the notice all the same
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("TINY RANDOM") == 1
+
+
+def test_an_error_names_the_file_as_typed_in_both_engines(monkeypatch, tmp_path):
+    """In-process 'docs/broken.pdf', under Ray '/abs/.../docs/broken.pdf': a replica reads the file at its
+    absolute path (it runs in another folder), but the message names it as the user typed it."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "broken.pdf").write_bytes(b"%PDF-1.4\n garbage")
+    (tmp_path / "docs" / "empty.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    items = collect_all(["docs"])
+
+    def message(item):
+        with pytest.raises(Exception) as error:
+            item.load()
+        return str(error.value)
+
+    in_process = [message(item) for item in items]
+    monkeypatch.chdir(tmp_path.parent)  # a replica's folder
+    in_a_replica = [message(ray_engine.item_at(item.source, item.page, item.path, item.modified)) for item in items]
+    assert in_process == in_a_replica
+    assert "'docs/broken.pdf'" in in_process[0] and "'docs/empty.png' is empty" in in_process[1]

@@ -313,7 +313,7 @@ def interrupted_note(args) -> str:
     if args.command == "eval":
         return "nothing was written"
     if args.engine == "ray" and (args.output or "").lower().endswith(".parquet"):
-        return ("nothing was kept: a Parquet output is written at the end, so a Parquet run cannot resume; run the "
+        return ("nothing was kept: an interrupted Parquet output is removed (a Parquet run cannot resume); run the "
                 "command again to start over, or write to a .jsonl --output, which a re-run goes on from")
     return "everything written so far is kept; run the same command again to go on"
 

@@ -2,7 +2,8 @@
 and multi-page TIFFs.
 
 ``collect_items`` turns what the user typed into ``Item``s (one per image file or document page) whose
-pixels are only read when ``item.load()`` is called.
+pixels are only read when ``item.load()`` is called. ``collect_all`` does it for several values and says
+in one line on stderr what folders and patterns left out (``LeftOut``).
 """
 
 import fnmatch
@@ -10,7 +11,7 @@ import glob
 import os
 import stat
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,8 +62,18 @@ class Item:
         return (self.source, self.page)
 
     def load(self):
-        """Read the image (an RGB PIL image). Raises ImageLoadError if it cannot be read."""
-        return self.loader() if self.loader else load_image(self.path or self.source)
+        """Read the image (an RGB PIL image). Raises ImageLoadError if it cannot be read.
+
+        The file is read at its absolute ``path`` when there is one (a Ray replica runs in another
+        folder), but the error names it by ``source``, as the user typed it, in both engines.
+        """
+        try:
+            return self.loader() if self.loader else load_image(self.path or self.source)
+        except ImageLoadError as error:
+            typed, read = f"'{self.source}'", f"'{self.path}'"
+            if self.path is None or read == typed or read not in str(error):
+                raise
+            raise type(error)(str(error).replace(read, typed)) from None
 
 
 def stamped(item: Item) -> Item:
@@ -148,7 +159,7 @@ def _stat(path: Path) -> os.stat_result | None:
         raise
 
 
-def collect_items(spec: str, strict: bool = True) -> list[Item]:
+def collect_items(spec: str, strict: bool = True, left_out: "LeftOut | None" = None) -> list[Item]:
     """Turn an ``--image`` argument into the list of items to process.
 
     * an ``http(s)://`` URL or an image file -> one item (an animated GIF, PNG or WebP too: its first frame);
@@ -167,6 +178,8 @@ def collect_items(spec: str, strict: bool = True) -> list[Item]:
     raises ImageLoadError with advice if ``strict`` (it is the only input), else is one failing item,
     like an unusable PDF or TIFF.
 
+    ``left_out``: a ``LeftOut`` that gets what a folder or a pattern left out (``collect_all`` reports it).
+
     Raises ImageLoadError when ``spec`` is empty or blank, or nothing is there (missing file, empty
     folder, pattern without matches).
     """
@@ -178,56 +191,143 @@ def collect_items(spec: str, strict: bool = True) -> list[Item]:
         status = _stat(path)
     except OSError as error:
         if glob.has_magic(spec):  # "locked/*.png": the walk says which folder cannot be listed
-            return _pattern_items(spec, strict)
+            return _pattern_items(spec, strict, left_out or LeftOut())
         return [_failed(path, unreadable_error(path, error), strict)]
     if status is not None and stat.S_ISDIR(status.st_mode):
-        return _folder_items(path, strict)
+        return _folder_items(path, strict, left_out or LeftOut())
     if status is not None:
         return _items_for_files([path], strict=strict)
     if glob.has_magic(spec):
-        return _pattern_items(spec, strict)
+        return _pattern_items(spec, strict, left_out or LeftOut())
     raise ImageLoadError(
         f"No file or folder at '{path}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
 
 
-def _folder_items(path: Path, strict: bool) -> list[Item]:
+def _folder_items(path: Path, strict: bool, left_out: "LeftOut") -> list[Item]:
     """The items of a folder's own image files and PDFs, sorted (``collect_items``). Hidden files (names
     that start with ".", such as the "._IMG_0.jpg" a Mac writes beside each file on other disks) are
-    left out, as a glob leaves them out."""
+    left out, as a glob leaves them out; so are files without an image or PDF suffix, and sub-folders
+    are not entered: all noted in ``left_out``."""
     try:
-        entries = sorted(entry for entry in path.iterdir() if not entry.name.startswith("."))
+        everything = sorted(path.iterdir())
     except OSError as error:
         return [_failed(path, unreadable_error(path, error, folder=True), strict)]
-    files = _once([entry for entry in entries if is_supported(entry) and _is_file_or_unreadable(entry)])
+    entries = [entry for entry in everything if not entry.name.startswith(".")]
+    hidden = [entry for entry in everything if entry.name.startswith(".") and _is_file_or_unreadable(entry)]
+    repeats = []
+    files = _once([entry for entry in entries if is_supported(entry) and _is_file_or_unreadable(entry)], repeats=repeats)
     unreadable = [entry for entry in entries if entry.suffix.lower() in UNREADABLE_SUFFIXES and _is_file_or_unreadable(entry)]
+    no_suffix = [entry for entry in entries if _has_no_known_suffix(entry) and _is_file_or_unreadable(entry)]
+    sub_folders = [entry for entry in entries if _is_folder(entry)]
     if not files:
-        hint = f"; {_left_out(unreadable)}" if unreadable else ""
-        if any(_is_folder(entry) for entry in entries):
+        hint = _no_suffix_hint(no_suffix, hidden) + (f"; {_left_out(unreadable)}" if unreadable else "")
+        if sub_folders:
             hint += f"; for the files of its sub-folders use a pattern (quoted): --image '{path / '**' / '*.png'}'"
         raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}){hint}.")
     warn_left_out(unreadable, str(path))
+    left_out.add(no_suffix=no_suffix, hidden=hidden, unreadable=unreadable, repeats=repeats)
+    if sub_folders:
+        left_out.sub_folders[str(path)] = [str(folder) for folder in sub_folders]
     return _items_for_files(files, strict=False)
 
 
-def _pattern_items(spec: str, strict: bool) -> list[Item]:
-    """The items of the files that the glob pattern ``spec`` matches (``collect_items``)."""
-    found = []
-    matches = glob_files(spec, found)
-    files = _once([p for p in matches if is_supported(p)])
+def _pattern_items(spec: str, strict: bool, left_out: "LeftOut") -> list[Item]:
+    """The items of the files that the glob pattern ``spec`` matches (``collect_items``); what it matches
+    but leaves out (no image or PDF suffix, a hidden name) is noted in ``left_out``."""
+    found, hidden_matches, repeats = [], [], []
+    matches = glob_files(spec, found, hidden=hidden_matches)
+    files = _once([p for p in matches if is_supported(p)], repeats=repeats)
     unreadable = [p for p in matches if p.suffix.lower() in UNREADABLE_SUFFIXES]
+    no_suffix = [p for p in matches if _has_no_known_suffix(p)]
     unlisted = [error for error in found if not is_missing(error)]  # a missing folder just matches nothing
     root = glob_root(spec)
     for error in unlisted:
         if Path(error.filename) == root:  # the folder the pattern starts in: none of its files can be seen
             return [_failed(root, unreadable_error(root, error, folder=True), strict)]
     warn_unlisted(unlisted, spec)
+    hidden = [p for p in hidden_matches if p.name.startswith(".")]
+    in_hidden_folders = [p for p in hidden_matches if not p.name.startswith(".")]
     if not files:
-        hint = f"; {_left_out(unreadable)}" if unreadable else ""
+        hint = _no_suffix_hint(no_suffix, hidden + in_hidden_folders) + (f"; {_left_out(unreadable)}" if unreadable else "")
         raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}){hint}.")
     warn_left_out(unreadable, spec)
+    left_out.add(no_suffix=no_suffix, hidden=hidden, in_hidden_folders=in_hidden_folders, unreadable=unreadable,
+                 repeats=repeats)
     return _items_for_files(files, strict=False)
+
+
+def _has_no_known_suffix(path: Path) -> bool:
+    """A file name that is neither an image or PDF name nor one of ``UNREADABLE_SUFFIXES`` (which have their
+    own warning): ``scan_noext``, ``notes.txt``, ``Thumbs.db``."""
+    return not is_supported(path) and path.suffix.lower() not in UNREADABLE_SUFFIXES
+
+
+def _no_suffix_hint(no_suffix: list[Path], hidden: list[Path]) -> str:
+    """What a "no image or PDF files" message adds about the files that are there all the same."""
+    hint = ""
+    if no_suffix:
+        hint += (f"; {_count(len(no_suffix), 'file')} without such a suffix ({_names(no_suffix)}): name an image "
+                 "file on its own with --image to read it whatever its name, or rename it")
+    if hidden:
+        hint += f"; {_count(len(hidden), 'hidden file')} ({_names(hidden)}) left out, as a glob leaves them out"
+    return hint
+
+
+@dataclass
+class LeftOut:
+    """What folders and patterns left out, by reason: ``collect_items`` notes it, ``collect_all`` says it
+    in one line on stderr (``report``), so that nothing in a pile of files goes missing without a word."""
+
+    no_suffix: list = field(default_factory=list)  # files without an image or PDF suffix (scan_noext, notes.txt)
+    hidden: list = field(default_factory=list)  # hidden files (.DS_Store, ._IMG_0.jpg)
+    in_hidden_folders: list = field(default_factory=list)  # files a pattern reaches only through a hidden folder
+    unreadable: list = field(default_factory=list)  # HEIC/HEIF and SVG files (warn_left_out names them, with advice)
+    repeats: list = field(default_factory=list)  # more names of a file listed already (links; a file named twice)
+    sub_folders: dict = field(default_factory=dict)  # a folder given to --image -> its sub-folders, not entered
+
+    def add(self, **paths) -> None:
+        """Append ``paths`` (lists of paths, by field name) to their lists, as text."""
+        for name, found in paths.items():
+            getattr(self, name).extend(str(path) for path in found)
+
+    def report(self, items: list[Item]) -> str | None:
+        """One line, e.g. "295 items from 292 files; 8 files left out (no image or PDF suffix: ...; hidden: ...);
+        12 sub-folders of 'docs' not entered (...)", or None when nothing was left out."""
+        reasons = [("no image or PDF suffix", self.no_suffix), ("hidden", self.hidden),
+                   ("in hidden folders", self.in_hidden_folders), ("HEIC/HEIF or SVG, see above", self.unreadable)]
+        reasons = [(reason, names) for reason, names in reasons if names]
+        parts = []
+        if reasons:
+            count = sum(len(names) for _, names in reasons)
+            parts.append(f"{_count(count, 'file')} left out ("
+                         + "; ".join(f"{reason}: {_names(names)}" for reason, names in reasons) + ")")
+        if self.repeats:
+            files = "a file" if len(self.repeats) == 1 else "files"
+            parts.append(f"{_count(len(self.repeats), 'name')} of {files} listed already (a link, or a file named twice), "
+                         f"skipped ({_names(self.repeats)})")
+        for folder, sub_folders in self.sub_folders.items():
+            parts.append(f"{_count(len(sub_folders), 'sub-folder')} of '{folder}' not entered ({_names(sub_folders)}; "
+                         f"for their files too: --image '{Path(folder) / '**' / '*'}')")
+        if not parts:
+            return None
+        files = len({item.source for item in items})
+        return f"{_count(len(items), 'item')} from {_count(files, 'file')}; " + "; ".join(parts)
+
+
+NAMES_SHOWN = 3  # messages name this many paths of a kind, then count the rest
+
+
+def _names(paths: list) -> str:
+    """``"a, b, c and 5 more"``."""
+    shown = ", ".join(str(path) for path in paths[:NAMES_SHOWN])
+    return shown + (f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else "")
+
+
+def _count(number: int, noun: str) -> str:
+    """``"1 file"``, ``"8 files"``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 # Control characters other than newline and tab, as \xNN: a file name from a pile of documents may hold
@@ -295,7 +395,7 @@ def _is_folder(path: Path) -> bool:
     return status is not None and stat.S_ISDIR(status.st_mode)
 
 
-def glob_files(pattern: str, unlisted: list | None = None) -> list[Path]:
+def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None = None) -> list[Path]:
     """The files that match a glob ``pattern`` (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted.
 
     Like ``glob.glob(pattern, recursive=True)`` (names starting with a dot only match a pattern that
@@ -303,7 +403,8 @@ def glob_files(pattern: str, unlisted: list | None = None) -> list[Path]:
     loop cannot repeat files or make the walk endless; a pattern without ``**`` is searched no deeper
     than it has parts. A name that matches but cannot be seen (a link into a folder that may not be
     entered) is listed: reading it fails, naming it. The folders that cannot be listed are skipped;
-    their OSErrors (``.filename`` is the folder) are appended to ``unlisted``, if given.
+    their OSErrors (``.filename`` is the folder) are appended to ``unlisted``, if given. The files that
+    would match but for a hidden name (theirs or a folder's on the way) are appended to ``hidden``, if given.
     """
     root, wanted = _split_pattern(pattern)
     deepest = None if "**" in wanted else len(wanted) - 1  # folders below root that can match
@@ -313,8 +414,14 @@ def glob_files(pattern: str, unlisted: list | None = None) -> list[Path]:
         if deepest is not None and len(relative) >= deepest:
             subfolders.clear()
         for name in names:
-            if _glob_match(wanted, (*relative, name)) and _is_file_or_unreadable(Path(folder) / name):
-                matches.append(Path(folder) / name)
+            path = Path(folder) / name
+            if _glob_match(wanted, (*relative, name)):
+                if _is_file_or_unreadable(path):
+                    matches.append(path)
+            elif hidden is not None and _glob_match(wanted, (*relative, name), hidden=True) and _is_file_or_unreadable(path):
+                hidden.append(path)
+    if hidden is not None:
+        hidden.sort()
     return sorted(matches)
 
 
@@ -330,41 +437,55 @@ def _split_pattern(pattern: str) -> tuple[Path, tuple]:
     return Path(*parts[:first_magic]), parts[first_magic:]  # Path() is "."
 
 
-def _glob_match(pattern: tuple, parts: tuple) -> bool:
-    """Whether path ``parts`` match glob ``pattern`` parts (``**``: zero or more folders)."""
+def _glob_match(pattern: tuple, parts: tuple, hidden: bool = False) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts (``**``: zero or more folders). Wildcards do not
+    match names that start with ".", unless ``hidden``."""
     if not pattern:
         return not parts
     head, rest = pattern[0], pattern[1:]
     if head == "**":
         for count in range(len(parts) + 1):  # ** takes parts[:count]
-            if count and parts[count - 1].startswith("."):
+            if count and parts[count - 1].startswith(".") and not hidden:
                 return False
-            if _glob_match(rest, parts[count:]):
+            if _glob_match(rest, parts[count:], hidden):
                 return True
         return False
-    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+    if not parts or (parts[0].startswith(".") and not head.startswith(".") and not hidden):
         return False
-    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:])
+    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:], hidden)
 
 
-def collect_all(specs: list[str]) -> list[Item]:
+def collect_all(specs: list[str], report: bool = True) -> list[Item]:
     """``collect_items`` of several ``--image`` values, in order, each item once: a file named by two
     values (``a.png`` and ``scans/``, the same name twice, two links to it) is listed under its first name.
     A value that cannot be read fails the command only when it is the only one; among several it is
-    one failing item (one bad item never stops the others)."""
-    items = [item for spec in specs for item in collect_items(spec, strict=len(specs) == 1)]
-    return [stamped(item) for item in _once(items, key=lambda item: (file_identity(item.source), item.page))]
+    one failing item (one bad item never stops the others).
+
+    ``report``: say in one line on stderr what folders and patterns left out (files without an image or
+    PDF suffix, hidden files, files in hidden folders, more names of a file, a folder's sub-folders:
+    ``LeftOut.report``); nothing when nothing was left out.
+    """
+    left_out, repeats = LeftOut(), []
+    items = [item for spec in specs for item in collect_items(spec, strict=len(specs) == 1, left_out=left_out)]
+    items = _once(items, key=lambda item: (file_identity(item.source), item.page), repeats=repeats)
+    left_out.add(repeats=dict.fromkeys(item.source for item in repeats))  # a document's pages: its name once
+    line = left_out.report(items)
+    if report and line:
+        print(terminal_safe(line), file=sys.stderr)
+    return [stamped(item) for item in items]
 
 
-def _once(things: list, key=lambda path: file_identity(path)) -> list:
+def _once(things: list, key=lambda path: file_identity(path), repeats: list | None = None) -> list:
     """``things`` (paths, or items with ``key``) without the repeats of a file already listed under
-    another name (links)."""
+    another name (links); the repeats are appended to ``repeats``, if given."""
     seen, unique = set(), []
     for thing in things:
         identity = key(thing)
         if identity not in seen:
             seen.add(identity)
             unique.append(thing)
+        elif repeats is not None:
+            repeats.append(thing)
     return unique
 
 

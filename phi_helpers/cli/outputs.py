@@ -29,6 +29,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
 from tqdm import tqdm
 
 try:
@@ -57,13 +58,15 @@ def request_fields(args, schema: dict | None, model: str) -> dict:
     option part of the request, add one key here; give it the value ``None`` when the option is not
     used, so that the lines written before the key existed still count as the same request (a key
     missing from an old line reads as ``None``). The schema enters by the SHA-256 of its canonical
-    JSON, so editing the schema file redoes the items while renaming it does not.
+    JSON, so editing the schema file redoes the items while renaming it does not; the model by its name
+    and ``model_files`` (new weights saved into the same folder redo the items).
     """
     return {
         "task": args.task,
         "prompt": args.prompt,
         "schema_sha256": None if schema is None else hashlib.sha256(canonical_json(schema).encode()).hexdigest(),
         "model": model_key(model),
+        MODEL_FILES: model_files(model),
         "dtype": args.dtype,
         "num_crops": args.num_crops,
         "max_new_tokens": args.max_new_tokens,
@@ -79,18 +82,52 @@ def model_key(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
+MODEL_FILES = "model_files"  # the request field of model_files: compared only when both lines know it
+MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.index.json")  # what a saved model's folder holds
+
+
+def model_files(model: str) -> str | None:
+    """A cheap fingerprint of the model's files, read without loading or downloading anything: for a local
+    folder, the SHA-256 (16 hex digits) of the names, sizes and modification times (ns) of its
+    ``config.json``, weights and weight index (``MODEL_FILE_PATTERNS``); for a hub id, the commit of its
+    snapshot in the Hugging Face cache (the one ``from_pretrained`` uses offline); None when neither can
+    be read (a hub id not downloaded yet, ``"tiny"``)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        files = sorted({file for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
+        stamps = [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files]
+        return hashlib.sha256(canonical_json(stamps).encode()).hexdigest()[:16] if stamps else None
+    if model.count("/") != 1:
+        return None
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid hub id (loading the model says why)
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None  # .../snapshots/<commit>/config.json
+
+
 def canonical_json(value) -> str:
     """One spelling per JSON value (sorted keys, no spaces): equal values give equal text and hash."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def request_differences(stored, request: dict) -> list[str]:
-    """The names of the request fields in which a stored ``"request"`` differs from ``request``."""
+    """The names of the request fields in which a stored ``"request"`` differs from ``request``.
+
+    ``model_files`` counts only when both know it: a line written before it was recorded (or a run
+    that cannot read it now: a hub cache since removed) keeps its answers, as before.
+    """
     if not isinstance(stored, dict):
         return ["request"]  # a line written before requests were recorded
     if isinstance(stored.get("model"), str):  # lines written before folders were recorded by absolute path
         stored = {**stored, "model": model_key(stored["model"])}
+    if stored.get(MODEL_FILES) is None or request.get(MODEL_FILES) is None:
+        stored, request = {**stored, MODEL_FILES: None}, {**request, MODEL_FILES: None}
     return sorted(key for key in stored.keys() | request.keys() if stored.get(key) != request.get(key))
+
+
+# How ResumePlan.summary names a request field that differs (the others by their own name).
+DIFFERENCE_NAMES = {MODEL_FILES: "the model's files (config.json or weights saved over since)"}
 
 
 def item_fields(item: Item) -> dict:
@@ -393,7 +430,8 @@ class ResumePlan:
         if self.other_request:
             lines.append(
                 f"{self.other_request} of {total} items in {path} answer another request (it differs in: "
-                f"{', '.join(sorted(self.differences))}); running them again for this one."
+                f"{', '.join(DIFFERENCE_NAMES.get(name, name) for name in sorted(self.differences))}); running them "
+                "again for this one."
             )
         return lines
 

@@ -21,17 +21,21 @@ How the work is split:
   items through ``predict_items``, the function the in-process CLI uses, and builds each line with
   ``make_record``: the records are the CLI's by construction. A bad item gets its error record; a
   replica that dies is restarted by Ray (``REPLICA_RESTARTS`` times at most) and its batch is run again.
-* ``write_records`` streams the records to a JSONL file (appended, with a progress bar; the same
-  file the CLI writes) or writes Parquet with Ray's writer (a folder of part files).
+* ``write_records`` streams the records to the driver (with a progress bar and a ``failed:`` line per
+  error, as the CLI shows them) and writes them there: a JSONL file (appended; the same file the CLI
+  writes), or a Parquet folder of part files of ``ROWS_PER_PART`` records each.
 
 Ray is an optional extra (``INSTALL_RAY``: ``pip install "ray[data]>=2.60,<2.64"``). This module imports without it; the
 functions raise ``RayNotInstalledError`` when it is missing.
 """
 
+import contextlib
 import importlib
 import json
 import logging
 import os
+import secrets
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -43,9 +47,10 @@ from transformers.utils import logging as hf_logging
 from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
 from ..api.hardware import GIB
 from ..api.loading import planned_memory_gib, requested_model_id
-from ..errors import CommandLineError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
+from ..errors import CommandLineError, DeviceUnavailableError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
 from .inputs import (
-    UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, warn_left_out,
+    UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, terminal_safe,
+    warn_left_out,
 )
 from .outputs import (
     JsonlWriter, OutputLock, check_answers, check_output_path, failure_line, finish_run, input_files, make_record, model_info,
@@ -62,6 +67,9 @@ MAX_BLOCKS = 10_000
 # A replica whose process dies (killed for memory: the model on a CPU takes ~15 GiB per replica) is
 # restarted this many times at most; then the run fails (Ray's ActorDiedError) instead of reloading forever.
 REPLICA_RESTARTS = 3
+# A Parquet output is a folder of part files that the driver writes as the records arrive, one per this
+# many records (the last one holds the rest): few files, none tiny, and no Ray task besides the replicas.
+ROWS_PER_PART = 10_000
 
 # The columns of a Parquet output, in record order. ``answer`` is text: the answer of caption, ocr and
 # vqa, the JSON text of an extract answer. Fields of a record not named here go to ``extra`` (JSON text).
@@ -99,24 +107,53 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     (``RAY_USAGE_STATS_ENABLED=0`` unless set already); stop it with ``ray.shutdown()``.
     ``dashboard``: ``None`` starts the dashboard when its packages are installed
     (``pip install "ray[default]"``; ``INSTALL_RAY`` installs only Ray Data), ``False`` never.
+
+    Logs: a local Ray keeps what its workers print (each replica's model line, Ray's own warnings and
+    crash reports) out of this process's output, in files of its session folder:
+    ``/tmp/ray/session_latest/logs`` (``worker-*.out`` and ``worker-*.err``; the dashboard shows them
+    too). What a replica has to say about an item comes back in that item's record (``"error"``). A
+    cluster joined with ``address`` sends its workers' lines here, as Ray does by default.
+
+    Raises ``DeviceUnavailableError`` when Ray does not start (a busy machine: "timed out during
+    startup") or the cluster at ``address`` cannot be reached, saying what to do.
     """
     ray = require_ray()
     if ray.is_initialized():
         return ray.get_runtime_context()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution
     if address:
-        return ray.init(address=address, logging_level="ERROR")
+        try:
+            return ray.init(address=address, logging_level="ERROR")
+        except Exception as error:  # noqa: BLE001  (Ray raises ConnectionError, or a bare Exception)
+            raise DeviceUnavailableError(
+                f"Could not connect to the Ray cluster at '{address}' ({_error_text(error)}). Check the address "
+                "(e.g. auto on the cluster's head node, or ray://HEAD:10001) and that the cluster is up."
+            ) from None
     # A local Ray reports usage statistics to usage-stats.ray.io by default: off, unless the user set
     # RAY_USAGE_STATS_ENABLED themselves (a cluster joined with an address keeps its own setting). Ray's
     # dashboard process still probes the cloud metadata address once, whatever the setting: docs/scaling.md.
     os.environ.setdefault(USAGE_STATS_VARIABLE, "0")
-    return ray.init(
-        address="local",  # a new Ray, even when one runs on this machine already (or RAY_ADDRESS names one)
-        num_cpus=num_cpus or os.cpu_count(),
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        include_dashboard=dashboard,
-        logging_level="ERROR",
-    )
+    try:
+        return ray.init(
+            address="local",  # a new Ray, even when one runs on this machine already (or RAY_ADDRESS names one)
+            num_cpus=num_cpus or os.cpu_count(),
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            include_dashboard=dashboard,
+            logging_level="ERROR",
+            log_to_driver=False,  # workers' lines go to the session folder's files (see above)
+        )
+    except Exception as error:  # noqa: BLE001  (Ray's start-up timeout is a bare Exception)
+        ray.shutdown()
+        raise DeviceUnavailableError(
+            f"Ray did not start on this machine ({_error_text(error)}). The machine is probably busy: run it again "
+            "(start_ray(), or the same command); if it fails again, close other notebooks' kernels and programs "
+            "that use much CPU or memory, or restart this kernel, which also ends the Ray processes this try left."
+        ) from None
+
+
+def _error_text(error: BaseException) -> str:
+    """Ray's message on one line, ending without a full stop (it is put in brackets)."""
+    return " ".join(str(error).split()).rstrip(".") or type(error).__name__
 
 
 def dashboard_url(context) -> str | None:
@@ -141,12 +178,20 @@ def item_dataset(specs: list[str] | str, skip: set | None = None, local: list[It
     ``file:///...``) names a file or a folder (its files, not its sub-folders, sorted); its PDFs and
     TIFFs are split into pages by Ray tasks. ``skip``: keys ``(source, page)`` to leave out (finished items).
     ``local``: the local items when they are already collected (their folders are not listed again).
+    Unlike ``collect_all``, says nothing about what folders and patterns left out (the command line does).
+
+    Raises ``InvalidArgumentError`` when Ray is not running: call ``start_ray()`` first (Ray would
+    otherwise start a default Ray of its own here, which a later ``start_ray()`` would reuse).
     """
     ray = require_ray()
+    if not ray.is_initialized():
+        raise InvalidArgumentError(
+            "Ray is not running: start it with start_ray() first, then make the items with item_dataset(...)."
+        )
     specs = [specs] if isinstance(specs, str) else list(specs)
     skip = skip or set()
     if local is None:
-        local = collect_all([spec for spec in specs if not is_remote(spec)])
+        local = collect_all([spec for spec in specs if not is_remote(spec)], report=False)
     rows = [{"source": item.source, "page": item.page, "path": item.path, "modified": item.modified}
             for item in local if item.key not in skip]
     blocks = min(-(-len(rows) // ITEMS_PER_BLOCK), MAX_BLOCKS)
@@ -354,8 +399,13 @@ def predict_dataset(
     if model is None:
         model = requested_model_id()  # read here: a cluster's workers do not see this process's environment
     load = model if callable(model) else ModelLoader(model and str(model), device, dtype, attn, num_crops, quantize)
-    if gpus_per_replica == 0 and not callable(model):
-        _warn_if_replicas_exceed_memory(ray, replicas, model, device, dtype, num_crops, quantize)
+    if not callable(model):
+        # Planned here, on the driver, where the tiny model's notice is printed once, on stderr (stdout may
+        # carry results); the replicas' own lines stay in Ray's logs (start_ray).
+        with contextlib.redirect_stdout(sys.stderr):
+            need = planned_memory_gib(model, "cpu" if device == "auto" else device, dtype, num_crops, quantize)
+        if gpus_per_replica == 0:
+            _warn_if_replicas_exceed_memory(ray, replicas, need)
     options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens, "constrain": constrain}
     return items.map_batches(
         Replica,
@@ -392,23 +442,65 @@ def iter_records(records, total: int | None = None, description: str = "predict"
 def write_records(records, path, total: int | None = None, description: str = "predict") -> tuple[int, int]:
     """Write a ``predict_dataset`` result; return ``(records written, records with an error)``.
 
-    ``*.parquet``: Ray's Parquet writer, a folder of part files with the columns ``PARQUET_COLUMNS``
+    The records come to this process as the replicas finish them (``iter_records``: a progress bar,
+    and a ``failed:`` line on stderr per item that failed) and are written here, so no other Ray work
+    runs beside the replicas. ``*.parquet`` (a local path or a URI such as ``s3://bucket/out.parquet``):
+    a folder of part files of ``ROWS_PER_PART`` records each, with the columns ``PARQUET_COLUMNS``
     (read it back with ``pandas.read_parquet(path)`` or ``ray.data.read_parquet(path)``). Anything
     else: JSON lines appended to the file as they arrive (``JsonlWriter``, like the CLI).
     """
     path = str(path)
-    if path.lower().endswith(".parquet"):
-        # Light tasks (num_cpus=0): the replicas may hold every CPU of a small machine until the end.
-        rows = records.map_batches(_to_parquet_rows, batch_format="pyarrow", num_cpus=0)
-        rows.write_parquet(path, schema=parquet_schema(), ray_remote_args={"num_cpus": 0})
-        return _parquet_counts(path)
     written = failed = 0
-    with JsonlWriter(path) as writer:
+    with _writer(path) as writer:
         for record in iter_records(records, total, description):
             writer.write(record)
             written += 1
             failed += "error" in record
     return written, failed
+
+
+def _writer(path: str):
+    """Where ``write_records`` puts the records: a ``ParquetParts`` folder or a ``JsonlWriter`` file."""
+    return ParquetParts(path) if path.lower().endswith(".parquet") else JsonlWriter(path)
+
+
+class ParquetParts:
+    """A Parquet output: a folder (made if missing) of part files ``part-RUN-00000.parquet``, ... with
+    ``ROWS_PER_PART`` records each, written as they fill (the last one, with the rest, at the end; one
+    with no rows when there were no records, so that the folder reads back). ``RUN`` is new for each
+    writer, so a second run into the same folder adds its parts next to the first one's.
+
+        with ParquetParts("out.parquet") as out:
+            out.write(record)
+    """
+
+    def __init__(self, path: str):
+        from pyarrow import fs  # installed with ray[data]
+
+        self.filesystem, self.folder = _filesystem(path) if is_remote(path) else (fs.LocalFileSystem(), os.path.abspath(path))
+        self.run = secrets.token_hex(4)
+        self.rows, self.parts = [], 0
+
+    def __enter__(self) -> "ParquetParts":
+        self.filesystem.create_dir(self.folder)
+        return self
+
+    def write(self, record: dict) -> None:
+        self.rows.append(parquet_row(record))
+        if len(self.rows) >= ROWS_PER_PART:
+            self._write_part()
+
+    def _write_part(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        name = f"{self.folder}/part-{self.run}-{self.parts:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=parquet_schema()), name, filesystem=self.filesystem)
+        self.rows, self.parts = [], self.parts + 1
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None and (self.rows or not self.parts):
+            self._write_part()
 
 
 def parquet_schema():
@@ -430,25 +522,20 @@ def parquet_row(record: dict) -> dict:
     return row
 
 
-def _to_parquet_rows(batch):
-    import pyarrow as pa
-
-    rows = [parquet_row(json.loads(text)) for text in batch.column("record").to_pylist()]
-    return pa.Table.from_pylist(rows, schema=parquet_schema())
-
-
-def _parquet_counts(path: str) -> tuple[int, int]:
+def _failed_sources(path: str) -> list[str]:
+    """The sources of the records with an ``error`` in a Parquet output, each once, in the order written."""
     import pyarrow.parquet as pq
 
-    errors = pq.ParquetDataset(path).read(columns=["error"]).column("error")
-    return len(errors), len(errors) - errors.null_count
+    table = pq.read_table(path, columns=["source", "error"])
+    return list(dict.fromkeys(source for source, error in zip(table.column("source").to_pylist(),
+                                                              table.column("error").to_pylist()) if error is not None))
 
 
-def _warn_if_replicas_exceed_memory(ray, replicas: int, model, device, dtype, num_crops, quantize) -> None:
-    """Print one line (on stderr) when ``replicas`` CPU replicas, each holding its own model, need more
-    memory than the Ray cluster has for tasks: the system would kill replicas, which Ray restarts, slowly,
-    until the run fails. A warning, not a refusal (the estimate leaves out what other programs free)."""
-    need = planned_memory_gib(model, "cpu" if device == "auto" else device, dtype, num_crops, quantize)
+def _warn_if_replicas_exceed_memory(ray, replicas: int, need: float | None) -> None:
+    """Print one line (on stderr) when ``replicas`` CPU replicas, each holding its own model (``need`` GiB,
+    ``planned_memory_gib``), need more memory than the Ray cluster has for tasks: the system would kill
+    replicas, which Ray restarts, slowly, until the run fails. A warning, not a refusal (the estimate
+    leaves out what other programs free)."""
     cluster = ray.cluster_resources().get("memory", 0) / GIB  # Ray's memory for tasks, all nodes together
     if need is None or not cluster or replicas * need <= cluster:
         return
@@ -488,8 +575,9 @@ def run_ray(args, schema: dict | None, model: str) -> int:
         try:
             return _run_on_ray(ray, args, schema, model, request, local, finished=set())
         except KeyboardInterrupt:
-            # Ray writes the part files at the end: an interrupted run keeps nothing and cannot resume (the
-            # message says so, app.main). Its folder goes, so that the same command can run again.
+            # A Parquet run cannot resume (its records are not read back): an interrupted run keeps nothing (the
+            # message says so, app.main). Its folder, with the part files written so far, goes, so that the same
+            # command can run again.
             if not is_remote(output):
                 shutil.rmtree(output, ignore_errors=True)
             raise
@@ -497,6 +585,18 @@ def run_ray(args, schema: dict | None, model: str) -> int:
         finished = {item.key for item in local} - {item.key for item in resume(output, local, request).todo}
         lock.follow()
         return _run_on_ray(ray, args, schema, model, request, local, finished)
+
+
+FILES_SHOWN = 10  # the retry advice of a Parquet run names this many failed files, then counts the rest
+
+
+def _parquet_retry(output: str) -> str:
+    """How to run the failed items of a Parquet output again: the --image values that name their files."""
+    sources = _failed_sources(output)
+    named = terminal_safe(" ".join(shlex.quote(source) for source in sources[:FILES_SHOWN]))
+    if len(sources) > FILES_SHOWN:
+        named += f" (and {len(sources) - FILES_SHOWN} more files: the failed: lines above name them all)"
+    return f"a Parquet output is written once: run them again into a new --output, with --image {named}"
 
 
 def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local: list[Item], finished: set) -> int:
@@ -538,7 +638,6 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
         if started_here:
             ray.shutdown()
     if parquet:
-        return finish_run(written, failed, output, retry="a Parquet output is written once: run them again into a "
-                          "new --output (e.g. with --image naming just those files)")
+        return finish_run(written, failed, output, retry=_parquet_retry(output) if failed else "")
     code = finish_run(written, failed, output)
     return max(code, check_answers(output, local, args.max_new_tokens))
