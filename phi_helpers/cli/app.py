@@ -272,7 +272,7 @@ def _check_predict_args(args) -> bool:
                              "and with --engine ray (results are written as JSON lines)")
     lines = many or (args.output is not None and appends_lines(Path(args.output)))
     suffix = Path(args.output or "").suffix.lower()
-    if lines and suffix in OTHER_FORMAT_SUFFIXES and not appends_lines(Path(args.output)):
+    if lines and suffix in OTHER_FORMAT_SUFFIXES and not Path(args.output).exists():  # an existing one: checked below
         predict_parser.error(f"results of many images are JSON lines, not {suffix[1:].upper()}: name the file NAME.jsonl "
                              f"(a {suffix} file of JSON lines would be misread by the programs that open {suffix} files)")
     if lines and args.format == "txt":
