@@ -400,3 +400,40 @@ def test_an_error_names_the_file_as_typed_in_both_engines(monkeypatch, tmp_path)
     in_a_replica = [message(ray_engine.item_at(item.source, item.page, item.path, item.modified)) for item in items]
     assert in_process == in_a_replica
     assert "'docs/broken.pdf'" in in_process[0] and "'docs/empty.png' is empty" in in_process[1]
+
+
+class ClusterOf:
+    """A stand-in for the ``ray`` module with ``memory_gib`` of memory for tasks."""
+
+    def __init__(self, memory_gib):
+        self.memory = memory_gib * ray_engine.GIB
+
+    def cluster_resources(self):
+        return {"memory": self.memory, "CPU": 8}
+
+
+@pytest.mark.parametrize("dtype, quantize, advice, not_advised", [
+    ("auto", None, ["--replicas 2", "--dtype bf16", "--quantize int8"], []),
+    ("bf16", None, ["--replicas 2", "--quantize int8"], ["--dtype"]),
+    ("fp32", "int8", ["--replicas 2", "--quantize int4"], ["--dtype", "--quantize int8"]),
+    ("bf16", "int4", ["--replicas 2"], ["--dtype", "--quantize"]),
+])
+def test_the_memory_warning_advises_only_savings_the_run_does_not_use(capsys, dtype, quantize, advice, not_advised):
+    """4 replicas of 10 GiB on 25 GiB: fewer replicas, and only the dtype / quantization the user has not
+    chosen already (before: bf16 and int8 were advised to a run already in bf16 with int8)."""
+    ray_engine._warn_if_replicas_exceed_memory(ClusterOf(25), 4, 10.0, dtype, quantize)
+    err = capsys.readouterr().err
+    assert err.startswith("Warning: 4 replicas") and "40.0 GiB" in err
+    assert all(part in err for part in advice), err
+    assert not any(part in err for part in not_advised), err
+
+
+def test_the_memory_warning_is_silent_when_the_replicas_fit(capsys):
+    ray_engine._warn_if_replicas_exceed_memory(ClusterOf(50), 4, 10.0)
+    assert capsys.readouterr().err == ""
+
+
+def test_one_replica_too_large_for_the_cluster_is_told_to_use_more_memory(capsys):
+    ray_engine._warn_if_replicas_exceed_memory(ClusterOf(5), 1, 10.0, "bf16", "int4")
+    err = capsys.readouterr().err
+    assert "--replicas" not in err and "Use a machine or cluster with more memory." in err, err

@@ -45,8 +45,9 @@ import pypdfium2 as pdfium
 from transformers.utils import logging as hf_logging
 
 from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
-from ..api.hardware import GIB
-from ..api.loading import planned_memory_gib, requested_model_id
+from ..api.hardware import GIB, HALF_DTYPES
+from ..api.loading import check_dtype, planned_memory_gib, requested_model_id
+from ..api.quantization import check_quantize
 from ..errors import CommandLineError, DeviceUnavailableError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
 from .inputs import (
     UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, terminal_safe,
@@ -405,7 +406,7 @@ def predict_dataset(
         with contextlib.redirect_stdout(sys.stderr):
             need = planned_memory_gib(model, "cpu" if device == "auto" else device, dtype, num_crops, quantize)
         if gpus_per_replica == 0:
-            _warn_if_replicas_exceed_memory(ray, replicas, need)
+            _warn_if_replicas_exceed_memory(ray, replicas, need, dtype, quantize)
     options = {"question": question, "schema": schema, "max_new_tokens": max_new_tokens, "constrain": constrain}
     return items.map_batches(
         Replica,
@@ -531,19 +532,29 @@ def _failed_sources(path: str) -> list[str]:
                                                               table.column("error").to_pylist()) if error is not None))
 
 
-def _warn_if_replicas_exceed_memory(ray, replicas: int, need: float | None) -> None:
+def _warn_if_replicas_exceed_memory(ray, replicas: int, need: float | None, dtype="auto", quantize=None) -> None:
     """Print one line (on stderr) when ``replicas`` CPU replicas, each holding its own model (``need`` GiB,
     ``planned_memory_gib``), need more memory than the Ray cluster has for tasks: the system would kill
     replicas, which Ray restarts, slowly, until the run fails. A warning, not a refusal (the estimate
-    leaves out what other programs free)."""
+    leaves out what other programs free). The advice names only the savings the run does not use yet:
+    fewer replicas, bf16 weights (``dtype``), int8 weights (``quantize``)."""
     cluster = ray.cluster_resources().get("memory", 0) / GIB  # Ray's memory for tasks, all nodes together
     if need is None or not cluster or replicas * need <= cluster:
         return
     fit = max(1, int(cluster // need))
+    savings = []
+    if fit < replicas:
+        savings.append(f"replicas={fit} (command line: --replicas {fit})")
+    if check_quantize(quantize) is None:
+        if check_dtype(dtype) not in HALF_DTYPES:
+            savings.append("dtype='bf16' (--dtype bf16)")
+        savings.append("quantize='int8' (--quantize int8)")
+    elif check_quantize(quantize) == "int8":
+        savings.append("quantize='int4' (--quantize int4)")
+    advice = f" Use {' or '.join(savings)}." if savings else " Use a machine or cluster with more memory."
     print(
         f"Warning: {replicas} replicas each hold their own model, about {need:.1f} GiB each ({replicas * need:.1f} GiB), "
-        f"but the Ray cluster has {cluster:.1f} GiB of memory for tasks: replicas may be killed for memory. Use "
-        f"replicas={fit} (command line: --replicas {fit}), or dtype='bf16' / quantize='int8' (--dtype bf16 / --quantize int8).",
+        f"but the Ray cluster has {cluster:.1f} GiB of memory for tasks: replicas may be killed for memory.{advice}",
         file=sys.stderr,
     )
 
