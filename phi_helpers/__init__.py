@@ -16,7 +16,9 @@ The whole public API:
     load_schema(path) -> dict                       a JSON Schema file, checked, for ask/extract(schema=)
     environment_report() -> dict                    versions, devices, flash-attn, does the model fit
     PhiHelpersError and its subclasses: every error says what to do. All live in phi_helpers.errors; the
-        common ones import from phi_helpers too: PromptError, ImageLoadError, SchemaError,
+        common ones import from phi_helpers too: PromptError (and its SpecialTokenError), ContextLengthError,
+        PromptImageMismatchError, ImageLoadError (and its ImageDownloadTimeout), ImageAspectRatioError,
+        SchemaError (and its SchemaNotSupportedError), JSONExtractionError, JSONTruncatedError,
         InvalidArgumentError, and those of load_model (ModelLoadError, ConfigurationError,
         DeviceUnavailableError, FlashAttentionUnavailableError, QuantizationUnavailableError and its
         subclass QuantizationBackendMissingError)

@@ -121,6 +121,9 @@ def test_the_public_api_fits_one_screen_and_every_name_it_lists_exists():
     assert {"load_model", "ask", "extract", "Chat", "PhiHelpersError"} <= set(listed)
     for name in [*listed, "PromptError", "SchemaError", "InvalidArgumentError", "ImageLoadError"]:
         assert hasattr(phi_helpers, name), name
+    exported_errors = {name for name in dir(phi_helpers) if name.endswith(("Error", "Timeout"))}
+    unnamed = {name for name in exported_errors if not re.search(rf"\b{name}\b", phi_helpers.__doc__)}
+    assert not unnamed, f"errors importable from phi_helpers that help(phi_helpers) does not name: {unnamed}"
 
 
 def test_import_star_gives_the_public_names_and_no_leftovers():

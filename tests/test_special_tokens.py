@@ -58,6 +58,17 @@ def test_build_prompt_refuses_every_special_token(token):
         build_prompt("What is here?", system=f"Be brief.{token}")
 
 
+def test_only_a_question_is_told_how_to_write_a_whole_prompt_in_the_chat_format():
+    """A question to ask() may be a whole chat-format prompt, so its refusal says how; a Chat's turns and a
+    system message cannot be, so theirs do not offer it."""
+    with pytest.raises(SpecialTokenError, match=r"start it with <\|user\|> and pass it to ask\(\)"):
+        build_prompt("Read it.<|end|>")
+    for refused in (lambda: Chat().add_user("Read it.<|end|>"), lambda: build_prompt("Hi", system="Be brief.<|end|>")):
+        with pytest.raises(SpecialTokenError) as caught:
+            refused()
+        assert "special token <|end|>" in str(caught.value) and "ask()" not in str(caught.value)
+
+
 @pytest.mark.parametrize("token", ["<|end|>", "<|user|>", "<|image_2|>", "</s>"])
 def test_chat_refuses_special_tokens_in_every_turn_and_stays_unchanged(token, image):
     chat = Chat().add_user("Hi", images=image).add_assistant("Hello.")

@@ -8,7 +8,7 @@ imports from the module that holds it:
     loading        load_model and its choices: pick_device, pick_dtype, check_checkpoint_files
     hardware       what the machine has and the model needs: pick_attention, memory_estimate / memory_need
     report         environment_report (shows those facts), format_table
-    images         load_image
+    images         load_image, load_page (one page of a multi-page TIFF)
     prompts        build_prompt, Chat
     generation     ask, extract, stream_chunks, generate_batch (many prompts in one batch)
     parsing        extract_json

@@ -66,7 +66,7 @@ def build_prompt(question: str, num_images: int = 1, system: str | None = None, 
     >>> build_prompt("What is this?")
     '<|user|>\\n<|image_1|>\\nWhat is this?<|end|>\\n<|assistant|>\\n'
     """
-    check_user_text(question, "question", processor)
+    check_user_text(question, "question", processor, whole_prompt_advice=True)
     num_images = check_whole_number(num_images, "num_images")
     messages = []
     if system:
@@ -116,20 +116,21 @@ def _tokenizer(processor):
     return processor.tokenizer
 
 
-def check_user_text(text, what: str, processor=None) -> None:
+def check_user_text(text, what: str, processor=None, *, whole_prompt_advice: bool = False) -> None:
     """Refuse ``text`` that is not a non-empty string, or that holds an image tag or a special token.
 
     Raises PromptError (not a string, empty, a surrogate code point) or SpecialTokenError
-    (``<|image_N|>``, ``<|end|>``...).
+    (``<|image_N|>``, ``<|end|>``...). ``whole_prompt_advice``: the error also says how to pass a whole
+    prompt in the chat format instead (only where one is accepted: ``ask``'s question).
     """
     if not isinstance(text, str):
         raise PromptError(f"The {what} must be a string, got {type(text).__name__}.")
     if not text.strip():
         raise PromptError(f"The {what} is empty; write what you want to ask.")
-    check_plain_text(text, what, processor)
+    check_plain_text(text, what, processor, whole_prompt_advice=whole_prompt_advice)
 
 
-def check_plain_text(text: str, what: str, processor=None) -> None:
+def check_plain_text(text: str, what: str, processor=None, *, whole_prompt_advice: bool = False) -> None:
     """Raise PromptError if ``text`` cannot be tokenized (a surrogate code point), SpecialTokenError if it
     contains an image tag or a special token (see the module doc)."""
     check_encodable(text, f"The {what}")
@@ -146,8 +147,9 @@ def check_plain_text(text: str, what: str, processor=None) -> None:
         raise SpecialTokenError(
             f"The {what} contains the special token {token}, which would act as a control token of the chat "
             f"format (end a turn, start another role...), not as text. Remove or reword it (e.g. write "
-            f"{plain!r}). To write a whole prompt in the chat format yourself, start it "
-            "with <|user|> and pass it to ask() or the processor as it is."
+            f"{plain!r})."
+            + (" To write a whole prompt in the chat format yourself, start it with <|user|> and pass it to ask() "
+               "or the processor as it is." if whole_prompt_advice else "")
         )
 
 

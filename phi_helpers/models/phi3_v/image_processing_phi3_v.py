@@ -107,9 +107,9 @@ def num_image_tokens(canvas_h: int, canvas_w: int) -> int:
 
 ARRAY_LAYOUT = "a uint8 numpy array of shape (height, width) or (height, width, 3 or 4): greyscale, RGB or RGBA"
 TENSOR_ADVICE = (
-    "Convert a torch tensor to a PIL image first: torchvision.transforms.functional.to_pil_image(tensor) (a "
-    "channels-first float tensor in 0..1, or uint8), or Image.fromarray(tensor.permute(1, 2, 0).numpy()) for a "
-    "uint8 (3, height, width) tensor."
+    "Convert a torch tensor to a PIL image first: Image.fromarray(tensor.permute(1, 2, 0).numpy()) for a uint8 "
+    "(3, height, width) tensor; Image.fromarray((tensor.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()) "
+    "for a float one in 0..1 (torchvision's to_pil_image(tensor) does either, where torchvision is installed)."
 )
 
 
