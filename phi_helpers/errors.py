@@ -11,6 +11,7 @@ and torch's integers, which computed counts often are).
 
 import numbers
 import operator
+from pathlib import Path
 
 
 class PhiHelpersError(Exception):
@@ -141,3 +142,20 @@ def _is_integer_tensor(value) -> bool:
     """A one-number integer tensor (``torch.tensor(8)``), which ``operator.index`` reads as that number."""
     return (type(value).__name__ == "Tensor" and value.ndim == 0 and str(value.dtype) != "torch.bool"
             and not value.is_floating_point() and not value.is_complex())
+
+
+def expand_home(path, what: str, error: type = None) -> Path:
+    """``Path(path)`` with a leading ``~`` / ``~user`` replaced by that home folder, as the shell does.
+
+    A ``~name`` whose user does not exist (a shell leaves ``~nouser/x.png`` as it is, so a typo for ``~/``
+    reaches the program literally) raises ``error`` (default InvalidArgumentError) naming ``what``,
+    instead of pathlib's bare RuntimeError.
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        head = str(path).split("/", 1)[0]
+        raise (error or InvalidArgumentError)(
+            f"Cannot find the home folder of {head!r} in the {what} {str(path)!r}: there is no user "
+            f"{head[1:]!r} on this machine. Write ~/ for your own home folder, or the full path."
+        ) from None

@@ -205,6 +205,13 @@ def test_missing_local_folder_is_reported_clearly(no_env_model, forbid_loading, 
     assert isinstance(info.value, OSError)
 
 
+def test_a_home_folder_of_a_user_that_does_not_exist_is_a_model_load_error(no_env_model, forbid_loading):
+    """``~nouser/m`` (a shell leaves it as typed when there is no such user): ModelLoadError saying what to
+    write, not pathlib's bare RuntimeError."""
+    with pytest.raises(ModelLoadError, match=r"no user 'nouser-phi' on this machine\. Write ~/"):
+        load_model("~nouser-phi/model", device="cpu")
+
+
 @pytest.mark.parametrize("model_id", [Path("models/phi35-finetuned"), "phi35_local", "./x/y", "a/b/c", "pyproject.toml"])
 def test_a_folder_that_is_not_there_is_never_looked_up_on_the_hub(no_env_model, forbid_loading, model_id):
     """Only owner/name goes to the hub: a Path, a bare name or a longer path is a local folder, whose name

@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 from .. import testing
 from ..errors import (
     ConfigurationError, DeviceUnavailableError, InvalidArgumentError, ModelLoadError, PhiHelpersError,
-    check_whole_number,
+    check_whole_number, expand_home,
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM
@@ -422,7 +422,7 @@ def _check_source(source: str, local: bool = False) -> str:
     """A source that is not a hub id (``owner/name``) must be an existing folder: the hub's own error for
     it is confusing, and looking it up would send a local folder's name to the hub. ``local``: a Path.
     A hub id must follow the hub's rules for names (checked here, before any request)."""
-    path = Path(source).expanduser()
+    path = expand_home(source, "model folder", ModelLoadError)
     if path.is_dir():
         return str(path)
     hub_id = not local and source.count("/") == 1 and not source.startswith((".", "/", "~", "\\")) and not os.path.isabs(source)
