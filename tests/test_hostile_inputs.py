@@ -5,6 +5,7 @@ message and the exit code. Nothing here touches the network (servers listen on 1
 """
 
 import base64
+import codecs
 import builtins
 import errno
 import functools
@@ -32,6 +33,7 @@ from phi_helpers.api.generation import Generation
 from phi_helpers.api.images import load_image
 from phi_helpers.api.loading import requested_model_id
 from phi_helpers.api.parsing import extract_json
+from phi_helpers.api.structured import check_extraction
 from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
 from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError, ModelLoadError
@@ -1072,3 +1074,70 @@ def test_trickled_headers_hit_the_total_deadline_too():
         server.shutdown()
         server.server_close()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers too long to read; manifests in UTF-16, with a key twice or an unknown field
+# ----------------------------------------------------------------------------------------------
+
+LONG_NUMBER = '{"n": 1' + "0" * 5000 + "}"
+
+
+@pytest.mark.parametrize("text", [LONG_NUMBER, f"```json\n{LONG_NUMBER}\n```", f"```\n{LONG_NUMBER}\n```",
+                                  f"Here: [1, {LONG_NUMBER}] ok"], ids=["bare", "json-fence", "plain-fence", "nested"])
+def test_a_number_too_long_to_read_is_a_json_extraction_error(text):
+    with pytest.raises(JSONExtractionError, match="a number of more than 4300 digits") as error:
+        extract_json(text)
+    assert isinstance(error.value, ValueError) and error.value.text == text
+    assert 'as a string (an id, a code), or bound it in the schema ("maximum")' in str(error.value)
+
+
+def test_an_unconstrained_answer_of_endless_digits_goes_to_the_retry():
+    data, problems = check_extraction(LONG_NUMBER, SCHEMA)  # raising would fail the item instead
+    assert data is None and len(problems) == 1 and "more than 4300 digits" in problems[0]
+
+
+def _manifest_refusal(capsys, tmp_path, tiny_model, content: bytes) -> str:
+    """The one-line error of eval on a set whose manifest.jsonl holds ``content``; the model is never loaded."""
+    data = tmp_path / "data"
+    data.mkdir()
+    picture(data / "a.png")
+    (data / "s.json").write_text(json.dumps(SCHEMA))
+    (data / "manifest.jsonl").write_bytes(content)
+    code, out, err = run(capsys, "eval", "--data", data, *FAST)
+    assert code == 1 and out == "" and tiny_model.calls == 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err.strip().removeprefix(f"error: {data / 'manifest.jsonl'}")
+
+
+OCR_LINE = {"id": "a", "image": "a.png", "task": "ocr", "expected": "hi"}
+
+
+@pytest.mark.parametrize("encoding, bom", [("UTF-16", b""), ("UTF-16", codecs.BOM_UTF16_BE), ("UTF-32", b"")],
+                         ids=["utf-16", "utf-16-be", "utf-32"])
+def test_a_manifest_saved_as_utf16_or_utf32_is_named_once(capsys, tmp_path, tiny_model, encoding, bom):
+    text = json.dumps(OCR_LINE) + "\n" + json.dumps(dict(OCR_LINE, id="b")) + "\n"
+    content = bom + text.encode("utf-16-be") if bom else text.encode(encoding.lower())  # Python's codec writes a BOM
+    message = _manifest_refusal(capsys, tmp_path, tiny_model, content)
+    assert message == (f" is saved as {encoding}; save it as UTF-8 (e.g. in your editor's Save As, "
+                       f"or iconv -f {encoding} -t UTF-8).")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"id": "x", "id": "y", "image": "a.png", "task": "ocr", "expected": "hi"}',
+         ", line 1 has the key 'id' twice in one object; JSON readers keep only the last value."),
+        ('{"image": "a.png", "task": "extract", "schema": "s.json", "expected": {"total": 1, "total": 2}}',
+         ", line 1 has the key 'total' twice"),
+        (json.dumps(dict(OCR_LINE, weight=3)),
+         ", line 1 has the unknown field(s) 'weight'; a manifest line has only the fields id, image, task, expected, "
+         "schema. Fix the name, or remove the field."),
+        ('{"imgae": "a.png", "task": "ocr", "expected": "hi", "ID": "a"}',
+         ", line 1 has the unknown field(s) 'imgae' (did you mean 'image'?), 'ID' (did you mean 'id'?); a manifest "
+         "line has only"),
+    ],
+    ids=["id-twice", "expected-key-twice", "unknown", "misspelt"],
+)
+def test_manifest_lines_with_a_key_twice_or_an_unknown_field_are_refused(capsys, tmp_path, tiny_model, line, message):
+    assert _manifest_refusal(capsys, tmp_path, tiny_model, (line + "\n").encode()).startswith(message)

@@ -8,7 +8,8 @@ or JSON followed by an explanation. ``extract_json`` finds the JSON and parses i
 3. otherwise the first balanced JSON object ``{...}`` or array ``[...]`` anywhere in the text.
 
 The search takes time roughly linear in the length of the answer, however many braces it holds;
-JSON nested deeper than ``MAX_JSON_DEPTH`` levels is refused with a JSONExtractionError.
+JSON nested deeper than ``MAX_JSON_DEPTH`` levels, or with an integer longer than Python reads
+(``sys.get_int_max_str_digits()``, 4300 digits), is refused with a JSONExtractionError.
 
 Invalid JSON is never "repaired" (a guessed fix could silently change your data): you get a
 ``JSONExtractionError`` that shows where parsing failed, and ``error.text`` keeps the whole answer.
@@ -16,6 +17,7 @@ Invalid JSON is never "repaired" (a guessed fix could silently change your data)
 
 import json
 import re
+import sys
 
 from ..errors import JSONExtractionError
 
@@ -65,12 +67,14 @@ def _parse_block(block: str, text: str) -> dict | list:
         value = json.loads(block)
     except RecursionError:
         raise _too_deep_error(text) from None
-    except json.JSONDecodeError as error:
+    except json.JSONDecodeError as error:  # before ValueError, of which it is a kind
         raise JSONExtractionError(
             f"The ```json block in the answer is not valid JSON: {error.msg} at line {error.lineno}, "
             f"column {error.colno}: {_context(block, error.pos)}. {_ADVICE}",
             text=text,
         ) from None
+    except ValueError:  # the decoder's only other error: an integer too long to read
+        raise _too_long_number_error(text) from None
     if not isinstance(value, (dict, list)):
         raise JSONExtractionError(
             f"The ```json block holds a {type(value).__name__} ({block.strip()[:40]!r}), not an object or array. "
@@ -116,10 +120,12 @@ def _first_json_value(text: str) -> dict | list:
             return value
         except RecursionError:
             raise _too_deep_error(text) from None
-        except json.JSONDecodeError as error:
+        except json.JSONDecodeError as error:  # before ValueError, of which it is a kind
             failures.append((start + error.pos, scan))
             if best is None or start + error.pos > best[0]:
                 best = (start + error.pos, error.msg)
+        except ValueError:  # the decoder's only other error: an integer too long to read
+            raise _too_long_number_error(text) from None
     if too_deep:
         raise _too_deep_error(text)
     if best is None:
@@ -185,6 +191,15 @@ def _match_brackets(text: str, start: int, ends: dict, scan: int) -> tuple[int, 
 def _too_deep_error(text: str) -> JSONExtractionError:
     return JSONExtractionError(
         f"The answer holds JSON nested more than {MAX_JSON_DEPTH} levels deep, which is refused. {_ADVICE}", text=text
+    )
+
+
+def _too_long_number_error(text: str) -> JSONExtractionError:
+    return JSONExtractionError(
+        f"The answer holds a number of more than {sys.get_int_max_str_digits()} digits, which Python does not read "
+        "and no value is (most likely the model repeated a digit until it was stopped). Ask for such a value as a "
+        'string (an id, a code), or bound it in the schema ("maximum").',
+        text=text,
     )
 
 

@@ -29,6 +29,12 @@ MANIFEST = "manifest.jsonl"
 MAX_MANIFEST_PROBLEMS = 10  # read_manifest names this many malformed lines at most
 MAX_REPORT_BYTES = 256 << 20  # a larger file in the set's folder is not taken for an earlier report
 EVAL_TASKS = ("ocr", "extract")
+MANIFEST_FIELDS = ("id", "image", "task", "expected", "schema")  # a line with any other field is refused
+REQUIRED_FIELDS = ("image", "task", "expected")
+# Byte order marks of other encodings a Windows editor may save text in
+# (UTF-32's first: its FF FE 00 00 starts with UTF-16's FF FE)
+OTHER_ENCODINGS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                   (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 # ----------------------------------------------------------------------------------------------
 # The labelled set
@@ -41,11 +47,13 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     Each returned dict has ``id``, ``task``, ``expected``, ``image`` (a Path: ``data_dir`` / the manifest's
     path), ``image_name`` (the manifest's path, relative to ``data_dir``: what the report shows) and, for
     extract items, ``schema`` (a Path) and ``schema_name`` (its name in the report: ``_schema_names``).
-    Paths are relative to ``data_dir`` and must stay inside it (no absolute
-    paths, no ``..`` or symbolic link that leads out); the images and schema files must exist, and an
-    image must not be a document of several pages (a PDF, a multi-page TIFF): an item scores one image. The manifest is UTF-8 text, with or without a byte order mark; only
-    ``\n``, ``\r\n`` and ``\r`` end a line. Raises ManifestError naming the line of every malformed
-    item (up to ``MAX_MANIFEST_PROBLEMS``), so that one run shows what to fix.
+    Paths are relative to ``data_dir`` and must stay inside it (no absolute paths, no ``..`` or symbolic
+    link that leads out); the images and schema files must exist, and an image must not be a document of
+    several pages (a PDF, a multi-page TIFF): an item scores one image. The manifest is UTF-8 text, with
+    or without a byte order mark (a UTF-16 or UTF-32 one is refused at once); only ``\n``, ``\r\n`` and
+    ``\r`` end a line. A line may hold only the ``MANIFEST_FIELDS``, and no object in it a key twice.
+    Raises ManifestError naming the line of every malformed item (up to ``MAX_MANIFEST_PROBLEMS``), so
+    that one run shows what to fix.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / MANIFEST
@@ -61,7 +69,12 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     entries, problems = [], []
     lines_of_ids = {}  # id -> the line that gave it first
     schemas = {}  # schema path -> the schema, read once for all the lines that name it
-    text = manifest.read_bytes().removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
+    text = manifest.read_bytes()
+    for bom, encoding in OTHER_ENCODINGS:  # else every line would be "not UTF-8" or "not valid JSON"
+        if text.startswith(bom):
+            raise ManifestError(f"{manifest} is saved as {encoding}; save it as UTF-8 (e.g. in your editor's Save As, "
+                                f"or iconv -f {encoding} -t UTF-8).")
+    text = text.removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
     for number, raw in enumerate(text.splitlines(), start=1):
         where = f"{manifest}, line {number}"
         try:
@@ -132,7 +145,8 @@ def _decode(raw: bytes, where: str) -> str:
 
 def _parse(line: str, where: str):
     """The JSON value on one manifest line. Unlike Python's json, refuses ``NaN``, ``Infinity`` and
-    numbers too large for a float (``1e999``), which strict JSON does not have."""
+    numbers too large for a float (``1e999``), which strict JSON does not have, and an object with a key
+    twice (Python's json would keep the last value without a word)."""
 
     def refuse(text: str):
         raise ManifestError(f"{where} has the number {text}, which is not finite; JSON allows only finite numbers.")
@@ -141,8 +155,17 @@ def _parse(line: str, where: str):
         value = float(text)
         return value if math.isfinite(value) else refuse(text)
 
+    def no_repeated_key(pairs: list[tuple]) -> dict:
+        value = {}
+        for key, item in pairs:
+            if key in value:
+                raise ManifestError(f"{where} has the key {key!r} twice in one object; JSON readers keep only the "
+                                    "last value. Remove the one you did not mean.")
+            value[key] = item
+        return value
+
     try:
-        return json.loads(line, parse_constant=refuse, parse_float=finite)
+        return json.loads(line, parse_constant=refuse, parse_float=finite, object_pairs_hook=no_repeated_key)
     except RecursionError:
         raise ManifestError(f"{where} is nested too deeply to read.") from None
     except json.JSONDecodeError as error:
@@ -159,7 +182,15 @@ def _check_entry(line: str, data_dir: Path, where: str, schemas: dict) -> dict:
     entry = _parse(line, where)
     if not isinstance(entry, dict):
         raise ManifestError(f"{where} must be a JSON object.")
-    missing = [key for key in ("image", "task", "expected") if key not in entry]
+    unknown = [key for key in entry if key not in MANIFEST_FIELDS]
+    if unknown:  # a misspelt field would be left out without a word
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.lower(), MANIFEST_FIELDS, n=1)
+            named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ManifestError(f"{where} has the unknown field(s) {', '.join(named)}; a manifest line has only the fields "
+                            f"{', '.join(MANIFEST_FIELDS)}. Fix the name, or remove the field.")
+    missing = [key for key in REQUIRED_FIELDS if key not in entry]
     if missing:
         raise ManifestError(f"{where} lacks {', '.join(missing)}.")
     if entry["task"] not in EVAL_TASKS:
