@@ -82,8 +82,10 @@ PASSPORTS = (
            place_of_birth="Old Meridian"),
 )
 
+# Every string and number has both bounds, as docs/structured-output.md ("What it does not fix") asks:
+# constrained decoding stops an open one only at max_new_tokens (a random model writes to the limit).
 _DATE = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$", "format": "date"}
-_MONEY = {"type": "number", "minimum": 0}
+_MONEY = {"type": "number", "minimum": 0, "maximum": 100000}
 
 SCHEMAS = {
     "receipt.schema.json": {
@@ -93,17 +95,18 @@ SCHEMAS = {
         "type": "object",
         "required": ["merchant", "date", "currency", "total"],
         "properties": {
-            "merchant": {"type": "string", "minLength": 1, "description": "Shop name as printed."},
+            "merchant": {"type": "string", "minLength": 1, "maxLength": 60, "description": "Shop name as printed."},
             "date": {**_DATE, "description": "Purchase date, YYYY-MM-DD."},
             "currency": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ISO 4217 code, e.g. USD."},
             "items": {
                 "type": "array",
+                "maxItems": 50,
                 "items": {
                     "type": "object",
                     "required": ["name", "amount"],
                     "properties": {
-                        "name": {"type": "string", "minLength": 1},
-                        "quantity": {"type": "integer", "minimum": 1},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 60},
+                        "quantity": {"type": "integer", "minimum": 1, "maximum": 1000},
                         "unit_price": _MONEY,
                         "amount": {**_MONEY, "description": "quantity x unit_price"},
                     },
@@ -122,8 +125,8 @@ SCHEMAS = {
         "required": ["surname", "given_names", "passport_number", "nationality", "date_of_birth", "sex",
                      "expiry_date"],
         "properties": {
-            "surname": {"type": "string", "minLength": 1},
-            "given_names": {"type": "string"},
+            "surname": {"type": "string", "minLength": 1, "maxLength": 40},
+            "given_names": {"type": "string", "maxLength": 60},
             "passport_number": {"type": "string", "pattern": "^[A-Z0-9]{1,9}$"},
             "nationality": {"type": "string", "pattern": "^[A-Z]{3}$", "description": "ICAO 3-letter code."},
             "date_of_birth": {**_DATE, "description": "YYYY-MM-DD."},
@@ -210,6 +213,9 @@ Conventions of the expected answers:
   with `<`), `passport_number` and `nationality` as in the MRZ, `sex` `M`/`F`/`X`. The MRZ of every
   passport is valid (`phi_helpers.tutorial.mrz.parse_td3`), and `phi_helpers.tutorial.mrz.check_fields` compares an
   answer with it.
+- Schemas: every string has a `maxLength` (40 to 60) or a pattern or enum of bounded length, every
+  number a `minimum` and a `maximum` (amounts 0 to 100000, quantities 1 to 1000), and the items at
+  most 50: under constrained decoding an open value can run on until `--max-new-tokens`.
 """
 
 
