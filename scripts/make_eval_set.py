@@ -198,6 +198,9 @@ Paths are relative to this folder.
   `additionalProperties` allows it (constrained decoding never writes such a key).
 - `schema` (`extract` only): the JSON Schema the answer should follow.
 
+A line holds only these fields, each once (another field, or a key written twice in one object, is
+refused with the line number), in a file saved as UTF-8.
+
 ```
 {"id": "line_01", "image": "lines/line_01.png", "task": "ocr", "expected": "The quick brown fox ..."}
 {"id": "receipt_01", "image": "receipts/receipt_01.png", "task": "extract", "schema": "schemas/receipt.schema.json", "expected": {"merchant": "...", "date": "2024-11-02", "currency": "USD", "items": [...], "subtotal": 37.69, "tax": 2.73, "total": 40.42}}
