@@ -60,7 +60,7 @@ EVAL_EXAMPLES = """\
 examples:
   phi-helpers eval --data data/eval
   phi-helpers eval --data data/eval --limit 3 --output report.json
-  PHI_HELPERS_MODEL=tiny phi-helpers eval --data data/eval --max-new-tokens 16   # offline dry run
+  PHI_HELPERS_MODEL=tiny phi-helpers eval --data data/eval --limit 3 --max-new-tokens 16   # offline dry run
 
 DIR/manifest.jsonl has one item per line: {"image": ..., "task": "ocr", "expected": "text"} or
 {"image": ..., "task": "extract", "schema": "schemas/x.schema.json", "expected": {...}}. OCR items
