@@ -1,6 +1,13 @@
 """Behaviour a mutation audit found unprotected: one small test for each (tiny random model)."""
 
+import base64
+import http.server
+import io
 import json
+import os
+import shutil
+import socket
+import textwrap
 
 import pytest
 import torch
@@ -8,10 +15,17 @@ from PIL import Image
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from cli_runner import run
-from phi_helpers import PromptImageMismatchError, ask, build_prompt, extract
+from local_server import no_proxy, serve  # noqa: F401  (no_proxy: an autouse fixture)
+from phi_helpers import (
+    ImageLoadError, ModelLoadError, PromptImageMismatchError, ask, build_prompt, extract, extract_json, load_image,
+    load_model,
+)
 from phi_helpers.api import hardware
 from phi_helpers.api.constrained import read_answer
 from phi_helpers.api.generation import generate_batch, stream_chunks
+from phi_helpers.api.loading import DEFAULT_MODEL_ID, planned_memory_gib, requested_model_id
+from phi_helpers.api.metrics import field_matches
+from phi_helpers.api.structured import check_schema, validation_errors
 from phi_helpers.errors import InvalidArgumentError, JSONExtractionError
 
 
@@ -121,3 +135,102 @@ def test_a_logits_processor_that_forbids_the_schema_is_an_argument_error(model_a
         extract(
             model, processor, "Count.", schema, max_new_tokens=8, logits_processor=LogitsProcessorList([OnlyOneWord()])
         )
+
+
+def test_extract_prompt_puts_the_users_instructions_before_the_schema(capsys, tiny_model, tmp_path, image):
+    image.save(tmp_path / "photo.png")
+    schema = {"type": "object", "properties": {"date": {"type": "string"}}}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    _, out, err = run(capsys, "predict", "--image", tmp_path / "photo.png", "--task", "extract", "--schema", tmp_path / "s.json",
+                      "--prompt", "Dates are written DD.MM.YYYY.", "--format", "json", "--num-crops", "1", "--max-new-tokens", "4")
+    prompt = json.loads(out)["prompt"]
+    assert prompt.startswith("Dates are written DD.MM.YYYY.\n"), err
+    assert "follows this JSON Schema" in prompt and json.dumps(schema) in prompt
+
+
+@pytest.mark.parametrize("value, expected", [("  tiny\n", "tiny"), (" ", DEFAULT_MODEL_ID)])
+def test_phi_helpers_model_is_read_without_surrounding_blanks(monkeypatch, value, expected):
+    monkeypatch.setenv("PHI_HELPERS_MODEL", value)
+    assert requested_model_id() == expected
+
+
+def test_planned_memory_grows_with_num_crops():
+    """A hub id plans from the package's own table of official checkpoints: nothing is downloaded."""
+    one = planned_memory_gib("microsoft/Phi-3.5-vision-instruct", device="cpu", num_crops=1)
+    sixteen = planned_memory_gib("microsoft/Phi-3.5-vision-instruct", device="cpu", num_crops=16)
+    assert one is not None and sixteen > one
+
+
+def test_a_missing_field_is_wrong_even_when_null_is_expected():
+    assert field_matches({"total": 12.5}, {"total": 12.5, "tip": None}) == {"total": True, "tip": False}
+
+
+def test_field_matches_compares_strings_casefolded():
+    assert field_matches({"street": "HAUPTSTRASSE 5"}, {"street": "Hauptstraße 5"}) == {"street": True}
+
+
+def test_a_json_block_in_upper_case_or_after_a_blank_wins_over_a_plain_block():
+    plain = 'The format is:\n```\n{"total": 0}\n```\n'
+    assert extract_json(plain + 'The answer:\n```JSON\n{"total": 12.5}\n```') == {"total": 12.5}
+    assert extract_json(plain + 'The answer:\n``` json\n{"total": 12.5}\n```') == {"total": 12.5}
+    with pytest.raises(JSONExtractionError, match="The ```json block in the answer is not valid JSON"):
+        extract_json('Here:\n``` json\n{"total": 12,}\n```\nor {"total": 13}')
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_data_url_wrapped_at_76_characters_loads_and_other_characters_are_refused():
+    data = base64.b64encode(_png_bytes()).decode()
+    wrapped = "\r\n".join(textwrap.wrap(data, 76))  # as the base64 tool and mail clients write it
+    assert "\n" in wrapped
+    assert load_image("data:image/png;base64," + wrapped).size == (40, 30)
+    with pytest.raises(ImageLoadError, match="damaged"):
+        load_image("data:image/png;base64," + data[:10] + "!" + data[10:])
+
+
+class _PngHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        body = _png_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_an_upper_case_http_url_is_downloaded():
+    with serve(_PngHandler) as url:
+        assert load_image(url.replace("http://", "HTTP://") + "/x.png").size == (40, 30)
+
+
+def test_a_ref_shaped_value_of_enum_or_default_is_data(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("check_schema must not fetch anything")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    check_schema({"type": "object", "properties": {"kind": {"enum": [{"$ref": "not-a-ref"}, "other"]}}})
+    check_schema({"type": "object", "properties": {"doc": {"type": "object", "default": {"$ref": "http://example.com/x"}}}})
+
+
+def test_weights_cut_short_by_a_few_bytes_are_called_truncated(tmp_path, tiny_checkpoint):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    weights = copy / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 4)  # a copy that stopped 4 bytes early
+    with pytest.raises(ModelLoadError, match=f"it is truncated: {size - 4:,} bytes instead of {size:,}"):
+        load_model(str(copy), device="cpu")
+
+
+def test_validation_errors_are_sorted():
+    schema = {"type": "object", "properties": {"z": {"type": "number"}, "a": {"type": "number"}}, "required": ["z", "a"]}
+    assert validation_errors({"z": "x", "a": "y"}, schema) == [
+        "a: 'y' is not of type 'number'", "z: 'x' is not of type 'number'",
+    ]

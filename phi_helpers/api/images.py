@@ -178,10 +178,13 @@ def _is_url(text: str) -> bool:
 
 
 def _data_url_bytes(url: str) -> bytes:
-    """The bytes of a base64 ``data:`` URL (``data:image/png;base64,iVBOR...``, as browsers copy images)."""
+    """The bytes of a base64 ``data:`` URL (``data:image/png;base64,iVBOR...``, as browsers copy images).
+    Line breaks and blanks in the base64 part are left out: the ``base64`` tool and mail clients wrap it
+    at 76 characters; any other character that is not base64 is refused."""
     header, _, data = url.strip().partition(",")
     if not header.lower().endswith(";base64"):
         raise ImageLoadError("Only base64 data: URLs are supported (data:image/png;base64,...).")
+    data = re.sub(r"[ \t\r\n]", "", data)
     try:
         return base64.b64decode(data, validate=True)
     except binascii.Error:
