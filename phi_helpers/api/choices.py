@@ -1,6 +1,7 @@
 """What ``load_model`` and the command line's model options accept, defined once.
 
     DEFAULT_MODEL_ID   the checkpoint loaded when you name none (HUB_NUM_CROPS: the checkpoints' num_crops)
+    TINY_MODEL         the name of the tiny random model (is_tiny_model: any case, blanks around it)
     DEVICES            "auto" picks CUDA, then Apple MPS, then CPU ("cuda:N" is accepted too)
     DTYPES             dtype names -> torch dtypes; DTYPE_SHORT_NAMES are the ones the CLI offers
     ATTENTIONS         attention implementations; "auto" picks flash_attention_2 when it can run
@@ -11,6 +12,7 @@ import torch
 DEFAULT_MODEL_ID = "microsoft/Phi-3.5-vision-instruct"
 # The official checkpoints' num_crops (their preprocessor_config.json), known before anything is downloaded.
 HUB_NUM_CROPS = {"microsoft/phi-3.5-vision-instruct": 4, "microsoft/phi-3-vision-128k-instruct": 16}
+TINY_MODEL = "tiny"  # a tiny random Phi-3.5-vision for tests and dry runs, even where a folder has this name
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -20,4 +22,11 @@ DTYPES = {
 DTYPE_SHORT_NAMES = ("auto", "bf16", "fp16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
-__all__ = ["DEFAULT_MODEL_ID", "HUB_NUM_CROPS", "DEVICES", "DTYPES", "DTYPE_SHORT_NAMES", "ATTENTIONS"]
+
+
+def is_tiny_model(model_id) -> bool:
+    """Whether ``load_model(model_id)`` loads the tiny random model (``"tiny"``, any case, blanks around it)."""
+    return isinstance(model_id, str) and model_id.strip().lower() == TINY_MODEL
+
+
+__all__ = ["DEFAULT_MODEL_ID", "TINY_MODEL", "is_tiny_model", "HUB_NUM_CROPS", "DEVICES", "DTYPES", "DTYPE_SHORT_NAMES", "ATTENTIONS"]

@@ -55,7 +55,7 @@ from ..errors import (
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM
-from .choices import DEFAULT_MODEL_ID, DEVICES as _DEVICES, DTYPE_SHORT_NAMES, DTYPES as _DTYPES, HUB_NUM_CROPS
+from .choices import DEFAULT_MODEL_ID, is_tiny_model, DEVICES as _DEVICES, DTYPE_SHORT_NAMES, DTYPES as _DTYPES, HUB_NUM_CROPS
 from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
 from .hardware import NUM_CROPS, available_memory, memory_need, mps_available, pick_attention
 
@@ -258,7 +258,7 @@ def checkpoint_num_crops(model_id=None) -> int:
     official checkpoint's (4 for Phi-3.5-vision, 16 for Phi-3-vision); ``NUM_CROPS`` (4) for another hub id,
     or when the folder cannot be read (``load_model`` says why)."""
     try:
-        if requested_model_id(model_id).strip().lower() == "tiny":  # a Phi-3.5-vision (not built here: no banner)
+        if is_tiny_model(requested_model_id(model_id)):  # a Phi-3.5-vision (not built here: no banner)
             return HUB_NUM_CROPS[DEFAULT_MODEL_ID.lower()]
         source, _ = _resolve_source(model_id)
         return _checkpoint_crops(source, Path(source).is_dir()) or NUM_CROPS
@@ -413,7 +413,7 @@ def _resolve_source(model_id) -> tuple[str, str]:
     """Return ``(what to pass to from_pretrained, how to name it)`` for ``requested_model_id(model_id)``."""
     source = requested_model_id(model_id)
     from_env = model_id is None and source != DEFAULT_MODEL_ID
-    if source.strip().lower() == "tiny":
+    if is_tiny_model(source):
         return str(_tiny_checkpoint()), "tiny random Phi-3.5-vision" + (" (PHI_HELPERS_MODEL=tiny)" if from_env else "")
     return _check_source(source, local=isinstance(model_id, os.PathLike)), source + (" (from PHI_HELPERS_MODEL)" if from_env else "")
 

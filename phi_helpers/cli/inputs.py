@@ -6,6 +6,7 @@ pixels are only read when ``item.load()`` is called. ``collect_all`` does it for
 in one line on stderr what folders and patterns left out (``LeftOut``).
 """
 
+import errno
 import fnmatch
 import glob
 import os
@@ -21,7 +22,7 @@ import pypdfium2.raw as pdfium_c
 from ..api.images import (
     check_pixel_count, count_pages, is_missing, load_image, load_page, unreadable_error, url_scheme,
 )
-from ..errors import ImageLoadError
+from ..errors import ImageLoadError, expand_home
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif"}
 # Image files Pillow cannot read: folders and patterns leave them out with a warning that says what to do
@@ -131,7 +132,7 @@ def is_multi_input(spec: str) -> bool:
     check_not_empty(spec)
     if is_url(spec):
         return False
-    path = Path(spec).expanduser()
+    path = _expand(spec)
     try:
         status = _stat(path)
     except OSError:
@@ -180,13 +181,14 @@ def collect_items(spec: str, strict: bool = True, left_out: "LeftOut | None" = N
 
     ``left_out``: a ``LeftOut`` that gets what a folder or a pattern left out (``collect_all`` reports it).
 
-    Raises ImageLoadError when ``spec`` is empty or blank, or nothing is there (missing file, empty
-    folder, pattern without matches).
+    Raises ImageLoadError when ``spec`` is empty or blank, names the home folder of a user that does not
+    exist (``~nouser/x.png``), or nothing is there (missing file, a symbolic link to nothing or a loop of
+    links, empty folder, pattern without matches).
     """
     check_not_empty(spec)
     if is_url(spec):
         return [Item(spec)]
-    path = Path(spec).expanduser()
+    path = _expand(spec)
     try:
         status = _stat(path)
     except OSError as error:
@@ -199,7 +201,28 @@ def collect_items(spec: str, strict: bool = True, left_out: "LeftOut | None" = N
         return _items_for_files([path], strict=strict)
     if glob.has_magic(spec):
         return _pattern_items(spec, strict, left_out or LeftOut())
-    raise ImageLoadError(
+    raise _missing_error(path)
+
+
+def _expand(spec: str) -> Path:
+    """The path an ``--image`` value names, ``~`` expanded (``expand_home``: ImageLoadError for ``~nouser``)."""
+    return expand_home(spec, "--image value", ImageLoadError)
+
+
+def _missing_error(path: Path) -> ImageLoadError:
+    """Why nothing is at ``path``: a loop of symbolic links, a symbolic link to nothing, or no such name."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return ImageLoadError(f"'{path}' leads through a loop of symbolic links (a link that points back to itself, "
+                                  "directly or through other links; ls -l shows where each points). Point it at a file.")
+    except ValueError:  # a NUL in the name
+        pass
+    if os.path.islink(path):
+        return ImageLoadError(f"'{path}' is a symbolic link to '{os.readlink(path)}', where there is nothing. Point it "
+                              "at a file, or give the file itself.")
+    return ImageLoadError(
         f"No file or folder at '{path}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
@@ -208,8 +231,9 @@ def collect_items(spec: str, strict: bool = True, left_out: "LeftOut | None" = N
 def _folder_items(path: Path, strict: bool, left_out: "LeftOut") -> list[Item]:
     """The items of a folder's own image files and PDFs, sorted (``collect_items``). Hidden files (names
     that start with ".", such as the "._IMG_0.jpg" a Mac writes beside each file on other disks) are
-    left out, as a glob leaves them out; so are files without an image or PDF suffix, and sub-folders
-    are not entered: all noted in ``left_out``."""
+    left out, as a glob leaves them out; so are files without an image or PDF suffix and what is not a
+    regular file (a FIFO, a device, a broken or looping link), and sub-folders are not entered: all noted
+    in ``left_out``."""
     try:
         everything = sorted(path.iterdir())
     except OSError as error:
@@ -221,13 +245,14 @@ def _folder_items(path: Path, strict: bool, left_out: "LeftOut") -> list[Item]:
     unreadable = [entry for entry in entries if entry.suffix.lower() in UNREADABLE_SUFFIXES and _is_file_or_unreadable(entry)]
     no_suffix = [entry for entry in entries if _has_no_known_suffix(entry) and _is_file_or_unreadable(entry)]
     sub_folders = [entry for entry in entries if _is_folder(entry)]
+    not_regular = [entry for entry in entries if not (_is_file_or_unreadable(entry) or _is_folder(entry))]
     if not files:
-        hint = _no_suffix_hint(no_suffix, hidden) + (f"; {_left_out(unreadable)}" if unreadable else "")
+        hint = _no_suffix_hint(no_suffix, hidden, not_regular) + (f"; {_left_out(unreadable)}" if unreadable else "")
         if sub_folders:
             hint += f"; for the files of its sub-folders use a pattern (quoted): --image '{path / '**' / '*.png'}'"
         raise ImageLoadError(f"The folder '{path}' contains no image or PDF files ({_suffix_list()}){hint}.")
     warn_left_out(unreadable, str(path))
-    left_out.add(no_suffix=no_suffix, hidden=hidden, unreadable=unreadable, repeats=repeats)
+    left_out.add(no_suffix=no_suffix, hidden=hidden, unreadable=unreadable, not_regular=not_regular, repeats=repeats)
     if sub_folders:
         left_out.sub_folders[str(path)] = [str(folder) for folder in sub_folders]
     return _items_for_files(files, strict=False)
@@ -235,9 +260,9 @@ def _folder_items(path: Path, strict: bool, left_out: "LeftOut") -> list[Item]:
 
 def _pattern_items(spec: str, strict: bool, left_out: "LeftOut") -> list[Item]:
     """The items of the files that the glob pattern ``spec`` matches (``collect_items``); what it matches
-    but leaves out (no image or PDF suffix, a hidden name) is noted in ``left_out``."""
-    found, hidden_matches, repeats = [], [], []
-    matches = glob_files(spec, found, hidden=hidden_matches)
+    but leaves out (no image or PDF suffix, a hidden name, not a regular file) is noted in ``left_out``."""
+    found, hidden_matches, repeats, not_regular = [], [], [], []
+    matches = glob_files(spec, found, hidden=hidden_matches, not_regular=not_regular)
     files = _once([p for p in matches if is_supported(p)], repeats=repeats)
     unreadable = [p for p in matches if p.suffix.lower() in UNREADABLE_SUFFIXES]
     no_suffix = [p for p in matches if _has_no_known_suffix(p)]
@@ -250,11 +275,12 @@ def _pattern_items(spec: str, strict: bool, left_out: "LeftOut") -> list[Item]:
     hidden = [p for p in hidden_matches if p.name.startswith(".")]
     in_hidden_folders = [p for p in hidden_matches if not p.name.startswith(".")]
     if not files:
-        hint = _no_suffix_hint(no_suffix, hidden + in_hidden_folders) + (f"; {_left_out(unreadable)}" if unreadable else "")
+        hint = (_no_suffix_hint(no_suffix, hidden + in_hidden_folders, not_regular)
+                + (f"; {_left_out(unreadable)}" if unreadable else ""))
         raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}){hint}.")
     warn_left_out(unreadable, spec)
     left_out.add(no_suffix=no_suffix, hidden=hidden, in_hidden_folders=in_hidden_folders, unreadable=unreadable,
-                 repeats=repeats)
+                 not_regular=not_regular, repeats=repeats)
     return _items_for_files(files, strict=False)
 
 
@@ -264,7 +290,10 @@ def _has_no_known_suffix(path: Path) -> bool:
     return not is_supported(path) and path.suffix.lower() not in UNREADABLE_SUFFIXES
 
 
-def _no_suffix_hint(no_suffix: list[Path], hidden: list[Path]) -> str:
+NOT_REGULAR = "not regular files (FIFOs, devices, broken or looping links)"  # what LeftOut.not_regular holds
+
+
+def _no_suffix_hint(no_suffix: list[Path], hidden: list[Path], not_regular: list[Path]) -> str:
     """What a "no image or PDF files" message adds about the files that are there all the same."""
     hint = ""
     if no_suffix:
@@ -272,6 +301,8 @@ def _no_suffix_hint(no_suffix: list[Path], hidden: list[Path]) -> str:
                  "file on its own with --image to read it whatever its name, or rename it")
     if hidden:
         hint += f"; {_count(len(hidden), 'hidden file')} ({_names(hidden)}) left out, as a glob leaves them out"
+    if not_regular:
+        hint += f"; {len(not_regular)} {NOT_REGULAR} ({_names(not_regular)}) left out"
     return hint
 
 
@@ -284,6 +315,7 @@ class LeftOut:
     hidden: list = field(default_factory=list)  # hidden files (.DS_Store, ._IMG_0.jpg)
     in_hidden_folders: list = field(default_factory=list)  # files a pattern reaches only through a hidden folder
     unreadable: list = field(default_factory=list)  # HEIC/HEIF and SVG files (warn_left_out names them, with advice)
+    not_regular: list = field(default_factory=list)  # FIFOs, devices, links to nothing and loops of links
     repeats: list = field(default_factory=list)  # more names of a file listed already (links; a file named twice)
     sub_folders: dict = field(default_factory=dict)  # a folder given to --image -> its sub-folders, not entered
 
@@ -296,7 +328,8 @@ class LeftOut:
         """One line, e.g. "295 items from 292 files; 8 files left out (no image or PDF suffix: ...; hidden: ...);
         12 sub-folders of 'docs' not entered (...)", or None when nothing was left out."""
         reasons = [("no image or PDF suffix", self.no_suffix), ("hidden", self.hidden),
-                   ("in hidden folders", self.in_hidden_folders), ("HEIC/HEIF or SVG, see above", self.unreadable)]
+                   ("in hidden folders", self.in_hidden_folders), ("HEIC/HEIF or SVG, see above", self.unreadable),
+                   (NOT_REGULAR, self.not_regular)]
         reasons = [(reason, names) for reason, names in reasons if names]
         parts = []
         if reasons:
@@ -395,7 +428,8 @@ def _is_folder(path: Path) -> bool:
     return status is not None and stat.S_ISDIR(status.st_mode)
 
 
-def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None = None) -> list[Path]:
+def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None = None,
+               not_regular: list | None = None) -> list[Path]:
     """The files that match a glob ``pattern`` (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted.
 
     Like ``glob.glob(pattern, recursive=True)`` (names starting with a dot only match a pattern that
@@ -404,7 +438,8 @@ def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None =
     than it has parts. A name that matches but cannot be seen (a link into a folder that may not be
     entered) is listed: reading it fails, naming it. The folders that cannot be listed are skipped;
     their OSErrors (``.filename`` is the folder) are appended to ``unlisted``, if given. The files that
-    would match but for a hidden name (theirs or a folder's on the way) are appended to ``hidden``, if given.
+    would match but for a hidden name (theirs or a folder's on the way) are appended to ``hidden``, if given;
+    the matches that are not regular files (FIFOs, devices, broken or looping links) to ``not_regular``.
     """
     root, wanted = _split_pattern(pattern)
     deepest = None if "**" in wanted else len(wanted) - 1  # folders below root that can match
@@ -418,10 +453,13 @@ def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None =
             if _glob_match(wanted, (*relative, name)):
                 if _is_file_or_unreadable(path):
                     matches.append(path)
+                elif not_regular is not None:
+                    not_regular.append(path)
             elif hidden is not None and _glob_match(wanted, (*relative, name), hidden=True) and _is_file_or_unreadable(path):
                 hidden.append(path)
-    if hidden is not None:
-        hidden.sort()
+    for found in (hidden, not_regular):
+        if found is not None:
+            found.sort()
     return sorted(matches)
 
 
@@ -432,7 +470,7 @@ def glob_root(pattern: str) -> Path:
 
 def _split_pattern(pattern: str) -> tuple[Path, tuple]:
     """A glob pattern as (the folder before its first wildcard, the parts from there on)."""
-    parts = Path(os.path.expanduser(pattern)).parts
+    parts = _expand(pattern).parts
     first_magic = next(index for index, part in enumerate(parts) if glob.has_magic(part))
     return Path(*parts[:first_magic]), parts[first_magic:]  # Path() is "."
 

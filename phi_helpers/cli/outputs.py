@@ -11,7 +11,8 @@
 
 File names that are not valid UTF-8 (possible on Linux) are written losslessly: ``"source"`` shows
 the undecodable bytes as ``\\xNN`` escapes, and ``"source_b64"`` holds the exact bytes of the name
-in base64 (``os.fsdecode(base64.b64decode(record["source_b64"]))`` gives the path back).
+in base64 (``os.fsdecode(base64.b64decode(record["source_b64"]))`` gives the path back); in place of
+``"path"``, ``"path_b64"`` holds the absolute path's bytes the same way.
 """
 
 import base64
@@ -38,8 +39,9 @@ except ImportError:  # Windows: runs on one output are not locked against each o
     fcntl = None
 
 from ..api import quantization
+from ..api.choices import TINY_MODEL, is_tiny_model
 from ..api.images import PDF_SIGNATURE
-from ..errors import CommandLineError, PhiHelpersError
+from ..errors import CommandLineError, ModelLoadError, PhiHelpersError, expand_home
 from .inputs import Item, file_identity, is_url, terminal_safe
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
@@ -77,8 +79,11 @@ def request_fields(args, schema: dict | None, model: str) -> dict:
 
 def model_key(model: str) -> str:
     """A local model folder by its absolute path (``./m`` and ``/home/me/m`` are one model, ``m`` in two
-    folders two); a hub id, or "tiny", as it is."""
-    path = Path(model).expanduser()
+    folders two); a hub id as it is; ``"tiny"`` (any case) as ``"tiny"``, even where a folder of that
+    name is in the working folder (``load_model`` loads the tiny random model then, not the folder)."""
+    if is_tiny_model(model):
+        return TINY_MODEL
+    path = expand_home(model, "model folder", ModelLoadError)
     return str(path.resolve()) if path.is_dir() else model
 
 
@@ -92,7 +97,9 @@ def model_files(model: str) -> str | None:
     ``config.json``, weights and weight index (``MODEL_FILE_PATTERNS``); for a hub id, the commit of its
     snapshot in the Hugging Face cache (the one ``from_pretrained`` uses offline); None when neither can
     be read (a hub id not downloaded yet, ``"tiny"``)."""
-    path = Path(model).expanduser()
+    if is_tiny_model(model):
+        return None
+    path = expand_home(model, "model folder", ModelLoadError)
     if path.is_dir():
         files = sorted({file for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
         stamps = [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files]
@@ -120,7 +127,8 @@ def request_differences(stored, request: dict) -> list[str]:
     if not isinstance(stored, dict):
         return ["request"]  # a line written before requests were recorded
     if isinstance(stored.get("model"), str):  # lines written before folders were recorded by absolute path
-        stored = {**stored, "model": model_key(stored["model"])}
+        with contextlib.suppress(ModelLoadError):  # an edited line's "~nouser/m": not this request's model
+            stored = {**stored, "model": model_key(stored["model"])}
     if stored.get(MODEL_FILES) is None or request.get(MODEL_FILES) is None:
         stored, request = {**stored, MODEL_FILES: None}, {**request, MODEL_FILES: None}
     return sorted(key for key in stored.keys() | request.keys() if stored.get(key) != request.get(key))
@@ -134,26 +142,50 @@ def item_fields(item: Item) -> dict:
     """``{"source": ...}`` plus ``"page"`` for a page of a PDF or TIFF, and a local file's absolute
     ``"path"`` and ``"modified"`` time (ns) when it was collected: the start of every output line.
 
-    A name that is not valid UTF-8 also gets ``"source_b64"``, its exact bytes (see the module docs).
+    A name that is not valid UTF-8 gets ``"source_b64"``, its exact bytes, and ``"path_b64"`` in place of
+    ``"path"`` (see the module docs): a re-run from another folder finds the file by it, as by ``"path"``.
     """
     fields = {"source": printable(item.source)}
     if fields["source"] != item.source:
-        fields["source_b64"] = base64.b64encode(_fs_bytes(item.source)).decode("ascii")
+        fields["source_b64"] = _b64(item.source)
     if item.page is not None:
         fields["page"] = item.page
     if item.path is not None:
-        if printable(item.path) == item.path:  # else source_b64 names the file (and a re-run finds it by that)
+        if printable(item.path) == item.path:
             fields["path"] = item.path
+        else:
+            fields["path_b64"] = _b64(item.path)
         fields["modified"] = item.modified  # so that a re-run sees the file was saved over, whatever its name
     return fields
+
+
+def _b64(name: str) -> str:
+    """A file name's exact bytes in base64 (``_from_b64`` reads it back)."""
+    return base64.b64encode(_fs_bytes(name)).decode("ascii")
+
+
+def _from_b64(text) -> str | None:
+    """The file name that ``_b64`` wrote as ``text``; None if ``text`` is not base64 text (an edited line)."""
+    try:
+        return os.fsdecode(base64.b64decode(text, validate=True))
+    except (TypeError, ValueError):  # binascii.Error is a ValueError
+        return None
 
 
 def record_key(record: dict) -> tuple[str, int | None]:
     """The ``Item.key`` of the item an output line is about (the inverse of ``item_fields``)."""
     source = record["source"]
-    if isinstance(record.get("source_b64"), str):
-        source = os.fsdecode(base64.b64decode(record["source_b64"]))
+    if "source_b64" in record:
+        source = _from_b64(record["source_b64"])
     return source, record.get("page")
+
+
+def record_path(record: dict) -> str | None:
+    """The absolute path a line recorded for its file: ``"path"``, or ``"path_b64"`` for a name that is not
+    UTF-8; None for a URL (or a file that could not be seen)."""
+    if "path_b64" in record:
+        return _from_b64(record["path_b64"])
+    return record["path"] if isinstance(record.get("path"), str) else None
 
 
 def printable(text: str) -> str:
@@ -224,7 +256,7 @@ def model_quantization(model) -> str | None:
     return quantization.quantize_name(config if isinstance(config, dict) else config.to_dict())
 
 
-ITEM_KEYS = ("source", "source_b64", "page", "path", "modified")
+ITEM_KEYS = ("source", "source_b64", "page", "path", "path_b64", "modified")
 RESULT_KEYS = ("prompt", "answer", "valid", "errors", "raw", "attempts", "constrained", "image_size")
 
 
@@ -285,8 +317,8 @@ def _record_identity(record: dict, source: str) -> tuple | str:
     file all the same, ``plan_resume`` compares its modification time again.
     """
     here = file_identity(source)
-    path = record.get("path")
-    there = file_identity(path) if isinstance(path, str) else here
+    path = record_path(record)
+    there = file_identity(path) if path is not None else here
     if isinstance(there, str) or there == here:  # nothing at the recorded path, or the same file
         return here
     try:
@@ -316,12 +348,14 @@ def _lines(path):
 def _parse_line(line: bytes) -> dict | None:
     """The record on one line, or None if the line is not a record: a JSON object of ours
     (``_is_ours``) whose ``"source"`` is a string, whose ``"page"`` (if any) a whole number and whose
-    ``"source_b64"`` (if any) a string."""
+    ``"source_b64"`` and ``"path_b64"`` (if any) base64 text."""
     record = _json_value(line)
     if not (_is_ours(record) and isinstance(record.get("source"), str)):
         return None
-    page, name = record.get("page"), record.get("source_b64", "")
-    if not (page is None or type(page) is int) or not isinstance(name, str):
+    page = record.get("page")
+    if not (page is None or type(page) is int):
+        return None
+    if any(name in record and _from_b64(record[name]) is None for name in ("source_b64", "path_b64")):
         return None
     return record
 
