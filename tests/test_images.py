@@ -484,3 +484,23 @@ def test_the_message_for_data_that_is_no_image_does_not_show_pillows_file_object
         with pytest.raises(ImageLoadError) as caught:
             load_image(source)
         assert "cannot identify image file)" in str(caught.value) and "<_io." not in str(caught.value)
+
+
+def test_a_password_in_an_image_url_is_not_repeated_in_the_error():
+    """http://user:secret@host/...: the refusal names the address with ***@ in place of the user and
+    password (an error text goes to the screen, notebooks and predict's results file)."""
+    with pytest.raises(ImageLoadError) as caught:
+        load_image("http://reader:s3cr3t@127.0.0.1:9/photo.png", timeout=2)
+    message = str(caught.value)
+    assert "s3cr3t" not in message and "reader" not in message
+    assert "http://***@127.0.0.1:9/photo.png" in message
+
+
+def test_a_home_folder_of_a_user_that_does_not_exist_is_an_image_load_error():
+    """~nouser/x.png (a shell leaves it as typed when there is no such user): ImageLoadError saying what to
+    write, not pathlib's bare RuntimeError; count_pages too."""
+    from phi_helpers.api.images import count_pages
+
+    for read in (load_image, count_pages):
+        with pytest.raises(ImageLoadError, match=r"no user 'nouser-phi' on this machine\. Write ~/"):
+            read("~nouser-phi/x.png")

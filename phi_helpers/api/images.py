@@ -49,6 +49,7 @@ import stat
 import struct
 import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -58,7 +59,7 @@ import torch
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageDownloadTimeout, ImageLoadError, InvalidArgumentError, check_whole_number
+from ..errors import ImageDownloadTimeout, ImageLoadError, InvalidArgumentError, check_whole_number, expand_home
 from ..models.phi3_v.image_processing_phi3_v import ARRAY_LAYOUT, TENSOR_ADVICE, check_not_closed, image_from_array
 
 _USER_AGENT = "phi_helpers/0.1 (Phi-3-vision tutorial notebooks)"
@@ -115,7 +116,7 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         return _from_given_bytes(bytes(src))
     if isinstance(src, str) and _is_url(src):
         url = src.strip()  # a line read from a file ends in "\n": _is_url strips it, so must the download
-        return _from_bytes(_download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), url)
+        return _from_bytes(_download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), shown_url(url))
     if isinstance(src, str) and src.lstrip().lower().startswith("data:"):
         return _from_bytes(_data_url_bytes(src), "the data: URL you passed")
     if isinstance(src, str) and not src.strip():
@@ -225,7 +226,7 @@ def count_pages(src) -> int:
         data = bytes(src)
         with _decoding(f"the {len(data)} bytes you passed", head=lambda: data[:_SNIFF_BYTES]):
             return _page_count(Image.open(io.BytesIO(data)))
-    path = Path(src).expanduser()
+    path = expand_home(src, "image path", ImageLoadError)
     with _open_file(path) as file, _decoding(f"'{path}'", head=lambda: _first_bytes(file)):
         return _page_count(Image.open(file))
 
@@ -254,7 +255,7 @@ def _page_frames(image: Image.Image) -> list[int]:
 
 def _from_path(path: Path, page: int | None = None) -> Image.Image:
     """Open a local file (page ``page`` of it, if given) and decode it."""
-    path = path.expanduser()
+    path = expand_home(path, "image path", ImageLoadError)
     with _open_file(path) as file:  # closed on return: the decoded image does not need the file
         return _decode(lambda: Image.open(file), f"'{path}'", page, head=lambda: _first_bytes(file))
 
@@ -574,19 +575,28 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(eight)
 
 
+def shown_url(url: str) -> str:
+    """``url`` as messages and records may show it: a user name and password in it
+    (``https://user:secret@host/a.png``) become ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
 def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -> bytes:
     """Fetch ``url`` and return its body, stopping as soon as it grows beyond ``max_bytes`` or the
     download has taken ``max_seconds`` (headers included)."""
-    deadline = time.monotonic() + max_seconds
+    deadline, name = time.monotonic() + max_seconds, shown_url(url)  # messages name the URL without a password
     try:
         with _get_within(url, timeout, deadline, max_seconds) as response:
-            _check_response(response, url, max_bytes)
-            return _read_capped(response, url, max_bytes, deadline, max_seconds)
+            _check_response(response, name, max_bytes)
+            return _read_capped(response, name, max_bytes, deadline, max_seconds)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
         if _is_timeout(error):
-            raise _timeout_error(url, timeout) from None
+            raise _timeout_error(name, timeout) from None
         raise ImageLoadError(
-            f"Could not download {url} ({type(error).__name__}: {error}). Check the address and your "
+            f"Could not download {name} ({type(error).__name__}: {error}). Check the address and your "
             "internet connection, or download the image yourself and pass its path."
         ) from None
 
@@ -612,7 +622,7 @@ def _get_within(url: str, timeout: float, deadline: float, max_seconds: float) -
             if "abandoned" in outcome:
                 response.close()
 
-    thread = threading.Thread(target=fetch, name=f"phi_helpers download {url}", daemon=True)
+    thread = threading.Thread(target=fetch, name=f"phi_helpers download {shown_url(url)}", daemon=True)
     thread.start()
     thread.join(max(deadline - time.monotonic(), 0))
     with lock:
