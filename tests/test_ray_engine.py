@@ -6,6 +6,7 @@ the run (``seconds_to_first_token``, ``total_seconds``, ``batch_size``: Ray cuts
 """
 
 import json
+import logging
 import re
 import os
 import sys
@@ -71,9 +72,19 @@ def test_ray_records_equal_the_single_process_run(capsys, monkeypatch, tmp_path,
               "--batch-size", "3", *FAST]
     code, _, _ = run(capsys, *common, "--output", tmp_path / "process.jsonl")
     assert code == 1  # broken.png
+    import ray
+
+    # Ray Data's console handler writes to the stderr of when ray.data was imported (pytest's): to this test's instead.
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__module__.startswith("ray.") and hasattr(handler, "stream"):
+            monkeypatch.setattr(handler, "stream", sys.stderr)
+    ray.util.debug.reset_log_once("ray_data_progress_manager_disabled")  # Ray says it once a process: as a new one
     code, _, err = run(capsys, *common, "--output", tmp_path / "ray.jsonl", "--engine", "ray", "--replicas", "2")
     assert code == 1, err
     assert "1 of 10 items failed" in err
+    # The CLI turns Ray Data's progress bars off (its own bar counts records): Ray's line that says how to
+    # turn them back on is not shown.
+    assert "Progress bars disabled" not in err, err
 
     alone, on_ray = read_records(tmp_path / "process.jsonl"), read_records(tmp_path / "ray.jsonl")
     assert len(alone) == 10 and (str(scans / "doc.pdf"), 2) in alone
@@ -91,6 +102,32 @@ def test_ray_records_equal_the_single_process_run(capsys, monkeypatch, tmp_path,
     assert code == 1 and "9 of 10 items are already done" in err
     assert len(listings) == 1
     assert len((tmp_path / "ray.jsonl").read_text().splitlines()) == 11
+
+
+def test_a_finished_re_run_does_not_start_ray(capsys, monkeypatch, tmp_path, schema_file, tiny_checkpoint):
+    """Every item done already: "Nothing left to do." and the in-process engine's exit code, at once. Before,
+    Ray was started first (a minute, or "Ray did not start" on a busy machine) to find nothing to run."""
+    pytest.importorskip("ray")
+    monkeypatch.delenv("PHI_HELPERS_MODEL", raising=False)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for index in range(2):
+        Image.new("RGB", (48, 40), (90 * index, 120, 60)).save(folder / f"scan_{index}.png")
+    command = ["predict", "--image", folder, "--task", "extract", "--schema", schema_file,
+               "--model", tiny_checkpoint, "--output", tmp_path / "out.jsonl", *FAST]  # 4 tokens: answers cut off
+    code, _, _ = run(capsys, *command)  # the in-process engine does the work
+    assert code == 1  # the cut-off answers do not follow the schema
+    in_process = run(capsys, *command)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("start_ray was called for a run with nothing left to do")
+
+    monkeypatch.setattr(ray_engine, "start_ray", no_ray)
+    code, out, err = run(capsys, *command, "--engine", "ray")
+    assert (code, out) == in_process[:2] == (1, "")
+    assert "2 of 2 items are already done" in err and "Nothing left to do." in err, err
+    assert err.strip().splitlines()[-1] == in_process[2].strip().splitlines()[-1]  # the same schema error
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
 
 
 class DieOnce:

@@ -28,8 +28,8 @@ from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input, terminal_safe
 from .outputs import (
     JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, check_replaceable, error_message,
-    failure_line, finish_run, input_files, item_fields, json_safe, make_record, model_info, progress_bar, request_fields, resume,
-    schema_advice, terminate_as_interrupt, write_atomically,
+    failure_line, finish_run, input_files, item_fields, json_safe, make_record, model_info, nothing_left, progress_bar,
+    request_fields, resume, schema_advice, terminate_as_interrupt, write_atomically,
 )
 from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
@@ -387,8 +387,7 @@ def run_batch(args, schema) -> int:
         todo = resume(output, items, request).todo
         lock.follow()  # resume may have replaced the file (torn lines moved aside): lock the one written now
         if not todo:
-            print("Nothing left to do.", file=sys.stderr)
-            return check_answers(output, items, args.max_new_tokens)
+            return nothing_left(output, items, args.max_new_tokens)
         failed = _predict_into(output, todo, args, schema, request)
         return max(finish_run(len(todo), failed, output), check_answers(output, items, args.max_new_tokens))
 

@@ -528,6 +528,13 @@ def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
     return 0
 
 
+def nothing_left(output, items, max_new_tokens: int) -> int:
+    """A re-run whose items are all done already (either engine): say so, and return the exit code of the
+    answers in ``output`` (``check_answers``)."""
+    print("Nothing left to do.", file=sys.stderr)
+    return check_answers(output, items, max_new_tokens)
+
+
 def check_answers(path, items: list[Item], max_new_tokens: int) -> int:
     """Say (on stderr) how many of ``items`` have, as their last line in ``path``, an extraction that
     does not follow the schema (``"valid": false``); return 1 if any, else 0 (always 0 for the other

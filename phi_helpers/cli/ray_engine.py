@@ -55,7 +55,7 @@ from .inputs import (
 )
 from .outputs import (
     JsonlWriter, OutputLock, check_answers, check_output_path, failure_line, finish_run, input_files, make_record, model_info,
-    progress_bar, request_fields, resume, terminate_as_interrupt,
+    nothing_left, progress_bar, request_fields, resume, terminate_as_interrupt,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, predict_items
 
@@ -613,6 +613,10 @@ def _parquet_retry(output: str) -> str:
 def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local: list[Item], finished: set) -> int:
     """The part of ``run_ray`` that starts (or joins) Ray, runs the items not ``finished`` and writes them."""
     output, parquet = args.output, args.output.lower().endswith(".parquet")
+    remote = any(is_remote(spec) for spec in args.image)  # listed by Ray: how many is known only once it runs
+    total = None if remote else sum(item.key not in finished for item in local)
+    if total == 0:  # a finished re-run: said and checked as the in-process engine does, without starting Ray
+        return nothing_left(output, local, args.max_new_tokens)
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
     # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 130 (the
@@ -623,11 +627,10 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
             if url:
                 print(f"Ray dashboard: {url}", file=sys.stderr)
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts records, on stderr
+            # ...and not Ray Data's warning that says how to turn its own back on ("Progress bars disabled. To
+            # enable, ..."): the warnings of its progress module are dropped, its errors still show.
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
             items = item_dataset(args.image, skip=finished, local=local)
-            total = None if any(is_remote(spec) for spec in args.image) else items.count()
-            if total == 0:
-                print("Nothing left to do.", file=sys.stderr)
-                return check_answers(output, local, args.max_new_tokens)
             records = predict_dataset(
                 items, args.task, model, question=args.prompt, schema=schema, schema_path=args.schema,
                 request=request, max_new_tokens=args.max_new_tokens, constrain=args.constrain, batch_size=args.batch_size,
