@@ -504,3 +504,16 @@ def test_a_home_folder_of_a_user_that_does_not_exist_is_an_image_load_error():
     for read in (load_image, count_pages):
         with pytest.raises(ImageLoadError, match=r"no user 'nouser-phi' on this machine\. Write ~/"):
             read("~nouser-phi/x.png")
+
+
+def test_a_loop_of_links_and_a_link_to_nothing_are_named_as_such(tmp_path):
+    """load_image says why nothing can be read (before: "No file at" for both, though ls shows the name)."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(ImageLoadError, match="leads through a loop of symbolic links"):
+        load_image(tmp_path / "a.png")
+    with pytest.raises(ImageLoadError, match=r"is a symbolic link to '.*deleted\.png', where there is nothing"):
+        load_image(tmp_path / "gone.png")
+    with pytest.raises(ImageLoadError, match="No file at"):
+        load_image(tmp_path / "never.png")

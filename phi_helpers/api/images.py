@@ -267,10 +267,7 @@ def _open_file(path: Path):
     except (OSError, ValueError) as error:  # ValueError: a NUL in the name, which no file has
         if isinstance(error, OSError) and not is_missing(error):
             raise unreadable_error(path, error) from None
-        raise ImageLoadError(
-            f"No file at '{path}'. Check the spelling; relative paths start from the current "
-            f"directory, which is '{Path.cwd()}'."
-        ) from None
+        raise missing_error(path, "file") from None
     if stat.S_ISDIR(status.st_mode):
         raise ImageLoadError(f"'{path}' is a directory, not an image file. Pass the path of one image inside it.")
     if not stat.S_ISREG(status.st_mode):  # a pipe (<(...), mkfifo), a device, a socket: its size says nothing
@@ -294,6 +291,26 @@ _MISSING_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
 def is_missing(error: OSError) -> bool:
     """Whether ``error`` (from stat or open) means that nothing is at the path, not that it cannot be seen."""
     return error.errno in _MISSING_ERRNOS
+
+
+def missing_error(path, what: str = "file") -> ImageLoadError:
+    """The ImageLoadError for a ``path`` where nothing can be read (``what``: "file", "file or folder"):
+    a loop of symbolic links, a symbolic link to nothing, or no such name, each with its remedy."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return ImageLoadError(f"'{path}' leads through a loop of symbolic links (a link that points back to itself, "
+                                  "directly or through other links; ls -l shows where each points). Point it at a file.")
+    except ValueError:  # a NUL in the name
+        pass
+    if os.path.islink(path):
+        return ImageLoadError(f"'{path}' is a symbolic link to '{os.readlink(path)}', where there is nothing. Point it "
+                              "at a file, or give the file itself.")
+    return ImageLoadError(
+        f"No {what} at '{path}'. Check the spelling; relative paths start from the current "
+        f"directory, which is '{Path.cwd()}'."
+    )
 
 
 def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadError:

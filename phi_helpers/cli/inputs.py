@@ -6,7 +6,6 @@ pixels are only read when ``item.load()`` is called. ``collect_all`` does it for
 in one line on stderr what folders and patterns left out (``LeftOut``).
 """
 
-import errno
 import fnmatch
 import glob
 import os
@@ -20,7 +19,7 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
 from ..api.images import (
-    check_pixel_count, count_pages, is_missing, load_image, load_page, unreadable_error, url_scheme,
+    check_pixel_count, count_pages, is_missing, load_image, load_page, missing_error, unreadable_error, url_scheme,
 )
 from ..errors import ImageLoadError, expand_home
 
@@ -201,31 +200,12 @@ def collect_items(spec: str, strict: bool = True, left_out: "LeftOut | None" = N
         return _items_for_files([path], strict=strict)
     if glob.has_magic(spec):
         return _pattern_items(spec, strict, left_out or LeftOut())
-    raise _missing_error(path)
+    raise missing_error(path, "file or folder")
 
 
 def _expand(spec: str) -> Path:
     """The path an ``--image`` value names, ``~`` expanded (``expand_home``: ImageLoadError for ``~nouser``)."""
     return expand_home(spec, "--image value", ImageLoadError)
-
-
-def _missing_error(path: Path) -> ImageLoadError:
-    """Why nothing is at ``path``: a loop of symbolic links, a symbolic link to nothing, or no such name."""
-    try:
-        os.stat(path)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            return ImageLoadError(f"'{path}' leads through a loop of symbolic links (a link that points back to itself, "
-                                  "directly or through other links; ls -l shows where each points). Point it at a file.")
-    except ValueError:  # a NUL in the name
-        pass
-    if os.path.islink(path):
-        return ImageLoadError(f"'{path}' is a symbolic link to '{os.readlink(path)}', where there is nothing. Point it "
-                              "at a file, or give the file itself.")
-    return ImageLoadError(
-        f"No file or folder at '{path}'. Check the spelling; relative paths start from the current "
-        f"directory, which is '{Path.cwd()}'."
-    )
 
 
 def _folder_items(path: Path, strict: bool, left_out: "LeftOut") -> list[Item]:
