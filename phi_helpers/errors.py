@@ -144,18 +144,18 @@ def _is_integer_tensor(value) -> bool:
             and not value.is_floating_point() and not value.is_complex())
 
 
-def expand_home(path, what: str, error: type = None) -> Path:
+def expand_home(path, what: str, error: type = InvalidArgumentError) -> Path:
     """``Path(path)`` with a leading ``~`` / ``~user`` replaced by that home folder, as the shell does.
 
     A ``~name`` whose user does not exist (a shell leaves ``~nouser/x.png`` as it is, so a typo for ``~/``
-    reaches the program literally) raises ``error`` (default InvalidArgumentError) naming ``what``,
+    reaches the program literally) raises ``error`` naming ``what``,
     instead of pathlib's bare RuntimeError.
     """
     try:
         return Path(path).expanduser()
     except RuntimeError:
         head = str(path).split("/", 1)[0]
-        raise (error or InvalidArgumentError)(
+        raise error(
             f"Cannot find the home folder of {head!r} in the {what} {str(path)!r}: there is no user "
             f"{head[1:]!r} on this machine. Write ~/ for your own home folder, or the full path."
         ) from None

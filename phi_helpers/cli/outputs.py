@@ -102,7 +102,7 @@ def model_files(model: str) -> str | None:
     path = expand_home(model, "model folder", ModelLoadError)
     if path.is_dir():
         files = sorted({file for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
-        stamps = [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in files]
+        stamps = [[file.name, status.st_size, status.st_mtime_ns] for file in files for status in [file.stat()]]
         return hashlib.sha256(canonical_json(stamps).encode()).hexdigest()[:16] if stamps else None
     if model.count("/") != 1:
         return None

@@ -545,11 +545,12 @@ def _warn_if_replicas_exceed_memory(ray, replicas: int, need: float | None, dtyp
     savings = []
     if fit < replicas:
         savings.append(f"replicas={fit} (command line: --replicas {fit})")
-    if check_quantize(quantize) is None:
+    quantize = check_quantize(quantize)
+    if quantize is None:
         if check_dtype(dtype) not in HALF_DTYPES:
             savings.append("dtype='bf16' (--dtype bf16)")
         savings.append("quantize='int8' (--quantize int8)")
-    elif check_quantize(quantize) == "int8":
+    elif quantize == "int8":
         savings.append("quantize='int4' (--quantize int4)")
     advice = f" Use {' or '.join(savings)}." if savings else " Use a machine or cluster with more memory."
     print(
