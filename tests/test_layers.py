@@ -92,6 +92,17 @@ def test_no_import_cycles():
         visit(module)
 
 
+def test_no_module_imports_another_modules_private_names():
+    """A name with a leading underscore is its module's own business: a module that needs another's
+    helper gets it under a public name (the helper is then part of what that module offers)."""
+    private = sorted(f"{module} imports {alias.name} from {node.module or '.'}"
+                     for module, path in MODULES.items()
+                     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                     if isinstance(node, ast.ImportFrom) and node.module != "__future__"
+                     for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__"))
+    assert not private, private
+
+
 def test_the_checker_sees_imports_inside_functions_and_relative_levels():
     """The checker itself: an upward import hidden in a function is found and resolved."""
     source = "def f():\n    from ..cli.app import main\n    from .. import testing\n"

@@ -41,7 +41,7 @@ from .batch_linear import batch_kernels
 from .constrained import SchemaConstraint, compile_schema, read_answer
 from .images import load_image
 from .kv_cache import PreallocatedCache
-from .prompts import Chat, _as_list, build_prompt, is_chat_format
+from .prompts import Chat, as_list, build_prompt, is_chat_format
 from .structured import check_schema_type
 
 # The chat turn ends with <|end|>; <|endoftext|> is the tokenizer's eos. The checkpoints' own
@@ -195,7 +195,7 @@ def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, a
 def _until_stop_string(pieces, stop_strings):
     """The text of ``pieces`` up to the first stop string (excluded), piece by piece. Text that could be
     the start of a stop string is held back until the next piece shows whether it is one."""
-    stop_strings = _as_list(stop_strings)
+    stop_strings = as_list(stop_strings)
     text, sent = "", 0
     for piece in pieces:
         text += piece
@@ -405,7 +405,7 @@ def _check_types(kwargs: dict) -> None:
     stop = kwargs.get("stop_strings")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, (list, tuple)) and all(isinstance(t, str) for t in stop))):
         raise InvalidArgumentError(f"stop_strings must be a string or a list of strings, got {stop!r}.")
-    if stop is not None and not all(_as_list(stop)):  # "" would be found at once: an empty answer
+    if stop is not None and not all(as_list(stop)):  # "" would be found at once: an empty answer
         raise InvalidArgumentError(f"stop_strings must not be empty strings, got {stop!r}.")
     for name in ("logits_processor", "stopping_criteria"):
         items = kwargs.get(name)
@@ -514,7 +514,7 @@ def _prepare(processor, prompt_or_chat, images) -> tuple[str, list, Chat | None]
         raise PromptError(
             f"ask() needs a question (str), a templated prompt (str) or a Chat, not a {type(prompt_or_chat).__name__}."
         )
-    image_list = [load_image(image) for image in _as_list(images)]
+    image_list = [load_image(image) for image in as_list(images)]
     if is_chat_format(prompt_or_chat):  # written in the chat format by the caller: use it as it is
         return prompt_or_chat, image_list, None
     return build_prompt(prompt_or_chat, num_images=len(image_list), processor=processor), image_list, None
@@ -624,7 +624,7 @@ def _decode_answer(processor, new_tokens: list[int], stop_ids, stop_strings=None
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
     end = next((index for index, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
     text = processor.tokenizer.decode(new_tokens[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    cut = _first_stop_string(text, _as_list(stop_strings))
+    cut = _first_stop_string(text, as_list(stop_strings))
     return text[:cut].strip()
 
 

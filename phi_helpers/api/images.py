@@ -31,6 +31,9 @@ page, ``load_page(path, n)`` page ``n`` (with the same checks) and ``count_pages
 ``phi-helpers predict --image scan.tif`` answers every page. An animated GIF, PNG or WebP is one
 picture: its first frame.
 
+``decode_bytes(data, source)`` decodes bytes as ``load_image`` does, with messages that name them as
+``source`` says (the notebooks' chat widget: "the uploaded file 'receipt.png'").
+
 Note: this friendly conversion is done here, in the user-facing loader. The model's own image
 processor stays faithful to the original and would turn transparent pixels black (and clip 16-bit
 greyscale) instead.
@@ -116,9 +119,9 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         return _from_given_bytes(bytes(src))
     if isinstance(src, str) and _is_url(src):
         url = src.strip()  # a line read from a file ends in "\n": _is_url strips it, so must the download
-        return _from_bytes(_download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), shown_url(url))
+        return decode_bytes(_download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), shown_url(url))
     if isinstance(src, str) and src.lstrip().lower().startswith("data:"):
-        return _from_bytes(_data_url_bytes(src), "the data: URL you passed")
+        return decode_bytes(_data_url_bytes(src), "the data: URL you passed")
     if isinstance(src, str) and not src.strip():
         raise ImageLoadError("The image path is empty. Pass the path of an image file, a URL, bytes or a PIL image.")
     if isinstance(src, (str, os.PathLike)):
@@ -332,7 +335,7 @@ def _from_given_bytes(data: bytes, page: int | None = None) -> Image.Image:
     text of a path (``b"photo.png"``, a name from ``os.listdir(b".")``) are named as such."""
     source = f"the {len(data)} bytes you passed"
     try:
-        return _from_bytes(data, source, page)
+        return decode_bytes(data, source, page)
     except ImageLoadError:
         path = _path_in(data)
         if path is None:
@@ -360,8 +363,9 @@ def _path_in(data: bytes) -> str | None:
     return text if looks_like_path or os.path.exists(text) else None
 
 
-def _from_bytes(data: bytes, source: str, page: int | None = None) -> Image.Image:
-    """Decode an image held in memory (bytes passed in, or a finished download)."""
+def decode_bytes(data: bytes, source: str, page: int | None = None) -> Image.Image:
+    """Decode an image held in memory (bytes passed in, an upload, or a finished download) as
+    ``load_image`` does; ``source`` names the data in error messages ("the uploaded file 'a.png'")."""
     if not data:
         raise ImageLoadError(f"{source} is empty (0 bytes); there is no image to read.")
     return _decode(lambda: Image.open(io.BytesIO(data)), source, page, head=lambda: data[:_SNIFF_BYTES])

@@ -224,7 +224,7 @@ class Chat:
             isinstance(message, dict) and isinstance(message.get("content"), str) for message in messages
         ):
             raise PromptError("messages must be a list of {'role': ..., 'content': '...'} dicts, as chat.messages gives.")
-        images = _as_list(images)
+        images = as_list(images)
         first = 1 if messages and messages[0].get("role") == "system" else 0
         chat, used = cls(system=messages[0]["content"] if first else None), 0
         for index, message in enumerate(messages[first:], start=first):
@@ -416,10 +416,10 @@ class Chat:
 def _user_turn(text: str, images) -> dict:
     """A user turn of ``text`` and ``images`` (loaded), checked as ``Chat.add_user`` describes."""
     check_user_text(text, "user message")
-    return {"role": "user", "text": text, "images": [load_image(image) for image in _as_list(images)]}
+    return {"role": "user", "text": text, "images": [load_image(image) for image in as_list(images)]}
 
 
-def _as_list(images) -> list:
+def as_list(images) -> list:
     """``None`` -> [], a list/tuple -> itself, anything else (one image) -> [it]."""
     if images is None:
         return []

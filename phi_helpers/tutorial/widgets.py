@@ -28,7 +28,7 @@ import io
 from PIL import Image
 
 from ..api.generation import stream_chunks
-from ..api.images import _from_bytes
+from ..api.images import decode_bytes
 from ..api.prompts import Chat
 from ..errors import ContextLengthError, MissingDependencyError, check_whole_number
 
@@ -83,7 +83,7 @@ class ChatBox:
         """Attach an image (the file's bytes; ``name``, the file's name, is shown) to the next question.
         Returns False if it cannot be read."""
         try:  # read as load_image reads bytes, with messages that speak of the uploaded file
-            image = _from_bytes(bytes(data), f"the uploaded file '{name}'" if name else "the uploaded file")
+            image = decode_bytes(bytes(data), f"the uploaded file '{name}'" if name else "the uploaded file")
         except Exception as error:  # noqa: BLE001  (any failure becomes a message, not a traceback)
             self._write_error(f"Not attached: {error}")
             return False
