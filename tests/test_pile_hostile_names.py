@@ -1,12 +1,14 @@
 """Hostile names in a pile of files, and what each run records about them: a folder named "tiny" beside
 ``PHI_HELPERS_MODEL=tiny``, a ``~user`` that does not exist, file names that are not UTF-8 reached from
-two folders, FIFOs, devices and loops of symbolic links among the images. Before, the tiny random
+two folders, FIFOs, devices and loops of symbolic links among the images, a password in an image URL. Before, the tiny random
 model's answers were recorded as the folder's (a re-run with ``--model ./tiny`` kept them), ``~nouser``
 ended in "RuntimeError: Could not determine home directory.", a non-UTF-8 name run from another folder
 was written twice, the odd files of a folder vanished without a word, and a loop of links was "missing".
 """
 
 import base64
+import http.server
+import io
 import json
 import os
 import pwd
@@ -17,6 +19,7 @@ import pytest
 from PIL import Image
 
 from cli_runner import run
+from local_server import no_proxy, serve  # noqa: F401  (no_proxy: an autouse fixture)
 from phi_helpers.cli import inputs, outputs
 from phi_helpers.errors import ImageLoadError, ModelLoadError
 
@@ -184,3 +187,45 @@ def test_a_loop_of_links_is_not_called_missing(capsys, odd_pile):
                                  "points). Point it at a file.\n")
     with pytest.raises(ImageLoadError, match="is a symbolic link to 'nothing.png', where there is nothing"):
         inputs.collect_items(str(odd_pile / "gone.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# A password in an image URL stays out of the results file and off the screen
+# ----------------------------------------------------------------------------------------------
+
+
+class _OnePicture(http.server.BaseHTTPRequestHandler):
+    """/ok.png is a small PNG; anything else is 404."""
+
+    def do_GET(self):  # noqa: N802  (the name http.server calls)
+        if self.path != "/ok.png":
+            self.send_error(404)
+            return
+        body = io.BytesIO()
+        Image.new("RGB", (24, 16), "gray").save(body, format="PNG")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        self.wfile.write(body.getvalue())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_password_in_a_url_is_neither_recorded_nor_shown_and_the_re_run_skips_the_item(capsys, tmp_path):
+    """Before, every line kept "http://bob:hunter2@..." in "source", and the "failed:" line showed it."""
+    output = tmp_path / "out.jsonl"
+    with serve(_OnePicture) as url:
+        good, bad = (url.replace("http://", "http://bob:hunter2@") + name for name in ("/ok.png", "/gone.png"))
+        code, _, err = caption(capsys, good, output, "--image", bad)
+        assert code == 1 and "failed: http://***@127.0.0.1:" in err
+        text = output.read_text(encoding="utf-8")
+        assert "hunter2" not in text and "hunter2" not in err
+        assert [line["source"] for line in lines_of(output)] == [good.replace("bob:hunter2@", "***@"),
+                                                                 bad.replace("bob:hunter2@", "***@")]
+        assert "error" not in lines_of(output)[0]
+        code, _, err = caption(capsys, good, output)  # the same image again: done already
+        assert code == 0 and "1 of 1 items are already done" in err and len(lines_of(output)) == 2
+        output.write_text(text.replace("***@", "bob:hunter2@"), encoding="utf-8")  # as earlier versions wrote it
+        code, _, err = caption(capsys, good, output)
+        assert code == 0 and "1 of 1 items are already done" in err

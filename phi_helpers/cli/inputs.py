@@ -19,7 +19,8 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
 from ..api.images import (
-    check_pixel_count, count_pages, is_missing, load_image, load_page, missing_error, unreadable_error, url_scheme,
+    check_pixel_count, count_pages, is_missing, load_image, load_page, missing_error, shown_url, unreadable_error,
+    url_scheme,
 )
 from ..errors import ImageLoadError, expand_home
 
@@ -333,8 +334,8 @@ NAMES_SHOWN = 3  # messages name this many paths of a kind, then count the rest
 
 
 def _names(paths: list) -> str:
-    """``"a, b, c and 5 more"``."""
-    shown = ", ".join(str(path) for path in paths[:NAMES_SHOWN])
+    """``"a, b, c and 5 more"`` (URLs without their passwords)."""
+    shown = ", ".join(shown_url(str(path)) for path in paths[:NAMES_SHOWN])
     return shown + (f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else "")
 
 
@@ -508,9 +509,11 @@ def _once(things: list, key=lambda path: file_identity(path), repeats: list | No
 
 
 def file_identity(source) -> tuple | str:
-    """What a file is, whatever its name: its (device, inode); a URL or a missing file is its name."""
+    """What a file is, whatever its name: its (device, inode); a missing file is its name, and a URL its
+    text without a user name and password (``shown_url``: records keep none, and the same image
+    fetched with other credentials is the same item)."""
     if is_url(str(source)):
-        return str(source)
+        return shown_url(str(source))
     try:
         status = os.stat(source)
     except OSError:

@@ -13,6 +13,9 @@ File names that are not valid UTF-8 (possible on Linux) are written losslessly: 
 the undecodable bytes as ``\\xNN`` escapes, and ``"source_b64"`` holds the exact bytes of the name
 in base64 (``os.fsdecode(base64.b64decode(record["source_b64"]))`` gives the path back); in place of
 ``"path"``, ``"path_b64"`` holds the absolute path's bytes the same way.
+
+A URL is written without the user name and password it may hold (``https://***@host/a.png``), as
+every message shows it: a results file can be shared without the credentials.
 """
 
 import base64
@@ -40,7 +43,7 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 
 from ..api import quantization
 from ..api.choices import TINY_MODEL, is_tiny_model
-from ..api.images import PDF_SIGNATURE
+from ..api.images import PDF_SIGNATURE, shown_url
 from ..errors import CommandLineError, ModelLoadError, PhiHelpersError, expand_home
 from .inputs import Item, file_identity, is_url, terminal_safe
 
@@ -139,15 +142,17 @@ DIFFERENCE_NAMES = {MODEL_FILES: "the model's files (config.json or weights save
 
 
 def item_fields(item: Item) -> dict:
-    """``{"source": ...}`` plus ``"page"`` for a page of a PDF or TIFF, and a local file's absolute
-    ``"path"`` and ``"modified"`` time (ns) when it was collected: the start of every output line.
+    """``{"source": ...}`` (a URL without its password) plus ``"page"`` for a page of a PDF or TIFF, and a
+    local file's absolute ``"path"`` and ``"modified"`` time (ns) when it was collected: the start of
+    every output line.
 
     A name that is not valid UTF-8 gets ``"source_b64"``, its exact bytes, and ``"path_b64"`` in place of
     ``"path"`` (see the module docs): a re-run from another folder finds the file by it, as by ``"path"``.
     """
-    fields = {"source": printable(item.source)}
-    if fields["source"] != item.source:
-        fields["source_b64"] = _b64(item.source)
+    source = shown_url(item.source) if is_url(item.source) else item.source  # no password in any record
+    fields = {"source": printable(source)}
+    if fields["source"] != source:
+        fields["source_b64"] = _b64(source)
     if item.page is not None:
         fields["page"] = item.page
     if item.path is not None:
