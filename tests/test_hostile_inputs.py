@@ -260,11 +260,26 @@ def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_pa
     assert code == 1 and "(it differs in: schema_sha256)" in err and len(generations) > done
 
 
+def test_latest_records_gives_each_item_its_last_line_however_the_runs_named_it(capsys, monkeypatch, tmp_path, folder):
+    """An old line (no "path": before 1 Dec 2026), a run by relative names and one by absolute names: the
+    documented "last line per path" would give a.png twice (None and its path); a re-run sees one item."""
+    monkeypatch.chdir(folder)
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"source": "a.png", "task": "caption", "answer": "oldest"}) + "\n")
+    assert run(capsys, "predict", "--image", "a.png", "--task", "caption", "--output", output, *FAST)[0] == 0
+    assert run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)[0] == 0
+    latest = outputs.latest_records(output)
+    assert [(record["source"], record["task"]) for record in latest] == [(str(folder / "a.png"), "ocr"),
+                                                                         (str(folder / "b.png"), "ocr")]
+    assert len(lines_of(output)) == 4 and len({record.get("path") for record in lines_of(output)}) == 3
+
+
 def test_lines_without_a_request_are_redone(capsys, tmp_path, folder, generations):
     output = tmp_path / "out.jsonl"
     output.write_text(json.dumps({"source": str(folder / "a.png"), "task": "caption", "answer": "old"}) + "\n")
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
-    assert code == 0 and "1 of 2 items in" in err and "(it differs in: request)" in err
+    assert code == 0 and "1 of 2 items in" in err
+    assert "(it differs in: the request itself, which phi-helpers before 30 Nov 2026 did not record" in err
     assert generations == [2] and lines_of(output)[0]["answer"] == "old"
 
 

@@ -6,7 +6,8 @@
   in every line under ``"request"`` so that a re-run knows which question a line answers;
 * ``JsonlWriter`` appends one line per result and flushes it at once; ``repair_jsonl`` moves the torn
   line of a killed run aside; ``plan_resume`` reads back which items an earlier run already answered
-  for the same request, so that a re-run skips exactly those;
+  for the same request, so that a re-run skips exactly those; ``latest_records`` gives a reader each
+  item's last line, matched the same way;
 * ``check_output_path`` fails before the model loads; ``write_atomically`` never leaves half a file.
 
 File names that are not valid UTF-8 (possible on Linux) are written losslessly: ``"source"`` shows
@@ -138,7 +139,11 @@ def request_differences(stored, request: dict) -> list[str]:
 
 
 # How ResumePlan.summary names a request field that differs (the others by their own name).
-DIFFERENCE_NAMES = {MODEL_FILES: "the model's files (config.json or weights saved over since)"}
+DIFFERENCE_NAMES = {
+    MODEL_FILES: "the model's files (config.json or weights saved over since)",
+    "request": "the request itself, which phi-helpers before 30 Nov 2026 did not record, so what those lines answer "
+               "is unknown (their lines stay in the file)",
+}
 
 
 def item_fields(item: Item) -> dict:
@@ -302,11 +307,33 @@ RESUME_FIELDS = ("request", "error", "valid", "constrained", "modified")  # what
 def last_records(path) -> dict:
     """The ``RESUME_FIELDS`` of each item's last record in the JSONL file ``path``, by ``resume_key``
     (read line by line: the memory it takes grows with the items, not with the file or the answers)."""
+    return _last_by_item(path, lambda record: {name: record[name] for name in RESUME_FIELDS if name in record})
+
+
+def latest_records(path) -> list[dict]:
+    """The last record of each item in the results file ``path``, in the order those lines were
+    written: what a re-run of ``phi-helpers predict`` sees as each item's answer.
+
+    Items are matched as a re-run matches them (the file, however the runs spelled it, plus the page),
+    so call it from the folder the runs were made in: a line's relative ``"source"`` is read from there
+    (lines written before 1 Dec 2026 have no ``"path"``). Torn lines are left out::
+
+        from phi_helpers.cli.outputs import latest_records
+        answers = {record["source"]: record.get("answer") for record in latest_records("results.jsonl")}
+    """
+    return list(_last_by_item(path, lambda record: record).values())
+
+
+def _last_by_item(path, keep) -> dict:
+    """``keep(record)`` of each item's last record in the JSONL file ``path``, by ``resume_key``, in the
+    order of those last lines."""
     last = {}
     for _, _, record in _lines(path):
         if record is not None:
             source, page = record_key(record)
-            last[_record_identity(record, source), page] = {name: record[name] for name in RESUME_FIELDS if name in record}
+            key = _record_identity(record, source), page
+            last.pop(key, None)  # to the end: the order of the last lines
+            last[key] = keep(record)
     return last
 
 
