@@ -507,6 +507,41 @@ def test_env_tiny_builds_once_into_the_cache_and_warns_loudly(monkeypatch, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-phi-3.5-vision"]  # no temporary folders left
 
 
+
+@pytest.mark.parametrize("marker", ["complete\n", "make_tiny_checkpoint 000000000000\nconfig.json\n"],
+                         ids=["an-old-marker", "another-build"])
+def test_a_tiny_cache_built_by_another_version_is_rebuilt_then_reused(monkeypatch, tmp_path, capsys, tiny_checkpoint, marker):
+    monkeypatch.setenv("PHI_HELPERS_CACHE", str(tmp_path))
+    cached = tmp_path / "tiny-phi-3.5-vision"
+    shutil.copytree(tiny_checkpoint, cached)  # as an older make_tiny_checkpoint left it: no processor_config.json
+    (cached / "processor_config.json").unlink()
+    (cached / ".phi_helpers_complete").write_text(marker)
+
+    assert loading._tiny_checkpoint() == cached
+    assert (cached / "processor_config.json").is_file()
+    rebuilt = [line for line in capsys.readouterr().out.splitlines() if "rebuilding" in line]
+    assert rebuilt == [f"tiny: rebuilding the cached tiny checkpoint in {cached}: it is incomplete or was built by "
+                       "another version of phi_helpers."]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-phi-3.5-vision"]  # no temporary folders left
+
+    def stamps():
+        return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in [cached, *cached.iterdir()]}
+
+    before = stamps()
+    monkeypatch.setattr(phi_helpers.testing, "make_tiny_checkpoint", lambda *args, **kwargs: pytest.fail("rebuilt"))
+    assert loading._tiny_checkpoint() == cached
+    assert stamps() == before  # the current cache is reused untouched
+    assert "rebuilding" not in capsys.readouterr().out
+
+
+def test_the_tiny_build_changes_with_the_code_that_builds_it(monkeypatch, tmp_path):
+    edited = tmp_path / "checkpoints.py"
+    edited.write_text(Path(phi_helpers.testing.checkpoints.__file__).read_text() + "# another layout\n")
+    build = loading._tiny_build()
+    monkeypatch.setattr(phi_helpers.testing.checkpoints, "__file__", str(edited))
+    assert loading._tiny_build() != build
+
+
 # --- memory: a warning before loading what would not fit --------------------------------------------
 
 

@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -55,16 +56,14 @@ from ..errors import (
 )
 from ..models.phi3_v.configuration_phi3_v import Phi3VConfig
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES as _HALF, Phi3VForCausalLM
+from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT
 from .choices import DEFAULT_MODEL_ID, is_tiny_model, DEVICES as _DEVICES, DTYPE_SHORT_NAMES, DTYPES as _DTYPES, HUB_NUM_CROPS
 from .quantization import QUANTIZE_CHOICES, check_quantize, quantization_config, saved_quantization, use_fused_int8_kernel
 from .hardware import NUM_CROPS, available_memory, memory_need, mps_available, pick_attention
 
 _DTYPE_CHOICES = "Choose 'auto', 'bf16', 'fp16' or 'fp32' (or 'bfloat16', 'float16', 'float32', or a torch dtype)."
 _TINY_DIR_NAME = "tiny-phi-3.5-vision"
-_TINY_FILES = (
-    "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"
-)
-_COMPLETE_MARKER = ".phi_helpers_complete"
+_COMPLETE_MARKER = ".phi_helpers_complete"  # written last: the build (_tiny_build), then the files written
 # What a checkpoint folder must hold besides config.json, the weights and the image processor's settings
 # (preprocessor_config.json in the hub's checkpoints; processor_config.json in a folder saved with
 # transformers 5): without tokenizer.json transformers falls back to converting a slow tokenizer and asks
@@ -665,33 +664,59 @@ def _without_hub_advice(text: str) -> str:
 
 
 def _tiny_checkpoint() -> Path:
-    """Path of the cached tiny random checkpoint, built on first use (and rebuilt if incomplete).
+    """Path of the cached tiny random checkpoint, built on first use, and built again when it is incomplete
+    or was built by another version of ``make_tiny_checkpoint`` (its marker file names the build).
 
-    Lives in ``$PHI_HELPERS_CACHE/tiny-phi-3.5-vision`` (default cache: ``~/.cache/phi_helpers``).
+    Lives in ``$PHI_HELPERS_CACHE/tiny-phi-3.5-vision`` (default cache: ``~/.cache/phi_helpers``). Two
+    processes may build at once: each builds into a folder of its own and renames it into place.
     """
     _print_tiny_notice()
     cache = Path(os.environ.get("PHI_HELPERS_CACHE") or "~/.cache/phi_helpers").expanduser()
     target = cache / _TINY_DIR_NAME
-    if _is_complete(target):
+    build = _tiny_build()
+    if _is_current(target, build):
         return target
+    if target.exists():
+        print(f"tiny: rebuilding the cached tiny checkpoint in {target}: it is incomplete or was built by "
+              "another version of phi_helpers.")
     building = cache / f".{_TINY_DIR_NAME}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     testing.make_tiny_checkpoint(building, variant="phi-3.5-vision")
-    (building / _COMPLETE_MARKER).write_text("complete\n")
-    if target.exists() and not _is_complete(target):
-        shutil.rmtree(target)  # left over from an interrupted build
+    files = sorted(path.name for path in building.iterdir())
+    (building / _COMPLETE_MARKER).write_text("\n".join([build, *files]) + "\n", encoding="utf-8")
+    if target.exists() and not _is_current(target, build):
+        # Renamed aside first (atomic: of two processes, one moves it), then deleted.
+        stale = cache / f".{_TINY_DIR_NAME}.stale-{os.getpid()}"
+        shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            target.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         building.rename(target)
     except OSError:  # another process finished first: use its copy
         shutil.rmtree(building, ignore_errors=True)
-        if not _is_complete(target):
+        if not _is_current(target, build):
             raise
     return target
 
 
-def _is_complete(folder: Path) -> bool:
-    """True if a tiny checkpoint folder was written to the end (marker file and all files present)."""
-    return (folder / _COMPLETE_MARKER).is_file() and all((folder / name).is_file() for name in _TINY_FILES)
+def _tiny_build() -> str:
+    """What the tiny checkpoint is built from: a short hash of ``make_tiny_checkpoint``'s module (its code,
+    sizes and file layout) and of the vendored files it reads. Any change to them rebuilds the cached copy."""
+    digest = hashlib.sha256()
+    for path in [Path(testing.checkpoints.__file__), *sorted(VENDORED_CHECKPOINT.iterdir())]:
+        digest.update(path.read_bytes())
+    return f"make_tiny_checkpoint {digest.hexdigest()[:12]}"
+
+
+def _is_current(folder: Path, build: str) -> bool:
+    """True if ``folder`` holds a tiny checkpoint that ``build`` wrote to the end: its marker file names
+    ``build`` on the first line, then the files written, and they are all there."""
+    marker = folder / _COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    lines = marker.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines[:1] == [build] and all((folder / name).is_file() for name in lines[1:])
 
 
 def _print_tiny_notice() -> None:
