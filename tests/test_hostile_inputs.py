@@ -1156,3 +1156,20 @@ def test_a_manifest_saved_as_utf16_or_utf32_is_named_once(capsys, tmp_path, tiny
 )
 def test_manifest_lines_with_a_key_twice_or_an_unknown_field_are_refused(capsys, tmp_path, tiny_model, line, message):
     assert _manifest_refusal(capsys, tmp_path, tiny_model, (line + "\n").encode()).startswith(message)
+
+
+def test_every_field_a_line_holds_is_in_the_documented_fields(capsys, tmp_path, folder):
+    """docs/batch-robustness.md, "Fields of a results line", names every key a line of either task has."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "batch-robustness.md").read_text(encoding="utf-8")
+    section = docs.split("## Fields of a results line", 1)[1].split("\n## ", 1)[0]
+    (folder / "broken.png").write_bytes(b"not a picture")
+    schema = tmp_path / "total.schema.json"
+    schema.write_text(json.dumps({**SCHEMA, "required": ["total"], "properties": {"total": {"type": "integer", "maximum": 9}}}))
+    output = tmp_path / "out.jsonl"
+    run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
+    run(capsys, "predict", "--image", folder / "a.png", "--task", "extract", "--schema", schema, "--output", output,
+        "--num-crops", "1", "--max-new-tokens", "8")
+    lines = lines_of(output)
+    assert any("error" in line for line in lines) and any(line["task"] == "extract" for line in lines)
+    keys = {key for line in lines for key in line} | {f"request.{key}" for line in lines for key in line["request"]}
+    assert not {key for key in keys if f"`{key}`" not in section}
