@@ -66,12 +66,19 @@ class MissingDependencyError(PhiHelpersError, ImportError):
     """An optional package is not installed; the message says what to ``pip install``."""
 
 
-class JSONExtractionError(PhiHelpersError, ValueError):
-    """No JSON object could be parsed from a model answer. ``.text`` keeps the raw answer."""
+class _AboutAnAnswer(PhiHelpersError, ValueError):
+    """An error about a model answer, which ``.text`` keeps."""
 
     def __init__(self, message: str, text: str):
         super().__init__(message)
         self.text = text
+
+    def __reduce__(self):  # pickle (a process pool, Ray) rebuilds it with both arguments
+        return type(self), (self.args[0], self.text)
+
+
+class JSONExtractionError(_AboutAnAnswer):
+    """No JSON object could be parsed from a model answer. ``.text`` keeps the raw answer."""
 
 
 class SchemaError(PhiHelpersError, ValueError):
@@ -108,12 +115,8 @@ class SchemaNotSupportedError(SchemaError):
     """A JSON Schema uses a feature that constrained decoding cannot enforce (refused before generating)."""
 
 
-class JSONTruncatedError(PhiHelpersError, ValueError):
+class JSONTruncatedError(_AboutAnAnswer):
     """A constrained answer ran out of ``max_new_tokens`` before its JSON was complete. ``.text`` keeps it."""
-
-    def __init__(self, message: str, text: str):
-        super().__init__(message)
-        self.text = text
 
 
 class QuantizationUnavailableError(PhiHelpersError, RuntimeError):

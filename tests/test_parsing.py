@@ -79,3 +79,23 @@ def test_non_string_input():
 def test_answer_cut_inside_a_string_is_flagged_as_cut_off():
     with pytest.raises(JSONExtractionError, match="cut off by max_new_tokens"):
         extract_json('{"surname": "LINDQVIST", "given_names": "NOOR EL')
+
+
+def test_every_error_survives_pickling_as_a_process_pool_sends_it():
+    """A worker of a ProcessPoolExecutor (or Ray) sends its exception back pickled. Before, a cut-off
+    extract's JSONTruncatedError and extract_json's JSONExtractionError could not be unpickled
+    (``__init__() missing ... 'text'``), which broke the whole pool."""
+    import inspect
+    import pickle
+
+    from phi_helpers import errors
+
+    with pytest.raises(errors.JSONExtractionError) as caught:
+        extract_json("no json here")
+    raised = [caught.value, errors.JSONTruncatedError("cut off at 4 tokens", '{"name": "Al')]
+    classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, Exception)]
+    raised += [c("a message") for c in classes if "text" not in inspect.signature(c.__init__).parameters]
+    assert len(raised) > 20
+    for error in raised:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error)
