@@ -23,6 +23,7 @@ PREDICT = ["predict", "--image", "x.png", "--task", "ocr"]
         ("--dtype", "bfloat16", "dtype", "bf16"),
         ("--dtype", "Float32", "dtype", "fp32"),
         ("--dtype", "half", "dtype", "fp16"),
+        ("--attn", "EAGER", "attn", "eager"),
     ],
 )
 def test_the_spellings_load_model_accepts_are_accepted(option, value, field, expected):
@@ -34,7 +35,7 @@ def test_the_spellings_load_model_accepts_are_accepted(option, value, field, exp
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--device", "tpu"), ("--device", "cuda:x"), ("--dtype", "int8"), ("--quantize", "int2")],
+    [("--device", "tpu"), ("--device", "cuda:x"), ("--dtype", "int8"), ("--quantize", "int2"), ("--attn", "flash")],
 )
 def test_other_values_are_usage_errors_that_list_the_choices(capsys, option, value):
     code, out, err = run(capsys, *PREDICT, option, value)

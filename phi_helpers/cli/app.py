@@ -143,8 +143,8 @@ def _add_eval_parser(commands) -> None:
 
 def _add_no_constrain_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-constrain", dest="constrain", action="store_false",
-                        help="extract without constrained decoding: ask for JSON in the prompt, check it, retry once "
-                        "if it is invalid (to compare with the default)")
+                        help="extract without constrained decoding: the same prompt (it shows the schema), the answer "
+                        "checked and asked again once if it is invalid (to compare with the default)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +157,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", type=_dtype, default="auto", metavar=f"{{{','.join(DTYPE_SHORT_NAMES)}}}",
                        help="default: auto (bf16/fp16 on GPUs; on CPU fp32, or bf16 for quantized weights: --quantize "
                        "int8 or a folder saved quantized)")
-    group.add_argument("--attn", choices=ATTENTIONS, default="auto",
+    group.add_argument("--attn", type=_attn, choices=ATTENTIONS, default="auto",
                        help="attention implementation (default: auto)")
     group.add_argument("--quantize", type=_quantize, default="none", metavar=f"{{none,{','.join(QUANTIZE_CHOICES)}}}",
                        help="weight-only quantization of the language model: int8 (CPU: torchao; CUDA: bitsandbytes "
@@ -200,6 +200,11 @@ def _dtype(text: str) -> str:
             f"invalid choice: {text!r} (choose from {', '.join(DTYPE_SHORT_NAMES)}; or {other_names})"
         ) from None
     return "auto" if dtype is None else next(name for name in DTYPE_SHORT_NAMES if DTYPES.get(name) == dtype)
+
+
+def _attn(text: str) -> str:
+    """argparse type of --attn: any case, as load_model takes it ("EAGER" -> "eager"); choices checks the name."""
+    return text.strip().lower()
 
 
 def _quantize(text: str) -> str:
