@@ -1,13 +1,18 @@
 """load_image on a reviewer's hostile inputs: closed PIL images and file objects, text-mode files, a path given
 as bytes, URLs with blanks around them, a web page sent without a Content-Type, and bad limits. Each gives a
-typed error that says what to do (or, for the URL, simply works)."""
+typed error that says what to do (or, for the URL, simply works); threads that load images side by side;
+an image's base64 passed as a path; empty uploads."""
 
+import base64
 import http.server
 import io
 import math
 import re
 import subprocess
 import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import pytest
@@ -16,8 +21,8 @@ from PIL import Image
 from local_server import no_proxy, serve  # noqa: F401  (no_proxy: an autouse fixture)
 from phi_helpers import Chat, ImageLoadError, ask, load_image
 from phi_helpers.api.generation import generate_batch
-from phi_helpers.api.images import load_page
-from phi_helpers.errors import InvalidArgumentError
+from phi_helpers.api.images import count_pages, load_page
+from phi_helpers.errors import ImageDownloadTimeout, InvalidArgumentError
 
 RED = (255, 0, 0)
 
@@ -234,3 +239,175 @@ def test_numpy_numbers_are_good_limits(server):
     image = load_image(f"{server}/red.png", timeout=numpy.int64(5), max_seconds=numpy.float64(30),
                        max_bytes=numpy.int64(len(PNG)))
     assert image.getpixel((0, 0)) == RED
+
+
+def test_a_password_is_left_out_of_the_error_when_the_server_never_answers(monkeypatch):
+    """The deadline passed before any header came: that error named the address with its password."""
+    answer = threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802  (answers nothing until the test is over)
+            answer.wait(30)
+
+    with serve(Silent) as url:
+        try:
+            with pytest.raises(ImageDownloadTimeout, match=r"took longer than max_seconds=0\.3") as caught:
+                load_image(url.replace("http://", "http://reader:s3cr3t@") + "/photo.png", timeout=5, max_seconds=0.3)
+        finally:
+            answer.set()
+    assert "s3cr3t" not in str(caught.value) and "http://***@127.0.0.1:" in str(caught.value)
+
+
+# --- threads: Pillow's warning is left out without leaving a filter behind -------------------------------
+
+
+def image_bytes(size, format="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, RED).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def test_two_threads_whose_loads_overlap_leave_no_warning_filter_behind(monkeypatch):
+    """Each load silenced Pillow's DecompressionBombWarning with warnings.catch_warnings, which saves and
+    restores one list for the whole process (before Python 3.14). Thread 1 starts, thread 2 starts while
+    thread 1 decodes, thread 1 ends first: thread 2 then restored the list it had saved, with thread 1's
+    "ignore" filter in it, for good, and the program's own Image.open of a too-large image never warned
+    again. Here the threads are made to overlap so every time (they wait for each other in _upright,
+    the last step of decoding)."""
+    from phi_helpers.api import images
+
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+    roles, upright = {}, images._upright
+
+    def upright_in_turn(image):
+        if roles[threading.get_ident()] == "first":
+            first_inside.set()
+            assert second_inside.wait(60)  # a guard: a lock held here would make this fail, not hang
+        else:
+            second_inside.set()
+            assert first_done.wait(60)
+        return upright(image)
+
+    def load(role):
+        roles[threading.get_ident()] = role
+        if role == "second":
+            assert first_inside.wait(60)
+        load_image(PNG)
+        if role == "first":
+            first_done.set()
+
+    monkeypatch.setattr(images, "_upright", upright_in_turn)
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(load, "first"), pool.submit(load, "second")]:
+            future.result()
+    assert warnings.filters == before
+
+
+def test_threads_loading_images_side_by_side_print_no_warning_and_leave_the_filters(monkeypatch, recwarn):
+    """8 threads x 50 loads, all 8 meeting in the middle of their decoding every round (a barrier in
+    _upright: the threads decode side by side). Above once the limit (1,000 pixels here) no thread prints
+    Pillow's warning (a TIFF warns again while it is decoded), and afterwards the program's own
+    Image.open of such an image still does."""
+    from phi_helpers.api import images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    sources = [image_bytes((20, 10)), image_bytes((40, 40)), image_bytes((40, 40), "TIFF")]  # 200 and 1,600 pixels
+    threads, rounds = 8, 50
+    meeting = threading.Barrier(threads)
+    upright = images._upright
+
+    def meet_then_turn(image):
+        meeting.wait(timeout=60)  # a guard: a load that held a lock here would break the barrier, not hang
+        return upright(image)
+
+    monkeypatch.setattr(images, "_upright", meet_then_turn)
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(threads) as pool:
+        loaded = list(pool.map(lambda thread: [load_image(sources[(thread + n) % 3]).size for n in range(rounds)],
+                               range(threads)))
+    assert sorted({size for sizes in loaded for size in sizes}) == [(20, 10), (40, 40)]
+    assert warnings.filters == before
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    Image.open(io.BytesIO(sources[1]))
+    assert [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+# --- text that is an image's base64, not a path; long text in messages -----------------------------------
+
+
+def base64_text(format="PNG", size=(20, 10)) -> str:
+    return base64.b64encode(image_bytes(size, format)).decode()
+
+
+def noise_png(side=120) -> bytes:
+    buffer = io.BytesIO()
+    noise = numpy.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=numpy.uint8)
+    Image.fromarray(noise).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", ["short", "long"])
+def test_base64_of_an_image_passed_as_a_path_says_to_decode_it(size):
+    """The usual JSON upload: a short one said "No file at ... Check the spelling"; a long one (more than a
+    path can be) gave a 54 KB message with the text twice, advising to check the folders' permissions."""
+    text = base64_text() if size == "short" else base64.b64encode(noise_png()).decode()
+    for read in (load_image, count_pages, lambda text: load_page(text, 1)):
+        message = str(pytest.raises(ImageLoadError, read, text).value)
+        assert "looks like base64-encoded PNG data, not a path" in message
+        assert 'load_image(base64.b64decode(text)), or a data: URL, "data:image/png;base64," + text.' in message
+        assert "ls -ld" not in message and "Check the spelling" not in message
+        assert len(message) < 500 and (size == "short") == (text in message)
+    assert load_image(base64.b64decode(text)).size in {(20, 10), (120, 120)}  # what the message says to do
+
+
+@pytest.mark.parametrize("format, named", [("JPEG", "JPEG data"), ("GIF", "GIF data"), ("WEBP", "WebP data"),
+                                           ("TIFF", "TIFF data"), ("BMP", "BMP data")])
+def test_base64_of_other_image_formats_is_named_too(format, named):
+    message = str(pytest.raises(ImageLoadError, load_image, base64_text(format)).value)
+    assert f"looks like base64-encoded {named}, not a path" in message
+    assert f'"data:image/{named.split()[0].lower()};base64," + text' in message
+
+
+def test_a_pdfs_base64_is_named_and_a_path_that_is_no_base64_is_missing():
+    pdf = base64.b64encode(b"%PDF-1.7\n1 0 obj << >> endobj\n%%EOF\n").decode()
+    assert "looks like base64-encoded PDF data" in str(pytest.raises(ImageLoadError, load_image, pdf).value)
+    # "BMabcd" is base64 too short to tell; the last is "hello world this is text"
+    for path in ("photos/missing.png", "Qk1hYmNk", "aGVsbG8gd29ybGQgdGhpcyBpcyB0ZXh0"):
+        message = str(pytest.raises(ImageLoadError, load_image, path).value)
+        assert message.startswith(f"No file at '{path}'. Check the spelling") and "base64" not in message
+
+
+def test_a_long_path_is_shortened_in_the_middle_of_the_message(tmp_path):
+    folder = tmp_path / ("long-folder-name-" * 10)
+    missing = folder / "photo.png"
+    message = str(pytest.raises(ImageLoadError, load_image, str(missing)).value)
+    assert message.startswith(f"No file at '{str(missing)[:59]}…{str(missing)[-59:]}'. Check the spelling")
+    text = "x" * 5000  # not a path at all: longer than the system looks up
+    message = str(pytest.raises(ImageLoadError, load_image, text).value)
+    assert message == (f"'{'x' * 59}…{'x' * 59}' is too long to be a path (5,000 characters; a file or folder name "
+                       "has at most 255 bytes, a whole path 4,096). Pass the path of an image file.")
+    message = str(pytest.raises(ImageLoadError, load_image, "s3://bucket/" + "k" * 5000).value)
+    assert len(message) < 300 and message.startswith("Cannot load 's3://bucket/kkk")
+
+
+# --- empty uploads -----------------------------------------------------------------------------------------
+
+
+def test_empty_bytes_and_an_empty_file_object_say_they_are_empty():
+    """b"" said "the 0 bytes you passed is empty (0 bytes)"; an empty BytesIO "the data may be corrupt"."""
+    bytes_message = ("The bytes you passed are empty (0 bytes), so there is no image to read. Pass the image file's "
+                     "content (e.g. Path(\"photo.png\").read_bytes()); if the bytes came from an upload or a download, "
+                     "check that it arrived whole.")
+    for read in (load_image, count_pages, lambda data: load_page(data, 1)):
+        assert str(pytest.raises(ImageLoadError, read, b"").value) == bytes_message
+    message = str(pytest.raises(ImageLoadError, load_image, io.BytesIO()).value)
+    assert message.startswith("The file object you passed (BytesIO) is empty (0 bytes), so there is no image to read. "
+                              "Check that the image was written into it")
+    assert "corrupt" not in message
+    read_to_its_end = io.BytesIO(PNG)
+    read_to_its_end.read()
+    assert load_image(read_to_its_end).size == (20, 10)  # read from the start, as Pillow does

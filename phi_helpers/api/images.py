@@ -88,7 +88,8 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
             ``data:`` URL, the image file's content as ``bytes``/``bytearray``, an open binary file
             object, a PIL image (a converted copy is returned; your image is not changed), or a uint8
             numpy array of shape (height, width) or (height, width, 3 or 4). A torch tensor is refused
-            with the conversion to use.
+            with the conversion to use. A str is a path or a URL, never base64 image data: pass
+            ``base64.b64decode(text)`` for that.
             Transparency becomes white; 16-bit greyscale (scans, scientific cameras) is scaled to 8 bits.
         timeout: seconds to wait for a URL's server to answer, and for each piece of the download
             (a number above 0: there is no "wait forever").
@@ -119,16 +120,18 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         return _from_given_bytes(bytes(src))
     if isinstance(src, str) and _is_url(src):
         url = src.strip()  # a line read from a file ends in "\n": _is_url strips it, so must the download
-        return decode_bytes(_download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds), shown_url(url))
+        data = _download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds)
+        return decode_bytes(data, _shortened(shown_url(url)))
     if isinstance(src, str) and src.lstrip().lower().startswith("data:"):
         return decode_bytes(_data_url_bytes(src), "the data: URL you passed")
     if isinstance(src, str) and not src.strip():
         raise ImageLoadError("The image path is empty. Pass the path of an image file, a URL, bytes or a PIL image.")
     if isinstance(src, (str, os.PathLike)):
-        return _from_path(Path(src))
+        return _from_path(src)
     if hasattr(src, "read"):
         _check_binary_and_open(src)
-        return _decode(lambda: Image.open(src), "the file object you passed", head=lambda: _first_bytes(src))
+        _check_not_empty(src)
+        return _decode(lambda: _open(src), "the file object you passed", head=lambda: _first_bytes(src))
     raise ImageLoadError(
         f"load_image() cannot read a {type(src).__name__}. Pass a file path, an http(s) URL, bytes, "
         f"an open binary file, a PIL image or {ARRAY_LAYOUT}."
@@ -141,6 +144,22 @@ def _check_seconds(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise InvalidArgumentError(f"{name} must be a number of seconds above 0 (every download has a time limit), "
                                    f"got {value!r}.")
+
+
+def _check_not_empty(file) -> None:
+    """ImageLoadError for an open binary file that holds no bytes (0 bytes from its start, where Pillow
+    reads it from); a file that cannot be read again from its start is left to Pillow."""
+    try:
+        file.seek(0)
+        empty = file.read(1) == b""
+    except (OSError, ValueError, AttributeError):  # not seekable
+        return
+    if empty:
+        raise ImageLoadError(
+            f"The file object you passed ({type(file).__name__}) is empty (0 bytes), so there is no image to read. "
+            "Check that the image was written into it; a BytesIO made from a stream that had already been read "
+            "to its end (a second .read() of an upload) is empty."
+        )
 
 
 def _check_binary_and_open(file) -> None:
@@ -175,7 +194,7 @@ def _is_url(text: str) -> bool:
         return True
     if scheme is not None:
         raise ImageLoadError(
-            f"Cannot load {text!r}: only http:// and https:// URLs are supported, not {scheme}://. "
+            f"Cannot load {_shortened(text)!r}: only http:// and https:// URLs are supported, not {scheme}://. "
             "Download the file yourself and pass its path."
         )
     return False
@@ -188,11 +207,57 @@ def _data_url_bytes(url: str) -> bytes:
     header, _, data = url.strip().partition(",")
     if not header.lower().endswith(";base64"):
         raise ImageLoadError("Only base64 data: URLs are supported (data:image/png;base64,...).")
-    data = re.sub(r"[ \t\r\n]", "", data)
+    data = re.sub(_BLANKS, "", data)
     try:
         return base64.b64decode(data, validate=True)
     except binascii.Error:
         raise ImageLoadError("The data: URL's base64 part is damaged; copy the image again.") from None
+
+
+_BLANKS = r"[ \t\r\n]"  # what base64 text may hold besides its own characters (it is often wrapped at 76)
+# How image files (and PDF documents) begin; a WebP file begins with RIFF, its size, then WEBP.
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+                    b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP", PDF_SIGNATURE: "PDF"}
+
+
+def _base64_image_format(text: str) -> str | None:
+    """The format ("PNG", "JPEG"...) of the image whose base64 ``text`` is, judged by the signature its
+    first bytes decode to; None for text that is not such base64 (a path), or too short to tell (a file
+    name of a few letters may be base64 too). Only the start is decoded."""
+    start = re.sub(_BLANKS, "", text[:128])[:64]  # whole groups of 4 characters: 48 bytes
+    try:
+        head = base64.b64decode(start, validate=True)
+    except binascii.Error:
+        return None
+    if len(head) < 12:  # the smallest image file has more; 12 bytes tell a WebP file
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for signature, name in IMAGE_SIGNATURES.items() if head.startswith(signature)), None)
+
+
+def _base64_error(text: str, image_format: str) -> ImageLoadError:
+    """The error for base64 image data passed where a path goes (a JSON upload's field, as it came)."""
+    mime = "application/pdf" if image_format == "PDF" else f"image/{image_format.lower()}"
+    return ImageLoadError(
+        f"There is no file at '{_shortened(text)}': this text ({len(text):,} characters) looks like "
+        f"base64-encoded {image_format} data, not a path, and load_image reads a str as a path (or URL). Pass the "
+        f"bytes instead, load_image(base64.b64decode(text)), or a data: URL, \"data:{mime};base64,\" + text."
+    )
+
+
+_SHOWN_CHARS = 120  # the most characters of a path or other text that the caller passed a message shows
+
+
+def _shortened(text) -> str:
+    """``text`` (a path, a URL, any text the caller passed) as messages show it: whole, or if it is longer
+    than _SHOWN_CHARS its start and end around "…", so that a long string passed by mistake (an image's
+    base64) does not flood the message; the end keeps a file's name."""
+    text = str(text)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    half = (_SHOWN_CHARS - 1) // 2
+    return f"{text[:half]}…{text[-half:]}"
 
 
 def load_page(src, page: int) -> Image.Image:
@@ -209,11 +274,12 @@ def load_page(src, page: int) -> Image.Image:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _from_given_bytes(bytes(src), page)
     if isinstance(src, str) and _is_url(src):
-        raise ImageLoadError(f"load_page() reads a file, not a URL ({src}). Download the file and pass its path.")
+        raise ImageLoadError(f"load_page() reads a file, not a URL ({_shortened(src)}). Download the file and pass "
+                             "its path.")
     if not isinstance(src, (str, os.PathLike)):
         raise ImageLoadError(f"load_page() cannot read a {type(src).__name__}. Pass a file path or the file's bytes "
                              "(for a PIL image, call image.seek(page - 1) and pass it to load_image).")
-    return _from_path(Path(src), page)
+    return _from_path(src, page)
 
 
 def count_pages(src) -> int:
@@ -227,11 +293,11 @@ def count_pages(src) -> int:
     """
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
-        with _decoding(f"the {len(data)} bytes you passed", head=lambda: data[:_SNIFF_BYTES]):
-            return _page_count(Image.open(io.BytesIO(data)))
+        with _decoding(_given_bytes(data), head=lambda: data[:_SNIFF_BYTES]):
+            return _page_count(_open(io.BytesIO(data)))
     path = expand_home(src, "image path", ImageLoadError)
-    with _open_file(path) as file, _decoding(f"'{path}'", head=lambda: _first_bytes(file)):
-        return _page_count(Image.open(file))
+    with _open_file(path, src) as file, _decoding(f"'{_shortened(path)}'", head=lambda: _first_bytes(file)):
+        return _page_count(_open(file))
 
 
 def _page_count(image: Image.Image) -> int:
@@ -256,30 +322,34 @@ def _page_frames(image: Image.Image) -> list[int]:
     return frames or [0]
 
 
-def _from_path(path: Path, page: int | None = None) -> Image.Image:
-    """Open a local file (page ``page`` of it, if given) and decode it."""
-    path = expand_home(path, "image path", ImageLoadError)
-    with _open_file(path) as file:  # closed on return: the decoded image does not need the file
-        return _decode(lambda: Image.open(file), f"'{path}'", page, head=lambda: _first_bytes(file))
+def _from_path(src, page: int | None = None) -> Image.Image:
+    """Open the local file at path ``src`` (page ``page`` of it, if given) and decode it."""
+    path = expand_home(src, "image path", ImageLoadError)
+    with _open_file(path, src) as file:  # closed on return: the decoded image does not need the file
+        return _decode(lambda: _open(file), f"'{_shortened(path)}'", page, head=lambda: _first_bytes(file))
 
 
-def _open_file(path: Path):
-    """``open(path, "rb")``, with a specific message for each way a path can be wrong."""
+def _open_file(path: Path, given):
+    """``open(path, "rb")``, with a specific message for each way a path can be wrong. ``given`` is the
+    path as the caller passed it: text that is no path but an image's base64 is named as such."""
     try:
         status = path.stat()
     except (OSError, ValueError) as error:  # ValueError: a NUL in the name, which no file has
+        if isinstance(given, str) and (image_format := _base64_image_format(given)):
+            raise _base64_error(given, image_format) from None
         if isinstance(error, OSError) and not is_missing(error):
             raise unreadable_error(path, error) from None
         raise missing_error(path, "file") from None
+    shown = _shortened(path)
     if stat.S_ISDIR(status.st_mode):
-        raise ImageLoadError(f"'{path}' is a directory, not an image file. Pass the path of one image inside it.")
+        raise ImageLoadError(f"'{shown}' is a directory, not an image file. Pass the path of one image inside it.")
     if not stat.S_ISREG(status.st_mode):  # a pipe (<(...), mkfifo), a device, a socket: its size says nothing
         raise ImageLoadError(
-            f"'{path}' is not a regular file (it is a pipe, such as <(...), or a device): write the image to a "
+            f"'{shown}' is not a regular file (it is a pipe, such as <(...), or a device): write the image to a "
             "file first (e.g. ... > image.png) and pass that file's path."
         )
     if status.st_size == 0:
-        raise ImageLoadError(f"'{path}' is empty (0 bytes). Re-save or re-download the image.")
+        raise ImageLoadError(f"'{shown}' is empty (0 bytes). Re-save or re-download the image.")
     try:
         return open(path, "rb")
     except OSError as error:
@@ -299,31 +369,39 @@ def is_missing(error: OSError) -> bool:
 def missing_error(path, what: str = "file") -> ImageLoadError:
     """The ImageLoadError for a ``path`` where nothing can be read (``what``: "file", "file or folder"):
     a loop of symbolic links, a symbolic link to nothing, or no such name, each with its remedy."""
+    shown = _shortened(path)
     try:
         os.stat(path)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            return ImageLoadError(f"'{path}' leads through a loop of symbolic links (a link that points back to itself, "
-                                  "directly or through other links; ls -l shows where each points). Point it at a file.")
+            return ImageLoadError(f"'{shown}' leads through a loop of symbolic links (a link that points back to "
+                                  "itself, directly or through other links; ls -l shows where each points). Point it "
+                                  "at a file.")
     except ValueError:  # a NUL in the name
         pass
     if os.path.islink(path):
-        return ImageLoadError(f"'{path}' is a symbolic link to '{os.readlink(path)}', where there is nothing. Point it "
-                              "at a file, or give the file itself.")
+        return ImageLoadError(f"'{shown}' is a symbolic link to '{_shortened(os.readlink(path))}', where there is "
+                              "nothing. Point it at a file, or give the file itself.")
     return ImageLoadError(
-        f"No {what} at '{path}'. Check the spelling; relative paths start from the current "
+        f"No {what} at '{shown}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
 
 
 def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadError:
     """The ImageLoadError for a file (or, with ``folder``, a folder to list) that the system would not
-    let us read: it names the path and the system's reason, and says what to check."""
-    reason = error.strerror or type(error).__name__
+    let us read: it names the path and the system's reason, and says what to check. A path too long
+    for the system to look up is no path at all: it says so."""
+    shown, reason = _shortened(path), error.strerror or type(error).__name__
+    if error.errno == errno.ENAMETOOLONG:
+        return ImageLoadError(
+            f"'{shown}' is too long to be a path ({len(str(path)):,} characters; a file or folder name has at most "
+            f"255 bytes, a whole path {_LONGEST_PATH:,}). Pass the path of an image file."
+        )
     if folder:
-        return ImageLoadError(f"Could not list the folder '{path}' ({reason}), so none of its files were run. Check "
+        return ImageLoadError(f"Could not list the folder '{shown}' ({reason}), so none of its files were run. Check "
                               "that you may read and enter it and every folder above it (ls -ld), then run again.")
-    return ImageLoadError(f"Could not read '{path}' ({reason}). Check that you may read it and enter every folder "
+    return ImageLoadError(f"Could not read '{shown}' ({reason}). Check that you may read it and enter every folder "
                           "above it (ls -ld), then run again.")
 
 
@@ -333,18 +411,31 @@ _LONGEST_PATH = 4096  # bytes in the longest path Linux opens (PATH_MAX)
 def _from_given_bytes(data: bytes, page: int | None = None) -> Image.Image:
     """Decode bytes the caller passed (page ``page`` of them, if given); bytes that are no image but the
     text of a path (``b"photo.png"``, a name from ``os.listdir(b".")``) are named as such."""
-    source = f"the {len(data)} bytes you passed"
+    source = _given_bytes(data)
     try:
         return decode_bytes(data, source, page)
     except ImageLoadError:
         path = _path_in(data)
         if path is None:
             raise
+        shown = repr(_shortened(path))
         raise ImageLoadError(
-            f"Could not read {source} as an image: they are the text {path!r}, a file path (or URL) given as "
-            f"bytes. Pass it as a str or a pathlib.Path instead ({path!r}, not {data!r}; bytes.decode() turns "
-            "bytes into a str)."
+            f"Could not read {source} as an image: they are the text {shown}, a file path (or URL) given as "
+            f"bytes. Pass it as a str or a pathlib.Path instead ({shown}, not {_shortened(repr(data))}; "
+            "bytes.decode() turns bytes into a str)."
         ) from None
+
+
+def _given_bytes(data: bytes) -> str:
+    """How messages name bytes the caller passed ("the 1234 bytes you passed"); ImageLoadError if there
+    are none."""
+    if not data:
+        raise ImageLoadError(
+            "The bytes you passed are empty (0 bytes), so there is no image to read. Pass the image file's "
+            "content (e.g. Path(\"photo.png\").read_bytes()); if the bytes came from an upload or a download, "
+            "check that it arrived whole."
+        )
+    return f"the {len(data)} bytes you passed"
 
 
 def _path_in(data: bytes) -> str | None:
@@ -368,7 +459,7 @@ def decode_bytes(data: bytes, source: str, page: int | None = None) -> Image.Ima
     ``load_image`` does; ``source`` names the data in error messages ("the uploaded file 'a.png'")."""
     if not data:
         raise ImageLoadError(f"{source} is empty (0 bytes); there is no image to read.")
-    return _decode(lambda: Image.open(io.BytesIO(data)), source, page, head=lambda: data[:_SNIFF_BYTES])
+    return _decode(lambda: _open(io.BytesIO(data)), source, page, head=lambda: data[:_SNIFF_BYTES])
 
 
 def _decode(open_image, source: str, page: int | None = None, *, upright: bool = True, head=bytes) -> Image.Image:
@@ -380,7 +471,7 @@ def _decode(open_image, source: str, page: int | None = None, *, upright: bool =
         image = open_image()
         if page is not None:
             _turn_to(image, page, source)
-        image.load()
+        _load(image)
         image = _upright(image) if upright else image
         try:
             return _to_rgb(image)
@@ -412,13 +503,10 @@ def _decoding(source: str, head=bytes):
 
     Pillow refuses to open an image of more than twice MAX_IMAGE_PIXELS (DecompressionBombError), and
     only warns between once and twice that: the same limit as ``Image.open`` + the processor, the
-    original pipeline, so a 108-megapixel phone photo loads. The warning is not printed: the image is
-    used, not suspected.
+    original pipeline, so a 108-megapixel phone photo loads (``_open`` and ``_load`` leave the warning out).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     except ImageLoadError:  # ours, with its advice; a ValueError, which would be taken for Pillow's below
         raise
     except Image.DecompressionBombError as error:
@@ -432,6 +520,41 @@ def _decoding(source: str, head=bytes):
             f"Could not read {source} as an image ({type(error).__name__}: {detail}). The data may be "
             "corrupt, truncated or not an image at all; open it in an image viewer, or re-save it as PNG/JPEG."
         ) from None
+
+
+# Pillow warns (DecompressionBombWarning) about an image of more than MAX_IMAGE_PIXELS when it opens it,
+# and some formats (TIFF) again when they start decoding it. load_image uses such an image, so the
+# warning is silenced there, with warnings.catch_warnings. That swaps one list of filters shared by the
+# whole process, and (before Python 3.14) two threads whose swaps overlap leave one's filter in place
+# for good: the program's own Image.open would never warn again. So each swap holds this lock, around
+# Image.open (which reads only the header) and the decoding of an image above the limit (rare);
+# threads decode other images in parallel.
+_BOMB_WARNING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_bomb_warning():
+    """Leave Pillow's DecompressionBombWarning out, one thread at a time (_BOMB_WARNING_LOCK)."""
+    with _BOMB_WARNING_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _open(file) -> Image.Image:
+    """``Image.open(file)``, without the warning for an image above once MAX_IMAGE_PIXELS."""
+    with _without_bomb_warning():
+        return Image.open(file)
+
+
+def _load(image: Image.Image) -> None:
+    """``image.load()``: read all pixels; for an image above once MAX_IMAGE_PIXELS, without the
+    warning that some formats give again here (TIFF)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or image.width * image.height <= limit:
+        image.load()
+        return
+    with _without_bomb_warning():
+        image.load()
 
 
 _SNIFF_BYTES = 4096  # enough for an XML declaration, comments and a DOCTYPE before an SVG's <svg tag
@@ -608,9 +731,9 @@ def shown_url(url: str) -> str:
 def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -> bytes:
     """Fetch ``url`` and return its body, stopping as soon as it grows beyond ``max_bytes`` or the
     download has taken ``max_seconds`` (headers included)."""
-    deadline, name = time.monotonic() + max_seconds, shown_url(url)  # messages name the URL without a password
+    deadline, name = time.monotonic() + max_seconds, _shortened(shown_url(url))  # without a password
     try:
-        with _get_within(url, timeout, deadline, max_seconds) as response:
+        with _get_within(url, name, timeout, deadline, max_seconds) as response:
             _check_response(response, name, max_bytes)
             return _read_capped(response, name, max_bytes, deadline, max_seconds)
     except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
@@ -622,9 +745,10 @@ def _download(url: str, *, timeout: float, max_bytes: int, max_seconds: float) -
         ) from None
 
 
-def _get_within(url: str, timeout: float, deadline: float, max_seconds: float) -> requests.Response:
+def _get_within(url: str, name: str, timeout: float, deadline: float, max_seconds: float) -> requests.Response:
     """``requests.get(url, stream=True)``: connect, send, read the status line and the headers, given
-    up at ``deadline`` even if the server keeps trickling header bytes.
+    up at ``deadline`` even if the server keeps trickling header bytes (the error names the URL as ``name``,
+    without a password).
 
     The request runs in a daemon thread; if the deadline passes first, the caller gets the timeout
     and the abandoned request ends by itself (its response, if one ever comes, is closed).
@@ -649,7 +773,7 @@ def _get_within(url: str, timeout: float, deadline: float, max_seconds: float) -
     with lock:
         if "response" not in outcome and "error" not in outcome:
             outcome["abandoned"] = True
-            raise _deadline_error(url, max_seconds, 0)
+            raise _deadline_error(name, max_seconds, 0)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["response"]
