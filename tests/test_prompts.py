@@ -4,14 +4,16 @@ import copy
 import json
 import pickle
 import re
+import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from phi_helpers import Chat, ImageLoadError, build_prompt
-from phi_helpers.errors import PromptError, PromptImageMismatchError, SpecialTokenError
+from phi_helpers import Chat, ImageLoadError, ask, build_prompt
+from phi_helpers.api.generation import stream_chunks
+from phi_helpers.errors import ImageAspectRatioError, PromptError, PromptImageMismatchError, SpecialTokenError
 from phi_helpers.models.phi3_v.processing_phi3_v import processor_chat_template
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "phi_helpers" / "data" / "phi-3-vision-128k-instruct"
@@ -289,3 +291,119 @@ def test_the_processors_chat_template_is_the_checkpoints_after_a_preamble(proces
     assert processor.apply_chat_template(text_only, tokenize=False, add_generation_prompt=True) == build_prompt(
         "Hi", num_images=0, processor=processor
     )
+
+
+# --- images the image processor would refuse ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (Image.new("RGB", (0, 0)), ImageLoadError, "Image 2 of 2: The image is empty (0x0 pixels)"),
+    (Image.new("RGB", (1, 2000)), ImageAspectRatioError, "Image 2 of 2 (1x2000 pixels) is too long and thin"),
+], ids=["empty", "1x2000"])
+def test_an_image_the_processor_would_refuse_never_enters_a_chat(tiny_model_and_processor, bad, error, message):
+    """Before: add_user took it, and every later ask failed on it (the message named no image)."""
+    model, processor = tiny_model_and_processor
+    chat = Chat().add_user("First.", images=colour("red"))
+    ask(model, processor, chat, max_new_tokens=2)
+    before = (chat.messages, chat.images)
+    with pytest.raises(error, match=re.escape(message)) as caught:
+        chat.add_user("Second.", images=[colour("green"), bad])
+    assert "Nothing was added to the chat" in str(caught.value)
+    assert (chat.messages, chat.images) == before
+    with pytest.raises(error, match=re.escape(message)):  # from_messages names it by its place in images= too
+        Chat.from_messages([*chat.messages, {"role": "user", "content": "<|image_2|>\nSecond."}], [*chat.images, bad])
+    chat.add_user("Second, without that image.")
+    ask(model, processor, chat, max_new_tokens=2)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
+# --- one Chat, several threads ------------------------------------------------------------------------
+
+
+def in_thread(function):
+    """Run ``function`` in another thread and return {"value": ...} or {"error": ...} (fails, instead of
+    hanging, if it does not finish)."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = function()
+        except BaseException as error:  # noqa: BLE001
+            result["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "did not finish within 60 s"
+    return result
+
+
+def assert_refused_and_unchanged(model, processor, chat):
+    """Every way to ask or change ``chat`` from this thread raises PromptError and changes nothing (a refused
+    reset first: the stream it would have closed must still count afterwards)."""
+    before = (chat.messages, chat.images)
+    for attempt in [
+        chat.reset, chat.pop, lambda: ask(model, processor, chat, max_new_tokens=2),
+        lambda: stream_chunks(model, processor, chat, max_new_tokens=2), lambda: chat.add_user("Interrupting."),
+        lambda: chat.add_assistant("An answer of mine."), chat.drop_images,
+    ]:
+        with pytest.raises(PromptError, match="Another thread is still generating an answer for this chat") as caught:
+            attempt()
+        assert "call .close() on it" in str(caught.value) and "its own Chat" in str(caught.value)
+        assert (chat.messages, chat.images) == before
+
+
+def test_while_one_thread_asks_a_chat_another_thread_cannot_ask_or_change_it(monkeypatch, tiny_model_and_processor):
+    """Before: two threads asking one chat both answered, leaving two assistant turns in a row."""
+    model, processor = tiny_model_and_processor
+    real_generate, inside, release = model.generate, threading.Event(), threading.Event()
+
+    def generate_when_released(**kwargs):  # holds the first ask inside generate until the test releases it
+        if not inside.is_set():
+            inside.set()
+            assert release.wait(60)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_when_released)
+    chat = Chat().add_user("Describe.", images=colour("red"))
+    answering = threading.Thread(target=lambda: ask(model, processor, chat, max_new_tokens=4), daemon=True)
+    answering.start()
+    try:
+        assert inside.wait(60)
+        assert_refused_and_unchanged(model, processor, chat)
+    finally:
+        release.set()
+        answering.join(60)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # one answer
+    ask(model, processor, chat.add_user("And then?"), max_new_tokens=2)  # that ask done, the chat is free
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_while_another_thread_reads_a_stream_into_a_chat_the_chat_is_refused_and_kept(tiny_model_and_processor):
+    """Before: another thread's ask or reset got a plain ValueError (generator already executing) while the
+    reader waited for a piece, or closed the stream under it between two pieces; a failed reset had already
+    dropped the link to the stream, so the next ask answered while the stream was still writing."""
+    model, processor = tiny_model_and_processor
+    chat = Chat().add_user("Describe.", images=colour("red"))
+    chunks = stream_chunks(model, processor, chat, max_new_tokens=6, min_new_tokens=6)
+    first = in_thread(lambda: next(chunks))["value"]  # another thread reads: it may go on, this one may not
+    assert_refused_and_unchanged(model, processor, chat)
+    rest = in_thread(lambda: list(chunks))["value"]  # the reader reads to the end: the answer goes in
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    assert chat.messages[1]["content"] == (first + "".join(rest)).strip()
+    ask(model, processor, chat.add_user("And then?"), max_new_tokens=2)  # the stream done, the chat is free
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_the_thread_that_left_a_stream_unfinished_goes_on_with_the_chat_as_before(tiny_model_and_processor):
+    """Only other threads are refused: the reader may add a question while it streams, and its next ask
+    closes the stream it broke out of (the partial answer goes in after its question, as before)."""
+    model, processor = tiny_model_and_processor
+    chat = Chat().add_user("Describe.", images=colour("red"))
+    chunks = stream_chunks(model, processor, chat, max_new_tokens=300, min_new_tokens=300)
+    first = next(chunks)
+    chat.add_user("Typed while it streamed.")
+    ask(model, processor, chat, max_new_tokens=2)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert chat.messages[1]["content"].startswith(first.strip()) and chat.messages[2]["content"] == "Typed while it streamed."
+    assert list(chunks) == []  # closed by that ask

@@ -21,6 +21,7 @@ prints those pieces, and a notebook widget can show them instead.
 to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns that answer as a dict.
 """
 
+import contextlib
 import difflib
 import functools
 import inspect
@@ -97,13 +98,16 @@ def ask(
             stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs),
             chat=isinstance(prompt_or_chat, Chat),
         )
-    inputs, settings, chat = _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs)
-    with torch.inference_mode():
-        output = model.generate(**inputs, **settings)
-    new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
-    answer = _decode_answer(processor, new_tokens, settings["eos_token_id"], settings.get("stop_strings"))
-    if chat is not None:
-        chat.add_assistant(answer, generated=True)
+    with _answering(prompt_or_chat):  # a Chat: no other thread asks or changes it meanwhile
+        inputs, settings, chat = _setup(
+            model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs
+        )
+        with torch.inference_mode():
+            output = model.generate(**inputs, **settings)
+        new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+        answer = _decode_answer(processor, new_tokens, settings["eos_token_id"], settings.get("stop_strings"))
+        if chat is not None:
+            chat.add_assistant(answer, generated=True)
     return answer
 
 
@@ -148,22 +152,34 @@ def stream_chunks(
     ``Chat``, the text generated so far is appended as the answer, unless generation failed or was
     stopped before any text came (the question then stays unanswered, as with ``ask``); a stream
     you broke out of but kept (``chunks = stream_chunks(...)``) is closed by the chat's next ``ask``,
-    ``extract`` or ``stream_chunks``, so its partial answer goes in first and the turns stay in order.
+    ``extract`` or ``stream_chunks`` in the same thread, so its partial answer goes in first and the turns
+    stay in order. Until the stream is read to the end or closed, another thread that asks or changes the
+    chat gets a PromptError (a Chat is not for concurrent use; see ``Chat``).
     The arguments are checked and the prompt is encoded when you call it; generation starts with the
     first piece you ask for.
     """
-    inputs, settings, chat = _setup(
-        model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, streaming=True
-    )
-    chunks = _stream(model, processor, inputs, settings, chat, asked=len(chat) if chat is not None else 0)
-    if chat is not None:
-        chat._stream_started(chunks)  # closed by the chat's next question (Chat._close_stream)
+    with _answering(prompt_or_chat):  # a Chat: no other thread asks or changes it meanwhile
+        inputs, settings, chat = _setup(
+            model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, streaming=True
+        )
+        chunks = _stream(model, processor, inputs, settings, chat, asked=len(chat) if chat is not None else 0)
+        if chat is not None:
+            chat._stream_started(chunks)  # closed by the chat's next question (Chat._close_stream)
     return chunks
+
+
+def _answering(prompt_or_chat):
+    """For a Chat, ``Chat._in_use``: refuse while another thread answers it, else hold it until the block
+    ends; for a question, nothing."""
+    return prompt_or_chat._in_use() if isinstance(prompt_or_chat, Chat) else contextlib.nullcontext()
 
 
 def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, asked: int):
     """The generator ``stream_chunks`` returns: generate in a thread, yield its text pieces; with a
-    ``chat``, its answer goes in at position ``asked``, right after its question."""
+    ``chat``, its answer goes in at position ``asked``, right after its question, and the thread that
+    reads the stream is the one that may go on with the chat meanwhile (``Chat._reading``)."""
+    if chat is not None:
+        chat._reading()
     stop = _StopFlag()
     settings["stopping_criteria"] = StoppingCriteriaList([*settings.get("stopping_criteria", []), stop])
     streamer = _AnswerStreamer(processor.tokenizer, settings["eos_token_id"])
@@ -179,6 +195,8 @@ def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, a
             if piece:
                 pieces.append(piece)
                 yield piece
+                if chat is not None:
+                    chat._reading()  # the thread that asked for the next piece
         finished = True
     finally:  # also runs when the caller stops early: stop the thread, keep what was generated
         stop.set()
@@ -187,7 +205,7 @@ def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, a
         # After its question, even if turns were added while it streamed; stopped before any text came,
         # the question stays unanswered (as when ask() without streaming is interrupted).
         if chat is not None and not errors and (finished or answer):
-            chat.add_assistant(answer, generated=True, position=asked)
+            chat._add_assistant(answer, generated=True, position=asked)  # its own answer: never refused
     if errors:
         raise errors[0]
 

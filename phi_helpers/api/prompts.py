@@ -36,12 +36,18 @@ naming where it is), so a Chat never holds a turn that would break every later `
 refuses it in a prompt you write yourself.
 """
 
+import contextlib
 import re
+import threading
 import weakref
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from ..errors import InvalidArgumentError, PromptError, PromptImageMismatchError, SpecialTokenError, check_whole_number
+from ..errors import (
+    ImageAspectRatioError, ImageLoadError, InvalidArgumentError, PromptError, PromptImageMismatchError, SpecialTokenError,
+    check_whole_number,
+)
+from ..models.phi3_v.image_processing_phi3_v import hd_canvas_size
 from ..models.phi3_v.processing_phi3_v import (
     CHECKPOINT_ADDED_TOKENS,
     CHECKPOINT_CHAT_TEMPLATE,
@@ -54,6 +60,7 @@ from .images import load_image
 _CHAT_FORMAT_STARTS = ("<|user|>", "<|system|>")  # how a prompt written in the chat format begins
 _LEADING_TAGS = re.compile(r"(?:<\|image_\d+\|>\n)*")  # the image tags ``Chat.messages`` puts before a turn's text
 ZERO_WIDTH_SPACE = "\u200b"
+_CLAIMING = threading.Lock()  # makes a chat's check-and-claim (Chat._in_use) atomic; held only for that
 
 
 def build_prompt(question: str, num_images: int = 1, system: str | None = None, processor=None) -> str:
@@ -188,6 +195,13 @@ class Chat:
 
     To save a chat, store ``chat.messages`` (JSON) and ``chat.images`` (image files); to go on with it
     later, ``Chat.from_messages(messages, images)``.
+
+    One Chat per conversation. A Chat is not for concurrent use: while one thread answers it (``ask``,
+    ``extract``, or a ``stream_chunks`` stream that thread reads), another thread's ``ask``, ``extract``,
+    ``stream_chunks``, ``add_user``, ``add_assistant``, ``pop``, ``reset`` or ``drop_images`` on it raises
+    PromptError and changes nothing. A stream is done when it has been read to the end or closed
+    (``chunks.close()``, which keeps its partial answer). The model and processor can be shared by
+    threads: give each thread (each user) its own Chat.
     """
 
     def __init__(self, system: str | None = None):
@@ -195,6 +209,8 @@ class Chat:
         # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
         self._turns: list[dict] = []
         self._stream = None  # a weak reference to the stream_chunks generator writing the next answer
+        self._reader = None  # the id of the thread that last read that stream (or made it)
+        self._owner = None  # the id of the thread asking or changing this chat right now (see _in_use)
 
     @property
     def system(self) -> str | None:
@@ -236,7 +252,8 @@ class Chat:
                     f"numbered over the whole chat: the next one is {image_tag(used + 1)}."
                 )
             if message.get("role") == "user":  # every message, even a question repeated (add_user would skip it)
-                chat._turns.append(_user_turn(message["content"][len(tags):], images[used : used + len(numbers)]))
+                own_images = images[used : used + len(numbers)]  # named by their place in images= if one fails
+                chat._turns.append(_user_turn(message["content"][len(tags):], own_images, used + 1, len(images)))
             elif message.get("role") == "assistant" and not numbers:
                 chat.add_assistant(message["content"])
             else:
@@ -255,17 +272,21 @@ class Chat:
     def add_user(self, text: str, images=None) -> "Chat":
         """Add a user turn. ``images``: one image or a list; anything ``load_image`` accepts.
 
-        All images are loaded first, so if one fails nothing is added. Returns the chat.
+        All images are loaded and checked first, so if one fails nothing is added: an image the model's
+        image processor would refuse is refused here (ImageLoadError for an empty one, ImageAspectRatioError
+        for one too long and thin even at ``num_crops=1``), naming its position, instead of breaking every
+        later ``ask``. Returns the chat.
 
         The same question (same text, same images) as the last turn, when that one is still
         unanswered, is not added a second time: re-running a cell whose ask was interrupted asks once.
         Any other question after an unanswered one is added after it.
         """
         turn = _user_turn(text, images)
-        last = self._turns[-1] if self._turns else None
-        if last is not None and last["role"] == "user" and (last["text"], last["images"]) == (text, turn["images"]):
-            return self
-        self._turns.append(turn)
+        with self._in_use():
+            last = self._turns[-1] if self._turns else None
+            if last is not None and last["role"] == "user" and (last["text"], last["images"]) == (text, turn["images"]):
+                return self
+            self._turns.append(turn)
         return self
 
     def add_assistant(self, text: str, generated: bool = False, position: int | None = None) -> "Chat":
@@ -284,6 +305,11 @@ class Chat:
         asks for an image. (A decoded answer never holds a surrogate code point; text that does is
         refused either way, since it could not be tokenized.)
         """
+        with self._in_use():
+            return self._add_assistant(text, generated, position)
+
+    def _add_assistant(self, text: str, generated: bool, position: int | None) -> "Chat":
+        """``add_assistant`` without the check for another thread: a stream adds its own answer with it."""
         if not isinstance(generated, bool):
             raise InvalidArgumentError(f"generated must be True or False, got {generated!r}.")
         if position is not None:
@@ -299,20 +325,53 @@ class Chat:
         return self
 
     def _stream_started(self, chunks) -> None:
-        """Remember the ``stream_chunks`` generator that writes the next answer, without keeping it alive."""
+        """Remember the ``stream_chunks`` generator that writes the next answer, without keeping it alive;
+        the thread that made it is its reader until a thread reads it (``_reading``)."""
         self._stream = weakref.ref(chunks)
+        self._reader = threading.get_ident()
+
+    def _reading(self) -> None:
+        """The stream calls this whenever a thread reads from it: that thread is now its reader."""
+        self._reader = threading.get_ident()
+
+    def _unfinished_stream(self):
+        """The stream writing the next answer if it has not ended yet (finished, closed or collected), else None."""
+        stream = self._stream() if self._stream is not None else None
+        return stream if stream is not None and stream.gi_frame is not None else None
+
+    @contextlib.contextmanager
+    def _in_use(self):
+        """Around whatever asks or changes this chat: refuse (PromptError, nothing changed) while another
+        thread answers it (its ``ask`` runs, or it reads a stream still writing the answer); else this
+        thread holds the chat until the block ends. The same thread may go on: a loop that broke out of
+        a stream and asks again, or adds a turn while reading, works as it did."""
+        me = threading.get_ident()
+        with _CLAIMING:
+            if self._owner not in (None, me) or (self._unfinished_stream() is not None and self._reader != me):
+                raise _busy()
+            before, self._owner = self._owner, me
+        try:
+            yield
+        finally:
+            self._owner = before
 
     def _close_stream(self) -> None:
         """Close a stream left unfinished (a loop broke out of ``stream_chunks`` but kept the generator): it
-        stops generating and its partial answer goes in, as ``.close()`` does, before the chat goes on."""
-        stream = self._stream() if self._stream is not None else None
-        self._stream = None
+        stops generating and its partial answer goes in, as ``.close()`` does, before the chat goes on.
+        If another thread is reading from it at this moment, PromptError, and the stream goes on."""
+        stream = self._unfinished_stream()
         if stream is not None:
-            stream.close()
+            try:
+                stream.close()
+            except ValueError:
+                if stream.gi_running:  # "generator already executing": another thread resumed it just now
+                    raise _busy() from None
+                raise
+        self._stream = None
 
     def __getstate__(self) -> dict:
         """What ``copy`` and ``pickle`` keep: the turns, not a stream still writing into this chat."""
-        return {**self.__dict__, "_stream": None}
+        return {**self.__dict__, "_stream": None, "_reader": None, "_owner": None}
 
     def __copy__(self) -> "Chat":
         """``copy.copy(chat)``: a chat with turns of its own (the image objects are shared, not copied)."""
@@ -366,8 +425,9 @@ class Chat:
 
     def reset(self) -> "Chat":
         """Forget all turns and images (the system message stays). Returns the chat."""
-        self._close_stream()
-        self._turns.clear()
+        with self._in_use():
+            self._close_stream()
+            self._turns.clear()
         return self
 
     def pop(self) -> tuple[dict, list]:
@@ -377,11 +437,12 @@ class Chat:
             message, images = chat.pop()       # e.g. a question you no longer want answered
             chat = Chat.from_messages(chat.messages + [message], chat.images + images)   # puts it back
         """
-        self._close_stream()  # a stream still writing: its answer goes in first, and is the last turn
-        if not self._turns:
-            raise PromptError("The chat is empty: there is no turn to remove.")
-        message = self.messages[-1]
-        return message, self._turns.pop()["images"]
+        with self._in_use():
+            self._close_stream()  # a stream still writing: its answer goes in first, and is the last turn
+            if not self._turns:
+                raise PromptError("The chat is empty: there is no turn to remove.")
+            message = self.messages[-1]
+            return message, self._turns.pop()["images"]
 
     def drop_images(self, keep_last: int = 0) -> int:
         """Remove all but the last ``keep_last`` images from the history; return how many were removed.
@@ -390,12 +451,13 @@ class Chat:
         images are renumbered from ``<|image_1|>``. Use this to make a long chat fit the context.
         """
         keep_last = check_whole_number(keep_last, "keep_last")
-        to_drop = max(len(self.images) - keep_last, 0)
-        remaining = to_drop
-        for turn in self._turns:  # oldest first
-            removed = min(remaining, len(turn["images"]))
-            del turn["images"][:removed]
-            remaining -= removed
+        with self._in_use():
+            to_drop = max(len(self.images) - keep_last, 0)
+            remaining = to_drop
+            for turn in self._turns:  # oldest first
+                removed = min(remaining, len(turn["images"]))
+                del turn["images"][:removed]
+                remaining -= removed
         return to_drop
 
     def __len__(self) -> int:
@@ -413,10 +475,45 @@ class Chat:
         return "\n".join(lines)
 
 
-def _user_turn(text: str, images) -> dict:
-    """A user turn of ``text`` and ``images`` (loaded), checked as ``Chat.add_user`` describes."""
+def _busy() -> PromptError:
+    """The error for a chat that another thread is answering (``Chat._in_use``)."""
+    return PromptError(
+        "Another thread is still generating an answer for this chat (its ask, extract or stream_chunks on it "
+        "has not finished), so this call was refused and the chat is unchanged. Wait for that answer: a "
+        "stream_chunks stream is done when it has been read to the end (exhaust the iterator) or closed "
+        "(call .close() on it; its partial answer goes in). A Chat is one conversation, not for use by "
+        "several threads at once: give each thread (each user) its own Chat; the model can be shared."
+    )
+
+
+def _user_turn(text: str, images, first: int = 1, total: int | None = None) -> dict:
+    """A user turn of ``text`` and ``images`` (loaded), checked as ``Chat.add_user`` describes. An image that
+    fails is named by its position in the call: ``first`` for the first of ``images``, of ``total`` given."""
     check_user_text(text, "user message")
-    return {"role": "user", "text": text, "images": [load_image(image) for image in as_list(images)]}
+    images = as_list(images)
+    loaded = [load_image(image) for image in images]
+    for position, image in enumerate(loaded, start=first):
+        _check_chat_image(image, f"Image {position} of {total or len(images)}")
+    return {"role": "user", "text": text, "images": loaded}
+
+
+def _check_chat_image(image, name: str) -> None:
+    """Refuse an image that the image processor would refuse at some ``num_crops``, so that a chat never
+    holds one that breaks every later ``ask``: empty (ImageLoadError), or so long and thin that even at
+    ``num_crops=1`` one side would shrink to nothing (ImageAspectRatioError). A chat sends its images
+    again with every question, at whatever ``num_crops``, and an image that works at 1 works at any.
+    ``name`` says which image it is (``"Image 2 of 3"``)."""
+    try:
+        hd_canvas_size(image.width, image.height, num_crops=1)  # the image processor's own checks
+    except ImageLoadError as error:
+        raise ImageLoadError(f"{name}: {error} Nothing was added to the chat.") from None
+    except ImageAspectRatioError:
+        raise ImageAspectRatioError(
+            f"{name} ({image.width}x{image.height} pixels) is too long and thin for a chat: at num_crops=1 the "
+            "image processor would shrink its short side to 0 pixels. A chat sends its images again with every "
+            "question, at any num_crops, so it takes only images that work at num_crops=1. Crop the image into "
+            "pieces or pad it to a less extreme shape. Nothing was added to the chat."
+        ) from None
 
 
 def as_list(images) -> list:
