@@ -293,28 +293,45 @@ def test_the_processors_chat_template_is_the_checkpoints_after_a_preamble(proces
     )
 
 
-# --- images the image processor would refuse ---------------------------------------------------------
+# --- images a chat cannot use ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad, error, message", [
-    (Image.new("RGB", (0, 0)), ImageLoadError, "Image 2 of 2: The image is empty (0x0 pixels)"),
-    (Image.new("RGB", (1, 2000)), ImageAspectRatioError, "Image 2 of 2 (1x2000 pixels) is too long and thin"),
-], ids=["empty", "1x2000"])
-def test_an_image_the_processor_would_refuse_never_enters_a_chat(tiny_model_and_processor, bad, error, message):
-    """Before: add_user took it, and every later ask failed on it (the message named no image)."""
+def test_an_empty_image_never_enters_a_chat(tiny_model_and_processor):
+    """Before: add_user took a 0x0 image, and every later ask failed on it (the message named no image)."""
     model, processor = tiny_model_and_processor
     chat = Chat().add_user("First.", images=colour("red"))
     ask(model, processor, chat, max_new_tokens=2)
     before = (chat.messages, chat.images)
-    with pytest.raises(error, match=re.escape(message)) as caught:
-        chat.add_user("Second.", images=[colour("green"), bad])
+    message = "Image 2 of 2: The PIL image you passed is empty (0x0 pixels)"
+    with pytest.raises(ImageLoadError, match=re.escape(message)) as caught:
+        chat.add_user("Second.", images=[colour("green"), Image.new("RGB", (0, 0))])
     assert "Nothing was added to the chat" in str(caught.value)
     assert (chat.messages, chat.images) == before
-    with pytest.raises(error, match=re.escape(message)):  # from_messages names it by its place in images= too
-        Chat.from_messages([*chat.messages, {"role": "user", "content": "<|image_2|>\nSecond."}], [*chat.images, bad])
+    with pytest.raises(ImageLoadError, match=re.escape(message)):  # from_messages names it by its place in images=
+        Chat.from_messages([*chat.messages, {"role": "user", "content": "<|image_2|>\nSecond."}],
+                           [*chat.images, Image.new("RGB", (0, 0))])
     chat.add_user("Second, without that image.")
     ask(model, processor, chat, max_new_tokens=2)
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_an_image_too_thin_for_the_num_crops_says_how_the_chat_goes_on(tiny_model_and_processor):
+    """A 1x2000 image needs more than 4 crops: the chat's ask says to raise num_crops or take it out, and
+    either works (before: the message did not say the chat holds it, nor how to go on)."""
+    model, processor = tiny_model_and_processor
+    chat = Chat().add_user("What is this?", images=Image.new("RGB", (1, 2000)))
+    with pytest.raises(ImageAspectRatioError, match=r"1x2000 .* The chat holds this image .*chat\.pop\(\)"):
+        ask(model, processor, chat, max_new_tokens=2, num_crops=4)
+    ask(model, processor, chat, max_new_tokens=2, num_crops=16)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    chat.add_user("And this?", images=Image.new("RGB", (1, 2000)))
+    with pytest.raises(ImageAspectRatioError):
+        ask(model, processor, chat, max_new_tokens=2, num_crops=4)
+    chat.pop()
+    chat.add_user("And this?", images=colour("red"))
+    chat.drop_images(keep_last=1)
+    ask(model, processor, chat, max_new_tokens=2, num_crops=4)
+    assert len(chat) == 4
 
 
 # --- one Chat, several threads ------------------------------------------------------------------------

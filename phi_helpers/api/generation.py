@@ -35,7 +35,7 @@ from transformers import (
     Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
 )
 
-from ..errors import InvalidArgumentError, JSONTruncatedError, PromptError, check_whole_number
+from ..errors import ImageAspectRatioError, InvalidArgumentError, JSONTruncatedError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
@@ -302,7 +302,16 @@ def _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, gen
     num_crops = generate_kwargs.pop("num_crops", None)  # the processor's setting, for this call's images
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
-    inputs = encode(model, processor, prompt, image_list, max_new_tokens, num_crops)
+    try:
+        inputs = encode(model, processor, prompt, image_list, max_new_tokens, num_crops)
+    except ImageAspectRatioError as error:
+        if chat is None:
+            raise
+        raise ImageAspectRatioError(
+            f"{error} The chat holds this image and sends it again with every question: ask with a larger "
+            "num_crops=, or go on without it (chat.pop() takes back the last turn with its images; "
+            "chat.drop_images(keep_last=N) keeps only the last N images)."
+        ) from None
     _add_cache(model, inputs, settings)
     return inputs, settings, chat
 

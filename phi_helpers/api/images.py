@@ -472,6 +472,9 @@ def _decode(open_image, source: str, page: int | None = None, *, upright: bool =
         if page is not None:
             _turn_to(image, page, source)
         _load(image)
+        if not image.width or not image.height:  # Image.new("RGB", (0, 0)), a numpy array of shape (0, 5, 3)
+            raise ImageLoadError(f"{source[:1].upper()}{source[1:]} is empty ({image.width}x{image.height} pixels): "
+                                 "there is no picture to look at. Check how it was made.")
         image = _upright(image) if upright else image
         try:
             return _to_rgb(image)

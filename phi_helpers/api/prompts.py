@@ -44,10 +44,9 @@ import weakref
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..errors import (
-    ImageAspectRatioError, ImageLoadError, InvalidArgumentError, PromptError, PromptImageMismatchError, SpecialTokenError,
+    ImageLoadError, InvalidArgumentError, PromptError, PromptImageMismatchError, SpecialTokenError,
     check_whole_number,
 )
-from ..models.phi3_v.image_processing_phi3_v import hd_canvas_size
 from ..models.phi3_v.processing_phi3_v import (
     CHECKPOINT_ADDED_TOKENS,
     CHECKPOINT_CHAT_TEMPLATE,
@@ -272,10 +271,8 @@ class Chat:
     def add_user(self, text: str, images=None) -> "Chat":
         """Add a user turn. ``images``: one image or a list; anything ``load_image`` accepts.
 
-        All images are loaded and checked first, so if one fails nothing is added: an image the model's
-        image processor would refuse is refused here (ImageLoadError for an empty one, ImageAspectRatioError
-        for one too long and thin even at ``num_crops=1``), naming its position, instead of breaking every
-        later ``ask``. Returns the chat.
+        All images are loaded first (an empty one is refused), so if one fails nothing is added, and the
+        error names it by its position. Returns the chat.
 
         The same question (same text, same images) as the last turn, when that one is still
         unanswered, is not added a second time: re-running a cell whose ask was interrupted asks once.
@@ -491,29 +488,13 @@ def _user_turn(text: str, images, first: int = 1, total: int | None = None) -> d
     fails is named by its position in the call: ``first`` for the first of ``images``, of ``total`` given."""
     check_user_text(text, "user message")
     images = as_list(images)
-    loaded = [load_image(image) for image in images]
-    for position, image in enumerate(loaded, start=first):
-        _check_chat_image(image, f"Image {position} of {total or len(images)}")
+    loaded = []
+    for position, image in enumerate(images, start=first):
+        try:
+            loaded.append(load_image(image))
+        except ImageLoadError as error:
+            raise type(error)(f"Image {position} of {total or len(images)}: {error} Nothing was added to the chat.") from None
     return {"role": "user", "text": text, "images": loaded}
-
-
-def _check_chat_image(image, name: str) -> None:
-    """Refuse an image that the image processor would refuse at some ``num_crops``, so that a chat never
-    holds one that breaks every later ``ask``: empty (ImageLoadError), or so long and thin that even at
-    ``num_crops=1`` one side would shrink to nothing (ImageAspectRatioError). A chat sends its images
-    again with every question, at whatever ``num_crops``, and an image that works at 1 works at any.
-    ``name`` says which image it is (``"Image 2 of 3"``)."""
-    try:
-        hd_canvas_size(image.width, image.height, num_crops=1)  # the image processor's own checks
-    except ImageLoadError as error:
-        raise ImageLoadError(f"{name}: {error} Nothing was added to the chat.") from None
-    except ImageAspectRatioError:
-        raise ImageAspectRatioError(
-            f"{name} ({image.width}x{image.height} pixels) is too long and thin for a chat: at num_crops=1 the "
-            "image processor would shrink its short side to 0 pixels. A chat sends its images again with every "
-            "question, at any num_crops, so it takes only images that work at num_crops=1. Crop the image into "
-            "pieces or pad it to a less extreme shape. Nothing was added to the chat."
-        ) from None
 
 
 def as_list(images) -> list:
