@@ -324,10 +324,15 @@ def test_invalid_utf8_in_the_output_is_moved_aside_too(capsys, tmp_path, folder)
     assert len(lines_of(output)) == 2
 
 
+# Long enough answers that a run of 16 images is still going when the test signals it after 2 lines, even
+# on a loaded machine where the test's own polling is late (with FAST's 2 tokens the run could end first).
+INTERRUPTED = ["--num-crops", "1", "--max-new-tokens", "48"]
+
+
 def _start_predict(tiny_checkpoint, folder: Path, output: Path) -> subprocess.Popen:
     """``python -m phi_helpers predict`` on ``folder``, one image per generate call."""
     argv = [sys.executable, "-m", "phi_helpers", "predict", "--image", str(folder), "--task", "caption",
-            "--output", str(output), "--model", str(tiny_checkpoint), "--batch-size", "1", *FAST]
+            "--output", str(output), "--model", str(tiny_checkpoint), "--batch-size", "1", *INTERRUPTED]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PHI_HELPERS_MODEL", None)
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -368,7 +373,7 @@ def test_sigint_in_the_middle_then_resume(capsys, tmp_path, tiny_checkpoint, man
     assert 2 <= written < 16
 
     code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
-                       "--model", tiny_checkpoint, "--batch-size", "8", *FAST)
+                       "--model", tiny_checkpoint, "--batch-size", "8", *INTERRUPTED)
     assert code == 0 and f"{written} of 16 items are already done for this request" in err
     _assert_each_item_answered_once(output, many)
 
@@ -386,7 +391,7 @@ def test_sigkill_torn_file_is_repaired_on_resume(capsys, tmp_path, tiny_checkpoi
     output.write_bytes(intact + torn)
 
     code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
-                       "--model", tiny_checkpoint, "--batch-size", "8", *FAST)
+                       "--model", tiny_checkpoint, "--batch-size", "8", *INTERRUPTED)
     assert code == 0 and f"warning: 1 line(s) of {output} did not parse" in err
     _assert_each_item_answered_once(output, many)
     assert (tmp_path / "out.jsonl.torn").read_bytes() == torn + b"\n"
