@@ -170,3 +170,15 @@ def test_original_processor_api(processor):
     assert processor.special_image_token == "<|image|>" and processor.special_image_token_id == 32044
     assert processor.calc_num_image_tokens_from_image_size(640, 480) == 757
     assert processor.calc_num_image_tokens([image(), image(336, 672)]) == [757, 469]
+
+
+@pytest.mark.parametrize("typo, meant", [("num_crop", "num_crops"), ("image", "images"), ("max_lenght", "max_length")])
+def test_a_misspelt_argument_is_refused_not_ignored(processor, typo, meant):
+    """Before, processor(prompt, image, num_crop=16) ran at the default num_crops without a word."""
+    with pytest.raises(InvalidArgumentError, match=f"no argument '{typo}': did you mean {meant}="):
+        processor("<|user|>\n<|image_1|>\nHi<|end|>\n<|assistant|>\n", Image.new("RGB", (40, 30)), **{typo: 1})
+
+
+def test_what_a_pipeline_passes_along_is_still_accepted(processor):
+    inputs = processor("<|user|>\nHi<|end|>\n<|assistant|>\n", do_sample=False, min_new_tokens=2, videos=None, audio=None)
+    assert inputs["input_ids"].shape[0] == 1

@@ -18,6 +18,8 @@ the model card. Text a user types is checked for special tokens before it gets i
 (``phi_helpers.api.prompts``); a prompt handed to the processor is taken to be meant as written.
 """
 
+import difflib
+import inspect
 import json
 import os
 import re
@@ -87,6 +89,16 @@ def check_encodable(text: str, which: str) -> None:
             "errors='surrogateescape' (a file name, os.listdir) or from an unpaired \\ud800 escape in JSON. Fix the "
             "decoding where the text comes from, or replace it: text.encode('utf-8', 'replace').decode()."
         )
+
+
+def _refuse_misspelt(kwargs: dict) -> None:
+    """InvalidArgumentError for a keyword that is a near miss of one of ``Phi3VProcessor.__call__``'s own
+    (``num_crop=16`` would otherwise be ignored without a word); other keywords pass, unread."""
+    own = [name for name in inspect.signature(Phi3VProcessor.__call__).parameters if name not in ("self", "kwargs")]
+    for name in kwargs:
+        close = difflib.get_close_matches(name, own, n=1, cutoff=0.8)
+        if close:
+            raise InvalidArgumentError(f"The processor has no argument {name!r}: did you mean {close[0]}=?")
 
 
 def _are_prompts(value) -> bool:
@@ -204,10 +216,13 @@ class Phi3VProcessor(ProcessorMixin):
             padding_side: where batches are padded. Default: "left" (what generation needs) when there are
                 images; for text-only prompts the tokenizer's own side ("right"), as in the original.
             num_crops: overrides ``image_processor.num_crops`` for this call.
+            kwargs: what transformers' pipeline passes along (generation settings, ``videos``...), ignored;
+                a misspelt argument of this method (``num_crop=``) is refused.
 
         Returns a BatchFeature with ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``
         and ``image_sizes``.
         """
+        _refuse_misspelt(kwargs)
         if _are_prompts(images) and not _are_prompts(text):
             text, images = images, text  # called as processor(images, text)
         if text is None:
