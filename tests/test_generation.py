@@ -4,7 +4,11 @@ import copy
 import gc
 import json
 import re
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +155,21 @@ def test_a_schema_that_is_not_a_dict_says_how_to_get_one(monkeypatch, model_and_
     assert calls == []
 
 
+@pytest.mark.parametrize("misplaced", [
+    lambda image: [image], lambda image: (image,), lambda image: image, lambda image: "scan.jpg",
+    lambda image: Path("photos/scan.PNG"), lambda image: b"\x89PNG\r\n",
+])
+def test_images_where_extracts_schema_goes_say_its_order(monkeypatch, model_and_processor, image, misplaced):
+    """extract(model, processor, question, [image]) in ask's order. Before: "A JSON Schema must be a dict, got
+    list", with nothing about the order."""
+    model, processor = model_and_processor
+    calls = record_generate(monkeypatch, model, reply_ids=[32007])
+    with pytest.raises(SchemaError, match=re.escape("extract(model, processor, question, schema, images)")) as caught:
+        extract(model, processor, "Extract", misplaced(image))
+    assert "images=[...]" in str(caught.value)
+    assert calls == []
+
+
 def test_an_invalid_or_unsupported_schema_is_a_schema_error(model_and_processor):
     """SchemaNotSupportedError is a SchemaError: ``except SchemaError`` catches every unusable schema."""
     model, processor = model_and_processor
@@ -291,6 +310,28 @@ def test_closing_the_generator_early_stops_the_thread(monkeypatch, model_and_pro
     run_with_watchdog(chunks.close)
     assert first
     assert calls[-1]["output"].shape[1] - calls[-1]["input_ids"].shape[1] < 300
+
+
+def test_a_script_that_keeps_a_stream_it_broke_out_of_exits_cleanly(tiny_checkpoint, tmp_path):
+    """A kept stream goes on generating after a break; when Python exits, it is stopped. Before: its
+    thread was still generating while Python shut down: "terminate called without an active exception",
+    exit code 134."""
+    script = tmp_path / "keeps_a_stream.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from phi_helpers import load_model
+        from phi_helpers.api.generation import stream_chunks
+
+        model, processor = load_model(sys.argv[1], device="cpu")
+        chunks = stream_chunks(model, processor, "Tell a story.", max_new_tokens=3000, min_new_tokens=3000)
+        for piece in chunks:
+            break
+        print("broke out")
+    """))
+    command = [sys.executable, str(script), str(tiny_checkpoint)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)  # a hang fails the test too
+    assert "broke out" in finished.stdout, finished.stderr[-3000:]
+    assert finished.returncode == 0, finished.stderr[-3000:]
 
 
 def test_a_streamed_answer_goes_after_its_question_even_if_the_chat_moved_on(monkeypatch, model_and_processor):

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from phi_helpers import Chat, ask, build_prompt, extract
 from phi_helpers.api import generation
-from phi_helpers.api.generation import stream_chunks
+from phi_helpers.api.generation import ASK_MAX_NEW_TOKENS, BATCH_MAX_NEW_TOKENS, generate_batch, stream_chunks
 from phi_helpers.api.kv_cache import PreallocatedCache
 from phi_helpers.errors import InvalidArgumentError
 
@@ -99,6 +99,41 @@ def test_a_generation_config_counts_and_keywords_beside_it_win(model_and_process
         ask(model, processor, "Hi", generation_config=GenerationConfig(max_new_tokens=5))
 
 
+@pytest.mark.parametrize("function, default", [
+    ("ask", ASK_MAX_NEW_TOKENS), ("stream_chunks", ASK_MAX_NEW_TOKENS), ("extract", BATCH_MAX_NEW_TOKENS),
+    ("extract, streamed", BATCH_MAX_NEW_TOKENS), ("generate_batch", BATCH_MAX_NEW_TOKENS),
+])
+def test_max_new_tokens_in_a_generation_config_is_refused_naming_the_default_of_the_function_called(
+    model_and_processor, function, default
+):
+    """Before: "(256 when left out)" whatever the function, though generate_batch's default is 512."""
+    model, processor = model_and_processor
+    config = GenerationConfig(max_new_tokens=100)
+    call = {
+        "ask": lambda: ask(model, processor, "Hi", generation_config=config),
+        "stream_chunks": lambda: stream_chunks(model, processor, "Hi", generation_config=config),
+        "extract": lambda: extract(model, processor, "Hi", SCHEMA, generation_config=config),
+        "extract, streamed": lambda: extract(model, processor, "Hi", SCHEMA, stream=True, generation_config=config),
+        "generate_batch": lambda: generate_batch(model, processor, ["Hi"], [[]], generation_config=config),
+    }[function]
+    name = function.split(",")[0]
+    expected = f"pass max_new_tokens=100 as an argument of its own instead ({name}() takes {default} when it is left out)"
+    with pytest.raises(InvalidArgumentError, match=re.escape(expected)):
+        call()
+
+
+def test_extract_answers_as_long_as_the_command_lines_extract_by_default(monkeypatch, model_and_processor):
+    """An extraction that fits on the command line fits in Python. Before: extract stopped at 256 tokens, the
+    command line at 512."""
+    from phi_helpers.cli.app import build_parser
+
+    model, processor = model_and_processor
+    calls = spy_generate(monkeypatch, model)
+    extract(model, processor, "Hi", SCHEMA)
+    command_line = build_parser().parse_args(["predict", "--task", "extract", "--schema", "s.json", "--image", "x.png"])
+    assert calls[-1]["max_new_tokens"] == command_line.max_new_tokens
+
+
 # --- refused before generating ----------------------------------------------------------------------
 
 
@@ -138,6 +173,43 @@ def test_settings_that_cannot_work_are_refused_before_generating(monkeypatch, mo
     calls = spy_generate(monkeypatch, model)
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         CALLERS[caller](model, processor, **kwargs)
+    assert calls == []
+
+
+BATCH_CALLER = {
+    "batch": lambda model, processor, **kwargs: generate_batch(model, processor, ["Hi"], [[]], max_new_tokens=4, **kwargs),
+}
+MODEL_INPUTS = ["input_ids", "attention_mask", "pixel_values", "image_sizes", "position_ids", "inputs_embeds", "inputs"]
+
+
+@pytest.mark.parametrize("name", MODEL_INPUTS)
+@pytest.mark.parametrize("caller", sorted(CALLERS) + ["batch"])
+def test_the_model_inputs_ask_builds_itself_are_refused_with_what_to_pass(monkeypatch, model_and_processor, caller, name):
+    """Before: input_ids= and attention_mask= failed with transformers' "got multiple values for keyword argument",
+    pixel_values= and image_sizes= on a question without images were quietly ignored."""
+    model, processor = model_and_processor
+    calls = spy_generate(monkeypatch, model)
+    value = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(InvalidArgumentError, match=re.escape(f"{name}= is a model input, which ")) as caught:
+        {**CALLERS, **BATCH_CALLER}[caller](model, processor, **{name: value})
+    assert "builds from the prompt and the images" in str(caught.value) and "images=" in str(caught.value)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kwargs, caller, hint", [
+    (dict(image="photo.jpg"), "ask", "image= is not a generation setting: did you mean images=...?"),  # the CLI's --image
+    (dict(image="photo.jpg"), "stream", "did you mean images=...?"),
+    (dict(image="photo.jpg"), "extract", "did you mean images=...?"),
+    (dict(image="photo.jpg"), "batch", "did you mean images=...?"),
+    (dict(schem={}), "ask", "did you mean schema=...?"),
+    (dict(strem=True), "ask", "did you mean stream=...?"),
+])
+def test_a_misspelled_keyword_of_the_function_itself_is_named(monkeypatch, model_and_processor, kwargs, caller, hint):
+    """Before: image= got "did you mean image_sizes=...?", a model input."""
+    model, processor = model_and_processor
+    calls = spy_generate(monkeypatch, model)
+    with pytest.raises(InvalidArgumentError, match=re.escape(hint)):
+        {**CALLERS, **BATCH_CALLER}[caller](model, processor, **kwargs)
     assert calls == []
 
 

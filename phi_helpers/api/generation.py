@@ -21,21 +21,27 @@ prints those pieces, and a notebook widget can show them instead.
 to JSON that follows it (``phi_helpers.api.constrained``); ``extract`` returns that answer as a dict.
 """
 
+import atexit
 import contextlib
 import difflib
 import functools
 import inspect
 import numbers
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from transformers import (
     Cache, DynamicCache, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer,
 )
 
-from ..errors import ImageAspectRatioError, InvalidArgumentError, JSONTruncatedError, PromptError, check_whole_number
+from ..errors import (
+    ImageAspectRatioError, InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError, check_whole_number,
+)
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
@@ -49,12 +55,19 @@ from .structured import check_schema_type
 # generation config only knows "</s>" (id 2), which the model rarely produces, so both are added.
 _STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
-BATCH_MAX_NEW_TOKENS = 512  # the longest answer of generate_batch (and of the command line) by default
+# The longest answer, in tokens, when max_new_tokens is left out. ask, stream_chunks and the notebook chat box:
+# a reply read as it comes, which 256 tokens (about 190 English words) leaves room for; one that rambles on
+# stops before the wait grows long, and a reply cut off is still a reply.
+ASK_MAX_NEW_TOKENS = 256
+# extract, generate_batch and the command line (every task, predict_dataset): answers nobody watches being
+# written, and JSON that is cut off is no answer at all (JSONTruncatedError), so they get twice the room;
+# extract takes the command line's so that an extraction that fits there fits in Python too.
+BATCH_MAX_NEW_TOKENS = 512
 PREFILL_ROWS = 1  # prompts per forward pass of generate_batch's prefill (see _prefill_in_groups)
 
 
 def ask(
-    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, stream: bool = False,
+    model, processor, prompt_or_chat, images=None, max_new_tokens: int = ASK_MAX_NEW_TOKENS, stream: bool = False,
     schema: dict | None = None, **generate_kwargs,
 ) -> str:
     """Generate the model's answer and return it as a stripped string.
@@ -67,7 +80,7 @@ def ask(
             the answer is appended to it; if generation fails or is interrupted before the first
             token, your question stays in the chat, unanswered: ask again to answer it).
         images: one image or a list; anything ``load_image`` accepts. Not used with a ``Chat``.
-        max_new_tokens: the longest answer, in tokens.
+        max_new_tokens: the longest answer, in tokens (``ASK_MAX_NEW_TOKENS`` when left out).
         stream: print the answer while it is generated. Interrupting the kernel (Ctrl-C / the stop
             button) stops generation and returns the partial answer (with a Chat, it is added as the
             answer, unless nothing was generated yet).
@@ -88,19 +101,26 @@ def ask(
         PromptImageMismatchError: the prompt's ``<|image_N|>`` tags do not match the images.
         SpecialTokenError: the question or a chat turn contains ``<|end|>``, ``<|user|>``... (see prompts).
         SchemaNotSupportedError: ``schema`` uses a feature the constraint cannot enforce (before generating).
-        InvalidArgumentError: a setting that cannot work (``num_beams=0``, ``top_p=1.5``, ``max_length``...);
-            the message says what to pass instead.
+        InvalidArgumentError: a setting that cannot work (``num_beams=0``, ``top_p=1.5``, ``max_length``...),
+            or a model input that ask builds itself (``input_ids``, ``pixel_values``...); the message says what
+            to pass instead.
     """
+    return _ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, generate_kwargs, caller=ask)
+
+
+def _ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, generate_kwargs: dict, caller):
+    """What ``ask`` does, for ``caller`` (``ask`` or ``extract``: the function the learner called, whose
+    keywords and defaults the error messages name)."""
     if not isinstance(stream, bool):
         raise InvalidArgumentError(f"stream must be True or False, got {stream!r}.")
-    if stream:  # stream_chunks checks the rest
+    if stream:  # _stream_chunks checks the rest
         return _print_stream(
-            stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema=schema, **generate_kwargs),
+            _stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, caller),
             chat=isinstance(prompt_or_chat, Chat),
         )
     with _answering(prompt_or_chat):  # a Chat: no other thread asks or changes it meanwhile
         inputs, settings, chat = _setup(
-            model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs
+            model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, caller, streaming=False
         )
         with torch.inference_mode():
             output = model.generate(**inputs, **settings)
@@ -112,12 +132,14 @@ def ask(
 
 
 def extract(
-    model, processor, prompt_or_chat, schema: dict, images=None, max_new_tokens: int = 256, stream: bool = False,
-    **generate_kwargs,
+    model, processor, prompt_or_chat, schema: dict, images=None, max_new_tokens: int = BATCH_MAX_NEW_TOKENS,
+    stream: bool = False, **generate_kwargs,
 ) -> dict:
     """Ask for JSON that follows ``schema`` and return it as a dict that always validates against it.
 
-    Same arguments as ``ask``; the answer is constrained token by token (constrained decoding), so it
+    Same arguments as ``ask``, but the schema comes before the images (pass those by name, ``images=``),
+    and ``max_new_tokens`` is the command line's, ``BATCH_MAX_NEW_TOKENS``, when left out: JSON cut off is
+    no answer. The answer is constrained token by token (constrained decoding), so it
     parses and validates whatever the model is, with greedy or sampled decoding. Tell the model what
     to extract in the question: the schema is enforced, not shown to it.
 
@@ -131,8 +153,9 @@ def extract(
         JSONTruncatedError: the answer ran out of ``max_new_tokens`` first; ``error.text`` keeps it. With a
             ``Chat``, the cut-off answer is not added to it: call ``extract`` again with more tokens.
     """
+    _check_not_images(schema)
     check_schema_type(schema)
-    answer = ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema=schema, **generate_kwargs)
+    answer = _ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, generate_kwargs, extract)
     try:
         return read_answer(answer, schema)
     except JSONTruncatedError:
@@ -141,26 +164,50 @@ def extract(
         raise
 
 
+def _check_not_images(schema) -> None:
+    """``SchemaError`` when extract's ``schema`` is what looks like its images (a list, a PIL image, bytes, the
+    path of an image file): ask takes the images fourth, extract the schema."""
+    path = os.fspath(schema) if isinstance(schema, (str, os.PathLike)) else ""
+    image_file = isinstance(path, str) and os.path.splitext(path)[1].lower() in Image.registered_extensions()
+    if image_file or isinstance(schema, (list, tuple, Image.Image, bytes, bytearray)):
+        raise SchemaError(
+            f"extract got a {type(schema).__name__} where its schema goes, images perhaps: extract's order is "
+            "extract(model, processor, question, schema, images), the schema before the images (unlike ask). "
+            "Pass the images by name: extract(model, processor, question, schema, images=[...])."
+        )
+
+
 def stream_chunks(
-    model, processor, prompt_or_chat, images=None, max_new_tokens: int = 256, schema: dict | None = None,
+    model, processor, prompt_or_chat, images=None, max_new_tokens: int = ASK_MAX_NEW_TOKENS, schema: dict | None = None,
     **generate_kwargs,
 ):
     """Yield the answer in pieces of text as the model generates it (same arguments as ``ask``).
 
-    Generation runs in a background thread. If the thread fails, its exception is raised here. If you
-    stop iterating early (``break``, ``.close()``, or a KeyboardInterrupt), generation is stopped. With a
-    ``Chat``, the text generated so far is appended as the answer, unless generation failed or was
-    stopped before any text came (the question then stays unanswered, as with ``ask``); a stream
-    you broke out of but kept (``chunks = stream_chunks(...)``) is closed by the chat's next ``ask``,
-    ``extract`` or ``stream_chunks`` in the same thread, so its partial answer goes in first and the turns
-    stay in order. Until the stream is read to the end or closed, another thread that asks or changes the
-    chat gets a PromptError (a Chat is not for concurrent use; see ``Chat``).
+    Generation runs in a background thread. If the thread fails, its exception is raised here. Generation
+    stops when the stream is closed. ``for piece in stream_chunks(...): ... break`` closes it at the
+    ``break`` (the loop held the only reference), and so does a KeyboardInterrupt in ``ask(stream=True)``.
+    A stream you keep in a variable (``chunks = stream_chunks(...)``) goes on generating in the background
+    after you stop reading it, until it is closed (``chunks.close()``), read to the end, garbage-collected
+    (``del chunks``) or, with a ``Chat``, closed by the chat's next ``ask``, ``extract`` or
+    ``stream_chunks`` in the same thread (its partial answer goes in first, so the turns stay in order).
+    When Python exits, every stream still generating is stopped.
+
+    With a ``Chat``, the text generated so far is appended as the answer, unless generation failed or was
+    stopped before any text came (the question then stays unanswered, as with ``ask``). Until the stream is
+    read to the end or closed, another thread that asks or changes the chat gets a PromptError (a Chat is
+    not for concurrent use; see ``Chat``).
     The arguments are checked and the prompt is encoded when you call it; generation starts with the
     first piece you ask for.
     """
+    return _stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, stream_chunks)
+
+
+def _stream_chunks(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs: dict, caller):
+    """What ``stream_chunks`` does, for ``caller`` (the function the learner called: ``stream_chunks``,
+    or ``ask`` / ``extract`` with ``stream=True``)."""
     with _answering(prompt_or_chat):  # a Chat: no other thread asks or changes it meanwhile
         inputs, settings, chat = _setup(
-            model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, streaming=True
+            model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, caller, streaming=True
         )
         chunks = _stream(model, processor, inputs, settings, chat, asked=len(chat) if chat is not None else 0)
         if chat is not None:
@@ -187,6 +234,7 @@ def _stream(model, processor, inputs: dict, settings: dict, chat: Chat | None, a
     thread = threading.Thread(
         target=_generate_in_thread, args=(model, {**inputs, **settings, "streamer": streamer}, errors), daemon=True
     )
+    _LIVE_STREAMS[stop] = thread  # stopped when Python exits, if still going then
     thread.start()
     pieces: list[str] = []
     finished = False  # generation ended by itself (not stopped by the caller)
@@ -295,10 +343,30 @@ class _StopFlag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs: dict, streaming=False):
+# The generation thread of every stream, by its stop flag. Weak keys: the flag lives as long as its stream
+# (its generator, and the thread while it runs), so a stream that is closed or garbage-collected drops out.
+_LIVE_STREAMS: "weakref.WeakKeyDictionary[_StopFlag, threading.Thread]" = weakref.WeakKeyDictionary()
+# How long exiting Python waits for each stream still generating to stop: the flag is read after every new
+# token, so one decoding step; a stream still reading a long prompt may take longer, and is not waited for.
+_EXIT_WAIT_SECONDS = 10
+
+
+@atexit.register
+def _stop_streams_at_exit() -> None:
+    """Stop the streams still generating when Python exits (a kept ``chunks = stream_chunks(...)`` that was
+    not read to the end): a generation thread still inside torch while Python shuts down aborts the process
+    ("terminate called without an active exception", exit code 134) instead of letting it exit."""
+    for stop, thread in list(_LIVE_STREAMS.items()):
+        stop.set()
+        thread.join(_EXIT_WAIT_SECONDS)
+
+
+def _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs: dict, caller, streaming):
     """What ``ask`` and ``stream_chunks`` do before generating (steps 1-4 of the module doc): check the call,
     prepare the prompt, settings and inputs, add the KV cache. Returns (inputs, settings, the Chat or None)."""
-    max_new_tokens, generate_kwargs = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming)
+    max_new_tokens, generate_kwargs = _check_call(
+        model, processor, max_new_tokens, schema, generate_kwargs, caller, streaming
+    )
     num_crops = generate_kwargs.pop("num_crops", None)  # the processor's setting, for this call's images
     prompt, image_list, chat = _prepare(processor, prompt_or_chat, images)
     settings = generation_settings(model, processor, max_new_tokens, generate_kwargs, schema)
@@ -333,23 +401,24 @@ _NUMBER_RANGES = {
 }
 
 
-def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict, streaming: bool) -> tuple[int, dict]:
-    """Refuse what would otherwise fail deep inside transformers or be ignored. Returns ``max_new_tokens``
-    as an int and the generate() settings (``_check_generate_kwargs``)."""
+def _check_call(model, processor, max_new_tokens, schema, generate_kwargs: dict, caller, streaming) -> tuple[int, dict]:
+    """Refuse what would otherwise fail deep inside transformers or be ignored. ``caller``: the function the
+    learner called (ask, extract, stream_chunks, generate_batch), whose keywords and defaults the messages
+    name. Returns ``max_new_tokens`` as an int and the generate() settings (``_check_generate_kwargs``)."""
     check_model_and_processor(model, processor)
     if schema is not None:
         check_schema_type(schema)
     max_new_tokens = check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
-    return max_new_tokens, _check_generate_kwargs(model, processor, generate_kwargs, streaming)
+    return max_new_tokens, _check_generate_kwargs(model, processor, generate_kwargs, caller, streaming)
 
 
-def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: bool) -> dict:
+def _check_generate_kwargs(model, processor, generate_kwargs: dict, caller, streaming: bool) -> dict:
     """The generate() settings asked for, checked: those of a ``generation_config`` among them (keywords
     beside it win), ``eos_token_id`` as ids, ``num_crops`` (the processor's) a valid number of crops."""
-    _check_names(model, generate_kwargs)
+    _check_names(model, generate_kwargs, caller)
     kwargs = dict(generate_kwargs)
     if kwargs.get("generation_config") is not None:
-        kwargs = {**_config_settings(model, kwargs.pop("generation_config")), **kwargs}
+        kwargs = {**_config_settings(model, kwargs.pop("generation_config"), caller), **kwargs}
     if streaming and kwargs.get("streamer") is not None:
         raise InvalidArgumentError(
             "stream=True brings its own streamer: pass either stream=True or streamer=..., not both "
@@ -392,13 +461,26 @@ def _check_generate_kwargs(model, processor, generate_kwargs: dict, streaming: b
     return kwargs
 
 
-def _check_names(model, generate_kwargs: dict) -> None:
-    """``InvalidArgumentError`` for a keyword that is no setting of ``generate`` (a typo such as
-    ``temprature=``), naming the closest one; transformers would only say "model_kwargs are not used"."""
+# The model's inputs, which ask, extract, stream_chunks and generate_batch build from the prompt and the
+# images (``encode``): given again as keywords, generate would fail on two of them or quietly drop the others.
+_MODEL_INPUTS = ("inputs", "input_ids", "attention_mask", "position_ids", "inputs_embeds", "pixel_values", "image_sizes")
+
+
+def _check_names(model, generate_kwargs: dict, caller) -> None:
+    """``InvalidArgumentError`` for a keyword that is no setting of ``generate``: one of the model inputs
+    ``caller`` builds itself, or a typo (``temprature=``, ``image=``), named with the closest setting or
+    keyword of ``caller``; transformers would say "got multiple values" or "model_kwargs are not used",
+    or nothing at all."""
     known = _generation_setting_names(type(model))
     for name in generate_kwargs:
+        if name in _MODEL_INPUTS:
+            raise InvalidArgumentError(
+                f"{name}= is a model input, which {caller.__name__}() builds from the prompt and the images: pass "
+                f"the question and its images (images=...) instead. For inputs of your own, {_GENERATE_YOURSELF}."
+            )
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+            candidates = known | _keywords(caller)
+            close = difflib.get_close_matches(name, sorted(candidates), n=1)
             hint = f"did you mean {close[0]}=...? " if close else ""
             raise InvalidArgumentError(
                 f"{name}= is not a generation setting: {hint}The settings are the fields of transformers' "
@@ -408,12 +490,20 @@ def _check_names(model, generate_kwargs: dict) -> None:
 
 @functools.cache
 def _generation_setting_names(model_class) -> frozenset[str]:
-    """The keywords ``generate`` takes for ``model_class``: GenerationConfig's fields, generate's and forward's
-    parameters, and ``num_crops`` (the processor's). Computed once per class."""
+    """The keywords ``generate`` takes for ``model_class`` as settings: GenerationConfig's fields, generate's
+    parameters but the prompt (``inputs``), a KV cache (``cache``, or transformers' name
+    ``past_key_values``), and ``num_crops`` (the processor's). Computed once per class."""
     return frozenset({
         *GenerationConfig().to_dict(), *inspect.signature(model_class.generate).parameters,
-        *inspect.signature(model_class.forward).parameters, "past_key_values", "tokenizer", "num_crops",
-    } - {"self", "kwargs"})
+        "cache", "past_key_values", "tokenizer", "num_crops",
+    } - {"self", "kwargs", *_MODEL_INPUTS})
+
+
+def _keywords(function) -> set[str]:
+    """The named parameters of ``function`` (ask's are model, processor, prompt_or_chat, images,
+    max_new_tokens, stream, schema): an ``image=`` meant ``images=``, not a generation setting."""
+    parameters = inspect.signature(function).parameters.values()
+    return {parameter.name for parameter in parameters if parameter.kind != inspect.Parameter.VAR_KEYWORD}
 
 
 # generate() settings that are whole numbers, and their least value.
@@ -456,9 +546,10 @@ def _check_types(kwargs: dict) -> None:
             )
 
 
-def _config_settings(model, config) -> dict:
+def _config_settings(model, config, caller) -> dict:
     """The settings a ``generation_config`` asks for: its fields that differ from the model's own generation
-    config (which ``generate`` starts from anyway), so that passing that one changes nothing."""
+    config (which ``generate`` starts from anyway), so that passing that one changes nothing. ``caller``:
+    the function the learner called, whose default ``max_new_tokens`` the message names."""
     if not isinstance(config, GenerationConfig):
         raise InvalidArgumentError(
             f"generation_config must be a transformers GenerationConfig, got {type(config).__name__}; "
@@ -470,9 +561,11 @@ def _config_settings(model, config) -> dict:
         if value is not None and not name.startswith("_") and name != "transformers_version" and value != own.get(name)
     }
     if "max_new_tokens" in fields:
+        default = inspect.signature(caller).parameters["max_new_tokens"].default
         raise InvalidArgumentError(
             f"generation_config sets max_new_tokens={fields['max_new_tokens']}: pass max_new_tokens="
-            f"{fields['max_new_tokens']} as an argument of its own instead (256 when left out)."
+            f"{fields['max_new_tokens']} as an argument of its own instead ({caller.__name__}() takes {default} "
+            "when it is left out)."
         )
     return fields
 
@@ -721,7 +814,9 @@ def generate_batch(
     past 4096 the model rotates every row with the long RoPE factors, as the original does, so a short
     prompt batched with a long one can get another answer than on its own.
     """
-    max_new_tokens, generate_kwargs = _check_call(model, processor, max_new_tokens, schema, generate_kwargs, streaming=False)
+    max_new_tokens, generate_kwargs = _check_call(
+        model, processor, max_new_tokens, schema, generate_kwargs, generate_batch, streaming=False
+    )
     others = [name for name in generate_kwargs if name not in BATCH_SETTINGS]
     if others:
         raise InvalidArgumentError(

@@ -27,7 +27,7 @@ import io
 
 from PIL import Image
 
-from ..api.generation import stream_chunks
+from ..api.generation import ASK_MAX_NEW_TOKENS, stream_chunks
 from ..api.images import decode_bytes
 from ..api.prompts import Chat
 from ..errors import ContextLengthError, MissingDependencyError, check_whole_number
@@ -43,7 +43,7 @@ THUMBNAIL_SIZE = 120  # pixels, the longer side of an attached image's preview
 EMPTY_QUESTION = "Type a question first, then press Send.\n"  # a hint, gone once a question is sent
 
 
-def chat_box(model, processor, max_new_tokens: int = 256, system: str | None = None) -> widgets.Widget:
+def chat_box(model, processor, max_new_tokens: int = ASK_MAX_NEW_TOKENS, system: str | None = None) -> widgets.Widget:
     """Return the chat box widget (put it on the last line of a cell to show it).
 
     Use :class:`ChatBox` instead if you also want to call ``send`` / ``upload`` / ``reset`` from code.
@@ -67,7 +67,9 @@ class ChatBox:
         pending_images: images uploaded since the last question; they go with the next one.
     """
 
-    def __init__(self, model, processor, max_new_tokens: int = 256, system: str | None = None, stream_fn=stream_chunks):
+    def __init__(
+        self, model, processor, max_new_tokens: int = ASK_MAX_NEW_TOKENS, system: str | None = None, stream_fn=stream_chunks
+    ):
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
