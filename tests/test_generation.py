@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from in_thread import run_with_watchdog
 from phi_helpers import Chat, ContextLengthError, PromptImageMismatchError, ask, build_prompt, extract
 from phi_helpers.errors import InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError
 from phi_helpers.api import generation
@@ -57,23 +57,6 @@ def record_generate(monkeypatch, model, reply_ids=None):
 
     monkeypatch.setattr(model, "generate", fake_generate)
     return calls
-
-
-def run_with_watchdog(function, seconds=30):
-    """Run ``function`` in a thread; fail (instead of hanging the suite) if it does not finish."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = function()
-        except BaseException as error:  # noqa: BLE001
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"did not finish within {seconds} s"
-    return result
 
 
 # --- answers ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from in_thread import run_with_watchdog
 from phi_helpers import Chat, ImageLoadError, ask, build_prompt
 from phi_helpers.api.generation import stream_chunks
 from phi_helpers.errors import ImageAspectRatioError, PromptError, PromptImageMismatchError, SpecialTokenError
@@ -337,24 +338,6 @@ def test_an_image_too_thin_for_the_num_crops_says_how_the_chat_goes_on(tiny_mode
 # --- one Chat, several threads ------------------------------------------------------------------------
 
 
-def in_thread(function):
-    """Run ``function`` in another thread and return {"value": ...} or {"error": ...} (fails, instead of
-    hanging, if it does not finish)."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = function()
-        except BaseException as error:  # noqa: BLE001
-            result["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), "did not finish within 60 s"
-    return result
-
-
 def assert_refused_and_unchanged(model, processor, chat):
     """Every way to ask or change ``chat`` from this thread raises PromptError and changes nothing (a refused
     reset first: the stream it would have closed must still count afterwards)."""
@@ -403,9 +386,9 @@ def test_while_another_thread_reads_a_stream_into_a_chat_the_chat_is_refused_and
     model, processor = tiny_model_and_processor
     chat = Chat().add_user("Describe.", images=colour("red"))
     chunks = stream_chunks(model, processor, chat, max_new_tokens=6, min_new_tokens=6)
-    first = in_thread(lambda: next(chunks))["value"]  # another thread reads: it may go on, this one may not
+    first = run_with_watchdog(lambda: next(chunks))["value"]  # another thread reads: it may go on, this one may not
     assert_refused_and_unchanged(model, processor, chat)
-    rest = in_thread(lambda: list(chunks))["value"]  # the reader reads to the end: the answer goes in
+    rest = run_with_watchdog(lambda: list(chunks))["value"]  # the reader reads to the end: the answer goes in
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]
     assert chat.messages[1]["content"] == (first + "".join(rest)).strip()
     ask(model, processor, chat.add_user("And then?"), max_new_tokens=2)  # the stream done, the chat is free
