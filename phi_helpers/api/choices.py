@@ -5,6 +5,7 @@
     DEVICES            "auto" picks CUDA, then Apple MPS, then CPU ("cuda:N" is accepted too)
     DTYPES             dtype names -> torch dtypes; DTYPE_SHORT_NAMES are the ones the CLI offers
     ATTENTIONS         attention implementations; "auto" picks flash_attention_2 when it can run
+    ASK_MAX_NEW_TOKENS, BATCH_MAX_NEW_TOKENS   the longest answer when max_new_tokens is left out
 """
 
 import torch
@@ -30,3 +31,11 @@ def is_tiny_model(model_id) -> bool:
 
 
 __all__ = ["DEFAULT_MODEL_ID", "TINY_MODEL", "is_tiny_model", "HUB_NUM_CROPS", "DEVICES", "DTYPES", "DTYPE_SHORT_NAMES", "ATTENTIONS"]
+# The longest answer, in tokens, when max_new_tokens is left out. ask, stream_chunks and the notebook chat box:
+# a reply read as it comes, which 256 tokens (about 190 English words) leaves room for; one that rambles on
+# stops before the wait grows long, and a reply cut off is still a reply.
+ASK_MAX_NEW_TOKENS = 256
+# extract, generate_batch and the command line (every task, predict_dataset, eval): answers nobody watches
+# being written, and JSON that is cut off is no answer at all (JSONTruncatedError), so they get twice the
+# room; extract takes the command line's so that an extraction that fits there fits in Python too.
+BATCH_MAX_NEW_TOKENS = 512

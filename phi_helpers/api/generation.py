@@ -45,6 +45,7 @@ from ..errors import (
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
 from ..models.phi3_v.processing_phi3_v import check_context_length
 from .batch_linear import batch_kernels
+from .choices import ASK_MAX_NEW_TOKENS, BATCH_MAX_NEW_TOKENS
 from .constrained import SchemaConstraint, compile_schema, read_answer
 from .images import load_image
 from .kv_cache import PreallocatedCache
@@ -55,14 +56,6 @@ from .structured import check_schema_type
 # generation config only knows "</s>" (id 2), which the model rarely produces, so both are added.
 _STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
-# The longest answer, in tokens, when max_new_tokens is left out. ask, stream_chunks and the notebook chat box:
-# a reply read as it comes, which 256 tokens (about 190 English words) leaves room for; one that rambles on
-# stops before the wait grows long, and a reply cut off is still a reply.
-ASK_MAX_NEW_TOKENS = 256
-# extract, generate_batch and the command line (every task, predict_dataset): answers nobody watches being
-# written, and JSON that is cut off is no answer at all (JSONTruncatedError), so they get twice the room;
-# extract takes the command line's so that an extraction that fits there fits in Python too.
-BATCH_MAX_NEW_TOKENS = 512
 PREFILL_ROWS = 1  # prompts per forward pass of generate_batch's prefill (see _prefill_in_groups)
 
 

@@ -30,13 +30,13 @@ from ..models.phi3_v import Phi3VConfig, Phi3VForCausalLM
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops, max_image_tokens
 from ..models.phi3_v.modeling_phi3_v import HALF_DTYPES, check_flash_attention
 from ..models.phi3_v.processing_phi3_v import VENDORED_CHECKPOINT
-from .choices import ATTENTIONS
+from .choices import ATTENTIONS, BATCH_MAX_NEW_TOKENS
 from .quantization import BITS_PER_WEIGHT, SKIP_MODULES, VISION_PREFIX
 
 GIB = 2**30  # bytes in a GiB, the unit of every memory figure here
 # The request the activations are computed for unless told otherwise: one image of NUM_CROPS crops, a
-# question of PROMPT_TOKENS text tokens, an answer of NEW_TOKENS tokens.
-NUM_CROPS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, 512
+# question of PROMPT_TOKENS text tokens, an answer of NEW_TOKENS tokens (the command line's longest).
+NUM_CROPS, PROMPT_TOKENS, NEW_TOKENS = 4, 64, BATCH_MAX_NEW_TOKENS
 # Memory that running needs beyond weights + activations: Python, torch and transformers (about 1 GiB of
 # the process), the CUDA context (0.3-0.5 GiB), allocator slack. With it the docs' rules come out: fp32 on
 # CPU wants about 20 GB free (README), bf16 a GPU of 12 GB, int8 an 8 GB GPU (notebook 00).

@@ -22,8 +22,9 @@ import json
 import sys
 from dataclasses import dataclass
 
+from ..api.choices import BATCH_MAX_NEW_TOKENS
 from ..api.constrained import check_supported, read_answer
-from ..api.generation import BATCH_MAX_NEW_TOKENS, Generation, generate_batch
+from ..api.generation import Generation, generate_batch
 from ..api.loading import load_model
 from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction, load_schema

@@ -27,7 +27,8 @@ import io
 
 from PIL import Image
 
-from ..api.generation import ASK_MAX_NEW_TOKENS, stream_chunks
+from ..api.choices import ASK_MAX_NEW_TOKENS
+from ..api.generation import stream_chunks
 from ..api.images import decode_bytes
 from ..api.prompts import Chat
 from ..errors import ContextLengthError, MissingDependencyError, check_whole_number
