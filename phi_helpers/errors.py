@@ -73,8 +73,8 @@ class _AboutAnAnswer(PhiHelpersError, ValueError):
         super().__init__(message)
         self.text = text
 
-    def __reduce__(self):  # pickle (a process pool, Ray) rebuilds it with both arguments
-        return type(self), (self.args[0], self.text)
+    def __reduce__(self):  # pickle (a process pool, Ray) rebuilds it with both arguments, then its attributes
+        return type(self), (self.args[0], self.text), self.__dict__
 
 
 class JSONExtractionError(_AboutAnAnswer):

@@ -534,6 +534,18 @@ def test_a_tiny_cache_built_by_another_version_is_rebuilt_then_reused(monkeypatc
     assert "rebuilding" not in capsys.readouterr().out
 
 
+def test_a_tiny_cache_that_cannot_be_written_says_where_to_build_it(monkeypatch, tmp_path):
+    """A stale cache in a folder this user may not write (a shared course image): before, a raw PermissionError."""
+    monkeypatch.setenv("PHI_HELPERS_CACHE", str(tmp_path))
+
+    def refused(folder, **kwargs):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(phi_helpers.testing, "make_tiny_checkpoint", refused)  # root may write anywhere: as a user
+    with pytest.raises(ModelLoadError, match=r"could not be written to .* \(Permission denied\)\. Set PHI_HELPERS_CACHE"):
+        loading._tiny_checkpoint()
+
+
 def test_the_tiny_build_changes_with_the_code_that_builds_it(monkeypatch, tmp_path):
     edited = tmp_path / "checkpoints.py"
     edited.write_text(Path(phi_helpers.testing.checkpoints.__file__).read_text() + "# another layout\n")

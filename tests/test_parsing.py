@@ -96,6 +96,9 @@ def test_every_error_survives_pickling_as_a_process_pool_sends_it():
     classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, Exception)]
     raised += [c("a message") for c in classes if "text" not in inspect.signature(c.__init__).parameters]
     assert len(raised) > 20
+    raised[1].add_note("extract's second attempt")
+    raised[1].attempt = 2  # an attribute added later is kept too
     for error in raised:
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error)
+    assert pickle.loads(pickle.dumps(raised[1])).__notes__ == ["extract's second attempt"]

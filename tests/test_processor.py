@@ -182,3 +182,9 @@ def test_a_misspelt_argument_is_refused_not_ignored(processor, typo, meant):
 def test_what_a_pipeline_passes_along_is_still_accepted(processor):
     inputs = processor("<|user|>\nHi<|end|>\n<|assistant|>\n", do_sample=False, min_new_tokens=2, videos=None, audio=None)
     assert inputs["input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("setting", ["min_length", "truncation_side"])
+def test_a_setting_of_another_kind_is_not_taken_for_a_typo(processor, setting):
+    """min_length is a generation setting, truncation_side the tokenizer's: not "did you mean max_length / truncation"."""
+    assert processor("<|user|>\nHi<|end|>\n<|assistant|>\n", **{setting: 2})["input_ids"].shape[0] == 1

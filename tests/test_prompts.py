@@ -12,9 +12,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from in_thread import run_with_watchdog
-from phi_helpers import Chat, ImageLoadError, ask, build_prompt
+from phi_helpers import Chat, ImageLoadError, ask, build_prompt, extract
+from phi_helpers.api import generation
 from phi_helpers.api.generation import stream_chunks
-from phi_helpers.errors import ImageAspectRatioError, PromptError, PromptImageMismatchError, SpecialTokenError
+from phi_helpers.errors import ImageAspectRatioError, JSONTruncatedError, PromptError, PromptImageMismatchError, SpecialTokenError
 from phi_helpers.models.phi3_v.processing_phi3_v import processor_chat_template
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "phi_helpers" / "data" / "phi-3-vision-128k-instruct"
@@ -407,3 +408,41 @@ def test_the_thread_that_left_a_stream_unfinished_goes_on_with_the_chat_as_befor
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
     assert chat.messages[1]["content"].startswith(first.strip()) and chat.messages[2]["content"] == "Typed while it streamed."
     assert list(chunks) == []  # closed by that ask
+
+
+def test_extract_holds_the_chat_until_its_cut_off_answer_is_taken_back(monkeypatch, tiny_model_and_processor):
+    """Before, another thread could add a turn between the answer and its withdrawal: the cut-off answer
+    stayed and the other thread's turn was removed instead."""
+    model, processor = tiny_model_and_processor
+    chat = Chat().add_user("The name, as JSON.")
+    reading, release = threading.Event(), threading.Event()
+    real_read_answer = generation.read_answer
+
+    def read_answer_slowly(answer, schema):
+        reading.set()
+        release.wait(60)
+        return real_read_answer(answer, schema)
+
+    monkeypatch.setattr(generation, "read_answer", read_answer_slowly)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40}}, "required": ["name"]}
+    extracting = threading.Thread(target=lambda: run_with_watchdog(
+        lambda: extract(model, processor, chat, schema, max_new_tokens=2)), daemon=True)
+    extracting.start()
+    assert reading.wait(60)
+    other = run_with_watchdog(lambda: chat.add_user("A second question."))
+    release.set()
+    extracting.join(60)
+    assert isinstance(other.get("error"), PromptError)
+    assert [m["role"] for m in chat.messages] == ["user"]  # the cut-off answer was taken back, nothing else
+    with pytest.raises(JSONTruncatedError):
+        extract(model, processor, chat, schema, max_new_tokens=2)
+
+
+def test_a_chat_pickled_before_the_thread_rules_unpickles_into_one_that_works():
+    """A chat pickled by an earlier version has no _owner or _reader (before: AttributeError on add_user)."""
+    chat = Chat(system="Be brief.").add_user("Hi")
+    state = {name: value for name, value in chat.__getstate__().items() if name not in ("_owner", "_reader")}
+    old = Chat.__new__(Chat)
+    old.__dict__.update(state)  # what pickle does for a class without __setstate__
+    old.add_user("Are you there?").reset()
+    assert len(old) == 0 and old.system == "Be brief."

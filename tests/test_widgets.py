@@ -235,3 +235,14 @@ def test_the_default_stream_fn_named_in_the_docs_is_the_default():
     module, _, name = path.rpartition(".")
     default = inspect.signature(ChatBox).parameters["stream_fn"].default
     assert getattr(importlib.import_module(module), name, None) is default
+
+
+def test_an_image_too_thin_for_the_boxs_crops_is_not_attached(tiny_model_and_processor):
+    """Before: it was attached, and every Send then failed with advice the box cannot follow (num_crops=,
+    chat.pop()) until Reset."""
+    box = ChatBox(*tiny_model_and_processor, max_new_tokens=2)
+    thin = io.BytesIO()
+    Image.new("RGB", (1, 2000), "white").save(thin, format="PNG")
+    assert box.upload(thin.getvalue(), name="thin.png") is False and box.pending_images == []
+    assert box.transcript().startswith("Not attached: An image of 1x2000 pixels")
+    assert box.send("Hello?") is not None

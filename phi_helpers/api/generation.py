@@ -148,13 +148,14 @@ def extract(
     """
     _check_not_images(schema)
     check_schema_type(schema)
-    answer = _ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, generate_kwargs, extract)
-    try:
-        return read_answer(answer, schema)
-    except JSONTruncatedError:
-        if isinstance(prompt_or_chat, Chat):  # the question stays the last turn: extract(..., chat) again with more tokens
-            prompt_or_chat._withdraw(len(prompt_or_chat) - 1)
-        raise
+    with _answering(prompt_or_chat):  # a Chat: held until a cut-off answer is taken back out of it
+        answer = _ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schema, generate_kwargs, extract)
+        try:
+            return read_answer(answer, schema)
+        except JSONTruncatedError:
+            if isinstance(prompt_or_chat, Chat):  # the question stays the last turn: extract(..., chat) again with more tokens
+                prompt_or_chat._withdraw(len(prompt_or_chat) - 1)
+            raise
 
 
 def _check_not_images(schema) -> None:

@@ -679,6 +679,17 @@ def _tiny_checkpoint() -> Path:
     if target.exists():
         print(f"tiny: rebuilding the cached tiny checkpoint in {target}: it is incomplete or was built by "
               "another version of phi_helpers.")
+    try:
+        return _build_tiny_checkpoint(cache, target, build)
+    except OSError as error:  # a cache folder this user may not write (a shared course image), a full disk
+        raise ModelLoadError(
+            f"The tiny test model could not be written to {cache} ({error.strerror or error}). Set "
+            "PHI_HELPERS_CACHE to a folder you may write to (e.g. PHI_HELPERS_CACHE=/tmp/phi_helpers)."
+        ) from error
+
+
+def _build_tiny_checkpoint(cache: Path, target: Path, build: str) -> Path:
+    """Build the tiny checkpoint in a folder of this process's own, then rename it to ``target``."""
     building = cache / f".{_TINY_DIR_NAME}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     testing.make_tiny_checkpoint(building, variant="phi-3.5-vision")

@@ -203,13 +203,16 @@ class Chat:
     threads: give each thread (each user) its own Chat.
     """
 
+    # The threads that use the chat right now (see _in_use); on the class too, so that a chat pickled by an
+    # earlier version, which has neither, unpickles into one that works.
+    _reader = None  # the id of the thread that last read the stream writing the next answer (or made it)
+    _owner = None  # the id of the thread asking or changing this chat right now
+
     def __init__(self, system: str | None = None):
         self.system = system  # checked by the property below
         # {"role": "user"|"assistant", "text": str, "images": [PIL images]} (+ "generated" for answers)
         self._turns: list[dict] = []
         self._stream = None  # a weak reference to the stream_chunks generator writing the next answer
-        self._reader = None  # the id of the thread that last read that stream (or made it)
-        self._owner = None  # the id of the thread asking or changing this chat right now (see _in_use)
 
     @property
     def system(self) -> str | None:

@@ -142,7 +142,7 @@ def request_differences(stored, request: dict) -> list[str]:
 DIFFERENCE_NAMES = {
     MODEL_FILES: "the model's files (config.json or weights saved over since)",
     "request": "the request itself, which phi-helpers before 30 Nov 2026 did not record, so what those lines answer "
-               "is unknown (their lines stay in the file)",
+               "is unknown; their lines stay in the file",
 }
 
 

@@ -32,6 +32,7 @@ from ..api.generation import stream_chunks
 from ..api.images import decode_bytes
 from ..api.prompts import Chat
 from ..errors import ContextLengthError, MissingDependencyError, check_whole_number
+from ..models.phi3_v.image_processing_phi3_v import hd_canvas_size
 
 try:
     import ipywidgets as widgets
@@ -87,6 +88,7 @@ class ChatBox:
         Returns False if it cannot be read."""
         try:  # read as load_image reads bytes, with messages that speak of the uploaded file
             image = decode_bytes(bytes(data), f"the uploaded file '{name}'" if name else "the uploaded file")
+            self._check_shape(image)
         except Exception as error:  # noqa: BLE001  (any failure becomes a message, not a traceback)
             self._write_error(f"Not attached: {error}")
             return False
@@ -175,6 +177,13 @@ class ChatBox:
     def transcript(self) -> str:
         """Everything written into the answer area, as plain text."""
         return "".join(output.get("text", "") for output in self.output.outputs)
+
+    def _check_shape(self, image) -> None:
+        """ImageAspectRatioError for an image too long and thin for the processor's num_crops: refused when it
+        is uploaded, since the box sends every image again with each question (and has no num_crops to raise)."""
+        image_processor = getattr(self.processor, "image_processor", None)  # None: a box without a model (tests)
+        if image_processor is not None:
+            hd_canvas_size(image.width, image.height, image_processor.num_crops)
 
     def _chat_with(self, question: str, images: list) -> Chat:
         """The history plus the new question; the history itself changes only once an answer arrives."""

@@ -96,7 +96,7 @@ def _refuse_misspelt(kwargs: dict) -> None:
     (``num_crop=16`` would otherwise be ignored without a word); other keywords pass, unread."""
     own = [name for name in inspect.signature(Phi3VProcessor.__call__).parameters if name not in ("self", "kwargs")]
     for name in kwargs:
-        close = difflib.get_close_matches(name, own, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(name, own, n=1, cutoff=0.85)  # not min_length (max_length) nor truncation_side
         if close:
             raise InvalidArgumentError(f"The processor has no argument {name!r}: did you mean {close[0]}=?")
 
