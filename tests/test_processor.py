@@ -188,3 +188,13 @@ def test_what_a_pipeline_passes_along_is_still_accepted(processor):
 def test_a_setting_of_another_kind_is_not_taken_for_a_typo(processor, setting):
     """min_length is a generation setting, truncation_side the tokenizer's: not "did you mean max_length / truncation"."""
     assert processor("<|user|>\nHi<|end|>\n<|assistant|>\n", **{setting: 2})["input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_a_prompt_longer_than_the_context_gets_only_our_error(processor, capfd, with_image):
+    """Before, transformers first printed "Token indices sequence length is longer than the specified maximum
+    sequence length ... will result in indexing errors", then ContextLengthError said what to do."""
+    tag, image = ("<|image_1|>\n", Image.new("RGB", (40, 30))) if with_image else ("", None)
+    with pytest.raises(ContextLengthError):
+        processor(f"<|user|>\n{tag}" + "word " * 132_000 + "<|end|>\n<|assistant|>\n", image)
+    assert "Token indices sequence length" not in "".join(capfd.readouterr())

@@ -249,7 +249,7 @@ class Phi3VProcessor(ProcessorMixin):
         if not all_images:  # text only: the tokenizer's own truncation and padding, as in the original
             if truncation is None:  # the tokenizer's rule: max_length truncates when padding is not asked for
                 truncation = max_length is not None and padding is False
-            sequences = self.tokenizer(prompts, truncation=truncation, max_length=max_length).input_ids
+            sequences = self.tokenizer(prompts, truncation=truncation, max_length=max_length, verbose=False).input_ids
             self._check_length(sequences)
             length = (max_length or self.tokenizer.model_max_length) if padding == "max_length" else 0
             input_ids, attention_mask = self._pad(sequences, padding_side or self.tokenizer.padding_side, length)
@@ -301,12 +301,14 @@ class Phi3VProcessor(ProcessorMixin):
     def _tokenize(self, prompt: str, tokens_per_image: list[int]) -> list[int]:
         """Chunks between tags are tokenized separately (each starts with BOS); tags become image runs."""
         chunks = IMAGE_TAG.split(prompt)[::2]  # split() also returns the captured numbers; drop them
-        ids = self.tokenizer(chunks[0]).input_ids
+        ids = self.tokenizer(chunks[0], verbose=False).input_ids
         for count, chunk in zip(tokens_per_image, chunks[1:]):
-            ids += [self.image_token_id] * count + self.tokenizer(chunk).input_ids
+            ids += [self.image_token_id] * count + self.tokenizer(chunk, verbose=False).input_ids
         return ids
 
     def _check_length(self, sequences: list[list[int]]) -> None:
+        """ContextLengthError for a prompt longer than the context, saying what to do (the tokenizer's own
+        "Token indices sequence length is longer..." warning is turned off where it tokenizes: verbose=False)."""
         longest = max(sequences, key=len)
         image_tokens = sum(token == self.image_token_id for token in longest)
         check_context_length(len(longest), self.tokenizer.model_max_length, image_tokens=image_tokens)
