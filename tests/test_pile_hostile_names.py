@@ -229,3 +229,15 @@ def test_a_password_in_a_url_is_neither_recorded_nor_shown_and_the_re_run_skips_
         output.write_text(text.replace("***@", "bob:hunter2@"), encoding="utf-8")  # as earlier versions wrote it
         code, _, err = caption(capsys, good, output)
         assert code == 0 and "1 of 1 items are already done" in err
+
+
+def test_a_malformed_url_fails_alone_and_its_line_does_not_stop_a_re_run(capsys, tmp_path):
+    """Before (this session's first cut of the password rule): "error: Invalid IPv6 URL", nothing run,
+    and a results file holding such a line could not be resumed or read."""
+    output = tmp_path / "out.jsonl"
+    good = picture(tmp_path / "ok.png")
+    code, _, err = caption(capsys, "http://bob:pw@[::1/a.png", output, "--image", good)
+    assert code == 1 and "failed: http://***@[::1/a.png" in err and "pw" not in output.read_text(encoding="utf-8")
+    code, _, err = caption(capsys, good, output)
+    assert code == 0 and "1 of 1 items are already done" in err
+    assert [record["source"] for record in outputs.latest_records(output)] == ["http://***@[::1/a.png", str(good)]

@@ -130,8 +130,13 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         return _from_path(src)
     if hasattr(src, "read"):
         _check_binary_and_open(src)
+        source = "the file object you passed"
+        if not _seekable(src):  # a socket's or a pipe's stream: read whole here, where no lock is held (_open)
+            with _decoding(source):
+                data = src.read()
+            return decode_bytes(data, source)
         _check_not_empty(src)
-        return _decode(lambda: _open(src), "the file object you passed", head=lambda: _first_bytes(src))
+        return _decode(lambda: _open(src), source, head=lambda: _first_bytes(src))
     raise ImageLoadError(
         f"load_image() cannot read a {type(src).__name__}. Pass a file path, an http(s) URL, bytes, "
         f"an open binary file, a PIL image or {ARRAY_LAYOUT}."
@@ -146,13 +151,26 @@ def _check_seconds(value, name: str) -> None:
                                    f"got {value!r}.")
 
 
+def _seekable(file) -> bool:
+    """Whether an open file can be read again from its start (its ``seekable()`` says so and ``seek(0)``
+    works). Pillow's Image.open reads a file that cannot whole, and a stalled stream would then stall
+    every thread's Image.open (_open holds a lock around it)."""
+    try:
+        if not file.seekable():
+            return False
+        file.seek(0)
+    except (OSError, ValueError, AttributeError):  # no seekable() or seek(), or seek refused
+        return False
+    return True
+
+
 def _check_not_empty(file) -> None:
-    """ImageLoadError for an open binary file that holds no bytes (0 bytes from its start, where Pillow
-    reads it from); a file that cannot be read again from its start is left to Pillow."""
+    """ImageLoadError for an open, seekable binary file that holds no bytes (0 bytes from its start, where
+    Pillow reads it from); a file that cannot be read (opened for writing only) is left to Pillow."""
     try:
         file.seek(0)
         empty = file.read(1) == b""
-    except (OSError, ValueError, AttributeError):  # not seekable
+    except (OSError, ValueError, AttributeError):  # not readable
         return
     if empty:
         raise ImageLoadError(
@@ -220,20 +238,32 @@ IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8
                     b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP", PDF_SIGNATURE: "PDF"}
 
 
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]+={0,2}")  # base64's alphabet, with its padding at the end
+
+
 def _base64_image_format(text: str) -> str | None:
     """The format ("PNG", "JPEG"...) of the image whose base64 ``text`` is, judged by the signature its
-    first bytes decode to; None for text that is not such base64 (a path), or too short to tell (a file
-    name of a few letters may be base64 too). Only the start is decoded."""
-    start = re.sub(_BLANKS, "", text[:128])[:64]  # whole groups of 4 characters: 48 bytes
-    try:
-        head = base64.b64decode(start, validate=True)
-    except binascii.Error:
+    first bytes decode to; None for text that is not such base64 (a path), or too short to tell.
+
+    Strict, because a missing file's name may be base64 by chance: the whole text (blanks left out: base64
+    is often wrapped) must be base64, a whole number of groups of 4 characters (a name with an extension,
+    or with a character outside ASCII, never is), and start with a known signature. Where the signature is
+    shorter than 4 bytes (BMP's "BM", JPEG's 3 bytes), the next header bytes must check out too. Only the
+    start is decoded."""
+    data = re.sub(_BLANKS, "", text)
+    if len(data) % 4 or not _BASE64_TEXT.fullmatch(data):
         return None
+    head = base64.b64decode(data[:64])  # whole groups of 4 characters: 48 bytes
     if len(head) < 12:  # the smallest image file has more; 12 bytes tell a WebP file
         return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
-    return next((name for signature, name in IMAGE_SIGNATURES.items() if head.startswith(signature)), None)
+    image_format = next((name for signature, name in IMAGE_SIGNATURES.items() if head.startswith(signature)), None)
+    if image_format == "BMP" and head[6:10] != bytes(4):  # a BMP file's reserved header fields are zero
+        return None
+    if image_format == "JPEG" and head[3] < 0xC0:  # a JPEG's signature is followed by a marker, 0xC0 or above
+        return None
+    return image_format
 
 
 def _base64_error(text: str, image_format: str) -> ImageLoadError:
@@ -246,7 +276,8 @@ def _base64_error(text: str, image_format: str) -> ImageLoadError:
     )
 
 
-_SHOWN_CHARS = 120  # the most characters of a path or other text that the caller passed a message shows
+_SHOWN_CHARS = 400  # the most characters of a path or other text that the caller passed a message shows:
+# real paths are shown whole (a typo may be anywhere in them); an image's base64 does not flood the message
 
 
 def _shortened(text) -> str:
@@ -530,8 +561,9 @@ def _decoding(source: str, head=bytes):
 # warning is silenced there, with warnings.catch_warnings. That swaps one list of filters shared by the
 # whole process, and (before Python 3.14) two threads whose swaps overlap leave one's filter in place
 # for good: the program's own Image.open would never warn again. So each swap holds this lock, around
-# Image.open (which reads only the header) and the decoding of an image above the limit (rare);
-# threads decode other images in parallel.
+# Image.open (which reads only the header: load_image reads a stream that cannot seek, which Pillow would
+# read whole here, beforehand) and the decoding of an image above the limit (rare); threads decode other
+# images in parallel.
 _BOMB_WARNING_LOCK = threading.Lock()
 
 
@@ -725,7 +757,10 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
 def shown_url(url: str) -> str:
     """``url`` as messages and records may show it: a user name and password in it
     (``https://user:secret@host/a.png``) become ``***``."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # "http://[::1/a.png" (an IPv6 host without its "]"): the user part read by hand
+        return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1***@", url)
     if "@" not in parts.netloc:
         return url
     return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
