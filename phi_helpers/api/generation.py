@@ -748,7 +748,7 @@ class Generation:
 
     text: str
     prompt_tokens: int
-    generated_tokens: int
+    generated_tokens: int  # every token the model generated for it, its stop token (<|end|>) included
     seconds_to_first_token: float | None
     seconds: float
     batch_size: int

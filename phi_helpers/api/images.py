@@ -508,7 +508,7 @@ def _decode(open_image, source: str, page: int | None = None, *, upright: bool =
                                  "there is no picture to look at. Check how it was made.")
         image = _upright(image) if upright else image
         try:
-            return _to_rgb(image)
+            return _to_rgb_on_white(image)
         except ValueError as error:  # a mode Pillow has no conversion for ("La": luminance, premultiplied alpha)
             raise ImageLoadError(
                 f"Could not convert {source} to RGB: Pillow cannot convert images of mode {image.mode!r} "
@@ -709,7 +709,7 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb_on_white(image: Image.Image) -> Image.Image:
     """Return an RGB copy of ``image``; transparent parts are composited onto a white background, and
     16-bit, 32-bit and floating-point greyscale is scaled to 8 bits (``_to_8_bit``)."""
     if image.mode in WIDE_GREYSCALE:
