@@ -5,6 +5,7 @@ import importlib
 import inspect
 import io
 import re
+import types
 
 import ipywidgets
 import pytest
@@ -40,9 +41,13 @@ def fake():
     return FakeStream()
 
 
+# What the box reads of a processor when it stands beside a fake stream: the num_crops its uploads must suit.
+PROCESSOR = types.SimpleNamespace(image_processor=types.SimpleNamespace(num_crops=4))
+
+
 @pytest.fixture
 def box(fake):
-    return ChatBox(model=None, processor=None, max_new_tokens=32, stream_fn=fake)
+    return ChatBox(model=None, processor=PROCESSOR, max_new_tokens=32, stream_fn=fake)
 
 
 def test_chat_box_returns_a_widget(tiny_model_and_processor):
@@ -89,7 +94,7 @@ def test_unreadable_upload_shows_a_message_not_a_traceback(box):
 
 def test_failed_send_keeps_the_text_and_the_history(fake):
     failing = FakeStream(error=ContextLengthError("The prompt is 140,000 tokens ... Press Reset."))
-    box = ChatBox(None, None, stream_fn=failing)
+    box = ChatBox(None, PROCESSOR, stream_fn=failing)
     box.upload(png_bytes())
     answer = box.send("What is the total?")
     assert answer is None
@@ -105,7 +110,7 @@ def test_failed_send_keeps_the_text_and_the_history(fake):
 def test_drop_images_acts_on_the_boxs_own_history(fake):
     """Before: the overflow message advised chat.drop_images(keep_last=1), but box.chat is a copy, so
     nothing changed and only Reset (losing everything) helped."""
-    box = ChatBox(None, None, stream_fn=fake)
+    box = ChatBox(None, PROCESSOR, stream_fn=fake)
     for colour in ("red", "green"):
         box.upload(png_bytes(colour=colour))
         box.send(f"What about {colour}?")

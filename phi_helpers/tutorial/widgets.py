@@ -181,9 +181,7 @@ class ChatBox:
     def _check_shape(self, image) -> None:
         """ImageAspectRatioError for an image too long and thin for the processor's num_crops: refused when it
         is uploaded, since the box sends every image again with each question (and has no num_crops to raise)."""
-        image_processor = getattr(self.processor, "image_processor", None)  # None: a box without a model (tests)
-        if image_processor is not None:
-            hd_canvas_size(image.width, image.height, image_processor.num_crops)
+        hd_canvas_size(image.width, image.height, self.processor.image_processor.num_crops)
 
     def _chat_with(self, question: str, images: list) -> Chat:
         """The history plus the new question; the history itself changes only once an answer arrives."""

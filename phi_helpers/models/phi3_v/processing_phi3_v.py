@@ -94,9 +94,8 @@ def check_encodable(text: str, which: str) -> None:
 def _refuse_misspelt(kwargs: dict) -> None:
     """InvalidArgumentError for a keyword that is a near miss of one of ``Phi3VProcessor.__call__``'s own
     (``num_crop=16`` would otherwise be ignored without a word); other keywords pass, unread."""
-    own = [name for name in inspect.signature(Phi3VProcessor.__call__).parameters if name not in ("self", "kwargs")]
     for name in kwargs:
-        close = difflib.get_close_matches(name, own, n=1, cutoff=0.85)  # not min_length (max_length) nor truncation_side
+        close = difflib.get_close_matches(name, _CALL_ARGUMENTS, n=1, cutoff=0.85)  # not min_length (max_length) nor truncation_side
         if close:
             raise InvalidArgumentError(f"The processor has no argument {name!r}: did you mean {close[0]}=?")
 
@@ -332,7 +331,11 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
+# The keywords of Phi3VProcessor.__call__, for _refuse_misspelt (read once, not on every call).
+_CALL_ARGUMENTS = [name for name in inspect.signature(Phi3VProcessor.__call__).parameters if name not in ("self", "kwargs")]
+
 __all__ = [
     "Phi3VProcessor", "processor_chat_template", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length",
     "check_encodable",
 ]
+
