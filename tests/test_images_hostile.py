@@ -517,3 +517,40 @@ def test_a_stream_is_read_whole_and_named_as_other_file_objects_are():
         writing.close()
         with reading.makefile("rb") as stream:
             assert load_image(stream).getpixel((0, 0)) == RED
+
+
+# --- max_pixels: a service's own limit for uploads, judged from the header ---------------------------
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height and whose pixel data is cut off after a few bytes:
+    decoding it fails, so an error that is not about truncation proves the header alone decided."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, format="PNG")
+    return buffer.getvalue()[:200]
+
+
+def test_max_pixels_refuses_a_large_image_from_its_header_before_decoding(tmp_path):
+    data = _png_header_only(4000, 3000)
+    with pytest.raises(ImageLoadError, match="Could not read"):
+        load_image(data)  # without the limit, Pillow starts decoding and finds the data cut off
+    path = tmp_path / "upload.png"
+    path.write_bytes(data)
+    for src in (data, path, str(path), io.BytesIO(data), "data:image/png;base64," + base64.b64encode(data).decode()):
+        with pytest.raises(ImageLoadError, match=r"4,000 x 3,000 = 12,000,000 pixels, more than max_pixels=1,000,000"):
+            load_image(src, max_pixels=1_000_000)
+
+
+def test_max_pixels_applies_to_images_already_in_memory_and_allows_the_limit_itself():
+    image = Image.new("RGB", (100, 50), "red")
+    assert load_image(image, max_pixels=5000).size == (100, 50)
+    with pytest.raises(ImageLoadError, match="the PIL image you passed: it has 100 x 50"):
+        load_image(image, max_pixels=4999)
+    with pytest.raises(ImageLoadError, match="the numpy array you passed: it has 100 x 50"):
+        load_image(numpy.zeros((50, 100, 3), numpy.uint8), max_pixels=4999)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "10", True])
+def test_max_pixels_must_be_a_whole_number_above_zero(bad):
+    with pytest.raises(InvalidArgumentError, match="max_pixels must be a whole number of at least 1"):
+        load_image(Image.new("RGB", (4, 4)), max_pixels=bad)

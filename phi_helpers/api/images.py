@@ -24,7 +24,9 @@ Size: an image is refused only where Pillow itself refuses to open one, above tw
 ``PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default), where a decompression bomb (a small
 file that decodes to a huge image) is suspected. A 108-megapixel phone photo loads, and Pillow's
 warning for images above once the limit is not printed. Raise ``PIL.Image.MAX_IMAGE_PIXELS`` (None: no
-limit) to open larger files you trust.
+limit) to open larger files you trust. A service that takes uploads from strangers can set a lower
+limit per call, ``load_image(upload, max_pixels=25_000_000)``: an image above it is refused from its
+header, before its pixels are decoded (a 1 MB PNG can hold 13,000 x 13,000 pixels, about 4 GB of work).
 
 A multi-page TIFF (a scanned fax, a multi-page scan) is a document: ``load_image`` gives its first
 page, ``load_page(path, n)`` page ``n`` (with the same checks) and ``count_pages(path)`` how many it has;
@@ -73,7 +75,8 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFE
                   KeyError, IndexError)  # KeyError, IndexError: Pillow on a TIFF page with a damaged header
 
 
-def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_seconds: float = 120) -> Image.Image:
+def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_seconds: float = 120,
+               max_pixels: int | None = None) -> Image.Image:
     """Return ``src`` as an upright, fully loaded RGB PIL image.
 
     A multi-page TIFF gives its first page (``load_page`` reads any page; ``phi-helpers predict`` runs
@@ -96,47 +99,55 @@ def load_image(src, *, timeout: float = 20, max_bytes: int = 50_000_000, max_sec
         max_bytes: largest download accepted, in bytes (protects you from a wrong link to a huge file).
         max_seconds: the whole download must be over within this many seconds, however steadily a
             (slow or hostile) server keeps sending (a number above 0).
+        max_pixels: refuse an image of more pixels (width x height) than this, judged from its header
+            before its pixels are decoded; None: only Pillow's own limit (see below). For a service
+            that loads uploads or URLs it does not control.
 
     Raises:
         ImageLoadError: missing, empty or corrupt file, a format Pillow cannot read (SVG, HEIC), a
             failed download, an image above twice ``PIL.Image.MAX_IMAGE_PIXELS`` (which Pillow refuses
-            to open), or an unsupported ``src`` type. The message says which source and what to do.
+            to open) or above ``max_pixels``, or an unsupported ``src`` type. The message says which
+            source and what to do.
         ImageDownloadTimeout: the URL did not answer within ``timeout`` seconds, or the download
             took longer than ``max_seconds``.
-        InvalidArgumentError: ``timeout``, ``max_seconds`` or ``max_bytes`` is not a number above 0
-            (checked before anything is read or downloaded).
+        InvalidArgumentError: ``timeout``, ``max_seconds``, ``max_bytes`` or ``max_pixels`` is not a
+            number above 0 (checked before anything is read or downloaded).
     """
     _check_seconds(timeout, "timeout")
     _check_seconds(max_seconds, "max_seconds")
     max_bytes = check_whole_number(max_bytes, "max_bytes", minimum=1, hint=" (a number of bytes: 50_000_000 is 50 MB)")
+    if max_pixels is not None:
+        max_pixels = check_whole_number(max_pixels, "max_pixels", minimum=1,
+                                        hint=" (width x height: 25_000_000 is 25 megapixels), or None")
     if isinstance(src, Image.Image):  # not turned again if the user turned it already (_turned_already)
         check_not_closed(src, "The PIL image you passed")
-        return _decode(lambda: src, "the PIL image you passed", upright=not _turned_already(src))
+        return _decode(lambda: src, "the PIL image you passed", upright=not _turned_already(src), max_pixels=max_pixels)
     if isinstance(src, numpy.ndarray):
-        return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False)
+        return _decode(lambda: image_from_array(src), "the numpy array you passed", upright=False,
+                       max_pixels=max_pixels)
     if isinstance(src, torch.Tensor):
         raise ImageLoadError(f"load_image() cannot read a torch Tensor (shape {tuple(src.shape)}). {TENSOR_ADVICE}")
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _from_given_bytes(bytes(src))
+        return _from_given_bytes(bytes(src), max_pixels=max_pixels)
     if isinstance(src, str) and _is_url(src):
         url = src.strip()  # a line read from a file ends in "\n": _is_url strips it, so must the download
         data = _download(url, timeout=timeout, max_bytes=max_bytes, max_seconds=max_seconds)
-        return decode_bytes(data, _shortened(shown_url(url)))
+        return decode_bytes(data, _shortened(shown_url(url)), max_pixels=max_pixels)
     if isinstance(src, str) and src.lstrip().lower().startswith("data:"):
-        return decode_bytes(_data_url_bytes(src), "the data: URL you passed")
+        return decode_bytes(_data_url_bytes(src), "the data: URL you passed", max_pixels=max_pixels)
     if isinstance(src, str) and not src.strip():
         raise ImageLoadError("The image path is empty. Pass the path of an image file, a URL, bytes or a PIL image.")
     if isinstance(src, (str, os.PathLike)):
-        return _from_path(src)
+        return _from_path(src, max_pixels=max_pixels)
     if hasattr(src, "read"):
         _check_binary_and_open(src)
         source = "the file object you passed"
         if not _seekable(src):  # a socket's or a pipe's stream: read whole here, where no lock is held (_open)
             with _decoding(source):
                 data = src.read()
-            return decode_bytes(data, source)
+            return decode_bytes(data, source, max_pixels=max_pixels)
         _check_not_empty(src)
-        return _decode(lambda: _open(src), source, head=lambda: _first_bytes(src))
+        return _decode(lambda: _open(src), source, head=lambda: _first_bytes(src), max_pixels=max_pixels)
     raise ImageLoadError(
         f"load_image() cannot read a {type(src).__name__}. Pass a file path, an http(s) URL, bytes, "
         f"an open binary file, a PIL image or {ARRAY_LAYOUT}."
@@ -353,11 +364,12 @@ def _page_frames(image: Image.Image) -> list[int]:
     return frames or [0]
 
 
-def _from_path(src, page: int | None = None) -> Image.Image:
+def _from_path(src, page: int | None = None, *, max_pixels: int | None = None) -> Image.Image:
     """Open the local file at path ``src`` (page ``page`` of it, if given) and decode it."""
     path = expand_home(src, "image path", ImageLoadError)
     with _open_file(path, src) as file:  # closed on return: the decoded image does not need the file
-        return _decode(lambda: _open(file), f"'{_shortened(path)}'", page, head=lambda: _first_bytes(file))
+        return _decode(lambda: _open(file), f"'{_shortened(path)}'", page, head=lambda: _first_bytes(file),
+                       max_pixels=max_pixels)
 
 
 def _open_file(path: Path, given):
@@ -439,12 +451,12 @@ def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadErr
 _LONGEST_PATH = 4096  # bytes in the longest path Linux opens (PATH_MAX)
 
 
-def _from_given_bytes(data: bytes, page: int | None = None) -> Image.Image:
+def _from_given_bytes(data: bytes, page: int | None = None, *, max_pixels: int | None = None) -> Image.Image:
     """Decode bytes the caller passed (page ``page`` of them, if given); bytes that are no image but the
     text of a path (``b"photo.png"``, a name from ``os.listdir(b".")``) are named as such."""
     source = _given_bytes(data)
     try:
-        return decode_bytes(data, source, page)
+        return decode_bytes(data, source, page, max_pixels=max_pixels)
     except ImageLoadError:
         path = _path_in(data)
         if path is None:
@@ -485,23 +497,32 @@ def _path_in(data: bytes) -> str | None:
     return text if looks_like_path or os.path.exists(text) else None
 
 
-def decode_bytes(data: bytes, source: str, page: int | None = None) -> Image.Image:
+def decode_bytes(data: bytes, source: str, page: int | None = None, *, max_pixels: int | None = None) -> Image.Image:
     """Decode an image held in memory (bytes passed in, an upload, or a finished download) as
     ``load_image`` does; ``source`` names the data in error messages ("the uploaded file 'a.png'")."""
     if not data:
         raise ImageLoadError(f"{source} is empty (0 bytes); there is no image to read.")
-    return _decode(lambda: _open(io.BytesIO(data)), source, page, head=lambda: data[:_SNIFF_BYTES])
+    return _decode(lambda: _open(io.BytesIO(data)), source, page, head=lambda: data[:_SNIFF_BYTES],
+                   max_pixels=max_pixels)
 
 
-def _decode(open_image, source: str, page: int | None = None, *, upright: bool = True, head=bytes) -> Image.Image:
+def _decode(open_image, source: str, page: int | None = None, *, upright: bool = True, head=bytes,
+            max_pixels: int | None = None) -> Image.Image:
     """Call ``open_image()``, turn to page ``page`` if given, read all pixels, and normalise the result
     to RGB, upright unless ``upright`` is False (the page's own EXIF orientation: Pillow reloads it on
     each page). ``head()`` gives the data's first bytes (none by default), to name a format Pillow
-    cannot read."""
+    cannot read. An image of more than ``max_pixels`` pixels is refused before its pixels are read."""
     with _decoding(source if page is None else f"page {page} of {source}", head):
         image = open_image()
         if page is not None:
             _turn_to(image, page, source)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            shown = source if page is None else f"page {page} of {source}"
+            raise ImageLoadError(
+                f"Refusing to decode {shown}: it has {image.width:,} x {image.height:,} = "
+                f"{image.width * image.height:,} pixels, more than max_pixels={max_pixels:,} allows. "
+                f"{_SMALLER_IMAGE}, or raise max_pixels if you trust it."
+            )
         _load(image)
         if not image.width or not image.height:  # Image.new("RGB", (0, 0)), a numpy array of shape (0, 5, 3)
             raise ImageLoadError(f"{source[:1].upper()}{source[1:]} is empty ({image.width}x{image.height} pixels): "
