@@ -1,5 +1,6 @@
 """The native model on tiny checkpoints loaded through the Auto classes (the real model's code path)."""
 
+import copy
 import json
 import math
 import re
@@ -280,16 +281,20 @@ def test_negative_image_ids_work_and_input_ids_are_not_modified(model, processor
     assert torch.equal(sizes_as_list, expected)
 
 
-def test_pixel_values_without_image_positions_are_ignored_like_the_original(model, processor):
-    """The original passes pixel_values on every decoding step; with no image ids CLIP does not run."""
+def test_pixel_values_on_a_decoding_step_are_ignored_like_the_original(model, processor):
+    """The original passes pixel_values on every decoding step; a step without image ids does not run
+    CLIP. (On a first step, pixel_values without image ids are refused: tests/test_model_inputs.py.)"""
     inputs = processor(PROMPT, picture(400, 300, 6))
-    text = processor("<|user|>\nHello<|end|>\n<|assistant|>\n")
+    with torch.no_grad():
+        cache = model(**inputs).cache
+    step = torch.tensor([[450]])
     calls = []
     hook = model.model.vision_embed_tokens.register_forward_hook(lambda *args: calls.append(1))
     try:
         with torch.no_grad():
-            with_pixels = model(**text, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).logits
-            without = model(**text).logits
+            with_pixels = model(input_ids=step, cache=copy.deepcopy(cache), pixel_values=inputs["pixel_values"],
+                                image_sizes=inputs["image_sizes"]).logits
+            without = model(input_ids=step, cache=copy.deepcopy(cache)).logits
     finally:
         hook.remove()
     assert torch.equal(with_pixels, without) and not calls

@@ -16,7 +16,7 @@ from transformers import CLIPVisionModel, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel, Phi3RotaryEmbedding
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import can_return_tuple, is_flash_attn_2_available
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ...errors import FlashAttentionUnavailableError, InvalidArgumentError, PromptImageMismatchError
@@ -24,6 +24,11 @@ from .configuration_phi3_v import Phi3VConfig, split_attn_implementation
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes flash-attn computes in
 PAST_KEY_VALUES_REMOVAL_VERSION = "5.40.0"  # as transformers' Phi3: `past_key_values` warns until this version
+SAME_PROCESSOR_CALL = (  # the advice of every error about image inputs
+    "Build input_ids, pixel_values and image_sizes with the same processor call, processor(text, images), "
+    "and pass all of its outputs to the model."
+)
+IGNORE_INDEX = -100  # labels the loss skips (transformers' cross-entropy ignore_index)
 
 
 def check_flash_attention(installed: bool, on_cuda: bool = True, dtype: torch.dtype | None = None) -> None:
@@ -126,17 +131,66 @@ class Phi3VImageEmbedding(nn.Module):
         n, rows, _, dim = grid.shape
         return torch.cat([grid, self.sub_GN.expand(n, rows, 1, dim)], dim=2).reshape(n, -1, dim)
 
+    def tile_grids(self, pixel_values: torch.Tensor, image_sizes) -> list[tuple[int, int]]:
+        """Each image's grid of tiles (rows, cols) = image_sizes (N, 2) / 336, after checking that
+        ``pixel_values`` (N, K, 3, 336, 336) and ``image_sizes`` are what the processor returns for N images:
+        [height, width] of each padded canvas, whole multiples of 336, each needing rows·cols tiles + the
+        global image among its K crops. ``image_sizes`` may be a tensor or the list the original iterates."""
+        tile = self.tile_size
+        expected = f"a torch tensor of shape (images, crops, 3, {tile}, {tile})"
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[2:] != (3, tile, tile):
+            got = type(pixel_values).__name__ + (f" of shape {tuple(pixel_values.shape)}" if hasattr(pixel_values, "shape") else "")
+            raise InvalidArgumentError(f"pixel_values must be {expected}, got {got}. {SAME_PROCESSOR_CALL}")
+        try:
+            sizes = torch.as_tensor(image_sizes)
+        except (TypeError, ValueError, RuntimeError):
+            sizes = None
+        whole = sizes is not None and not (sizes.dtype.is_floating_point or sizes.dtype.is_complex or sizes.dtype == torch.bool)
+        if not whole or sizes.ndim != 2 or sizes.shape[1] != 2:
+            got = f"shape {tuple(sizes.shape)}, {str(sizes.dtype).removeprefix('torch.')}" if sizes is not None else repr(image_sizes)
+            raise InvalidArgumentError(
+                f"image_sizes must be whole numbers of shape (images, 2): one [height, width] per image, "
+                f"as the processor returns; got {got}. {SAME_PROCESSOR_CALL}"
+            )
+        num_images, crops = pixel_values.shape[:2]
+        if len(sizes) != num_images:
+            raise PromptImageMismatchError(
+                f"image_sizes has {len(sizes)} rows but pixel_values holds {num_images} images. {SAME_PROCESSOR_CALL}"
+            )
+        grids = []
+        for i, (height, width) in enumerate(sizes.tolist()):
+            if height <= 0 or width <= 0 or height % tile or width % tile:
+                raise InvalidArgumentError(
+                    f"image_sizes[{i}] is {[height, width]}; each [height, width] is the padded canvas, two "
+                    f"positive multiples of {tile}. {SAME_PROCESSOR_CALL}"
+                )
+            rows, cols = height // tile, width // tile
+            if rows * cols + 1 > crops:
+                raise PromptImageMismatchError(
+                    f"image_sizes[{i}] is {[height, width]}: {rows}x{cols} tiles and the global image, "
+                    f"{rows * cols + 1} crops, but pixel_values has {crops} crops per image. {SAME_PROCESSOR_CALL}"
+                )
+            grids.append((rows, cols))
+        return grids
+
+    def num_features(self, rows: int, cols: int) -> int:
+        """Feature vectors (= image positions) of an image with a rows x cols tile grid, as ``forward``
+        lays them out: the local canvas, (rows·12) x (cols·12 + 1) with its row separators; glb_GN; the
+        global image, 12 x (12 + 1). ((rows·cols + 1)·144 + 1 + (rows + 1)·12 for the 336-pixel tiles.)"""
+        half = self.grid // 2
+        return rows * half * (cols * half + 1) + 1 + half * (half + 1)
+
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """All images of a call -> (total image tokens, hidden_size), images in order.
 
         Per image ("sub_glb" order): local canvas rows with separators, glb_GN, global image rows
         with separators. All images are projected in one call, as in the original.
         """
+        grids = self.tile_grids(pixel_values, image_sizes)  # checks both first: a clear error, not torch's
         features = self.clip_features(pixel_values)  # (N, K, 576, C)
         global_grids = self.add_row_separators(self.merge_2x2(features[:, 0]))  # (N, 12·13, 4C)
         pieces = []
-        for i, (height, width) in enumerate(torch.as_tensor(image_sizes).tolist()):  # a tensor or a list
-            rows, cols = height // self.tile_size, width // self.tile_size
+        for i, (rows, cols) in enumerate(grids):
             local = self.tile_grid(self.merge_2x2(features[i, 1 : 1 + rows * cols]), rows, cols)
             pieces += [self.add_row_separators(local)[0], self.glb_GN[0], global_grids[i]]
         # The projection's dtype; its device is the projection's business: accelerate's hooks bring the input
@@ -202,8 +256,38 @@ class Phi3VModel(Phi3Model):
         in_run[:, :-1] |= image[:, 1:]  # or the token after
         return (image & in_run) | ((input_ids < 0) & (input_ids > -1_000_000_000))
 
+    def images_per_row(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_sizes) -> list[int]:
+        """How many of the images each row of input_ids (B, L) holds. ``embed`` fills the image positions
+        row by row with the images in order, image i taking ``num_features`` of its tile grid; so row 0's
+        images are the first ones whose features add up to row 0's image positions, and so on. Positions
+        are counted, not runs: two adjacent tags make one run of two images."""
+        vision = self.vision_embed_tokens
+        features = [vision.num_features(rows, cols) for rows, cols in vision.tile_grids(pixel_values, image_sizes)]
+        counts, image = [], 0
+        for row, positions in enumerate(self.image_positions(input_ids).sum(dim=1).tolist()):
+            first, left = image, positions
+            while left > 0 and image < len(features):
+                left -= features[image]
+                image += 1
+            if left != 0:
+                raise PromptImageMismatchError(
+                    f"Row {row} of input_ids has {positions} image positions, which the images do not fill exactly "
+                    f"(they take {features} positions, in order). {SAME_PROCESSOR_CALL}"
+                )
+            counts.append(image - first)
+        if image != len(features):
+            raise PromptImageMismatchError(
+                f"pixel_values hold {len(features)} images but input_ids have image positions for {image}. "
+                f"{SAME_PROCESSOR_CALL}"
+            )
+        return counts
+
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, first_step=True) -> torch.Tensor:
-        """Token embeddings with image features scattered in, row-major over (batch, sequence)."""
+        """Token embeddings (B, L, hidden_size) with image features scattered in, row-major over
+        (batch, sequence). ``first_step``: the ids start the sequence (an empty cache); only then are
+        images missing or left over an error. A later step without images (generate passes them on the
+        first step only) is text, embedded without a GPU sync: a new token per row, or a chunk of assisted
+        decoding's candidates, which prompt-lookup decoding may copy from a prompt's run of <|image|>."""
         if first_step and not (isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2):  # no GPU sync
             tensor = isinstance(input_ids, torch.Tensor)
             got = f"a tensor of shape {tuple(input_ids.shape)}" if tensor else f"a {type(input_ids).__name__}"
@@ -211,7 +295,6 @@ class Phi3VModel(Phi3Model):
                 f"input_ids must be a 2-D tensor (batch, sequence) of token ids, as the processor returns; got {got}. "
                 "For one sequence of ids use ids[None]; for a list, torch.tensor([[...]])."
             )
-        positions = self.image_positions(input_ids)
         if first_step and bool((input_ids >= self.config.vocab_size).any()):  # the original fails too (IndexError);
             # a decoding step's ids come from lm_head, always in the vocabulary (no GPU sync for them)
             raise InvalidArgumentError(
@@ -221,21 +304,28 @@ class Phi3VModel(Phi3Model):
             )
         # Out of place: the caller's input_ids (and generate's running sequence) stay untouched.
         embeds = self.embed_tokens(input_ids.clamp(min=0))
-        if not positions.any():  # text only (or a decoding step): the vision tower does not run
+        images = pixel_values is not None and image_sizes is not None
+        if not first_step and not images:  # a decoding step: generate passes images on the first step only
             return embeds
-        if pixel_values is None or image_sizes is None:
-            if first_step:
+        positions = self.image_positions(input_ids)
+        if not positions.any():  # text only: the vision tower does not run
+            if first_step and pixel_values is not None and len(pixel_values) > 0:  # generate_batch may keep 0 images
                 raise PromptImageMismatchError(
-                    f"input_ids contain {int(positions.sum())} image positions but no pixel_values/image_sizes "
-                    "were given. Build the inputs with the processor and pass all of its outputs to the model."
+                    f"pixel_values hold {len(pixel_values)} image(s) but input_ids have no image positions "
+                    "(input_ids from the tokenizer alone leave the images out): the images would be ignored. "
+                    f"{SAME_PROCESSOR_CALL}"
                 )
             return embeds
+        if not images:
+            raise PromptImageMismatchError(
+                f"input_ids contain {int(positions.sum())} image positions but no pixel_values/image_sizes "
+                f"were given. {SAME_PROCESSOR_CALL}"
+            )
         features = self.vision_embed_tokens(pixel_values, image_sizes)
         if features.shape[0] != int(positions.sum()):
             raise PromptImageMismatchError(
                 f"The images produce {features.shape[0]} feature vectors but input_ids have "
-                f"{int(positions.sum())} image positions. Build input_ids and pixel_values with the same "
-                "processor call (same images, same num_crops)."
+                f"{int(positions.sum())} image positions. {SAME_PROCESSOR_CALL} (Same images, same num_crops.)"
             )
         embeds = embeds.masked_scatter(positions[..., None], features.to(embeds.dtype))
         return self.vision_embed_tokens.drop(embeds)
@@ -253,11 +343,21 @@ class Phi3VModel(Phi3Model):
         use_cache=None,
         **kwargs,
     ):
-        if inputs_embeds is None and input_ids is not None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InvalidArgumentError(
+                "You must specify exactly one of input_ids or inputs_embeds (transformers' rule), "
+                f"got {'both' if input_ids is not None else 'neither'}."
+            )
+        if inputs_embeds is not None and pixel_values is not None:
+            raise InvalidArgumentError(
+                "pixel_values with inputs_embeds: the images would be left out, since the model places them "
+                "into the embeddings of input_ids. Pass input_ids, pixel_values and image_sizes; or embed them "
+                "yourself with model.model.embed(input_ids, pixel_values, image_sizes) and pass inputs_embeds alone."
+            )
+        if inputs_embeds is None:
             first_step = cache is None or cache.get_seq_length() == 0
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, first_step)
         return super().forward(
-            input_ids=None if inputs_embeds is not None else input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -304,6 +404,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         return super().set_attn_implementation(split_attn_implementation(attn_implementation), allow_all_kernels)
 
     @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL_VERSION, new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -320,7 +421,10 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
     ) -> CausalLMOutputWithPast:
         """Like Phi3ForCausalLM.forward, plus ``pixel_values`` (N, K, 3, 336, 336) and ``image_sizes`` (N, 2).
 
-        Logits are float32, as in the original.
+        Logits are float32, as in the original. ``labels`` (B, L) may be the input_ids: their image
+        positions (runs of ``<|image|>``, or the original's negative ids) become -100, so the loss skips
+        them, as it skips -100 anywhere; a lone ``<|image|>`` is text and stays a label. ``return_dict=False``
+        gives a tuple, as transformers' models do.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -331,6 +435,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # a BaseModelOutputWithPast whatever the config says; the tuple, if asked for, is made above
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -341,6 +446,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         logits = self.lm_head(hidden_states).float()
         loss = None
         if labels is not None:
+            labels = labels.masked_fill(self.model.image_positions(labels), IGNORE_INDEX)  # out of place
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -350,23 +456,54 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             attentions=outputs.attentions,
         )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """``generate``'s copies of each prompt for beam search and ``num_return_sequences``: rows r0, r1
+        become r0, r0, r1, r1 (transformers repeats every tensor along dim 0). pixel_values (N, K, 3, 336, 336)
+        and image_sizes (N, 2) count images, not prompts, so each row's group of images is repeated
+        instead, in row order: r0's images [a, c] and r1's [d] become [a, c, a, c, d, d]."""
+        pixel_values, image_sizes = model_kwargs.get("pixel_values"), model_kwargs.get("image_sizes")
+        images = {}
+        if expand_size > 1 and input_ids is not None and pixel_values is not None and image_sizes is not None:
+            counts = self.model.images_per_row(input_ids, pixel_values, image_sizes)
+            groups = [range(sum(counts[:row]), sum(counts[: row + 1])) for row in range(len(counts))]  # each row's images
+            order = torch.tensor([image for group in groups for _ in range(expand_size) for image in group], dtype=torch.long)
+            sizes = torch.as_tensor(model_kwargs.pop("image_sizes"))
+            images = {"pixel_values": model_kwargs.pop("pixel_values")[order.to(pixel_values.device)],
+                      "image_sizes": sizes[order.to(sizes.device)]}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        return input_ids, {**model_kwargs, **images}
+
     @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL_VERSION, new_name="cache")
-    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         """Phi-3.5-vision re-encodes the whole sequence once it grows past 4096 tokens (long RoPE
         factors from then on); the images must be re-encoded too, so they are kept for that step.
-        Phi-3-vision keeps its cache (its cached keys stay rotated with the short factors)."""
+        Phi-3-vision keeps its cache (its cached keys stay rotated with the short factors).
+
+        ``inputs_embeds`` (B, P, hidden_size), e.g. from ``model.model.embed(input_ids, pixel_values,
+        image_sizes)``, are the prompt of the first step. generate's input_ids then hold the answer only
+        (or the prompt ids and the answer), so Phi-3.5-vision re-encodes the prompt's embeddings followed
+        by those of the tokens generated since."""
         limit = self.config.original_max_position_embeddings
         if not self.config.reset_cache_at_original_max:
             return GenerationMixin.prepare_inputs_for_generation(
-                self, input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+                self, input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
             )
+        if inputs_embeds is not None and cache is not None and not is_first_iteration:
+            cached = cache.get_seq_length()
+            length = cached + (kwargs.get("next_sequence_length") or 1)  # prompt and answer so far
+            if cached <= limit < length:
+                answer = self.model.embed(input_ids[:, inputs_embeds.shape[1] - length :], first_step=False)
+                return GenerationMixin.prepare_inputs_for_generation(
+                    self, input_ids, cache=None, inputs_embeds=torch.cat([inputs_embeds, answer], dim=1),
+                    is_first_iteration=True, **{**kwargs, "next_sequence_length": None},
+                )
         resets = (
             cache is not None
             and input_ids.shape[1] > limit
             and cache.get_seq_length() <= limit
         )
         return super().prepare_inputs_for_generation(
-            input_ids, cache=cache, is_first_iteration=is_first_iteration or resets, **kwargs
+            input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration or resets, **kwargs
         )
 
 
