@@ -4,6 +4,8 @@ away, numbers labelled as estimates where nobody measured them, and the plan for
 The notebooks' code is run by nbval (``pytest notebooks``); these tests read their text.
 """
 
+import ast
+import builtins
 import re
 from pathlib import Path
 
@@ -183,16 +185,46 @@ def test_notebook_03_changes_num_crops_to_a_setting_it_did_not_load(loaded, tiny
     processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=loaded)
     monkeypatch.chdir(NOTEBOOKS)
     cell = _code_after("03_multi_image.ipynb", "## 5. Changing num_crops")
-    exec(cell, {"processor": processor, "image_processor": processor.image_processor, "build_prompt": build_prompt,
-                "question": "What changed?", "scene_1": load_image("images/scene_1.png"),
-                "scene_2": load_image("images/scene_2.png")})
+    exec(cell, _section_5_names(processor, loaded))  # without section 3's image_processor: that cell may be skipped
     counts = dict(re.findall(r"num_crops=(\d+): (\d+) image tokens", capsys.readouterr().out))
     assert str(loaded) in counts and len(counts) == 2 and len(set(counts.values())) == 2, counts
     assert processor.image_processor.num_crops == loaded  # set back for the rest of the notebook
 
 
+def _section_5_names(processor, loaded: int) -> dict:
+    """What notebook 03's section 5 cell finds from the cells above it: the setup cell, sections 1 and 2."""
+    return {"processor": processor, "loaded_num_crops": loaded, "build_prompt": build_prompt, "question": "What changed?",
+            "scene_1": load_image("images/scene_1.png"), "scene_2": load_image("images/scene_2.png")}
+
+
+def test_notebook_03_sets_num_crops_back_when_the_cell_is_stopped_or_run_again(tiny_checkpoint, monkeypatch):
+    """Before: a stop (or an error) inside the loop left num_crops at 16, and running the cell again took that
+    16 from the processor as the value to set back, so it stayed for the rest of the notebook."""
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=4)
+    monkeypatch.chdir(NOTEBOOKS)
+    cell = _code_after("03_multi_image.ipynb", "## 5. Changing num_crops")
+
+    class StoppedAtTheSecondSetting:
+        """The processor, with the kernel's stop button pressed while it prepares the second setting's images."""
+        image_processor, image_token_id = processor.image_processor, processor.image_token_id
+        calls = 0
+
+        def __call__(self, **kwargs):
+            StoppedAtTheSecondSetting.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return processor(**kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        exec(cell, _section_5_names(StoppedAtTheSecondSetting(), loaded=4))
+    assert processor.image_processor.num_crops == 4
+    processor.image_processor.num_crops = 16  # left so by other code (an exercise without `finally`)
+    exec(cell, _section_5_names(processor, loaded=4))
+    assert processor.image_processor.num_crops == 4  # the loaded value, not the one the cell found
+
+
 @pytest.mark.parametrize("loaded", [4, 16], ids=["Phi-3.5-vision", "Phi-3-vision"])
-def test_the_05_solution_times_two_different_num_crops(loaded, tiny_checkpoint, monkeypatch, capsys):
+def test_the_05_solution_times_two_different_num_crops(loaded, monkeypatch, capsys):
     """The default (None) and 16 are the same prompt with Phi-3-vision: nothing to compare."""
     asked = []
 
@@ -202,11 +234,60 @@ def test_the_05_solution_times_two_different_num_crops(loaded, tiny_checkpoint, 
 
     monkeypatch.setattr("phi_helpers.tutorial.profiling.compare_attention", compare_attention)
     monkeypatch.setattr("phi_helpers.tutorial.profiling.attention_table", lambda rows: "")
+    monkeypatch.setattr("phi_helpers.api.loading.checkpoint_num_crops", lambda model_id=None: loaded)
     monkeypatch.chdir(NOTEBOOKS)
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint, num_crops=loaded)
-    exec(_code_after("solutions.ipynb", "## 05_without_flash_attention"), {"processor": processor, "load_image": load_image})
+    exec(_code_after("solutions.ipynb", "## 05_without_flash_attention"), {})  # no setup cell: see the intro
     used = [loaded if num_crops is None else num_crops for num_crops in asked]
     assert len(used) == 2 and loaded in used and len(set(used)) == 2, used
+    counts = dict(re.findall(r"num_crops=(\d+) \(([\d,]+) image tokens\)", capsys.readouterr().out))
+    assert counts == {"4": "757", "16": "1,921"}  # the chart's, as the section's text says
+
+
+def _names(source: str) -> tuple[set, set]:
+    """The names a cell defines (assigned, imported, def, for, except ... as) and the names it reads."""
+    defined, read = set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else defined).add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            defined.add(node.name)
+    return defined, read
+
+
+def test_each_solution_needs_only_the_setup_cell_and_its_own_cells():
+    """The intro: sections 00 to 04 use the setup cell, 05 and 06 not even that. Before: the 02b solution read
+    the `receipt` of the 02 section, and the 05 solution `load_image` and `processor` of the setup cell."""
+    intro = _cells("solutions.ipynb")[0].source
+    assert "Sections 05 and 06 load the model themselves" in intro and "they do not need the setup cell" in intro
+    sections, heading = {}, None
+    for cell in _cells("solutions.ipynb"):
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            heading = cell.source.splitlines()[0][3:].split(":")[0]
+            sections[heading] = []
+        elif cell.cell_type == "code":
+            sections[heading].append(cell.source)
+    setup, _ = _names("\n".join(sections.pop("Setup")))
+    assert {"model", "processor", "load_image"} <= setup
+    for heading, sources in sections.items():
+        defined, read = _names("\n".join(sources))
+        given = set(dir(builtins)) | {"display"} | (set() if heading[:2] in ("05", "06") else setup)
+        assert read <= defined | given, f"{heading} reads {sorted(read - defined - given)} from another section"
+
+
+@pytest.mark.parametrize("name", ["00_setup.ipynb", "01_image_analysis.ipynb", "02_ocr_and_documents.ipynb",
+                                  "03_multi_image.ipynb", "04_multi_turn_chat.ipynb", "solutions.ipynb"])
+def test_the_cell_that_loads_the_model_says_to_run_it_once(name):
+    """Running it again holds two models until the new one is loaded: fp32 twice does not fit a 23 GB machine."""
+    cells = _cells(name)
+    load = next(index for index, cell in enumerate(cells) if "model, processor = load_model(" in cell.source)
+    before = " ".join(cells[load - 1].source.split())
+    assert "Run the cell that loads the model only once" in before and "restart the kernel first" in before
 
 
 @pytest.mark.parametrize(("name", "heading"), [

@@ -142,6 +142,51 @@ def test_stop_button_before_the_answer_began_keeps_the_question(box):
     assert "[stopped]" in box.transcript() and "still in the text box" in box.transcript()
 
 
+def test_stop_button_while_the_images_are_prepared_acts_as_a_later_stop(fake):
+    """Before: a stop before the stream existed (stream_chunks encodes the images when it is called) left a
+    dangling "Phi: " with no [stopped] and no word that the question is still in the text box."""
+    def stopped_on_first_piece(model, processor, chat, max_new_tokens=256):
+        raise KeyboardInterrupt
+        yield  # a generator: the stop comes when the first piece is asked for
+
+    def stopped_while_preparing(model, processor, chat, max_new_tokens=256):
+        raise KeyboardInterrupt  # not a generator: the stop comes inside the call itself
+
+    boxes = []
+    for stream in (stopped_on_first_piece, stopped_while_preparing):
+        box = ChatBox(None, PROCESSOR, stream_fn=fake)
+        box.upload(png_bytes(), name="receipt.png")
+        box.send("What is the total?")
+        box.upload(png_bytes(colour="blue"), name="blue.png")
+        box._stream = stream
+        try:
+            assert box.send("And this one?") is None
+        except KeyboardInterrupt:  # not caught by the box: fail this test, do not stop the whole run
+            pytest.fail(f"the stop escaped the chat box ({stream.__name__}); the transcript: {box.transcript()!r}")
+        assert box.send_button.disabled is False
+        boxes.append(box)
+    later, early = boxes
+    assert early.transcript() == later.transcript()
+    assert early.transcript().endswith("Phi:  [stopped]\nYour question is still in the text box; press Send to ask it again.\n")
+    assert early.text.value == "And this one?"  # kept, to press Send again
+    assert early.history == [("What is the total?", early.history[0][1], "The total is 30.89.")]
+    assert [name for name, _ in early.pending_images] == ["blue.png"]  # still attached
+
+
+def test_drop_old_images_pressed_twice_says_there_are_none_left(fake):
+    """Before: the second press wrote "[0 old image(s) removed from the conversation; its text stays]"."""
+    box = ChatBox(None, PROCESSOR, stream_fn=fake)
+    for colour in ("red", "green"):
+        box.upload(png_bytes(colour=colour))
+        box.send(f"What about {colour}?")
+    box.drop_button.click()
+    box.drop_button.click()
+    text = box.transcript()
+    assert "[1 old image(s) removed from the conversation; its text stays]" in text
+    assert text.endswith("[No old images to remove]\n\n") and "[0 old image(s)" not in text
+    assert [len(images) for _, images, _ in box.history] == [0, 1]
+
+
 def test_empty_question_is_not_sent(box, fake):
     assert box.send("   ") is None
     assert fake.calls == []

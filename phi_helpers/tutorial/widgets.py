@@ -151,7 +151,10 @@ class ChatBox:
             history.append((question, images[removed:], answer))
             remaining -= removed
         self.history = history
-        self._write(f"[{to_drop} old image(s) removed from the conversation; its text stays]\n\n")
+        if to_drop:
+            self._write(f"[{to_drop} old image(s) removed from the conversation; its text stays]\n\n")
+        else:  # pressed again, or nothing older than the newest image(s) to keep
+            self._write("[No old images to remove]\n\n")
         return to_drop
 
     def reset(self) -> None:
@@ -200,8 +203,9 @@ class ChatBox:
         """Write the answer piece by piece into the answer area and return it (None if the kernel's stop
         button came before the first piece)."""
         pieces = []
-        chunks = self._stream(self.model, self.processor, chat, max_new_tokens=self.max_new_tokens)
+        chunks = None  # the stop button can come before the stream exists, while the images are prepared
         try:
+            chunks = self._stream(self.model, self.processor, chat, max_new_tokens=self.max_new_tokens)
             for piece in chunks:
                 pieces.append(piece)
                 self._write(piece)
