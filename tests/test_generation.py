@@ -482,5 +482,47 @@ def test_chats_given_to_generate_batch_say_how_to_pass_them(model_and_processor,
         generation.generate_batch(model, processor, [chat], [chat.images], max_new_tokens=4)
 
 
+# --- what to do instead: code that runs as written -------------------------------------------------
+
+CALLS = {  # each function called as a learner would, with an argument it refuses; question and images are theirs
+    "ask": lambda model, processor, question, images, **refused: ask(model, processor, question, images=images, **refused),
+    "extract": lambda model, processor, question, images, **refused: extract(
+        model, processor, question, {"type": "object", "properties": {}}, images=images, **refused
+    ),
+    "stream_chunks": lambda model, processor, question, images, **refused: stream_chunks(
+        model, processor, question, images=images, **refused
+    ),
+}
+
+
+@pytest.mark.parametrize("caller", [*CALLS, "generate_batch"])
+def test_the_code_a_refusal_suggests_runs_as_written(model_and_processor, image, tmp_path, caller):
+    """Before: the suggested code passed the images as given (paths) to the processor, which said "images must
+    be loaded images"; generate_batch's refusal spoke of one question and images=..., which it does not take."""
+    model, processor = model_and_processor
+    image.save(tmp_path / "x.png")
+    if caller == "generate_batch":
+        learner = {"prompts": ["Describe.", "Hi"], "images": [[str(tmp_path / "x.png")], []]}
+        instead = "the images of each row of the batch: pass the prompts and one list of images per prompt instead"
+    else:
+        learner = {"question": "Describe.", "images": [str(tmp_path / "x.png")]}
+        instead = "the images: pass the question and its images (images=...) instead"
+    codes = []
+    for refused in (dict(input_ids=torch.ones(1, 3, dtype=torch.long)), dict(output_scores=True)):
+        with pytest.raises(InvalidArgumentError) as caught:
+            if caller == "generate_batch":
+                generation.generate_batch(model, processor, learner["prompts"], learner["images"], **refused)
+            else:
+                CALLS[caller](model, processor, learner["question"], learner["images"], **refused)
+        message = str(caught.value)
+        if "input_ids" in refused:
+            assert instead in message
+        codes.append(re.search(r"yourself(?: \([^)]*\))?: (.*)\.$", message).group(1))
+    assert codes[0] == codes[1]
+    namespace = {"model": model, "processor": processor, **learner}
+    exec(codes[0], namespace)
+    assert namespace["output"].scores and namespace["output"].sequences.shape[0] == 1
+
+
 def test_the_module_lists_its_public_names():
     assert generation.__all__ == ["ask", "extract", "stream_chunks", "generate_batch", "Generation"]

@@ -28,6 +28,7 @@ import functools
 import inspect
 import numbers
 import os
+import re
 import threading
 import time
 import weakref
@@ -308,20 +309,40 @@ def _generate_in_thread(model, kwargs: dict, errors: list) -> None:
         kwargs["streamer"].end()  # wake the caller, who waits for more text
 
 
+# sentencepiece's byte fallback: a character the vocabulary lacks comes as the tokens of its UTF-8 bytes.
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
 class _AnswerStreamer(TextIteratorStreamer):
-    """The answer's text pieces, without the prompt, special tokens and the stop token that ends it."""
+    """The answer's text pieces, without the prompt, special tokens and the stop token that ends it.
+
+    Each token's text is passed on as soon as it is decoded for good, so the pieces join to exactly the text
+    ``ask`` returns without streaming. (transformers' own ``put`` holds text back until the next space, and
+    compact JSON has none: a constrained answer came in one piece, at the end.) Only the text of a trailing
+    run of byte tokens (``<0xE2><0x82><0xAC>`` for "€") waits for the next token that is not a byte: the
+    tokenizer decodes such a run as one piece of UTF-8, a "\ufffd" for each of its bytes while a byte is
+    still missing (or wrong), so the run's text is not known before it ends.
+    """
 
     def __init__(self, tokenizer, stop_ids):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        special = {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+        # Never text: the stop tokens, and the special tokens that decoding skips (one between two bytes
+        # would end a run of byte tokens here, but not for the decoder, which never sees it).
+        self._dropped = set(stop_ids if isinstance(stop_ids, list) else [stop_ids]) | special
 
     def put(self, value) -> None:
-        if not self.next_tokens_are_prompt:  # a new token: drop it if it is a stop token
-            value = value.reshape(-1)
-            value = value[[token not in self._stop_ids for token in value.tolist()]]
-            if value.numel() == 0:
-                return
-        super().put(value)
+        if self.next_tokens_are_prompt:  # generate hands over the prompt first: not part of the answer
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache += [token for token in value.reshape(-1).tolist() if token not in self._dropped]
+        whole = len(self.token_cache)  # the tokens decoded for good: all but a trailing run of byte tokens
+        while whole and _BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(self.token_cache[whole - 1])):
+            whole -= 1
+        text = self.tokenizer.decode(self.token_cache[:whole], **self.decode_kwargs)
+        if len(text) > self.print_len:
+            self.on_finalized_text(text[self.print_len :])
+            self.print_len = len(text)
 
 
 class _StopFlag(StoppingCriteria):
@@ -380,11 +401,24 @@ def _setup(model, processor, prompt_or_chat, images, max_new_tokens, schema, gen
 
 # generate() outputs that only a dict result holds: ask returns the answer's text instead.
 _OUTPUT_KWARGS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states")
-_GENERATE_YOURSELF = (
-    "call model.generate on the processor's inputs yourself: inputs = processor(text=build_prompt(question, "
-    "num_images=len(images)), images=images or None, return_tensors='pt').to(model.device); output = "
-    "model.generate(**inputs, max_new_tokens=64, do_sample=False, return_dict_in_generate=True, output_scores=True)"
-)
+
+
+def _generate_yourself(caller) -> str:
+    """How to call ``model.generate`` yourself, for inputs or outputs that ``caller`` (the function the learner
+    called) does not take or give: code that runs as written, on that function's question (or prompts) and images."""
+    code = (
+        "from phi_helpers import build_prompt, load_image; loaded = [load_image(image) for image in {images}]; "
+        "inputs = processor(text=build_prompt({question}, num_images=len(loaded), processor=processor), "
+        "images=loaded or None, return_tensors='pt').to(model.device); output = model.generate(**inputs, "
+        "max_new_tokens=64, do_sample=False, return_dict_in_generate=True, output_scores=True)"
+    )
+    if caller is generate_batch:
+        how, code = "one prompt at a time, here the first", code.format(question="prompts[0]", images="images[0]")
+    else:
+        how, code = "images: a list", code.format(question="question", images="images")
+    return f"call model.generate on the processor's inputs yourself ({how}): {code}"
+
+
 # generate() settings that are numbers in a range: the test, and how the error message says it.
 _NUMBER_RANGES = {
     "temperature": (lambda value: value >= 0, "of at least 0 (0 means greedy)"),
@@ -425,9 +459,13 @@ def _check_generate_kwargs(model, processor, generate_kwargs: dict, caller, stre
         )
     asked_for = [name for name in _OUTPUT_KWARGS if kwargs.get(name)]
     if asked_for:
+        returns = (
+            "generate_batch() returns each answer's text (a Generation per prompt)" if caller is generate_batch
+            else "ask(), extract() and stream_chunks() return the answer's text"
+        )
         raise InvalidArgumentError(
-            f"{', '.join(asked_for)}: ask(), extract() and stream_chunks() return the answer's text, not "
-            f"generate()'s output. For scores and the other outputs, {_GENERATE_YOURSELF}."
+            f"{', '.join(asked_for)}: {returns}, not generate()'s output. For scores and the other outputs, "
+            f"{_generate_yourself(caller)}."
         )
     if kwargs.get("cache_implementation") == "offloaded" and model.device.type == "cpu":
         raise InvalidArgumentError(
@@ -468,9 +506,14 @@ def _check_names(model, generate_kwargs: dict, caller) -> None:
     known = _generation_setting_names(type(model))
     for name in generate_kwargs:
         if name in _MODEL_INPUTS:
+            instead = (
+                " of each row of the batch: pass the prompts and one list of images per prompt instead, "
+                "generate_batch(model, processor, prompts, images) with e.g. images=[[receipt], [], [page1, page2]]"
+                if caller is generate_batch else ": pass the question and its images (images=...) instead"
+            )
             raise InvalidArgumentError(
-                f"{name}= is a model input, which {caller.__name__}() builds from the prompt and the images: pass "
-                f"the question and its images (images=...) instead. For inputs of your own, {_GENERATE_YOURSELF}."
+                f"{name}= is a model input, which {caller.__name__}() builds from the prompt and the images{instead}. "
+                f"For inputs of your own, {_generate_yourself(caller)}."
             )
         if name not in known:
             candidates = known | _keywords(caller)
