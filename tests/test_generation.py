@@ -174,6 +174,25 @@ def test_a_cut_off_extraction_leaves_the_question_last_in_the_chat(model_and_pro
     assert json.loads(chat.messages[-1]["content"]) == data
 
 
+def test_a_stopped_ask_in_a_chat_says_the_question_is_still_unanswered(monkeypatch, model_and_processor):
+    """The kernel's stop button during ask(chat): before, a bare KeyboardInterrupt, and the learner's next
+    add_user made two questions in a row."""
+    model, processor = model_and_processor
+
+    def stopped(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "generate", stopped)
+    chat = Chat().add_user("What is n?")
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ask(model, processor, chat)
+    assert "your question is its last turn, still unanswered" in " ".join(getattr(caught.value, "__notes__", []))
+    assert [m["role"] for m in chat.messages] == ["user"]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ask(model, processor, "What is n?")  # no chat: nothing to say about one
+    assert not getattr(caught.value, "__notes__", [])
+
+
 @pytest.mark.parametrize("swap,message", [
     (lambda model, processor: (model, processor.tokenizer), "The processor argument is a tokenizer"),
     (lambda model, processor: (processor, model), "not a model (the two are swapped: model first)"),

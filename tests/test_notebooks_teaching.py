@@ -281,7 +281,7 @@ def test_each_solution_needs_only_the_setup_cell_and_its_own_cells():
 
 
 @pytest.mark.parametrize("name", ["00_setup.ipynb", "01_image_analysis.ipynb", "02_ocr_and_documents.ipynb",
-                                  "03_multi_image.ipynb", "04_multi_turn_chat.ipynb", "solutions.ipynb"])
+                                  "02b_structured_extraction.ipynb", "03_multi_image.ipynb", "04_multi_turn_chat.ipynb", "solutions.ipynb"])
 def test_the_cell_that_loads_the_model_says_to_run_it_once(name):
     """Running it again holds two models until the new one is loaded: fp32 twice does not fit a 23 GB machine."""
     cells = _cells(name)

@@ -116,13 +116,23 @@ def _ask(model, processor, prompt_or_chat, images, max_new_tokens, stream, schem
         inputs, settings, chat = _setup(
             model, processor, prompt_or_chat, images, max_new_tokens, schema, generate_kwargs, caller, streaming=False
         )
-        with torch.inference_mode():
-            output = model.generate(**inputs, **settings)
+        try:
+            with torch.inference_mode():
+                output = model.generate(**inputs, **settings)
+        except KeyboardInterrupt as interrupt:  # the stop button: say where the chat stands
+            if chat is not None and hasattr(interrupt, "add_note"):  # Python 3.11+
+                interrupt.add_note(_STOPPED_IN_CHAT)
+            raise
         new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
         answer = _decode_answer(processor, new_tokens, settings["eos_token_id"], settings.get("stop_strings"))
         if chat is not None:
             chat.add_assistant(answer, generated=True)
     return answer
+
+
+_STOPPED_IN_CHAT = ("Stopped before the answer was complete, so the chat did not change: your question is its last "
+                    "turn, still unanswered. ask(model, processor, chat) answers it (run the same cell again), "
+                    "chat.pop() takes it back out.")
 
 
 def extract(
