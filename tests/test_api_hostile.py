@@ -64,7 +64,7 @@ def test_ask_and_generate_batch_refuse_a_surrogate(tiny_model_and_processor, que
 def test_the_processor_refuses_a_surrogate_in_a_prompt(processor):
     with pytest.raises(PromptError, match=r"The prompt contains .*U\+D800 at character 1"):
         processor(text=SURROGATE_TEXT)
-    with pytest.raises(PromptError, match=r"Prompt 1 contains .*U\+DC80 at character 10"):
+    with pytest.raises(PromptError, match=r"Prompt 2 of 2 contains .*U\+DC80 at character 10"):
         processor(text=["hi", CHAT_FORMAT.format("x\udc80")])
 
 

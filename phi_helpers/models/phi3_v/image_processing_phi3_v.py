@@ -207,21 +207,50 @@ def check_not_closed(image: Image.Image, source: str) -> None:
         ) from None
 
 
-def _to_rgb(image, position: int) -> Image.Image:
-    """A decoded RGB PIL image; the original converts every image with ``.convert("RGB")``, which is
-    a plain copy for an image that is RGB already, so only other modes are converted."""
-    image = _to_pil(image)
-    check_not_closed(image, f"Image {position}")
+def to_rgb(image, name: str | None = None) -> Image.Image:
+    """``image`` as a decoded RGB PIL image; the original converts every image with ``.convert("RGB")``,
+    which is a plain copy for an image that is RGB already, so only other modes are converted.
+
+    ``name`` starts the error message about an image among several ("Image 2 of 3", "Prompt 2 of 2,
+    image 1 of 1"); a lone image (None) is "Image 1", and an error about its type is not prefixed.
+    """
     try:
-        image.load()  # decode a lazily opened file now, so a broken file fails here with a clear error
-        return image if image.mode == "RGB" else image.convert("RGB")
+        pil = _to_pil(image)
+    except ImageLoadError as error:
+        if name is None:
+            raise
+        raise ImageLoadError(f"{name}: {error}") from None
+    name = name or "Image 1"
+    check_not_closed(pil, name)
+    try:
+        pil.load()  # decode a lazily opened file now, so a broken file fails here with a clear error
+        return pil if pil.mode == "RGB" else pil.convert("RGB")
     except (OSError, ValueError) as error:
-        raise ImageLoadError(f"Image {position} could not be decoded ({error}). Is the file complete?") from error
+        raise ImageLoadError(f"{name} could not be decoded ({error}). Is the file complete?") from error
 
 
-def channel_values(values) -> np.ndarray:
-    """Mean or std as float32 numbers for the three channels (one value stands for all three)."""
-    return np.broadcast_to(np.asarray(values, dtype=np.float32).reshape(-1), (3,))
+def image_name(position: int, count: int) -> str | None:
+    """How errors name image ``position`` (from 1) of ``count`` images: None for a lone image (see `to_rgb`)."""
+    return None if count == 1 else f"Image {position} of {count}"
+
+
+def channel_values(values, name: str) -> np.ndarray:
+    """Mean or std (``name``) as float32 numbers for the three channels: one number stands for all three,
+    as in the original (torchvision's Normalize). InvalidArgumentError for anything else, and for a std
+    that is not above 0 (the pixels would be divided by 0 or flipped)."""
+    positive = name == "image_std"
+    try:
+        numbers = np.asarray(values, dtype=np.float32).reshape(-1)
+        usable = numbers.size in (1, 3) and np.isfinite(numbers).all() and not (positive and (numbers <= 0).any())
+    except (TypeError, ValueError):  # not numbers
+        usable = False
+    if not usable:
+        raise InvalidArgumentError(
+            f"{name} must be 3 {'positive ' * positive}numbers, one per channel (red, green, blue), or one number "
+            f"for all three; got {values!r}. Phi-3-vision was trained with OpenAI CLIP's {name}, "
+            f"{OPENAI_CLIP_STD if positive else OPENAI_CLIP_MEAN}, the default."
+        )
+    return np.broadcast_to(numbers, (3,))
 
 
 def normalise_into(pixels: np.ndarray, out: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
@@ -235,12 +264,24 @@ def normalise_into(pixels: np.ndarray, out: np.ndarray, mean: np.ndarray, std: n
         np.divide(values, std[channel], out=values)
 
 
-def flatten_images(images) -> list:
+def flatten_images(images, where: str = "images") -> list:
+    """``images`` (None, an image, or lists of images nested to any depth) as one flat list.
+
+    A None inside a list is refused (ImageLoadError naming its place, ``images[1]``): it is usually an
+    image that failed to load, and dropping it would give the next image its tag."""
     if images is None:
         return []
-    if isinstance(images, (list, tuple)):
-        return [item for element in images for item in flatten_images(element)]
-    return [images]
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for index, element in enumerate(images):
+        if element is None:
+            raise ImageLoadError(
+                f"{where}[{index}] is None, not an image. Leave it out of the list (a prompt without images takes "
+                "an empty list []), or check the code that loaded it."
+            )
+        flat += flatten_images(element, f"{where}[{index}]")
+    return flat
 
 
 class Phi3VImagesKwargs(ImagesKwargs, total=False):
@@ -277,6 +318,8 @@ class Phi3VImageProcessor(BaseImageProcessor):
     ):
         super().__init__(**kwargs)
         self.num_crops = check_num_crops(num_crops)
+        channel_values(image_mean, "image_mean")  # refuses unusable values now, not at the first image
+        channel_values(image_std, "image_std")
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.do_convert_rgb = do_convert_rgb
@@ -343,17 +386,25 @@ class Phi3VImageProcessor(BaseImageProcessor):
         return [h, w]
 
     def preprocess(
-        self, images, num_crops: int | None = None, image_mean=None, image_std=None, return_tensors="pt", **kwargs
+        self, images, num_crops: int | None = None, image_mean=None, image_std=None, do_convert_rgb=None,
+        return_tensors="pt", **kwargs
     ) -> BatchFeature:
         """Process one image or a list of images.
+
+        ``num_crops``, ``image_mean`` and ``image_std`` override the processor's for this call;
+        ``do_convert_rgb`` is accepted and has no effect, as in the original (which converts to RGB
+        either way). Other options (``do_normalize``, ``size``...) are refused: the HD transform is
+        how Phi-3-vision was trained.
 
         Returns a BatchFeature with ``pixel_values`` (N, num_crops + 1, 3, 336, 336) float32,
         ``image_sizes`` (N, 2) = [canvas_h, canvas_w] per image, and ``num_img_tokens`` (N,).
         """
+        _refuse_options(kwargs)
         num_crops = self.num_crops if num_crops is None else num_crops
-        mean = channel_values(self.image_mean if image_mean is None else image_mean)
-        std = channel_values(self.image_std if image_std is None else image_std)
-        images = [_to_rgb(image, position) for position, image in enumerate(flatten_images(images), start=1)]
+        mean = channel_values(self.image_mean if image_mean is None else image_mean, "image_mean")
+        std = channel_values(self.image_std if image_std is None else image_std, "image_std")
+        images = flatten_images(images)
+        images = [to_rgb(image, image_name(position, len(images))) for position, image in enumerate(images, start=1)]
         if not images:
             raise ImageLoadError("No images were given to the image processor.")
         check_num_crops(num_crops)
@@ -368,6 +419,18 @@ class Phi3VImageProcessor(BaseImageProcessor):
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+
+def _refuse_options(kwargs: dict) -> None:
+    """InvalidArgumentError for an option `Phi3VImageProcessor.preprocess` does not read (``do_normalize=False``,
+    ``size=...``), rather than an output that silently ignores it; None means "not set" and passes."""
+    for name, value in kwargs.items():
+        if value is not None:
+            raise InvalidArgumentError(
+                f"Phi3VImageProcessor does not take {name}={value!r}: it always resizes, pads and normalises images "
+                "the way Phi-3-vision was trained (the HD transform). Its options are num_crops (the most 336x336 tiles "
+                "per image), image_mean, image_std, do_convert_rgb and return_tensors."
+            )
 
 
 __all__ = ["Phi3VImageProcessor", "hd_canvas_size", "image_from_array", "num_image_tokens"]

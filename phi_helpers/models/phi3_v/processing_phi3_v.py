@@ -11,7 +11,14 @@ Differences from the original processor, on purpose (docs/native-implementation.
 * a list of prompts, each with its own images, is batched with left padding;
 * bad tags raise PromptImageMismatchError instead of an assert or silently wrong features; a prompt
   that is not text (or holds a surrogate code point) raises PromptError, a file name given as an image
-  InvalidArgumentError, instead of a TypeError from the tokenizer.
+  InvalidArgumentError, instead of a TypeError from the tokenizer;
+* the original takes no other option (a TypeError): here transformers' standard options are either
+  implemented (``add_special_tokens``, ``pad_to_multiple_of``, ``return_attention_mask``, and the
+  grouped ``text_kwargs={...}`` / ``images_kwargs={...}`` of transformers 5 and its pipelines) or
+  refused with InvalidArgumentError, never ignored;
+* with images and ``return_tensors="np"`` every output is a numpy array (the original left
+  ``input_ids`` and ``attention_mask`` torch tensors); with ``return_tensors=None`` the outputs are the
+  original's (text only: the tokenizer's lists; with images: ``image_sizes`` a list, the rest tensors).
 
 The prompt is tokenized as it is written: ``<|user|>``, ``<|end|>``... in it are control tokens, as on
 the model card. Text a user types is checked for special tokens before it gets into a prompt
@@ -27,12 +34,14 @@ from pathlib import Path
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import AudioKwargs, ImagesKwargs, TextKwargs, VideosKwargs
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from ...errors import ContextLengthError, InvalidArgumentError, PromptError, PromptImageMismatchError
-from .image_processing_phi3_v import flatten_images
+from ...errors import ContextLengthError, InvalidArgumentError, PromptError, PromptImageMismatchError, check_whole_number
+from .image_processing_phi3_v import Phi3VImagesKwargs, flatten_images, image_name, to_rgb
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # THE image tag pattern of the package: <|image_1|>, <|image_2|>...
+_LOOKS_LIKE_A_TAG = re.compile(r"<\|[^<>|]*image[^<>|]*\|>", re.IGNORECASE)  # <| image_1 |>, <|image_-1|>, <|Image 1|>...
 IMAGE_TOKEN = "<|image|>"
 _SURROGATE = re.compile("[\ud800-\udfff]")  # code points that are not characters: UTF-8 cannot encode them
 PADDING_CHOICES = (False, True, "longest", "max_length", "do_not_pad")  # the tokenizer's; all but "max_length" pad to the longest
@@ -91,13 +100,61 @@ def check_encodable(text: str, which: str) -> None:
         )
 
 
-def _refuse_misspelt(kwargs: dict) -> None:
-    """InvalidArgumentError for a keyword that is a near miss of one of ``Phi3VProcessor.__call__``'s own
-    (``num_crop=16`` would otherwise be ignored without a word); other keywords pass, unread."""
-    for name in kwargs:
-        close = difflib.get_close_matches(name, _CALL_ARGUMENTS, n=1, cutoff=0.85)  # not min_length (max_length) nor truncation_side
+# transformers' standard processor options (ProcessingKwargs) that this processor does not implement. They are
+# refused, not ignored (``add_special_tokens``, ``pad_to_multiple_of`` and ``return_attention_mask``, which it
+# implements, are arguments of __call__): a text option unless it is off (None or False), a video or audio
+# option unless it is None. Image options go to the image processor, which refuses those it does not read.
+_IMAGE_OPTIONS = ImagesKwargs.__optional_keys__ | Phi3VImagesKwargs.__optional_keys__
+_TEXT_OPTIONS = TextKwargs.__optional_keys__
+_VIDEO_AND_AUDIO_OPTIONS = (VideosKwargs.__optional_keys__ | AudioKwargs.__optional_keys__) - _IMAGE_OPTIONS - _TEXT_OPTIONS
+_TEXT_OPTION_HINTS = {
+    "sanitize_control_tokens": "Check typed text before it goes into a prompt: phi_helpers.build_prompt and Chat refuse "
+    "special tokens in it.",
+    "return_offsets_mapping": "apply_chat_template(return_assistant_tokens_mask=True) asks for it, but Phi-3-vision's "
+    "chat template marks no assistant tokens.",
+}
+_TEXT_OPTION_HINTS["return_text_replacement_offsets"] = _TEXT_OPTION_HINTS["return_offsets_mapping"]
+_GROUPED_OPTIONS = ("text_kwargs", "images_kwargs", "common_kwargs", "videos_kwargs", "audio_kwargs")  # transformers 5's way
+
+
+def _image_options(kwargs: dict) -> dict:
+    """The image options in ``kwargs`` (``image_mean=``, ``do_normalize=``...), for the image processor, which
+    reads or refuses them; before that, refuse the text, video and audio options this processor does not
+    implement, and misspelt arguments. The rest (generation settings a pipeline passes along) is ignored."""
+    for name, value in kwargs.items():
+        if name in _IMAGE_OPTIONS:
+            continue
+        if name in _TEXT_OPTIONS and value is not None and value is not False:
+            hint = _TEXT_OPTION_HINTS.get(name, "Call processor.tokenizer(...) for it (the processor tokenizes on its own).")
+            raise InvalidArgumentError(f"Phi3VProcessor does not implement the text option {name}={value!r}. {hint}")
+        if name in _VIDEO_AND_AUDIO_OPTIONS and value is not None:
+            raise InvalidArgumentError(
+                f"Phi3VProcessor does not take {name}={value!r}: Phi-3-vision reads text and images only."
+            )
+        close = difflib.get_close_matches(name, list(_CALL_DEFAULTS), n=1, cutoff=0.85)  # not min_length (max_length) nor truncation_side
         if close:
             raise InvalidArgumentError(f"The processor has no argument {name!r}: did you mean {close[0]}=?")
+    return {name: value for name, value in kwargs.items() if name in _IMAGE_OPTIONS}
+
+
+def _ungroup(kwargs: dict, given: dict) -> dict:
+    """``given`` (the arguments of __call__) and ``kwargs``, with the options inside ``text_kwargs={...}``,
+    ``images_kwargs={...}`` and ``common_kwargs={...}`` taken out of their groups. An option given twice with
+    different values (as a keyword, not left at its default, and in a group) is refused; video and audio
+    groups must be empty."""
+    options = {**given, **kwargs}
+    for group in _GROUPED_OPTIONS:
+        grouped = options.pop(group, None) or {}
+        if not isinstance(grouped, dict):
+            raise InvalidArgumentError(f"{group} must be a dict of options, got {grouped!r:.60}.")
+        if grouped and group in ("videos_kwargs", "audio_kwargs"):
+            raise InvalidArgumentError(f"Phi3VProcessor does not take {group}: Phi-3-vision reads text and images only.")
+        for name, value in grouped.items():
+            before = options.get(name, _CALL_DEFAULTS.get(name))
+            if before != _CALL_DEFAULTS.get(name) and before != value:
+                raise InvalidArgumentError(f"{name} is given twice, as {before!r} and as {value!r}; give it once.")
+            options[name] = value
+    return options
 
 
 def _are_prompts(value) -> bool:
@@ -108,8 +165,8 @@ def _are_prompts(value) -> bool:
 
 
 def _which(index: int, count: int) -> str:
-    """How messages name prompt ``index`` of ``count``."""
-    return "The prompt" if count == 1 else f"Prompt {index}"
+    """How messages name prompt ``index`` (from 0) of ``count``: "The prompt", "Prompt 2 of 3"."""
+    return "The prompt" if count == 1 else f"Prompt {index + 1} of {count}"
 
 
 def _image_numbers(prompt: str) -> list[int]:
@@ -131,9 +188,46 @@ def _check_tags(prompt: str, num_images: int, which: str) -> None:
             if len(numbers) < num_images
             else "Pass one image per tag, in tag order"
         )
+        malformed = [tag for tag in _LOOKS_LIKE_A_TAG.findall(prompt) if not IMAGE_TAG.fullmatch(tag) and tag != IMAGE_TOKEN]
+        if malformed:
+            hint += (
+                f". {malformed[0]!r} in it is not an image tag (it is read as text): write tags as <|image_1|>, "
+                "<|image_2|>... with no spaces, numbered from 1"
+            )
         raise PromptImageMismatchError(
             f"{which} has {len(numbers)} image tag(s) but {num_images} image(s) were given. {hint}."
         )
+
+
+def _rgb_images(images_per_prompt: list[list]) -> list:
+    """Every prompt's images, in order, as RGB PIL images; an error names the image: "Image 2 of 3" of the
+    prompt, or "Prompt 2 of 3, image 1 of 1" in a batch."""
+    rgb = []
+    for index, group in enumerate(images_per_prompt):
+        for position, image in enumerate(group, start=1):
+            name = image_name(position, len(group))
+            if len(images_per_prompt) > 1:
+                name = f"{_which(index, len(images_per_prompt))}, image {position} of {len(group)}"
+            rgb.append(to_rgb(image, name))
+    return rgb
+
+
+def _refuse_other_content(conversation) -> None:
+    """InvalidArgumentError for a chat message item other than text or an image ({"type": "video"}...):
+    the chat template would drop it without a word."""
+    batched = conversation and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
+    conversations = conversation if batched else [conversation]
+    for messages in conversations:
+        for number, message in enumerate(getattr(messages, "messages", messages), start=1):
+            content = message.get("content") if isinstance(message, dict) else None
+            for item in content if isinstance(content, (list, tuple)) else ():
+                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+                if kind not in ("text", "image", "image_url"):
+                    raise InvalidArgumentError(
+                        f"Message {number} holds a {kind!r} item: Phi-3-vision reads text and images only, so its chat "
+                        'template has no place for it. Pass video frames as images ({"type": "image", "image": frame}), '
+                        "or leave the item out."
+                    )
 
 
 def check_context_length(prompt_tokens: int, limit: int, max_new_tokens: int = 0, image_tokens: int = 0) -> None:
@@ -200,6 +294,11 @@ class Phi3VProcessor(ProcessorMixin):
         padding_side: str | None = None,
         return_tensors="pt",
         num_crops: int | None = None,
+        add_special_tokens: bool = True,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = None,
+        videos=None,
+        audio=None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenize prompt(s) and process their images.
@@ -214,14 +313,35 @@ class Phi3VProcessor(ProcessorMixin):
                 through image tokens.
             padding_side: where batches are padded. Default: "left" (what generation needs) when there are
                 images; for text-only prompts the tokenizer's own side ("right"), as in the original.
+            return_tensors: "pt" (default), "np", or None: for text-only prompts, the tokenizer's Python lists
+                (a flat list for one prompt); with images, as the original: image_sizes a list, the rest tensors.
             num_crops: overrides ``image_processor.num_crops`` for this call.
-            kwargs: what transformers' pipeline passes along (generation settings, ``videos``...), ignored;
-                a misspelt argument of this method (``num_crop=``) is refused.
+            add_special_tokens: False leaves out the BOS (id 1) that starts the prompt and each text chunk.
+            pad_to_multiple_of: pads the prompts up to a length that is a multiple of it (a single prompt too).
+            return_attention_mask: False leaves out ``attention_mask``.
+            videos, audio: Phi-3-vision reads neither; None (what pipelines pass) or empty.
+            kwargs: image options go to the image processor (``image_mean=``...); ``text_kwargs={...}``,
+                ``images_kwargs={...}`` and ``common_kwargs={...}`` (transformers 5's grouped options) are
+                read as plain keywords; what a pipeline passes along (generation settings) is ignored;
+                transformers options this processor does not implement, and misspelt arguments
+                (``num_crop=``), are refused.
 
         Returns a BatchFeature with ``input_ids``, ``attention_mask`` and, with images, ``pixel_values``
         and ``image_sizes``.
         """
-        _refuse_misspelt(kwargs)
+        if any(group in kwargs for group in _GROUPED_OPTIONS):  # read them as plain keywords
+            given = dict(
+                padding=padding, truncation=truncation, max_length=max_length, padding_side=padding_side,
+                return_tensors=return_tensors, num_crops=num_crops, add_special_tokens=add_special_tokens,
+                pad_to_multiple_of=pad_to_multiple_of, return_attention_mask=return_attention_mask, videos=videos, audio=audio,
+            )
+            return self(text, images, **_ungroup(kwargs, given))
+        image_options = _image_options(kwargs)
+        if flatten_images(videos, "videos") or flatten_images(audio, "audio"):
+            raise InvalidArgumentError(
+                "Phi-3-vision reads text and images only, not videos or audio. Pass video frames as images, each "
+                "with its own <|image_N|> tag."
+            )
         if _are_prompts(images) and not _are_prompts(text):
             text, images = images, text  # called as processor(images, text)
         if text is None:
@@ -233,6 +353,10 @@ class Phi3VProcessor(ProcessorMixin):
             )
         if padding not in PADDING_CHOICES:
             raise InvalidArgumentError(f"padding must be one of {PADDING_CHOICES}, got {padding!r}.")
+        if padding_side not in (None, "left", "right"):
+            raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if pad_to_multiple_of is not None:
+            check_whole_number(pad_to_multiple_of, "pad_to_multiple_of", minimum=1)
         prompts = [text] if isinstance(text, str) else list(text)
         for index, prompt in enumerate(prompts):
             check_encodable(prompt, _which(index, len(prompts)))
@@ -244,35 +368,54 @@ class Phi3VProcessor(ProcessorMixin):
             )
         images_per_prompt = self._split_images(prompts, images)
 
-        all_images = [image for group in images_per_prompt for image in group]
-        if not all_images:  # text only: the tokenizer's own truncation and padding, as in the original
+        if not any(images_per_prompt):  # text only: the tokenizer's own truncation and padding, as in the original
             if truncation is None:  # the tokenizer's rule: max_length truncates when padding is not asked for
-                truncation = max_length is not None and padding is False
-            sequences = self.tokenizer(prompts, truncation=truncation, max_length=max_length, verbose=False).input_ids
-            self._check_length(sequences)
-            length = (max_length or self.tokenizer.model_max_length) if padding == "max_length" else 0
-            input_ids, attention_mask = self._pad(sequences, padding_side or self.tokenizer.padding_side, length)
-            return BatchFeature(data={"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
+                truncation = max_length is not None and padding in (False, "do_not_pad")
+            if pad_to_multiple_of and padding in (False, "do_not_pad"):
+                padding = "longest"  # the tokenizer would ignore pad_to_multiple_of without padding
+            encoded = self.tokenizer(
+                prompts, padding=padding, truncation=truncation, max_length=max_length, padding_side=padding_side,
+                pad_to_multiple_of=pad_to_multiple_of, add_special_tokens=add_special_tokens,
+                return_attention_mask=return_attention_mask, verbose=False,
+            )
+            self._check_length(encoded["input_ids"])
+            if return_tensors is None:  # the tokenizer's lists, as the original returns them
+                return BatchFeature(data={key: rows[0] for key, rows in encoded.items()} if isinstance(text, str) else dict(encoded))
+            if len({len(ids) for ids in encoded["input_ids"]}) > 1:  # rows of unequal length cannot be a tensor
+                encoded = self.tokenizer.pad(
+                    encoded, padding="longest", padding_side=padding_side, return_attention_mask=return_attention_mask
+                )
+            return BatchFeature(data=dict(encoded), tensor_type=return_tensors)
 
         if truncation:
             raise InvalidArgumentError("Truncation would cut through image tokens; shorten the prompt instead.")
-        image_inputs = self.image_processor(all_images, num_crops=num_crops, return_tensors="pt")
-        tokens_per_image = image_inputs.pop("num_img_tokens").tolist()
+        all_images = _rgb_images(images_per_prompt)
+        # as the original: the image processor makes pixel_values a tensor and, with return_tensors=None, image_sizes a list
+        image_inputs = self.image_processor(all_images, num_crops=num_crops, return_tensors=return_tensors, **image_options)
+        tokens_per_image = [int(count) for count in image_inputs.pop("num_img_tokens")]
         sequences, offset = [], 0
         for prompt, group in zip(prompts, images_per_prompt):
-            sequences.append(self._tokenize(prompt, tokens_per_image[offset : offset + len(group)]))
+            sequences.append(self._tokenize(prompt, tokens_per_image[offset : offset + len(group)], add_special_tokens))
             offset += len(group)
         self._check_length(sequences)
-        input_ids, attention_mask = self._pad(sequences, padding_side or "left")
+        input_ids, attention_mask = self._pad(sequences, padding_side or "left", pad_to_multiple_of)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
+        if return_attention_mask is False:
+            del data["attention_mask"]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """ProcessorMixin's, after refusing message items other than text and images ({"type": "video"}...),
+        which the chat template would otherwise drop without a word."""
+        _refuse_other_content(conversation)
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _split_images(self, prompts: list[str], images) -> list[list]:
         """Assign images to prompts and check every prompt's tags against its images."""
         if len(prompts) == 1:
             groups = [flatten_images(images)]
         elif isinstance(images, (list, tuple)) and images and all(isinstance(g, (list, tuple)) for g in images):
-            groups = [flatten_images(group) for group in images]
+            groups = [flatten_images(group, f"images[{index}]") for index, group in enumerate(images)]
         else:  # one flat list for several prompts: hand out images in tag order
             flat, groups = flatten_images(images), []
             for prompt in prompts:
@@ -297,12 +440,13 @@ class Phi3VProcessor(ProcessorMixin):
             _check_tags(prompt, len(group), which)
         return groups
 
-    def _tokenize(self, prompt: str, tokens_per_image: list[int]) -> list[int]:
-        """Chunks between tags are tokenized separately (each starts with BOS); tags become image runs."""
+    def _tokenize(self, prompt: str, tokens_per_image: list[int], add_special_tokens: bool) -> list[int]:
+        """Chunks between tags are tokenized separately (each starts with BOS, unless add_special_tokens is
+        False); tags become image runs."""
         chunks = IMAGE_TAG.split(prompt)[::2]  # split() also returns the captured numbers; drop them
-        ids = self.tokenizer(chunks[0], verbose=False).input_ids
+        ids = self.tokenizer(chunks[0], add_special_tokens=add_special_tokens, verbose=False).input_ids
         for count, chunk in zip(tokens_per_image, chunks[1:]):
-            ids += [self.image_token_id] * count + self.tokenizer(chunk, verbose=False).input_ids
+            ids += [self.image_token_id] * count + self.tokenizer(chunk, add_special_tokens=add_special_tokens, verbose=False).input_ids
         return ids
 
     def _check_length(self, sequences: list[list[int]]) -> None:
@@ -312,11 +456,11 @@ class Phi3VProcessor(ProcessorMixin):
         image_tokens = sum(token == self.image_token_id for token in longest)
         check_context_length(len(longest), self.tokenizer.model_max_length, image_tokens=image_tokens)
 
-    def _pad(self, sequences: list[list[int]], padding_side: str, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad to the longest sequence, or to ``length`` if that is longer."""
-        if padding_side not in ("left", "right"):
-            raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-        length = max(length, *(len(s) for s in sequences))
+    def _pad(self, sequences: list[list[int]], padding_side: str, multiple: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to the longest sequence, rounded up to a ``multiple`` of it if one is given."""
+        length = max(len(s) for s in sequences)
+        if multiple:
+            length = -(-length // multiple) * multiple
         pad_id = self.tokenizer.pad_token_id
         input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -331,8 +475,11 @@ class Phi3VProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
 
 
-# The keywords of Phi3VProcessor.__call__, for _refuse_misspelt (read once, not on every call).
-_CALL_ARGUMENTS = [name for name in inspect.signature(Phi3VProcessor.__call__).parameters if name not in ("self", "kwargs")]
+# The keywords of Phi3VProcessor.__call__ and their defaults, for _image_options and _ungroup (read once, not on every call).
+_CALL_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(Phi3VProcessor.__call__).parameters.items()
+    if name not in ("self", "kwargs")
+}
 
 __all__ = [
     "Phi3VProcessor", "processor_chat_template", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length",
