@@ -4,31 +4,15 @@ refused (never ignored), and errors that name the prompt, image or tag at fault.
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from phi_helpers import ImageLoadError, PromptImageMismatchError
 from phi_helpers.errors import InvalidArgumentError
 from phi_helpers.models.phi3_v.image_processing_phi3_v import Phi3VImageProcessor
-from phi_helpers.models.phi3_v.processing_phi3_v import Phi3VProcessor
-from phi_helpers.testing import FIXTURES
 
-IMAGE = 32044
-PROMPT = "<|user|>\n<|image_1|>\nWhat is shown in this image?<|end|>\n<|assistant|>\n"
+from test_processor import IMAGE, PROMPT, QUESTION_CHUNK, USER_CHUNK, image, processor  # noqa: F401  (a fixture)
+
 TEXT = "<|user|>\nHi<|end|>\n<|assistant|>\n"
 TEXTS = [TEXT, "<|user|>\nA longer question here<|end|>\n<|assistant|>\n"]
-USER_CHUNK = [1, 32010, 29871, 13]  # spec §5.4: BOS starts every chunk
-QUESTION_CHUNK = [1, 29871, 13, 5618, 338, 4318, 297, 445, 1967, 29973, 32007, 29871, 13, 32001]
-
-
-@pytest.fixture(scope="module")
-def processor():
-    tokenizer = TokenizersBackend.from_pretrained(FIXTURES)
-    return Phi3VProcessor(image_processor=Phi3VImageProcessor(num_crops=4), tokenizer=tokenizer)
-
-
-def image(width=640, height=480, colour=(200, 30, 30)):
-    return Image.new("RGB", (width, height), colour)
 
 
 # --- return_tensors as the original: text-only prompts go to tokenizer(texts, ..., return_tensors=...) -----
