@@ -667,11 +667,13 @@ def _tiny_checkpoint() -> Path:
     """Path of the cached tiny random checkpoint, built on first use, and built again when it is incomplete
     or was built by another version of ``make_tiny_checkpoint`` (its marker file names the build).
 
-    Lives in ``$PHI_HELPERS_CACHE/tiny-phi-3.5-vision`` (default cache: ``~/.cache/phi_helpers``). Two
-    processes may build at once: each builds into a folder of its own and renames it into place.
+    Lives in ``$PHI_HELPERS_CACHE/tiny-phi-3.5-vision`` (default cache: ``$XDG_CACHE_HOME/phi_helpers`` where
+    that variable is set, else ``~/.cache/phi_helpers``). Two processes may build at once: each builds into a
+    folder of its own and renames it into place.
     """
     _print_tiny_notice()
-    cache = Path(os.environ.get("PHI_HELPERS_CACHE") or "~/.cache/phi_helpers").expanduser()
+    default = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "phi_helpers"
+    cache = Path(os.environ.get("PHI_HELPERS_CACHE") or default).expanduser()
     target = cache / _TINY_DIR_NAME
     build = _tiny_build()
     if _is_current(target, build):

@@ -5,36 +5,66 @@ options and examples. What the commands do is in ``phi_helpers.cli.tasks`` (pred
 ``phi_helpers.cli.evaluate`` (eval); this module reads the arguments, checks them, loads the model
 and writes the results.
 
-Exit codes: 0 success; 1 a runtime error (missing file, unreadable image, bad URL, unwritable
-output, some items of a batch failed, an extraction that does not follow its schema...); 2 a usage
-error (argparse: unknown task, vqa without --prompt...); 130 interrupted with Ctrl-C; 141 the reader
-of stdout went away (``| head``). Errors are one line on stderr starting with ``error:``; set
-``PHI_HELPERS_DEBUG=1`` to get the full traceback instead.
+Exit codes: ``EXIT_CODES`` (``phi-helpers --help`` and the README show the same table). Errors are one
+line on stderr starting with ``error:``; set ``PHI_HELPERS_DEBUG=1`` to get the full traceback instead.
+A run stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) cleans up, says what it kept, and then, run as the
+console script, ends by that same signal (``main``), as a shell expects of a program.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import textwrap
 from pathlib import Path
+
+from transformers.utils import logging as hf_logging
 
 from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAMES, DTYPES
 from ..api.loading import check_device, check_dtype, requested_model_id
 from ..api.prompts import check_user_text
 from ..api.quantization import QUANTIZE_CHOICES, check_quantize
-from ..errors import InvalidArgumentError, PromptError, check_whole_number
+from ..errors import CommandLineError, InvalidArgumentError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input, terminal_safe
 from .outputs import (
-    JsonlWriter, OutputLock, appends_lines, check_answers, check_output_path, check_replaceable, error_message,
-    failure_line, finish_run, input_files, item_fields, json_safe, make_record, model_info, nothing_left, progress_bar,
-    request_fields, resume, schema_advice, terminate_as_interrupt, write_atomically,
+    STOP_SIGNALS, JsonlWriter, OutputBusyError, OutputLock, Progress, appends_lines, check_answers, check_output_path,
+    check_replaceable, error_message, failure_line, finish_run, flush_stdout, input_files, item_fields, json_safe,
+    make_record, model_info, nothing_left, print_result, request_fields, resume, schema_advice, stopping_signal,
+    terminate_as_interrupt, write_atomically,
 )
 from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
 from .tasks import TASKS, ModelLoader, chunks, predict, predict_items, read_schema, task_prompt
+
+
+EXIT_TRY_LATER = 75  # EX_TEMPFAIL of sysexits.h: a temporary failure, try again later
+EXIT_READER_GONE = 141  # what a shell reports for a program that SIGPIPE ended: 128 + 13
+# The exit codes of phi-helpers: the one table, shown by every --help (exit_codes_text) and in the README.
+EXIT_CODES = {
+    0: "success",
+    1: "a run-time error: a missing file or model, an unwritable output, an item that failed, an answer that "
+       "does not follow its schema",
+    2: "a usage error: an unknown option or task, vqa without --prompt... (nothing ran)",
+    EXIT_TRY_LATER: "another phi-helpers run is writing this --output now: try again later (EX_TEMPFAIL)",
+    129: "stopped by SIGHUP: the terminal closed, an ssh connection dropped",
+    130: "stopped by Ctrl-C (SIGINT)",
+    EXIT_READER_GONE: "the reader of standard output went away (a pipe into head, which stops reading)",
+    143: "stopped by SIGTERM: timeout, kill, docker stop, a scheduler's cancel",
+}
+EXIT_NOTE = ("129, 130 and 143 keep what was written; the command says so, then ends by the signal itself, which a "
+             "shell reports as 128 + its number (and a shell loop around the command stops on Ctrl-C).")
+
+
+def exit_codes_text() -> str:
+    """``EXIT_CODES`` as the help's epilogs show them."""
+    entries = [textwrap.fill(meaning, 100, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
+               for code, meaning in EXIT_CODES.items()]
+    return "\n".join(["exit codes:", *entries, "", textwrap.fill(EXIT_NOTE, 100, initial_indent="  ", subsequent_indent="  ")])
 
 
 PREDICT_EXAMPLES = """\
@@ -79,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phi-helpers",
         description="Run Phi-3-vision / Phi-3.5-vision from the command line (also: python -m phi_helpers).",
+        epilog=exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict_parser(commands)
@@ -91,7 +123,7 @@ def _add_predict_parser(commands) -> None:
         "predict",
         help="caption, transcribe, question or extract JSON from images",
         description="Run one task on an image, a folder of images, a glob pattern or a PDF.",
-        epilog=PREDICT_EXAMPLES,
+        epilog=f"{PREDICT_EXAMPLES}\n{exit_codes_text()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -131,7 +163,7 @@ def _add_eval_parser(commands) -> None:
         "eval",
         help="score the model on a labelled set (character error rate, field exact match)",
         description="Run the model on every item of DIR/manifest.jsonl and score the answers.",
-        epilog=EVAL_EXAMPLES,
+        epilog=f"{EVAL_EXAMPLES}\n{exit_codes_text()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, metavar="DIR", help="folder with manifest.jsonl (e.g. data/eval)")
@@ -292,25 +324,87 @@ def _check_predict_args(args) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    """Run the command line with ``argv`` and return its exit code (``EXIT_CODES``).
+
+    Without ``argv`` (the console script ``phi-helpers``, ``python -m phi_helpers``) it reads ``sys.argv[1:]``,
+    and a run stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) ends, after its cleanup and message, by that same
+    signal: a shell sees what stopped it (130, 143, 129) and a shell loop around the command stops too. A
+    program or test that passes ``argv`` gets the code back instead (128 + the signal's number).
+    """
+    _fill_closed_streams()
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: message + exit code 2 (SystemExit)
+    code = run_command(args)
+    if argv is None and code in STOPPED_BY:
+        _end_by_signal(STOPPED_BY[code])
+    return code
+
+
+STOPPED_BY = {128 + number: number for number in (signal.SIGINT, *STOP_SIGNALS)}  # exit code -> the signal
+
+
+def run_command(args) -> int:
+    """Run the command ``args`` asks for; return the exit code. Every error ends here as one line on stderr."""
     try:
-        with terminate_as_interrupt():  # timeout, kill: stopped as Ctrl-C stops it, with its message
+        with terminate_as_interrupt(), _loading_bar_only_on_a_terminal():  # timeout, kill, a closed terminal: as Ctrl-C
             code = run_predict(args) if args.command == "predict" else run_eval_command(args, load=lambda: ModelLoader.of(args)())
-        sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at exit (exit code 120)
+        flush_stdout()  # a closed pipe shows here, in the handler below, not at exit (exit code 120)
         return code
-    except KeyboardInterrupt:
-        print(f"error: interrupted ({interrupted_note(args)})", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        stopped_by = stopping_signal(interrupt)
+        by = "" if stopped_by == signal.SIGINT else f" by {stopped_by.name}"
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal that stderr was may be gone
+            print(f"error: interrupted{by} ({interrupted_note(args)})", file=sys.stderr, flush=True)
+        return 128 + stopped_by
     except BrokenPipeError:  # stdout was closed by its reader (| head): stop quietly, as a shell command would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
-        return 141
+        return EXIT_READER_GONE
     except Exception as error:  # noqa: BLE001  (one line, never a traceback; PHI_HELPERS_DEBUG=1 shows it)
         if os.environ.get("PHI_HELPERS_DEBUG"):
             raise
         print(terminal_safe(f"error: {error_message(error)}"), file=sys.stderr)
-        return 1
+        return EXIT_TRY_LATER if isinstance(error, OutputBusyError) else 1
+
+
+def _end_by_signal(number: int) -> None:
+    """End this process by signal ``number`` with its default action, as a shell expects of a program that a
+    signal stopped (POSIX only; elsewhere the exit code says it)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
+
+
+def _fill_closed_streams() -> None:
+    """Standard output or error closed by the caller (``>&-``, ``2>&-``): /dev/null takes the descriptor, so
+    that no file this run opens gets number 1 or 2 (what C code, Ray or a child process writes to its
+    stdout or stderr would go into that file: into the results). ``sys.stderr`` writes to /dev/null then
+    (transformers' import already sees to it); ``sys.stdout`` stays None, as Python leaves a closed stdout:
+    an answer or report printed there would be lost, so the commands refuse to print to it (``run_single``,
+    ``run_eval_command``)."""
+    for number in (1, 2):
+        try:
+            os.fstat(number)
+        except OSError:  # closed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), number)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _loading_bar_only_on_a_terminal():
+    """transformers' "Loading weights" bar, as ours (``Progress``), only on a terminal: in a log, its carriage
+    returns glue its updates onto one line."""
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def interrupted_note(args) -> str:
@@ -349,6 +443,9 @@ def task_options(args, schema) -> dict:
 
 def run_single(args, schema) -> int:
     """One image: everything is checked before the (slow) model loading; the answer is printed or written."""
+    if sys.stdout is None and not args.output:
+        raise CommandLineError("Standard output is closed, so the answer would be printed to nowhere: write it to a "
+                               "file with --output FILE (or give the command a standard output).")
     (item,) = collect_items(args.image[0])
     image = item.load()  # a missing file, unreadable image or bad URL fails here, before loading the model
     if args.output:
@@ -365,7 +462,7 @@ def run_single(args, schema) -> int:
         write_atomically(Path(args.output), text + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     else:
-        print(text)
+        print_result(text)
     if record.get("valid") is False:  # the answer is kept (printed or written) and the exit code says it is not usable
         print(f"error: the answer does not follow the schema ({'; '.join(record['errors'])}); "
               f"{schema_advice([record], args.max_new_tokens)}", file=sys.stderr)
@@ -402,15 +499,15 @@ def _predict_into(output: Path, todo: list, args, schema, request: dict) -> int:
     model, processor = ModelLoader.of(args)()
     info = model_info(model, processor)
     failed = 0
-    with JsonlWriter(output) as writer, progress_bar(len(todo), args.task) as bar:
+    with JsonlWriter(output) as writer, Progress(len(todo), args.task) as progress:
         for batch in chunks(todo, args.batch_size):
             for record in predict_items(model, processor, batch, args.task, **task_options(args, schema)):
                 record = make_record(record, args.task, args.schema, info, request)
                 writer.write(record)
                 if "error" in record:
                     failed += 1
-                    bar.write(failure_line(record), file=sys.stderr)
-            bar.update(len(batch))
+                    progress.failed(failure_line(record))
+            progress.update(len(batch))
     return failed
 
 

@@ -21,7 +21,7 @@ from ..api.structured import load_schema, schema_validator
 from ..errors import CommandLineError, ManifestError, SchemaError
 from .inputs import Item, is_multi_page_tiff, is_pdf, terminal_safe
 from .outputs import (
-    check_output_path, check_replaceable, holds_records, json_safe, model_info, progress_bar, write_atomically,
+    Progress, check_output_path, check_replaceable, holds_records, json_safe, model_info, print_result, write_atomically,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, predict_items, read_schema
 
@@ -490,24 +490,32 @@ def _summary_lines(report: dict) -> str:
 
 
 def run_eval_command(args, load) -> int:
-    """``phi-helpers eval``: check the set, load the model with ``load()``, run, print, write the report."""
+    """``phi-helpers eval``: check the set, load the model with ``load()``, run, write the report, print it.
+
+    The report file and what stderr has to say come first, the tables on stdout last: a reader of stdout
+    that goes away (``| head``) or a full disk behind it cannot lose the report or the ``failed:`` lines."""
+    if sys.stdout is None and not args.output:
+        raise CommandLineError("Standard output is closed, so the report would be printed to nowhere: write it to "
+                               "a file with --output FILE (or give the command a standard output).")
     entries = read_manifest(args.data, args.limit)
     for schema in sorted({entry["schema"] for entry in entries if "schema" in entry}):
         read_schema(schema, args.constrain)  # a broken or unsupported schema fails now, not after loading the model
     if args.output:
         check_report_path(Path(args.output), Path(args.data))
     model, processor = load()
-    with progress_bar(len(entries), "eval") as bar:
+    with Progress(len(entries), "eval") as progress:
         report = evaluate(
-            model, processor, entries, args.batch_size, args.max_new_tokens, progress=bar.update, constrain=args.constrain
+            model, processor, entries, args.batch_size, args.max_new_tokens, progress=progress.update,
+            constrain=args.constrain,
         )
     report["data"] = str(args.data)
-    print(format_report(report))
     if args.output:
         write_atomically(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
     report_cut_off(report["items"], args.max_new_tokens)
-    return report_failures(report["items"], args.output)
+    code = report_failures(report["items"], args.output)
+    print_result(format_report(report))
+    return code
 
 
 def check_report_path(path: Path, data_dir: Path) -> None:

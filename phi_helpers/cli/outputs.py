@@ -8,7 +8,11 @@
   line of a killed run aside; ``plan_resume`` reads back which items an earlier run already answered
   for the same request, so that a re-run skips exactly those; ``latest_records`` gives a reader each
   item's last line, matched the same way;
-* ``check_output_path`` fails before the model loads; ``write_atomically`` never leaves half a file.
+* ``check_output_path`` fails before the model loads; ``write_atomically`` never leaves half a file;
+  ``print_result`` prints an answer or a report and names standard output when writing it fails;
+* ``Progress`` shows a run's progress and its ``failed:`` lines on stderr (a bar on a terminal, a
+  plain line now and then in a log); ``terminate_as_interrupt`` stops a run on SIGTERM or SIGHUP as
+  Ctrl-C does.
 
 File names that are not valid UTF-8 (possible on Linux) are written losslessly: ``"source"`` shows
 the undecodable bytes as ``\\xNN`` escapes, and ``"source_b64"`` holds the exact bytes of the name
@@ -31,7 +35,9 @@ import signal
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import huggingface_hub
@@ -659,9 +665,14 @@ class JsonlWriter:
                 raise self._write_error(error) from None
 
 
+class OutputBusyError(CommandLineError):
+    """Another run holds the lock on the output (``OutputLock``): try again later (the command line's exit
+    code 75, EX_TEMPFAIL, so that a scheduler can tell "busy" from "failed")."""
+
+
 class OutputLock:
     """An exclusive lock on a JSON-lines output, held for a whole run, so that two runs never write (or
-    repair) one file at once: the second stops at once with ``CommandLineError``. The lock is
+    repair) one file at once: the second stops at once with ``OutputBusyError``. The lock is
     ``flock`` on the file itself; ``follow`` moves it to the file now at the path after ``repair_jsonl``
     replaced it. A file this lock created and nothing wrote is removed again. (No lock where ``fcntl``
     does not exist, on Windows.)
@@ -690,7 +701,7 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise CommandLineError(
+                raise OutputBusyError(
                     f"Another phi-helpers run is writing '{self.path}' now. Wait for it to end (then run this "
                     "command again: it goes on from there), or give this run another --output."
                 ) from None
@@ -725,9 +736,59 @@ def _ends_with_newline(path: Path) -> bool:
         return file.read(1) == b"\n"
 
 
-def progress_bar(total: int, description: str):
-    """A tqdm progress bar on stderr (stdout stays clean for results)."""
-    return tqdm(total=total, desc=description, unit="image", file=sys.stderr)
+PROGRESS_SECONDS = 30  # without a terminal, Progress writes a line this often (and one at the end)
+
+
+class Progress:
+    """A run's progress on stderr (stdout stays clean for results), and a ``failed:`` line per failed item.
+
+    On a terminal: a tqdm bar, the ``failed:`` lines printed above it. Anywhere else (a log file, cron, a
+    container, a pipe, a notebook), where the bar's carriage returns would glue the whole run onto one line:
+    no bar, but a line such as ``caption: 120/10000 done, 3 failed, 0:02:00`` every ``PROGRESS_SECONDS``
+    and one at the end, and each ``failed:`` line on a line of its own (``grep '^failed:'`` finds them).
+
+        with Progress(len(items), "caption") as progress:
+            progress.failed(failure_line(record))   # an item that failed (counted)
+            progress.update(len(batch))             # items done, failed ones included
+    """
+
+    def __init__(self, total: int | None, description: str):
+        self.total, self.description = total, description
+        self.done = self.failures = 0
+        self.started = self.shown = time.monotonic()
+        self.bar = tqdm(total=total, desc=description, unit="image", file=sys.stderr) if sys.stderr.isatty() else None
+
+    def update(self, count: int = 1) -> None:
+        """``count`` more items done."""
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif time.monotonic() - self.shown >= PROGRESS_SECONDS:
+            self._show()
+
+    def failed(self, line: str) -> None:
+        """Show the ``failed:`` line of an item that failed, on a line of its own, and count it."""
+        self.failures += 1
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _show(self) -> None:
+        self.shown = time.monotonic()
+        total = "" if self.total is None else f"/{self.total}"
+        failed = f", {self.failures} failed" if self.failures else ""
+        elapsed = timedelta(seconds=round(self.shown - self.started))
+        print(f"{self.description}: {self.done}{total} done{failed}, {elapsed}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._show()
 
 
 SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # their files are streams or views of the system, not files to write
@@ -754,6 +815,9 @@ def check_output_path(path: Path, inputs=()) -> None:
     if not target.parent.is_dir():
         raise CommandLineError(f"Cannot write '{path}': the folder '{target.parent}' does not exist. Create it first.")
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        if _read_only(target.parent):  # os.access says no for it too, but no permission would help
+            raise CommandLineError(f"Cannot write '{path}': the filesystem that holds '{target.parent}' is read-only "
+                                   "(mounted read-only). Choose an --output on a filesystem you can write to.")
         raise CommandLineError(f"Cannot write '{path}': permission denied. Choose a folder you can write to, or "
                                "change the file's permissions.")
     if target.exists():
@@ -762,6 +826,14 @@ def check_output_path(path: Path, inputs=()) -> None:
                 if os.path.samefile(source, target):
                     raise CommandLineError(f"--output '{path}' is the input '{source}'; writing it would destroy it. "
                                            "Give another file name.")
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether ``folder`` is on a filesystem mounted read-only (False where the system cannot say)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs on Windows
+        return False
 
 
 def input_files(items: list[Item], *paths) -> set[str]:
@@ -879,6 +951,36 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def print_result(text: str) -> None:
+    """Print ``text`` (an answer, a report) on standard output and flush it at once, so that a failed write is
+    reported as one to standard output (a full disk behind ``> file``, ``> /dev/full``). A reader that went
+    away (``| head``: ``BrokenPipeError``) is left to the command line, which stops quietly."""
+    with _writing_stdout():
+        print(text, flush=True)
+
+
+def flush_stdout() -> None:
+    """Flush standard output, if it is open at all (``>&-`` closes it: ``sys.stdout`` is None), as
+    ``print_result`` does."""
+    with _writing_stdout():
+        if sys.stdout is not None:
+            sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _writing_stdout():
+    """A failed write to standard output as a ``CommandLineError`` that says it was standard output."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise CommandLineError(
+            f"Could not write to standard output: {error.strerror or error}. The result was not printed in full; "
+            "make room where standard output goes, or write the result to a file with --output FILE."
+        ) from None
+
+
 def _keep_owner_and_mode(handle: int, original: os.stat_result) -> None:
     """Give the open file ``handle`` the group and permission bits of ``original`` (the file it stands in
     for or sits beside); the group only where this user may set it (a group they belong to)."""
@@ -887,20 +989,37 @@ def _keep_owner_and_mode(handle: int, original: os.stat_result) -> None:
     os.fchmod(handle, stat.S_IMODE(original.st_mode))
 
 
+# Signals that stop a run as Ctrl-C (SIGINT) does: SIGTERM (timeout, kill, docker stop, a scheduler's cancel)
+# and SIGHUP (the terminal closed, an ssh connection dropped). Windows has neither SIGHUP nor its use.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
-    """Inside: SIGTERM (``timeout``, ``kill``, ``docker stop``, a scheduler's cancel) stops the command as
-    Ctrl-C does, so it says what it kept and exits 130, instead of dying without a word. Outside the
-    main thread (where Python cannot set handlers) nothing changes."""
+    """Inside: ``STOP_SIGNALS`` (SIGTERM, SIGHUP) stop the command as Ctrl-C does: ``KeyboardInterrupt``,
+    whose ``stopping_signal`` is the signal, so that the run cleans up and says what it kept instead of
+    dying without a word (and leaving the empty output file its lock made). A signal set to be ignored
+    (``nohup`` ignores SIGHUP) stays ignored. Outside the main thread (where Python cannot set handlers)
+    nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(number, _interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stopping_signal(interrupt: KeyboardInterrupt) -> signal.Signals:
+    """The signal that raised ``interrupt``: the one ``terminate_as_interrupt`` names in it, else SIGINT (Ctrl-C)."""
+    name = interrupt.args[0] if interrupt.args else None
+    return signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGINT

@@ -21,7 +21,9 @@ How the work is split:
   items through ``predict_items``, the function the in-process CLI uses, and builds each line with
   ``make_record``: the records are the CLI's by construction. A bad item gets its error record; a
   replica that dies is restarted by Ray (``REPLICA_RESTARTS`` times at most) and its batch is run again.
-* ``write_records`` streams the records to the driver (with a progress bar and a ``failed:`` line per
+  A model that cannot load fails the replica at its start, and the run with the model's own message
+  (the command line checks a local model folder's files before Ray starts: ``check_model``).
+* ``write_records`` streams the records to the driver (with their progress and a ``failed:`` line per
   error, as the CLI shows them) and writes them there: a JSONL file (appended; the same file the CLI
   writes), or a Parquet folder of part files of ``ROWS_PER_PART`` records each.
 
@@ -46,16 +48,20 @@ from transformers.utils import logging as hf_logging
 
 from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
 from ..api.hardware import GIB, HALF_DTYPES
-from ..api.loading import check_dtype, planned_memory_gib, requested_model_id
+from ..api.choices import is_tiny_model
+from ..api.loading import check_checkpoint_files, check_dtype, planned_memory_gib, requested_model_id
 from ..api.quantization import check_quantize
-from ..errors import CommandLineError, DeviceUnavailableError, ImageLoadError, InvalidArgumentError, RayNotInstalledError
+from ..errors import (
+    CommandLineError, DeviceUnavailableError, ImageLoadError, InvalidArgumentError, ModelLoadError, RayNotInstalledError,
+    expand_home,
+)
 from .inputs import (
     UNREADABLE_SUFFIXES, Item, collect_all, is_pdf, is_supported, is_tiff, item_at, render_pdf_page, terminal_safe,
     warn_left_out,
 )
 from .outputs import (
-    JsonlWriter, OutputLock, check_answers, check_output_path, failure_line, finish_run, input_files, make_record, model_info,
-    nothing_left, progress_bar, request_fields, resume, terminate_as_interrupt,
+    JsonlWriter, OutputLock, Progress, check_answers, check_output_path, failure_line, finish_run, input_files, make_record,
+    model_info, nothing_left, request_fields, resume, terminate_as_interrupt,
 )
 from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, predict_items
 
@@ -430,20 +436,21 @@ def predict_dataset(
 
 
 def iter_records(records, total: int | None = None, description: str = "predict"):
-    """Yield the record dicts of a ``predict_dataset`` result as they arrive, with a progress bar."""
-    with progress_bar(total, description) as bar:
+    """Yield the record dicts of a ``predict_dataset`` result as they arrive, with their progress on stderr
+    (``Progress``: a bar on a terminal, a line now and then elsewhere) and a ``failed:`` line per error."""
+    with Progress(total, description) as progress:
         for row in records.iter_rows():
             record = json.loads(row["record"])
             if "error" in record:
-                bar.write(failure_line(record), file=sys.stderr)
-            bar.update(1)
+                progress.failed(failure_line(record))
+            progress.update(1)
             yield record
 
 
 def write_records(records, path, total: int | None = None, description: str = "predict") -> tuple[int, int]:
     """Write a ``predict_dataset`` result; return ``(records written, records with an error)``.
 
-    The records come to this process as the replicas finish them (``iter_records``: a progress bar,
+    The records come to this process as the replicas finish them (``iter_records``: their progress,
     and a ``failed:`` line on stderr per item that failed) and are written here, so no other Ray work
     runs beside the replicas. ``*.parquet`` (a local path or a URI such as ``s3://bucket/out.parquet``):
     a folder of part files of ``ROWS_PER_PART`` records each, with the columns ``PARQUET_COLUMNS``
@@ -602,6 +609,55 @@ def run_ray(args, schema: dict | None, model: str) -> int:
 FILES_SHOWN = 10  # the retry advice of a Parquet run names this many failed files, then counts the rest
 
 
+def check_model(model: str, num_crops: int | None = None) -> None:
+    """Refuse, before Ray starts, a local model folder that ``load_model`` would refuse in every replica once
+    Ray runs: its missing or broken files (``check_checkpoint_files``, the check ``load_model`` makes before
+    loading). ``ModelLoadError`` names the file. A hub id, the tiny model and a path that is no folder are
+    left to the replicas (a replica that cannot load its model stops the run with its error)."""
+    if is_tiny_model(model):
+        return
+    folder = expand_home(model, "model folder", ModelLoadError)
+    if folder.is_dir():
+        check_checkpoint_files(folder, check_num_crops=num_crops is None)
+
+
+ERRORS_MODULE = "phi_helpers.errors."  # how Ray names the class of our own errors in its report
+
+
+def replica_death_error(error) -> CommandLineError:
+    """What the run says when a model replica died (Ray's ``ActorDiedError``).
+
+    A replica that raised while it started (``actor_init_failed``: loading the model failed) died once and is
+    not restarted: the message is the error it raised, read from the end of Ray's report of it (phi_helpers'
+    own errors say what to do). A replica killed while it ran (most often by the system, for memory) was
+    restarted ``REPLICA_RESTARTS`` times before the run gave up."""
+    if error.actor_init_failed:
+        raised = _raised_at_start(str(error)) or _error_text(error)
+        if raised.startswith(ERRORS_MODULE):
+            return CommandLineError(f"A model replica could not load the model: {raised.split(': ', 1)[-1]}")
+        return CommandLineError(
+            f"A model replica could not load the model ({raised}). The whole report is in Ray's worker logs "
+            "(a local Ray's: /tmp/ray/session_latest/logs)."
+        )
+    return CommandLineError(
+        f"A model replica died {REPLICA_RESTARTS + 1} times, so the run stopped ({_error_text(error)}). The likely "
+        "cause is memory: the system kills a process that takes too much, and each replica holds a whole "
+        "model (about 15 GiB for Phi-3(.5)-vision in fp32 on a CPU). Use fewer --replicas, --dtype bf16 or "
+        "--quantize int8, or a machine with more memory; with a .jsonl --output the results written so "
+        "far are kept and the same command goes on from there."
+    )
+
+
+def _raised_at_start(report: str) -> str:
+    """``Type: message``, the exception at the end of Ray's report of a replica that failed to start: the lines
+    after the traceback's last frame (its frames and their code are indented), on one line."""
+    lines = report.strip().splitlines()
+    start = len(lines)
+    while start > 0 and not lines[start - 1].startswith(" "):
+        start -= 1
+    return " ".join(" ".join(lines[start:]).split())
+
+
 def _parquet_retry(output: str) -> str:
     """How to run the failed items of a Parquet output again: the --image values that name their files."""
     sources = _failed_sources(output)
@@ -618,9 +674,11 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
     total = None if remote else sum(item.key not in finished for item in local)
     if total == 0:  # a finished re-run: said and checked as the in-process engine does, without starting Ray
         return nothing_left(output, local, args.max_new_tokens)
+    if not (args.address or "").startswith("ray://"):  # a Ray Client's driver may not see the cluster's files
+        check_model(model, args.num_crops)  # a broken folder: said now, not by every replica after Ray started
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
-    # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 130 (the
+    # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 143 (the
     # handler ray.init installed would abort the process and leave the local Ray's processes behind).
     try:
         with terminate_as_interrupt():
@@ -642,13 +700,7 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
             try:
                 written, failed = write_records(records, output, total, args.task)
             except ray.exceptions.ActorDiedError as error:
-                raise CommandLineError(
-                    f"A model replica died {REPLICA_RESTARTS + 1} times, so the run stopped ({error}). The likely "
-                    "cause is memory: the system kills a process that takes too much, and each replica holds a whole "
-                    "model (about 15 GiB for Phi-3(.5)-vision in fp32 on a CPU). Use fewer --replicas, --dtype bf16 or "
-                    "--quantize int8, or a machine with more memory; with a .jsonl --output the results written so "
-                    "far are kept and the same command goes on from there."
-                ) from None
+                raise replica_death_error(error) from None
     finally:
         if started_here:
             ray.shutdown()
