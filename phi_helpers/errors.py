@@ -103,6 +103,11 @@ class ManifestError(CommandLineError):
     its folder (the message names the line)."""
 
 
+class OutputBusyError(CommandLineError):
+    """Another run holds the lock on the output (``OutputLock``): try again later (the command line's exit
+    code 75, EX_TEMPFAIL, so that a scheduler can tell "busy" from "failed")."""
+
+
 class MRZError(PhiHelpersError, ValueError):
     """A machine-readable zone, or a field meant for one, is malformed."""
 

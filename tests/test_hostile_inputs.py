@@ -368,7 +368,8 @@ def test_sigint_in_the_middle_then_resume(capsys, tmp_path, tiny_checkpoint, man
     _wait_for_lines(process, output, 2)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
+    # the console script ends by the signal itself, so a shell loop over runs stops too (a shell says 130)
+    assert process.returncode == -signal.SIGINT and err.strip().splitlines()[-1].startswith("error: interrupted")
     written = len(lines_of(output))
     assert 2 <= written < 16
 
@@ -644,7 +645,7 @@ def test_two_runs_never_write_one_file(capsys, tmp_path, folder, no_model):
     output = tmp_path / "out.jsonl"
     with outputs.OutputLock(output):  # another run holds it
         code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
-        assert code == 1 and "Another phi-helpers run is writing" in err
+        assert code == 75 and "Another phi-helpers run is writing" in err  # 75: try again later
     assert not output.exists()  # the lock's empty file is gone again
 
 

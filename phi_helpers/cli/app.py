@@ -26,12 +26,12 @@ from ..api.choices import ATTENTIONS, DEFAULT_MODEL_ID, DEVICES, DTYPE_SHORT_NAM
 from ..api.loading import check_device, check_dtype, requested_model_id
 from ..api.prompts import check_user_text
 from ..api.quantization import QUANTIZE_CHOICES, check_quantize
-from ..errors import CommandLineError, InvalidArgumentError, PromptError, check_whole_number
+from ..errors import CommandLineError, InvalidArgumentError, OutputBusyError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input, terminal_safe
 from .outputs import (
-    STOP_SIGNALS, JsonlWriter, OutputBusyError, OutputLock, Progress, appends_lines, check_answers, check_output_path,
+    STOP_SIGNALS, JsonlWriter, OutputLock, Progress, appends_lines, check_answers, check_output_path,
     check_replaceable, error_message, failure_line, finish_run, flush_stdout, input_files, item_fields, json_safe,
     make_record, model_info, nothing_left, print_result, request_fields, resume, schema_advice, stopping_signal,
     terminate_as_interrupt, write_atomically,

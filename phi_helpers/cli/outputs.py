@@ -51,7 +51,7 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 from ..api import quantization
 from ..api.choices import TINY_MODEL, is_tiny_model
 from ..api.images import PDF_SIGNATURE, shown_url
-from ..errors import CommandLineError, ModelLoadError, PhiHelpersError, expand_home
+from ..errors import CommandLineError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home
 from .inputs import Item, file_identity, is_url, terminal_safe
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
@@ -663,11 +663,6 @@ class JsonlWriter:
         except OSError as error:
             if exc_type is None:  # else the error that stopped the run (the same one, said once) goes on
                 raise self._write_error(error) from None
-
-
-class OutputBusyError(CommandLineError):
-    """Another run holds the lock on the output (``OutputLock``): try again later (the command line's exit
-    code 75, EX_TEMPFAIL, so that a scheduler can tell "busy" from "failed")."""
 
 
 class OutputLock:
