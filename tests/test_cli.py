@@ -6,6 +6,7 @@ check the real entry points. The tiny model answers random tokens, so tests that
 answers replace ``tasks.generate_batch`` (the one function that calls ``model.generate``).
 """
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -591,3 +592,8 @@ def test_a_single_answer_may_still_go_to_a_json_file(capsys, tmp_path, image):
                        "--output", tmp_path / "answer.json", *FAST)
     assert code == 0, err
     assert json.loads((tmp_path / "answer.json").read_text())["task"] == "ocr"
+
+
+def test_version_says_which_phi_helpers_this_is(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"phi-helpers {importlib.metadata.version('phi_helpers')}"

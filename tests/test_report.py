@@ -180,6 +180,8 @@ def test_warns_when_torch_or_transformers_is_not_the_tested_version(monkeypatch,
     [warning] = report["warnings"]
     assert f"{name} 9.9.9 is installed" in warning and f"tested with {name} {TESTED_VERSIONS[name]}" in warning
     assert "./run.sh" in warning and "requirements.txt" in warning
+    # a pip install has no run.sh and no lock: the plain pin works there too
+    assert f'pip install "{name}=={TESTED_VERSIONS[name]}"' in warning
     printed = " ".join(capsys.readouterr().out.split())
     assert f"Warning: {name} 9.9.9 is installed" in printed
 

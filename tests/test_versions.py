@@ -59,3 +59,23 @@ def test_conda_environment_installs_the_lock():
     assert f"python={TESTED_VERSIONS['python']}" in environment
     assert "- -r requirements.txt" in environment
     assert not re.search(r"^\s*- (torch|transformers)\b", environment, re.M)  # no second list of ranges
+
+
+def test_pyproject_asks_for_the_python_its_dependencies_need():
+    """pyproject said >=3.10, but transformers 5 (and the lock's numpy, Pillow) need Python 3.11: pip on 3.10
+    failed deep in the resolve. The floor is the lock's Python, and the classifiers say the same."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == f">={TESTED_VERSIONS['python']}"
+    assert f"Programming Language :: Python :: {TESTED_VERSIONS['python']}" in project["classifiers"]
+
+
+def test_a_wheel_carries_the_files_the_package_reads_and_both_licenses():
+    """Every data file the package reads next to its code (and py.typed, the typing marker) is package data."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["phi_helpers"]
+    package = ROOT / "phi_helpers"
+    data = {path.relative_to(package).as_posix() for path in package.rglob("*")
+            if path.is_file() and path.suffix not in {".py", ".pyc"} and "__pycache__" not in path.parts}
+    assert data and all(any(Path(name).match(pattern) for pattern in patterns) for name in data), data
+    assert "py.typed" in data
+    assert all((ROOT / name).is_file() for name in pyproject["project"]["license-files"])

@@ -10,7 +10,6 @@ attention ``load_model`` picks) live in ``phi_helpers.api.hardware``; this modul
 attention comparison of notebook 05).
 """
 
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -22,7 +21,7 @@ import torch
 import transformers
 
 from ..errors import InvalidArgumentError
-from ..versions import TESTED_VERSIONS
+from ..versions import TESTED_VERSIONS, package_version
 from . import hardware, quantization
 from .hardware import (
     GIB, HEADROOM_GIB, NEW_TOKENS, PROMPT_TOKENS, WEIGHT_FORMATS, memory_estimate, memory_verdict, mps_available,
@@ -76,16 +75,12 @@ def environment_report(
 def _software() -> dict:
     """Versions and install locations of Python and the libraries phi_helpers needs."""
     package_dir = Path(__file__).resolve().parents[1]  # phi_helpers/
-    try:
-        version = importlib.metadata.version("phi_helpers")
-    except importlib.metadata.PackageNotFoundError:
-        version = "not installed (imported from the source folder)"
     return {
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "phi_helpers": version,
+        "phi_helpers": package_version(),
         "phi_helpers_path": str(package_dir),
         "torchao": quantization.torchao_version(),
         "torchao_missing": quantization.torchao_missing("quantize='int8'"),
@@ -100,15 +95,17 @@ def _version_warnings(report: dict) -> list[str]:
         messages.append(
             f"Python {report['python']} runs this, but the lock is resolved for Python {TESTED_VERSIONS['python']}: "
             "some pinned versions may be missing or behave differently here. If something fails, use Python "
-            f"{TESTED_VERSIONS['python']} (with run.sh: rm -rf .venv, then PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab)."
+            f"{TESTED_VERSIONS['python']} (in a clone of the repository: rm -rf .venv, then "
+            f"PYTHON=python{TESTED_VERSIONS['python']} ./run.sh lab)."
         )
     for name in ("torch", "transformers"):
         installed, tested = report[name].split("+")[0], TESTED_VERSIONS[name]  # "2.13.0+cpu" is 2.13.0
         if installed != tested:
             messages.append(
                 f"{name} {report[name]} is installed, but phi_helpers is tested with {name} {tested}. "
-                "If something fails, use the tested versions: ./run.sh lab (or ./run.sh test) sets up .venv "
-                "from the lock, or run pip install -r requirements.txt in your environment."
+                f'If something fails, install the tested version: pip install "{name}=={tested}" (in a clone of '
+                "the repository, ./run.sh lab sets up .venv with every locked version, or pip install -r "
+                "requirements.txt)."
             )
     return messages
 
