@@ -75,6 +75,13 @@ SCHEMAS = {
         },
         "required": ["code", "size"],
     },
+    # Latin-1 letters before a hex digit: xgrammar's own cache read "\\xdfe" (ß, then e) back as "\\u0dfe", so every
+    # answer had the wrong key and failed validation
+    "latin_1_keys_and_values": {
+        "type": "object",
+        "properties": {"Straße": {"enum": ["Größe", "Müller"]}, "Date de création": {"const": "£5 à 21°C"}, "名前": {"type": "boolean"}},
+        "required": ["Straße", "Date de création", "名前"],
+    },
 }
 
 

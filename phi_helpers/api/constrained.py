@@ -65,10 +65,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from urllib.parse import unquote
 
-import jsonschema
 import torch
 import xgrammar
-from jsonschema.exceptions import best_match
 from transformers import LogitsProcessor
 
 from ..errors import InvalidArgumentError, JSONExtractionError, JSONTruncatedError, SchemaNotSupportedError
@@ -181,7 +179,10 @@ FORMAT_PATTERNS = {
 }
 # The format checks the patterns are written for: JSON Schema 2020-12's. A draft that checks a format otherwise
 # (draft-03's "time" is HH:MM:SS without an offset) is refused (see _format_checked_otherwise).
-_FORMAT_CHECKS = jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers
+def _format_checks() -> dict:
+    import jsonschema  # here, not at the top: importing it costs a second or more (its format checkers' grammars)
+
+    return jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers
 
 # The advice of every refusal: how to get an answer without the grammar.
 UNCONSTRAINED_PATH = ("the unconstrained path (the command line's --no-constrain, in Python ask() without a schema or "
@@ -489,7 +490,7 @@ def _format_checked_otherwise(schema, where: str, validator) -> list[str]:
     JSON Schema 2020-12, for which the patterns are written: draft-03's "time", HH:MM:SS without an offset."""
     format_ = schema.get("format") if isinstance(schema, dict) else None
     checker = validator.format_checker.checkers.get(format_)
-    if format_ not in FORMAT_PATTERNS or checker in (None, _FORMAT_CHECKS.get(format_)):
+    if format_ not in FORMAT_PATTERNS or checker in (None, _format_checks().get(format_)):
         return []
     return [f"{where}: format {format_!r}, which this schema's draft checks otherwise than JSON Schema 2020-12, whose "
             f"form the grammar writes: {FORMAT_ADVICE}"]
@@ -898,6 +899,8 @@ def _misordered(schema: dict) -> list[str]:
 def _misfits(schema: dict, validator) -> list[str]:
     """Why ``enum`` or ``const`` of ``schema`` allow a value that the rest of ``schema`` refuses (the model could
     write it; every answer that did would be refused), checked by ``validator`` (the whole schema's)."""
+    from jsonschema.exceptions import best_match  # (see _format_checks)
+
     if schema.get("enum") == []:
         return ["an empty enum allows no value (list the allowed values)"]
     found = []
@@ -1055,7 +1058,9 @@ def _compiler_and_grammars(tokenizer, vocab_size: int, stop_token_ids: list[int]
     compilers = _COMPILERS.setdefault(tokenizer, {})
     if key not in compilers:
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
-        compilers[key] = (xgrammar.GrammarCompiler(info), {})
+        # No cache of xgrammar's own (we keep the compiled grammars): its cache key is the grammar printed as EBNF
+        # and parsed again, which reads "\\xdfe" (ß, then e) as "\\u0dfe" (xgrammar 0.2.9).
+        compilers[key] = (xgrammar.GrammarCompiler(info, cache_enabled=False), {})
     return compilers[key]
 
 
