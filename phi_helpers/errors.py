@@ -9,6 +9,7 @@ so that every layer refuses ``0``, ``1.5``, ``"2"`` or ``True`` with the same wo
 and torch's integers, which computed counts often are).
 """
 
+import codecs
 import numbers
 import operator
 from pathlib import Path
@@ -150,6 +151,29 @@ def _is_integer_tensor(value) -> bool:
     """A one-number integer tensor (``torch.tensor(8)``), which ``operator.index`` reads as that number."""
     return (type(value).__name__ == "Tensor" and value.ndim == 0 and str(value.dtype) != "torch.bool"
             and not value.is_floating_point() and not value.is_complex())
+
+
+# Byte order marks of other encodings a Windows editor may save text in
+# (UTF-32's first: its FF FE 00 00 starts with UTF-16's FF FE)
+OTHER_ENCODINGS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                   (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def utf8_text(data: bytes, name: str, error: type = InvalidArgumentError) -> str:
+    """``data``, the bytes of the text file ``name`` (how messages call it): UTF-8, with or without a byte order mark (some Windows
+    editors write one). A file saved as UTF-16 or UTF-32 (its byte order mark says so), or in another encoding
+    (the line of the first byte that is not UTF-8 is named), raises ``error`` saying how to save it as UTF-8."""
+    for bom, encoding in OTHER_ENCODINGS:
+        if data.startswith(bom):
+            raise error(f"{name} is saved as {encoding}; save it as UTF-8 (e.g. in your editor's Save As, or "
+                        f"iconv -f {encoding} -t UTF-8).")
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as problem:
+        line = data.count(b"\n", 0, problem.start) + 1
+        raise error(f"{name} is not UTF-8 text (line {line} has the byte 0x{data[problem.start]:02x}); save it as "
+                    "UTF-8 (e.g. in your editor's Save As, or iconv -f LATIN1 -t UTF-8 for Western European text).") from None
 
 
 def expand_home(path, what: str, error: type = InvalidArgumentError) -> Path:

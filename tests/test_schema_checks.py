@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from phi_helpers import SchemaNotSupportedError
+from phi_helpers import SchemaError, SchemaNotSupportedError
 from phi_helpers.api import constrained
 from phi_helpers.api.constrained import MAX_SCHEMA_CHARS, check_supported, compile_schema
 from phi_helpers.api.structured import load_schema
@@ -157,6 +157,18 @@ def test_a_schema_file_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.schema.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(schema).encode())
     assert load_schema(path) == schema
+
+
+@pytest.mark.parametrize("encoding, message", [
+    ("utf-16", "is saved as UTF-16; save it as UTF-8"),
+    ("latin-1", "is not UTF-8 text (line 2 has the byte 0xdf); save it as UTF-8"),
+])
+def test_a_schema_file_in_another_encoding_says_how_to_save_it(tmp_path, encoding, message):
+    """Before: Python's codec message ("'utf-8' codec can't decode byte 0xff in position 0"), a byte offset."""
+    path = tmp_path / "windows.schema.json"
+    path.write_text('{"type": "object",\n "properties": {"Straße": {"type": "string"}}}', encoding=encoding)
+    with pytest.raises(SchemaError, match=re.escape(f"The schema file '{path}' {message}")):
+        load_schema(path)
 
 
 @pytest.mark.parametrize("pattern, message", [

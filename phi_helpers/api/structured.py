@@ -1,7 +1,7 @@
 """Structured output: JSON Schemas, and checking a model answer against one.
 
     from phi_helpers.api.structured import load_schema, check_extraction
-    schema = load_schema("data/eval/schemas/receipt.schema.json")
+    schema = load_schema("data/eval/schemas/receipt.schema.json")  # (in a clone of the repository)
     data, problems = check_extraction(answer_text, schema)   # problems == [] when the answer is valid
 
 A schema is used as it is: its ``$ref`` may point inside the schema itself (``"#/$defs/address"``),
@@ -17,13 +17,12 @@ import re
 import stat
 from pathlib import Path
 
-import jsonschema
 import referencing
 import referencing.exceptions
 import referencing.jsonschema
 
 from .parsing import extract_json
-from ..errors import SchemaError, JSONExtractionError
+from ..errors import SchemaError, JSONExtractionError, utf8_text
 
 MAX_SCHEMA_FILE_BYTES = 10 * 2**20  # a schema file larger than this is not a schema (the largest real ones are kB)
 MAX_SCHEMA_DEPTH = 128  # nesting levels of JSON in a schema, the $refs followed included
@@ -125,6 +124,8 @@ def check_schema(schema) -> None:
     valid against its meta-schema, a ``$ref`` that does not point inside it (or that is a ``$dynamicRef``), a
     recursive ``$ref``, or nesting deeper than ``MAX_SCHEMA_DEPTH``."""
     check_schema_type(schema)
+    import jsonschema  # here, not at the top: importing it costs a second or more (its format checkers' grammars)
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
@@ -134,7 +135,7 @@ def check_schema(schema) -> None:
     _check_refs(schema, _registry(schema).resolver(base_uri=_base_uri(schema)), [], set(), "#", 0)
 
 
-def _meta_schema_problem(error: jsonschema.SchemaError) -> str:
+def _meta_schema_problem(error) -> str:
     """What is wrong in a schema and where (``(root)/properties/total/type: ...``), from the meta-schema's
     ``error``; a pattern Python's ``re`` cannot read says so, with what to write instead of ``\\p{...}``."""
     where = "".join(f"/{part}" for part in error.absolute_path)
@@ -228,13 +229,14 @@ def load_schema(path) -> dict:
                 f"The schema file '{path}' has {status.st_size:,} bytes, more than a JSON Schema needs "
                 f"(MAX_SCHEMA_FILE_BYTES = {MAX_SCHEMA_FILE_BYTES:,}): is it the right file?"
             )
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (some Windows editors write one) is skipped
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SchemaError(
             f"No schema file at '{path}'. Check the spelling; relative paths start from '{Path.cwd()}'."
         ) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise SchemaError(f"Cannot read the schema file '{path}': {error}") from None
+    text = utf8_text(data, f"The schema file '{path}'", SchemaError)
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as error:
@@ -255,5 +257,7 @@ def load_schema(path) -> dict:
 def schema_validator(schema: dict):
     """A jsonschema validator for ``schema`` that also checks ``format`` (``"date"``...) and resolves ``$ref`` only
     inside ``schema``; ``.evolve(schema=part)`` checks against a part of it, its ``$ref`` resolved the same way."""
+    import jsonschema  # (see check_schema)
+
     cls = jsonschema.validators.validator_for(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER, registry=_registry(schema))
