@@ -200,3 +200,22 @@ def test_settings_that_do_not_hold_across_rounds_are_refused(cli_model_and_proce
     model, processor = cli_model_and_processor
     with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         generate_batch(model, processor, ["Hi"], [[]], max_new_tokens=4, **kwargs)
+
+
+def test_a_checkpoints_min_new_tokens_holds_across_the_rounds(monkeypatch, cli_model_and_processor):
+    """generation_config.json may set min_new_tokens: each round of generate started it again, so a row still
+    going when another finished had its stop token suppressed once more and ran on (ask stopped it)."""
+    model, processor = cli_model_and_processor
+    prompts, pictures, steps = PROMPTS[:2], images()[:2], 10
+    inputs = generation.encode(model, processor, prompts, pictures, steps)
+    with torch.inference_mode():
+        plain = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
+    plain = plain[:, inputs["input_ids"].shape[1] :].tolist()
+    # Row 0 stops after p + 1 tokens (the first round ends there), row 1 one token later: the first of round 2.
+    p = next(p for p in range(2, steps - 2) if plain[0][p] not in plain[0][:p] + plain[1][: p + 2]
+             and plain[1][p + 1] not in plain[0][: p + 1] + plain[1][: p + 1])
+    stops = [plain[0][p], plain[1][p + 1]]
+    monkeypatch.setattr(generation, "_stop_token_ids", lambda model, processor: stops)
+    monkeypatch.setattr(model.generation_config, "min_new_tokens", 2)  # no stop in the first 2 tokens: none is there
+    results = generate_batch(model, processor, prompts, pictures, max_new_tokens=steps)
+    assert [result.generated_tokens for result in results] == [p + 1, p + 2]

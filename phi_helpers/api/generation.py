@@ -81,7 +81,9 @@ def ask(
         schema: a JSON Schema: the answer can only be JSON that follows it (compact, in the schema's
             property order), unless cut off by ``max_new_tokens``. ``extract`` also parses it.
         **generate_kwargs: passed to ``model.generate`` (e.g. ``do_sample=True, temperature=0.7``).
-            Decoding is greedy (deterministic) unless you pass sampling settings. A ``generation_config``
+            Decoding is greedy (deterministic) unless you pass sampling settings, whatever the checkpoint's
+            ``generation_config.json`` says about sampling (its other fields, such as ``repetition_penalty``,
+            apply). Sampled answers repeat after ``torch.manual_seed(0)``. A ``generation_config``
             counts with the fields it sets (keywords you pass beside it win); ``eos_token_id`` may name
             tokens (``"<|end|>"``). ``stop_strings`` (a string or a list) end the answer where one first
             appears: the answer (returned, streamed and added to a Chat) is cut just before it, so the
@@ -837,7 +839,9 @@ def generate_batch(
 ) -> list[Generation]:
     """Answer several prompts in one batched generation; return one Generation per prompt.
 
-    Decoding is greedy unless you pass sampling settings. With a ``schema``, every answer is constrained
+    Decoding is greedy unless you pass sampling settings (as in ``ask``). Sampled answers repeat after
+    ``torch.manual_seed(0)`` for the same batch, but a row's answer depends on the other rows and their
+    order (they draw from one random stream). With a ``schema``, every answer is constrained
     to JSON that follows it (one schema for the batch). ``**generate_kwargs``: the settings of
     ``BATCH_SETTINGS``, as in ``ask`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
     ``typical_p``, ``repetition_penalty``, and ``num_crops`` for this batch's images); for other
@@ -887,6 +891,8 @@ def generate_batch(
     answers: list[list[int]] = [[] for _ in prompts]
     cache = PreallocatedCache(model.config, capacity=inputs["input_ids"].shape[1] + max_new_tokens)
     constraint = next((p for p in settings.get("logits_processor", []) if isinstance(p, SchemaConstraint)), None)
+    # A checkpoint's generation_config may set min_new_tokens, which each round of generate would start again
+    min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
     start = time.perf_counter()
     with torch.inference_mode():
         _prefill_in_groups(model, inputs, images_per_row, cache)
@@ -909,6 +915,8 @@ def generate_batch(
                 inputs = _keep_rows(inputs, output, going, [images_per_row[row] for row in rows])
                 rows = [rows[i] for i in going]
                 settings["max_new_tokens"] = max_new_tokens - generated
+                if min_new_tokens:
+                    settings["min_new_tokens"] = max(0, min_new_tokens - generated)
     seconds = time.perf_counter() - start
     first = None if timer.first_token_at is None else timer.first_token_at - start
     results = []
