@@ -554,3 +554,11 @@ def test_max_pixels_applies_to_images_already_in_memory_and_allows_the_limit_its
 def test_max_pixels_must_be_a_whole_number_above_zero(bad):
     with pytest.raises(InvalidArgumentError, match="max_pixels must be a whole number of at least 1"):
         load_image(Image.new("RGB", (4, 4)), max_pixels=bad)
+
+
+def test_a_name_in_another_unicode_form_is_named_not_said_missing(tmp_path):
+    """A folder copied from macOS keeps NFD names ("cafe" + U+0301): "café.png" typed (NFC) looked missing, and
+    the message showed the very name that is there."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "cafe\u0301.png")
+    with pytest.raises(ImageLoadError, match=re.escape("its folder holds 'cafe\\u0301.png': the same letters")):
+        load_image(tmp_path / "caf\u00e9.png")

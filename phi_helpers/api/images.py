@@ -1,7 +1,7 @@
 """Load an image from wherever a learner has it: a path, a URL, raw bytes, a file object, PIL or numpy.
 
     from phi_helpers import load_image
-    image = load_image("notebooks/images/chart.png")
+    image = load_image("notebooks/images/chart.png")   # (in a clone of the repository)
     image = load_image("https://example.com/photo.jpg")
 
 Whatever the source, you get back the same thing: a fully loaded RGB ``PIL.Image.Image`` that is
@@ -55,6 +55,7 @@ import struct
 import threading
 import time
 import urllib.parse
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -425,10 +426,32 @@ def missing_error(path, what: str = "file") -> ImageLoadError:
     if os.path.islink(path):
         return ImageLoadError(f"'{shown}' is a symbolic link to '{_shortened(os.readlink(path))}', where there is "
                               "nothing. Point it at a file, or give the file itself.")
+    other_form = _in_another_unicode_form(path)
+    if other_form is not None:
+        return ImageLoadError(
+            f"No {what} at '{shown}', but its folder holds {ascii(other_form.name)}: the same letters, written in another "
+            "Unicode form (macOS writes accents as separate marks, NFD). Pass that name as it is (e.g. from a folder "
+            "or glob pattern), or rename the file."
+        )
     return ImageLoadError(
         f"No {what} at '{shown}'. Check the spelling; relative paths start from the current "
         f"directory, which is '{Path.cwd()}'."
     )
+
+
+def _in_another_unicode_form(path) -> Path | None:
+    """The file in ``path``'s folder whose name is ``path``'s name in another Unicode normalization form (NFC
+    "café" is 4 code points, NFD "café" 5: a folder copied from macOS keeps NFD names), or None."""
+    path = Path(path)
+    name = unicodedata.normalize("NFC", path.name)
+    try:
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if entry.name != path.name and unicodedata.normalize("NFC", entry.name) == name:
+                    return path.parent / entry.name
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def unreadable_error(path, error: OSError, folder: bool = False) -> ImageLoadError:
