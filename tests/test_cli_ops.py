@@ -21,7 +21,7 @@ import phi_helpers  # noqa: F401  (registers the native classes)
 from cli_runner import run
 from phi_helpers.api import loading
 from phi_helpers.cli import app, outputs, ray_engine, tasks
-from phi_helpers.errors import CommandLineError
+from phi_helpers.errors import CommandLineError, ModelLoadError
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
 
@@ -311,22 +311,33 @@ def test_the_readme_shows_the_exit_codes_of_the_command_line():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_a_broken_model_folder_fails_before_ray_starts(capsys, monkeypatch, tmp_path, folder, tiny_checkpoint):
+@pytest.mark.parametrize("model", ["broken-model", "nowhere"])
+def test_a_model_that_cannot_load_fails_before_ray_starts(capsys, monkeypatch, tmp_path, folder, tiny_checkpoint, model):
     """Before: Ray started, every replica failed to load, and after a minute and a page of Ray's traceback the
-    run said a replica "died 4 times" and blamed memory."""
+    run said a replica "died 4 times" and blamed memory. A folder with a file missing, and a path that is no
+    folder at all (on this machine's own Ray), are now refused before Ray starts."""
     pytest.importorskip("ray")
 
     def no_ray(*args, **kwargs):
         raise AssertionError("start_ray was called for a model that cannot load")
 
     monkeypatch.setattr(ray_engine, "start_ray", no_ray)
-    broken = tmp_path / "broken-model"
-    broken.mkdir()
-    for name in ("tokenizer.json", "preprocessor_config.json", "model.safetensors"):
-        (broken / name).write_bytes((Path(tiny_checkpoint) / name).read_bytes())
+    model = tmp_path / model
+    if model.name == "broken-model":
+        model.mkdir()
+        for name in ("tokenizer.json", "preprocessor_config.json", "model.safetensors"):
+            (model / name).write_bytes((Path(tiny_checkpoint) / name).read_bytes())
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", tmp_path / "o.jsonl",
-                       "--engine", "ray", "--model", broken, *FAST)
-    assert code == 1 and "config.json" in last_line(err) and "it is missing" in last_line(err), err
+                       "--engine", "ray", "--model", model, *FAST)
+    expected = "it is missing" if model.name == "broken-model" else f"No model folder at '{model}'"
+    assert code == 1 and expected in last_line(err), err
+
+
+def test_a_cluster_driver_leaves_a_folder_it_does_not_see_to_the_replicas(tmp_path):
+    """On a cluster (--address), the workers may see folders the driver does not: not refused up front."""
+    ray_engine.check_model(str(tmp_path / "on-the-workers"), None, cluster=True)
+    with pytest.raises(ModelLoadError, match="No model folder"):
+        ray_engine.check_model(str(tmp_path / "on-the-workers"), None, cluster=False)
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +349,10 @@ def local_ray():
     ray.shutdown()
 
 
-def test_a_replica_that_cannot_load_the_model_says_why_not_memory(capsys, tmp_path, local_ray, folder):
-    """The reviewer's run: --model names no folder, which only load_model in each replica finds out."""
+def test_a_replica_that_cannot_load_the_model_says_why_not_memory(capsys, monkeypatch, tmp_path, local_ray, folder):
+    """The reviewer's run: --model names no folder, which only load_model in each replica finds out (as on a
+    cluster whose driver does not see the workers' folders: the driver's own check is left out)."""
+    monkeypatch.setattr(ray_engine, "check_model", lambda *args, **kwargs: None)
     nowhere = tmp_path / "nowhere"
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", tmp_path / "o.jsonl",
                        "--engine", "ray", "--model", nowhere, *FAST)
@@ -399,3 +412,42 @@ def test_the_tiny_model_is_cached_under_xdg_cache_home_unless_phi_helpers_cache_
     monkeypatch.delenv("PHI_HELPERS_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert loading._tiny_checkpoint() == Path.home() / ".cache" / "phi_helpers" / "tiny-phi-3.5-vision"
+
+
+def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_an_error(monkeypatch):
+    """Windows writes cp1252 to a pipe or a file: before, an answer in Japanese failed to print after the whole
+    run ("'charmap' codec can't encode characters"), exit 1, and the answer was lost."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setattr(app, "run_predict", lambda args: print("合計は 5 €") or 0)
+    assert app.main(["predict", "--image", "receipt.png", "--task", "caption"]) == 0
+    stream.flush()
+    assert raw.getvalue().decode("cp1252") == "\\u5408\\u8a08\\u306f 5 €\n"  # € is in cp1252: written as it is
+
+
+def test_names_with_line_breaks_escapes_and_bidi_controls_stay_on_their_lines(capsys, tmp_path):
+    """A pile of documents names its files: a line break split a failed: line in two (grep '^failed:' missed
+    it), an --output name's escape sequences reached the terminal raw, a right-to-left override reversed the
+    rest of the line ("invoice\\u202egnp.exe.png" shows as "invoicegnp.exe.png" reversed)."""
+    folder = tmp_path / "pile"
+    folder.mkdir()
+    Image.new("RGB", (40, 30)).save(folder / "good.png")
+    (folder / "bad\nline.png").write_bytes(b"not a png")
+    (folder / "invoice\u202egnp.exe.png").write_bytes(b"not a png")
+    output = tmp_path / "b\x1b[31mRED.jsonl"
+    code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
+    assert code == 1
+    failed = [line for line in err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 2 and all("\\x0a" in line or "\\u202e" in line for line in failed), err
+    assert "\x1b" not in err and "\u202e" not in err and "b\\x1b[31mRED.jsonl" in err
+
+
+def test_a_prompt_typed_under_a_locale_that_is_not_utf8_is_read_as_typed(monkeypatch):
+    """LC_ALL=C with PYTHONUTF8=0: Python keeps the bytes of "合計は?" as surrogates; before, --prompt was refused
+    with advice about file names and JSON escapes."""
+    typed = "合計は?".encode().decode("ascii", "surrogateescape")
+    seen = []
+    monkeypatch.setattr(app, "run_single", lambda args, *rest: seen.append(args.prompt) or 0)
+    app.main(["predict", "--image", "receipt.png", "--task", "vqa", "--prompt", typed])
+    assert seen == ["合計は?"]

@@ -88,7 +88,7 @@ def test_a_too_old_torchao_on_the_command_line_is_a_typed_error(capsys, monkeypa
 
 def test_the_request_records_one_spelling(monkeypatch):
     """A re-run compares requests: --dtype bfloat16 --quantize INT8 is the same request as --dtype bf16 --quantize int8."""
-    from phi_helpers.cli.outputs import request_fields
+    from phi_helpers.cli.tasks import request_fields
 
     def fields(*options):
         args = cli.build_parser().parse_args([*PREDICT, *options])

@@ -576,10 +576,10 @@ def test_eval_scores_an_unreadable_image_as_wrong_and_exits_1(capsys, monkeypatc
     item = json.loads(report_path.read_text())["items"][0]
     assert item["cer"] == 1.0 and "Could not read" in item["error"] and "(error)" in out
     assert f"failed: broken (broken.png): Could not read '{data / 'broken.png'}'" in err  # the image as the manifest names it
-    assert err.strip().splitlines()[-1] == (f'error: 1 of 2 items failed and were scored as wrong (their items in {report_path} '
+    assert err.strip().splitlines()[-1] == (f'error: 1 of 2 items failed and was scored as wrong (their items in {report_path} '
                                             'have an "error"); fix them and run the same command again')
     code, _, err = run(capsys, "eval", "--data", data, "--max-new-tokens", "2")
-    assert code == 1 and "error: 1 of 2 items failed and were scored as wrong (the reasons are above)" in err
+    assert code == 1 and "error: 1 of 2 items failed and was scored as wrong (the reasons are above)" in err
 
 
 def test_eval_report_is_strict_json_when_the_answer_is_not(capsys, monkeypatch, tmp_path):

@@ -36,7 +36,7 @@ from phi_helpers.api.parsing import extract_json
 from phi_helpers.api.structured import check_extraction
 from phi_helpers.cli import app as cli
 from phi_helpers.cli import inputs, outputs, tasks
-from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, JSONExtractionError, ModelLoadError
+from phi_helpers.errors import ImageDownloadTimeout, ImageLoadError, InvalidArgumentError, JSONExtractionError, ModelLoadError
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
 
@@ -146,11 +146,63 @@ def test_another_request_redoes_every_item(capsys, tmp_path, folder, generations
 def test_every_setting_that_changes_the_answer_is_in_the_request(change, field):
     base = ["predict", "--image", "x.png", "--task", "caption", *FAST]
     before, after = (
-        outputs.request_fields(args, None, requested_model_id(args.model))
+        tasks.request_fields(args, None, requested_model_id(args.model))
         for args in (cli.build_parser().parse_args(base), cli.build_parser().parse_args(base + change))
     )
     assert outputs.request_differences(before, after) == [field]
 
+
+
+@pytest.mark.parametrize("name, change", [
+    ("preprocessor_config.json", '{"num_crops": 1}'),  # another num_crops: other image tokens
+    ("tokenizer_config.json", '{"chat_template": "{{ messages }}"}'),  # another prompt
+    ("generation_config.json", '{"repetition_penalty": 1.5}'),  # other answers
+    ("chat_template.jinja", "{{ messages }}"),
+])
+def test_a_model_folder_whose_settings_change_is_another_request(tmp_path, name, change):
+    """Before: only config.json and the weights were fingerprinted; a re-run after a new num_crops, chat template
+    or generation setting in the folder said "already done" and kept answers the folder no longer gives."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / name).write_text("{}")
+    args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "caption", "--model", str(folder), *FAST])
+    before = tasks.request_fields(args, None, str(folder))
+    os.utime(folder / name, ns=(1, 1))  # an editor's save: the size or time changes
+    (folder / name).write_text(change)
+    assert outputs.request_differences(before, tasks.request_fields(args, None, str(folder))) == ["model_settings"]
+    assert outputs.request_differences({**before, "model_settings": None}, tasks.request_fields(args, None, str(folder))) == []
+
+
+def test_a_new_wording_of_a_tasks_instruction_is_another_request(monkeypatch):
+    """Before: the request held only --prompt (None for caption and ocr), so after an upgrade that rewords the
+    built-in instruction, a re-run kept the answers to the old one."""
+    args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "caption", *FAST])
+    before = tasks.request_fields(args, None, "tiny")
+    monkeypatch.setitem(tasks.TASK_PROMPTS, "caption", "Write a detailed paragraph about this image.")
+    after = tasks.request_fields(args, None, "tiny")
+    assert outputs.request_differences(before, after) == ["prompt_sha256"]
+    assert outputs.request_differences({key: value for key, value in before.items() if key != "prompt_sha256"}, after) == []
+    no_constrain = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "extract", "--schema", "s.json",
+                                                  "--no-constrain", *FAST])
+    before = tasks.request_fields(no_constrain, SCHEMA, "tiny")
+    monkeypatch.setattr(tasks, "RETRY_PROMPT", "Wrong: {problems}. Again.")  # the retry is asked too
+    assert outputs.request_differences(before, tasks.request_fields(no_constrain, SCHEMA, "tiny")) == ["prompt_sha256"]
+
+
+def test_the_lines_of_a_run_that_downloaded_its_model_name_the_commit(capsys, monkeypatch, tmp_path, folder):
+    """Before: the request was made before loading, when a hub model not yet downloaded has no commit, and its
+    lines (model_files null) stayed "done" for any later revision of the model."""
+    downloaded = []
+    in_the_cache = lambda model: "commit-a" if downloaded else None  # noqa: E731  (no commit before the download)
+    monkeypatch.setattr(tasks, "model_files", in_the_cache)
+    monkeypatch.setattr(cli, "model_files", in_the_cache)
+    real = tasks.ModelLoader.__call__
+    monkeypatch.setattr(tasks.ModelLoader, "__call__", lambda self: downloaded.append(True) or real(self))
+    output = tmp_path / "out.jsonl"
+    assert run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)[0] == 0
+    assert [record["request"]["model_files"] for record in lines_of(output)] == ["commit-a", "commit-a"]
 
 
 def test_a_model_folder_is_one_request_however_it_is_spelled(monkeypatch, tmp_path):
@@ -161,7 +213,7 @@ def test_a_model_folder_is_one_request_however_it_is_spelled(monkeypatch, tmp_pa
 
     def request(model):
         args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "caption", "--model", model, *FAST])
-        return outputs.request_fields(args, None, requested_model_id(args.model))
+        return tasks.request_fields(args, None, requested_model_id(args.model))
 
     monkeypatch.chdir(tmp_path / "one")
     spelled, absolute = request("./m"), request(str(tmp_path / "one" / "m"))
@@ -187,7 +239,7 @@ def test_a_file_saved_over_in_place_is_run_again(capsys, tmp_path, folder, gener
     os.utime(folder / "a.png", ns=(first["modified"] + 10**9, first["modified"] + 10**9))  # coarse clocks
     assert (folder / "a.png").stat().st_ino == inode
     code, _, err = run(capsys, *args)
-    assert code == 0 and "1 of 2 items were modified since their last line" in err and generations == [2, 1]
+    assert code == 0 and "1 of 2 items was modified since their last line" in err and generations == [2, 1]
     code, _, err = run(capsys, *args)
     assert code == 0 and "Nothing left to do." in err and generations == [2, 1]
 
@@ -225,7 +277,7 @@ def test_a_moved_project_folder_is_still_done(capsys, monkeypatch, tmp_path, gen
     picture(tmp_path / "proj2" / "a.png", "green")  # another picture under the old name: its time differs
     os.utime("a.png", ns=(1, 1))
     code, _, err = run(capsys, *args)
-    assert code == 0 and "1 of 2 items were modified since their last line" in err and generations == [2, 1]
+    assert code == 0 and "1 of 2 items was modified since their last line" in err and generations == [2, 1]
 
 
 
@@ -241,7 +293,7 @@ def test_a_copied_project_folder_is_still_done_while_the_original_stays(capsys, 
     shutil.copytree(project, tmp_path / "proj3")  # copies the modification times, as cp -a does
     monkeypatch.chdir(tmp_path / "proj3")
     code, _, err = run(capsys, *args)
-    assert code == 0 and "1 of 1 items are already done" in err and generations == [1]
+    assert code == 0 and "1 of 1 item is already done" in err and generations == [1]
 
 def test_editing_the_schema_redoes_the_items_renaming_it_does_not(capsys, tmp_path, folder, generations):
     schema, renamed, output = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "out.jsonl"
@@ -272,6 +324,18 @@ def test_latest_records_gives_each_item_its_last_line_however_the_runs_named_it(
     assert [(record["source"], record["task"]) for record in latest] == [(str(folder / "a.png"), "ocr"),
                                                                          (str(folder / "b.png"), "ocr")]
     assert len(lines_of(output)) == 4 and len({record.get("path") for record in lines_of(output)}) == 3
+
+
+def test_latest_records_refuses_a_path_that_holds_no_results(tmp_path):
+    """Before: a typo in the path, or another program's file, gave [] as if no item were done."""
+    with pytest.raises(InvalidArgumentError, match="No results file at"):
+        outputs.latest_records(tmp_path / "typo.jsonl")
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": 1, "text": "not ours"}\n')
+    with pytest.raises(InvalidArgumentError, match="holds no phi-helpers predict record"):
+        outputs.latest_records(other)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert outputs.latest_records(tmp_path / "empty.jsonl") == []  # a run that has written nothing yet
 
 
 def test_lines_without_a_request_are_redone(capsys, tmp_path, folder, generations):
@@ -309,7 +373,7 @@ def test_a_torn_line_is_moved_aside_on_start(capsys, tmp_path, folder, generatio
     code, _, err = run(capsys, *args)
     assert code == 0
     assert f"warning: 1 line(s) of {output} did not parse" in err and f"moved them to {output}.torn" in err
-    assert "1 of 2 items are already done for this request" in err and generations == [2, 1]
+    assert "1 of 2 items is already done for this request" in err and generations == [2, 1]
     records = lines_of(output)  # every line parses again
     assert records[0] == json.loads(first) and len(records) == 2
     assert (tmp_path / "out.jsonl.torn").read_text() == second[: len(second) // 2] + "\n"
@@ -522,7 +586,7 @@ def test_one_image_into_a_jsonl_file_adds_a_line(capsys, tmp_path, folder, gener
         code, out, err = run(capsys, "predict", "--image", folder / name, "--task", "ocr", "--output", output, *FAST)
         assert code == 0 and out == ""
     assert [Path(record["source"]).name for record in lines_of(output)] == ["a.png", "b.png"]
-    assert "1 of 1 items are already done" in err and generations == [1, 1]
+    assert "1 of 1 item is already done" in err and generations == [1, 1]
     renamed = tmp_path / "results.json"  # results under another name are appended to as well
     output.rename(renamed)
     assert run(capsys, "predict", "--image", folder / "a.png", "--task", "caption", "--output", renamed, *FAST)[0] == 0
@@ -586,7 +650,7 @@ def test_names_that_are_not_utf8_are_recorded_losslessly(capsys, tmp_path, folde
     assert "path" not in good and good["modified"] == os.stat(strange).st_mtime_ns
     os.utime(strange, ns=(good["modified"] + 10**9, good["modified"] + 10**9))  # saved over: run again
     code, _, err = run(capsys, *args)  # before: no "modified" in the line, so the edit went unseen
-    assert "1 of 4 items were modified since their last line" in err
+    assert "1 of 4 items was modified since their last line" in err
 
 
 def test_huge_encrypted_and_empty_pdfs_fail_alone(capsys, tmp_path, folder):

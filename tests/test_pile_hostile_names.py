@@ -67,7 +67,7 @@ def test_the_tiny_models_answers_are_not_taken_for_the_folder_tinys(capsys, monk
 
     code, _, err = caption(capsys, "one.png", "tz.jsonl", "--model", "./tiny")  # the folder: another model
     assert code == 0 and "Nothing left to do" not in err, err
-    assert "1 of 1 items in tz.jsonl answer another request (it differs in: model)" in err
+    assert "1 of 1 item in tz.jsonl answers another request (it differs in: model)" in err
     assert [line["request"]["model"] for line in lines_of(tmp_path / "tz.jsonl")] == ["tiny", str(tiny_checkpoint)]
 
 
@@ -118,7 +118,7 @@ def test_a_name_that_is_not_utf8_is_done_once_from_any_folder(capsys, monkeypatc
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # "pile/bad..." names nothing here: found by path_b64
     code, _, err = caption(capsys, f"{tmp_path}/pile/*", output)  # an absolute pattern
-    assert code == 0 and "1 of 1 items are already done" in err and "Nothing left to do" in err, err
+    assert code == 0 and "1 of 1 item is already done" in err and "Nothing left to do" in err, err
     (line,) = lines_of(output)
     assert "path" not in line and base64.b64decode(line["path_b64"]) == os.fsencode(str(bad))
 
@@ -225,10 +225,10 @@ def test_a_password_in_a_url_is_neither_recorded_nor_shown_and_the_re_run_skips_
                                                                  bad.replace("bob:hunter2@", "***@")]
         assert "error" not in lines_of(output)[0]
         code, _, err = caption(capsys, good, output)  # the same image again: done already
-        assert code == 0 and "1 of 1 items are already done" in err and len(lines_of(output)) == 2
+        assert code == 0 and "1 of 1 item is already done" in err and len(lines_of(output)) == 2
         output.write_text(text.replace("***@", "bob:hunter2@"), encoding="utf-8")  # as earlier versions wrote it
         code, _, err = caption(capsys, good, output)
-        assert code == 0 and "1 of 1 items are already done" in err
+        assert code == 0 and "1 of 1 item is already done" in err
 
 
 def test_a_malformed_url_fails_alone_and_its_line_does_not_stop_a_re_run(capsys, tmp_path):
@@ -239,5 +239,5 @@ def test_a_malformed_url_fails_alone_and_its_line_does_not_stop_a_re_run(capsys,
     code, _, err = caption(capsys, "http://bob:pw@[::1/a.png", output, "--image", good)
     assert code == 1 and "failed: http://***@[::1/a.png" in err and "pw" not in output.read_text(encoding="utf-8")
     code, _, err = caption(capsys, good, output)
-    assert code == 0 and "1 of 1 items are already done" in err
+    assert code == 0 and "1 of 1 item is already done" in err
     assert [record["source"] for record in outputs.latest_records(output)] == ["http://***@[::1/a.png", str(good)]

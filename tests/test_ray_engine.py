@@ -5,10 +5,11 @@ records of a Ray run must equal the in-process CLI's item by item, except the fi
 the run (``seconds_to_first_token``, ``total_seconds``, ``batch_size``: Ray cuts batches differently).
 """
 
+import importlib.util
 import json
 import logging
-import re
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def test_a_local_ray_sends_no_usage_statistics(monkeypatch):
     monkeypatch.setattr(ray_engine, "require_ray", FakeRay)
     monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
     monkeypatch.setattr(os, "environ", dict(os.environ))  # whatever start_ray sets goes with the test
-    ray_engine.start_ray("ray://head:10001")  # a cluster the user named keeps its own setting
+    ray_engine.start_ray("head:6379")  # a cluster the user named keeps its own setting
     ray_engine.start_ray()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "1"
     ray_engine.start_ray()
@@ -373,7 +374,7 @@ def test_a_local_ray_keeps_its_workers_lines_out_of_the_driver(monkeypatch):
     monkeypatch.setattr(ray_engine, "require_ray", lambda: fake)
     monkeypatch.setattr(os, "environ", dict(os.environ))
     ray_engine.start_ray(num_cpus=1, dashboard=False)
-    ray_engine.start_ray("ray://head:10001")
+    ray_engine.start_ray("head:6379")
     assert fake.calls[0]["log_to_driver"] is False and "log_to_driver" not in fake.calls[1]
     assert "/tmp/ray/session_latest/logs" in ray_engine.start_ray.__doc__
 
@@ -391,7 +392,19 @@ def test_a_ray_that_does_not_start_is_a_typed_error_that_says_what_to_do(monkeyp
         ray_engine.start_ray()
     assert fake.stopped == 1  # what the failed start left connected is let go
     monkeypatch.setattr(ray_engine, "require_ray", lambda: FakeRay(ConnectionError("Failed to connect to Ray cluster")))
-    with pytest.raises(DeviceUnavailableError, match="Could not connect to the Ray cluster at 'ray://head:10001'"):
+    with pytest.raises(DeviceUnavailableError, match="Could not connect to the Ray cluster at 'head:6379'"):
+        ray_engine.start_ray("head:6379")
+
+
+def test_a_ray_client_address_without_grpc_says_what_to_install(monkeypatch):
+    """Before: Ray's ValueError was shown as "Could not connect ... Check the address"; the address was right,
+    only ray[client] (gRPC) was missing."""
+    from phi_helpers.errors import RayNotInstalledError
+
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: FakeRay(AssertionError("ray.init was called")))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real_find_spec(name, *a))
+    with pytest.raises(RayNotInstalledError, match=r'needs gRPC.*pip install "ray\[data,client\]>=2.60,<2.64"'):
         ray_engine.start_ray("ray://head:10001")
 
 

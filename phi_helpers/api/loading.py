@@ -481,6 +481,19 @@ def _no_folder_either(repo_id: str) -> str:
     return f" There is no folder '{repo_id}' here either (relative paths start from '{Path.cwd()}')."
 
 
+def check_model_source(model_id, num_crops=None) -> None:
+    """Refuse, without loading anything, a model that ``load_model(model_id, num_crops=num_crops)`` would
+    refuse before it loads: a path that is neither a folder nor a hub id, an invalid hub id, a local folder
+    with missing or broken files (``ModelLoadError`` names the file). A hub id is not looked up, and the tiny
+    model is not built: for a caller that loads elsewhere (the Ray engine's replicas)."""
+    source = requested_model_id(model_id)
+    if is_tiny_model(source):
+        return
+    source = _check_source(source, local=isinstance(model_id, os.PathLike))
+    if Path(source).is_dir():
+        check_checkpoint_files(Path(source), check_num_crops=num_crops is None)
+
+
 def check_checkpoint_files(folder: Path, check_num_crops: bool = True) -> None:
     """Raise ModelLoadError naming the file if a local checkpoint folder is visibly broken.
 

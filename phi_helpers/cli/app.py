@@ -12,6 +12,7 @@ console script, ends by that same signal (``main``), as a shell expects of a pro
 """
 
 import argparse
+import codecs
 import contextlib
 import json
 import os
@@ -28,18 +29,19 @@ from ..api.prompts import check_user_text
 from ..api.quantization import QUANTIZE_CHOICES, check_quantize
 from ..errors import CommandLineError, InvalidArgumentError, OutputBusyError, PromptError, check_whole_number
 from ..models.phi3_v.image_processing_phi3_v import CONTEXT_LENGTH, check_num_crops
+from ..versions import package_version
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input, terminal_safe
 from .outputs import (
-    STOP_SIGNALS, JsonlWriter, OutputLock, Progress, appends_lines, check_answers, check_output_path,
+    MODEL_FILES, STOP_SIGNALS, JsonlWriter, OutputLock, Progress, appends_lines, check_answers, check_output_path,
     check_replaceable, error_message, failure_line, finish_run, flush_stdout, input_files, item_fields, json_safe,
-    make_record, model_info, nothing_left, print_result, request_fields, resume, schema_advice, stopping_signal,
+    make_record, model_info, model_files, nothing_left, print_result, resume, schema_advice, stopping_signal,
     terminate_as_interrupt, write_atomically,
 )
 from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
-from .tasks import TASKS, ModelLoader, chunks, predict, predict_items, read_schema, task_prompt
+from .tasks import TASKS, ModelLoader, chunks, predict, predict_items, read_schema, request_fields, task_prompt
 
 
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL of sysexits.h: a temporary failure, try again later
@@ -87,7 +89,7 @@ those that failed (their lines have an "error") and redoes those answered for an
 """
 
 EVAL_EXAMPLES = """\
-examples:
+examples (data/eval: the labelled set in a clone of the repository; pip installs do not hold it):
   phi-helpers eval --data data/eval
   phi-helpers eval --data data/eval --limit 3 --output report.json
   PHI_HELPERS_MODEL=tiny phi-helpers eval --data data/eval --limit 3 --max-new-tokens 16   # offline dry run
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=exit_codes_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"phi-helpers {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict_parser(commands)
     _add_eval_parser(commands)
@@ -166,7 +169,7 @@ def _add_eval_parser(commands) -> None:
         epilog=f"{EVAL_EXAMPLES}\n{exit_codes_text()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", required=True, metavar="DIR", help="folder with manifest.jsonl (e.g. data/eval)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="folder with manifest.jsonl (e.g. data/eval in a clone of the repository)")
     parser.add_argument("--output", metavar="FILE", help="also write the full report (every answer and score) as JSON")
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N items of the manifest")
     _add_no_constrain_option(parser)
@@ -280,6 +283,18 @@ def _num_crops(text: str) -> int:
 OTHER_FORMAT_SUFFIXES = (".csv", ".tsv", ".json", ".txt", ".xlsx", ".xls")  # names of formats JSON lines are not
 
 
+def _as_typed(text: str) -> str:
+    """A command-line argument as the user typed it: where the locale is not UTF-8 (LC_ALL=C with
+    PYTHONUTF8=0), Python keeps each byte of "合計" it cannot decode as a surrogate code point; UTF-8 bytes are
+    read back as UTF-8 (other bytes stay, and the prompt check names them)."""
+    if not any("\udc80" <= char <= "\udcff" for char in text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        return text
+
+
 def _check_predict_args(args) -> bool:
     """Usage errors argparse cannot see by itself (exit code 2). Returns True if the results are JSON
     lines appended to --output: many images, or an --output that ends in .jsonl or holds results."""
@@ -287,6 +302,7 @@ def _check_predict_args(args) -> bool:
     if args.task == "vqa" and not (args.prompt and args.prompt.strip()):
         predict_parser.error('--task vqa needs a question: add --prompt "..."')
     if args.prompt:
+        args.prompt = _as_typed(args.prompt)
         try:  # a special token typed into --prompt is a usage error like the others (exit 2)
             check_user_text(args.prompt, "--prompt")
         except PromptError as error:
@@ -332,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     program or test that passes ``argv`` gets the code back instead (128 + the signal's number).
     """
     _fill_closed_streams()
+    _escape_what_stdout_cannot_hold()
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: message + exit code 2 (SystemExit)
     code = run_command(args)
@@ -391,6 +408,15 @@ def _fill_closed_streams() -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), number)
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")
+
+
+def _escape_what_stdout_cannot_hold() -> None:
+    """A standard output whose encoding cannot hold every character (Windows writes cp1252 to a pipe or a file;
+    PYTHONIOENCODING=ascii) writes what it cannot hold as a backslash escape (``\\u5408``): before, printing an
+    answer in Japanese failed after the whole run, and the answer was lost. (--output files are UTF-8.)"""
+    stream = sys.stdout
+    if stream is not None and hasattr(stream, "reconfigure") and codecs.lookup(stream.encoding or "ascii").name != "utf-8":
+        stream.reconfigure(errors="backslashreplace")
 
 
 @contextlib.contextmanager
@@ -460,7 +486,7 @@ def run_single(args, schema) -> int:
     text = json.dumps(record, indent=2, ensure_ascii=False) if args.format == "json" else answer_text(record)
     if args.output:
         write_atomically(Path(args.output), text + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+        print(terminal_safe(f"wrote {args.output}"), file=sys.stderr)
     else:
         print_result(text)
     if record.get("valid") is False:  # the answer is kept (printed or written) and the exit code says it is not usable
@@ -497,6 +523,8 @@ def run_batch(args, schema) -> int:
 def _predict_into(output: Path, todo: list, args, schema, request: dict) -> int:
     """Load the model, answer ``todo`` in batches, append each record to ``output``; return how many failed."""
     model, processor = ModelLoader.of(args)()
+    if request[MODEL_FILES] is None:  # a hub model this run downloaded: its lines say which commit answered
+        request = {**request, MODEL_FILES: model_files(requested_model_id(args.model))}
     info = model_info(model, processor)
     failed = 0
     with JsonlWriter(output) as writer, Progress(len(todo), args.task) as progress:

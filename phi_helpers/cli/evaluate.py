@@ -18,8 +18,8 @@ from ..api.constrained import closed_schema
 from ..api.metrics import character_error_rate, error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
 from ..api.structured import load_schema, schema_validator
-from ..errors import CommandLineError, ManifestError, SchemaError
-from .inputs import Item, is_multi_page_tiff, is_pdf, terminal_safe
+from ..errors import OTHER_ENCODINGS, CommandLineError, ManifestError, SchemaError
+from .inputs import Item, counted, is_multi_page_tiff, is_pdf, terminal_safe
 from .outputs import (
     Progress, check_output_path, check_replaceable, holds_records, json_safe, model_info, print_result, write_atomically,
 )
@@ -31,10 +31,6 @@ MAX_REPORT_BYTES = 256 << 20  # a larger file in the set's folder is not taken f
 EVAL_TASKS = ("ocr", "extract")
 MANIFEST_FIELDS = ("id", "image", "task", "expected", "schema")  # a line with any other field is refused
 REQUIRED_FIELDS = ("image", "task", "expected")
-# Byte order marks of other encodings a Windows editor may save text in
-# (UTF-32's first: its FF FE 00 00 starts with UTF-16's FF FE)
-OTHER_ENCODINGS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
-                   (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 # ----------------------------------------------------------------------------------------------
 # The labelled set
@@ -442,7 +438,7 @@ def _cell(text: str) -> str:
     """Text from the manifest (an id, a field's name) as a table cell or in a one-line message: control
     characters as ``\\xNN`` (``terminal_safe``), and so tabs and line breaks, which would break the table's
     columns and rows."""
-    return terminal_safe(text.translate({0x09: "\\x09", 0x0A: "\\x0a"}))
+    return terminal_safe(text, one_line=True)
 
 
 def _shown(share: float | None) -> str:
@@ -466,16 +462,16 @@ def _item_score(line: dict) -> str:
 
 def _summary_lines(report: dict) -> str:
     lines = [f"model: {report['model']} on {report['device']} ({report['dtype']}), "
-             f"{report['items_evaluated']} items in {report['total_seconds']:.1f} s"]
+             f"{counted(report['items_evaluated'], 'item')} in {report['total_seconds']:.1f} s"]
     if "extract" in report["summary"]:
         lines.append("extraction: " + ("constrained decoding" if report.get("constrained", True) else "prompt and one retry (--no-constrain)"))
     ocr, extract = report["summary"].get("ocr"), report["summary"].get("extract")
     if ocr:
-        lines.append(f"ocr: character error rate {ocr['cer']:.3f} over {ocr['items']} items (lower is better)")
+        lines.append(f"ocr: character error rate {ocr['cer']:.3f} over {counted(ocr['items'], 'item')} (lower is better)")
     if extract:
         lines.append(
-            f"extract: exact match {_shown(extract['exact_match'])} over {extract['fields_total']} fields of "
-            f"{extract['items']} items; {extract['valid_answers']} of {extract['items']} answers valid (higher is better)"
+            f"extract: exact match {_shown(extract['exact_match'])} over {counted(extract['fields_total'], 'field')} of "
+            f"{counted(extract['items'], 'item')}; {extract['valid_answers']} of {counted(extract['items'], 'answer')} valid (higher is better)"
         )
     failed = sum("error" in line for line in report["items"])
     if failed:
@@ -511,7 +507,7 @@ def run_eval_command(args, load) -> int:
     report["data"] = str(args.data)
     if args.output:
         write_atomically(Path(args.output), json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+        print(terminal_safe(f"wrote {args.output}"), file=sys.stderr)
     report_cut_off(report["items"], args.max_new_tokens)
     code = report_failures(report["items"], args.output)
     print_result(format_report(report))
@@ -555,8 +551,8 @@ def report_failures(items: list[dict], output) -> int:
     if not failed:
         return 0
     where = f'their items in {output} have an "error"' if output else "the reasons are above"
-    print(f"error: {len(failed)} of {len(items)} items failed and were scored as wrong ({where}); "
-          "fix them and run the same command again", file=sys.stderr)
+    print(terminal_safe(f"error: {len(failed)} of {counted(len(items), 'item')} failed and {'was' if len(failed) == 1 else 'were'} "
+                        f"scored as wrong ({where}); fix them and run the same command again"), file=sys.stderr)
     return 1
 
 

@@ -278,10 +278,10 @@ def _no_suffix_hint(no_suffix: list[Path], hidden: list[Path], not_regular: list
     """What a "no image or PDF files" message adds about the files that are there all the same."""
     hint = ""
     if no_suffix:
-        hint += (f"; {_count(len(no_suffix), 'file')} without such a suffix ({_names(no_suffix)}): name an image "
+        hint += (f"; {counted(len(no_suffix), 'file')} without such a suffix ({_names(no_suffix)}): name an image "
                  "file on its own with --image to read it whatever its name, or rename it")
     if hidden:
-        hint += f"; {_count(len(hidden), 'hidden file')} ({_names(hidden)}) left out, as a glob leaves them out"
+        hint += f"; {counted(len(hidden), 'hidden file')} ({_names(hidden)}) left out, as a glob leaves them out"
     if not_regular:
         hint += f"; {len(not_regular)} {NOT_REGULAR} ({_names(not_regular)}) left out"
     return hint
@@ -315,19 +315,19 @@ class LeftOut:
         parts = []
         if reasons:
             count = sum(len(names) for _, names in reasons)
-            parts.append(f"{_count(count, 'file')} left out ("
+            parts.append(f"{counted(count, 'file')} left out ("
                          + "; ".join(f"{reason}: {_names(names)}" for reason, names in reasons) + ")")
         if self.repeats:
             files = "a file" if len(self.repeats) == 1 else "files"
-            parts.append(f"{_count(len(self.repeats), 'name')} of {files} listed already (a link, or a file named twice), "
+            parts.append(f"{counted(len(self.repeats), 'name')} of {files} listed already (a link, or a file named twice), "
                          f"skipped ({_names(self.repeats)})")
         for folder, sub_folders in self.sub_folders.items():
-            parts.append(f"{_count(len(sub_folders), 'sub-folder')} of '{folder}' not entered ({_names(sub_folders)}; "
+            parts.append(f"{counted(len(sub_folders), 'sub-folder')} of '{folder}' not entered ({_names(sub_folders)}; "
                          f"for their files too: --image '{Path(folder) / '**' / '*'}')")
         if not parts:
             return None
         files = len({item.source for item in items})
-        return f"{_count(len(items), 'item')} from {_count(files, 'file')}; " + "; ".join(parts)
+        return f"{counted(len(items), 'item')} from {counted(files, 'file')}; " + "; ".join(parts)
 
 
 NAMES_SHOWN = 3  # messages name this many paths of a kind, then count the rest
@@ -339,19 +339,25 @@ def _names(paths: list) -> str:
     return shown + (f" and {len(paths) - NAMES_SHOWN} more" if len(paths) > NAMES_SHOWN else "")
 
 
-def _count(number: int, noun: str) -> str:
-    """``"1 file"``, ``"8 files"``."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+def counted(number: int, noun: str) -> str:
+    """``"1 file"``, ``"8 files"``, ``"1,200 items"``: a count and its noun, singular or plural."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 # Control characters other than newline and tab, as \xNN: a file name from a pile of documents may hold
-# terminal escape sequences (a window title, cursor moves that hide a "failed:" line, the clipboard).
+# terminal escape sequences (a window title, cursor moves that hide a "failed:" line, the clipboard). The
+# bidirectional controls as \uNNNN: a right-to-left override shows the rest of a line reversed
+# ("invoice\u202egnp.exe" reads "invoiceexe.png").
 _CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A)}
+_CONTROL_ESCAPES |= {code: f"\\u{code:04x}" for code in [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+_LINE_ESCAPES = {0x09: "\\x09", 0x0A: "\\x0a"}
 
 
-def terminal_safe(text: str) -> str:
-    """``text`` as a message on stderr may show it: control characters written as ``\\xNN``."""
-    return text.translate(_CONTROL_ESCAPES)
+def terminal_safe(text: str, one_line: bool = False) -> str:
+    """``text`` as a message on stderr may show it: control characters written as ``\\xNN``, bidirectional
+    controls as ``\\uNNNN``; with ``one_line``, tabs and line breaks too (a line that ``grep`` must find whole,
+    a table's cell)."""
+    return text.translate(_CONTROL_ESCAPES | _LINE_ESCAPES if one_line else _CONTROL_ESCAPES)
 
 
 def warn_left_out(paths: list[Path], spec: str) -> None:

@@ -2,7 +2,7 @@
 
 * records: ``item_fields``, ``error_record`` and ``model_info`` make the fields every line shares,
   ``make_record`` puts them in order (both engines of ``phi-helpers predict`` build their lines there);
-  ``request_fields`` is the request itself (task, prompt, schema, model, generation settings), stored
+  the request itself (``tasks.request_fields``: task, prompt, schema, model, generation settings) is stored
   in every line under ``"request"`` so that a re-run knows which question a line answers;
 * ``JsonlWriter`` appends one line per result and flushes it at once; ``repair_jsonl`` moves the torn
   line of a killed run aside; ``plan_resume`` reads back which items an earlier run already answered
@@ -51,8 +51,8 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 from ..api import quantization
 from ..api.choices import TINY_MODEL, is_tiny_model
 from ..api.images import PDF_SIGNATURE, shown_url
-from ..errors import CommandLineError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home
-from .inputs import Item, file_identity, is_url, terminal_safe
+from ..errors import CommandLineError, InvalidArgumentError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home
+from .inputs import Item, counted, file_identity, is_url, terminal_safe
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
 TASKS = ("caption", "ocr", "vqa", "extract")  # the tasks of phi-helpers predict: every record names one in "task"
@@ -61,30 +61,6 @@ TASKS = ("caption", "ocr", "vqa", "extract")  # the tasks of phi-helpers predict
 # ----------------------------------------------------------------------------------------------
 # Records
 # ----------------------------------------------------------------------------------------------
-
-
-def request_fields(args, schema: dict | None, model: str) -> dict:
-    """The request a record answers: everything that changes the answer, in one flat JSON object.
-
-    A re-run skips an item only if its last line was answered for an equal request. To make a new
-    option part of the request, add one key here; give it the value ``None`` when the option is not
-    used, so that the lines written before the key existed still count as the same request (a key
-    missing from an old line reads as ``None``). The schema enters by the SHA-256 of its canonical
-    JSON, so editing the schema file redoes the items while renaming it does not; the model by its name
-    and ``model_files`` (new weights saved into the same folder redo the items).
-    """
-    return {
-        "task": args.task,
-        "prompt": args.prompt,
-        "schema_sha256": None if schema is None else hashlib.sha256(canonical_json(schema).encode()).hexdigest(),
-        "model": model_key(model),
-        MODEL_FILES: model_files(model),
-        "dtype": args.dtype,
-        "num_crops": args.num_crops,
-        "max_new_tokens": args.max_new_tokens,
-        "constrained": args.constrain if args.task == "extract" else None,
-        "quantize": None if args.quantize == "none" else args.quantize,
-    }
 
 
 def model_key(model: str) -> str:
@@ -97,8 +73,16 @@ def model_key(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-MODEL_FILES = "model_files"  # the request field of model_files: compared only when both lines know it
+# Request fields compared only when both lines know them: a line written before one was recorded (or a run that
+# cannot read it now: a hub cache since removed) keeps its answers, as before.
+MODEL_FILES = "model_files"  # the model's config and weights (model_files)
+MODEL_SETTINGS = "model_settings"  # its processor, tokenizer, chat template and generation settings (model_settings)
+PROMPT_SHA256 = "prompt_sha256"  # the whole instruction sent with each image, built-in wording included
+KNOWN_WHEN_BOTH_SAY = (MODEL_FILES, MODEL_SETTINGS, PROMPT_SHA256)
 MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.index.json")  # what a saved model's folder holds
+# ...and what else in it changes an answer: preprocessor_config.json (num_crops), tokenizer_config.json and
+# chat_template.jinja (the prompt), generation_config.json (stop tokens, repetition_penalty), tokenizer files
+MODEL_SETTINGS_PATTERNS = ("*.json", "*.jinja", "*.model")
 
 
 def model_files(model: str) -> str | None:
@@ -111,9 +95,7 @@ def model_files(model: str) -> str | None:
         return None
     path = expand_home(model, "model folder", ModelLoadError)
     if path.is_dir():
-        files = sorted({file for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
-        stamps = [[file.name, status.st_size, status.st_mtime_ns] for file in files for status in [file.stat()]]
-        return hashlib.sha256(canonical_json(stamps).encode()).hexdigest()[:16] if stamps else None
+        return _fingerprint(_model_folder_files(path, MODEL_FILE_PATTERNS))
     if model.count("/") != 1:
         return None
     try:
@@ -121,6 +103,29 @@ def model_files(model: str) -> str | None:
     except ValueError:  # not a valid hub id (loading the model says why)
         return None
     return Path(cached).parent.name if isinstance(cached, str) else None  # .../snapshots/<commit>/config.json
+
+
+def model_settings(model: str) -> str | None:
+    """The same fingerprint as ``model_files`` for the other files of a local model folder that change an
+    answer (``MODEL_SETTINGS_PATTERNS``: processor, tokenizer, chat template, generation settings); None for
+    a hub id (its snapshot's commit, ``model_files``, covers every file) and the tiny model."""
+    if is_tiny_model(model):
+        return None
+    path = expand_home(model, "model folder", ModelLoadError)
+    if not path.is_dir():
+        return None
+    weights = _model_folder_files(path, MODEL_FILE_PATTERNS)
+    return _fingerprint(_model_folder_files(path, MODEL_SETTINGS_PATTERNS) - weights)
+
+
+def _model_folder_files(folder: Path, patterns) -> set[Path]:
+    return {file for pattern in patterns for file in folder.glob(pattern) if file.is_file()}
+
+
+def _fingerprint(files: set[Path]) -> str | None:
+    """SHA-256 (16 hex digits) of the files' names, sizes and modification times (ns); None for no file."""
+    stamps = [[file.name, status.st_size, status.st_mtime_ns] for file in sorted(files) for status in [file.stat()]]
+    return hashlib.sha256(canonical_json(stamps).encode()).hexdigest()[:16] if stamps else None
 
 
 def canonical_json(value) -> str:
@@ -131,22 +136,31 @@ def canonical_json(value) -> str:
 def request_differences(stored, request: dict) -> list[str]:
     """The names of the request fields in which a stored ``"request"`` differs from ``request``.
 
-    ``model_files`` counts only when both know it: a line written before it was recorded (or a run
-    that cannot read it now: a hub cache since removed) keeps its answers, as before.
+    The ``KNOWN_WHEN_BOTH_SAY`` fields count only when both know them: a line written before one was recorded
+    (or a run that cannot read it now: a hub cache since removed) keeps its answers, as before.
     """
     if not isinstance(stored, dict):
         return ["request"]  # a line written before requests were recorded
     if isinstance(stored.get("model"), str):  # lines written before folders were recorded by absolute path
         with contextlib.suppress(ModelLoadError):  # an edited line's "~nouser/m": not this request's model
             stored = {**stored, "model": model_key(stored["model"])}
-    if stored.get(MODEL_FILES) is None or request.get(MODEL_FILES) is None:
-        stored, request = {**stored, MODEL_FILES: None}, {**request, MODEL_FILES: None}
-    return sorted(key for key in stored.keys() | request.keys() if stored.get(key) != request.get(key))
+    for key in KNOWN_WHEN_BOTH_SAY:
+        if stored.get(key) is None or request.get(key) is None:
+            stored, request = {**stored, key: None}, {**request, key: None}
+    differences = {key for key in stored.keys() | request.keys() if stored.get(key) != request.get(key)}
+    if differences & _WORDED_BY:  # the instruction differs because of them: they say why
+        differences.discard(PROMPT_SHA256)
+    return sorted(differences)
+
+
+_WORDED_BY = {"task", "prompt", "schema_sha256", "constrained"}  # the request fields the instruction is made of
 
 
 # How ResumePlan.summary names a request field that differs (the others by their own name).
 DIFFERENCE_NAMES = {
     MODEL_FILES: "the model's files (config.json or weights saved over since)",
+    MODEL_SETTINGS: "the model folder's settings (processor, tokenizer, chat template or generation settings saved over since)",
+    PROMPT_SHA256: "the wording of the task's instruction (changed in this version of phi-helpers)",
     "request": "the request itself, which phi-helpers before 30 Nov 2026 did not record, so what those lines answer "
                "is unknown; their lines stay in the file",
 }
@@ -281,7 +295,7 @@ def make_record(result: dict, task: str, schema: str | None, info: dict, request
 
     ``result`` is what ``predict`` / ``predict_items`` returned for one image, ``schema`` the path of
     the JSON Schema as the user gave it (extract only), ``info`` is ``model_info``, ``request`` is
-    ``request_fields`` (what a re-run compares to decide whether the line is still wanted). Both
+    ``tasks.request_fields`` (what a re-run compares to decide whether the line is still wanted). Both
     engines of ``phi-helpers predict`` (in-process and Ray) build their lines here.
     """
     record = {key: result[key] for key in ITEM_KEYS if key in result}
@@ -322,12 +336,24 @@ def latest_records(path) -> list[dict]:
 
     Items are matched as a re-run matches them (the file, however the runs spelled it, plus the page),
     so call it from the folder the runs were made in: a line's relative ``"source"`` is read from there
-    (lines written before 1 Dec 2026 have no ``"path"``). Torn lines are left out::
+    (lines written before 1 Dec 2026 have no ``"path"``). Torn lines are left out. A PDF gives one
+    record per page, so key the answers by source and page::
 
         from phi_helpers.cli.outputs import latest_records
-        answers = {record["source"]: record.get("answer") for record in latest_records("results.jsonl")}
+        answers = {(r["source"], r.get("page")): r.get("answer") for r in latest_records("results.jsonl")}
+
+    A path that is no file, and a file with lines of which none is a ``predict`` record (another
+    program's file, the wrong path), raise ``InvalidArgumentError``; an empty file gives ``[]``.
     """
-    return list(_last_by_item(path, lambda record: record).values())
+    path = expand_home(path, "results file")
+    if not path.is_file():
+        raise InvalidArgumentError(f"No results file at '{path}'. Pass the --output of a phi-helpers predict run "
+                                   f"(relative paths start from '{Path.cwd()}').")
+    last = _last_by_item(path, lambda record: record)
+    if not last and any(True for _ in _lines(path)):
+        raise InvalidArgumentError(f"'{path}' holds no phi-helpers predict record: none of its lines is one. Pass "
+                                   "the --output of a phi-helpers predict run.")
+    return list(last.values())
 
 
 def _last_by_item(path, keep) -> dict:
@@ -494,14 +520,14 @@ class ResumePlan:
         """Lines for stderr that say what is skipped and why, and what is run again and why."""
         lines = []
         if self.done:
-            lines.append(f"{self.done} of {total} items are already done for this request in {path}; skipping them.")
+            lines.append(f"{self.done} of {counted(total, 'item')} {_are(self.done)} already done for this request in {path}; skipping them.")
         if self.failed:
-            lines.append(f"{self.failed} of {total} items failed in an earlier run of this request; retrying them.")
+            lines.append(f"{self.failed} of {counted(total, 'item')} failed in an earlier run of this request; retrying them.")
         if self.changed:
-            lines.append(f"{self.changed} of {total} items were modified since their last line in {path}; running them again.")
+            lines.append(f"{self.changed} of {counted(total, 'item')} {_were(self.changed)} modified since their last line in {path}; running them again.")
         if self.other_request:
             lines.append(
-                f"{self.other_request} of {total} items in {path} answer another request (it differs in: "
+                f"{self.other_request} of {counted(total, 'item')} in {path} {'answers' if self.other_request == 1 else 'answer'} another request (it differs in: "
                 f"{', '.join(DIFFERENCE_NAMES.get(name, name) for name in sorted(self.differences))}); running them "
                 "again for this one."
             )
@@ -537,11 +563,11 @@ def resume(path, items: list[Item], request: dict) -> ResumePlan:
     lines aside (``repair_jsonl``), decide per item (``plan_resume``), say both on stderr."""
     torn = repair_jsonl(path)
     if torn:
-        print(f"warning: {torn} line(s) of {path} did not parse as records (e.g. cut off when a run was killed "
-              f"or the disk was full, or broken by an edit); moved them to {torn_path(path)}", file=sys.stderr)
+        print(terminal_safe(f"warning: {torn} line(s) of {path} did not parse as records (e.g. cut off when a run was "
+                            f"killed or the disk was full, or broken by an edit); moved them to {torn_path(path)}"), file=sys.stderr)
     plan = plan_resume(items, path, request)
     for line in plan.summary(len(items), path):
-        print(line, file=sys.stderr)
+        print(terminal_safe(line), file=sys.stderr)
     return plan
 
 
@@ -552,16 +578,24 @@ RETRY = ("run the same command again to retry them (a file that cannot be read a
 def failure_line(record: dict) -> str:
     """The line a run shows (on stderr) for an item that failed: ``failed: SOURCE (page N): ERROR``."""
     page = f" (page {record['page']})" if "page" in record else ""
-    return terminal_safe(f"failed: {record['source']}{page}: {record['error']}")
+    return terminal_safe(f"failed: {record['source']}{page}: {record['error']}", one_line=True)  # grep '^failed:'
+
+
+def _are(number: int) -> str:
+    return "is" if number == 1 else "are"
+
+
+def _were(number: int) -> str:
+    return "was" if number == 1 else "were"
 
 
 def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
     """Say how a many-item run ended (on stderr) and return its exit code: 1 if any item failed.
     ``retry`` says how to run the failed items again."""
-    print(f"{total - failed} of {total} items done; results in {output}", file=sys.stderr)
+    print(terminal_safe(f"{total - failed} of {counted(total, 'item')} done; results in {output}"), file=sys.stderr)
     if failed:
-        print(f'error: {failed} of {total} items failed (their records in {output} have an "error"); {retry}',
-              file=sys.stderr)
+        print(terminal_safe(f'error: {failed} of {counted(total, "item")} failed (their records in {output} have an "error"); '
+                            f"{retry}"), file=sys.stderr)
         return 1
     return 0
 
@@ -586,8 +620,9 @@ def check_answers(path, items: list[Item], max_new_tokens: int) -> int:
     records = [record for record in records if record]
     invalid = [record for record in records if record.get("valid") is False]
     if invalid:
-        print(f'error: {len(invalid)} of {len(records)} answers in {path} do not follow the schema ("valid": false; '
-              f'"errors" says why, "raw" has the text); {schema_advice(invalid, max_new_tokens)}.', file=sys.stderr)
+        print(terminal_safe(f'error: {len(invalid)} of {counted(len(records), "answer")} in {path} '
+                            f'{"does" if len(invalid) == 1 else "do"} not follow the schema ("valid": false; "errors" says why, '
+                            f'"raw" has the text); {schema_advice(invalid, max_new_tokens)}.'), file=sys.stderr)
     return int(bool(invalid))
 
 

@@ -32,7 +32,7 @@ functions raise ``RayNotInstalledError`` when it is missing.
 """
 
 import contextlib
-import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -48,8 +48,7 @@ from transformers.utils import logging as hf_logging
 
 from ..api.images import WEB_SCHEMES, count_pages, load_image, load_page, url_scheme
 from ..api.hardware import GIB, HALF_DTYPES
-from ..api.choices import is_tiny_model
-from ..api.loading import check_checkpoint_files, check_dtype, planned_memory_gib, requested_model_id
+from ..api.loading import check_dtype, check_model_source, planned_memory_gib, requested_model_id
 from ..api.quantization import check_quantize
 from ..errors import (
     CommandLineError, DeviceUnavailableError, ImageLoadError, InvalidArgumentError, ModelLoadError, RayNotInstalledError,
@@ -61,9 +60,9 @@ from .inputs import (
 )
 from .outputs import (
     JsonlWriter, OutputLock, Progress, check_answers, check_output_path, failure_line, finish_run, input_files, make_record,
-    model_info, nothing_left, request_fields, resume, terminate_as_interrupt,
+    model_info, nothing_left, resume, terminate_as_interrupt,
 )
-from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, predict_items
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, predict_items, request_fields
 
 USAGE_STATS_VARIABLE = "RAY_USAGE_STATS_ENABLED"  # start_ray sets it to 0 for a local Ray
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
@@ -91,6 +90,7 @@ PARQUET_COLUMNS = {
 
 # What the extra "ray" of pyproject.toml installs (phi_helpers is installed from its repository, not PyPI).
 INSTALL_RAY = 'pip install "ray[data]>=2.60,<2.64"  (in the repository: pip install -e ".[ray]")'
+INSTALL_RAY_CLIENT = 'pip install "ray[data,client]>=2.60,<2.64"'  # a ray://HEAD:10001 address: Ray Client (gRPC)
 
 
 def require_ray():
@@ -129,6 +129,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
         return ray.get_runtime_context()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset execution
     if address:
+        if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+            raise RayNotInstalledError(
+                f"Joining a cluster at '{address}' goes through Ray Client, which needs gRPC, not installed here. "
+                f"Install it with: {INSTALL_RAY_CLIENT} (or run on the cluster's head node with --address auto)."
+            )
         try:
             return ray.init(address=address, logging_level="ERROR")
         except Exception as error:  # noqa: BLE001  (Ray raises ConnectionError, or a bare Exception)
@@ -609,16 +614,15 @@ def run_ray(args, schema: dict | None, model: str) -> int:
 FILES_SHOWN = 10  # the retry advice of a Parquet run names this many failed files, then counts the rest
 
 
-def check_model(model: str, num_crops: int | None = None) -> None:
-    """Refuse, before Ray starts, a local model folder that ``load_model`` would refuse in every replica once
-    Ray runs: its missing or broken files (``check_checkpoint_files``, the check ``load_model`` makes before
-    loading). ``ModelLoadError`` names the file. A hub id, the tiny model and a path that is no folder are
-    left to the replicas (a replica that cannot load its model stops the run with its error)."""
-    if is_tiny_model(model):
+def check_model(model: str, num_crops: int | None, cluster: bool) -> None:
+    """Refuse, before Ray starts, a model that ``load_model`` would refuse in every replica once Ray runs:
+    a local folder's missing or broken files, and, on this machine's own Ray (not a ``cluster``, whose
+    workers may see folders this machine does not), a path that is neither a folder nor a hub id
+    (``check_model_source``). A hub id and the tiny model are left to the replicas (a replica that cannot
+    load its model stops the run with its error)."""
+    if cluster and not expand_home(model, "model folder", ModelLoadError).is_dir():
         return
-    folder = expand_home(model, "model folder", ModelLoadError)
-    if folder.is_dir():
-        check_checkpoint_files(folder, check_num_crops=num_crops is None)
+    check_model_source(model, num_crops)
 
 
 ERRORS_MODULE = "phi_helpers.errors."  # how Ray names the class of our own errors in its report
@@ -675,7 +679,7 @@ def _run_on_ray(ray, args, schema: dict | None, model: str, request: dict, local
     if total == 0:  # a finished re-run: said and checked as the in-process engine does, without starting Ray
         return nothing_left(output, local, args.max_new_tokens)
     if not (args.address or "").startswith("ray://"):  # a Ray Client's driver may not see the cluster's files
-        check_model(model, args.num_crops)  # a broken folder: said now, not by every replica after Ray started
+        check_model(model, args.num_crops, cluster=bool(args.address))  # said now, not by every replica later
     started_here = not ray.is_initialized()
     context = start_ray(args.address)
     # SIGTERM (timeout, scancel, docker stop, kill) ends the run as Ctrl-C does: Ray stopped, exit 143 (the

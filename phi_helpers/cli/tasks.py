@@ -18,6 +18,7 @@ never raises for a bad item.
 """
 
 import contextlib
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ from ..api.prompts import Chat, build_prompt
 from ..api.structured import check_extraction, load_schema
 from ..errors import InvalidArgumentError, JSONExtractionError, JSONTruncatedError, PromptError, SchemaNotSupportedError
 from .inputs import Item
-from .outputs import TASKS, error_record, item_fields  # TASKS: every record's "task" is one of them
+from .outputs import (  # TASKS: every record's "task" is one of them
+    MODEL_FILES, MODEL_SETTINGS, PROMPT_SHA256, TASKS, canonical_json, error_record, item_fields, model_files, model_key,
+    model_settings,
+)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,38 @@ def task_prompt(task: str, question: str | None = None, schema: dict | None = No
         prompt = EXTRACT_PROMPT.format(schema=json.dumps(schema, ensure_ascii=False))
         return f"{question}\n{prompt}" if question else prompt
     return question or TASK_PROMPTS[task]
+
+
+def request_fields(args, schema: dict | None, model: str) -> dict:
+    """The request a record answers: everything that changes the answer, in one flat JSON object.
+
+    A re-run skips an item only if its last line was answered for an equal request. To make a new
+    option part of the request, add one key here; give it the value ``None`` when the option is not
+    used, so that the lines written before the key existed still count as the same request (a key
+    missing from an old line reads as ``None``). The schema enters by the SHA-256 of its canonical
+    JSON, so editing the schema file redoes the items while renaming it does not; the model by its name,
+    ``model_files`` (new weights saved into the same folder redo the items) and ``model_settings`` (so do
+    a new chat template, num_crops or generation settings); the instruction by the SHA-256 of its whole
+    text (a version of phi-helpers that words a task's instruction differently redoes the items). Options
+    are recorded as given: ``--dtype auto`` is one request on every machine.
+    """
+    instruction = task_prompt(args.task, args.prompt, schema)
+    if args.task == "extract" and not args.constrain:
+        instruction += "\n" + RETRY_PROMPT  # the retry's wording changes its answers too
+    return {
+        "task": args.task,
+        "prompt": args.prompt,
+        PROMPT_SHA256: hashlib.sha256(instruction.encode()).hexdigest(),
+        "schema_sha256": None if schema is None else hashlib.sha256(canonical_json(schema).encode()).hexdigest(),
+        "model": model_key(model),
+        MODEL_FILES: model_files(model),
+        MODEL_SETTINGS: model_settings(model),
+        "dtype": args.dtype,
+        "num_crops": args.num_crops,
+        "max_new_tokens": args.max_new_tokens,
+        "constrained": args.constrain if args.task == "extract" else None,
+        "quantize": None if args.quantize == "none" else args.quantize,
+    }
 
 
 def predict(
