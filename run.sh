@@ -53,9 +53,12 @@ lock() {
   # every platform resolves it from PyPI.
   { echo "# The lock: exact versions of everything ./run.sh lab|test installs (pyproject.toml's dependencies"
     echo "# and extras notebooks, test). Regenerate it with ./run.sh lock, never by hand."
-    sed -E 's/^torch==([^+ ]+)\+cpu/torch==\1/' requirements.txt; } > requirements.txt.new
+    sed -E -e 's/^torch==([^+ ]+)\+cpu/torch==\1/' \
+      -e 's/^(triton==[^ ]+)$/\1 ; platform_system == "Linux" and platform_machine == "x86_64"/' requirements.txt; } > requirements.txt.new
   mv requirements.txt.new requirements.txt
-  # triton is allowed: xgrammar needs it on Linux x86_64 (its GPU mask kernel); a CUDA torch shows as nvidia-*.
+  # triton is allowed: xgrammar needs it on Linux x86_64 only (its GPU mask kernel), and has no wheels for macOS or
+  # Windows, so its pin gets xgrammar's marker (pip-compile resolves on this machine and drops markers); a CUDA
+  # torch shows as nvidia-*.
   if grep -E '^nvidia-' requirements.txt; then
     echo "error: the lock pulled CUDA packages (above): resolve torch with its CPU wheel, e.g." >&2
     echo "  PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu ./run.sh lock" >&2

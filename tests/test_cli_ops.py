@@ -451,3 +451,34 @@ def test_a_prompt_typed_under_a_locale_that_is_not_utf8_is_read_as_typed(monkeyp
     monkeypatch.setattr(app, "run_single", lambda args, *rest: seen.append(args.prompt) or 0)
     app.main(["predict", "--image", "receipt.png", "--task", "vqa", "--prompt", typed])
     assert seen == ["合計は?"]
+
+
+def test_a_prompt_too_long_gets_the_command_lines_advice():
+    """Before: the failed: line told a command-line user to call load_model(num_crops=...) and chat.drop_images()."""
+    from phi_helpers.models.phi3_v.processing_phi3_v import check_context_length
+
+    with pytest.raises(Exception) as info:
+        check_context_length(130_000, 131_072, max_new_tokens=2_000, image_tokens=757)
+    message = outputs.error_message(info.value)
+    assert message.startswith("The prompt is 130,000 tokens (757 of them for images) and up to 2,000 new tokens")
+    assert "--max-new-tokens" in message and "--num-crops 1" in message and "load_model" not in message
+
+
+def test_an_existing_output_is_replaced_where_the_system_has_no_fchown_or_fchmod(monkeypatch, tmp_path):
+    """Windows has no os.fchown (and os.fchmod only from Python 3.13): a second run with the same --output
+    failed after the model had answered ("module 'os' has no attribute 'fchown'") and the answer was lost."""
+    output = tmp_path / "answer.txt"
+    output.write_text("first run\n")
+    monkeypatch.delattr(os, "fchown")
+    monkeypatch.delattr(os, "fchmod")
+    outputs.write_atomically(output, "second run\n")
+    assert output.read_bytes() == b"second run\n"
+
+
+def test_lines_a_windows_editor_saved_are_read_and_repaired_without_carriage_returns(tmp_path):
+    """A results file edited on Windows has \\r\\n line ends: a repair kept each \\r and added one more line end."""
+    output = tmp_path / "out.jsonl"
+    record = {"source": "a.png", "task": "ocr", "answer": "x"}
+    output.write_bytes(json.dumps(record).encode() + b"\r\n" + b'{"source": "b.p\r\n')
+    assert outputs.repair_jsonl(output) == 1
+    assert output.read_bytes() == json.dumps(record).encode() + b"\n"

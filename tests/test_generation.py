@@ -483,6 +483,35 @@ def test_context_length_error_keeps_the_users_turn(monkeypatch, model_and_proces
     assert len(chat) == 1 and chat.messages[-1]["role"] == "user"
 
 
+def test_a_prompt_too_long_is_refused_before_any_image_is_processed(monkeypatch, model_and_processor, image):
+    """Before: the processor made every image's pixel values first (15 s and 1.3 GB for 200 images) and only
+    then found that the prompt could not fit. The counts come from the images' sizes, as the processor's own."""
+    model, processor = model_and_processor
+    images = [image] * 3
+    [(tokens, image_tokens)] = processor.prompt_lengths(build_prompt("Compare them.", num_images=3), images)
+    encoded = processor(text=build_prompt("Compare them.", num_images=3), images=images, return_tensors="pt")["input_ids"]
+    assert (tokens, image_tokens) == (encoded.shape[1], int((encoded == processor.image_token_id).sum()))
+
+    def processed(*args, **kwargs):
+        raise AssertionError("the images were processed for a prompt that cannot fit")
+
+    monkeypatch.setattr(type(processor.image_processor), "__call__", processed)
+    with pytest.raises(ContextLengthError, match=f"The prompt is {tokens:,} tokens \\({image_tokens:,} of them"):
+        ask(model, processor, "Compare them.", images=images, max_new_tokens=model.config.max_position_embeddings)
+    with pytest.raises(ContextLengthError, match="not on its size in pixels: ask\\(..., num_crops=1\\) for one call"):
+        ask(model, processor, "Compare them.", images=images, max_new_tokens=model.config.max_position_embeddings)
+
+
+def test_a_batch_that_does_not_fit_names_the_prompt_and_its_own_counts(model_and_processor, image):
+    """Before: the longest prompt's length was reported with the image tokens of another row."""
+    model, processor = model_and_processor
+    long_text = build_prompt("ok " * 3000, num_images=0)
+    [(text_tokens, _)] = processor.prompt_lengths(long_text)
+    too_many = model.config.max_position_embeddings - text_tokens + 1
+    with pytest.raises(ContextLengthError, match=f"Prompt 2 of 2 is {text_tokens:,} tokens \\(0 of them for images\\)"):
+        generation.generate_batch(model, processor, ["Look.", long_text], [[image] * 2, []], max_new_tokens=too_many)
+
+
 def test_context_limit_is_prompt_plus_new_tokens(monkeypatch, model_and_processor):
     model, processor = model_and_processor
     record_generate(monkeypatch, model, reply_ids=[32007])

@@ -787,6 +787,17 @@ def test_glob_matches_like_the_standard_library_without_links(tmp_path, monkeypa
         assert inputs.glob_files(pattern) == wanted, pattern
 
 
+def test_a_glob_ignores_case_where_the_system_does(tmp_path, monkeypatch):
+    """On Windows a camera's IMG_0001.JPG matches *.jpg (Python's glob and PowerShell agree); the pattern
+    matched case by case, so those files were left out without a word."""
+    for name in ("IMG_0001.JPG", "shot.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert inputs.glob_files("*.jpg") == [Path("shot.jpg")]  # Linux and macOS: names differ by case
+    monkeypatch.setattr(os.path, "normcase", str.lower)  # what ntpath.normcase does on Windows (also to "\\")
+    assert inputs.glob_files("*.jpg") == [Path("IMG_0001.JPG"), Path("shot.jpg")]
+
+
 # ----------------------------------------------------------------------------------------------
 # Files and folders this user may not read
 # ----------------------------------------------------------------------------------------------

@@ -622,6 +622,20 @@ def test_the_warning_looks_at_the_free_memory_of_the_gpu_asked_for(no_env_model,
     assert "Warning" not in capsys.readouterr().out
 
 
+def test_a_mac_short_of_memory_is_told_that_int8_runs_on_its_cpu(no_env_model, no_gpu, forbid_loading, monkeypatch, capsys):
+    """int8 does not run on Apple GPUs, so the warning offered nothing ("Close other programs") to an 8 GB Mac,
+    where int8 on the CPU, in the same memory, fits."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(loading, "available_memory", lambda device: (7.0, "of RAM available"))
+    stop_at_the_hub(monkeypatch)
+    with pytest.raises(ModelLoadError):
+        load_model("microsoft/Phi-3.5-vision-instruct")
+    out = capsys.readouterr().out
+    assert "but mps has only 7.0 GiB of RAM available" in out
+    assert out.rstrip().endswith("Use load_model(device='cpu', quantize='int8') (command line: --device cpu --quantize int8; "
+                                 "about 4.8 GiB; slower: the CPU instead of the Apple GPU)."), out
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_the_warning_tells_who_asked_for_fp32_to_drop_it(no_env_model, no_gpu, forbid_loading, monkeypatch, capsys, quantize):
     """load_model(quantize='int8', dtype='fp32') was told "Use load_model(quantize='int8')", what it had done; and

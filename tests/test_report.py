@@ -292,3 +292,17 @@ def test_int8_rows_on_a_cuda_gpu_with_bitsandbytes_do_not_need_torchao(monkeypat
     environment_report()
     _, int8_rows = torchao_row_and_int8_rows(capsys)
     assert int8_rows and not any("torchao" in line for line in int8_rows)
+
+
+def test_total_ram_on_a_system_without_proc_or_sysconf(monkeypatch):
+    """Windows has neither /proc/meminfo nor os.sysconf: environment_report() said "RAM unknown"."""
+    psutil = pytest.importorskip("psutil")
+    total = psutil.virtual_memory().total  # (psutil reads /proc/meminfo itself on Linux)
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(hardware, "open", no_proc, raising=False)  # the module's own open()
+    monkeypatch.delattr(os, "sysconf")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"total": total})())
+    assert hardware.total_ram_bytes() == total

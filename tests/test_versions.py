@@ -1,6 +1,7 @@
 """The tested versions are stated once in code (TESTED_VERSIONS), once in the README, and pinned by the
 lock; pyproject.toml's range starts at them. All must agree."""
 
+import importlib.metadata
 import re
 import tomllib
 from pathlib import Path
@@ -79,3 +80,16 @@ def test_a_wheel_carries_the_files_the_package_reads_and_both_licenses():
     assert data and all(any(Path(name).match(pattern) for pattern in patterns) for name in data), data
     assert "py.typed" in data
     assert all((ROOT / name).is_file() for name in pyproject["project"]["license-files"])
+
+
+def test_the_lock_installs_on_macos_and_windows():
+    """triton (xgrammar's, on Linux x86_64 only) has no wheels for macOS or Windows: pinned without a marker, the
+    lock stopped ./run.sh lab and environment.yml on a Mac. A pin that only Linux needs carries the marker."""
+    text = (ROOT / "requirements.txt").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==\S+(.*)$", text, re.M))
+    for name, marker in pins.items():
+        requirers = [Requirement(line) for dist in importlib.metadata.distributions() for line in dist.requires or []
+                     if canonicalize_name(Requirement(line).name) == canonicalize_name(name)]
+        linux_only = requirers and all(r.marker is not None and "Linux" in str(r.marker) for r in requirers)
+        if linux_only:
+            assert marker.strip().startswith(";") and "Linux" in marker, f"{name}: pin it with its marker ({requirers[0].marker})"

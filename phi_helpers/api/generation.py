@@ -44,7 +44,7 @@ from ..errors import (
     ImageAspectRatioError, InvalidArgumentError, JSONTruncatedError, PromptError, SchemaError, check_whole_number,
 )
 from ..models.phi3_v.image_processing_phi3_v import check_num_crops
-from ..models.phi3_v.processing_phi3_v import check_context_length
+from ..models.phi3_v.processing_phi3_v import check_context_length, prompt_name
 from .batch_linear import batch_kernels
 from .choices import ASK_MAX_NEW_TOKENS, BATCH_MAX_NEW_TOKENS
 from .constrained import SchemaConstraint, compile_schema, read_answer
@@ -698,10 +698,14 @@ def encode(model, processor, prompts, images: list, max_new_tokens: int, num_cro
     processor's setting for these images (default: ``processor.image_processor.num_crops``).
     """
     check_whole_number(max_new_tokens, "max_new_tokens", minimum=1)
+    # Checked from the images' sizes, before their pixels are processed (seconds for many images); the longest
+    # prompt is the one that does not fit (the rows are padded to it)
+    lengths = processor.prompt_lengths(prompts, images or None, num_crops)
+    row = max(range(len(lengths)), key=lambda index: lengths[index][0])
+    tokens, image_tokens = lengths[row]
+    check_context_length(tokens, model.config.max_position_embeddings, max_new_tokens, image_tokens,
+                         prompt_name(row, len(lengths)))
     inputs = processor(text=prompts, images=images or None, padding_side="left", num_crops=num_crops, return_tensors="pt")
-    input_ids = inputs["input_ids"]
-    image_tokens = int(((input_ids == getattr(processor, "image_token_id", None)) | (input_ids < 0)).sum(dim=1).max())
-    check_context_length(input_ids.shape[1], model.config.max_position_embeddings, max_new_tokens, image_tokens)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -266,7 +266,7 @@ def gpu_free_bytes(index: int) -> int:
 
 
 def total_ram_bytes() -> int | None:
-    """Total RAM from /proc/meminfo (Linux) or sysconf (macOS and other Unix); None if unknown."""
+    """Total RAM from /proc/meminfo (Linux), sysconf (macOS and other Unix) or psutil (Windows); None if unknown."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -277,6 +277,12 @@ def total_ram_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        import psutil  # (see available_ram_bytes)
+
+        return psutil.virtual_memory().total
+    except (ImportError, OSError, RuntimeError):
         return None
 
 

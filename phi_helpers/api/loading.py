@@ -212,6 +212,12 @@ def _warn_if_short_of_memory(plan: _LoadPlan) -> None:
         option_need = memory_need(plan.model_config, option_dtype, option_quantize, num_crops)["need_gib"]
         if option_need < need["need_gib"]:
             smaller.append(_option_text(plan, option_dtype, option_quantize, option_need))
+    if plan.device == "mps" and not plan.stored_quantized:  # int8 runs on a Mac's CPU (not its GPU), in the same RAM
+        cpu_dtype = pick_dtype("auto", "cpu", quantized=True)[0]
+        int8_need = memory_need(plan.model_config, cpu_dtype, "int8", num_crops)["need_gib"]
+        if int8_need < need["need_gib"]:
+            smaller.append(f"load_model(device='cpu', quantize='int8') (command line: --device cpu --quantize int8; "
+                           f"about {_gib(int8_need)}; slower: the CPU instead of the Apple GPU)")
     fix = f"Use {' or '.join(smaller)}" if smaller else "Close other programs or use a machine with more memory"
     print(
         f"Warning: the model needs about {_gib(need['need_gib'])} ({_gib(need['weights_gib'])} of weights in "

@@ -477,7 +477,8 @@ def _glob_match(pattern: tuple, parts: tuple, hidden: bool = False) -> bool:
         return False
     if not parts or (parts[0].startswith(".") and not head.startswith(".") and not hidden):
         return False
-    return fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:], hidden)
+    # fnmatch, as glob: case-insensitive where the system's names are (Windows: IMG_0001.JPG matches *.jpg)
+    return fnmatch.fnmatch(parts[0], head) and _glob_match(rest, parts[1:], hidden)
 
 
 def collect_all(specs: list[str], report: bool = True) -> list[Item]:

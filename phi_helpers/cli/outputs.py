@@ -51,7 +51,7 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 from ..api import quantization
 from ..api.choices import TINY_MODEL, is_tiny_model
 from ..api.images import PDF_SIGNATURE, shown_url
-from ..errors import CommandLineError, InvalidArgumentError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home
+from ..errors import CommandLineError, ContextLengthError, InvalidArgumentError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home
 from .inputs import Item, counted, file_identity, is_url, terminal_safe
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
@@ -258,11 +258,18 @@ def error_record(item: Item, error: Exception) -> dict:
 
 
 def error_message(error: BaseException) -> str:
-    """A one-line message: our own errors speak for themselves, others get their type name in front."""
+    """A one-line message: our own errors speak for themselves, others get their type name in front. A prompt
+    too long for the context gets the command line's advice (its options), not the Python API's."""
+    if isinstance(error, ContextLengthError) and getattr(error, "facts", None):
+        error = ContextLengthError(f"{error.facts} {CONTEXT_ADVICE}")
     text = printable(" ".join(str(error).split()))
     if isinstance(error, (PhiHelpersError, OSError, ValueError)) and text:
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+CONTEXT_ADVICE = ("Lower --max-new-tokens, use --num-crops 1 (an image's tokens depend on its shape and num_crops, "
+                  "not on its size in pixels), or shorten --prompt; running it again gives the same error.")
 
 
 def model_info(model, processor) -> dict:
@@ -404,7 +411,7 @@ def _lines(path):
         return
     with open(path, "rb") as file:
         for number, line in enumerate(file, start=1):
-            line = line.rstrip(b"\n")
+            line = line.rstrip(b"\r\n")  # \r: a line a Windows editor saved
             if line.strip():
                 yield number, line, _parse_line(line)
 
@@ -663,7 +670,7 @@ class JsonlWriter:
 
     def __enter__(self) -> "JsonlWriter":
         needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8", newline="\n")  # JSON Lines end in \n, on Windows too
         if needs_newline:
             self._file.write("\n")
         return self
@@ -968,7 +975,7 @@ def write_atomically(path: Path, text: str) -> None:
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:  # Windows would write \r\n
             if target.exists():
                 _keep_owner_and_mode(file.fileno(), target.stat())
             file.write(text)
@@ -1013,10 +1020,13 @@ def _writing_stdout():
 
 def _keep_owner_and_mode(handle: int, original: os.stat_result) -> None:
     """Give the open file ``handle`` the group and permission bits of ``original`` (the file it stands in
-    for or sits beside); the group only where this user may set it (a group they belong to)."""
-    with contextlib.suppress(PermissionError):
-        os.fchown(handle, -1, original.st_gid)
-    os.fchmod(handle, stat.S_IMODE(original.st_mode))
+    for or sits beside); the group only where this user may set it (a group they belong to). Windows has
+    neither (``os.fchmod`` only from Python 3.13, for the read-only flag): the file keeps the folder's."""
+    if hasattr(os, "fchown"):
+        with contextlib.suppress(PermissionError):
+            os.fchown(handle, -1, original.st_gid)
+    if hasattr(os, "fchmod") and os.name != "nt":
+        os.fchmod(handle, stat.S_IMODE(original.st_mode))
 
 
 # Signals that stop a run as Ctrl-C (SIGINT) does: SIGTERM (timeout, kill, docker stop, a scheduler's cancel)

@@ -164,7 +164,7 @@ def _are_prompts(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
 
 
-def _which(index: int, count: int) -> str:
+def prompt_name(index: int, count: int) -> str:
     """How messages name prompt ``index`` (from 0) of ``count``: "The prompt", "Prompt 2 of 3"."""
     return "The prompt" if count == 1 else f"Prompt {index + 1} of {count}"
 
@@ -207,7 +207,7 @@ def _rgb_images(images_per_prompt: list[list]) -> list:
         for position, image in enumerate(group, start=1):
             name = image_name(position, len(group))
             if len(images_per_prompt) > 1:
-                name = f"{_which(index, len(images_per_prompt))}, image {position} of {len(group)}"
+                name = f"{prompt_name(index, len(images_per_prompt))}, image {position} of {len(group)}"
             rgb.append(to_rgb(image, name))
     return rgb
 
@@ -230,24 +230,31 @@ def _refuse_other_content(conversation) -> None:
                     )
 
 
-def check_context_length(prompt_tokens: int, limit: int, max_new_tokens: int = 0, image_tokens: int = 0) -> None:
+def check_context_length(
+    prompt_tokens: int, limit: int, max_new_tokens: int = 0, image_tokens: int = 0, which: str = "The prompt"
+) -> None:
     """Raise ContextLengthError when ``prompt_tokens`` (+ ``max_new_tokens`` to generate) exceed ``limit``.
 
     The one place that refuses a prompt too long for the model: the processor calls it with the
-    tokenizer's ``model_max_length``, ``ask`` with the model's context and the answer's length.
+    tokenizer's ``model_max_length``, ``ask`` with the model's context and the answer's length, both before
+    any image is processed. ``which`` names the prompt ("Prompt 2 of 3" in a batch). The error's ``facts``
+    is its first sentence, for a caller with other advice (the command line's options).
     """
     total = prompt_tokens + max_new_tokens
     if total <= limit:
         return
-    prompt = f"The prompt is {prompt_tokens:,} tokens ({image_tokens:,} of them for images)"
+    facts = f"{which} is {prompt_tokens:,} tokens ({image_tokens:,} of them for images)"
     if max_new_tokens:
-        prompt += f" and up to {max_new_tokens:,} new tokens were asked for: {total:,} in all,"
-    raise ContextLengthError(
-        f"{prompt} but the model's context holds {limit:,}. "
-        + ("Lower max_new_tokens, use " if max_new_tokens else "Use ")
-        + "fewer or smaller images, a lower num_crops (load_model(num_crops=...)), or shorten the prompt or "
-        "history (chat.drop_images(keep_last=1) or chat.reset())."
+        facts += f" and up to {max_new_tokens:,} new tokens were asked for: {total:,} in all,"
+    facts += f" but the model's context holds {limit:,}."
+    error = ContextLengthError(
+        f"{facts} " + ("Lower max_new_tokens, use " if max_new_tokens else "Use ")
+        + "fewer images or a lower num_crops (an image's tokens depend on its shape and num_crops, not on its size "
+        "in pixels: ask(..., num_crops=1) for one call, load_model(num_crops=...) for all), or shorten the prompt "
+        "or history (chat.drop_images(keep_last=1) or chat.reset())."
     )
+    error.facts = facts
+    raise error
 
 
 class Phi3VProcessor(ProcessorMixin):
@@ -359,7 +366,7 @@ class Phi3VProcessor(ProcessorMixin):
             check_whole_number(pad_to_multiple_of, "pad_to_multiple_of", minimum=1)
         prompts = [text] if isinstance(text, str) else list(text)
         for index, prompt in enumerate(prompts):
-            check_encodable(prompt, _which(index, len(prompts)))
+            check_encodable(prompt, prompt_name(index, len(prompts)))
         paths = [image for image in flatten_images(images) if isinstance(image, (str, os.PathLike))]
         if paths:
             raise InvalidArgumentError(
@@ -390,14 +397,12 @@ class Phi3VProcessor(ProcessorMixin):
         if truncation:
             raise InvalidArgumentError("Truncation would cut through image tokens; shorten the prompt instead.")
         all_images = _rgb_images(images_per_prompt)
+        # the length is checked from the images' sizes, before their pixels are processed (seconds for many)
+        sequences = self._sequences(prompts, images_per_prompt, self.calc_num_image_tokens(all_images, num_crops), add_special_tokens)
+        self._check_length(sequences)
         # as the original: the image processor makes pixel_values a tensor and, with return_tensors=None, image_sizes a list
         image_inputs = self.image_processor(all_images, num_crops=num_crops, return_tensors=return_tensors, **image_options)
-        tokens_per_image = [int(count) for count in image_inputs.pop("num_img_tokens")]
-        sequences, offset = [], 0
-        for prompt, group in zip(prompts, images_per_prompt):
-            sequences.append(self._tokenize(prompt, tokens_per_image[offset : offset + len(group)], add_special_tokens))
-            offset += len(group)
-        self._check_length(sequences)
+        image_inputs.pop("num_img_tokens")  # the same counts (calc_num_image_tokens is how the image processor counts)
         input_ids, attention_mask = self._pad(sequences, padding_side or "left", pad_to_multiple_of)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
         if return_attention_mask is False:
@@ -431,7 +436,7 @@ class Phi3VProcessor(ProcessorMixin):
                 f"Got {len(prompts)} prompts but {len(groups)} lists of images; pass one list per prompt."
             )
         for index, (prompt, group) in enumerate(zip(prompts, groups)):
-            which = _which(index, len(prompts))
+            which = prompt_name(index, len(prompts))
             if IMAGE_TOKEN in prompt:
                 raise PromptImageMismatchError(
                     f"{which} contains {IMAGE_TOKEN}, the token the processor puts in place of each image's "
@@ -439,6 +444,26 @@ class Phi3VProcessor(ProcessorMixin):
                 )
             _check_tags(prompt, len(group), which)
         return groups
+
+    def prompt_lengths(self, text, images=None, num_crops: int | None = None) -> list[tuple[int, int]]:
+        """``(tokens, image tokens)`` of each prompt, as ``processor(text, images)`` would encode it, counted
+        from the images' sizes without processing their pixels (``ask`` checks the context with it first)."""
+        prompts = [text] if isinstance(text, str) else list(text)
+        images_per_prompt = self._split_images(prompts, images)
+        tokens_per_image = self.calc_num_image_tokens(_rgb_images(images_per_prompt), num_crops)
+        return [
+            (len(ids), sum(token == self.image_token_id for token in ids))
+            for ids in self._sequences(prompts, images_per_prompt, tokens_per_image, add_special_tokens=True)
+        ]
+
+    def _sequences(self, prompts: list[str], images_per_prompt: list[list], tokens_per_image: list[int],
+                   add_special_tokens: bool) -> list[list[int]]:
+        """The token ids of each prompt, its image tags expanded to ``tokens_per_image`` (all prompts' images, in order)."""
+        sequences, offset = [], 0
+        for prompt, group in zip(prompts, images_per_prompt):
+            sequences.append(self._tokenize(prompt, tokens_per_image[offset : offset + len(group)], add_special_tokens))
+            offset += len(group)
+        return sequences
 
     def _tokenize(self, prompt: str, tokens_per_image: list[int], add_special_tokens: bool) -> list[int]:
         """Chunks between tags are tokenized separately (each starts with BOS, unless add_special_tokens is
@@ -452,9 +477,10 @@ class Phi3VProcessor(ProcessorMixin):
     def _check_length(self, sequences: list[list[int]]) -> None:
         """ContextLengthError for a prompt longer than the context, saying what to do (the tokenizer's own
         "Token indices sequence length is longer..." warning is turned off where it tokenizes: verbose=False)."""
-        longest = max(sequences, key=len)
-        image_tokens = sum(token == self.image_token_id for token in longest)
-        check_context_length(len(longest), self.tokenizer.model_max_length, image_tokens=image_tokens)
+        row = max(range(len(sequences)), key=lambda index: len(sequences[index]))
+        image_tokens = sum(token == self.image_token_id for token in sequences[row])
+        check_context_length(len(sequences[row]), self.tokenizer.model_max_length, image_tokens=image_tokens,
+                             which=prompt_name(row, len(sequences)))
 
     def _pad(self, sequences: list[list[int]], padding_side: str, multiple: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to the longest sequence, rounded up to a ``multiple`` of it if one is given."""
@@ -483,6 +509,6 @@ _CALL_DEFAULTS = {
 
 __all__ = [
     "Phi3VProcessor", "processor_chat_template", "CHECKPOINT_CHAT_TEMPLATE", "IMAGE_TAG", "image_tag", "check_context_length",
-    "check_encodable",
+    "check_encodable", "prompt_name",
 ]
 
