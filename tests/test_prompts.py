@@ -163,6 +163,20 @@ def test_drop_images_keeps_the_text_and_renumbers():
     assert chat.images == []
 
 
+def test_drop_turns_removes_old_text_and_its_images_and_starts_with_a_question():
+    """A chat whose text outgrew the context had only reset(): drop_images left the text, and rebuilding it
+    with from_messages(chat.messages[-3:], ...) failed on the old image numbers."""
+    chat = Chat(system="Be brief.")
+    chat.add_user("One.", images=colour("red")).add_assistant("Red.")
+    chat.add_user("Two.", images=colour("green")).add_assistant("Green.")
+    chat.add_user("Three?", images=colour("blue"))  # unanswered: the context was full
+    assert chat.drop_turns(keep_last=4) == 2  # the 4th-last turn is an answer: it goes with its question
+    assert [m["content"] for m in chat.messages] == ["Be brief.", "<|image_1|>\nTwo.", "Green.", "<|image_2|>\nThree?"]
+    assert colours(chat.images) == [GREEN, BLUE]
+    assert chat.drop_turns(keep_last=3) == 0
+    assert chat.drop_turns(keep_last=1) == 2 and [m["content"] for m in chat.messages] == ["Be brief.", "<|image_1|>\nThree?"]
+
+
 def test_drop_images_rejects_negative_counts():
     with pytest.raises(ValueError, match="keep_last"):
         Chat().drop_images(keep_last=-1)

@@ -460,6 +460,24 @@ class Chat:
                 remaining -= removed
         return to_drop
 
+    def drop_turns(self, keep_last: int) -> int:
+        """Remove all but the last ``keep_last`` turns (with their images); return how many were removed.
+
+        For a chat whose text no longer fits the context (``drop_images`` only removes images). The system
+        message stays, the remaining images are renumbered from ``<|image_1|>``, and the chat still starts
+        with a question: an answer left first loses its question, so it goes too. After a
+        ContextLengthError the unanswered question is the last turn: ``chat.drop_turns(keep_last=3)`` keeps
+        it and the exchange before it, and ``ask(model, processor, chat)`` answers it.
+        """
+        keep_last = check_whole_number(keep_last, "keep_last")
+        with self._in_use():
+            self._close_stream()  # a stream still writing: its answer goes in first
+            first = max(len(self._turns) - keep_last, 0)
+            if first < len(self._turns) and self._turns[first]["role"] == "assistant":
+                first += 1
+            del self._turns[:first]
+        return first
+
     def __len__(self) -> int:
         """Number of user and assistant turns (the system message is not counted)."""
         return len(self._turns)

@@ -200,7 +200,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-crops", type=_num_crops, metavar="N", help="image crops of 336 px: more = finer detail, "
                        "more tokens (default: the checkpoint's: 4 for Phi-3.5-vision, 16 for Phi-3-vision)")
     group.add_argument("--max-new-tokens", type=_max_new_tokens, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
-                       help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
+                       help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS}); prompt + N must fit the context")
     group.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                        help=f"images per generate call when there are many (default: {DEFAULT_BATCH_SIZE})")
 

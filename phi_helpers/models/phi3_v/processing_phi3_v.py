@@ -251,7 +251,7 @@ def check_context_length(
         f"{facts} " + ("Lower max_new_tokens, use " if max_new_tokens else "Use ")
         + "fewer images or a lower num_crops (an image's tokens depend on its shape and num_crops, not on its size "
         "in pixels: ask(..., num_crops=1) for one call, load_model(num_crops=...) for all), or shorten the prompt "
-        "or history (chat.drop_images(keep_last=1) or chat.reset())."
+        "or history (chat.drop_images(keep_last=1), chat.drop_turns(keep_last=3) or chat.reset())."
     )
     error.facts = facts
     raise error
