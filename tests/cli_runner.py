@@ -1,4 +1,8 @@
-"""Run the command line in this process for tests: shared by test_cli.py and test_evaluation.py."""
+"""Run the command line in this process for tests, and make the folders of scans it runs on."""
+
+from pathlib import Path
+
+from PIL import Image
 
 from phi_helpers.cli import app as cli
 
@@ -11,3 +15,12 @@ def run(capsys, *argv) -> tuple[int, str, str]:
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def scans(tmp_path: Path, count: int, step: int) -> Path:
+    """A folder ``scans`` of ``count`` small PNG pages, each a shade of red ``step`` apart (unlike files)."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (40, 30), (step * index, 0, 0)).save(folder / f"page_{index}.png")
+    return folder

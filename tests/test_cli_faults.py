@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import phi_helpers  # noqa: F401  (registers the native classes)
-from cli_runner import run
+from cli_runner import run, scans
 from phi_helpers.cli import outputs, tasks
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # tests/conftest.py: the CLI loads the cached tiny model
@@ -20,11 +20,7 @@ FAST = ["--num-crops", "1", "--max-new-tokens", "2", "--batch-size", "1"]
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    for index in range(4):
-        Image.new("RGB", (40, 30), (60 * index, 0, 0)).save(folder / f"page_{index}.png")
-    return folder
+    return scans(tmp_path, 4, step=60)
 
 
 def calls_of_generate(monkeypatch, before_call=None) -> list:

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers.utils import logging as hf_logging
 
 import phi_helpers  # noqa: F401  (registers the native classes)
-from cli_runner import run
+from cli_runner import run, scans
 from phi_helpers.api import loading
 from phi_helpers.cli import app, outputs, ray_engine, tasks
 from phi_helpers.errors import CommandLineError, ModelLoadError
@@ -32,10 +32,7 @@ FAST = ["--num-crops", "1", "--max-new-tokens", "2", "--batch-size", "1"]
 @pytest.fixture
 def folder(tmp_path) -> Path:
     """Three small images and one file that is not an image (a failed item)."""
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    for index in range(3):
-        Image.new("RGB", (40, 30), (80 * index, 0, 0)).save(folder / f"page_{index}.png")
+    folder = scans(tmp_path, 3, step=80)
     (folder / "broken.png").write_bytes(b"not a png")
     return folder
 
@@ -195,6 +192,15 @@ def test_on_a_terminal_progress_stays_a_bar(capsys, monkeypatch):
         progress.update(1)
     err = capsys.readouterr().err
     assert "\r" in err and "2/2" in err and "\nfailed: a.png" in err.replace("\r", "\n")
+
+
+def test_in_a_notebook_progress_stays_a_bar(capsys, monkeypatch):
+    """A Jupyter kernel draws the bar in place (notebook 06 counts records with it); its stderr is no terminal."""
+    kernel = type("ZMQInteractiveShell", (), {})()  # what IPython.get_ipython() is in a Jupyter kernel
+    monkeypatch.setitem(sys.modules, "IPython", SimpleNamespace(get_ipython=lambda: kernel))
+    with outputs.Progress(2, "ocr") as progress:
+        progress.update(2)
+    assert "\r" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,10 +426,13 @@ def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_an_error(monkeypa
     raw = io.BytesIO()
     stream = io.TextIOWrapper(raw, encoding="cp1252")
     monkeypatch.setattr(sys, "stdout", stream)
-    monkeypatch.setattr(app, "run_predict", lambda args: print("合計は 5 €") or 0)
+    answer = json.dumps({"answer": "合計は 5 € 😀"}, ensure_ascii=False)  # what --format json prints
+    monkeypatch.setattr(app, "run_predict", lambda args: print(answer) or 0)
     assert app.main(["predict", "--image", "receipt.png", "--task", "caption"]) == 0
     stream.flush()
-    assert raw.getvalue().decode("cp1252") == "\\u5408\\u8a08\\u306f 5 €\n"  # € is in cp1252: written as it is
+    printed = raw.getvalue().decode("cp1252")  # € is in cp1252: written as it is
+    assert printed == '{"answer": "\\u5408\\u8a08\\u306f 5 € \\ud83d\\ude00"}\n'
+    assert json.loads(printed) == json.loads(answer)  # still valid JSON, the same value
 
 
 def test_names_with_line_breaks_escapes_and_bidi_controls_stay_on_their_lines(capsys, tmp_path):

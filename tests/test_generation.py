@@ -502,6 +502,23 @@ def test_a_prompt_too_long_is_refused_before_any_image_is_processed(monkeypatch,
         ask(model, processor, "Compare them.", images=images, max_new_tokens=model.config.max_position_embeddings)
 
 
+def test_prompt_lengths_checks_as_the_processor_does_and_reads_no_pixels(model_and_processor, tmp_path):
+    """It gave TypeErrors for what the processor refuses with a typed error, counted add_special_tokens=False
+    wrong, and decoded every image (seconds for large RGBA pictures) to read sizes a file's header has."""
+    _, processor = model_and_processor
+    for text in (None, 5, [], "a\ud800b"):
+        with pytest.raises((PromptError, InvalidArgumentError)):
+            processor.prompt_lengths(text)
+    prompt = build_prompt("Hi.", num_images=1)
+    Image.new("RGBA", (900, 600), (0, 0, 0, 0)).save(tmp_path / "big.png")
+    for special in (True, False):
+        encoded = processor(text=prompt, images=[Image.open(tmp_path / "big.png")], add_special_tokens=special)["input_ids"]
+        lazy = Image.open(tmp_path / "big.png")
+        lazy.load = lambda: pytest.fail("prompt_lengths decoded the image")
+        assert processor.prompt_lengths(prompt, [lazy], add_special_tokens=special)[0][0] == encoded.shape[1]
+    assert processor.prompt_lengths([lazy], prompt) == processor.prompt_lengths(prompt, [lazy])  # (images, text)
+
+
 def test_a_batch_that_does_not_fit_names_the_prompt_and_its_own_counts(model_and_processor, image):
     """Before: the longest prompt's length was reported with the image tokens of another row."""
     model, processor = model_and_processor

@@ -169,7 +169,9 @@ def test_a_model_folder_whose_settings_change_is_another_request(tmp_path, name,
     (folder / name).write_text("{}")
     args = cli.build_parser().parse_args(["predict", "--image", "x.png", "--task", "caption", "--model", str(folder), *FAST])
     before = tasks.request_fields(args, None, str(folder))
-    os.utime(folder / name, ns=(1, 1))  # an editor's save: the size or time changes
+    (folder / "trainer_state.json").write_text('{"step": 1}')  # files that change no answer change nothing
+    os.utime(folder / name, ns=(1, 1))  # ...nor does a file saved again unchanged
+    assert outputs.request_differences(before, tasks.request_fields(args, None, str(folder))) == []
     (folder / name).write_text(change)
     assert outputs.request_differences(before, tasks.request_fields(args, None, str(folder))) == ["model_settings"]
     assert outputs.request_differences({**before, "model_settings": None}, tasks.request_fields(args, None, str(folder))) == []
@@ -191,18 +193,19 @@ def test_a_new_wording_of_a_tasks_instruction_is_another_request(monkeypatch):
     assert outputs.request_differences(before, tasks.request_fields(no_constrain, SCHEMA, "tiny")) == ["prompt_sha256"]
 
 
-def test_the_lines_of_a_run_that_downloaded_its_model_name_the_commit(capsys, monkeypatch, tmp_path, folder):
-    """Before: the request was made before loading, when a hub model not yet downloaded has no commit, and its
-    lines (model_files null) stayed "done" for any later revision of the model."""
-    downloaded = []
-    in_the_cache = lambda model: "commit-a" if downloaded else None  # noqa: E731  (no commit before the download)
+@pytest.mark.parametrize("before", [None, "commit-a"], ids=["downloaded", "updated"])
+def test_the_lines_of_a_run_that_downloaded_its_model_name_the_commit(capsys, monkeypatch, tmp_path, folder, before):
+    """Before: the request was made before loading, when a hub model not yet downloaded has no commit (its lines,
+    model_files null, stayed "done" for any later revision), or the cache still named the commit that loading
+    then replaced (the next run redid every item, blaming the model's files)."""
+    loaded = []
+    in_the_cache = lambda model: "commit-b" if loaded else before  # noqa: E731  (what from_pretrained fetched)
     monkeypatch.setattr(tasks, "model_files", in_the_cache)
-    monkeypatch.setattr(cli, "model_files", in_the_cache)
     real = tasks.ModelLoader.__call__
-    monkeypatch.setattr(tasks.ModelLoader, "__call__", lambda self: downloaded.append(True) or real(self))
+    monkeypatch.setattr(tasks.ModelLoader, "__call__", lambda self: loaded.append(True) or real(self))
     output = tmp_path / "out.jsonl"
     assert run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)[0] == 0
-    assert [record["request"]["model_files"] for record in lines_of(output)] == ["commit-a", "commit-a"]
+    assert [record["request"]["model_files"] for record in lines_of(output)] == ["commit-b", "commit-b"]
 
 
 def test_a_model_folder_is_one_request_however_it_is_spelled(monkeypatch, tmp_path):
@@ -336,6 +339,15 @@ def test_latest_records_refuses_a_path_that_holds_no_results(tmp_path):
         outputs.latest_records(other)
     (tmp_path / "empty.jsonl").write_text("")
     assert outputs.latest_records(tmp_path / "empty.jsonl") == []  # a run that has written nothing yet
+    (tmp_path / "torn.jsonl").write_text('{"source": "a.png", "path": "/x/a.png", "task": "capt')
+    assert outputs.latest_records(tmp_path / "torn.jsonl") == []  # killed while writing its first line
+    with pytest.raises(InvalidArgumentError, match="is a folder"):
+        outputs.latest_records(tmp_path)
+    (tmp_path / "notepad.jsonl").write_text('{"source": "a.png", "task": "ocr"}\n', encoding="utf-16")
+    with pytest.raises(InvalidArgumentError, match="is saved as UTF-16; save it as UTF-8"):
+        outputs.latest_records(tmp_path / "notepad.jsonl")
+    with pytest.raises(InvalidArgumentError, match="needs the path of a results file"):
+        outputs.latest_records(None)
 
 
 def test_lines_without_a_request_are_redone(capsys, tmp_path, folder, generations):
@@ -372,7 +384,7 @@ def test_a_torn_line_is_moved_aside_on_start(capsys, tmp_path, folder, generatio
     output.write_text(first + "\n" + second[: len(second) // 2])  # killed while writing the second line
     code, _, err = run(capsys, *args)
     assert code == 0
-    assert f"warning: 1 line(s) of {output} did not parse" in err and f"moved them to {output}.torn" in err
+    assert f"warning: 1 line of {output} did not parse" in err and f"moved it to {output}.torn" in err
     assert "1 of 2 items is already done for this request" in err and generations == [2, 1]
     records = lines_of(output)  # every line parses again
     assert records[0] == json.loads(first) and len(records) == 2
@@ -383,7 +395,7 @@ def test_invalid_utf8_in_the_output_is_moved_aside_too(capsys, tmp_path, folder)
     output = tmp_path / "out.jsonl"
     output.write_bytes(b'{"source": "x.png", "answer": "\xff"}\n')
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "caption", "--output", output, *FAST)
-    assert code == 0 and "warning: 1 line(s)" in err
+    assert code == 0 and "warning: 1 line of" in err
     assert (tmp_path / "out.jsonl.torn").read_bytes() == b'{"source": "x.png", "answer": "\xff"}\n'
     assert len(lines_of(output)) == 2
 
@@ -457,7 +469,7 @@ def test_sigkill_torn_file_is_repaired_on_resume(capsys, tmp_path, tiny_checkpoi
 
     code, _, err = run(capsys, "predict", "--image", many, "--task", "caption", "--output", output,
                        "--model", tiny_checkpoint, "--batch-size", "8", *INTERRUPTED)
-    assert code == 0 and f"warning: 1 line(s) of {output} did not parse" in err
+    assert code == 0 and f"warning: 1 line of {output} did not parse" in err
     _assert_each_item_answered_once(output, many)
     assert (tmp_path / "out.jsonl.torn").read_bytes() == torn + b"\n"
 
@@ -601,7 +613,7 @@ def test_a_line_with_wrong_field_types_is_moved_aside(capsys, tmp_path, folder, 
     edited = json.dumps({"source": str(folder / "a.png"), "page": [1, 2], "task": "ocr", "answer": "x"})
     output.write_text(edited + "\n")
     code, _, err = run(capsys, "predict", "--image", folder, "--task", "ocr", "--output", output, *FAST)
-    assert code == 0 and "1 line(s) of" in err and "broken by an edit" in err
+    assert code == 0 and "1 line of" in err and "broken by an edit" in err
     assert (tmp_path / "out.jsonl.torn").read_text() == edited + "\n" and len(lines_of(output)) == 2
 
 

@@ -130,7 +130,7 @@ def test_a_line_whose_base64_an_edit_broke_is_moved_aside(capsys, tmp_path, fiel
     output = tmp_path / "out.jsonl"
     output.write_text(json.dumps({"source": "x.png", field: "not base64!", "task": "caption"}) + "\n")
     code, _, err = caption(capsys, tmp_path / "pile", output)
-    assert code == 0 and "1 line(s) of" in err and "moved them to" in err, err
+    assert code == 0 and "1 line of" in err and "moved it to" in err, err
     assert [line["source"] for line in lines_of(output)] == [str(tmp_path / "pile" / "a.png")]
 
 

@@ -175,6 +175,8 @@ def test_drop_turns_removes_old_text_and_its_images_and_starts_with_a_question()
     assert colours(chat.images) == [GREEN, BLUE]
     assert chat.drop_turns(keep_last=3) == 0
     assert chat.drop_turns(keep_last=1) == 2 and [m["content"] for m in chat.messages] == ["Be brief.", "<|image_1|>\nThree?"]
+    answers_first = Chat().add_user("q1").add_assistant("a1").add_assistant("a1b").add_user("q2")
+    assert answers_first.drop_turns(keep_last=3) == 3 and [m["role"] for m in answers_first.messages] == ["user"]
 
 
 def test_drop_images_rejects_negative_counts():

@@ -658,7 +658,7 @@ def check_model_and_processor(model, processor) -> None:
             f"These helpers run Phi-3-vision and Phi-3.5-vision (model_type 'phi3_v'); this model is "
             f"{getattr(config, 'model_type', None)!r}. Load one with phi_helpers.load_model()."
         )
-    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor") and hasattr(processor, "prompt_lengths")):
         kind = "a tokenizer" if hasattr(processor, "convert_tokens_to_ids") else f"a {type(processor).__name__}"
         kind = "None" if processor is None else kind
         raise InvalidArgumentError(

@@ -197,8 +197,8 @@ class Chat:
 
     One Chat per conversation. A Chat is not for concurrent use: while one thread answers it (``ask``,
     ``extract``, or a ``stream_chunks`` stream that thread reads), another thread's ``ask``, ``extract``,
-    ``stream_chunks``, ``add_user``, ``add_assistant``, ``pop``, ``reset`` or ``drop_images`` on it raises
-    PromptError and changes nothing. A stream is done when it has been read to the end or closed
+    ``stream_chunks``, ``add_user``, ``add_assistant``, ``pop``, ``reset``, ``drop_images`` or ``drop_turns``
+    on it raises PromptError and changes nothing. A stream is done when it has been read to the end or closed
     (``chunks.close()``, which keeps its partial answer). The model and processor can be shared by
     threads: give each thread (each user) its own Chat.
     """
@@ -465,7 +465,7 @@ class Chat:
 
         For a chat whose text no longer fits the context (``drop_images`` only removes images). The system
         message stays, the remaining images are renumbered from ``<|image_1|>``, and the chat still starts
-        with a question: an answer left first loses its question, so it goes too. After a
+        with a question: answers that would come first go too (also when ``keep_last`` keeps every turn). After a
         ContextLengthError the unanswered question is the last turn: ``chat.drop_turns(keep_last=3)`` keeps
         it and the exchange before it, and ``ask(model, processor, chat)`` answers it.
         """
@@ -473,8 +473,8 @@ class Chat:
         with self._in_use():
             self._close_stream()  # a stream still writing: its answer goes in first
             first = max(len(self._turns) - keep_last, 0)
-            if first < len(self._turns) and self._turns[first]["role"] == "assistant":
-                first += 1
+            while first < len(self._turns) and self._turns[first]["role"] == "assistant":
+                first += 1  # the chat starts with a question
             del self._turns[:first]
         return first
 

@@ -33,15 +33,15 @@ from ..versions import package_version
 from .evaluate import run_eval_command
 from .inputs import collect_all, collect_items, is_multi_input, terminal_safe
 from .outputs import (
-    MODEL_FILES, STOP_SIGNALS, JsonlWriter, OutputLock, Progress, appends_lines, check_answers, check_output_path,
+    STOP_SIGNALS, JsonlWriter, OutputLock, Progress, appends_lines, check_answers, check_output_path,
     check_replaceable, error_message, failure_line, finish_run, flush_stdout, input_files, item_fields, json_safe,
-    make_record, model_info, model_files, nothing_left, print_result, resume, schema_advice, stopping_signal,
+    make_record, model_info, nothing_left, print_result, resume, schema_advice, stopping_signal,
     terminate_as_interrupt, write_atomically,
 )
 from .ray_engine import INSTALL_RAY, run_ray
 from .tasks import BATCH_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from .tasks import BATCH_SIZE as DEFAULT_BATCH_SIZE
-from .tasks import TASKS, ModelLoader, chunks, predict, predict_items, read_schema, request_fields, task_prompt
+from .tasks import TASKS, ModelLoader, chunks, loaded_request, predict, predict_items, read_schema, request_fields, task_prompt
 
 
 EXIT_TRY_LATER = 75  # EX_TEMPFAIL of sysexits.h: a temporary failure, try again later
@@ -412,11 +412,26 @@ def _fill_closed_streams() -> None:
 
 def _escape_what_stdout_cannot_hold() -> None:
     """A standard output whose encoding cannot hold every character (Windows writes cp1252 to a pipe or a file;
-    PYTHONIOENCODING=ascii) writes what it cannot hold as a backslash escape (``\\u5408``): before, printing an
-    answer in Japanese failed after the whole run, and the answer was lost. (--output files are UTF-8.)"""
+    PYTHONIOENCODING=ascii) writes what it cannot hold as JSON's escape (``\\u5408``; ``\\ud83d\\ude00`` for an
+    emoji), so that ``--format json`` stays valid JSON: before, printing an answer in Japanese failed after the
+    whole run, and the answer was lost. (--output files are UTF-8.)"""
     stream = sys.stdout
     if stream is not None and hasattr(stream, "reconfigure") and codecs.lookup(stream.encoding or "ascii").name != "utf-8":
-        stream.reconfigure(errors="backslashreplace")
+        stream.reconfigure(errors=JSON_ESCAPES)
+
+
+def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
+    """The codec error handler ``JSON_ESCAPES``: each character the encoding cannot hold as ``\\uXXXX``, one
+    beyond U+FFFF as its UTF-16 surrogate pair, as JSON writes them."""
+    units = []
+    for char in error.object[error.start : error.end]:
+        code = ord(char)
+        units += [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)] if code > 0xFFFF else [code]
+    return "".join(f"\\u{unit:04x}" for unit in units), error.end
+
+
+JSON_ESCAPES = "phi_helpers.json_escapes"
+codecs.register_error(JSON_ESCAPES, _json_escapes)
 
 
 @contextlib.contextmanager
@@ -523,8 +538,7 @@ def run_batch(args, schema) -> int:
 def _predict_into(output: Path, todo: list, args, schema, request: dict) -> int:
     """Load the model, answer ``todo`` in batches, append each record to ``output``; return how many failed."""
     model, processor = ModelLoader.of(args)()
-    if request[MODEL_FILES] is None:  # a hub model this run downloaded: its lines say which commit answered
-        request = {**request, MODEL_FILES: model_files(requested_model_id(args.model))}
+    request = loaded_request(request, requested_model_id(args.model))  # a hub model downloaded or updated just now
     info = model_info(model, processor)
     failed = 0
     with JsonlWriter(output) as writer, Progress(len(todo), args.task) as progress:

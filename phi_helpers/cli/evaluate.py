@@ -475,7 +475,7 @@ def _summary_lines(report: dict) -> str:
         )
     failed = sum("error" in line for line in report["items"])
     if failed:
-        lines.append(f"{failed} item(s) could not be run and count as wrong: each one's error is on stderr (\"failed: ...\") "
+        lines.append(f"{counted(failed, 'item')} could not be run and {'counts' if failed == 1 else 'count'} as wrong: each one's error is on stderr (\"failed: ...\") "
                      "and in its item's \"error\" (the report file with --output)")
     return "\n".join(lines)
 

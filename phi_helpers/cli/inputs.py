@@ -350,7 +350,7 @@ def counted(number: int, noun: str) -> str:
 # ("invoice\u202egnp.exe" reads "invoiceexe.png").
 _CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)] if code not in (0x09, 0x0A)}
 _CONTROL_ESCAPES |= {code: f"\\u{code:04x}" for code in [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
-_LINE_ESCAPES = {0x09: "\\x09", 0x0A: "\\x0a"}
+_LINE_ESCAPES = {0x09: "\\x09", 0x0A: "\\x0a", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # (U+2028/9: line breaks to editors)
 
 
 def terminal_safe(text: str, one_line: bool = False) -> str:

@@ -51,7 +51,10 @@ except ImportError:  # Windows: runs on one output are not locked against each o
 from ..api import quantization
 from ..api.choices import TINY_MODEL, is_tiny_model
 from ..api.images import PDF_SIGNATURE, shown_url
-from ..errors import CommandLineError, ContextLengthError, InvalidArgumentError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home
+from ..errors import (
+    CommandLineError, ContextLengthError, InvalidArgumentError, ModelLoadError, OutputBusyError, PhiHelpersError, expand_home,
+    utf8_text,
+)
 from .inputs import Item, counted, file_identity, is_url, terminal_safe
 
 TORN_SUFFIX = ".torn"  # lines of --output that did not parse as records are kept in OUTPUT.torn
@@ -80,9 +83,12 @@ MODEL_SETTINGS = "model_settings"  # its processor, tokenizer, chat template and
 PROMPT_SHA256 = "prompt_sha256"  # the whole instruction sent with each image, built-in wording included
 KNOWN_WHEN_BOTH_SAY = (MODEL_FILES, MODEL_SETTINGS, PROMPT_SHA256)
 MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.index.json")  # what a saved model's folder holds
-# ...and what else in it changes an answer: preprocessor_config.json (num_crops), tokenizer_config.json and
-# chat_template.jinja (the prompt), generation_config.json (stop tokens, repetition_penalty), tokenizer files
-MODEL_SETTINGS_PATTERNS = ("*.json", "*.jinja", "*.model")
+# ...and the files in it that change an answer: the image processor's settings (num_crops), the tokenizer and
+# its chat template (the prompt), the generation settings (stop tokens, repetition_penalty)
+MODEL_SETTINGS_FILES = (
+    "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+)
 
 
 def model_files(model: str) -> str | None:
@@ -95,7 +101,9 @@ def model_files(model: str) -> str | None:
         return None
     path = expand_home(model, "model folder", ModelLoadError)
     if path.is_dir():
-        return _fingerprint(_model_folder_files(path, MODEL_FILE_PATTERNS))
+        files = sorted({file for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
+        stamps = [[file.name, status.st_size, status.st_mtime_ns] for file in files for status in [file.stat()]]
+        return hashlib.sha256(canonical_json(stamps).encode()).hexdigest()[:16] if stamps else None
     if model.count("/") != 1:
         return None
     try:
@@ -106,26 +114,21 @@ def model_files(model: str) -> str | None:
 
 
 def model_settings(model: str) -> str | None:
-    """The same fingerprint as ``model_files`` for the other files of a local model folder that change an
-    answer (``MODEL_SETTINGS_PATTERNS``: processor, tokenizer, chat template, generation settings); None for
-    a hub id (its snapshot's commit, ``model_files``, covers every file) and the tiny model."""
+    """The SHA-256 (16 hex digits) of the names and contents of a local model folder's files that change an
+    answer besides the weights (``MODEL_SETTINGS_FILES``: processor, tokenizer, chat template, generation
+    settings; small files, read whole, so that a file saved again unchanged, or another file, redoes nothing);
+    None for a hub id (its snapshot's commit, ``model_files``, covers every file) and the tiny model."""
     if is_tiny_model(model):
         return None
     path = expand_home(model, "model folder", ModelLoadError)
     if not path.is_dir():
         return None
-    weights = _model_folder_files(path, MODEL_FILE_PATTERNS)
-    return _fingerprint(_model_folder_files(path, MODEL_SETTINGS_PATTERNS) - weights)
-
-
-def _model_folder_files(folder: Path, patterns) -> set[Path]:
-    return {file for pattern in patterns for file in folder.glob(pattern) if file.is_file()}
-
-
-def _fingerprint(files: set[Path]) -> str | None:
-    """SHA-256 (16 hex digits) of the files' names, sizes and modification times (ns); None for no file."""
-    stamps = [[file.name, status.st_size, status.st_mtime_ns] for file in sorted(files) for status in [file.stat()]]
-    return hashlib.sha256(canonical_json(stamps).encode()).hexdigest()[:16] if stamps else None
+    digest = hashlib.sha256()
+    for name in MODEL_SETTINGS_FILES:
+        with contextlib.suppress(OSError):
+            content = (path / name).read_bytes()
+            digest.update(f"{name}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()[:16]
 
 
 def canonical_json(value) -> str:
@@ -160,7 +163,8 @@ _WORDED_BY = {"task", "prompt", "schema_sha256", "constrained"}  # the request f
 DIFFERENCE_NAMES = {
     MODEL_FILES: "the model's files (config.json or weights saved over since)",
     MODEL_SETTINGS: "the model folder's settings (processor, tokenizer, chat template or generation settings saved over since)",
-    PROMPT_SHA256: "the wording of the task's instruction (changed in this version of phi-helpers)",
+    PROMPT_SHA256: "the instruction sent with each image (a new built-in wording, or the schema's properties in "
+                   "another order)",
     "request": "the request itself, which phi-helpers before 30 Nov 2026 did not record, so what those lines answer "
                "is unknown; their lines stay in the file",
 }
@@ -268,8 +272,8 @@ def error_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-CONTEXT_ADVICE = ("Lower --max-new-tokens, use --num-crops 1 (an image's tokens depend on its shape and num_crops, "
-                  "not on its size in pixels), or shorten --prompt; running it again gives the same error.")
+CONTEXT_ADVICE = ("Lower --max-new-tokens, shorten --prompt, or use a lower --num-crops (an image's tokens depend on its "
+                  "shape and num_crops, not on its size in pixels).")
 
 
 def model_info(model, processor) -> dict:
@@ -349,15 +353,22 @@ def latest_records(path) -> list[dict]:
         from phi_helpers.cli.outputs import latest_records
         answers = {(r["source"], r.get("page")): r.get("answer") for r in latest_records("results.jsonl")}
 
-    A path that is no file, and a file with lines of which none is a ``predict`` record (another
-    program's file, the wrong path), raise ``InvalidArgumentError``; an empty file gives ``[]``.
+    A path that is no file, and a file with no ``predict`` record but a line of another program, raise
+    ``InvalidArgumentError``; an empty file, or one whose only line was torn, gives ``[]``.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise InvalidArgumentError(f"latest_records needs the path of a results file (a str or a Path), got {path!r}.")
     path = expand_home(path, "results file")
+    if path.is_dir():
+        raise InvalidArgumentError(f"'{path}' is a folder: pass the results file in it (the --output of a phi-helpers "
+                                   "predict run, e.g. results.jsonl).")
     if not path.is_file():
         raise InvalidArgumentError(f"No results file at '{path}'. Pass the --output of a phi-helpers predict run "
                                    f"(relative paths start from '{Path.cwd()}').")
     last = _last_by_item(path, lambda record: record)
-    if not last and any(True for _ in _lines(path)):
+    if not last and any(record is None and not _looks_like_a_record(line) for _, line, record in _lines(path)):
+        with open(path, "rb") as file:
+            utf8_text(file.read(4), f"'{path}'")  # a results file saved as UTF-16 says so
         raise InvalidArgumentError(f"'{path}' holds no phi-helpers predict record: none of its lines is one. Pass "
                                    "the --output of a phi-helpers predict run.")
     return list(last.values())
@@ -570,8 +581,9 @@ def resume(path, items: list[Item], request: dict) -> ResumePlan:
     lines aside (``repair_jsonl``), decide per item (``plan_resume``), say both on stderr."""
     torn = repair_jsonl(path)
     if torn:
-        print(terminal_safe(f"warning: {torn} line(s) of {path} did not parse as records (e.g. cut off when a run was "
-                            f"killed or the disk was full, or broken by an edit); moved them to {torn_path(path)}"), file=sys.stderr)
+        print(terminal_safe(f"warning: {counted(torn, 'line')} of {path} did not parse as records (e.g. cut off when a run was "
+                            f"killed or the disk was full, or broken by an edit); moved {'it' if torn == 1 else 'them'} to {torn_path(path)}"),
+              file=sys.stderr)
     plan = plan_resume(items, path, request)
     for line in plan.summary(len(items), path):
         print(terminal_safe(line), file=sys.stderr)
@@ -599,10 +611,11 @@ def _were(number: int) -> str:
 def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:
     """Say how a many-item run ended (on stderr) and return its exit code: 1 if any item failed.
     ``retry`` says how to run the failed items again."""
-    print(terminal_safe(f"{total - failed} of {counted(total, 'item')} done; results in {output}"), file=sys.stderr)
+    print(terminal_safe(f"{total - failed:,} of {counted(total, 'item')} done; results in {output}"), file=sys.stderr)
     if failed:
-        print(terminal_safe(f'error: {failed} of {counted(total, "item")} failed (their records in {output} have an "error"); '
-                            f"{retry}"), file=sys.stderr)
+        records = f"its record in {output} has" if failed == 1 else f"their records in {output} have"
+        print(terminal_safe(f'error: {failed:,} of {counted(total, "item")} failed ({records} an "error"); {retry}'),
+              file=sys.stderr)
         return 1
     return 0
 
@@ -776,11 +789,19 @@ def _ends_with_newline(path: Path) -> bool:
 PROGRESS_SECONDS = 30  # without a terminal, Progress writes a line this often (and one at the end)
 
 
+def _in_a_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (whose output area draws a bar's updates in place)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class Progress:
     """A run's progress on stderr (stdout stays clean for results), and a ``failed:`` line per failed item.
 
-    On a terminal: a tqdm bar, the ``failed:`` lines printed above it. Anywhere else (a log file, cron, a
-    container, a pipe, a notebook), where the bar's carriage returns would glue the whole run onto one line:
+    On a terminal and in a notebook (a Jupyter kernel draws the bar in place): a tqdm bar, the ``failed:``
+    lines printed above it. Anywhere else (a log file, cron, a container, a pipe), where the bar's carriage
+    returns would glue the whole run onto one line:
     no bar, but a line such as ``caption: 120/10000 done, 3 failed, 0:02:00`` every ``PROGRESS_SECONDS``
     and one at the end, and each ``failed:`` line on a line of its own (``grep '^failed:'`` finds them).
 
@@ -793,7 +814,8 @@ class Progress:
         self.total, self.description = total, description
         self.done = self.failures = 0
         self.started = self.shown = time.monotonic()
-        self.bar = tqdm(total=total, desc=description, unit="image", file=sys.stderr) if sys.stderr.isatty() else None
+        live = sys.stderr.isatty() or _in_a_notebook()
+        self.bar = tqdm(total=total, desc=description, unit="image", file=sys.stderr) if live else None
 
     def update(self, count: int = 1) -> None:
         """``count`` more items done."""

@@ -62,7 +62,7 @@ from .outputs import (
     JsonlWriter, OutputLock, Progress, check_answers, check_output_path, failure_line, finish_run, input_files, make_record,
     model_info, nothing_left, resume, terminate_as_interrupt,
 )
-from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, predict_items, request_fields
+from .tasks import BATCH_MAX_NEW_TOKENS, BATCH_SIZE, ModelLoader, loaded_request, predict_items, request_fields
 
 USAGE_STATS_VARIABLE = "RAY_USAGE_STATS_ENABLED"  # start_ray sets it to 0 for a local Ray
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # a local Ray's shared memory: items and records are small
@@ -342,6 +342,8 @@ class Replica:
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per replica, all on the driver's stderr
         self.model, self.processor = self.load()
         self.info = model_info(self.model, self.processor)
+        if self.request is not None and isinstance(self.load, ModelLoader):  # the commit this replica answers with
+            self.request = loaded_request(self.request, requested_model_id(self.load.model))
 
     def __call__(self, batch):
         """``batch``: a pyarrow table of items ``{"source", "page", "path", "modified"}`` -> ``{"record": [JSON text, ...]}``."""

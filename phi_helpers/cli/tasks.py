@@ -158,6 +158,14 @@ def request_fields(args, schema: dict | None, model: str) -> dict:
     }
 
 
+def loaded_request(request: dict, model: str) -> dict:
+    """``request`` with ``model_files`` read again now that ``model`` is loaded: a hub model that the load
+    downloaded (none was in the cache when the request was made) or updated (a new commit) is recorded by
+    the commit that answers. ``request_fields`` is made before loading, to decide what a re-run skips."""
+    files = model_files(model)
+    return request if files is None else {**request, MODEL_FILES: files}
+
+
 def predict(
     model, processor, images: list, task: str, question: str | None = None, schema: dict | None = None,
     max_new_tokens: int = BATCH_MAX_NEW_TOKENS, constrain: bool = True,

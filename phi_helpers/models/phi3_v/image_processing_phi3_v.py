@@ -214,19 +214,26 @@ def to_rgb(image, name: str | None = None) -> Image.Image:
     ``name`` starts the error message about an image among several ("Image 2 of 3", "Prompt 2 of 2,
     image 1 of 1"); a lone image (None) is "Image 1", and an error about its type is not prefixed.
     """
+    pil = checked_image(image, name)
+    name = name or "Image 1"
+    try:
+        pil.load()  # decode a lazily opened file now, so a broken file fails here with a clear error
+        return pil if pil.mode == "RGB" else pil.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"{name} could not be decoded ({error}). Is the file complete?") from error
+
+
+def checked_image(image, name: str | None = None) -> Image.Image:
+    """``image`` as a PIL image that is not closed, not yet decoded (its size is known from the file's header);
+    errors named as in `to_rgb`."""
     try:
         pil = _to_pil(image)
     except ImageLoadError as error:
         if name is None:
             raise
         raise ImageLoadError(f"{name}: {error}") from None
-    name = name or "Image 1"
-    check_not_closed(pil, name)
-    try:
-        pil.load()  # decode a lazily opened file now, so a broken file fails here with a clear error
-        return pil if pil.mode == "RGB" else pil.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ImageLoadError(f"{name} could not be decoded ({error}). Is the file complete?") from error
+    check_not_closed(pil, name or "Image 1")
+    return pil
 
 
 def image_name(position: int, count: int) -> str | None:

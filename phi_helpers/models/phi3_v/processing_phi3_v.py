@@ -38,7 +38,7 @@ from transformers.processing_utils import AudioKwargs, ImagesKwargs, TextKwargs,
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from ...errors import ContextLengthError, InvalidArgumentError, PromptError, PromptImageMismatchError, check_whole_number
-from .image_processing_phi3_v import Phi3VImagesKwargs, flatten_images, image_name, to_rgb
+from .image_processing_phi3_v import Phi3VImagesKwargs, checked_image, flatten_images, image_name, to_rgb
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # THE image tag pattern of the package: <|image_1|>, <|image_2|>...
 _LOOKS_LIKE_A_TAG = re.compile(r"<\|[^<>|]*image[^<>|]*\|>", re.IGNORECASE)  # <| image_1 |>, <|image_-1|>, <|Image 1|>...
@@ -199,16 +199,16 @@ def _check_tags(prompt: str, num_images: int, which: str) -> None:
         )
 
 
-def _rgb_images(images_per_prompt: list[list]) -> list:
-    """Every prompt's images, in order, as RGB PIL images; an error names the image: "Image 2 of 3" of the
-    prompt, or "Prompt 2 of 3, image 1 of 1" in a batch."""
+def _rgb_images(images_per_prompt: list[list], convert=to_rgb) -> list:
+    """Every prompt's images, in order, as RGB PIL images (``convert``: `checked_image` leaves them as they are, not
+    decoded); an error names the image: "Image 2 of 3" of the prompt, or "Prompt 2 of 3, image 1 of 1" in a batch."""
     rgb = []
     for index, group in enumerate(images_per_prompt):
         for position, image in enumerate(group, start=1):
             name = image_name(position, len(group))
             if len(images_per_prompt) > 1:
                 name = f"{prompt_name(index, len(images_per_prompt))}, image {position} of {len(group)}"
-            rgb.append(to_rgb(image, name))
+            rgb.append(convert(image, name))
     return rgb
 
 
@@ -349,31 +349,13 @@ class Phi3VProcessor(ProcessorMixin):
                 "Phi-3-vision reads text and images only, not videos or audio. Pass video frames as images, each "
                 "with its own <|image_N|> tag."
             )
-        if _are_prompts(images) and not _are_prompts(text):
-            text, images = images, text  # called as processor(images, text)
-        if text is None:
-            raise InvalidArgumentError("The processor needs a prompt (text=...).")
-        if not _are_prompts(text):
-            raise PromptError(
-                f"text must be a prompt (a string) or a non-empty list of prompts, got {type(text).__name__} "
-                f"{text!r:.60}."
-            )
         if padding not in PADDING_CHOICES:
             raise InvalidArgumentError(f"padding must be one of {PADDING_CHOICES}, got {padding!r}.")
         if padding_side not in (None, "left", "right"):
             raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         if pad_to_multiple_of is not None:
             check_whole_number(pad_to_multiple_of, "pad_to_multiple_of", minimum=1)
-        prompts = [text] if isinstance(text, str) else list(text)
-        for index, prompt in enumerate(prompts):
-            check_encodable(prompt, prompt_name(index, len(prompts)))
-        paths = [image for image in flatten_images(images) if isinstance(image, (str, os.PathLike))]
-        if paths:
-            raise InvalidArgumentError(
-                f"images must be loaded images (PIL images), not file names or URLs such as {str(paths[0])!r:.80}: "
-                "load each one with phi_helpers.load_image(path) first (phi_helpers.ask does this for you)."
-            )
-        images_per_prompt = self._split_images(prompts, images)
+        text, prompts, images_per_prompt = self._prompts_and_images(text, images)
 
         if not any(images_per_prompt):  # text only: the tokenizer's own truncation and padding, as in the original
             if truncation is None:  # the tokenizer's rule: max_length truncates when padding is not asked for
@@ -445,16 +427,41 @@ class Phi3VProcessor(ProcessorMixin):
             _check_tags(prompt, len(group), which)
         return groups
 
-    def prompt_lengths(self, text, images=None, num_crops: int | None = None) -> list[tuple[int, int]]:
-        """``(tokens, image tokens)`` of each prompt, as ``processor(text, images)`` would encode it, counted
-        from the images' sizes without processing their pixels (``ask`` checks the context with it first)."""
-        prompts = [text] if isinstance(text, str) else list(text)
-        images_per_prompt = self._split_images(prompts, images)
-        tokens_per_image = self.calc_num_image_tokens(_rgb_images(images_per_prompt), num_crops)
+    def prompt_lengths(
+        self, text, images=None, num_crops: int | None = None, add_special_tokens: bool = True
+    ) -> list[tuple[int, int]]:
+        """``(tokens, image tokens)`` of each prompt, as ``processor(text, images, ...)`` would encode it (the same
+        checks), counted from the images' sizes without decoding or processing their pixels (``ask`` checks the
+        context with it first)."""
+        _, prompts, images_per_prompt = self._prompts_and_images(text, images)
+        tokens_per_image = self.calc_num_image_tokens(_rgb_images(images_per_prompt, convert=checked_image), num_crops)
         return [
             (len(ids), sum(token == self.image_token_id for token in ids))
-            for ids in self._sequences(prompts, images_per_prompt, tokens_per_image, add_special_tokens=True)
+            for ids in self._sequences(prompts, images_per_prompt, tokens_per_image, add_special_tokens)
         ]
+
+    def _prompts_and_images(self, text, images) -> tuple:
+        """``(text, prompts, images per prompt)`` of a call, checked: the prompts (``processor(images, text)`` is
+        read the other way round), their characters, the images loaded (not paths) and matched to the tags."""
+        if _are_prompts(images) and not _are_prompts(text):
+            text, images = images, text  # called as processor(images, text)
+        if text is None:
+            raise InvalidArgumentError("The processor needs a prompt (text=...).")
+        if not _are_prompts(text):
+            raise PromptError(
+                f"text must be a prompt (a string) or a non-empty list of prompts, got {type(text).__name__} "
+                f"{text!r:.60}."
+            )
+        prompts = [text] if isinstance(text, str) else list(text)
+        for index, prompt in enumerate(prompts):
+            check_encodable(prompt, prompt_name(index, len(prompts)))
+        paths = [image for image in flatten_images(images) if isinstance(image, (str, os.PathLike))]
+        if paths:
+            raise InvalidArgumentError(
+                f"images must be loaded images (PIL images), not file names or URLs such as {str(paths[0])!r:.80}: "
+                "load each one with phi_helpers.load_image(path) first (phi_helpers.ask does this for you)."
+            )
+        return text, prompts, self._split_images(prompts, images)
 
     def _sequences(self, prompts: list[str], images_per_prompt: list[list], tokens_per_image: list[int],
                    add_special_tokens: bool) -> list[list[int]]:
