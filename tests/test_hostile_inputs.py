@@ -1266,3 +1266,11 @@ def test_every_field_a_line_holds_is_in_the_documented_fields(capsys, tmp_path, 
     assert any("error" in line for line in lines) and any(line["task"] == "extract" for line in lines)
     keys = {key for line in lines for key in line} | {f"request.{key}" for line in lines for key in line["request"]}
     assert not {key for key in keys if f"`{key}`" not in section}
+
+
+def test_a_glob_that_misses_only_by_case_names_the_files(tmp_path, monkeypatch):
+    """Linux: *.jpg on a camera's IMG_0001.JPG said no file matched, listing .jpg among the suffixes it reads."""
+    (tmp_path / "IMG_0001.JPG").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImageLoadError, match=r"1 file would match but for the case of letters \(IMG_0001.JPG\)"):
+        inputs.collect_items("*.jpg")

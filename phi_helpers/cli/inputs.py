@@ -258,6 +258,10 @@ def _pattern_items(spec: str, strict: bool, left_out: "LeftOut") -> list[Item]:
     if not files:
         hint = (_no_suffix_hint(no_suffix, hidden + in_hidden_folders, not_regular)
                 + (f"; {_left_out(unreadable)}" if unreadable else ""))
+        other_case = [path for path in glob_files(spec, ignore_case=True) if is_supported(path)]
+        if other_case:  # a camera's IMG_0001.JPG for *.jpg: names differ by case here (Linux, macOS)
+            hint += (f"; {counted(len(other_case), 'file')} would match but for the case of letters ({_names(other_case)}): "
+                     "write the pattern with their case (e.g. '*.JPG'), or give the folder")
         raise ImageLoadError(f"No image or PDF files match the pattern '{spec}' ({_suffix_list()}){hint}.")
     warn_left_out(unreadable, spec)
     left_out.add(no_suffix=no_suffix, hidden=hidden, in_hidden_folders=in_hidden_folders, unreadable=unreadable,
@@ -416,7 +420,7 @@ def _is_folder(path: Path) -> bool:
 
 
 def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None = None,
-               not_regular: list | None = None) -> list[Path]:
+               not_regular: list | None = None, ignore_case: bool = False) -> list[Path]:
     """The files that match a glob ``pattern`` (``*``, ``?``, ``[...]``, ``**`` for any depth), sorted.
 
     Like ``glob.glob(pattern, recursive=True)`` (names starting with a dot only match a pattern that
@@ -427,8 +431,11 @@ def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None =
     their OSErrors (``.filename`` is the folder) are appended to ``unlisted``, if given. The files that
     would match but for a hidden name (theirs or a folder's on the way) are appended to ``hidden``, if given;
     the matches that are not regular files (FIFOs, devices, broken or looping links) to ``not_regular``.
+    ``ignore_case``: names match whatever their case (what a pattern with another case would find).
     """
     root, wanted = _split_pattern(pattern)
+    if ignore_case:
+        wanted = tuple(part.lower() for part in wanted)
     deepest = None if "**" in wanted else len(wanted) - 1  # folders below root that can match
     matches, onerror = [], (None if unlisted is None else unlisted.append)
     for folder, subfolders, names in os.walk(root, followlinks=False, onerror=onerror):
@@ -437,7 +444,7 @@ def glob_files(pattern: str, unlisted: list | None = None, hidden: list | None =
             subfolders.clear()
         for name in names:
             path = Path(folder) / name
-            if _glob_match(wanted, (*relative, name)):
+            if _glob_match(wanted, tuple(part.lower() for part in (*relative, name)) if ignore_case else (*relative, name)):
                 if _is_file_or_unreadable(path):
                     matches.append(path)
                 elif not_regular is not None:
