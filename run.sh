@@ -23,8 +23,8 @@ venv() {  # create (once) and activate the virtual environment in folder $1
   version="$("$1/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   locked="$(sed -n 's/.*"python": "\([0-9.]*\)".*/\1/p' phi_helpers/versions.py)"
   if [ "$version" != "$locked" ]; then
-    echo "warning: $1 uses Python $version; the lock is resolved for Python $locked, so some pinned versions may" >&2
-    echo "  have no wheels here. If the install fails: rm -rf $1 and run again with PYTHON=python$locked ./run.sh ..." >&2
+    echo "warning: $1 uses Python $version; the lock is resolved for Python $locked (3.11 or newer is required), so" >&2
+    echo "  some pinned versions may have no wheels here. If the install fails: rm -rf $1 and run again with PYTHON=python$locked ./run.sh ..." >&2
   fi
   # shellcheck disable=SC1091
   . "$1/bin/activate"

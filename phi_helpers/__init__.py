@@ -2,7 +2,7 @@
 
     from phi_helpers import load_model, load_image, ask
     model, processor = load_model()                 # device, dtype and attention picked for you
-    image = load_image("notebooks/images/chart.png")  # a path (this one: in the repository), URL, bytes or PIL image
+    image = load_image("notebooks/images/chart.png")  # a path (in the repository), URL, bytes or PIL image
     print(ask(model, processor, "Describe this chart.", images=[image]))
 
 The whole public API:

@@ -491,3 +491,14 @@ def test_lines_a_windows_editor_saved_are_read_and_repaired_without_carriage_ret
     output.write_bytes(json.dumps(record).encode() + b"\r\n" + b'{"source": "b.p\r\n')
     assert outputs.repair_jsonl(output) == 1
     assert output.read_bytes() == json.dumps(record).encode() + b"\n"
+
+
+def test_json_printed_to_a_stdout_that_is_not_utf8_is_ascii(monkeypatch, tmp_path):
+    """cp1252 held é as its own byte, so the printed JSON was no UTF-8 JSON (jq refused it): it is ASCII now."""
+    Image.new("RGB", (40, 30)).save(tmp_path / "café.png")
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    assert app.main(["predict", "--image", str(tmp_path / "café.png"), "--task", "caption", "--format", "json", *FAST]) == 0
+    sys.stdout.flush()
+    printed = raw.getvalue()
+    assert printed.isascii() and json.loads(printed)["source"] == str(tmp_path / "café.png")

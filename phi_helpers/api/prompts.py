@@ -185,10 +185,12 @@ class Chat:
     ``<|image_2|>``. Every ``ask`` re-reads the whole history and re-encodes every image in it: nothing
     is cached between turns, so each turn costs more than the last (the time to the first token grows
     with the history), and every image costs hundreds to thousands of tokens, every turn. Use
-    ``drop_images(keep_last=1)`` when a long conversation gets slow or too big for the context.
+    ``drop_images(keep_last=1)`` when a long conversation gets slow or too big for the context, and
+    ``drop_turns(keep_last=3)`` when its text alone is too big.
 
     If ``ask`` fails or is interrupted before its first token (say, with a ContextLengthError), your
-    question stays as the last turn: fix the cause, e.g. ``chat.drop_images(keep_last=1)``, and call
+    question stays as the last turn: fix the cause, e.g. ``chat.drop_images(keep_last=1)`` or
+    ``chat.drop_turns(keep_last=3)`` (the question and the exchange before it), and call
     ``ask(model, processor, chat)`` again. ``pop()`` removes the last turn, e.g. a question you no
     longer want to ask.
 

@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     Without ``argv`` (the console script ``phi-helpers``, ``python -m phi_helpers``) it reads ``sys.argv[1:]``,
     and a run stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) ends, after its cleanup and message, by that same
     signal: a shell sees what stopped it (130, 143, 129) and a shell loop around the command stops too. A
-    program or test that passes ``argv`` gets the code back instead (128 + the signal's number).
+    program or test that passes ``argv`` gets the code back instead (128 + the signal's number). argparse's
+    usage errors, ``--help`` and ``--version`` raise SystemExit (2, 0, 0), as argparse does.
     """
     _fill_closed_streams()
     _escape_what_stdout_cannot_hold()
@@ -415,9 +416,13 @@ def _escape_what_stdout_cannot_hold() -> None:
     PYTHONIOENCODING=ascii) writes what it cannot hold as JSON's escape (``\\u5408``; ``\\ud83d\\ude00`` for an
     emoji), so that ``--format json`` stays valid JSON: before, printing an answer in Japanese failed after the
     whole run, and the answer was lost. (--output files are UTF-8.)"""
-    stream = sys.stdout
-    if stream is not None and hasattr(stream, "reconfigure") and codecs.lookup(stream.encoding or "ascii").name != "utf-8":
-        stream.reconfigure(errors=JSON_ESCAPES)
+    if not _stdout_is_utf8() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors=JSON_ESCAPES)
+
+
+def _stdout_is_utf8() -> bool:
+    """Whether standard output writes UTF-8 (a closed one counts as UTF-8: nothing is printed to it)."""
+    return sys.stdout is None or codecs.lookup(getattr(sys.stdout, "encoding", None) or "ascii").name == "utf-8"
 
 
 def _json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
@@ -498,7 +503,9 @@ def run_single(args, schema) -> int:
     request = request_fields(args, schema, requested_model_id(args.model))
     record = json_safe(make_record(result, args.task, args.schema, model_info(model, processor), request))
 
-    text = json.dumps(record, indent=2, ensure_ascii=False) if args.format == "json" else answer_text(record)
+    # JSON printed to a stdout that is not UTF-8 (Windows' cp1252) is ASCII, \u escapes: valid in any encoding
+    ascii_only = not args.output and not _stdout_is_utf8()
+    text = json.dumps(record, indent=2, ensure_ascii=ascii_only) if args.format == "json" else answer_text(record, ascii_only)
     if args.output:
         write_atomically(Path(args.output), text + "\n")
         print(terminal_safe(f"wrote {args.output}"), file=sys.stderr)
@@ -511,13 +518,14 @@ def run_single(args, schema) -> int:
     return 0
 
 
-def answer_text(record: dict) -> str:
-    """What ``--format txt`` prints: the answer; for extract the JSON (or the last raw answer if none parsed)."""
+def answer_text(record: dict, ascii_only: bool) -> str:
+    """What ``--format txt`` prints: the answer; for extract the JSON (``ascii_only``: with \\u escapes), or
+    the last raw answer if none parsed."""
     if record["task"] != "extract":
         return record["answer"]
     if record["answer"] is None:
         return record["raw"][-1]
-    return json.dumps(record["answer"], indent=2, ensure_ascii=False)
+    return json.dumps(record["answer"], indent=2, ensure_ascii=ascii_only)
 
 
 def run_batch(args, schema) -> int:

@@ -431,8 +431,8 @@ class Phi3VProcessor(ProcessorMixin):
         self, text, images=None, num_crops: int | None = None, add_special_tokens: bool = True
     ) -> list[tuple[int, int]]:
         """``(tokens, image tokens)`` of each prompt, as ``processor(text, images, ...)`` would encode it (the same
-        checks), counted from the images' sizes without decoding or processing their pixels (``ask`` checks the
-        context with it first)."""
+        checks, but for the context length, which the caller checks with these counts: ``ask`` does, first),
+        counted from the images' sizes without decoding or processing their pixels."""
         _, prompts, images_per_prompt = self._prompts_and_images(text, images)
         tokens_per_image = self.calc_num_image_tokens(_rgb_images(images_per_prompt, convert=checked_image), num_crops)
         return [
