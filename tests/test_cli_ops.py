@@ -228,8 +228,9 @@ def start_stuck_run(prefix: list, tmp_path, image, tiny_checkpoint, **popen) -> 
     output = tmp_path / "out.jsonl"
     argv = [sys.executable, "-c", STUCK_CHILD, "predict", "--image", str(image), "--task", "caption", "--output",
             str(output), *FAST]
+    # Ctrl-C as in a terminal: a job started in the background by a script (CI under `&`) inherits SIGINT ignored
     process = subprocess.Popen([*prefix, *argv], env=child_env(tiny_checkpoint), stderr=subprocess.PIPE, text=True,
-                               **popen)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
     for line in process.stderr:
         if "generating" in line:  # (a progress bar may share its line)
             break

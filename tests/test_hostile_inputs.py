@@ -411,7 +411,9 @@ def _start_predict(tiny_checkpoint, folder: Path, output: Path) -> subprocess.Po
             "--output", str(output), "--model", str(tiny_checkpoint), "--batch-size", "1", *INTERRUPTED]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PHI_HELPERS_MODEL", None)
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a job started in the background by a script (CI under `&`) inherits SIGINT ignored
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_lines(process: subprocess.Popen, output: Path, count: int) -> None:
