@@ -52,7 +52,12 @@ class ImageAspectRatioError(PhiHelpersError, ValueError):
 
 
 class ContextLengthError(PhiHelpersError, ValueError):
-    """Prompt (text + image tokens) plus the tokens to generate exceed the model's context."""
+    """Prompt (text + image tokens) plus the tokens to generate exceed the model's context. ``facts``: the
+    message's numbers without its advice, for a caller whose advice differs (the command line's options)."""
+
+    def __init__(self, message: str, facts: str | None = None):
+        super().__init__(message)
+        self.facts = facts
 
 
 class ConfigurationError(PhiHelpersError, ValueError):
@@ -159,14 +164,20 @@ OTHER_ENCODINGS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-3
                    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
-def utf8_text(data: bytes, name: str, error: type = InvalidArgumentError) -> str:
-    """``data``, the bytes of the text file ``name`` (how messages call it): UTF-8, with or without a byte order mark (some Windows
-    editors write one). A file saved as UTF-16 or UTF-32 (its byte order mark says so), or in another encoding
-    (the line of the first byte that is not UTF-8 is named), raises ``error`` saying how to save it as UTF-8."""
+def refuse_other_encodings(data: bytes, name: str, error: type = InvalidArgumentError) -> None:
+    """Raise ``error`` for the bytes of a text file ``name`` that a byte order mark says are UTF-16 or UTF-32,
+    saying how to save it as UTF-8."""
     for bom, encoding in OTHER_ENCODINGS:
         if data.startswith(bom):
             raise error(f"{name} is saved as {encoding}; save it as UTF-8 (e.g. in your editor's Save As, or "
                         f"iconv -f {encoding} -t UTF-8).")
+
+
+def utf8_text(data: bytes, name: str, error: type = InvalidArgumentError) -> str:
+    """``data``, the bytes of the text file ``name`` (how messages call it): UTF-8, with or without a byte order mark (some Windows
+    editors write one). A file saved as UTF-16 or UTF-32 (its byte order mark says so), or in another encoding
+    (the line of the first byte that is not UTF-8 is named), raises ``error`` saying how to save it as UTF-8."""
+    refuse_other_encodings(data, name, error)
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")

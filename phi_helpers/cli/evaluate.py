@@ -18,7 +18,7 @@ from ..api.constrained import closed_schema
 from ..api.metrics import character_error_rate, error_rate, field_matches, levenshtein, normalise_text
 from ..api.report import format_table
 from ..api.structured import load_schema, schema_validator
-from ..errors import OTHER_ENCODINGS, CommandLineError, ManifestError, SchemaError
+from ..errors import CommandLineError, ManifestError, SchemaError, refuse_other_encodings
 from .inputs import Item, counted, is_multi_page_tiff, is_pdf, terminal_safe
 from .outputs import (
     Progress, check_output_path, check_replaceable, holds_records, json_safe, model_info, print_result, write_atomically,
@@ -66,10 +66,7 @@ def read_manifest(data_dir, limit: int | None = None) -> list[dict]:
     lines_of_ids = {}  # id -> the line that gave it first
     schemas = {}  # schema path -> the schema, read once for all the lines that name it
     text = manifest.read_bytes()
-    for bom, encoding in OTHER_ENCODINGS:  # else every line would be "not UTF-8" or "not valid JSON"
-        if text.startswith(bom):
-            raise ManifestError(f"{manifest} is saved as {encoding}; save it as UTF-8 (e.g. in your editor's Save As, "
-                                f"or iconv -f {encoding} -t UTF-8).")
+    refuse_other_encodings(text, str(manifest), ManifestError)  # else every line would be "not UTF-8" or "not JSON"
     text = text.removeprefix(codecs.BOM_UTF8)  # Windows editors may start UTF-8 with a BOM
     for number, raw in enumerate(text.splitlines(), start=1):
         where = f"{manifest}, line {number}"

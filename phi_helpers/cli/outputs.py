@@ -264,7 +264,7 @@ def error_record(item: Item, error: Exception) -> dict:
 def error_message(error: BaseException) -> str:
     """A one-line message: our own errors speak for themselves, others get their type name in front. A prompt
     too long for the context gets the command line's advice (its options), not the Python API's."""
-    if isinstance(error, ContextLengthError) and getattr(error, "facts", None):
+    if isinstance(error, ContextLengthError) and error.facts:
         error = ContextLengthError(f"{error.facts} {CONTEXT_ADVICE}")
     text = printable(" ".join(str(error).split()))
     if isinstance(error, (PhiHelpersError, OSError, ValueError)) and text:
@@ -538,11 +538,11 @@ class ResumePlan:
         """Lines for stderr that say what is skipped and why, and what is run again and why."""
         lines = []
         if self.done:
-            lines.append(f"{self.done} of {counted(total, 'item')} {_are(self.done)} already done for this request in {path}; skipping them.")
+            lines.append(f"{self.done} of {counted(total, 'item')} {'is' if self.done == 1 else 'are'} already done for this request in {path}; skipping them.")
         if self.failed:
             lines.append(f"{self.failed} of {counted(total, 'item')} failed in an earlier run of this request; retrying them.")
         if self.changed:
-            lines.append(f"{self.changed} of {counted(total, 'item')} {_were(self.changed)} modified since their last line in {path}; running them again.")
+            lines.append(f"{self.changed} of {counted(total, 'item')} {'was' if self.changed == 1 else 'were'} modified since their last line in {path}; running them again.")
         if self.other_request:
             lines.append(
                 f"{self.other_request} of {counted(total, 'item')} in {path} {'answers' if self.other_request == 1 else 'answer'} another request (it differs in: "
@@ -598,14 +598,6 @@ def failure_line(record: dict) -> str:
     """The line a run shows (on stderr) for an item that failed: ``failed: SOURCE (page N): ERROR``."""
     page = f" (page {record['page']})" if "page" in record else ""
     return terminal_safe(f"failed: {record['source']}{page}: {record['error']}", one_line=True)  # grep '^failed:'
-
-
-def _are(number: int) -> str:
-    return "is" if number == 1 else "are"
-
-
-def _were(number: int) -> str:
-    return "was" if number == 1 else "were"
 
 
 def finish_run(total: int, failed: int, output, retry: str = RETRY) -> int:

@@ -237,8 +237,7 @@ def check_context_length(
 
     The one place that refuses a prompt too long for the model: the processor calls it with the
     tokenizer's ``model_max_length``, ``ask`` with the model's context and the answer's length, both before
-    any image is processed. ``which`` names the prompt ("Prompt 2 of 3" in a batch). The error's ``facts``
-    is its first sentence, for a caller with other advice (the command line's options).
+    any image is processed. ``which`` names the prompt ("Prompt 2 of 3" in a batch).
     """
     total = prompt_tokens + max_new_tokens
     if total <= limit:
@@ -247,14 +246,13 @@ def check_context_length(
     if max_new_tokens:
         facts += f" and up to {max_new_tokens:,} new tokens were asked for: {total:,} in all,"
     facts += f" but the model's context holds {limit:,}."
-    error = ContextLengthError(
+    raise ContextLengthError(
         f"{facts} " + ("Lower max_new_tokens, use " if max_new_tokens else "Use ")
         + "fewer images or a lower num_crops (an image's tokens depend on its shape and num_crops, not on its size "
         "in pixels: ask(..., num_crops=1) for one call, load_model(num_crops=...) for all), or shorten the prompt "
-        "or history (chat.drop_images(keep_last=1), chat.drop_turns(keep_last=3) or chat.reset())."
+        "or history (chat.drop_images(keep_last=1), chat.drop_turns(keep_last=3) or chat.reset()).",
+        facts=facts,
     )
-    error.facts = facts
-    raise error
 
 
 class Phi3VProcessor(ProcessorMixin):
